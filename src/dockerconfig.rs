@@ -1,0 +1,141 @@
+//! The `.dockerconfigjson` document: the `auths` section of docker's config.json.
+
+use std::collections::BTreeMap;
+
+use base64::{Engine, engine::general_purpose::STANDARD};
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+
+/// Key of the data entry in a `kubernetes.io/dockerconfigjson` Secret.
+pub const DOCKER_CONFIG_KEY: &str = ".dockerconfigjson";
+/// Type of the Secret the kubelet reads pull credentials from.
+pub const DOCKER_CONFIG_TYPE: &str = "kubernetes.io/dockerconfigjson";
+
+/// One registry login. The password is kept in a `SecretString` so that `Debug`
+/// (and so any log line that formats it) shows `[REDACTED]`.
+#[derive(Clone, Debug)]
+pub struct RegistryAuth {
+    pub server: String,
+    pub username: String,
+    pub password: SecretString,
+}
+
+#[derive(Serialize, Deserialize)]
+struct DockerConfig<E> {
+    auths: BTreeMap<String, E>,
+}
+
+// Field order is the order `docker login` writes them in.
+#[derive(Serialize)]
+struct EntryOut<'a> {
+    username: &'a str,
+    password: &'a str,
+    auth: String,
+}
+
+/// Renders the document. Servers are sorted, so the same logins always give the same
+/// bytes and an unchanged input never causes a write. A server given twice keeps the
+/// last login.
+pub fn render(auths: &[RegistryAuth]) -> Vec<u8> {
+    let entries = auths
+        .iter()
+        .map(|a| {
+            let password = a.password.expose_secret();
+            let auth = STANDARD.encode(format!("{}:{}", a.username, password));
+            (a.server.clone(), EntryOut { username: &a.username, password, auth })
+        })
+        .collect();
+    // Serialising maps of strings cannot fail.
+    serde_json::to_vec(&DockerConfig { auths: entries }).unwrap_or_default()
+}
+
+#[derive(Deserialize, Default)]
+struct EntryIn {
+    #[serde(default)]
+    username: Option<String>,
+    #[serde(default)]
+    password: Option<String>,
+    #[serde(default)]
+    auth: Option<String>,
+}
+
+/// Why a document could not be read. Carries no part of the document.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ParseError {
+    #[error("not a docker config document (line {line}, column {column})")]
+    Json { line: usize, column: usize },
+    #[error("the login for {0} has neither username/password nor auth")]
+    MissingLogin(String),
+    #[error("the auth field for {0} is not base64 of user:password")]
+    BadAuth(String),
+}
+
+/// Reads a document back into logins the way the kubelet does: `auth` wins when present,
+/// since it is what docker and the kubelet decode.
+pub fn parse(bytes: &[u8]) -> Result<Vec<RegistryAuth>, ParseError> {
+    let doc: DockerConfig<EntryIn> =
+        serde_json::from_slice(bytes).map_err(|e| ParseError::Json { line: e.line(), column: e.column() })?;
+    doc.auths
+        .into_iter()
+        .map(|(server, entry)| {
+            let (username, password) = match (entry.auth, entry.username, entry.password) {
+                (Some(auth), _, _) => {
+                    let decoded = STANDARD
+                        .decode(auth)
+                        .ok()
+                        .and_then(|b| String::from_utf8(b).ok())
+                        .ok_or_else(|| ParseError::BadAuth(server.clone()))?;
+                    let (user, pass) = decoded.split_once(':').ok_or_else(|| ParseError::BadAuth(server.clone()))?;
+                    (user.to_string(), pass.to_string())
+                }
+                (None, Some(user), Some(pass)) => (user, pass),
+                _ => return Err(ParseError::MissingLogin(server)),
+            };
+            Ok(RegistryAuth { server, username, password: password.into() })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn login(server: &str, username: &str, password: &str) -> RegistryAuth {
+        RegistryAuth { server: server.into(), username: username.into(), password: password.into() }
+    }
+
+    #[test]
+    fn renders_the_docker_login_shape() {
+        let bytes = render(&[login("ghcr.io", "bob", "s3cret")]);
+        assert_eq!(
+            std::str::from_utf8(&bytes).unwrap(),
+            r#"{"auths":{"ghcr.io":{"username":"bob","password":"s3cret","auth":"Ym9iOnMzY3JldA=="}}}"#
+        );
+    }
+
+    #[test]
+    fn output_is_independent_of_input_order() {
+        let a = render(&[login("b.io", "u", "p"), login("a.io", "u", "p")]);
+        let b = render(&[login("a.io", "u", "p"), login("b.io", "u", "p")]);
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn awkward_passwords_survive_the_round_trip() {
+        for password in ["a:b:c", "quote\"back\\slash", "ünïcødé ✓", "line\nbreak\r\n", "{\"json\": true}", " "] {
+            let bytes = render(&[login("r.example.com", "user", password)]);
+            let back = parse(&bytes).unwrap();
+            assert_eq!(back.len(), 1);
+            assert_eq!(back[0].username, "user");
+            assert_eq!(back[0].password.expose_secret(), password);
+        }
+    }
+
+    #[test]
+    fn parse_errors_carry_no_content() {
+        let err = parse(b"{\"auths\": {\"x\": {\"auth\": \"hunter2-not-base64\"}}}").unwrap_err();
+        assert!(!err.to_string().contains("hunter2"));
+        let err = parse(b"hunter2").unwrap_err();
+        assert!(!err.to_string().contains("hunter2"));
+    }
+}

@@ -1,0 +1,14 @@
+//! regcred keeps `kubernetes.io/dockerconfigjson` pull Secrets correct from
+//! `RegistryCredential` resources. See ARCHITECTURE.md for how the pieces fit.
+
+pub mod crd;
+pub mod dockerconfig;
+mod error;
+pub mod reconciler;
+pub mod registry;
+pub mod render;
+pub mod secret;
+pub mod source;
+pub mod status;
+
+pub use error::Error;

@@ -1,0 +1,145 @@
+//! The regcred binary: CLI parsing, logging, and the three subcommands.
+
+use std::{io::Write, path::PathBuf};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use regcred::{crd, reconciler, render};
+use tracing_subscriber::{EnvFilter, fmt};
+
+#[derive(Parser)]
+#[command(version, about = "Keeps kubernetes.io/dockerconfigjson pull Secrets correct")]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "REGCRED_LOG_FORMAT")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the controller (kubeconfig from KUBECONFIG or ~/.kube/config, or in-cluster).
+    Run(RunArgs),
+    /// Print the CustomResourceDefinitions, or write them one file each into --dir.
+    Crdgen {
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// Print the Secrets that RegistryCredential manifests would produce, without a cluster.
+    Render(RenderArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Reconcile every credential at least this often (Go duration, e.g. 15m).
+    #[arg(long, default_value = "15m", env = "REGCRED_RESYNC_INTERVAL")]
+    resync_interval: kube::core::Duration,
+    /// Longest wait between retries of a failing credential.
+    #[arg(long, default_value = "5m", env = "REGCRED_MAX_BACKOFF")]
+    max_backoff: kube::core::Duration,
+    /// Reconciles running at once.
+    #[arg(long, default_value_t = 8, env = "REGCRED_CONCURRENCY")]
+    concurrency: u16,
+    /// Name of this replica in Events (set to the pod name by the Helm chart).
+    #[arg(long, env = "POD_NAME")]
+    instance: Option<String>,
+}
+
+#[derive(clap::Args)]
+struct RenderArgs {
+    /// Manifest files (YAML or JSON, several documents each); `-` reads standard input.
+    #[arg(short = 'f', long = "filename", required = true)]
+    files: Vec<PathBuf>,
+    /// Namespace for manifests that name none.
+    #[arg(short, long, default_value = "default")]
+    namespace: String,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = Output::Yaml)]
+    output: Output,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Output {
+    Yaml,
+    Json,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match cli.command {
+        Command::Run(args) => {
+            let client = kube::Client::try_default().await.context("no Kubernetes client configuration")?;
+            let config = reconciler::ControllerConfig {
+                resync_interval: args.resync_interval.into(),
+                max_backoff: args.max_backoff.into(),
+                concurrency: args.concurrency,
+                instance: args.instance,
+            };
+            tracing::info!(version = env!("CARGO_PKG_VERSION"), "starting controller");
+            reconciler::run(client, config).await;
+            Ok(())
+        }
+        Command::Crdgen { dir } => crdgen(dir),
+        Command::Render(args) => render_manifests(args).await,
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn crdgen(dir: Option<PathBuf>) -> anyhow::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    for crd in crd::crds() {
+        let yaml = crd::crd_yaml(&crd)?;
+        match &dir {
+            Some(dir) => std::fs::write(dir.join(crd::crd_file_name(&crd)), yaml)?,
+            None => write!(stdout, "---\n{yaml}")?,
+        }
+    }
+    Ok(())
+}
+
+async fn render_manifests(args: RenderArgs) -> anyhow::Result<()> {
+    let mut documents = Vec::new();
+    for file in &args.files {
+        let text = if file.as_os_str() == "-" {
+            std::io::read_to_string(std::io::stdin())?
+        } else {
+            std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?
+        };
+        let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(&text)
+            .map_err(|e| anyhow::anyhow!("{}: not valid YAML: {e}", file.display()))?;
+        documents.extend(docs.into_iter().filter(|d| !d.is_null()));
+    }
+    let (credentials, secrets) = render::read_manifests(documents, &args.namespace)?;
+    let rendered = render::render(&credentials, &secrets).await?;
+    let mut stdout = std::io::stdout().lock();
+    match args.output {
+        Output::Yaml => {
+            for secret in &rendered {
+                write!(stdout, "---\n{}", serde_saphyr::to_string(secret)?)?;
+            }
+        }
+        Output::Json if rendered.len() == 1 => writeln!(stdout, "{}", serde_json::to_string_pretty(&rendered[0])?)?,
+        Output::Json => {
+            let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": rendered});
+            writeln!(stdout, "{}", serde_json::to_string_pretty(&list)?)?;
+        }
+    }
+    Ok(())
+}

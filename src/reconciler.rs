@@ -1,0 +1,287 @@
+//! The RegistryCredential controller: watches, reconcile, status, Events and retry policy.
+
+use std::{
+    collections::HashMap,
+    future::Future,
+    sync::{Arc, Mutex, PoisonError},
+    time::Duration,
+};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Secret;
+use kube::{
+    Api, Client, Resource, ResourceExt,
+    api::{PartialObjectMeta, Patch, PatchParams},
+    runtime::{
+        Controller,
+        controller::{Action, Config as ControllerRuntimeConfig},
+        events::{Event, EventType, Recorder, Reporter},
+        reflector::{ObjectRef, Store},
+        watcher,
+    },
+};
+use serde_json::json;
+use tracing::{debug, info, warn};
+
+use crate::{
+    Error,
+    crd::RegistryCredential,
+    dockerconfig,
+    secret::{FIELD_MANAGER, SecretChange, delete_if_controlled, desired_secret, ensure_secret},
+    source::{ApiSecretReader, CredentialProvider, SourceContext},
+    status::{SYNCED, ready_changed, ready_condition},
+};
+
+/// Name the controller reports in Events.
+pub const CONTROLLER_NAME: &str = "regcred";
+
+/// How the controller runs.
+#[derive(Clone, Debug)]
+pub struct ControllerConfig {
+    /// Every credential is reconciled again after this long even without events, so a
+    /// missed event is repaired within this bound.
+    pub resync_interval: Duration,
+    /// Longest wait between retries of a failing credential.
+    pub max_backoff: Duration,
+    /// Reconciles running at once.
+    pub concurrency: u16,
+    /// This replica's name in Events (the pod name in a cluster).
+    pub instance: Option<String>,
+}
+
+impl Default for ControllerConfig {
+    fn default() -> Self {
+        Self {
+            resync_interval: Duration::from_secs(15 * 60),
+            max_backoff: Duration::from_secs(5 * 60),
+            concurrency: 8,
+            instance: None,
+        }
+    }
+}
+
+/// State shared by all reconciles.
+pub struct Context {
+    client: Client,
+    recorder: Recorder,
+    config: ControllerConfig,
+    /// Consecutive failures per credential, for exponential backoff.
+    failures: Mutex<HashMap<ObjectRef<RegistryCredential>, u32>>,
+}
+
+/// Runs the controller until SIGTERM or SIGINT.
+pub async fn run(client: Client, config: ControllerConfig) {
+    run_until(client, config, None::<futures::future::Pending<()>>).await
+}
+
+/// Runs the controller until `shutdown` completes (or a signal arrives when it is `None`).
+pub async fn run_until<F>(client: Client, config: ControllerConfig, shutdown: Option<F>)
+where
+    F: Future<Output = ()> + Send + Sync + 'static,
+{
+    let reporter = Reporter { controller: CONTROLLER_NAME.into(), instance: config.instance.clone() };
+    let ctx = Arc::new(Context {
+        recorder: Recorder::new(client.clone(), reporter),
+        client: client.clone(),
+        failures: Mutex::default(),
+        config: config.clone(),
+    });
+    let controller =
+        Controller::new(Api::<RegistryCredential>::all(client.clone()), watcher::Config::default().any_semantic());
+    let store = controller.store();
+    // Metadata only (Api<PartialObjectMeta<_>> makes metadata requests): the controller sees
+    // every Secret's name and resourceVersion, never their data, and keeps no Secret cache.
+    let secrets = Api::<PartialObjectMeta<Secret>>::all(client);
+    let controller = controller
+        .watches(secrets, watcher::Config::default(), move |secret| credentials_using(&store, &secret))
+        .with_config(ControllerRuntimeConfig::default().concurrency(config.concurrency));
+    let controller = match shutdown {
+        Some(shutdown) => controller.graceful_shutdown_on(shutdown),
+        None => controller.shutdown_on_signal(),
+    };
+    controller
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            match result {
+                Ok((object, _)) => debug!(namespace = object.namespace.as_deref(), name = %object.name, "reconciled"),
+                Err(error) => debug!(%error, "reconcile did not complete"),
+            }
+        })
+        .await;
+}
+
+/// The credentials a Secret matters to: those that read it, and those that write a Secret
+/// of that name (so a conflicting Secret's removal is noticed at once).
+fn credentials_using(
+    store: &Store<RegistryCredential>,
+    secret: &PartialObjectMeta<Secret>,
+) -> Vec<ObjectRef<RegistryCredential>> {
+    let (Some(namespace), Some(name)) = (secret.metadata.namespace.as_deref(), secret.metadata.name.as_deref()) else {
+        return Vec::new();
+    };
+    store
+        .state()
+        .iter()
+        .filter(|cr| cr.metadata.namespace.as_deref() == Some(namespace))
+        .filter(|cr| cr.secret_name() == name || cr.spec.source.secret_refs().iter().any(|r| r.name == name))
+        .map(|cr| ObjectRef::from(cr.as_ref()))
+        .collect()
+}
+
+/// What a successful sync did.
+struct Synced {
+    change: SecretChange,
+    secret_name: String,
+    registries: Vec<String>,
+}
+
+#[tracing::instrument(skip_all, fields(kind = "RegistryCredential", namespace = cr.metadata.namespace.as_deref(), name = %cr.name_any()))]
+async fn reconcile(cr: Arc<RegistryCredential>, ctx: Arc<Context>) -> Result<Action, Error> {
+    if cr.metadata.deletion_timestamp.is_some() {
+        // The Secret carries an owner reference; the garbage collector removes it.
+        return Ok(Action::await_change());
+    }
+    let outcome = sync(&cr, &ctx).await;
+    report(&cr, &ctx, &outcome).await?;
+    match outcome {
+        Ok(_) => {
+            ctx.failures.lock().unwrap_or_else(PoisonError::into_inner).remove(&ObjectRef::from(cr.as_ref()));
+            Ok(Action::requeue(ctx.config.resync_interval))
+        }
+        Err(error) => Err(error),
+    }
+}
+
+async fn sync(cr: &RegistryCredential, ctx: &Context) -> Result<Synced, Error> {
+    let namespace = cr.metadata.namespace.as_deref().ok_or(Error::MissingObjectField("metadata.namespace"))?;
+    let owner = cr.controller_owner_ref(&()).ok_or(Error::MissingObjectField("metadata.uid"))?;
+    let secrets = ApiSecretReader(ctx.client.clone());
+    let source_ctx = SourceContext { namespace, registry: cr.spec.registry.as_deref(), secrets: &secrets };
+    let credentials = cr.spec.source.fetch(&source_ctx).await?;
+
+    let secret_name = cr.secret_name();
+    let owner_uid = owner.uid.clone();
+    let desired =
+        desired_secret(&secret_name, namespace, &cr.spec.secret, Some(owner), dockerconfig::render(&credentials.auths));
+    let api = Api::<Secret>::namespaced(ctx.client.clone(), namespace);
+    let change = ensure_secret(&api, &desired).await?;
+
+    // spec.secret.name changed: remove the Secret written under the old name.
+    let previous = cr.status.as_ref().and_then(|s| s.secret_name.as_deref());
+    if let Some(previous) = previous.filter(|p| *p != secret_name)
+        && delete_if_controlled(&api, previous, &owner_uid).await?
+    {
+        info!(secret = previous, "deleted Secret written under the previous name");
+    }
+    Ok(Synced { change, secret_name, registries: credentials.auths.into_iter().map(|a| a.server).collect() })
+}
+
+/// Writes status when it changed, and publishes Events for writes and for new failures.
+async fn report(cr: &RegistryCredential, ctx: &Context, outcome: &Result<Synced, Error>) -> Result<(), Error> {
+    let previous = cr.status.as_ref();
+    let generation = cr.metadata.generation;
+    let mut next = previous.cloned().unwrap_or_default();
+    next.observed_generation = generation;
+    next.source = Some(cr.spec.source.kind().into());
+    match outcome {
+        Ok(synced) => {
+            let message =
+                format!("Secret {} holds the credential for {}", synced.secret_name, synced.registries.join(", "));
+            next.conditions = vec![ready_condition(previous, true, SYNCED, message, generation)];
+            next.secret_name = Some(synced.secret_name.clone());
+            next.registries = synced.registries.clone();
+        }
+        Err(error) => {
+            next.conditions = vec![ready_condition(previous, false, error.reason(), error.to_string(), generation)];
+        }
+    }
+
+    let event = match outcome {
+        Ok(synced) => match synced.change {
+            SecretChange::Created => {
+                Some((EventType::Normal, "Created", format!("Created Secret {}", synced.secret_name)))
+            }
+            SecretChange::Updated => {
+                Some((EventType::Normal, "Updated", format!("Updated Secret {}", synced.secret_name)))
+            }
+            SecretChange::Unchanged => None,
+        },
+        // A failure that persists is reported once, not on every retry.
+        Err(error) if ready_changed(previous, &next) => Some((EventType::Warning, error.reason(), error.to_string())),
+        Err(_) => None,
+    };
+    if let Some((type_, reason, note)) = event {
+        publish(ctx, cr, type_, reason, note).await;
+    }
+
+    if previous != Some(&next) {
+        let api = Api::<RegistryCredential>::namespaced(
+            ctx.client.clone(),
+            cr.metadata.namespace.as_deref().unwrap_or_default(),
+        );
+        let patch = json!({
+            "apiVersion": RegistryCredential::api_version(&()),
+            "kind": RegistryCredential::kind(&()),
+            "status": next,
+        });
+        api.patch_status(&cr.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
+    }
+    Ok(())
+}
+
+async fn publish(ctx: &Context, cr: &RegistryCredential, type_: EventType, reason: &str, note: String) {
+    let event = Event { type_, reason: reason.into(), note: Some(note), action: "Sync".into(), secondary: None };
+    if let Err(error) = ctx.recorder.publish(&event, &cr.object_ref(&())).await {
+        // An Event is best effort; the status carries the same information.
+        warn!(%error, reason, "could not publish Event");
+    }
+}
+
+fn error_policy(cr: Arc<RegistryCredential>, error: &Error, ctx: Arc<Context>) -> Action {
+    let attempt = {
+        let mut failures = ctx.failures.lock().unwrap_or_else(PoisonError::into_inner);
+        let count = failures.entry(ObjectRef::from(cr.as_ref())).or_insert(0);
+        *count = count.saturating_add(1);
+        *count
+    };
+    let delay = backoff(attempt, ctx.config.max_backoff);
+    warn!(
+        kind = "RegistryCredential",
+        namespace = cr.metadata.namespace.as_deref(),
+        name = %cr.name_any(),
+        reason = error.reason(),
+        %error,
+        retry_in_secs = delay.as_secs_f32(),
+        "sync failed"
+    );
+    Action::requeue(delay)
+}
+
+/// 1 s, 2 s, 4 s, … up to `max`.
+fn backoff(attempt: u32, max: Duration) -> Duration {
+    let exp = attempt.saturating_sub(1).min(20);
+    Duration::from_secs(1u64 << exp).min(max)
+}
+
+impl RegistryCredential {
+    /// Name of the Secret this credential writes.
+    pub fn secret_name(&self) -> String {
+        self.spec.secret.name.clone().unwrap_or_else(|| self.name_any())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_is_capped() {
+        let max = Duration::from_secs(300);
+        assert_eq!(backoff(1, max), Duration::from_secs(1));
+        assert_eq!(backoff(2, max), Duration::from_secs(2));
+        assert_eq!(backoff(5, max), Duration::from_secs(16));
+        assert_eq!(backoff(9, max), Duration::from_secs(256));
+        assert_eq!(backoff(10, max), max);
+        assert_eq!(backoff(u32::MAX, max), max);
+    }
+}

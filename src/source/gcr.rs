@@ -1,0 +1,88 @@
+//! Google Container Registry and Artifact Registry: a service-account key sent verbatim as
+//! the password of the user `_json_key`.
+
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::Value;
+
+use super::{CredentialProvider, Credentials, SecretReader, SourceContext, read_key, single_login};
+use crate::{Error, crd::GcrSource};
+
+/// Default registry for a gcr source.
+pub const GCR_HOST: &str = "gcr.io";
+/// The username Google's registries expect with a JSON key.
+pub const JSON_KEY_USERNAME: &str = "_json_key";
+
+impl CredentialProvider for GcrSource {
+    async fn fetch<R: SecretReader>(&self, ctx: &SourceContext<'_, R>) -> Result<Credentials, Error> {
+        let key_ref = &self.json_key_secret_ref;
+        let key = read_key(ctx, key_ref, "key.json").await?;
+        check_service_account_key(&key).map_err(|problem| Error::InvalidGcrKey {
+            namespace: ctx.namespace.to_string(),
+            name: key_ref.name.clone(),
+            key: key_ref.key_or("key.json").to_string(),
+            problem,
+        })?;
+        single_login(ctx.registry.unwrap_or(GCR_HOST), JSON_KEY_USERNAME, key)
+    }
+}
+
+/// Checks that the text is a service-account key. The problem it returns never quotes the
+/// key (serde_json's own messages can echo input, so only positions are kept).
+fn check_service_account_key(key: &SecretString) -> Result<(), String> {
+    let value: Value = serde_json::from_str(key.expose_secret())
+        .map_err(|e| format!("not valid JSON (line {}, column {})", e.line(), e.column()))?;
+    let Value::Object(fields) = value else {
+        return Err("not a JSON object".into());
+    };
+    let text = |name: &str| fields.get(name).and_then(Value::as_str).filter(|s| !s.is_empty());
+    if fields.get("type").is_some_and(|kind| kind.as_str() != Some("service_account")) {
+        return Err("field \"type\" is not \"service_account\"".into());
+    }
+    for required in ["client_email", "private_key"] {
+        if text(required).is_none() {
+            return Err(format!("field {required:?} is missing or empty"));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{crd::SecretKeyRef, source::LocalSecrets};
+
+    const KEY: &str = "{\n  \"type\": \"service_account\",\n  \"client_email\": \"puller@p.iam.gserviceaccount.com\",\n  \"private_key\": \"-----BEGIN PRIVATE KEY-----\\nMIIsecret\\n-----END PRIVATE KEY-----\\n\"\n}\n";
+
+    fn source() -> GcrSource {
+        GcrSource { json_key_secret_ref: SecretKeyRef { name: "gcp".into(), key: None } }
+    }
+
+    #[tokio::test]
+    async fn key_text_is_the_password_unchanged() {
+        let secrets = LocalSecrets::default().with("ns", "gcp", &[("key.json", KEY.as_bytes())]);
+        let ctx = SourceContext { namespace: "ns", registry: Some("europe-docker.pkg.dev"), secrets: &secrets };
+        let creds = source().fetch(&ctx).await.unwrap();
+        assert_eq!(creds.auths[0].server, "europe-docker.pkg.dev");
+        assert_eq!(creds.auths[0].username, "_json_key");
+        assert_eq!(creds.auths[0].password.expose_secret(), KEY);
+    }
+
+    #[tokio::test]
+    async fn non_keys_are_refused_without_quoting_them() {
+        for (bad, expect) in [
+            ("MIIsecret not json", "not valid JSON"),
+            ("[\"MIIsecret\"]", "not a JSON object"),
+            ("{\"type\":\"authorized_user\",\"client_email\":\"a\",\"private_key\":\"MIIsecret\"}", "service_account"),
+            ("{\"client_email\":\"a@b\"}", "private_key"),
+            ("{\"private_key\":\"MIIsecret\"}", "client_email"),
+        ] {
+            let secrets = LocalSecrets::default().with("ns", "gcp", &[("key.json", bad.as_bytes())]);
+            let ctx = SourceContext { namespace: "ns", registry: None, secrets: &secrets };
+            let err = source().fetch(&ctx).await.unwrap_err();
+            let msg = err.to_string();
+            assert!(matches!(err, Error::InvalidGcrKey { .. }), "{msg}");
+            assert!(msg.contains(expect), "{msg}");
+            assert!(!msg.contains("MIIsecret"), "{msg}");
+        }
+    }
+}

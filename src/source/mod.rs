@@ -1,0 +1,133 @@
+//! Credential sources: one file per provider, all behind [`CredentialProvider`].
+
+mod basic;
+mod gcr;
+mod ghcr;
+
+use std::future::Future;
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::{ByteString, api::core::v1::Secret};
+use kube::{Api, api::ObjectMeta};
+use secrecy::SecretString;
+
+use crate::{Error, crd::CredentialSource, crd::SecretKeyRef, dockerconfig::RegistryAuth};
+
+/// The logins a source produced.
+#[derive(Debug, Clone)]
+pub struct Credentials {
+    pub auths: Vec<RegistryAuth>,
+}
+
+/// Reads the Secrets a source refers to: from the apiserver when running, from local
+/// manifests for `regcred render`.
+pub trait SecretReader: Sync {
+    fn read(&self, namespace: &str, name: &str) -> impl Future<Output = Result<Option<Secret>, kube::Error>> + Send;
+}
+
+/// Reads Secrets straight from the apiserver (no cache: only referenced Secrets are read,
+/// so memory does not grow with the Secrets in the cluster).
+pub struct ApiSecretReader(pub kube::Client);
+
+impl SecretReader for ApiSecretReader {
+    async fn read(&self, namespace: &str, name: &str) -> Result<Option<Secret>, kube::Error> {
+        Api::<Secret>::namespaced(self.0.clone(), namespace).get_opt(name).await
+    }
+}
+
+/// What a provider needs to know about the credential it serves.
+pub struct SourceContext<'a, R> {
+    /// Namespace the source's Secret references resolve in.
+    pub namespace: &'a str,
+    /// `spec.registry`, if given.
+    pub registry: Option<&'a str>,
+    pub secrets: &'a R,
+}
+
+/// A way of obtaining registry logins.
+pub trait CredentialProvider {
+    fn fetch<R: SecretReader>(
+        &self,
+        ctx: &SourceContext<'_, R>,
+    ) -> impl Future<Output = Result<Credentials, Error>> + Send;
+}
+
+impl CredentialProvider for CredentialSource {
+    async fn fetch<R: SecretReader>(&self, ctx: &SourceContext<'_, R>) -> Result<Credentials, Error> {
+        match self {
+            CredentialSource::Basic(s) => s.fetch(ctx).await,
+            CredentialSource::Ghcr(s) => s.fetch(ctx).await,
+            CredentialSource::Gcr(s) => s.fetch(ctx).await,
+        }
+    }
+}
+
+/// Reads one key of a referenced Secret as text, with an error that names what is wrong
+/// (never the value).
+async fn read_key<R: SecretReader>(
+    ctx: &SourceContext<'_, R>,
+    secret_ref: &SecretKeyRef,
+    default_key: &str,
+) -> Result<SecretString, Error> {
+    let namespace = ctx.namespace.to_string();
+    let name = secret_ref.name.clone();
+    let key = secret_ref.key_or(default_key).to_string();
+    let secret = ctx
+        .secrets
+        .read(&namespace, &name)
+        .await?
+        .ok_or_else(|| Error::SourceSecretNotFound { namespace: namespace.clone(), name: name.clone() })?;
+    let bytes = secret.data.and_then(|mut data| data.remove(&key));
+    let Some(bytes) = bytes else {
+        return Err(Error::SourceKeyMissing { namespace, name, key });
+    };
+    if bytes.0.is_empty() {
+        return Err(Error::SourceValueEmpty { namespace, name, key });
+    }
+    match String::from_utf8(bytes.0) {
+        Ok(text) => Ok(text.into()),
+        Err(_) => Err(Error::SourceValueNotUtf8 { namespace, name, key }),
+    }
+}
+
+/// Builds the single login of a static source, after checking the registry and username.
+fn single_login(registry: &str, username: &str, password: SecretString) -> Result<Credentials, Error> {
+    if username.is_empty() || username.contains(':') || username.chars().any(char::is_control) {
+        // The auth field is base64("user:password"), split at the first colon.
+        return Err(Error::InvalidUsername("must be non-empty, without ':' or control characters".into()));
+    }
+    Ok(Credentials {
+        auths: vec![RegistryAuth {
+            server: crate::registry::server_key(registry)?,
+            username: username.to_string(),
+            password,
+        }],
+    })
+}
+
+/// Secrets held in memory: the manifests given to `regcred render`, and unit tests.
+#[derive(Default)]
+pub struct LocalSecrets(pub Vec<Secret>);
+
+impl LocalSecrets {
+    /// Adds a Secret with the given data.
+    pub fn with(mut self, namespace: &str, name: &str, data: &[(&str, &[u8])]) -> Self {
+        self.0.push(Secret {
+            metadata: ObjectMeta { name: Some(name.into()), namespace: Some(namespace.into()), ..Default::default() },
+            data: Some(data.iter().map(|(k, v)| (k.to_string(), ByteString(v.to_vec()))).collect::<BTreeMap<_, _>>()),
+            ..Default::default()
+        });
+        self
+    }
+}
+
+impl SecretReader for LocalSecrets {
+    async fn read(&self, namespace: &str, name: &str) -> Result<Option<Secret>, kube::Error> {
+        Ok(self
+            .0
+            .iter()
+            .find(|s| s.metadata.namespace.as_deref() == Some(namespace) && s.metadata.name.as_deref() == Some(name))
+            .cloned())
+    }
+}

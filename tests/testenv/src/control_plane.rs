@@ -1,0 +1,400 @@
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use k8s_openapi::api::core::v1::ServiceAccount;
+use kube::Api;
+use kube::config::{KubeConfigOptions, Kubeconfig};
+
+use crate::process::{Proc, temp_dir};
+use crate::{block_on, free_port, http_get, random_hex, testbin, wait_until};
+
+/// The audience of the apiserver's own ServiceAccount tokens; also the issuer.
+const ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
+const READY_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// etcd + kube-apiserver + kube-controller-manager on loopback ports, with a
+/// temp dir holding certs, keys, kubeconfigs, etcd data and one log file per
+/// process (`<dir>/<name>.log`). Drop stops everything and removes the dir.
+pub struct ControlPlane {
+    // Field order is drop order: processes stop before the dir goes.
+    kcm: Mutex<Option<Proc>>,
+    apiserver: Mutex<Option<Proc>>,
+    etcd: Mutex<Option<Proc>>,
+    server: String,
+    etcd_port: u16,
+    etcd_peer_port: u16,
+    api_port: u16,
+    kubeconfig: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl ControlPlane {
+    /// Starts a control plane and waits until it serves requests and its
+    /// controllers run (the `default` ServiceAccount exists).
+    pub fn start() -> Result<ControlPlane> {
+        let t0 = Instant::now();
+        let dir = temp_dir("cp")?;
+        let api_port = free_port();
+        let cp = ControlPlane {
+            kcm: Mutex::new(None),
+            apiserver: Mutex::new(None),
+            etcd: Mutex::new(None),
+            server: format!("https://127.0.0.1:{api_port}"),
+            etcd_port: free_port(),
+            etcd_peer_port: free_port(),
+            api_port,
+            kubeconfig: dir.path().join("admin.kubeconfig"),
+            dir,
+        };
+        cp.write_credentials()?;
+        cp.start_etcd()?;
+        cp.start_apiserver()?;
+        cp.start_kcm()?;
+        cp.wait_default_service_account()?;
+        eprintln!(
+            "testenv: control plane {} ready in {:.1?} (files in {})",
+            cp.server,
+            t0.elapsed(),
+            cp.dir().display()
+        );
+        Ok(cp)
+    }
+
+    /// One control plane per test process, started on first use. Its
+    /// processes die with the test process (see `process.rs`).
+    pub fn shared() -> &'static ControlPlane {
+        static SHARED: OnceLock<ControlPlane> = OnceLock::new();
+        SHARED.get_or_init(|| {
+            ControlPlane::start().unwrap_or_else(|e| panic!("cannot start the test control plane: {e:#}"))
+        })
+    }
+
+    /// `https://127.0.0.1:PORT`
+    pub fn server(&self) -> &str {
+        &self.server
+    }
+
+    /// The admin kubeconfig (a token user in group `system:masters`).
+    pub fn kubeconfig_path(&self) -> &Path {
+        &self.kubeconfig
+    }
+
+    /// The temp dir with certs, kubeconfigs and `<process>.log` files.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The admin `kube::Config`. Build one `Client` per tokio runtime from it.
+    pub fn kube_config(&self) -> kube::Config {
+        let kubeconfig = Kubeconfig::read_from(&self.kubeconfig).expect("reading admin kubeconfig");
+        block_on(kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()))
+            .expect("loading admin kubeconfig")
+    }
+
+    /// The admin config impersonating `user` (and `groups`), to test what an
+    /// identity may do under RBAC, e.g. `system:serviceaccount:NS:NAME`.
+    pub fn kube_config_as(&self, user: &str, groups: &[&str]) -> kube::Config {
+        let mut config = self.kube_config();
+        config.auth_info.impersonate = Some(user.into());
+        if !groups.is_empty() {
+            config.auth_info.impersonate_groups = Some(groups.iter().map(|g| g.to_string()).collect());
+        }
+        config
+    }
+
+    /// An admin client.
+    pub async fn client(&self) -> kube::Client {
+        kube::Client::try_from(self.kube_config()).expect("building a kube client")
+    }
+
+    /// Runs the built kubectl against this control plane as admin.
+    pub fn kubectl(&self, args: &[&str]) -> Output {
+        Command::new(testbin("kubectl").expect("kubectl binary"))
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(args)
+            .output()
+            .expect("running kubectl")
+    }
+
+    /// The apiserver's `/metrics` (Prometheus text), read as admin.
+    pub fn apiserver_metrics(&self) -> Result<String> {
+        self.raw_get("/metrics")
+    }
+
+    /// Server-side applies every `*.yaml` in `dir` and waits until each
+    /// CustomResourceDefinition among them is Established.
+    pub fn install_crds(&self, dir: &Path) -> Result<()> {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .with_context(|| format!("reading {}", dir.display()))?
+            .map(|e| e.map(|e| e.path()))
+            .collect::<Result<_, _>>()?;
+        files.retain(|p| p.extension().is_some_and(|e| e == "yaml"));
+        files.sort();
+        let mut crds = Vec::new();
+        for file in &files {
+            let file = file.to_str().context("non-UTF-8 path")?;
+            let out = self.kubectl_ok(&[
+                "apply",
+                "--server-side",
+                "--force-conflicts",
+                "--field-manager=regcred-testenv",
+                "-o=name",
+                "-f",
+                file,
+            ])?;
+            crds.extend(out.lines().filter(|l| l.starts_with("customresourcedefinition")).map(String::from));
+        }
+        if !crds.is_empty() {
+            let mut args = vec!["wait", "--for=condition=Established", "--timeout=60s"];
+            args.extend(crds.iter().map(String::as_str));
+            self.kubectl_ok(&args)?;
+        }
+        Ok(())
+    }
+
+    /// Stops kube-apiserver and starts it again on the same port; returns when
+    /// it is ready.
+    pub fn restart_apiserver(&self) -> Result<()> {
+        self.stop_apiserver();
+        self.start_apiserver()
+    }
+
+    /// Stops etcd and starts it again (same data and port); returns when
+    /// etcd is healthy and the apiserver ready again.
+    pub fn restart_etcd(&self) -> Result<()> {
+        self.stop_etcd();
+        self.start_etcd()?;
+        self.wait_apiserver_ready()
+    }
+
+    /// Stops kube-apiserver (for tests of an unreachable apiserver); bring
+    /// it back with [`ControlPlane::start_apiserver`].
+    pub fn stop_apiserver(&self) {
+        if let Some(mut p) = self.apiserver.lock().unwrap().take() {
+            p.stop();
+        }
+    }
+
+    /// Stops etcd; the apiserver stays up but fails its requests. Bring it
+    /// back with [`ControlPlane::start_etcd`].
+    pub fn stop_etcd(&self) {
+        if let Some(mut p) = self.etcd.lock().unwrap().take() {
+            p.stop();
+        }
+    }
+
+    /// Starts etcd (if stopped) and waits until it is healthy.
+    pub fn start_etcd(&self) -> Result<()> {
+        let mut slot = self.etcd.lock().unwrap();
+        if slot.is_some() {
+            return Ok(());
+        }
+        let client = format!("http://127.0.0.1:{}", self.etcd_port);
+        let peer = format!("http://127.0.0.1:{}", self.etcd_peer_port);
+        let mut cmd = Command::new(testbin("etcd")?);
+        cmd.arg("--name=testenv")
+            .arg(format!("--data-dir={}", self.path("etcd").display()))
+            .arg(format!("--listen-client-urls={client}"))
+            .arg(format!("--advertise-client-urls={client}"))
+            .arg(format!("--listen-peer-urls={peer}"))
+            .arg(format!("--initial-advertise-peer-urls={peer}"))
+            .arg(format!("--initial-cluster=testenv={peer}"))
+            // Throwaway data: skip fsync, which dominates write latency.
+            .arg("--unsafe-no-fsync")
+            .arg("--log-level=warn");
+        let proc = slot.insert(Proc::spawn("etcd", cmd, &self.path("etcd.log"))?);
+        wait_until(
+            "etcd health",
+            READY_TIMEOUT,
+            || proc.check_alive(),
+            || match http_get(self.etcd_port, "/health")? {
+                (200, body) if body.contains(r#""health":"true""#) => Ok(()),
+                (code, body) => bail!("etcd /health: {code} {body}"),
+            },
+        )
+        .map_err(|e| e.context(proc.log_tail()))
+    }
+
+    /// Starts kube-apiserver (if stopped) and waits until `/readyz` is ok.
+    pub fn start_apiserver(&self) -> Result<()> {
+        {
+            let mut slot = self.apiserver.lock().unwrap();
+            if slot.is_some() {
+                return Ok(());
+            }
+            let p = |name: &str| self.path(name).display().to_string();
+            let mut cmd = Command::new(testbin("kube-apiserver")?);
+            cmd.args([
+                format!("--etcd-servers=http://127.0.0.1:{}", self.etcd_port),
+                "--bind-address=127.0.0.1".into(),
+                "--advertise-address=127.0.0.1".into(),
+                format!("--secure-port={}", self.api_port),
+                format!("--tls-cert-file={}", p("apiserver.crt")),
+                format!("--tls-private-key-file={}", p("apiserver.key")),
+                format!("--token-auth-file={}", p("tokens.csv")),
+                "--authorization-mode=RBAC".into(),
+                format!("--service-account-issuer={ISSUER}"),
+                format!("--service-account-key-file={}", p("sa.key")),
+                format!("--service-account-signing-key-file={}", p("sa.key")),
+                format!("--api-audiences={ISSUER},sts.amazonaws.com"),
+                // No kubelets or kube-proxy: nothing to reconcile the
+                // `kubernetes` Service's endpoints for.
+                "--endpoint-reconciler-type=none".into(),
+                "--profiling=false".into(),
+                "--v=1".into(),
+            ]);
+            *slot = Some(Proc::spawn("kube-apiserver", cmd, &self.path("kube-apiserver.log"))?);
+        }
+        self.wait_apiserver_ready()
+    }
+
+    fn start_kcm(&self) -> Result<()> {
+        let p = |name: &str| self.path(name).display().to_string();
+        let mut cmd = Command::new(testbin("kube-controller-manager")?);
+        cmd.args([
+            format!("--kubeconfig={}", p("kcm.kubeconfig")),
+            "--leader-elect=false".into(),
+            // No serving endpoint: nothing to probe, no certs, no extra port.
+            "--secure-port=0".into(),
+            "--controllers=garbage-collector-controller,namespace-controller,\
+             serviceaccount-controller,serviceaccount-token-controller,\
+             root-ca-certificate-publisher-controller"
+                .into(),
+            format!("--service-account-private-key-file={}", p("sa.key")),
+            format!("--root-ca-file={}", p("ca.crt")),
+            "--v=1".into(),
+        ]);
+        let proc = Proc::spawn("kube-controller-manager", cmd, &self.path("kube-controller-manager.log"))?;
+        *self.kcm.lock().unwrap() = Some(proc);
+        Ok(())
+    }
+
+    fn wait_apiserver_ready(&self) -> Result<()> {
+        let result = wait_until(
+            "kube-apiserver /readyz",
+            READY_TIMEOUT,
+            || self.check_alive(),
+            || self.raw_get("/readyz").map(drop),
+        );
+        result.map_err(|e| e.context(self.apiserver_log_tail()))
+    }
+
+    fn wait_default_service_account(&self) -> Result<()> {
+        let config = self.kube_config();
+        wait_until(
+            "ServiceAccount default/default (created by kube-controller-manager)",
+            READY_TIMEOUT,
+            || self.check_alive(),
+            || {
+                let client = kube::Client::try_from(config.clone())?;
+                block_on(Api::<ServiceAccount>::namespaced(client, "default").get("default"))?;
+                Ok(())
+            },
+        )
+    }
+
+    /// Err if a process that should run has exited.
+    fn check_alive(&self) -> Result<()> {
+        for slot in [&self.etcd, &self.apiserver, &self.kcm] {
+            if let Some(p) = slot.lock().unwrap().as_mut() {
+                p.check_alive()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn apiserver_log_tail(&self) -> String {
+        let slot = self.apiserver.lock().unwrap();
+        slot.as_ref().map(Proc::log_tail).unwrap_or_default()
+    }
+
+    fn raw_get(&self, path: &str) -> Result<String> {
+        let client = kube::Client::try_from(self.kube_config())?;
+        let req = http::Request::get(path).body(Vec::new())?;
+        Ok(block_on(client.request_text(req))?)
+    }
+
+    fn kubectl_ok(&self, args: &[&str]) -> Result<String> {
+        let out = self.kubectl(args);
+        if !out.status.success() {
+            bail!("kubectl {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8(out.stdout)?)
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// CA, apiserver serving cert, ServiceAccount signing key, static tokens
+    /// and kubeconfigs, all fresh for this control plane.
+    fn write_credentials(&self) -> Result<()> {
+        use rcgen::{
+            BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+            KeyUsagePurpose,
+        };
+        let mut ca = CertificateParams::default();
+        ca.distinguished_name.push(DnType::CommonName, "regcred-testenv-ca");
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
+        let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate()?)?;
+
+        let mut serving = CertificateParams::new(vec![
+            "127.0.0.1".to_string(),
+            "localhost".into(),
+            "kubernetes".into(),
+            "kubernetes.default.svc".into(),
+        ])?;
+        serving.distinguished_name.push(DnType::CommonName, "kube-apiserver");
+        serving.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let serving_key = KeyPair::generate()?;
+        let serving = serving.signed_by(&serving_key, &ca)?;
+
+        let write =
+            |name: &str, data: &str| std::fs::write(self.path(name), data).with_context(|| format!("writing {name}"));
+        write("ca.crt", &ca.pem())?;
+        write("apiserver.crt", &serving.pem())?;
+        write("apiserver.key", &serving_key.serialize_pem())?;
+        write("sa.key", &KeyPair::generate()?.serialize_pem())?;
+
+        let (admin, kcm) = (random_hex(), random_hex());
+        write(
+            "tokens.csv",
+            &format!(
+                "{admin},testenv-admin,testenv-admin,system:masters\n\
+                 {kcm},system:kube-controller-manager,system:kube-controller-manager\n"
+            ),
+        )?;
+        write("admin.kubeconfig", &self.kubeconfig_for(&admin))?;
+        write("kcm.kubeconfig", &self.kubeconfig_for(&kcm))?;
+        Ok(())
+    }
+
+    fn kubeconfig_for(&self, token: &str) -> String {
+        serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "testenv", "cluster": {
+                "server": self.server,
+                "certificate-authority": self.path("ca.crt"),
+            }}],
+            "users": [{"name": "testenv", "user": {"token": token}}],
+            "contexts": [{"name": "testenv", "context": {"cluster": "testenv", "user": "testenv", "namespace": "default"}}],
+            "current-context": "testenv",
+        })
+        .to_string()
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        // Controllers first, storage last, so nothing logs storms of errors.
+        self.kcm.lock().unwrap().take();
+        self.stop_apiserver();
+        self.stop_etcd();
+    }
+}
