@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -40,6 +40,7 @@ const USERNAME_PATTERN: &str = r"^[^:\x00-\x1f]+$";
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[x_kube(validation = Rule::new("has(self.registry) || !has(self.source.basic)").message("spec.registry is required for a basic source"))]
+#[x_kube(validation = Rule::new("!has(self.registry) || !has(self.source.ecr)").message("spec.registry does not apply to an ecr source: set source.ecr.registry"))]
 #[serde(rename_all = "camelCase")]
 pub struct RegistryCredentialSpec {
     /// Registry host the credential is for, as `docker login` takes it: `host[:port]`,
@@ -51,7 +52,7 @@ pub struct RegistryCredentialSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub registry: Option<String>,
 
-    /// Where the credential comes from. Exactly one of `basic`, `ghcr` or `gcr`.
+    /// Where the credential comes from. Exactly one of `basic`, `ghcr`, `gcr` or `ecr`.
     pub source: CredentialSource,
 
     /// The Secret to write (in this namespace).
@@ -62,6 +63,7 @@ pub struct RegistryCredentialSpec {
 /// Where a credential comes from. Exactly one member is set.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[allow(clippy::large_enum_variant)] // built once per reconcile; boxing buys nothing
 pub enum CredentialSource {
     /// A username and a password (or token) read from a Secret in this namespace.
     Basic(BasicSource),
@@ -70,6 +72,9 @@ pub enum CredentialSource {
     /// Google Container Registry / Artifact Registry: a service-account JSON key, sent
     /// as the password of the user `_json_key`.
     Gcr(GcrSource),
+    /// AWS Elastic Container Registry: a 12-hour token from GetAuthorizationToken, refreshed
+    /// well before it expires.
+    Ecr(EcrSource),
 }
 
 impl CredentialSource {
@@ -79,6 +84,7 @@ impl CredentialSource {
             CredentialSource::Basic(_) => "basic",
             CredentialSource::Ghcr(_) => "ghcr",
             CredentialSource::Gcr(_) => "gcr",
+            CredentialSource::Ecr(_) => "ecr",
         }
     }
 
@@ -88,6 +94,18 @@ impl CredentialSource {
             CredentialSource::Basic(b) => vec![&b.password_secret_ref],
             CredentialSource::Ghcr(g) => vec![&g.token_secret_ref],
             CredentialSource::Gcr(g) => vec![&g.json_key_secret_ref],
+            CredentialSource::Ecr(_) => Vec::new(),
+        }
+    }
+
+    /// Names of every Secret this source reads in the credential's namespace.
+    pub fn secret_names(&self) -> Vec<&str> {
+        match self {
+            CredentialSource::Ecr(e) => match &e.auth {
+                EcrAuth::SecretRef(keys) => vec![keys.name.as_str()],
+                _ => Vec::new(),
+            },
+            other => other.secret_refs().into_iter().map(|r| r.name.as_str()).collect(),
         }
     }
 }
@@ -121,6 +139,105 @@ pub struct GcrSource {
     /// Secret key holding the service-account key file (JSON, as downloaded from Google
     /// Cloud; it must contain `client_email` and `private_key`).
     pub json_key_secret_ref: SecretKeyRef,
+}
+
+/// Which ECR registries, and which AWS identity asks for their token.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.registry) != has(self.region)").message("set exactly one of registry or region"))]
+#[x_kube(validation = Rule::new("!has(self.registryIds) || has(self.region)").message("registryIds goes with region"))]
+pub struct EcrSource {
+    /// ECR registry host, `<account>.dkr.ecr.<region>.amazonaws.com` (also `.amazonaws.com.cn`
+    /// and `dkr.ecr-fips`); account and region are read from it.
+    #[schemars(length(max = 253))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry: Option<String>,
+    /// AWS region, instead of `registry`; with `registryIds` for several accounts.
+    #[schemars(length(min = 1, max = 64), regex(pattern = r"^[a-z0-9-]+$"))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// AWS account ids whose registries go into the one Secret (one `auths` entry each).
+    /// Empty: the account of the identity.
+    #[schemars(length(max = 20), inner(regex(pattern = r"^[0-9]{12}$")))]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub registry_ids: Vec<String>,
+    /// The AWS identity that calls GetAuthorizationToken. Exactly one member.
+    pub auth: EcrAuth,
+    /// A role to assume with that identity first, e.g. for a registry in another account.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub assume_role: Option<AssumeRole>,
+}
+
+/// The AWS identity of an ECR source.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum EcrAuth {
+    /// Access keys in a Secret of this namespace.
+    SecretRef(AwsKeysRef),
+    /// IRSA for this tenant: the controller requests a token for this ServiceAccount (of
+    /// this namespace, audience `sts.amazonaws.com`) and exchanges it with
+    /// AssumeRoleWithWebIdentity for the role in its `eks.amazonaws.com/role-arn`
+    /// annotation (or `roleArn`). Only roles that trust this ServiceAccount work.
+    ServiceAccountRef(ServiceAccountRef),
+    /// The controller's own AWS identity (environment, web identity, EKS Pod Identity, ECS,
+    /// EC2 instance profile). Namespaced credentials may use it only when the controller
+    /// runs with `--allow-ambient-aws-identity`.
+    Ambient(AmbientAuth),
+}
+
+/// A Secret with AWS access keys.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AwsKeysRef {
+    /// Name of the Secret.
+    #[schemars(length(min = 1, max = 253), regex(pattern = DNS_SUBDOMAIN_PATTERN))]
+    pub name: String,
+    /// Key of the access key id. Default `accessKeyId`.
+    #[schemars(length(min = 1, max = 253), regex(pattern = SECRET_KEY_PATTERN))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_key_id_key: Option<String>,
+    /// Key of the secret access key. Default `secretAccessKey`.
+    #[schemars(length(min = 1, max = 253), regex(pattern = SECRET_KEY_PATTERN))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_access_key_key: Option<String>,
+    /// Key of an optional session token. Default `sessionToken`.
+    #[schemars(length(min = 1, max = 253), regex(pattern = SECRET_KEY_PATTERN))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_token_key: Option<String>,
+}
+
+/// A ServiceAccount of this namespace whose IAM role (IRSA) to use.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceAccountRef {
+    /// Name of the ServiceAccount.
+    #[schemars(length(min = 1, max = 253), regex(pattern = DNS_SUBDOMAIN_PATTERN))]
+    pub name: String,
+    /// Role to assume; defaults to the ServiceAccount's `eks.amazonaws.com/role-arn` annotation.
+    #[schemars(length(min = 20, max = 2048), regex(pattern = r"^arn:aws[a-z-]*:iam::[0-9]{12}:role/.+$"))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role_arn: Option<String>,
+}
+
+/// Use the controller's own AWS identity. No fields.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub struct AmbientAuth {}
+
+/// A role assumed on top of the ECR source's identity.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AssumeRole {
+    /// ARN of the role.
+    #[schemars(length(min = 20, max = 2048), regex(pattern = r"^arn:aws[a-z-]*:iam::[0-9]{12}:role/.+$"))]
+    pub role_arn: String,
+    /// External id the role's trust policy requires, if any.
+    #[schemars(length(min = 2, max = 1224))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external_id: Option<String>,
+    /// Session name (default `regcred`), shown in CloudTrail.
+    #[schemars(length(min = 2, max = 64), regex(pattern = r"^[\w+=,.@-]+$"))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_name: Option<String>,
 }
 
 /// A key in a Secret in the credential's own namespace.
@@ -176,9 +293,15 @@ pub struct CredentialStatus {
     /// The server keys written into `.dockerconfigjson`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub registries: Vec<String>,
-    /// Kind of the source (`basic`, `ghcr`, `gcr`).
+    /// Kind of the source (`basic`, `ghcr`, `gcr`, `ecr`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
+    /// When the token in the Secret expires (ECR).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<Time>,
+    /// When the controller will fetch the next token (ECR).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_refresh_at: Option<Time>,
 }
 
 impl CredentialStatus {

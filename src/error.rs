@@ -28,6 +28,31 @@ pub enum Error {
     #[error("Secret {namespace}/{name} exists and is not managed by this credential; regcred leaves it untouched")]
     SecretConflict { namespace: String, name: String },
 
+    #[error("{operation} failed: {code}: {message}")]
+    Aws { operation: &'static str, code: String, message: String },
+
+    #[error("{operation} answered unusably: {problem}")]
+    InvalidAwsAnswer { operation: &'static str, problem: String },
+
+    #[error(
+        "namespaced credentials may not use the controller's AWS identity (the controller runs without --allow-ambient-aws-identity)"
+    )]
+    AmbientIdentityNotAllowed,
+
+    #[error("the controller has no AWS identity of its own")]
+    AmbientIdentityMissing,
+
+    #[error("ServiceAccount {namespace}/{name} not found")]
+    ServiceAccountNotFound { namespace: String, name: String },
+
+    #[error(
+        "ServiceAccount {namespace}/{name} has no eks.amazonaws.com/role-arn annotation and the source sets no roleArn"
+    )]
+    NoRoleArn { namespace: String, name: String },
+
+    #[error("ecr sources need AWS; they cannot be rendered offline")]
+    EcrUnavailable,
+
     #[error("the object has no {0}")]
     MissingObjectField(&'static str),
 
@@ -47,6 +72,13 @@ impl Error {
             Error::InvalidRegistry { .. } => "InvalidRegistry",
             Error::SecretConflict { .. } => "SecretConflict",
             Error::MissingObjectField(_) => "InvalidObject",
+            Error::Aws { .. } => "AwsRequestFailed",
+            Error::InvalidAwsAnswer { .. } => "InvalidAwsAnswer",
+            Error::AmbientIdentityNotAllowed => "AmbientIdentityNotAllowed",
+            Error::AmbientIdentityMissing => "AmbientIdentityMissing",
+            Error::ServiceAccountNotFound { .. } => "ServiceAccountNotFound",
+            Error::NoRoleArn { .. } => "NoRoleArn",
+            Error::EcrUnavailable => "EcrUnavailable",
             Error::Kube(_) => "KubernetesApiError",
         }
     }

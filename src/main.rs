@@ -50,6 +50,23 @@ struct RunArgs {
     /// Name of this replica in Events (set to the pod name by the Helm chart).
     #[arg(long, env = "POD_NAME")]
     instance: Option<String>,
+    /// Let namespaced RegistryCredentials use the controller's own AWS identity (off: a
+    /// tenant must not borrow it).
+    #[arg(long, env = "REGCRED_ALLOW_AMBIENT_AWS_IDENTITY")]
+    allow_ambient_aws_identity: bool,
+    /// Refresh an ECR token when this share of its lifetime is left (0.25: ~9 h into 12 h).
+    #[arg(long, default_value_t = 0.25, value_parser = share, env = "REGCRED_ECR_REFRESH_SHARE")]
+    ecr_refresh_share: f64,
+    /// AWS endpoint for ECR and STS (an emulator, a VPC endpoint). AWS_ENDPOINT_URL_* work too.
+    #[arg(long, env = "REGCRED_AWS_ENDPOINT_URL")]
+    aws_endpoint_url: Option<String>,
+}
+
+fn share(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(v) if v > 0.0 && v < 1.0 => Ok(v),
+        _ => Err("a number between 0 and 1 (exclusive)".into()),
+    }
 }
 
 #[derive(clap::Args)]
@@ -83,6 +100,11 @@ async fn main() -> anyhow::Result<()> {
                 max_backoff: args.max_backoff.into(),
                 concurrency: args.concurrency,
                 instance: args.instance,
+                ecr: regcred::source::ecr::EcrSettings {
+                    allow_ambient_for_namespaced: args.allow_ambient_aws_identity,
+                    refresh_share_left: args.ecr_refresh_share,
+                    endpoint_url: args.aws_endpoint_url,
+                },
             };
             tracing::info!(version = env!("CARGO_PKG_VERSION"), "starting controller");
             reconciler::run(client, config).await;

@@ -8,7 +8,7 @@ use std::{
 };
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::{api::core::v1::Secret, apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
 use kube::{
     Api, Client, Resource, ResourceExt,
     api::{PartialObjectMeta, Patch, PatchParams},
@@ -25,11 +25,14 @@ use tracing::{debug, info, warn};
 
 use crate::{
     Error,
-    crd::RegistryCredential,
+    crd::{CredentialSource, RegistryCredential},
     dockerconfig,
     secret::{FIELD_MANAGER, SecretChange, delete_if_controlled, desired_secret, ensure_secret},
-    source::{ApiSecretReader, CredentialProvider, SourceContext},
-    status::{SYNCED, ready_changed, ready_condition},
+    source::{
+        ApiSecretReader, CredentialProvider, SourceContext,
+        ecr::{EcrProvider, EcrSettings},
+    },
+    status::{DEGRADED, READY, SYNCED, condition, conditions_changed},
 };
 
 /// Name the controller reports in Events.
@@ -47,6 +50,8 @@ pub struct ControllerConfig {
     pub concurrency: u16,
     /// This replica's name in Events (the pod name in a cluster).
     pub instance: Option<String>,
+    /// How ECR sources behave.
+    pub ecr: EcrSettings,
 }
 
 impl Default for ControllerConfig {
@@ -56,6 +61,7 @@ impl Default for ControllerConfig {
             max_backoff: Duration::from_secs(5 * 60),
             concurrency: 8,
             instance: None,
+            ecr: EcrSettings::default(),
         }
     }
 }
@@ -65,6 +71,8 @@ pub struct Context {
     client: Client,
     recorder: Recorder,
     config: ControllerConfig,
+    /// ECR settings, AWS configuration and the shared token cache.
+    ecr: EcrProvider,
     /// Consecutive failures per credential, for exponential backoff.
     failures: Mutex<HashMap<ObjectRef<RegistryCredential>, u32>>,
 }
@@ -83,6 +91,7 @@ where
     let ctx = Arc::new(Context {
         recorder: Recorder::new(client.clone(), reporter),
         client: client.clone(),
+        ecr: EcrProvider::new(client.clone(), config.ecr.clone()),
         failures: Mutex::default(),
         config: config.clone(),
     });
@@ -123,7 +132,7 @@ fn credentials_using(
         .state()
         .iter()
         .filter(|cr| cr.metadata.namespace.as_deref() == Some(namespace))
-        .filter(|cr| cr.secret_name() == name || cr.spec.source.secret_refs().iter().any(|r| r.name == name))
+        .filter(|cr| cr.secret_name() == name || cr.spec.source.secret_names().contains(&name))
         .map(|cr| ObjectRef::from(cr.as_ref()))
         .collect()
 }
@@ -133,6 +142,8 @@ struct Synced {
     change: SecretChange,
     secret_name: String,
     registries: Vec<String>,
+    expires_at: Option<Timestamp>,
+    refresh_at: Option<Timestamp>,
 }
 
 #[tracing::instrument(skip_all, fields(kind = "RegistryCredential", namespace = cr.metadata.namespace.as_deref(), name = %cr.name_any()))]
@@ -144,9 +155,10 @@ async fn reconcile(cr: Arc<RegistryCredential>, ctx: Arc<Context>) -> Result<Act
     let outcome = sync(&cr, &ctx).await;
     report(&cr, &ctx, &outcome).await?;
     match outcome {
-        Ok(_) => {
+        Ok(synced) => {
             ctx.failures.lock().unwrap_or_else(PoisonError::into_inner).remove(&ObjectRef::from(cr.as_ref()));
-            Ok(Action::requeue(ctx.config.resync_interval))
+            let refresh_in = synced.refresh_at.map(|at| until(at) + Duration::from_secs(1));
+            Ok(Action::requeue(refresh_in.map_or(ctx.config.resync_interval, |r| r.min(ctx.config.resync_interval))))
         }
         Err(error) => Err(error),
     }
@@ -156,7 +168,13 @@ async fn sync(cr: &RegistryCredential, ctx: &Context) -> Result<Synced, Error> {
     let namespace = cr.metadata.namespace.as_deref().ok_or(Error::MissingObjectField("metadata.namespace"))?;
     let owner = cr.controller_owner_ref(&()).ok_or(Error::MissingObjectField("metadata.uid"))?;
     let secrets = ApiSecretReader(ctx.client.clone());
-    let source_ctx = SourceContext { namespace, registry: cr.spec.registry.as_deref(), secrets: &secrets };
+    let source_ctx = SourceContext {
+        namespace,
+        registry: cr.spec.registry.as_deref(),
+        secrets: &secrets,
+        ecr: Some(&ctx.ecr),
+        cluster_scoped: false,
+    };
     let credentials = cr.spec.source.fetch(&source_ctx).await?;
 
     let secret_name = cr.secret_name();
@@ -173,13 +191,20 @@ async fn sync(cr: &RegistryCredential, ctx: &Context) -> Result<Synced, Error> {
     {
         info!(secret = previous, "deleted Secret written under the previous name");
     }
-    Ok(Synced { change, secret_name, registries: credentials.auths.into_iter().map(|a| a.server).collect() })
+    Ok(Synced {
+        change,
+        secret_name,
+        registries: credentials.auths.into_iter().map(|a| a.server).collect(),
+        expires_at: credentials.expires_at,
+        refresh_at: credentials.refresh_at,
+    })
 }
 
 /// Writes status when it changed, and publishes Events for writes and for new failures.
 async fn report(cr: &RegistryCredential, ctx: &Context, outcome: &Result<Synced, Error>) -> Result<(), Error> {
     let previous = cr.status.as_ref();
     let generation = cr.metadata.generation;
+    let has_expiry = matches!(cr.spec.source, CredentialSource::Ecr(_));
     let mut next = previous.cloned().unwrap_or_default();
     next.observed_generation = generation;
     next.source = Some(cr.spec.source.kind().into());
@@ -187,12 +212,44 @@ async fn report(cr: &RegistryCredential, ctx: &Context, outcome: &Result<Synced,
         Ok(synced) => {
             let message =
                 format!("Secret {} holds the credential for {}", synced.secret_name, synced.registries.join(", "));
-            next.conditions = vec![ready_condition(previous, true, SYNCED, message, generation)];
+            next.conditions = vec![condition(previous, READY, true, SYNCED, message, generation)];
+            if has_expiry {
+                next.conditions.push(condition(
+                    previous,
+                    DEGRADED,
+                    false,
+                    "Refreshed",
+                    "the token is current".into(),
+                    generation,
+                ));
+            }
             next.secret_name = Some(synced.secret_name.clone());
             next.registries = synced.registries.clone();
+            next.expires_at = synced.expires_at.map(Time);
+            next.next_refresh_at = synced.refresh_at.map(Time);
         }
         Err(error) => {
-            next.conditions = vec![ready_condition(previous, false, error.reason(), error.to_string(), generation)];
+            let valid_until = previous.and_then(|s| s.expires_at.as_ref()).map(|t| t.0);
+            let still_valid = valid_until.is_some_and(|t| t > Timestamp::now());
+            let ready = match (still_valid, previous.and_then(|s| s.condition(READY))) {
+                // The Secret keeps a token that still works: pulls are fine, refreshing is not.
+                (true, Some(ready)) if ready.status == "True" => ready.clone(),
+                _ => {
+                    let mut message = error.to_string();
+                    if let (Some(at), Some(name)) = (valid_until, previous.and_then(|s| s.secret_name.as_ref())) {
+                        message.push_str(&format!("; the token in Secret {name} expired at {at}"));
+                    }
+                    condition(previous, READY, false, error.reason(), message, generation)
+                }
+            };
+            next.conditions = vec![ready];
+            if has_expiry {
+                let mut message = error.to_string();
+                if let Some(at) = valid_until.filter(|_| still_valid) {
+                    message.push_str(&format!("; the Secret keeps the current token, valid until {at}"));
+                }
+                next.conditions.push(condition(previous, DEGRADED, true, error.reason(), message, generation));
+            }
         }
     }
 
@@ -207,7 +264,9 @@ async fn report(cr: &RegistryCredential, ctx: &Context, outcome: &Result<Synced,
             SecretChange::Unchanged => None,
         },
         // A failure that persists is reported once, not on every retry.
-        Err(error) if ready_changed(previous, &next) => Some((EventType::Warning, error.reason(), error.to_string())),
+        Err(error) if conditions_changed(previous, &next) => {
+            Some((EventType::Warning, error.reason(), error.to_string()))
+        }
         Err(_) => None,
     };
     if let Some((type_, reason, note)) = event {
@@ -229,6 +288,11 @@ async fn report(cr: &RegistryCredential, ctx: &Context, outcome: &Result<Synced,
     Ok(())
 }
 
+/// Time from now until `at` (zero if past).
+fn until(at: Timestamp) -> Duration {
+    Duration::try_from(at.duration_since(Timestamp::now())).unwrap_or_default()
+}
+
 async fn publish(ctx: &Context, cr: &RegistryCredential, type_: EventType, reason: &str, note: String) {
     let event = Event { type_, reason: reason.into(), note: Some(note), action: "Sync".into(), secondary: None };
     if let Err(error) = ctx.recorder.publish(&event, &cr.object_ref(&())).await {
@@ -244,7 +308,10 @@ fn error_policy(cr: Arc<RegistryCredential>, error: &Error, ctx: Arc<Context>) -
         *count = count.saturating_add(1);
         *count
     };
-    let delay = backoff(attempt, ctx.config.max_backoff);
+    // Wake up when a token in the Secret expires, so Ready turns False on time.
+    let expiry = cr.status.as_ref().and_then(|s| s.expires_at.as_ref()).map(|t| until(t.0)).filter(|d| !d.is_zero());
+    let delay =
+        backoff(attempt, ctx.config.max_backoff).min(expiry.map_or(Duration::MAX, |d| d + Duration::from_secs(1)));
     warn!(
         kind = "RegistryCredential",
         namespace = cr.metadata.namespace.as_deref(),

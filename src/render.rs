@@ -86,7 +86,7 @@ pub async fn render(credentials: &[RegistryCredential], secrets: &LocalSecrets) 
             name: cr.name_any(),
             source: Box::new(source),
         };
-        let ctx = SourceContext { namespace: &namespace, registry: cr.spec.registry.as_deref(), secrets };
+        let ctx = SourceContext::offline(&namespace, cr.spec.registry.as_deref(), secrets);
         let creds = cr.spec.source.fetch(&ctx).await.map_err(failed)?;
         out.push(desired_secret(
             &cr.secret_name(),

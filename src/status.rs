@@ -11,24 +11,27 @@ use crate::crd::CredentialStatus;
 pub const READY: &str = "Ready";
 /// Reason of a Ready=True condition.
 pub const SYNCED: &str = "Synced";
+/// The condition that says a refresh is failing (sources with expiring tokens).
+pub const DEGRADED: &str = "Degraded";
 
-/// Builds the Ready condition, keeping the previous transition time unless the status flips
-/// (so an unchanged outcome yields an identical status and no write).
-pub fn ready_condition(
+/// Builds a condition, keeping the previous transition time unless the status flips (so an
+/// unchanged outcome yields an identical status and no write).
+pub fn condition(
     previous: Option<&CredentialStatus>,
-    ok: bool,
+    type_: &str,
+    truth: bool,
     reason: &str,
     message: String,
     generation: Option<i64>,
 ) -> Condition {
-    let status = if ok { "True" } else { "False" };
+    let status = if truth { "True" } else { "False" };
     let last_transition_time = previous
-        .and_then(|s| s.condition(READY))
+        .and_then(|s| s.condition(type_))
         .filter(|c| c.status == status)
         .map(|c| c.last_transition_time.clone())
         .unwrap_or_else(|| Time(Timestamp::now()));
     Condition {
-        type_: READY.into(),
+        type_: type_.into(),
         status: status.into(),
         reason: reason.into(),
         message,
@@ -37,10 +40,16 @@ pub fn ready_condition(
     }
 }
 
-/// Whether the Ready condition changed in anything but its timestamp.
-pub fn ready_changed(previous: Option<&CredentialStatus>, next: &CredentialStatus) -> bool {
-    let key = |s: Option<&CredentialStatus>| {
-        s.and_then(|s| s.condition(READY)).map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+/// Whether any condition changed in anything but its timestamps and generation.
+pub fn conditions_changed(previous: Option<&CredentialStatus>, next: &CredentialStatus) -> bool {
+    let key = |s: Option<&CredentialStatus>| -> Vec<(String, String, String, String)> {
+        s.map(|s| {
+            s.conditions
+                .iter()
+                .map(|c| (c.type_.clone(), c.status.clone(), c.reason.clone(), c.message.clone()))
+                .collect()
+        })
+        .unwrap_or_default()
     };
     key(previous) != key(Some(next))
 }
@@ -52,12 +61,12 @@ mod tests {
     #[test]
     fn transition_time_is_kept_while_the_status_holds() {
         let first = CredentialStatus {
-            conditions: vec![ready_condition(None, false, "SourceSecretNotFound", "a".into(), Some(1))],
+            conditions: vec![condition(None, READY, false, "SourceSecretNotFound", "a".into(), Some(1))],
             ..Default::default()
         };
-        let again = ready_condition(Some(&first), false, "SourceKeyMissing", "b".into(), Some(2));
+        let again = condition(Some(&first), READY, false, "SourceKeyMissing", "b".into(), Some(2));
         assert_eq!(again.last_transition_time, first.conditions[0].last_transition_time);
-        let healed = ready_condition(Some(&first), true, SYNCED, "c".into(), Some(2));
+        let healed = condition(Some(&first), READY, true, SYNCED, "c".into(), Some(2));
         assert!(healed.last_transition_time.0 >= first.conditions[0].last_transition_time.0);
         assert_eq!(healed.status, "True");
     }
@@ -65,19 +74,19 @@ mod tests {
     #[test]
     fn only_status_reason_and_message_count_as_change() {
         let a = CredentialStatus {
-            conditions: vec![ready_condition(None, true, SYNCED, "m".into(), Some(1))],
+            conditions: vec![condition(None, READY, true, SYNCED, "m".into(), Some(1))],
             ..Default::default()
         };
         let b = CredentialStatus {
-            conditions: vec![ready_condition(Some(&a), true, SYNCED, "m".into(), Some(2))],
+            conditions: vec![condition(Some(&a), READY, true, SYNCED, "m".into(), Some(2))],
             ..Default::default()
         };
-        assert!(!ready_changed(Some(&a), &b));
+        assert!(!conditions_changed(Some(&a), &b));
         let c = CredentialStatus {
-            conditions: vec![ready_condition(Some(&a), false, "X", "m".into(), Some(2))],
+            conditions: vec![condition(Some(&a), READY, false, "X", "m".into(), Some(2))],
             ..Default::default()
         };
-        assert!(ready_changed(Some(&a), &c));
-        assert!(ready_changed(None, &a));
+        assert!(conditions_changed(Some(&a), &c));
+        assert!(conditions_changed(None, &a));
     }
 }

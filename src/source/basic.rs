@@ -28,7 +28,7 @@ mod tests {
     #[tokio::test]
     async fn reads_the_password_key() {
         let secrets = LocalSecrets::default().with("team", "reg-pass", &[("password", b"pa:ss")]);
-        let ctx = SourceContext { namespace: "team", registry: Some("docker.io"), secrets: &secrets };
+        let ctx = SourceContext::offline("team", Some("docker.io"), &secrets);
         let creds = source(None).fetch(&ctx).await.unwrap();
         assert_eq!(creds.auths[0].server, crate::registry::DOCKER_HUB_SERVER);
         assert_eq!(creds.auths[0].username, "bob");
@@ -40,14 +40,14 @@ mod tests {
         let secrets = LocalSecrets::default()
             .with("team", "reg-pass", &[("password", b""), ("latin1", b"\xe9t\xe9")])
             .with("other", "reg-pass", &[("password", b"elsewhere")]);
-        let ctx = SourceContext { namespace: "team", registry: Some("r.io"), secrets: &secrets };
+        let ctx = SourceContext::offline("team", Some("r.io"), &secrets);
         let err = source(Some("nope")).fetch(&ctx).await.unwrap_err();
         assert!(matches!(err, Error::SourceKeyMissing { ref key, .. } if key == "nope"), "{err}");
         let err = source(None).fetch(&ctx).await.unwrap_err();
         assert!(matches!(err, Error::SourceValueEmpty { .. }), "{err}");
         let err = source(Some("latin1")).fetch(&ctx).await.unwrap_err();
         assert!(matches!(err, Error::SourceValueNotUtf8 { .. }), "{err}");
-        let ctx = SourceContext { namespace: "nowhere", registry: Some("r.io"), secrets: &secrets };
+        let ctx = SourceContext::offline("nowhere", Some("r.io"), &secrets);
         let err = source(None).fetch(&ctx).await.unwrap_err();
         assert_eq!(err.to_string(), "Secret nowhere/reg-pass not found");
     }
@@ -55,7 +55,7 @@ mod tests {
     #[tokio::test]
     async fn usernames_that_break_the_auth_field_are_refused() {
         let secrets = LocalSecrets::default().with("team", "reg-pass", &[("password", b"x")]);
-        let ctx = SourceContext { namespace: "team", registry: Some("r.io"), secrets: &secrets };
+        let ctx = SourceContext::offline("team", Some("r.io"), &secrets);
         let mut s = source(None);
         s.username = "a:b".into();
         assert!(matches!(s.fetch(&ctx).await.unwrap_err(), Error::InvalidUsername(_)));

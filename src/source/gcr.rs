@@ -60,7 +60,7 @@ mod tests {
     #[tokio::test]
     async fn key_text_is_the_password_unchanged() {
         let secrets = LocalSecrets::default().with("ns", "gcp", &[("key.json", KEY.as_bytes())]);
-        let ctx = SourceContext { namespace: "ns", registry: Some("europe-docker.pkg.dev"), secrets: &secrets };
+        let ctx = SourceContext::offline("ns", Some("europe-docker.pkg.dev"), &secrets);
         let creds = source().fetch(&ctx).await.unwrap();
         assert_eq!(creds.auths[0].server, "europe-docker.pkg.dev");
         assert_eq!(creds.auths[0].username, "_json_key");
@@ -77,7 +77,7 @@ mod tests {
             ("{\"private_key\":\"MIIsecret\"}", "client_email"),
         ] {
             let secrets = LocalSecrets::default().with("ns", "gcp", &[("key.json", bad.as_bytes())]);
-            let ctx = SourceContext { namespace: "ns", registry: None, secrets: &secrets };
+            let ctx = SourceContext::offline("ns", None, &secrets);
             let err = source().fetch(&ctx).await.unwrap_err();
             let msg = err.to_string();
             assert!(matches!(err, Error::InvalidGcrKey { .. }), "{msg}");

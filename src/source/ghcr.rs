@@ -23,7 +23,7 @@ mod tests {
     #[tokio::test]
     async fn defaults_to_ghcr_io() {
         let secrets = LocalSecrets::default().with("ns", "pat", &[("token", b"ghp_x")]);
-        let ctx = SourceContext { namespace: "ns", registry: None, secrets: &secrets };
+        let ctx = SourceContext::offline("ns", None, &secrets);
         let source =
             GhcrSource { username: "octocat".into(), token_secret_ref: SecretKeyRef { name: "pat".into(), key: None } };
         let creds = source.fetch(&ctx).await.unwrap();

@@ -1,6 +1,7 @@
 //! Credential sources: one file per provider, all behind [`CredentialProvider`].
 
 mod basic;
+pub mod ecr;
 mod gcr;
 mod ghcr;
 
@@ -8,7 +9,7 @@ use std::future::Future;
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::{ByteString, api::core::v1::Secret};
+use k8s_openapi::{ByteString, api::core::v1::Secret, jiff::Timestamp};
 use kube::{Api, api::ObjectMeta};
 use secrecy::SecretString;
 
@@ -18,6 +19,10 @@ use crate::{Error, crd::CredentialSource, crd::SecretKeyRef, dockerconfig::Regis
 #[derive(Debug, Clone)]
 pub struct Credentials {
     pub auths: Vec<RegistryAuth>,
+    /// When the logins stop working (tokens); `None` for static passwords.
+    pub expires_at: Option<Timestamp>,
+    /// When to fetch new logins; `None` for static passwords.
+    pub refresh_at: Option<Timestamp>,
 }
 
 /// Reads the Secrets a source refers to: from the apiserver when running, from local
@@ -43,6 +48,18 @@ pub struct SourceContext<'a, R> {
     /// `spec.registry`, if given.
     pub registry: Option<&'a str>,
     pub secrets: &'a R,
+    /// ECR machinery; `None` offline (`regcred render`), where ECR sources fail.
+    pub ecr: Option<&'a ecr::EcrProvider>,
+    /// Whether the credential is cluster-scoped (a platform object, which may use the
+    /// controller's own AWS identity).
+    pub cluster_scoped: bool,
+}
+
+impl<'a, R> SourceContext<'a, R> {
+    /// A context for a namespaced credential without ECR (static sources, offline).
+    pub fn offline(namespace: &'a str, registry: Option<&'a str>, secrets: &'a R) -> Self {
+        Self { namespace, registry, secrets, ecr: None, cluster_scoped: false }
+    }
 }
 
 /// A way of obtaining registry logins.
@@ -59,6 +76,7 @@ impl CredentialProvider for CredentialSource {
             CredentialSource::Basic(s) => s.fetch(ctx).await,
             CredentialSource::Ghcr(s) => s.fetch(ctx).await,
             CredentialSource::Gcr(s) => s.fetch(ctx).await,
+            CredentialSource::Ecr(s) => s.fetch(ctx).await,
         }
     }
 }
@@ -103,6 +121,8 @@ fn single_login(registry: &str, username: &str, password: SecretString) -> Resul
             username: username.to_string(),
             password,
         }],
+        expires_at: None,
+        refresh_at: None,
     })
 }
 

@@ -1,0 +1,198 @@
+//! The AWS identity an ECR source asks with: access keys from a Secret, IRSA for a tenant's
+//! ServiceAccount, or the controller's own (ambient) identity, optionally through an assumed role.
+
+use std::time::SystemTime;
+
+use aws_credential_types::{Credentials, provider::SharedCredentialsProvider};
+use aws_sdk_sts::config::Region;
+use k8s_openapi::api::{
+    authentication::v1::{TokenRequest, TokenRequestSpec},
+    core::v1::ServiceAccount,
+};
+use kube::{Api, api::PostParams};
+use secrecy::ExposeSecret;
+use sha2::{Digest, Sha256};
+
+use super::{EcrProvider, FetchError, aws_failure};
+use crate::{
+    Error,
+    crd::{AssumeRole, EcrAuth, EcrSource, SecretKeyRef},
+    source::{SecretReader, SourceContext, read_key},
+};
+
+/// The annotation EKS puts the IRSA role on.
+pub const ROLE_ARN_ANNOTATION: &str = "eks.amazonaws.com/role-arn";
+/// Audience of the ServiceAccount tokens STS accepts.
+pub const STS_AUDIENCE: &str = "sts.amazonaws.com";
+
+/// An identity resolved far enough to name it (for the cache), without calling AWS.
+pub enum Identity {
+    Keys(Credentials),
+    WebIdentity { namespace: String, service_account: String, role_arn: String },
+    Ambient,
+}
+
+impl Identity {
+    /// Resolves the source's identity. Reads Kubernetes only: the access-key Secret or the
+    /// ServiceAccount (for its role annotation).
+    pub async fn resolve<R: SecretReader>(
+        source: &EcrSource,
+        ctx: &SourceContext<'_, R>,
+        provider: &EcrProvider,
+    ) -> Result<(Identity, String), Error> {
+        match &source.auth {
+            EcrAuth::SecretRef(keys) => {
+                let key = |k: &Option<String>, default: &str| SecretKeyRef {
+                    name: keys.name.clone(),
+                    key: Some(k.clone().unwrap_or_else(|| default.into())),
+                };
+                let id = read_key(ctx, &key(&keys.access_key_id_key, "accessKeyId"), "").await?;
+                let secret = read_key(ctx, &key(&keys.secret_access_key_key, "secretAccessKey"), "").await?;
+                let token = match read_key(ctx, &key(&keys.session_token_key, "sessionToken"), "").await {
+                    Ok(token) => Some(token),
+                    Err(Error::SourceKeyMissing { .. }) => None,
+                    Err(other) => return Err(other),
+                };
+                // The cache key proves possession: only the same key material finds the token.
+                let mut digest = Sha256::new();
+                for part in [Some(&id), Some(&secret), token.as_ref()].into_iter().flatten() {
+                    digest.update(part.expose_secret().as_bytes());
+                    digest.update([0]);
+                }
+                let cache_key = format!("keys:{:x}", digest.finalize());
+                let credentials = Credentials::new(
+                    id.expose_secret(),
+                    secret.expose_secret(),
+                    token.map(|t| t.expose_secret().to_string()),
+                    None,
+                    "regcred-secret",
+                );
+                Ok((Identity::Keys(credentials), cache_key))
+            }
+            EcrAuth::ServiceAccountRef(sa) => {
+                let namespace = ctx.namespace.to_string();
+                let account = Api::<ServiceAccount>::namespaced(provider.client.clone(), &namespace)
+                    .get_opt(&sa.name)
+                    .await?
+                    .ok_or_else(|| Error::ServiceAccountNotFound {
+                        namespace: namespace.clone(),
+                        name: sa.name.clone(),
+                    })?;
+                let annotated = account.metadata.annotations.as_ref().and_then(|a| a.get(ROLE_ARN_ANNOTATION));
+                let role_arn = sa
+                    .role_arn
+                    .clone()
+                    .or_else(|| annotated.cloned())
+                    .ok_or_else(|| Error::NoRoleArn { namespace: namespace.clone(), name: sa.name.clone() })?;
+                // The uid keeps a deleted-and-recreated ServiceAccount from inheriting a token.
+                let uid = account.metadata.uid.unwrap_or_default();
+                let cache_key = format!("irsa:{namespace}/{}/{uid}/{role_arn}", sa.name);
+                Ok((Identity::WebIdentity { namespace, service_account: sa.name.clone(), role_arn }, cache_key))
+            }
+            EcrAuth::Ambient(_) => {
+                if !ctx.cluster_scoped && !provider.settings.allow_ambient_for_namespaced {
+                    return Err(Error::AmbientIdentityNotAllowed);
+                }
+                Ok((Identity::Ambient, "ambient".into()))
+            }
+        }
+    }
+
+    /// AWS credentials for this identity, after the optional assumed role. Calls STS for web
+    /// identities and assumed roles.
+    pub async fn credentials(
+        &self,
+        provider: &EcrProvider,
+        region: &str,
+        assume_role: Option<&AssumeRole>,
+    ) -> Result<SharedCredentialsProvider, FetchError> {
+        let sdk = provider.sdk_config().await;
+        let sts_with = |credentials: Option<SharedCredentialsProvider>| {
+            let mut config = aws_sdk_sts::config::Builder::from(sdk).region(Region::new(region.to_string()));
+            if let Some(credentials) = credentials {
+                config = config.credentials_provider(credentials);
+            }
+            aws_sdk_sts::Client::from_conf(config.build())
+        };
+        let base = match self {
+            Identity::Keys(credentials) => SharedCredentialsProvider::new(credentials.clone()),
+            Identity::Ambient => sdk.credentials_provider().ok_or(Error::AmbientIdentityMissing)?,
+            Identity::WebIdentity { namespace, service_account, role_arn } => {
+                let token = service_account_token(provider, namespace, service_account).await?;
+                let out = sts_with(None)
+                    .assume_role_with_web_identity()
+                    .role_arn(role_arn)
+                    .role_session_name(session_name(&format!("regcred-{namespace}-{service_account}")))
+                    .web_identity_token(token)
+                    .send()
+                    .await
+                    .map_err(|e| FetchError::Aws(aws_failure("sts:AssumeRoleWithWebIdentity", &e)))?;
+                SharedCredentialsProvider::new(sts_credentials(out.credentials(), "sts:AssumeRoleWithWebIdentity")?)
+            }
+        };
+        let Some(role) = assume_role else {
+            return Ok(base);
+        };
+        let out = sts_with(Some(base))
+            .assume_role()
+            .role_arn(&role.role_arn)
+            .role_session_name(role.session_name.clone().unwrap_or_else(|| "regcred".into()))
+            .set_external_id(role.external_id.clone())
+            .send()
+            .await
+            .map_err(|e| FetchError::Aws(aws_failure("sts:AssumeRole", &e)))?;
+        Ok(SharedCredentialsProvider::new(sts_credentials(out.credentials(), "sts:AssumeRole")?))
+    }
+}
+
+/// A short-lived token for the tenant's ServiceAccount, from the TokenRequest API.
+async fn service_account_token(provider: &EcrProvider, namespace: &str, name: &str) -> Result<String, Error> {
+    let request = TokenRequest {
+        spec: TokenRequestSpec {
+            audiences: vec![STS_AUDIENCE.into()],
+            // The shortest lifetime the apiserver grants; it is used once, right away.
+            expiration_seconds: Some(600),
+            bound_object_ref: None,
+        },
+        ..Default::default()
+    };
+    let api = Api::<ServiceAccount>::namespaced(provider.client.clone(), namespace);
+    let response = api.create_token_request(name, &PostParams::default(), &request).await?;
+    response
+        .status
+        .map(|s| s.token)
+        .filter(|t| !t.is_empty())
+        .ok_or(Error::MissingObjectField("TokenRequest status.token"))
+}
+
+fn sts_credentials(
+    credentials: Option<&aws_sdk_sts::types::Credentials>,
+    operation: &'static str,
+) -> Result<Credentials, Error> {
+    let c = credentials.ok_or(Error::InvalidAwsAnswer { operation, problem: "no credentials".into() })?;
+    let expiry = SystemTime::try_from(*c.expiration()).ok();
+    Ok(Credentials::new(
+        c.access_key_id(),
+        c.secret_access_key(),
+        Some(c.session_token().to_string()),
+        expiry,
+        "regcred-sts",
+    ))
+}
+
+/// A role session name within STS's rules: `[\w+=,.@-]`, at most 64 characters.
+fn session_name(wanted: &str) -> String {
+    wanted.chars().map(|c| if c.is_ascii_alphanumeric() || "_+=,.@-".contains(c) { c } else { '-' }).take(64).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_names_follow_sts_rules() {
+        assert_eq!(session_name("regcred-team-a-puller"), "regcred-team-a-puller");
+        assert_eq!(session_name("a b/c"), "a-b-c");
+        assert_eq!(session_name(&"x".repeat(100)).len(), 64);
+    }
+}

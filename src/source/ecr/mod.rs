@@ -1,0 +1,239 @@
+//! AWS ECR: GetAuthorizationToken with one of three identities, a token shared by every
+//! credential of the same identity, refreshed when a share of its lifetime is left.
+
+mod cache;
+mod host;
+mod identity;
+
+use aws_sdk_ecr::{config::Region, error::ProvideErrorMetadata};
+use aws_smithy_http_client::tls;
+use base64::{Engine, engine::general_purpose::STANDARD};
+use k8s_openapi::jiff::Timestamp;
+use tokio::sync::OnceCell;
+
+pub use cache::{CacheKey, Failure, FetchError, Token, TokenCache, refresh_time};
+
+pub use host::{EcrHost, parse_ecr_host};
+pub use identity::{Identity, ROLE_ARN_ANNOTATION, STS_AUDIENCE};
+
+use super::{CredentialProvider, Credentials, SecretReader, SourceContext};
+use crate::{Error, crd::EcrSource, dockerconfig::RegistryAuth};
+
+/// A token must stay valid at least this long after it is written.
+const MIN_VALIDITY: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// How ECR sources behave, from the controller's flags.
+#[derive(Clone, Debug)]
+pub struct EcrSettings {
+    /// Whether namespaced credentials may use the controller's own AWS identity.
+    pub allow_ambient_for_namespaced: bool,
+    /// Refresh when this share of the token's lifetime is left (0.25: about 9 h into 12 h).
+    pub refresh_share_left: f64,
+    /// AWS endpoint override (ECR and STS), e.g. for an emulator. `AWS_ENDPOINT_URL*`
+    /// environment variables work too.
+    pub endpoint_url: Option<String>,
+}
+
+impl Default for EcrSettings {
+    fn default() -> Self {
+        Self { allow_ambient_for_namespaced: false, refresh_share_left: 0.25, endpoint_url: None }
+    }
+}
+
+/// What every ECR source shares: settings, the AWS base configuration, the token cache,
+/// and a Kubernetes client for TokenRequest.
+pub struct EcrProvider {
+    settings: EcrSettings,
+    client: kube::Client,
+    sdk: OnceCell<aws_config::SdkConfig>,
+    pub tokens: TokenCache,
+}
+
+impl EcrProvider {
+    pub fn new(client: kube::Client, settings: EcrSettings) -> Self {
+        Self { settings, client, sdk: OnceCell::new(), tokens: TokenCache::default() }
+    }
+
+    /// The AWS base configuration, loaded on first use (so a cluster without ECR sources never
+    /// probes for AWS credentials).
+    async fn sdk_config(&self) -> &aws_config::SdkConfig {
+        self.sdk
+            .get_or_init(|| async {
+                let http = aws_smithy_http_client::Builder::new()
+                    .tls_provider(tls::Provider::Rustls(tls::rustls_provider::CryptoMode::Ring))
+                    .build_https();
+                let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest()).http_client(http);
+                if let Some(url) = &self.settings.endpoint_url {
+                    loader = loader.endpoint_url(url);
+                }
+                loader.load().await
+            })
+            .await
+    }
+}
+
+/// The registries an ECR source writes, and where to ask for their token.
+struct Target {
+    region: String,
+    fips: bool,
+    /// Hosts to write the token under; empty means the identity's own registry.
+    hosts: Vec<String>,
+}
+
+impl Target {
+    fn of(source: &EcrSource) -> Result<Target, Error> {
+        match (&source.registry, &source.region) {
+            (Some(registry), _) => {
+                let host = parse_ecr_host(registry)
+                    .map_err(|problem| Error::InvalidRegistry { host: registry.clone(), problem })?;
+                Ok(Target { region: host.region, fips: host.fips, hosts: vec![registry.to_ascii_lowercase()] })
+            }
+            (None, Some(region)) => {
+                let suffix = if region.starts_with("cn-") { "amazonaws.com.cn" } else { "amazonaws.com" };
+                let mut hosts: Vec<String> =
+                    source.registry_ids.iter().map(|id| format!("{id}.dkr.ecr.{region}.{suffix}")).collect();
+                hosts.sort();
+                hosts.dedup();
+                Ok(Target { region: region.clone(), fips: false, hosts })
+            }
+            (None, None) => Err(Error::MissingObjectField("spec.source.ecr.registry or region")),
+        }
+    }
+}
+
+impl CredentialProvider for EcrSource {
+    async fn fetch<R: SecretReader>(&self, ctx: &SourceContext<'_, R>) -> Result<Credentials, Error> {
+        let provider = ctx.ecr.ok_or(Error::EcrUnavailable)?;
+        let target = Target::of(self)?;
+        let (identity, identity_key) = Identity::resolve(self, ctx, provider).await?;
+        let key = CacheKey {
+            identity: identity_key,
+            region: target.region.clone(),
+            fips: target.fips,
+            assume_role: self.assume_role.clone(),
+        };
+        let token =
+            provider.tokens.get_or_fetch(key, || get_authorization_token(provider, &identity, &target, self)).await?;
+        let hosts = if target.hosts.is_empty() { vec![token.proxy_host.clone()] } else { target.hosts };
+        Ok(Credentials {
+            auths: hosts
+                .into_iter()
+                .map(|server| RegistryAuth {
+                    server,
+                    username: token.username.clone(),
+                    password: token.password.clone(),
+                })
+                .collect(),
+            expires_at: Some(token.expires_at),
+            refresh_at: Some(token.refresh_at),
+        })
+    }
+}
+
+async fn get_authorization_token(
+    provider: &EcrProvider,
+    identity: &Identity,
+    target: &Target,
+    source: &EcrSource,
+) -> Result<Token, FetchError> {
+    let credentials = identity.credentials(provider, &target.region, source.assume_role.as_ref()).await?;
+    let sdk = provider.sdk_config().await;
+    let config = aws_sdk_ecr::config::Builder::from(sdk)
+        .region(Region::new(target.region.clone()))
+        .use_fips(target.fips)
+        .credentials_provider(credentials)
+        .build();
+    let out = aws_sdk_ecr::Client::from_conf(config)
+        .get_authorization_token()
+        .send()
+        .await
+        .map_err(|e| FetchError::Aws(aws_failure("ecr:GetAuthorizationToken", &e)))?;
+    Ok(token_from(out.authorization_data(), Timestamp::now(), provider.settings.refresh_share_left)?)
+}
+
+/// Decodes GetAuthorizationToken's answer. A missing or already-past expiry is an error, not
+/// a token: writing it would break pulls, and rotating it would loop.
+fn token_from(data: &[aws_sdk_ecr::types::AuthorizationData], now: Timestamp, share_left: f64) -> Result<Token, Error> {
+    let invalid =
+        |problem: &str| Error::InvalidAwsAnswer { operation: "ecr:GetAuthorizationToken", problem: problem.into() };
+    let entry = data.first().ok_or_else(|| invalid("no authorization data"))?;
+    let expires_at = entry
+        .expires_at()
+        .and_then(|t| std::time::SystemTime::try_from(*t).ok())
+        .and_then(|t| Timestamp::try_from(t).ok())
+        .ok_or_else(|| invalid("the token has no expiry"))?;
+    if expires_at < now + MIN_VALIDITY {
+        return Err(invalid(&format!("the token expires at {expires_at}, which is not in the future")));
+    }
+    let decoded = entry
+        .authorization_token()
+        .and_then(|t| STANDARD.decode(t).ok())
+        .and_then(|b| String::from_utf8(b).ok())
+        .ok_or_else(|| invalid("the token is not base64 text"))?;
+    let (username, password) = decoded.split_once(':').ok_or_else(|| invalid("the token is not user:password"))?;
+    let endpoint = entry.proxy_endpoint().ok_or_else(|| invalid("the answer has no proxy endpoint"))?;
+    Ok(Token {
+        username: username.into(),
+        password: password.to_string().into(),
+        proxy_host: endpoint.trim_start_matches("https://").trim_end_matches('/').to_string(),
+        expires_at,
+        refresh_at: refresh_time(now, expires_at, share_left),
+    })
+}
+
+/// An AWS error as code and message (AWS messages name principals and actions, not keys).
+fn aws_failure<E: ProvideErrorMetadata>(operation: &'static str, error: &E) -> Failure {
+    let code = error.code().unwrap_or("Unreachable").to_string();
+    let message = error
+        .message()
+        .map(|m| m.chars().take(300).collect())
+        .unwrap_or_else(|| "no answer from the AWS endpoint".into());
+    Failure { operation, code, message }
+}
+
+#[cfg(test)]
+mod tests {
+    use aws_sdk_ecr::{primitives::DateTime, types::AuthorizationData};
+    use secrecy::ExposeSecret;
+
+    use super::*;
+
+    fn data(token: &str, expires_in: i64) -> AuthorizationData {
+        AuthorizationData::builder()
+            .authorization_token(STANDARD.encode(token))
+            .proxy_endpoint("https://123456789012.dkr.ecr.eu-west-1.amazonaws.com")
+            .expires_at(DateTime::from_secs(Timestamp::now().as_second() + expires_in))
+            .build()
+    }
+
+    #[test]
+    fn decodes_user_password_and_the_proxy_host() {
+        let token = token_from(&[data("AWS:pa:ss", 43200)], Timestamp::now(), 0.25).unwrap();
+        assert_eq!(token.proxy_host, "123456789012.dkr.ecr.eu-west-1.amazonaws.com");
+        assert_eq!(token.username, "AWS");
+        assert_eq!(token.password.expose_secret(), "pa:ss");
+        assert!(token.refresh_at < token.expires_at);
+    }
+
+    #[test]
+    fn expired_or_undated_tokens_are_errors() {
+        let now = Timestamp::now();
+        for bad in [data("AWS:x", -10), data("AWS:x", 30)] {
+            let err = token_from(&[bad], now, 0.25).unwrap_err();
+            assert!(err.to_string().contains("not in the future"), "{err}");
+        }
+        let undated = AuthorizationData::builder()
+            .authorization_token(STANDARD.encode("AWS:x"))
+            .proxy_endpoint("https://h")
+            .build();
+        assert!(token_from(&[undated], now, 0.25).unwrap_err().to_string().contains("no expiry"));
+        let garbage = AuthorizationData::builder()
+            .authorization_token("%%%")
+            .proxy_endpoint("https://h")
+            .expires_at(DateTime::from_secs(now.as_second() + 3600))
+            .build();
+        let err = token_from(&[garbage], now, 0.25).unwrap_err().to_string();
+        assert!(err.contains("not base64") && !err.contains("%%%"), "{err}");
+        assert!(token_from(&[], now, 0.25).is_err());
+    }
+}
