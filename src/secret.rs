@@ -62,9 +62,12 @@ pub enum SecretChange {
 ///
 /// A missing Secret is created with POST rather than apply: if someone else creates one of
 /// the same name in the meantime the apiserver answers AlreadyExists instead of merging
-/// into theirs. An existing Secret is only changed when its controller owner is the
-/// desired owner, and the apply carries the resourceVersion that was checked, so an owner
-/// change between the check and the write makes the write fail instead of taking it over.
+/// into theirs. The POST carries only what regcred never drops (name, owner, its label,
+/// type, data); template labels and annotations follow in an apply, so they belong to the
+/// apply's field set and a later apply can remove them again.
+/// An existing Secret is only changed when its controller owner is the desired owner, and
+/// the apply carries the resourceVersion that was checked, so an owner change between the
+/// check and the write makes the write fail instead of taking it over.
 pub async fn ensure_secret(api: &Api<Secret>, desired: &Secret) -> Result<SecretChange, Error> {
     let name = desired.metadata.name.as_deref().ok_or(Error::MissingObjectField("metadata.name"))?;
     let owner_uid = desired
@@ -75,8 +78,14 @@ pub async fn ensure_secret(api: &Api<Secret>, desired: &Secret) -> Result<Secret
         .map(|o| o.uid.as_str())
         .ok_or(Error::MissingObjectField("metadata.ownerReferences"))?;
     let Some(existing) = api.get_opt(name).await? else {
+        let mut skeleton = desired.clone();
+        skeleton.metadata.labels = Some(BTreeMap::from([(MANAGED_BY_LABEL.into(), MANAGED_BY_VALUE.into())]));
+        skeleton.metadata.annotations = None;
         let params = PostParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
-        api.create(&params, desired).await?;
+        let created = api.create(&params, &skeleton).await?;
+        if !is_up_to_date(&created, desired) {
+            apply(api, name, desired, created.metadata.resource_version).await?;
+        }
         return Ok(SecretChange::Created);
     };
     if !is_controlled_by(&existing, owner_uid) {
@@ -88,10 +97,16 @@ pub async fn ensure_secret(api: &Api<Secret>, desired: &Secret) -> Result<Secret
     if is_up_to_date(&existing, desired) {
         return Ok(SecretChange::Unchanged);
     }
-    let mut patch = desired.clone();
-    patch.metadata.resource_version = existing.metadata.resource_version;
-    api.patch(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
+    apply(api, name, desired, existing.metadata.resource_version).await?;
     Ok(SecretChange::Updated)
+}
+
+/// Server-side apply of `desired`, valid only against the given resourceVersion.
+async fn apply(api: &Api<Secret>, name: &str, desired: &Secret, resource_version: Option<String>) -> Result<(), Error> {
+    let mut patch = desired.clone();
+    patch.metadata.resource_version = resource_version;
+    api.patch(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
+    Ok(())
 }
 
 /// Deletes a Secret this owner wrote earlier under another name, if it is still there and

@@ -32,6 +32,7 @@ key=$(
 out=$cache_root/$key
 
 if [[ -d $out ]]; then
+  touch "$out" # marks it as in use, see the pruning below
   echo "$out"
   exit 0
 fi
@@ -44,8 +45,10 @@ if [[ -d $out ]]; then
   echo "$out"
   exit 0
 fi
-# Left-overs of interrupted builds (we hold the lock, so none is running).
+# Left-overs of interrupted builds (we hold the lock, so none is running), and
+# builds no checkout has used for a week.
 rm -rf "$cache_root"/.tmp-*
+find "$cache_root" -mindepth 1 -maxdepth 1 -type d -name '[0-9a-f]*' -mtime +7 -exec rm -rf {} +
 
 tmp=$(mktemp -d "$cache_root/.tmp-$key.XXXXXX")
 trap 'rm -rf "$tmp"' EXIT
@@ -66,18 +69,19 @@ for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
 done
 
 export CGO_ENABLED=0
-"$go" -C "$here/kubernetes" build -trimpath -tags selinux,notest,grpcnotrace -ldflags "$ldflags" -o "$tmp/" \
+"$go" -C "$here/kubernetes" build -trimpath -buildvcs=false -tags selinux,notest,grpcnotrace -ldflags "$ldflags" -o "$tmp/" \
   k8s.io/kubernetes/cmd/kube-apiserver \
   k8s.io/kubernetes/cmd/kube-controller-manager \
   k8s.io/kubernetes/cmd/kubectl >&2
 echo "testbin: kubernetes done after $((SECONDS - start))s" >&2
-"$go" -C "$here/etcd" build -trimpath -ldflags "-s -w" -o "$tmp/etcd" . >&2
-"$go" -C "$here/registry" build -trimpath -ldflags "-s -w" -o "$tmp/registry" github.com/distribution/distribution/v3/cmd/registry >&2
-"$go" -C "$here/crane" build -trimpath -ldflags "-s -w" -o "$tmp/crane" github.com/google/go-containerregistry/cmd/crane >&2
+"$go" -C "$here/etcd" build -trimpath -buildvcs=false -ldflags "-s -w" -o "$tmp/etcd" . >&2
+"$go" -C "$here/registry" build -trimpath -buildvcs=false -ldflags "-s -w" -o "$tmp/registry" github.com/distribution/distribution/v3/cmd/registry >&2
+"$go" -C "$here/crane" build -trimpath -buildvcs=false -ldflags "-s -w" -o "$tmp/crane" github.com/google/go-containerregistry/cmd/crane >&2
 
 # Sanity check before publishing, so a broken build is never cached.
 "$tmp/kube-apiserver" --version | grep -qx "Kubernetes $k8s_version"
 
+chmod 755 "$tmp" # mktemp made it private
 # Publish atomically: readers only ever see a complete directory.
 mv -T "$tmp" "$out"
 trap - EXIT

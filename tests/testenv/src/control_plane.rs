@@ -8,21 +8,22 @@ use k8s_openapi::api::core::v1::ServiceAccount;
 use kube::Api;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
-use crate::process::{Proc, temp_dir};
-use crate::{block_on, free_port, http_get, random_hex, testbin, wait_until};
+use crate::process::{Process, temp_dir};
+use crate::{CONTROLLER_USER, block_on, free_port, http_get, random_hex, testbin, wait_until};
 
 /// The audience of the apiserver's own ServiceAccount tokens; also the issuer.
 const ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
 const READY_TIMEOUT: Duration = Duration::from_secs(90);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// etcd + kube-apiserver + kube-controller-manager on loopback ports, with a
 /// temp dir holding certs, keys, kubeconfigs, etcd data and one log file per
 /// process (`<dir>/<name>.log`). Drop stops everything and removes the dir.
 pub struct ControlPlane {
     // Field order is drop order: processes stop before the dir goes.
-    kcm: Mutex<Option<Proc>>,
-    apiserver: Mutex<Option<Proc>>,
-    etcd: Mutex<Option<Proc>>,
+    kcm: Mutex<Option<Process>>,
+    apiserver: Mutex<Option<Process>>,
+    etcd: Mutex<Option<Process>>,
     server: String,
     etcd_port: u16,
     etcd_peer_port: u16,
@@ -66,10 +67,13 @@ impl ControlPlane {
     /// One control plane per test process, started on first use. Its
     /// processes die with the test process (see `process.rs`).
     pub fn shared() -> &'static ControlPlane {
-        static SHARED: OnceLock<ControlPlane> = OnceLock::new();
-        SHARED.get_or_init(|| {
-            ControlPlane::start().unwrap_or_else(|e| panic!("cannot start the test control plane: {e:#}"))
-        })
+        // The error is kept too, so later tests fail at once instead of each
+        // retrying a start that cannot work.
+        static SHARED: OnceLock<Result<ControlPlane, String>> = OnceLock::new();
+        match SHARED.get_or_init(|| ControlPlane::start().map_err(|e| format!("{e:#}"))) {
+            Ok(cp) => cp,
+            Err(e) => panic!("cannot start the test control plane: {e}"),
+        }
     }
 
     /// `https://127.0.0.1:PORT`
@@ -80,6 +84,20 @@ impl ControlPlane {
     /// The admin kubeconfig (a token user in group `system:masters`).
     pub fn kubeconfig_path(&self) -> &Path {
         &self.kubeconfig
+    }
+
+    /// A kubeconfig for the controller under test: its own user,
+    /// `regcred-controller`, so its requests are told apart from the tests'
+    /// admin ones (audit, managedFields); it is in `system:masters` too. To
+    /// test RBAC, use [`ControlPlane::kube_config_as`].
+    pub fn controller_kubeconfig_path(&self) -> PathBuf {
+        self.path("controller.kubeconfig")
+    }
+
+    /// The apiserver's audit log: one JSON event per request (Metadata level), written
+    /// before the response is sent, so a test can count who wrote what.
+    pub fn audit_log_path(&self) -> PathBuf {
+        self.path("audit.log")
     }
 
     /// The temp dir with certs, kubeconfigs and `<process>.log` files.
@@ -152,18 +170,25 @@ impl ControlPlane {
             let mut args = vec!["wait", "--for=condition=Established", "--timeout=60s"];
             args.extend(crds.iter().map(String::as_str));
             self.kubectl_ok(&args)?;
+            // kube-controller-manager rediscovers resource types only every 30 s; until then
+            // its garbage collector cannot resolve owner references to the new kinds. A
+            // restart makes it start with them, as in a cluster where the CRDs came first.
+            if let Some(mut kcm) = self.kcm.lock().unwrap().take() {
+                kcm.stop();
+            }
+            self.start_kcm()?;
         }
         Ok(())
     }
 
-    /// Stops kube-apiserver and starts it again on the same port; returns when
-    /// it is ready.
+    /// Kills kube-apiserver and starts it again on the same port; returns
+    /// when it is ready.
     pub fn restart_apiserver(&self) -> Result<()> {
         self.stop_apiserver();
         self.start_apiserver()
     }
 
-    /// Stops etcd and starts it again (same data and port); returns when
+    /// Kills etcd and starts it again (same data and port); returns when
     /// etcd is healthy and the apiserver ready again.
     pub fn restart_etcd(&self) -> Result<()> {
         self.stop_etcd();
@@ -171,19 +196,20 @@ impl ControlPlane {
         self.wait_apiserver_ready()
     }
 
-    /// Stops kube-apiserver (for tests of an unreachable apiserver); bring
-    /// it back with [`ControlPlane::start_apiserver`].
+    /// Kills kube-apiserver (SIGKILL, like a crash: a graceful stop takes
+    /// seconds), for tests of an unreachable apiserver; bring it back with
+    /// [`ControlPlane::start_apiserver`].
     pub fn stop_apiserver(&self) {
         if let Some(mut p) = self.apiserver.lock().unwrap().take() {
-            p.stop();
+            p.kill();
         }
     }
 
-    /// Stops etcd; the apiserver stays up but fails its requests. Bring it
-    /// back with [`ControlPlane::start_etcd`].
+    /// Kills etcd (SIGKILL; its data survives); the apiserver stays up but
+    /// fails requests. Bring it back with [`ControlPlane::start_etcd`].
     pub fn stop_etcd(&self) {
         if let Some(mut p) = self.etcd.lock().unwrap().take() {
-            p.stop();
+            p.kill();
         }
     }
 
@@ -206,7 +232,7 @@ impl ControlPlane {
             // Throwaway data: skip fsync, which dominates write latency.
             .arg("--unsafe-no-fsync")
             .arg("--log-level=warn");
-        let proc = slot.insert(Proc::spawn("etcd", cmd, &self.path("etcd.log"))?);
+        let proc = slot.insert(Process::spawn("etcd", cmd, &self.path("etcd.log"))?);
         wait_until(
             "etcd health",
             READY_TIMEOUT,
@@ -238,16 +264,23 @@ impl ControlPlane {
                 format!("--token-auth-file={}", p("tokens.csv")),
                 "--authorization-mode=RBAC".into(),
                 format!("--service-account-issuer={ISSUER}"),
-                format!("--service-account-key-file={}", p("sa.key")),
+                format!("--service-account-key-file={}", p("sa.pub")),
                 format!("--service-account-signing-key-file={}", p("sa.key")),
                 format!("--api-audiences={ISSUER},sts.amazonaws.com"),
                 // No kubelets or kube-proxy: nothing to reconcile the
                 // `kubernetes` Service's endpoints for.
                 "--endpoint-reconciler-type=none".into(),
+                // The default; explicit to silence its deprecation warning.
+                "--service-cluster-ip-range=10.0.0.0/24".into(),
                 "--profiling=false".into(),
+                format!("--audit-policy-file={}", p("audit-policy.yaml")),
+                format!("--audit-log-path={}", p("audit.log")),
+                "--audit-log-format=json".into(),
+                // Blocking mode: an event is on disk before its response is sent.
+                "--audit-log-mode=blocking".into(),
                 "--v=1".into(),
             ]);
-            *slot = Some(Proc::spawn("kube-apiserver", cmd, &self.path("kube-apiserver.log"))?);
+            *slot = Some(Process::spawn("kube-apiserver", cmd, &self.path("kube-apiserver.log"))?);
         }
         self.wait_apiserver_ready()
     }
@@ -258,6 +291,10 @@ impl ControlPlane {
         cmd.args([
             format!("--kubeconfig={}", p("kcm.kubeconfig")),
             "--leader-elect=false".into(),
+            // Each controller acts as its own kube-system ServiceAccount with
+            // its bootstrap RBAC role, as in real clusters; kcm's own user may
+            // do little more than mint those tokens.
+            "--use-service-account-credentials=true".into(),
             // No serving endpoint: nothing to probe, no certs, no extra port.
             "--secure-port=0".into(),
             "--controllers=garbage-collector-controller,namespace-controller,\
@@ -268,7 +305,7 @@ impl ControlPlane {
             format!("--root-ca-file={}", p("ca.crt")),
             "--v=1".into(),
         ]);
-        let proc = Proc::spawn("kube-controller-manager", cmd, &self.path("kube-controller-manager.log"))?;
+        let proc = Process::spawn("kube-controller-manager", cmd, &self.path("kube-controller-manager.log"))?;
         *self.kcm.lock().unwrap() = Some(proc);
         Ok(())
     }
@@ -280,7 +317,7 @@ impl ControlPlane {
             || self.check_alive(),
             || self.raw_get("/readyz").map(drop),
         );
-        result.map_err(|e| e.context(self.apiserver_log_tail()))
+        result.map_err(|e| e.context(log_tail(&self.apiserver)))
     }
 
     fn wait_default_service_account(&self) -> Result<()> {
@@ -290,11 +327,14 @@ impl ControlPlane {
             READY_TIMEOUT,
             || self.check_alive(),
             || {
-                let client = kube::Client::try_from(config.clone())?;
-                block_on(Api::<ServiceAccount>::namespaced(client, "default").get("default"))?;
-                Ok(())
+                block_on(async {
+                    let sas = Api::<ServiceAccount>::namespaced(kube::Client::try_from(config.clone())?, "default");
+                    tokio::time::timeout(REQUEST_TIMEOUT, sas.get("default")).await??;
+                    Ok(())
+                })
             },
         )
+        .map_err(|e| e.context(log_tail(&self.kcm)))
     }
 
     /// Err if a process that should run has exited.
@@ -307,15 +347,13 @@ impl ControlPlane {
         Ok(())
     }
 
-    fn apiserver_log_tail(&self) -> String {
-        let slot = self.apiserver.lock().unwrap();
-        slot.as_ref().map(Proc::log_tail).unwrap_or_default()
-    }
-
     fn raw_get(&self, path: &str) -> Result<String> {
-        let client = kube::Client::try_from(self.kube_config())?;
+        let config = self.kube_config();
         let req = http::Request::get(path).body(Vec::new())?;
-        Ok(block_on(client.request_text(req))?)
+        block_on(async {
+            let client = kube::Client::try_from(config)?;
+            Ok(tokio::time::timeout(REQUEST_TIMEOUT, client.request_text(req)).await??)
+        })
     }
 
     fn kubectl_ok(&self, args: &[&str]) -> Result<String> {
@@ -357,19 +395,29 @@ impl ControlPlane {
         let write =
             |name: &str, data: &str| std::fs::write(self.path(name), data).with_context(|| format!("writing {name}"));
         write("ca.crt", &ca.pem())?;
+        write(
+            "audit-policy.yaml",
+            "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived]\nrules:\n- level: Metadata\n",
+        )?;
         write("apiserver.crt", &serving.pem())?;
         write("apiserver.key", &serving_key.serialize_pem())?;
-        write("sa.key", &KeyPair::generate()?.serialize_pem())?;
+        // The apiserver verifies with the public key (it cannot read one out
+        // of a PKCS#8 private key file) and signs with the private one.
+        let sa_key = KeyPair::generate()?;
+        write("sa.key", &sa_key.serialize_pem())?;
+        write("sa.pub", &sa_key.public_key_pem())?;
 
-        let (admin, kcm) = (random_hex(), random_hex());
+        let (admin, controller, kcm) = (random_hex(), random_hex(), random_hex());
         write(
             "tokens.csv",
             &format!(
                 "{admin},testenv-admin,testenv-admin,system:masters\n\
+                 {controller},{CONTROLLER_USER},{CONTROLLER_USER},system:masters\n\
                  {kcm},system:kube-controller-manager,system:kube-controller-manager\n"
             ),
         )?;
         write("admin.kubeconfig", &self.kubeconfig_for(&admin))?;
+        write("controller.kubeconfig", &self.kubeconfig_for(&controller))?;
         write("kcm.kubeconfig", &self.kubeconfig_for(&kcm))?;
         Ok(())
     }
@@ -390,11 +438,16 @@ impl ControlPlane {
     }
 }
 
+fn log_tail(slot: &Mutex<Option<Process>>) -> String {
+    slot.lock().unwrap().as_ref().map(Process::log_tail).unwrap_or_default()
+}
+
 impl Drop for ControlPlane {
     fn drop(&mut self) {
-        // Controllers first, storage last, so nothing logs storms of errors.
-        self.kcm.lock().unwrap().take();
-        self.stop_apiserver();
-        self.stop_etcd();
+        // SIGTERM to all at once, so their grace periods overlap.
+        let slots = [&self.kcm, &self.apiserver, &self.etcd];
+        let mut procs: Vec<Process> = slots.iter().filter_map(|s| s.lock().unwrap().take()).collect();
+        procs.iter_mut().for_each(Process::terminate);
+        procs.iter_mut().for_each(Process::stop);
     }
 }

@@ -3,6 +3,7 @@
 //! with htpasswd auth ([`Registry`]). The binaries come from
 //! `tests/testbin/build.sh` (see [`testbin_dir`]). Linux only.
 
+mod aws;
 mod control_plane;
 mod process;
 mod registry;
@@ -16,7 +17,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+pub use aws::AwsEmulator;
 pub use control_plane::ControlPlane;
+
+/// The user the controller under test authenticates as (see
+/// [`ControlPlane::controller_kubeconfig_path`]).
+pub const CONTROLLER_USER: &str = "regcred-controller";
+pub use process::Process;
 pub use registry::{Registry, docker_config_json};
 
 /// Directory holding the test binaries: `$REGCRED_TESTBIN` if set, else the
@@ -98,6 +105,21 @@ pub(crate) fn wait_until<T>(
             return Err(err.context(format!("timed out after {timeout:?} waiting for {what}")));
         }
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Polls `f` (every 100 ms) until it yields `Some`; Err naming `what` after
+/// `timeout`. The blocking twin of [`eventually`].
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Ok(v);
+        }
+        if Instant::now() >= deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 

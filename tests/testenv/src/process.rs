@@ -9,6 +9,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+/// How long [`Process::stop`] waits after SIGTERM. Short, because
+/// kube-apiserver and etcd with open watches take ~5 s to exit gracefully,
+/// and nothing here needs a graceful exit.
+pub const STOP_GRACE: Duration = Duration::from_secs(2);
+
 type SpawnRequest = (Command, mpsc::Sender<std::io::Result<Child>>);
 
 /// Spawns `cmd` with PR_SET_PDEATHSIG=SIGKILL, so the kernel kills it when we
@@ -48,56 +53,67 @@ fn spawn_orphan_safe(cmd: Command) -> std::io::Result<Child> {
     rx.recv().expect("spawner thread gone")
 }
 
-/// A running child whose output goes to a log file; stopped on drop.
-pub(crate) struct Proc {
+/// A running child process whose stdout and stderr go to a log file. It is
+/// killed if the test process dies, and stopped (SIGTERM, then SIGKILL) on drop.
+pub struct Process {
     name: String,
     child: Child,
     log: PathBuf,
 }
 
-impl Proc {
-    pub(crate) fn spawn(name: &str, mut cmd: Command, log: &Path) -> Result<Proc> {
+impl Process {
+    /// Spawns `cmd`, appending its output to `log`.
+    pub fn spawn(name: &str, mut cmd: Command, log: &Path) -> Result<Process> {
         let out = File::options().create(true).append(true).open(log)?;
         cmd.stdin(Stdio::null()).stdout(out.try_clone()?).stderr(out);
         let child = spawn_orphan_safe(cmd).with_context(|| format!("spawning {name}"))?;
-        Ok(Proc { name: name.into(), child, log: log.into() })
+        Ok(Process { name: name.into(), child, log: log.into() })
     }
 
     /// Err (with the log's tail) if the process has exited.
-    pub(crate) fn check_alive(&mut self) -> Result<()> {
+    pub fn check_alive(&mut self) -> Result<()> {
         match self.child.try_wait()? {
             None => Ok(()),
             Some(status) => bail!("{} exited ({status}); {}", self.name, self.log_tail()),
         }
     }
 
-    pub(crate) fn log_tail(&self) -> String {
+    pub fn log_tail(&self) -> String {
         let log = std::fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = log.lines().collect();
         let tail = lines[lines.len().saturating_sub(40)..].join("\n");
         format!("last lines of {}:\n{tail}", self.log.display())
     }
 
-    /// SIGTERM, then SIGKILL if it has not exited within a few seconds.
-    pub(crate) fn stop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(Some(_))) {
-            return;
+    /// Sends SIGTERM (if still running) without waiting; see [`Process::stop`].
+    pub fn terminate(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            // SAFETY: plain kill(2) on our own, not yet reaped, child.
+            unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
         }
-        // SAFETY: plain kill(2) on our own, not yet reaped, child.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(5);
+    }
+
+    /// SIGTERM, then SIGKILL if it has not exited within [`STOP_GRACE`].
+    pub fn stop(&mut self) {
+        self.terminate();
+        let deadline = Instant::now() + STOP_GRACE;
         while Instant::now() < deadline {
-            if matches!(self.child.try_wait(), Ok(Some(_))) {
+            if !matches!(self.child.try_wait(), Ok(None)) {
                 return;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+        self.kill();
+    }
+
+    /// SIGKILL, like a crash, and reap it.
+    pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 }
 
-impl Drop for Proc {
+impl Drop for Process {
     fn drop(&mut self) {
         self.stop();
     }

@@ -5,14 +5,14 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use base64::Engine;
 
-use crate::process::{Proc, temp_dir};
+use crate::process::{Process, temp_dir};
 use crate::{free_port, http_get, random_hex, testbin, wait_until};
 
 /// A CNCF distribution registry on `127.0.0.1:PORT`, plain HTTP (its htpasswd
 /// auth does not insist on TLS), with bcrypt htpasswd users. Drop stops it.
 pub struct Registry {
     // Held for its Drop, which stops the registry.
-    _proc: Proc,
+    _proc: Process,
     port: u16,
     // Dropped after `_proc`: the registry stops before its storage goes.
     dir: tempfile::TempDir,
@@ -57,7 +57,7 @@ auth:
             .arg(&config_path)
             // distribution v3 exports OpenTelemetry traces by default.
             .env("OTEL_TRACES_EXPORTER", "none");
-        let mut proc = Proc::spawn("registry", cmd, &dir.path().join("registry.log"))?;
+        let mut proc = Process::spawn("registry", cmd, &dir.path().join("registry.log"))?;
         // Any HTTP answer (401 without credentials) means it serves.
         wait_until("registry", Duration::from_secs(30), || proc.check_alive(), || http_get(port, "/v2/").map(drop))?;
         Ok(Registry { _proc: proc, port, dir })

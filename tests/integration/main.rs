@@ -1,0 +1,13 @@
+//! Integration tests against a real kube-apiserver, etcd and kube-controller-manager, a real
+//! registry and the real regcred binary. One control plane and one controller serve the
+//! whole binary; every test works in its own namespace, so they run in parallel.
+
+mod support;
+
+mod conflict;
+mod errors;
+mod lifecycle;
+mod quiet;
+mod registry_pull;
+mod sources;
+mod validation;

@@ -1,0 +1,235 @@
+//! Shared by every integration test: one control plane and one controller per test binary,
+//! a namespace per test, polling helpers, and the record of every secret value the tests
+//! used so the leak check can look for them.
+
+use std::{
+    collections::BTreeMap,
+    path::PathBuf,
+    process::Command,
+    sync::{Mutex, OnceLock},
+    time::Duration,
+};
+
+use base64::Engine;
+use k8s_openapi::{
+    ByteString,
+    api::{
+        core::v1::{Namespace, Secret},
+        events::v1::Event,
+    },
+};
+use kube::{
+    Api, Client,
+    api::{ListParams, ObjectMeta, PostParams},
+};
+use regcred::crd::RegistryCredential;
+use regcred_testenv::{ControlPlane, Process, eventually};
+use serde_json::Value;
+
+pub const TIMEOUT: Duration = Duration::from_secs(30);
+
+pub struct Env {
+    pub cp: &'static ControlPlane,
+    pub controller_log: PathBuf,
+    _controller: Mutex<Process>,
+}
+
+/// The control plane with the CRDs installed and the controller running as its own user
+/// (so the audit log tells its requests apart).
+pub fn env() -> &'static Env {
+    static ENV: OnceLock<Env> = OnceLock::new();
+    ENV.get_or_init(|| {
+        let cp = ControlPlane::shared();
+        cp.install_crds(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("crds")).expect("installing crds/");
+        let controller_log = cp.dir().join("regcred.log");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_regcred"));
+        cmd.args(["run", "--resync-interval", "10m", "--max-backoff", "20s"])
+            .env("KUBECONFIG", cp.controller_kubeconfig_path())
+            // As verbose as a user debugging it would run it: the leak check reads this.
+            .env("RUST_LOG", "debug,hyper=info,tower=info,rustls=info");
+        let process = Process::spawn("regcred", cmd, &controller_log).expect("starting regcred");
+        Env { cp, controller_log, _controller: Mutex::new(process) }
+    })
+}
+
+/// An admin client for this test's runtime.
+pub async fn client() -> Client {
+    env().cp.client().await
+}
+
+/// A fresh namespace named after the test.
+pub async fn namespace(client: &Client, prefix: &str) -> String {
+    let name = format!("{prefix}-{}", &unique()[..8]);
+    let ns =
+        Namespace { metadata: ObjectMeta { name: Some(name.clone()), ..Default::default() }, ..Default::default() };
+    Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await.expect("creating namespace");
+    name
+}
+
+/// A value to use as a password or token. It is recorded, so the leak check looks for it
+/// (and for the base64 `auth` form under `username`) in everything the controller emits.
+pub fn secret_value(username: &str, tag: &str) -> String {
+    let value = format!("{tag}-{}", unique());
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("{username}:{value}"));
+    let mut used = used_secrets().lock().unwrap_or_else(|e| e.into_inner());
+    used.push(value.clone());
+    used.push(auth);
+    value
+}
+
+pub fn used_secrets() -> &'static Mutex<Vec<String>> {
+    static USED: OnceLock<Mutex<Vec<String>>> = OnceLock::new();
+    USED.get_or_init(Mutex::default)
+}
+
+pub fn unique() -> String {
+    let mut bytes = [0u8; 12];
+    std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes)).unwrap();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Creates an Opaque Secret with the given data.
+pub async fn create_secret(client: &Client, ns: &str, name: &str, data: &[(&str, &[u8])]) {
+    let secret = Secret {
+        metadata: ObjectMeta { name: Some(name.into()), ..Default::default() },
+        data: Some(data.iter().map(|(k, v)| (k.to_string(), ByteString(v.to_vec()))).collect::<BTreeMap<_, _>>()),
+        ..Default::default()
+    };
+    Api::<Secret>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &secret)
+        .await
+        .expect("creating Secret");
+}
+
+/// Creates a RegistryCredential from a JSON spec.
+pub async fn create_credential(client: &Client, ns: &str, name: &str, spec: Value) -> RegistryCredential {
+    let cr: RegistryCredential = serde_json::from_value(serde_json::json!({
+        "apiVersion": "regcred.dev/v1alpha1",
+        "kind": "RegistryCredential",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": spec,
+    }))
+    .expect("valid RegistryCredential");
+    Api::<RegistryCredential>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &cr)
+        .await
+        .expect("creating RegistryCredential")
+}
+
+/// Waits until the credential's Ready condition has `status` (and `reason`, if given) for
+/// its current generation; returns the credential.
+pub async fn wait_ready(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    status: &str,
+    reason: Option<&str>,
+) -> RegistryCredential {
+    let api = Api::<RegistryCredential>::namespaced(client.clone(), ns);
+    eventually(&format!("{ns}/{name} Ready={status} {reason:?}"), TIMEOUT, || async {
+        let cr = api.get(name).await.ok()?;
+        let st = cr.status.as_ref()?;
+        let ready = st.condition("Ready")?;
+        let current =
+            st.observed_generation == cr.metadata.generation && ready.observed_generation == cr.metadata.generation;
+        (current && ready.status == status && reason.is_none_or(|r| ready.reason == r)).then_some(cr)
+    })
+    .await
+}
+
+/// Waits until `check` accepts the Secret (None while it is missing).
+pub async fn wait_secret<F>(client: &Client, ns: &str, name: &str, what: &str, check: F) -> Secret
+where
+    F: Fn(&Secret) -> bool,
+{
+    let api = Api::<Secret>::namespaced(client.clone(), ns);
+    eventually(&format!("Secret {ns}/{name}: {what}"), TIMEOUT, || async {
+        api.get_opt(name).await.ok().flatten().filter(|s| check(s))
+    })
+    .await
+}
+
+/// The logins in a Secret's `.dockerconfigjson`, as (server, username, password).
+pub fn logins(secret: &Secret) -> Vec<(String, String, String)> {
+    use secrecy::ExposeSecret;
+    let bytes = &secret.data.as_ref().expect("data")[".dockerconfigjson"].0;
+    regcred::dockerconfig::parse(bytes)
+        .expect("valid docker config")
+        .into_iter()
+        .map(|a| (a.server, a.username, a.password.expose_secret().to_string()))
+        .collect()
+}
+
+/// Events about one object, as (type, reason, note).
+pub async fn events_for(client: &Client, ns: &str, kind: &str, name: &str) -> Vec<(String, String, String)> {
+    let events =
+        Api::<Event>::namespaced(client.clone(), ns).list(&ListParams::default()).await.expect("listing Events");
+    events
+        .items
+        .into_iter()
+        .filter(|e| {
+            e.regarding.as_ref().is_some_and(|r| r.kind.as_deref() == Some(kind) && r.name.as_deref() == Some(name))
+        })
+        .map(|e| (e.type_.unwrap_or_default(), e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
+        .collect()
+}
+
+/// Waits for an Event with this type and reason about the object.
+pub async fn wait_event(client: &Client, ns: &str, kind: &str, name: &str, type_: &str, reason: &str) -> String {
+    eventually(&format!("{type_} Event {reason} for {kind} {ns}/{name}"), TIMEOUT, || async {
+        events_for(client, ns, kind, name).await.into_iter().find(|(t, r, _)| t == type_ && r == reason).map(|e| e.2)
+    })
+    .await
+}
+
+/// Fails if any recorded secret value appears in the controller's log, in any Event, or in
+/// any RegistryCredential's status.
+pub async fn assert_no_leaks(client: &Client) {
+    let mut haystacks =
+        vec![("controller log".to_string(), std::fs::read_to_string(&env().controller_log).unwrap_or_default())];
+    let events = Api::<Event>::all(client.clone()).list(&ListParams::default()).await.expect("listing Events");
+    haystacks.push(("Events".into(), serde_json::to_string(&events.items).unwrap()));
+    let creds = Api::<RegistryCredential>::all(client.clone()).list(&ListParams::default()).await.expect("listing");
+    let statuses: Vec<_> = creds.items.iter().map(|c| &c.status).collect();
+    haystacks.push(("statuses".into(), serde_json::to_string(&statuses).unwrap()));
+    let used = used_secrets().lock().unwrap_or_else(|e| e.into_inner()).clone();
+    assert!(!used.is_empty(), "the leak check has nothing to look for");
+    for (place, text) in &haystacks {
+        for value in &used {
+            assert!(!text.contains(value.as_str()), "a secret value appears in the {place}");
+        }
+    }
+}
+
+/// Where the audit log is now; requests after this point are read with [`controller_requests_since`].
+pub fn audit_offset() -> u64 {
+    std::fs::metadata(env().cp.audit_log_path()).map(|m| m.len()).unwrap_or(0)
+}
+
+/// The controller's requests in the audit log after `offset`, as (verb, resource, namespace, name).
+pub fn controller_requests_since(offset: u64) -> Vec<(String, String, String, String)> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = std::fs::File::open(env().cp.audit_log_path()).expect("audit log");
+    file.seek(SeekFrom::Start(offset)).unwrap();
+    let mut text = String::new();
+    file.read_to_string(&mut text).unwrap();
+    let field = |v: &Value, path: &[&str]| {
+        path.iter().try_fold(v, |v, k| v.get(k)).and_then(Value::as_str).unwrap_or_default().to_string()
+    };
+    text.lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter(|e| field(e, &["user", "username"]) == regcred_testenv::CONTROLLER_USER)
+        .map(|e| {
+            (
+                field(&e, &["verb"]),
+                field(&e, &["objectRef", "resource"]),
+                field(&e, &["objectRef", "namespace"]),
+                field(&e, &["objectRef", "name"]),
+            )
+        })
+        .collect()
+}
+
+pub fn is_write(verb: &str) -> bool {
+    matches!(verb, "create" | "update" | "patch" | "delete" | "deletecollection")
+}

@@ -1,0 +1,90 @@
+//! Invalid specs are refused by the apiserver itself (HTTP 422), from the CRD schema.
+
+use kube::{Api, api::PostParams};
+use regcred::crd::RegistryCredential;
+use serde_json::{Value, json};
+
+use crate::support::*;
+
+async fn create_raw(client: &kube::Client, ns: &str, name: &str, spec: Value) -> Result<(), kube::Error> {
+    let api = Api::<kube::api::DynamicObject>::namespaced_with(
+        client.clone(),
+        ns,
+        &kube::api::ApiResource::erase::<RegistryCredential>(&()),
+    );
+    let obj: kube::api::DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "regcred.dev/v1alpha1", "kind": "RegistryCredential",
+        "metadata": {"name": name}, "spec": spec,
+    }))
+    .unwrap();
+    api.create(&PostParams::default(), &obj).await.map(drop)
+}
+
+#[tokio::test]
+async fn invalid_specs_are_rejected_at_admission() {
+    env();
+    let client = client().await;
+    let ns = namespace(&client, "invalid").await;
+    let basic = json!({"username": "u", "passwordSecretRef": {"name": "s"}});
+    let ghcr = json!({"username": "u", "tokenSecretRef": {"name": "s"}});
+    let cases = [
+        ("no-source", json!({"registry": "r.io", "source": {}}), "source"),
+        ("two-sources", json!({"registry": "r.io", "source": {"basic": basic, "ghcr": ghcr}}), "source"),
+        ("scheme", json!({"registry": "https://r.io", "source": {"basic": basic}}), "spec.registry"),
+        ("path", json!({"registry": "r.io/team", "source": {"basic": basic}}), "spec.registry"),
+        ("no-registry-for-basic", json!({"source": {"basic": basic}}), "spec.registry is required"),
+        (
+            "bad-secret-name",
+            json!({"registry": "r.io", "source": {"basic": basic}, "secret": {"name": "Not_DNS"}}),
+            "spec.secret.name",
+        ),
+        (
+            "bad-ref-name",
+            json!({"registry": "r.io", "source": {"basic": {"username": "u", "passwordSecretRef": {"name": "a/b"}}}}),
+            "passwordSecretRef.name",
+        ),
+        (
+            "colon-user",
+            json!({"registry": "r.io", "source": {"basic": {"username": "a:b", "passwordSecretRef": {"name": "s"}}}}),
+            "username",
+        ),
+        (
+            "huge-user",
+            json!({"registry": "r.io", "source": {"basic": {"username": "u".repeat(5000), "passwordSecretRef": {"name": "s"}}}}),
+            "username",
+        ),
+    ];
+    for (name, spec, field) in cases {
+        match create_raw(&client, &ns, name, spec).await {
+            Err(kube::Error::Api(status)) => {
+                assert_eq!(status.code, 422, "{name}: {}", status.message);
+                assert!(status.message.contains(field), "{name}: {}", status.message);
+            }
+            other => panic!("{name}: expected 422, got {other:?}"),
+        }
+    }
+    // A valid spec passes, so the cases above fail for their own reason.
+    create_raw(&client, &ns, "valid", json!({"registry": "r.io:5000", "source": {"basic": basic}})).await.unwrap();
+}
+
+#[tokio::test]
+async fn kubectl_refuses_unknown_fields_and_explains_the_api() {
+    let cp = env().cp;
+    let out = cp.kubectl(&["explain", "registrycredential.spec.source"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for word in ["basic", "ghcr", "gcr", "Exactly one"] {
+        assert!(text.contains(word), "kubectl explain lacks {word}: {text}");
+    }
+
+    let client = client().await;
+    let ns = namespace(&client, "unknown-field").await;
+    let manifest = format!(
+        "apiVersion: regcred.dev/v1alpha1\nkind: RegistryCredential\nmetadata: {{name: typo, namespace: {ns}}}\nspec:\n  registry: r.io\n  source:\n    basic: {{username: u, passwordSecretRef: {{name: s}}, pasword: oops}}\n"
+    );
+    let file = cp.dir().join(format!("{ns}.yaml"));
+    std::fs::write(&file, manifest).unwrap();
+    let out = cp.kubectl(&["apply", "--server-side", "-f", file.to_str().unwrap()]);
+    assert!(!out.status.success(), "an unknown field was accepted");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("pasword"), "{}", String::from_utf8_lossy(&out.stderr));
+}

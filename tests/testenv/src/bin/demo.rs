@@ -1,0 +1,130 @@
+//! The end-to-end demo: a local control plane, the regcred controller, the sample
+//! credentials in `examples/` plus one for a real local registry, the resulting Secrets, and
+//! a pull through that registry using one of them. Run it with `bash scripts/demo.sh`.
+
+use std::{path::PathBuf, process::Command, time::Duration};
+
+use anyhow::{Context, Result, bail};
+use regcred_testenv::{ControlPlane, Process, Registry, wait_for};
+
+const NAMESPACE: &str = "regcred-demo";
+
+fn main() -> Result<()> {
+    let regcred =
+        std::env::var_os("REGCRED_BIN").map(PathBuf::from).context("set REGCRED_BIN to the regcred binary")?;
+    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let keep = std::env::args().any(|a| a == "--keep");
+
+    step("starting etcd, kube-apiserver and kube-controller-manager");
+    let cp = ControlPlane::start()?;
+    cp.install_crds(&repo.join("crds"))?;
+    let kubectl = |args: &[&str]| -> Result<String> {
+        let out = cp.kubectl(args);
+        if !out.status.success() {
+            bail!("kubectl {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8(out.stdout)?)
+    };
+
+    step("starting a registry with htpasswd auth and pushing demo/hello:v1");
+    let password = "demo-registry-password";
+    let registry = Registry::start(&[("demo", password)])?;
+    let image = registry.push_test_image("demo/hello", "v1", "demo", password)?;
+
+    step("starting the regcred controller");
+    let log = cp.dir().join("regcred.log");
+    let mut cmd = Command::new(&regcred);
+    cmd.arg("run").env("KUBECONFIG", cp.controller_kubeconfig_path());
+    let _controller = Process::spawn("regcred", cmd, &log)?;
+
+    step("applying examples/ and a credential for the local registry");
+    kubectl(&["create", "namespace", NAMESPACE])?;
+    for example in ["basic.yaml", "ghcr.yaml", "gcr.yaml"] {
+        let path = repo.join("examples").join(example);
+        print!("{}", kubectl(&["apply", "-n", NAMESPACE, "-f", path.to_str().context("path")?])?);
+    }
+    let local = format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: local-password}}\nstringData: {{password: {password}}}\n---\n\
+         apiVersion: regcred.dev/v1alpha1\nkind: RegistryCredential\nmetadata: {{name: local}}\n\
+         spec:\n  registry: \"{}\"\n  source:\n    basic: {{username: demo, passwordSecretRef: {{name: local-password}}}}\n",
+        registry.host()
+    );
+    let local_file = cp.dir().join("local.yaml");
+    std::fs::write(&local_file, local)?;
+    print!("{}", kubectl(&["apply", "-n", NAMESPACE, "-f", local_file.to_str().context("path")?])?);
+
+    step("waiting for every RegistryCredential to be Ready");
+    kubectl(&["wait", "-n", NAMESPACE, "--for=condition=Ready", "registrycredential", "--all", "--timeout=60s"])?;
+    print!("{}", kubectl(&["get", "registrycredentials", "-n", NAMESPACE])?);
+    println!();
+    print!("{}", kubectl(&["get", "secrets", "-n", NAMESPACE, "-l", "app.kubernetes.io/managed-by=regcred"])?);
+
+    step("the .dockerconfigjson regcred wrote (passwords shortened)");
+    let names =
+        kubectl(&["get", "secrets", "-n", NAMESPACE, "-l", "app.kubernetes.io/managed-by=regcred", "-o", "name"])?;
+    for name in names.lines() {
+        let config = kubectl(&["get", "-n", NAMESPACE, name, "-o", "jsonpath={.data.\\.dockerconfigjson}"])?;
+        for (server, user, pw) in logins(&config)? {
+            let shown: String = pw.chars().take(6).collect();
+            println!("{name:<30} {server:<32} user={user:<14} password={shown}… ({} chars)", pw.chars().count());
+        }
+    }
+
+    step(&format!("pulling {image} with Secret {NAMESPACE}/local as the only credentials"));
+    let config = kubectl(&["get", "secret", "-n", NAMESPACE, "local", "-o", "jsonpath={.data.\\.dockerconfigjson}"])?;
+    registry.pull_with_auth_file(&image, &base64_decode(&config)?)?;
+    println!("pulled {image}: the Secret works as an image pull credential");
+
+    step("changing the registry password in the source Secret: regcred rewrites the pull Secret");
+    kubectl(&[
+        "patch",
+        "secret",
+        "-n",
+        NAMESPACE,
+        "local-password",
+        "-p",
+        "{\"stringData\":{\"password\":\"rotated\"}}",
+    ])?;
+    wait_for("the pull Secret to carry the new password", Duration::from_secs(30), || {
+        let config =
+            kubectl(&["get", "secret", "-n", NAMESPACE, "local", "-o", "jsonpath={.data.\\.dockerconfigjson}"]).ok()?;
+        (logins(&config).ok()?.first()?.2 == "rotated").then_some(())
+    })?;
+    println!("Secret {NAMESPACE}/local updated");
+
+    if keep {
+        step("running; press Ctrl-C to stop everything");
+        println!("export KUBECONFIG={}", cp.kubeconfig_path().display());
+        println!("controller log: {}", log.display());
+        loop {
+            std::thread::park();
+        }
+    }
+    step("done; stopping the control plane, the registry and the controller");
+    Ok(())
+}
+
+fn step(what: &str) {
+    println!("\n==> {what}");
+}
+
+/// (server, username, password) of each login in a base64 `.dockerconfigjson`, decoded
+/// from the `auth` field as the kubelet does.
+fn logins(config_b64: &str) -> Result<Vec<(String, String, String)>> {
+    let doc: serde_json::Value = serde_json::from_slice(&base64_decode(config_b64)?)?;
+    let auths = doc.get("auths").and_then(|a| a.as_object()).context("no auths")?;
+    auths
+        .iter()
+        .map(|(server, entry)| {
+            let auth = entry.get("auth").and_then(|a| a.as_str()).context("no auth field")?;
+            let decoded = String::from_utf8(base64_decode(auth)?)?;
+            let (user, pw) = decoded.split_once(':').context("auth is not user:password")?;
+            Ok((server.clone(), user.to_string(), pw.to_string()))
+        })
+        .collect()
+}
+
+fn base64_decode(text: &str) -> Result<Vec<u8>> {
+    use base64::Engine;
+    Ok(base64::engine::general_purpose::STANDARD.decode(text.trim())?)
+}
