@@ -57,6 +57,10 @@ struct RunArgs {
     /// Refresh an ECR token when this share of its lifetime is left (0.25: ~9 h into 12 h).
     #[arg(long, default_value_t = 0.25, value_parser = share, env = "REGCRED_ECR_REFRESH_SHARE")]
     ecr_refresh_share: f64,
+    /// Reconcile only RegistryCredentials matching this label selector (e.g. to shard or
+    /// canary controllers).
+    #[arg(long, env = "REGCRED_SELECTOR")]
+    selector: Option<String>,
     /// AWS endpoint for ECR and STS (an emulator, a VPC endpoint). AWS_ENDPOINT_URL_* work too.
     #[arg(long, env = "REGCRED_AWS_ENDPOINT_URL")]
     aws_endpoint_url: Option<String>,
@@ -105,6 +109,7 @@ async fn main() -> anyhow::Result<()> {
                     refresh_share_left: args.ecr_refresh_share,
                     endpoint_url: args.aws_endpoint_url,
                 },
+                selector: args.selector,
             };
             tracing::info!(version = env!("CARGO_PKG_VERSION"), "starting controller");
             reconciler::run(client, config).await;

@@ -52,6 +52,8 @@ pub struct ControllerConfig {
     pub instance: Option<String>,
     /// How ECR sources behave.
     pub ecr: EcrSettings,
+    /// Only credentials matching this label selector (sharding, canaries); all when `None`.
+    pub selector: Option<String>,
 }
 
 impl Default for ControllerConfig {
@@ -62,6 +64,7 @@ impl Default for ControllerConfig {
             concurrency: 8,
             instance: None,
             ecr: EcrSettings::default(),
+            selector: None,
         }
     }
 }
@@ -95,8 +98,11 @@ where
         failures: Mutex::default(),
         config: config.clone(),
     });
-    let controller =
-        Controller::new(Api::<RegistryCredential>::all(client.clone()), watcher::Config::default().any_semantic());
+    let mut credentials = watcher::Config::default().any_semantic();
+    if let Some(selector) = &config.selector {
+        credentials = credentials.labels(selector);
+    }
+    let controller = Controller::new(Api::<RegistryCredential>::all(client.clone()), credentials);
     let store = controller.store();
     // Metadata only (Api<PartialObjectMeta<_>> makes metadata requests): the controller sees
     // every Secret's name and resourceVersion, never their data, and keeps no Secret cache.

@@ -5,6 +5,7 @@
 mod support;
 
 mod conflict;
+mod ecr;
 mod errors;
 mod lifecycle;
 mod quiet;

@@ -96,7 +96,7 @@ async fn gcr_source_sends_the_key_file_verbatim() {
     let key = format!(
         "{{\n  \"type\": \"service_account\",\n  \"project_id\": \"p\",\n  \"client_email\": \"puller@p.iam.gserviceaccount.com\",\n  \"private_key\": \"-----BEGIN PRIVATE KEY-----\\n{private_key}\\n-----END PRIVATE KEY-----\\n\"\n}}\n"
     );
-    secret_value_raw(&key);
+    record_secret(&key);
     create_secret(&client, &ns, "gcp-sa", &[("key.json", key.as_bytes())]).await;
     create_credential(
         &client,
@@ -135,11 +135,6 @@ async fn a_changed_source_secret_updates_the_pull_secret() {
     wait_secret(&client, &ns, "ci", "second password", |s| logins(s)[0].2 == second).await;
     wait_event(&client, &ns, "RegistryCredential", "ci", "Normal", "Updated").await;
     assert_no_leaks(&client).await;
-}
-
-/// Records a whole value (not a username/password pair) for the leak check.
-fn secret_value_raw(value: &str) {
-    used_secrets().lock().unwrap_or_else(|e| e.into_inner()).push(value.to_string());
 }
 
 pub fn base64_encode(bytes: &[u8]) -> String {

@@ -23,33 +23,66 @@ use kube::{
     api::{ListParams, ObjectMeta, PostParams},
 };
 use regcred::crd::RegistryCredential;
-use regcred_testenv::{ControlPlane, Process, eventually};
+use regcred_testenv::{AwsEmulator, ControlPlane, Process, eventually};
 use serde_json::Value;
 
 pub const TIMEOUT: Duration = Duration::from_secs(30);
 
 pub struct Env {
     pub cp: &'static ControlPlane,
-    pub controller_log: PathBuf,
+    /// The AWS emulator the shared controller talks to (12-hour tokens).
+    pub aws: AwsEmulator,
     _controller: Mutex<Process>,
 }
 
-/// The control plane with the CRDs installed and the controller running as its own user
-/// (so the audit log tells its requests apart).
+/// Label that routes a credential to a test's own controller instead of the shared one.
+pub const CONTROLLER_LABEL: &str = "regcred.dev/test-controller";
+
+/// The control plane with the CRDs installed and the shared controller running as its own
+/// user (so the audit log tells its requests apart), for every credential without
+/// [`CONTROLLER_LABEL`].
 pub fn env() -> &'static Env {
     static ENV: OnceLock<Env> = OnceLock::new();
     ENV.get_or_init(|| {
         let cp = ControlPlane::shared();
         cp.install_crds(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("crds")).expect("installing crds/");
-        let controller_log = cp.dir().join("regcred.log");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_regcred"));
-        cmd.args(["run", "--resync-interval", "10m", "--max-backoff", "20s"])
-            .env("KUBECONFIG", cp.controller_kubeconfig_path())
-            // As verbose as a user debugging it would run it: the leak check reads this.
-            .env("RUST_LOG", "debug,hyper=info,tower=info,rustls=info");
-        let process = Process::spawn("regcred", cmd, &controller_log).expect("starting regcred");
-        Env { cp, controller_log, _controller: Mutex::new(process) }
+        let aws = AwsEmulator::start().expect("starting the AWS emulator");
+        let process = spawn_controller(cp, "shared", &format!("!{CONTROLLER_LABEL}"), &aws.endpoint(), &[], &[]);
+        Env { cp, aws, _controller: Mutex::new(process) }
     })
+}
+
+/// Starts a controller process for the credentials matching `selector`, logging to
+/// `regcred-<name>.log` in the control plane's directory (the leak check reads them all).
+pub fn spawn_controller(
+    cp: &ControlPlane,
+    name: &str,
+    selector: &str,
+    aws_endpoint: &str,
+    args: &[&str],
+    envs: &[(&str, String)],
+) -> Process {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_regcred"));
+    cmd.args(["run", "--resync-interval", "10m", "--max-backoff", "20s", "--selector", selector])
+        .args(["--aws-endpoint-url", aws_endpoint])
+        // The ambient credential chain's own STS client reads the endpoint from the environment.
+        .env("AWS_ENDPOINT_URL", aws_endpoint)
+        .args(args)
+        .env("KUBECONFIG", cp.controller_kubeconfig_path())
+        // As verbose as a user debugging it would run it: the leak check reads this.
+        .env("RUST_LOG", "debug,hyper=info,tower=info,rustls=info,aws_smithy_runtime=info,aws_config=info")
+        // Nothing ambient unless a test gives it: no IMDS probing, no credentials of ours.
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .env_remove("AWS_SESSION_TOKEN")
+        .env_remove("AWS_PROFILE")
+        .env("HOME", cp.dir());
+    for (key, value) in envs {
+        cmd.env(key, value);
+    }
+    Process::spawn(&format!("regcred-{name}"), cmd, &cp.dir().join(format!("regcred-{name}.log")))
+        .expect("starting regcred")
 }
 
 /// An admin client for this test's runtime.
@@ -77,6 +110,11 @@ pub fn secret_value(username: &str, tag: &str) -> String {
     value
 }
 
+/// Records a whole value (a key, a token) for the leak check.
+pub fn record_secret(value: &str) {
+    used_secrets().lock().unwrap_or_else(|e| e.into_inner()).push(value.to_string());
+}
+
 pub fn used_secrets() -> &'static Mutex<Vec<String>> {
     static USED: OnceLock<Mutex<Vec<String>>> = OnceLock::new();
     USED.get_or_init(Mutex::default)
@@ -101,12 +139,28 @@ pub async fn create_secret(client: &Client, ns: &str, name: &str, data: &[(&str,
         .expect("creating Secret");
 }
 
-/// Creates a RegistryCredential from a JSON spec.
+/// Creates a RegistryCredential from a JSON spec, for the shared controller.
 pub async fn create_credential(client: &Client, ns: &str, name: &str, spec: Value) -> RegistryCredential {
+    create_credential_for(client, ns, name, None, spec).await
+}
+
+/// Creates a RegistryCredential from a JSON spec, for the controller named `controller`
+/// (see [`spawn_controller`]) or the shared one.
+pub async fn create_credential_for(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    controller: Option<&str>,
+    spec: Value,
+) -> RegistryCredential {
+    let mut labels = serde_json::Map::new();
+    if let Some(controller) = controller {
+        labels.insert(CONTROLLER_LABEL.into(), controller.into());
+    }
     let cr: RegistryCredential = serde_json::from_value(serde_json::json!({
         "apiVersion": "regcred.dev/v1alpha1",
         "kind": "RegistryCredential",
-        "metadata": {"name": name, "namespace": ns},
+        "metadata": {"name": name, "namespace": ns, "labels": labels},
         "spec": spec,
     }))
     .expect("valid RegistryCredential");
@@ -182,11 +236,17 @@ pub async fn wait_event(client: &Client, ns: &str, kind: &str, name: &str, type_
     .await
 }
 
-/// Fails if any recorded secret value appears in the controller's log, in any Event, or in
+/// Fails if any recorded secret value appears in any controller's log, in any Event, or in
 /// any RegistryCredential's status.
 pub async fn assert_no_leaks(client: &Client) {
-    let mut haystacks =
-        vec![("controller log".to_string(), std::fs::read_to_string(&env().controller_log).unwrap_or_default())];
+    let mut haystacks = Vec::new();
+    for entry in std::fs::read_dir(env().cp.dir()).expect("control plane dir").flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("regcred-") && name.ends_with(".log") {
+            haystacks.push((name, std::fs::read_to_string(entry.path()).unwrap_or_default()));
+        }
+    }
+    assert!(!haystacks.is_empty(), "no controller log to check");
     let events = Api::<Event>::all(client.clone()).list(&ListParams::default()).await.expect("listing Events");
     haystacks.push(("Events".into(), serde_json::to_string(&events.items).unwrap()));
     let creds = Api::<RegistryCredential>::all(client.clone()).list(&ListParams::default()).await.expect("listing");

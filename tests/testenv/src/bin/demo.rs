@@ -65,7 +65,7 @@ fn main() -> Result<()> {
     for name in names.lines() {
         let config = kubectl(&["get", "-n", NAMESPACE, name, "-o", "jsonpath={.data.\\.dockerconfigjson}"])?;
         for (server, user, pw) in logins(&config)? {
-            let shown: String = pw.chars().take(6).collect();
+            let shown: String = pw.chars().take(6).flat_map(char::escape_default).collect();
             println!("{name:<30} {server:<32} user={user:<14} password={shown}… ({} chars)", pw.chars().count());
         }
     }

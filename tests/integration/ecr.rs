@@ -1,0 +1,368 @@
+//! ECR against the AWS emulator: every identity mode, one token per identity, rotation ahead
+//! of expiry, and failures that keep a still-valid Secret.
+
+use std::{collections::BTreeSet, time::Duration};
+
+use base64::Engine;
+use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
+use kube::{
+    Api, Client,
+    api::{ObjectMeta, PostParams},
+};
+use regcred_testenv::{AwsEmulator, eventually};
+use serde_json::{Value, json};
+
+use crate::support::*;
+
+const REGISTRY: &str = "123456789012.dkr.ecr.eu-west-1.amazonaws.com";
+
+/// GetAuthorizationToken calls signed by access keys starting with `prefix`, oldest first.
+fn token_calls(aws: &AwsEmulator, prefix: &str) -> Vec<Value> {
+    aws.calls()
+        .unwrap()
+        .into_iter()
+        .filter(|c| c["action"] == "ecr:GetAuthorizationToken" && c["status"] == 200)
+        .filter(|c| c["access_key_id"].as_str().is_some_and(|k| k.starts_with(prefix)))
+        .collect()
+}
+
+/// The password a GetAuthorizationToken call handed out (recorded for the leak check).
+fn issued_password(call: &Value) -> String {
+    let token = call["authorizationData"][0]["authorizationToken"].as_str().expect("token");
+    let decoded = String::from_utf8(base64::engine::general_purpose::STANDARD.decode(token).unwrap()).unwrap();
+    let password = decoded.strip_prefix("AWS:").expect("AWS:password").to_string();
+    record_secret(&password);
+    password
+}
+
+/// Access keys in a Secret; the key id is unique so calls can be attributed to this test.
+async fn aws_keys(client: &Client, ns: &str, name: &str) -> String {
+    let key_id = format!("AKIA{}", &unique()[..16].to_uppercase());
+    let secret_key = secret_value("aws", "secretkey");
+    create_secret(client, ns, name, &[("accessKeyId", key_id.as_bytes()), ("secretAccessKey", secret_key.as_bytes())])
+        .await;
+    key_id
+}
+
+fn ecr_spec(auth: Value) -> Value {
+    json!({"source": {"ecr": {"registry": REGISTRY, "auth": auth}}})
+}
+
+#[tokio::test]
+async fn key_mode_writes_the_token_for_the_registry_and_reports_expiry() {
+    let aws = &env().aws;
+    let client = client().await;
+    let ns = namespace(&client, "ecr-keys").await;
+    let key_id = aws_keys(&client, &ns, "aws-keys").await;
+    create_credential(&client, &ns, "ecr", ecr_spec(json!({"secretRef": {"name": "aws-keys"}}))).await;
+
+    let secret = wait_secret(&client, &ns, "ecr", "written", |_| true).await;
+    let calls = token_calls(aws, &key_id);
+    assert_eq!(calls.len(), 1, "one GetAuthorizationToken for one credential");
+    assert_eq!(logins(&secret), vec![(REGISTRY.into(), "AWS".into(), issued_password(&calls[0]))]);
+
+    let cr = wait_ready(&client, &ns, "ecr", "True", Some("Synced")).await;
+    let status = cr.status.unwrap();
+    assert_eq!(status.source.as_deref(), Some("ecr"));
+    let degraded = status.condition("Degraded").expect("Degraded condition");
+    assert_eq!((degraded.status.as_str(), degraded.reason.as_str()), ("False", "Refreshed"));
+    let expires = status.expires_at.expect("expiresAt").0;
+    assert_eq!(expires.as_second(), calls[0]["expiresAt"].as_f64().unwrap() as i64);
+    let issued = expires.as_second() - 12 * 3600;
+    let refresh_after = status.next_refresh_at.expect("nextRefreshAt").0.as_second() - issued;
+    // A quarter of 12 h left, minus up to 5 % jitter: between 8.4 h and 9 h after issue.
+    assert!((30_240..=32_400).contains(&refresh_after), "refresh {refresh_after} s after issue");
+    assert_no_leaks(&client).await;
+}
+
+#[tokio::test]
+async fn several_registries_share_one_token_in_one_secret() {
+    let aws = &env().aws;
+    let client = client().await;
+    let ns = namespace(&client, "ecr-multi").await;
+    let key_id = aws_keys(&client, &ns, "aws-keys").await;
+    let spec = json!({"source": {"ecr": {"region": "eu-west-1", "registryIds": ["222222222222", "111111111111"],
+                                          "auth": {"secretRef": {"name": "aws-keys"}}}}});
+    create_credential(&client, &ns, "multi", spec).await;
+    let secret = wait_secret(&client, &ns, "multi", "written", |_| true).await;
+    let calls = token_calls(aws, &key_id);
+    assert_eq!(calls.len(), 1);
+    let password = issued_password(&calls[0]);
+    assert_eq!(
+        logins(&secret),
+        vec![
+            ("111111111111.dkr.ecr.eu-west-1.amazonaws.com".into(), "AWS".into(), password.clone()),
+            ("222222222222.dkr.ecr.eu-west-1.amazonaws.com".into(), "AWS".into(), password),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn fifty_credentials_with_one_identity_make_one_call() {
+    let aws = &env().aws;
+    let client = client().await;
+    let ns = namespace(&client, "ecr-share").await;
+    let key_id = aws_keys(&client, &ns, "aws-keys").await;
+    for i in 0..50 {
+        create_credential(&client, &ns, &format!("c{i}"), ecr_spec(json!({"secretRef": {"name": "aws-keys"}}))).await;
+    }
+    for i in 0..50 {
+        wait_ready(&client, &ns, &format!("c{i}"), "True", Some("Synced")).await;
+    }
+    let calls = token_calls(aws, &key_id);
+    assert_eq!(calls.len(), 1, "50 credentials, one identity: one GetAuthorizationToken");
+    let password = issued_password(&calls[0]);
+    let secret = wait_secret(&client, &ns, "c49", "written", |_| true).await;
+    assert_eq!(logins(&secret)[0].2, password);
+}
+
+#[tokio::test]
+async fn assume_role_is_applied_on_top_of_the_keys() {
+    let aws = &env().aws;
+    let client = client().await;
+    let ns = namespace(&client, "ecr-assume").await;
+    let key_id = aws_keys(&client, &ns, "aws-keys").await;
+    let spec = json!({"source": {"ecr": {"registry": REGISTRY, "auth": {"secretRef": {"name": "aws-keys"}},
+        "assumeRole": {"roleArn": "arn:aws:iam::123456789012:role/cross-account-puller", "externalId": "xid-1", "sessionName": "regcred-test"}}}});
+    create_credential(&client, &ns, "ecr", spec).await;
+    wait_ready(&client, &ns, "ecr", "True", Some("Synced")).await;
+    let calls = aws.calls().unwrap();
+    let assume = calls.iter().position(|c| c["action"] == "sts:AssumeRole" && c["access_key_id"] == key_id.as_str());
+    let assume = assume.expect("AssumeRole signed with the Secret's keys");
+    let token_call = calls[assume..].iter().find(|c| c["action"] == "ecr:GetAuthorizationToken").expect("token call");
+    let signer = token_call["access_key_id"].as_str().unwrap();
+    assert_ne!(signer, key_id, "GetAuthorizationToken must use the assumed role's credentials");
+    assert!(token_calls(aws, &key_id).is_empty());
+    issued_password(token_call);
+}
+
+#[tokio::test]
+async fn irsa_uses_the_tenants_own_service_account() {
+    let aws = &env().aws;
+    let client = client().await;
+    let ns = namespace(&client, "ecr-irsa").await;
+    let sa = ServiceAccount {
+        metadata: ObjectMeta {
+            name: Some("puller".into()),
+            annotations: Some(
+                [("eks.amazonaws.com/role-arn".to_string(), "arn:aws:iam::123456789012:role/puller".to_string())]
+                    .into(),
+            ),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    Api::<ServiceAccount>::namespaced(client.clone(), &ns).create(&PostParams::default(), &sa).await.unwrap();
+    let offset = audit_offset();
+    let before = aws.calls().unwrap().len();
+    create_credential(&client, &ns, "irsa", ecr_spec(json!({"serviceAccountRef": {"name": "puller"}}))).await;
+    let secret = wait_secret(&client, &ns, "irsa", "written", |_| true).await;
+
+    let requests = controller_requests_since(offset);
+    assert!(
+        requests
+            .iter()
+            .any(|(verb, res, n, name)| verb == "create" && res == "serviceaccounts" && *n == ns && name == "puller"),
+        "a TokenRequest for {ns}/puller: {requests:?}"
+    );
+    let calls = aws.calls().unwrap().split_off(before);
+    let web =
+        calls.iter().position(|c| c["action"] == "sts:AssumeRoleWithWebIdentity").expect("AssumeRoleWithWebIdentity");
+    let token_call = calls[web..].iter().find(|c| c["action"] == "ecr:GetAuthorizationToken").expect("token call");
+    assert_eq!(logins(&secret)[0].2, issued_password(token_call));
+
+    // No role annotation, or no such ServiceAccount: reported, nothing borrowed.
+    Api::<ServiceAccount>::namespaced(client.clone(), &ns)
+        .create(
+            &PostParams::default(),
+            &ServiceAccount {
+                metadata: ObjectMeta { name: Some("plain".into()), ..Default::default() },
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    create_credential(&client, &ns, "no-role", ecr_spec(json!({"serviceAccountRef": {"name": "plain"}}))).await;
+    create_credential(&client, &ns, "no-sa", ecr_spec(json!({"serviceAccountRef": {"name": "ghost"}}))).await;
+    wait_ready(&client, &ns, "no-role", "False", Some("NoRoleArn")).await;
+    wait_ready(&client, &ns, "no-sa", "False", Some("ServiceAccountNotFound")).await;
+}
+
+#[tokio::test]
+async fn namespaced_credentials_may_not_borrow_the_controller_identity_by_default() {
+    env();
+    let client = client().await;
+    let ns = namespace(&client, "ecr-noambient").await;
+    create_credential(&client, &ns, "ambient", ecr_spec(json!({"ambient": {}}))).await;
+    let cr = wait_ready(&client, &ns, "ambient", "False", Some("AmbientIdentityNotAllowed")).await;
+    assert!(cr.status.unwrap().conditions[0].message.contains("--allow-ambient-aws-identity"));
+    let secrets = Api::<Secret>::namespaced(client.clone(), &ns);
+    assert!(secrets.get_opt("ambient").await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn ambient_identity_from_env_web_identity_imds_and_pod_identity() {
+    let cp = env().cp;
+    let client = client().await;
+    let aws = AwsEmulator::start().unwrap();
+    let env_key = format!("AKIAENV{}", &unique()[..13].to_uppercase());
+    let env_secret = secret_value("env", "ambient");
+    let region = ("AWS_REGION", "eu-west-1".to_string());
+    // (mode, the controller's environment, prefix of the access key it must sign with)
+    type Mode<'a> = (&'a str, Vec<(&'a str, String)>, &'a str);
+    let modes: Vec<Mode> = vec![
+        (
+            "env",
+            vec![region.clone(), ("AWS_ACCESS_KEY_ID", env_key.clone()), ("AWS_SECRET_ACCESS_KEY", env_secret)],
+            "AKIAENV",
+        ),
+        (
+            "webidentity",
+            vec![
+                region.clone(),
+                ("AWS_ROLE_ARN", "arn:aws:iam::123456789012:role/controller".into()),
+                ("AWS_WEB_IDENTITY_TOKEN_FILE", aws.web_identity_token_file().display().to_string()),
+            ],
+            "ASIA",
+        ),
+        (
+            "imds",
+            vec![
+                ("AWS_EC2_METADATA_DISABLED", "false".into()),
+                ("AWS_EC2_METADATA_SERVICE_ENDPOINT", aws.imds_endpoint()),
+            ],
+            "AKIAIMDS",
+        ),
+        (
+            "podidentity",
+            vec![
+                region.clone(),
+                ("AWS_CONTAINER_CREDENTIALS_FULL_URI", aws.pod_identity_uri()),
+                ("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE", aws.pod_identity_token_file().display().to_string()),
+            ],
+            "AKIAPODID",
+        ),
+    ];
+    let mut controllers = Vec::new();
+    for (mode, envs, _) in &modes {
+        let name = format!("ambient-{mode}-{}", &unique()[..6]);
+        controllers.push(spawn_controller(
+            cp,
+            &name,
+            &format!("{CONTROLLER_LABEL}={name}"),
+            &aws.endpoint(),
+            &["--allow-ambient-aws-identity"],
+            envs,
+        ));
+        let ns = namespace(&client, &format!("ecr-{mode}")).await;
+        create_credential_for(&client, &ns, "ambient", Some(&name), ecr_spec(json!({"ambient": {}}))).await;
+        let secret = wait_secret(&client, &ns, "ambient", "written", |_| true).await;
+        record_secret(&logins(&secret)[0].2);
+        assert_eq!(logins(&secret)[0].0, REGISTRY, "{mode}");
+    }
+    for (mode, _, prefix) in &modes {
+        assert_eq!(token_calls(&aws, prefix).len(), 1, "{mode}: one GetAuthorizationToken signed by a {prefix}… key");
+    }
+    assert!(aws.counts().unwrap().get("sts:AssumeRoleWithWebIdentity").copied().unwrap_or(0) >= 1);
+    drop(controllers);
+    assert_no_leaks(&client).await;
+}
+
+#[tokio::test]
+async fn tokens_rotate_before_they_expire_and_no_stale_token_is_written() {
+    let cp = env().cp;
+    let client = client().await;
+    // 30-second tokens: refreshed about 22 s after issue.
+    let aws = AwsEmulator::start_with_lifetime(30).unwrap();
+    let name = format!("rotate-{}", &unique()[..6]);
+    let _controller = spawn_controller(cp, &name, &format!("{CONTROLLER_LABEL}={name}"), &aws.endpoint(), &[], &[]);
+    let ns = namespace(&client, "ecr-rotate").await;
+    let key_id = aws_keys(&client, &ns, "aws-keys").await;
+    create_credential_for(&client, &ns, "ecr", Some(&name), ecr_spec(json!({"secretRef": {"name": "aws-keys"}}))).await;
+
+    // Watch the Secret until three different tokens have been in it, noting when each was first seen.
+    let secrets = Api::<Secret>::namespaced(client.clone(), &ns);
+    let mut seen: Vec<(String, f64)> = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    while seen.len() < 3 {
+        assert!(std::time::Instant::now() < deadline, "only {} tokens seen in 90 s", seen.len());
+        if let Some(secret) = secrets.get_opt("ecr").await.unwrap() {
+            let password = logins(&secret)[0].2.clone();
+            if seen.last().is_none_or(|(p, _)| *p != password) {
+                let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+                seen.push((password, now));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let calls = token_calls(&aws, &key_id);
+    for (i, (password, first_seen)) in seen.iter().enumerate() {
+        let call = calls.iter().find(|c| issued_password(c) == *password);
+        let call = call.unwrap_or_else(|| panic!("token {i} did not come from AWS: seen {seen:?}, calls {calls:?}"));
+        let expires = call["expiresAt"].as_f64().unwrap();
+        assert!(*first_seen < expires, "token {i} was written after it expired");
+        if let Some((_, next_seen)) = seen.get(i + 1) {
+            assert!(*next_seen < expires, "token {i} was replaced only after it expired");
+        }
+    }
+    let distinct: BTreeSet<_> = seen.iter().map(|(p, _)| p).collect();
+    assert_eq!(distinct.len(), seen.len());
+    assert_no_leaks(&client).await;
+}
+
+#[tokio::test]
+async fn an_outage_keeps_the_valid_secret_then_reports_expiry_and_recovers() {
+    let cp = env().cp;
+    let client = client().await;
+    let aws = AwsEmulator::start_with_lifetime(45).unwrap();
+    let name = format!("outage-{}", &unique()[..6]);
+    let _controller = spawn_controller(cp, &name, &format!("{CONTROLLER_LABEL}={name}"), &aws.endpoint(), &[], &[]);
+    let ns = namespace(&client, "ecr-outage").await;
+    aws_keys(&client, &ns, "aws-keys").await;
+    create_credential_for(&client, &ns, "ecr", Some(&name), ecr_spec(json!({"secretRef": {"name": "aws-keys"}}))).await;
+    wait_ready(&client, &ns, "ecr", "True", Some("Synced")).await;
+    let secrets = Api::<Secret>::namespaced(client.clone(), &ns);
+    let before = secrets.get("ecr").await.unwrap();
+    record_secret(&logins(&before)[0].2);
+
+    aws.stop();
+    let long = Duration::from_secs(90);
+    let api = Api::<regcred::crd::RegistryCredential>::namespaced(client.clone(), &ns);
+    // At the refresh time the call fails: Degraded, while Ready stays True on the valid token.
+    let cr = eventually("Degraded while the token is valid", long, || async {
+        let cr = api.get("ecr").await.ok()?;
+        let st = cr.status.clone()?;
+        let degraded = st.condition("Degraded")?;
+        (degraded.status == "True" && st.condition("Ready")?.status == "True").then_some(cr)
+    })
+    .await;
+    let status = cr.status.unwrap();
+    let message = &status.condition("Degraded").unwrap().message;
+    assert!(message.contains("ecr:GetAuthorizationToken") && message.contains("keeps the current token"), "{message}");
+    wait_event(&client, &ns, "RegistryCredential", "ecr", "Warning", "AwsRequestFailed").await;
+    assert_eq!(secrets.get("ecr").await.unwrap().metadata.resource_version, before.metadata.resource_version);
+
+    // Once the token has expired, Ready turns False; the Secret is still not rewritten.
+    let cr = eventually("Ready=False after expiry", long, || async {
+        let cr = api.get("ecr").await.ok()?;
+        (cr.status.as_ref()?.condition("Ready")?.status == "False").then_some(cr)
+    })
+    .await;
+    assert!(cr.status.unwrap().conditions[0].message.contains("expired at"));
+    assert_eq!(secrets.get("ecr").await.unwrap().metadata.resource_version, before.metadata.resource_version);
+
+    // AWS answers again: the controller recovers by itself.
+    aws.restart().unwrap();
+    let after = eventually("a fresh token after recovery", long, || async {
+        let cr = api.get("ecr").await.ok()?;
+        let ready = cr.status.as_ref()?.condition("Ready")?.status == "True";
+        let secret = secrets.get("ecr").await.ok()?;
+        (ready && secret.metadata.resource_version != before.metadata.resource_version).then_some(secret)
+    })
+    .await;
+    let password = logins(&after)[0].2.clone();
+    record_secret(&password);
+    assert_ne!(password, logins(&before)[0].2);
+    assert_no_leaks(&client).await;
+}
