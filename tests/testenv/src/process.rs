@@ -70,6 +70,11 @@ impl Process {
         Ok(Process { name: name.into(), child, log: log.into() })
     }
 
+    /// The child's process id (e.g. to read its memory use from /proc).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Err (with the log's tail) if the process has exited.
     pub fn check_alive(&mut self) -> Result<()> {
         match self.child.try_wait()? {
