@@ -67,11 +67,11 @@ async fn main() -> anyhow::Result<()> {
     println!("  regcred min/max {:.1}/{:.1} ms", ms(regcred[0]), ms(regcred[LATENCY_SAMPLES - 1]));
 
     // 2. Idle writes, 3. RSS.
-    let sync_writes = controller_writes(&cp, audit_before_sync, audit_len(&cp));
+    let sync_writes = controller_writes(&cp, audit_before_sync, audit_len(&cp), None);
     let rss_synced = rss_kib(controller.pid());
     let idle_start = audit_len(&cp);
     tokio::time::sleep(Duration::from_secs(idle_secs)).await;
-    let idle_writes = controller_writes(&cp, idle_start, audit_len(&cp));
+    let idle_writes = controller_writes(&cp, idle_start, audit_len(&cp), None);
     println!(
         "writes by the controller in {idle_secs} s idle after sync: {} (syncing the {LATENCY_SAMPLES} credentials took {})",
         idle_writes.values().sum::<usize>(),
@@ -183,7 +183,8 @@ async fn ecr_rotation(
     let ns = format!("ecr-{n}");
     namespace(client, &ns).await?;
     let secrets = Api::<Secret>::namespaced(client.clone(), &ns);
-    let mut keys = secret("aws-keys", b"accessKeyId", format!("AKIABENCH{n:011}").as_bytes());
+    let key_id = format!("AKIABENCH{n:011}");
+    let mut keys = secret("aws-keys", b"accessKeyId", key_id.as_bytes());
     keys.data.as_mut().unwrap().insert("secretAccessKey".into(), ByteString(b"bench-secret".to_vec()));
     secrets.create(&PostParams::default(), &keys).await?;
     let creds = Api::<RegistryCredential>::namespaced(client.clone(), &ns);
@@ -192,11 +193,12 @@ async fn ecr_rotation(
         creds.create(&PostParams::default(), &credential(&format!("c{i}"), spec)?).await?;
     }
     let first = wait_tokens(&secrets, n, None).await?;
-    // One rotation: from now until every Secret holds a token other than the first.
-    let (calls_before, audit_before) = (token_calls(aws)?, audit_len(cp));
+    // One rotation: from now until every Secret holds a token other than the first. Earlier
+    // sizes keep rotating meanwhile, so calls count by access key and writes by namespace.
+    let (calls_before, audit_before) = (token_calls(aws, &key_id)?, audit_len(cp));
     wait_tokens(&secrets, n, Some(&first)).await?;
-    let calls = token_calls(aws)? - calls_before;
-    let writes = controller_writes(cp, audit_before, audit_len(cp));
+    let calls = token_calls(aws, &key_id)? - calls_before;
+    let writes = controller_writes(cp, audit_before, audit_len(cp), Some(&ns));
     Ok((calls, writes))
 }
 
@@ -221,22 +223,29 @@ async fn wait_tokens(secrets: &Api<Secret>, n: usize, not: Option<&str>) -> anyh
     }
 }
 
-fn token_calls(aws: &AwsEmulator) -> anyhow::Result<u64> {
-    Ok(aws.counts()?.get("ecr:GetAuthorizationToken").copied().unwrap_or(0))
+/// GetAuthorizationToken calls signed with this access key.
+fn token_calls(aws: &AwsEmulator, key_id: &str) -> anyhow::Result<u64> {
+    let calls = aws.calls()?;
+    Ok(calls.iter().filter(|c| c["action"] == "ecr:GetAuthorizationToken" && c["access_key_id"] == key_id).count()
+        as u64)
 }
 
 fn audit_len(cp: &ControlPlane) -> u64 {
     std::fs::metadata(cp.audit_log_path()).map(|m| m.len()).unwrap_or(0)
 }
 
-/// Writes by the controller between two audit log offsets, by resource.
-fn controller_writes(cp: &ControlPlane, from: u64, to: u64) -> BTreeMap<String, usize> {
+/// Writes by the controller between two audit log offsets (in one namespace, if given), by resource.
+fn controller_writes(cp: &ControlPlane, from: u64, to: u64, namespace: Option<&str>) -> BTreeMap<String, usize> {
     let text = std::fs::read(cp.audit_log_path()).unwrap_or_default();
     let text = String::from_utf8_lossy(&text[from as usize..(to as usize).min(text.len())]).into_owned();
     let mut writes = BTreeMap::new();
     for event in text.lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()) {
         let verb = event["verb"].as_str().unwrap_or_default();
-        if event["user"]["username"] == CONTROLLER_USER && matches!(verb, "create" | "update" | "patch" | "delete") {
+        let in_namespace = namespace.is_none_or(|ns| event["objectRef"]["namespace"] == ns);
+        if event["user"]["username"] == CONTROLLER_USER
+            && in_namespace
+            && matches!(verb, "create" | "update" | "patch" | "delete")
+        {
             let resource = event["objectRef"]["resource"].as_str().unwrap_or_default();
             let sub = event["objectRef"]["subresource"].as_str().map(|s| format!("/{s}")).unwrap_or_default();
             *writes.entry(format!("{verb} {resource}{sub}")).or_default() += 1;

@@ -4,7 +4,7 @@ use std::{
     collections::HashMap,
     future::Future,
     sync::{Arc, Mutex, PoisonError},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use futures::StreamExt;
@@ -25,7 +25,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     Error,
-    crd::{CredentialSource, RegistryCredential},
+    crd::{CredentialSource, CredentialStatus, RegistryCredential},
     dockerconfig,
     secret::{FIELD_MANAGER, SecretChange, delete_if_controlled, desired_secret, ensure_secret},
     source::{
@@ -76,6 +76,10 @@ pub struct Context {
     config: ControllerConfig,
     /// ECR settings, AWS configuration and the shared token cache.
     ecr: EcrProvider,
+    /// The status each credential was last given, and when: the copy in the controller's
+    /// cache lags behind its own writes, and comparing with it would write the same status
+    /// again (and repeat its Events) on the next reconcile.
+    written: Mutex<HashMap<ObjectRef<RegistryCredential>, (CredentialStatus, Instant)>>,
     /// Consecutive failures per credential, for exponential backoff.
     failures: Mutex<HashMap<ObjectRef<RegistryCredential>, u32>>,
 }
@@ -96,6 +100,7 @@ where
         client: client.clone(),
         ecr: EcrProvider::new(client.clone(), config.ecr.clone()),
         failures: Mutex::default(),
+        written: Mutex::default(),
         config: config.clone(),
     });
     let mut credentials = watcher::Config::default().any_semantic();
@@ -208,7 +213,10 @@ async fn sync(cr: &RegistryCredential, ctx: &Context) -> Result<Synced, Error> {
 
 /// Writes status when it changed, and publishes Events for writes and for new failures.
 async fn report(cr: &RegistryCredential, ctx: &Context, outcome: &Result<Synced, Error>) -> Result<(), Error> {
-    let previous = cr.status.as_ref();
+    let object = ObjectRef::from(cr);
+    let recent = ctx.recently_written(&object);
+    // What the apiserver holds: our own recent write if the cache has not caught up yet.
+    let previous = recent.as_ref().or(cr.status.as_ref());
     let generation = cr.metadata.generation;
     let has_expiry = matches!(cr.spec.source, CredentialSource::Ecr(_));
     let mut next = previous.cloned().unwrap_or_default();
@@ -290,8 +298,20 @@ async fn report(cr: &RegistryCredential, ctx: &Context, outcome: &Result<Synced,
             "status": next,
         });
         api.patch_status(&cr.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
+        ctx.written.lock().unwrap_or_else(PoisonError::into_inner).insert(object, (next, Instant::now()));
     }
     Ok(())
+}
+
+impl Context {
+    /// The status this controller wrote for the object within the last few seconds (longer
+    /// than a watch event takes to arrive), if any. Older records are dropped.
+    fn recently_written(&self, object: &ObjectRef<RegistryCredential>) -> Option<CredentialStatus> {
+        const FRESH: Duration = Duration::from_secs(5);
+        let mut written = self.written.lock().unwrap_or_else(PoisonError::into_inner);
+        written.retain(|_, (_, at)| at.elapsed() < FRESH);
+        written.get(object).map(|(status, _)| status.clone())
+    }
 }
 
 /// Time from now until `at` (zero if past).
