@@ -366,3 +366,44 @@ async fn an_outage_keeps_the_valid_secret_then_reports_expiry_and_recovers() {
     assert_ne!(password, logins(&before)[0].2);
     assert_no_leaks(&client).await;
 }
+
+#[tokio::test]
+async fn stale_tokens_and_denials_are_errors_with_backoff_not_tokens() {
+    let cp = env().cp;
+    let client = client().await;
+    // Tokens that expire 5 s after issue: already too close to expiry to write.
+    let aws = AwsEmulator::start_with_lifetime(5).unwrap();
+    let name = format!("stale-{}", &unique()[..6]);
+    let _controller = spawn_controller(cp, &name, &format!("{CONTROLLER_LABEL}={name}"), &aws.endpoint(), &[], &[]);
+    let ns = namespace(&client, "ecr-stale").await;
+    let key_id = aws_keys(&client, &ns, "aws-keys").await;
+    create_credential_for(&client, &ns, "stale", Some(&name), ecr_spec(json!({"secretRef": {"name": "aws-keys"}})))
+        .await;
+    let cr = wait_ready(&client, &ns, "stale", "False", Some("InvalidAwsAnswer")).await;
+    assert!(cr.status.unwrap().conditions[0].message.contains("not in the future"));
+    let secrets = Api::<Secret>::namespaced(client.clone(), &ns);
+    assert!(secrets.get_opt("stale").await.unwrap().is_none(), "a stale token was written");
+
+    // Retries back off instead of looping: the gaps between calls grow.
+    let calls = eventually("four attempts", Duration::from_secs(60), || async {
+        let calls = token_calls(&aws, &key_id);
+        (calls.len() >= 4).then_some(calls)
+    })
+    .await;
+    let times: Vec<f64> = calls.iter().map(|c| c["time"].as_f64().unwrap()).collect();
+    let gaps: Vec<f64> = times.windows(2).map(|w| w[1] - w[0]).collect();
+    assert!(gaps.windows(2).all(|g| g[1] > g[0]), "gaps between attempts do not grow: {gaps:?}");
+    for call in &calls {
+        issued_password(call);
+    }
+
+    // A denial is reported with the AWS error code.
+    aws.fail("ecr:GetAuthorizationToken", Some("AccessDeniedException")).unwrap();
+    create_credential_for(&client, &ns, "denied", Some(&name), ecr_spec(json!({"secretRef": {"name": "aws-keys"}})))
+        .await;
+    let cr = wait_ready(&client, &ns, "denied", "False", Some("AwsRequestFailed")).await;
+    let message = &cr.status.unwrap().conditions[0].message;
+    assert!(message.contains("AccessDeniedException"), "{message}");
+    wait_event(&client, &ns, "RegistryCredential", "denied", "Warning", "AwsRequestFailed").await;
+    assert_no_leaks(&client).await;
+}

@@ -37,18 +37,22 @@ pub struct CacheKey {
     pub assume_role: Option<AssumeRole>,
 }
 
-/// A failed fetch, remembered briefly so that the credentials waiting behind it get the
-/// same answer instead of each calling AWS again.
+/// A failed fetch, remembered briefly so that the credentials waiting behind it, and the
+/// reconciles its own status write triggers, get the same answer instead of calling AWS again.
 #[derive(Debug, Clone)]
 pub struct Failure {
     pub operation: &'static str,
-    pub code: String,
+    /// The AWS error code; `None` when AWS answered but the answer was unusable.
+    pub code: Option<String>,
     pub message: String,
 }
 
 impl From<Failure> for Error {
     fn from(f: Failure) -> Self {
-        Error::Aws { operation: f.operation, code: f.code, message: f.message }
+        match f.code {
+            Some(code) => Error::Aws { operation: f.operation, code, message: f.message },
+            None => Error::InvalidAwsAnswer { operation: f.operation, problem: f.message },
+        }
     }
 }
 
@@ -224,7 +228,7 @@ mod tests {
         let cache = TokenCache::default();
         let failure = Failure {
             operation: "ecr:GetAuthorizationToken",
-            code: "ThrottlingException".into(),
+            code: Some("ThrottlingException".into()),
             message: "slow down".into(),
         };
         let err = cache.get_or_fetch(key("a"), || async { Err(FetchError::Aws(failure.clone())) }).await.unwrap_err();

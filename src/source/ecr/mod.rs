@@ -149,7 +149,12 @@ async fn get_authorization_token(
         .send()
         .await
         .map_err(|e| FetchError::Aws(aws_failure("ecr:GetAuthorizationToken", &e)))?;
-    Ok(token_from(out.authorization_data(), Timestamp::now(), provider.settings.refresh_share_left)?)
+    token_from(out.authorization_data(), Timestamp::now(), provider.settings.refresh_share_left).map_err(|e| match e {
+        Error::InvalidAwsAnswer { operation, problem } => {
+            FetchError::Aws(Failure { operation, code: None, message: problem })
+        }
+        other => FetchError::Other(other),
+    })
 }
 
 /// Decodes GetAuthorizationToken's answer. A missing or already-past expiry is an error, not
@@ -184,7 +189,7 @@ fn token_from(data: &[aws_sdk_ecr::types::AuthorizationData], now: Timestamp, sh
 
 /// An AWS error as code and message (AWS messages name principals and actions, not keys).
 fn aws_failure<E: ProvideErrorMetadata>(operation: &'static str, error: &E) -> Failure {
-    let code = error.code().unwrap_or("Unreachable").to_string();
+    let code = Some(error.code().unwrap_or("Unreachable").to_string());
     let message = error
         .message()
         .map(|m| m.chars().take(300).collect())
