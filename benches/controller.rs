@@ -103,6 +103,7 @@ fn spawn(cp: &ControlPlane, aws: &AwsEmulator) -> anyhow::Result<Process> {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_regcred"));
     // The baseline's credentials carry the label `bench`; the controller leaves them alone.
     cmd.args(["run", "--selector", "!bench", "--aws-endpoint-url", &aws.endpoint()])
+        .args(["--admin-addr", &format!("127.0.0.1:{}", regcred_testenv::free_port())])
         .env("KUBECONFIG", cp.controller_kubeconfig_path())
         .env("AWS_EC2_METADATA_DISABLED", "true")
         .env("RUST_LOG", "info");

@@ -1,9 +1,11 @@
 //! regcred keeps `kubernetes.io/dockerconfigjson` pull Secrets correct from
 //! `RegistryCredential` resources. See ARCHITECTURE.md for how the pieces fit.
 
+pub mod admin;
 pub mod crd;
 pub mod dockerconfig;
 mod error;
+pub mod metrics;
 pub mod reconciler;
 pub mod registry;
 pub mod render;

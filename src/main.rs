@@ -4,7 +4,7 @@ use std::{io::Write, path::PathBuf};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
-use regcred::{crd, reconciler, render};
+use regcred::{admin, crd, reconciler, render};
 use tracing_subscriber::{EnvFilter, fmt};
 
 #[derive(Parser)]
@@ -47,6 +47,9 @@ struct RunArgs {
     /// Reconciles running at once.
     #[arg(long, default_value_t = 8, env = "REGCRED_CONCURRENCY")]
     concurrency: u16,
+    /// Address of the admin endpoint (/metrics, /healthz, /readyz).
+    #[arg(long, default_value = "0.0.0.0:8080", env = "REGCRED_ADMIN_ADDR")]
+    admin_addr: std::net::SocketAddr,
     /// Name of this replica in Events (set to the pod name by the Helm chart).
     #[arg(long, env = "POD_NAME")]
     instance: Option<String>,
@@ -112,7 +115,12 @@ async fn main() -> anyhow::Result<()> {
                 selector: args.selector,
             };
             tracing::info!(version = env!("CARGO_PKG_VERSION"), "starting controller");
-            reconciler::run(client, config).await;
+            let admin = admin::AdminState { metrics: Default::default(), ready: Default::default() };
+            let listener = tokio::net::TcpListener::bind(args.admin_addr)
+                .await
+                .with_context(|| format!("binding the admin endpoint to {}", args.admin_addr))?;
+            tokio::spawn(admin::serve(listener, admin.clone()));
+            reconciler::run(client, config, admin).await;
             Ok(())
         }
         Command::Crdgen { dir } => crdgen(dir),

@@ -2,7 +2,6 @@
 
 use std::{
     collections::HashMap,
-    future::Future,
     sync::{Arc, Mutex, PoisonError},
     time::{Duration, Instant},
 };
@@ -25,8 +24,10 @@ use tracing::{debug, info, warn};
 
 use crate::{
     Error,
+    admin::AdminState,
     crd::{CredentialSource, CredentialStatus, RegistryCredential},
     dockerconfig,
+    metrics::{FailureLabels, KindLabels, Metrics, ObjectLabels},
     secret::{FIELD_MANAGER, SecretChange, delete_if_controlled, desired_secret, ensure_secret},
     source::{
         ApiSecretReader, CredentialProvider, SourceContext,
@@ -74,6 +75,7 @@ pub struct Context {
     client: Client,
     recorder: Recorder,
     config: ControllerConfig,
+    metrics: Arc<Metrics>,
     /// ECR settings, AWS configuration and the shared token cache.
     ecr: EcrProvider,
     /// The status each credential was last given, and when: the copy in the controller's
@@ -84,42 +86,49 @@ pub struct Context {
     failures: Mutex<HashMap<ObjectRef<RegistryCredential>, u32>>,
 }
 
-/// Runs the controller until SIGTERM or SIGINT.
-pub async fn run(client: Client, config: ControllerConfig) {
-    run_until(client, config, None::<futures::future::Pending<()>>).await
-}
-
-/// Runs the controller until `shutdown` completes (or a signal arrives when it is `None`).
-pub async fn run_until<F>(client: Client, config: ControllerConfig, shutdown: Option<F>)
-where
-    F: Future<Output = ()> + Send + Sync + 'static,
-{
+/// Runs the controller until SIGTERM or SIGINT, reporting through `admin` (metrics, and
+/// readiness once the credential cache has synced).
+pub async fn run(client: Client, config: ControllerConfig, admin: AdminState) {
     let reporter = Reporter { controller: CONTROLLER_NAME.into(), instance: config.instance.clone() };
     let ctx = Arc::new(Context {
         recorder: Recorder::new(client.clone(), reporter),
         client: client.clone(),
-        ecr: EcrProvider::new(client.clone(), config.ecr.clone()),
+        ecr: EcrProvider::new(client.clone(), config.ecr.clone(), admin.metrics.clone()),
+        metrics: admin.metrics.clone(),
         failures: Mutex::default(),
         written: Mutex::default(),
         config: config.clone(),
     });
+    // Until leader election exists, every replica writes.
+    admin.metrics.leader.set(1);
     let mut credentials = watcher::Config::default().any_semantic();
     if let Some(selector) = &config.selector {
         credentials = credentials.labels(selector);
     }
     let controller = Controller::new(Api::<RegistryCredential>::all(client.clone()), credentials);
     let store = controller.store();
+    let ready_store = store.clone();
+    tokio::spawn(async move {
+        // The store's readiness is a one-waker channel that the Controller waits on too, so a
+        // second waiter may never be woken: poll it again on a short timer instead.
+        loop {
+            match tokio::time::timeout(Duration::from_millis(200), ready_store.wait_until_ready()).await {
+                Ok(Ok(())) => break,
+                Ok(Err(_)) => return,
+                Err(_) => continue,
+            }
+        }
+        info!("credential cache synced; ready");
+        admin.ready.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
     // Metadata only (Api<PartialObjectMeta<_>> makes metadata requests): the controller sees
     // every Secret's name and resourceVersion, never their data, and keeps no Secret cache.
     let secrets = Api::<PartialObjectMeta<Secret>>::all(client);
     let controller = controller
         .watches(secrets, watcher::Config::default(), move |secret| credentials_using(&store, &secret))
         .with_config(ControllerRuntimeConfig::default().concurrency(config.concurrency));
-    let controller = match shutdown {
-        Some(shutdown) => controller.graceful_shutdown_on(shutdown),
-        None => controller.shutdown_on_signal(),
-    };
     controller
+        .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
             match result {
@@ -163,8 +172,17 @@ async fn reconcile(cr: Arc<RegistryCredential>, ctx: Arc<Context>) -> Result<Act
         // The Secret carries an owner reference; the garbage collector removes it.
         return Ok(Action::await_change());
     }
+    let started = Instant::now();
     let outcome = sync(&cr, &ctx).await;
-    report(&cr, &ctx, &outcome).await?;
+    let reported = report(&cr, &ctx, &outcome).await;
+    let kind = KindLabels { kind: "RegistryCredential".into() };
+    ctx.metrics.reconciles.get_or_create(&kind).inc();
+    ctx.metrics.reconcile_duration.get_or_create(&kind).observe(started.elapsed().as_secs_f64());
+    if let Some(error) = outcome.as_ref().err().or(reported.as_ref().err()) {
+        let labels = FailureLabels { kind: kind.kind.clone(), reason: error.reason().into() };
+        ctx.metrics.reconcile_failures.get_or_create(&labels).inc();
+    }
+    reported?;
     match outcome {
         Ok(synced) => {
             ctx.failures.lock().unwrap_or_else(PoisonError::into_inner).remove(&ObjectRef::from(cr.as_ref()));
@@ -265,6 +283,17 @@ async fn report(cr: &RegistryCredential, ctx: &Context, outcome: &Result<Synced,
                 next.conditions.push(condition(previous, DEGRADED, true, error.reason(), message, generation));
             }
         }
+    }
+
+    let labels = ObjectLabels {
+        kind: "RegistryCredential".into(),
+        namespace: cr.metadata.namespace.clone().unwrap_or_default(),
+        name: cr.name_any(),
+    };
+    let ready = next.condition(READY).is_some_and(|c| c.status == "True");
+    ctx.metrics.ready_credentials.get_or_create(&labels).set(i64::from(ready));
+    if let Some(expires) = &next.expires_at {
+        ctx.metrics.token_expiry.get_or_create(&labels).set(expires.0.as_millisecond() as f64 / 1000.0);
     }
 
     let event = match outcome {

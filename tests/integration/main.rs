@@ -4,6 +4,7 @@
 
 mod support;
 
+mod admin;
 mod conflict;
 mod ecr;
 mod errors;

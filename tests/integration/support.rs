@@ -32,7 +32,13 @@ pub struct Env {
     pub cp: &'static ControlPlane,
     /// The AWS emulator the shared controller talks to (12-hour tokens).
     pub aws: AwsEmulator,
-    _controller: Mutex<Process>,
+    pub controller: TestController,
+}
+
+/// A controller process and the port of its admin endpoint.
+pub struct TestController {
+    pub admin_port: u16,
+    _process: Process,
 }
 
 /// Label that routes a credential to a test's own controller instead of the shared one.
@@ -48,7 +54,7 @@ pub fn env() -> &'static Env {
         cp.install_crds(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("crds")).expect("installing crds/");
         let aws = AwsEmulator::start().expect("starting the AWS emulator");
         let process = spawn_controller(cp, "shared", &format!("!{CONTROLLER_LABEL}"), &aws.endpoint(), &[], &[]);
-        Env { cp, aws, _controller: Mutex::new(process) }
+        Env { cp, aws, controller: process }
     })
 }
 
@@ -61,9 +67,11 @@ pub fn spawn_controller(
     aws_endpoint: &str,
     args: &[&str],
     envs: &[(&str, String)],
-) -> Process {
+) -> TestController {
+    let admin_port = regcred_testenv::free_port();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_regcred"));
     cmd.args(["run", "--resync-interval", "10m", "--max-backoff", "20s", "--selector", selector])
+        .args(["--admin-addr", &format!("127.0.0.1:{admin_port}")])
         .args(["--aws-endpoint-url", aws_endpoint])
         // The ambient credential chain's own STS client reads the endpoint from the environment.
         .env("AWS_ENDPOINT_URL", aws_endpoint)
@@ -81,8 +89,9 @@ pub fn spawn_controller(
     for (key, value) in envs {
         cmd.env(key, value);
     }
-    Process::spawn(&format!("regcred-{name}"), cmd, &cp.dir().join(format!("regcred-{name}.log")))
-        .expect("starting regcred")
+    let process = Process::spawn(&format!("regcred-{name}"), cmd, &cp.dir().join(format!("regcred-{name}.log")))
+        .expect("starting regcred");
+    TestController { admin_port, _process: process }
 }
 
 /// An admin client for this test's runtime.

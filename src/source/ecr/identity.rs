@@ -126,7 +126,9 @@ impl Identity {
                     .web_identity_token(token)
                     .send()
                     .await
-                    .map_err(|e| FetchError::Aws(aws_failure("sts:AssumeRoleWithWebIdentity", &e)))?;
+                    .map_err(|e| aws_failure("sts:AssumeRoleWithWebIdentity", &e));
+                provider.record("sts:AssumeRoleWithWebIdentity", &out);
+                let out = out.map_err(FetchError::Aws)?;
                 SharedCredentialsProvider::new(sts_credentials(out.credentials(), "sts:AssumeRoleWithWebIdentity")?)
             }
         };
@@ -140,7 +142,9 @@ impl Identity {
             .set_external_id(role.external_id.clone())
             .send()
             .await
-            .map_err(|e| FetchError::Aws(aws_failure("sts:AssumeRole", &e)))?;
+            .map_err(|e| aws_failure("sts:AssumeRole", &e));
+        provider.record("sts:AssumeRole", &out);
+        let out = out.map_err(FetchError::Aws)?;
         Ok(SharedCredentialsProvider::new(sts_credentials(out.credentials(), "sts:AssumeRole")?))
     }
 }

@@ -9,6 +9,8 @@ use aws_sdk_ecr::{config::Region, error::ProvideErrorMetadata};
 use aws_smithy_http_client::tls;
 use base64::{Engine, engine::general_purpose::STANDARD};
 use k8s_openapi::jiff::Timestamp;
+use std::sync::Arc;
+
 use tokio::sync::OnceCell;
 
 pub use cache::{CacheKey, Failure, FetchError, Token, TokenCache, refresh_time};
@@ -17,7 +19,12 @@ pub use host::{EcrHost, parse_ecr_host};
 pub use identity::{Identity, ROLE_ARN_ANNOTATION, STS_AUDIENCE};
 
 use super::{CredentialProvider, Credentials, SecretReader, SourceContext};
-use crate::{Error, crd::EcrSource, dockerconfig::RegistryAuth};
+use crate::{
+    Error,
+    crd::EcrSource,
+    dockerconfig::RegistryAuth,
+    metrics::{Metrics, ProviderFailureLabels, ProviderLabels},
+};
 
 /// A token must stay valid at least this long after it is written (real tokens live 12 h;
 /// this only rejects answers that are already stale).
@@ -46,13 +53,26 @@ impl Default for EcrSettings {
 pub struct EcrProvider {
     settings: EcrSettings,
     client: kube::Client,
+    metrics: Arc<Metrics>,
     sdk: OnceCell<aws_config::SdkConfig>,
     pub tokens: TokenCache,
 }
 
 impl EcrProvider {
-    pub fn new(client: kube::Client, settings: EcrSettings) -> Self {
-        Self { settings, client, sdk: OnceCell::new(), tokens: TokenCache::default() }
+    pub fn new(client: kube::Client, settings: EcrSettings, metrics: Arc<Metrics>) -> Self {
+        Self { settings, client, metrics, sdk: OnceCell::new(), tokens: TokenCache::default() }
+    }
+
+    /// Counts an AWS call, and its failure code if it failed.
+    fn record<T>(&self, operation: &str, result: &Result<T, Failure>) {
+        let (provider, operation) = operation.split_once(':').unwrap_or(("aws", operation));
+        let labels = ProviderLabels { provider: provider.into(), operation: operation.into() };
+        self.metrics.provider_calls.get_or_create(&labels).inc();
+        if let Err(failure) = result {
+            let code = failure.code.clone().unwrap_or_else(|| "InvalidAnswer".into());
+            let labels = ProviderFailureLabels { provider: labels.provider, operation: labels.operation, code };
+            self.metrics.provider_failures.get_or_create(&labels).inc();
+        }
     }
 
     /// The AWS base configuration, loaded on first use (so a cluster without ECR sources never
@@ -144,17 +164,24 @@ async fn get_authorization_token(
         .use_fips(target.fips)
         .credentials_provider(credentials)
         .build();
-    let out = aws_sdk_ecr::Client::from_conf(config)
+    let result = aws_sdk_ecr::Client::from_conf(config)
         .get_authorization_token()
         .send()
         .await
-        .map_err(|e| FetchError::Aws(aws_failure("ecr:GetAuthorizationToken", &e)))?;
-    token_from(out.authorization_data(), Timestamp::now(), provider.settings.refresh_share_left).map_err(|e| match e {
-        Error::InvalidAwsAnswer { operation, problem } => {
-            FetchError::Aws(Failure { operation, code: None, message: problem })
-        }
-        other => FetchError::Other(other),
-    })
+        .map_err(|e| aws_failure("ecr:GetAuthorizationToken", &e))
+        .and_then(|out| {
+            let now = Timestamp::now();
+            token_from(out.authorization_data(), now, provider.settings.refresh_share_left).map_err(|e| Failure {
+                operation: "ecr:GetAuthorizationToken",
+                code: None,
+                message: match e {
+                    Error::InvalidAwsAnswer { problem, .. } => problem,
+                    other => other.to_string(),
+                },
+            })
+        });
+    provider.record("ecr:GetAuthorizationToken", &result);
+    result.map_err(FetchError::Aws)
 }
 
 /// Decodes GetAuthorizationToken's answer. A missing or already-past expiry is an error, not

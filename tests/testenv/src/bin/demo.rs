@@ -34,7 +34,8 @@ fn main() -> Result<()> {
     step("starting the regcred controller");
     let log = cp.dir().join("regcred.log");
     let mut cmd = Command::new(&regcred);
-    cmd.arg("run").env("KUBECONFIG", cp.controller_kubeconfig_path());
+    let admin = format!("127.0.0.1:{}", regcred_testenv::free_port());
+    cmd.args(["run", "--admin-addr", &admin]).env("KUBECONFIG", cp.controller_kubeconfig_path());
     let _controller = Process::spawn("regcred", cmd, &log)?;
 
     step("applying examples/ and a credential for the local registry");

@@ -1,0 +1,73 @@
+//! The admin endpoint: health, readiness after the caches synced, and metrics after a sync
+//! and after a failure.
+
+use serde_json::json;
+
+use crate::support::*;
+
+fn get(port: u16, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("admin endpoint");
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let code = response.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (code, response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
+}
+
+/// The value of the sample whose name and labels start with `prefix`.
+fn sample(metrics: &str, prefix: &str) -> Option<f64> {
+    metrics.lines().find(|l| l.starts_with(prefix)).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok())
+}
+
+#[tokio::test]
+async fn health_readiness_and_metrics_after_sync_and_failure() {
+    let port = env().controller.admin_port;
+    let client = client().await;
+    let ns = namespace(&client, "metrics").await;
+    let password = secret_value("u", "metrics");
+    create_secret(&client, &ns, "src", &[("password", password.as_bytes())]).await;
+    let basic = |secret: &str| json!({"registry": "r.example.com", "source": {"basic": {"username": "u", "passwordSecretRef": {"name": secret}}}});
+    create_credential(&client, &ns, "good", basic("src")).await;
+    create_credential(&client, &ns, "bad", basic("missing")).await;
+    let aws_key = format!("AKIA{}", &unique()[..16].to_uppercase());
+    let aws_secret = secret_value("aws", "metrics");
+    create_secret(
+        &client,
+        &ns,
+        "aws-keys",
+        &[("accessKeyId", aws_key.as_bytes()), ("secretAccessKey", aws_secret.as_bytes())],
+    )
+    .await;
+    create_credential(&client, &ns, "ecr", json!({"source": {"ecr": {"registry": "123456789012.dkr.ecr.eu-west-1.amazonaws.com", "auth": {"secretRef": {"name": "aws-keys"}}}}})).await;
+    wait_ready(&client, &ns, "good", "True", None).await;
+    wait_ready(&client, &ns, "bad", "False", Some("SourceSecretNotFound")).await;
+    let ecr = wait_ready(&client, &ns, "ecr", "True", None).await;
+
+    assert_eq!(get(port, "/healthz").0, 200);
+    assert_eq!(get(port, "/readyz").0, 200);
+    let (code, metrics) = get(port, "/metrics");
+    assert_eq!(code, 200);
+    let object = |name: &str| format!("{{kind=\"RegistryCredential\",namespace=\"{ns}\",name=\"{name}\"}}");
+    assert_eq!(sample(&metrics, &format!("regcred_credential_ready{}", object("good"))), Some(1.0), "{metrics}");
+    assert_eq!(sample(&metrics, &format!("regcred_credential_ready{}", object("bad"))), Some(0.0));
+    let expiry =
+        sample(&metrics, &format!("regcred_token_expiry_timestamp_seconds{}", object("ecr"))).expect("expiry gauge");
+    let expected = ecr.status.unwrap().expires_at.unwrap().0.as_second() as f64;
+    assert!((expiry - expected).abs() < 1.0, "{expiry} vs {expected}");
+    let failures = "regcred_reconcile_failures_total{kind=\"RegistryCredential\",reason=\"SourceSecretNotFound\"}";
+    assert!(sample(&metrics, failures).is_some_and(|v| v >= 1.0), "{metrics}");
+    assert!(sample(&metrics, "regcred_reconciles_total{kind=\"RegistryCredential\"}").is_some_and(|v| v >= 3.0));
+    assert!(
+        sample(&metrics, "regcred_reconcile_duration_seconds_count{kind=\"RegistryCredential\"}")
+            .is_some_and(|v| v >= 3.0)
+    );
+    assert!(
+        sample(&metrics, "regcred_provider_calls_total{provider=\"ecr\",operation=\"GetAuthorizationToken\"}")
+            .is_some_and(|v| v >= 1.0)
+    );
+    assert_eq!(sample(&metrics, "regcred_leader "), Some(1.0));
+    for value in [&password, &aws_secret, &aws_key] {
+        assert!(!metrics.contains(value.as_str()), "a secret in /metrics");
+    }
+}
