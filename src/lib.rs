@@ -5,6 +5,7 @@ pub mod admin;
 pub mod crd;
 pub mod dockerconfig;
 mod error;
+pub mod leader;
 pub mod metrics;
 pub mod reconciler;
 pub mod registry;

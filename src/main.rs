@@ -4,7 +4,7 @@ use std::{io::Write, path::PathBuf};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
-use regcred::{admin, crd, reconciler, render};
+use regcred::{admin, crd, leader, reconciler, render};
 use tracing_subscriber::{EnvFilter, fmt};
 
 #[derive(Parser)]
@@ -47,6 +47,19 @@ struct RunArgs {
     /// Reconciles running at once.
     #[arg(long, default_value_t = 8, env = "REGCRED_CONCURRENCY")]
     concurrency: u16,
+    /// Run only while holding a coordination.k8s.io Lease, so that of several replicas one
+    /// writes (the Helm chart turns this on).
+    #[arg(long, env = "REGCRED_LEADER_ELECT")]
+    leader_elect: bool,
+    /// Name of the leader Lease.
+    #[arg(long, default_value = "regcred-leader", env = "REGCRED_LEADER_ELECTION_LEASE")]
+    leader_election_lease: String,
+    /// Namespace of the leader Lease (default: the pod's namespace, else `default`).
+    #[arg(long, env = "POD_NAMESPACE")]
+    leader_election_namespace: Option<String>,
+    /// How long a leader holds the Lease without renewing it; a standby takes over after it.
+    #[arg(long, default_value = "15s", env = "REGCRED_LEADER_ELECTION_DURATION")]
+    leader_election_duration: kube::core::Duration,
     /// Address of the admin endpoint (/metrics, /healthz, /readyz).
     #[arg(long, default_value = "0.0.0.0:8080", env = "REGCRED_ADMIN_ADDR")]
     admin_addr: std::net::SocketAddr,
@@ -120,11 +133,66 @@ async fn main() -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("binding the admin endpoint to {}", args.admin_addr))?;
             tokio::spawn(admin::serve(listener, admin.clone()));
-            reconciler::run(client, config, admin).await;
+            if !args.leader_elect {
+                admin.metrics.leader.set(1);
+                reconciler::run(client, config, admin, async { terminated().await }).await;
+                return Ok(());
+            }
+            let duration: std::time::Duration = args.leader_election_duration.into();
+            let settings = leader::LeaseSettings {
+                name: args.leader_election_lease,
+                namespace: args.leader_election_namespace.unwrap_or_else(|| "default".into()),
+                identity: config.instance.clone().unwrap_or_else(|| format!("regcred-{}", std::process::id())),
+                duration_secs: duration.as_secs().max(2),
+                grace_secs: (duration.as_secs() / 3).max(1),
+            };
+            let mut lease =
+                leader::Lease::start(client.clone(), &settings).await.context("starting leader election")?;
+            tokio::select! {
+                _ = lease.acquired() => {}
+                _ = terminated() => {
+                    lease.release().await;
+                    return Ok(());
+                }
+            }
+            tracing::info!(lease = %settings.name, identity = %settings.identity, "became the leader");
+            admin.metrics.leader.set(1);
+            let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+            let watcher = tokio::spawn(async move {
+                let lost = tokio::select! {
+                    _ = lease.lost() => true,
+                    _ = terminated() => false,
+                };
+                let _ = stop_tx.send(());
+                (lost, lease)
+            });
+            reconciler::run(client, config, admin.clone(), async move {
+                let _ = stop_rx.await;
+            })
+            .await;
+            admin.metrics.leader.set(0);
+            let (lost, lease) = watcher.await.context("leader watcher")?;
+            lease.release().await;
+            if lost {
+                // Exit so the process restarts with fresh caches and competes again.
+                anyhow::bail!("lost the leader Lease");
+            }
             Ok(())
         }
         Command::Crdgen { dir } => crdgen(dir),
         Command::Render(args) => render_manifests(args).await,
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn terminated() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
     }
 }
 

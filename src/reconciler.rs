@@ -86,9 +86,12 @@ pub struct Context {
     failures: Mutex<HashMap<ObjectRef<RegistryCredential>, u32>>,
 }
 
-/// Runs the controller until SIGTERM or SIGINT, reporting through `admin` (metrics, and
+/// Runs the controller until `shutdown` completes, reporting through `admin` (metrics, and
 /// readiness once the credential cache has synced).
-pub async fn run(client: Client, config: ControllerConfig, admin: AdminState) {
+pub async fn run<F>(client: Client, config: ControllerConfig, admin: AdminState, shutdown: F)
+where
+    F: std::future::Future<Output = ()> + Send + Sync + 'static,
+{
     let reporter = Reporter { controller: CONTROLLER_NAME.into(), instance: config.instance.clone() };
     let ctx = Arc::new(Context {
         recorder: Recorder::new(client.clone(), reporter),
@@ -99,8 +102,6 @@ pub async fn run(client: Client, config: ControllerConfig, admin: AdminState) {
         written: Mutex::default(),
         config: config.clone(),
     });
-    // Until leader election exists, every replica writes.
-    admin.metrics.leader.set(1);
     let mut credentials = watcher::Config::default().any_semantic();
     if let Some(selector) = &config.selector {
         credentials = credentials.labels(selector);
@@ -128,7 +129,7 @@ pub async fn run(client: Client, config: ControllerConfig, admin: AdminState) {
         .watches(secrets, watcher::Config::default(), move |secret| credentials_using(&store, &secret))
         .with_config(ControllerRuntimeConfig::default().concurrency(config.concurrency));
     controller
-        .shutdown_on_signal()
+        .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
             match result {

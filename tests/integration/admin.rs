@@ -15,11 +15,6 @@ fn get(port: u16, path: &str) -> (u16, String) {
     (code, response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
 }
 
-/// The value of the sample whose name and labels start with `prefix`.
-fn sample(metrics: &str, prefix: &str) -> Option<f64> {
-    metrics.lines().find(|l| l.starts_with(prefix)).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok())
-}
-
 #[tokio::test]
 async fn health_readiness_and_metrics_after_sync_and_failure() {
     let port = env().controller.admin_port;

@@ -8,6 +8,7 @@ mod admin;
 mod conflict;
 mod ecr;
 mod errors;
+mod leader;
 mod lifecycle;
 mod quiet;
 mod registry_pull;

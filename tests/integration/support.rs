@@ -38,7 +38,31 @@ pub struct Env {
 /// A controller process and the port of its admin endpoint.
 pub struct TestController {
     pub admin_port: u16,
-    _process: Process,
+    process: Process,
+}
+
+impl TestController {
+    /// SIGKILL, as a crash or an evicted node would.
+    pub fn kill(&mut self) {
+        self.process.kill();
+    }
+
+    /// The admin endpoint's `/metrics` text (empty if it does not answer).
+    pub fn metrics(&self) -> String {
+        use std::io::{Read, Write};
+        let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", self.admin_port)) else {
+            return String::new();
+        };
+        let _ = write!(stream, "GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
+        let mut response = String::new();
+        let _ = stream.read_to_string(&mut response);
+        response.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or_default()
+    }
+}
+
+/// The value of the first sample whose name and labels start with `prefix`.
+pub fn sample(metrics: &str, prefix: &str) -> Option<f64> {
+    metrics.lines().find(|l| l.starts_with(prefix)).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok())
 }
 
 /// Label that routes a credential to a test's own controller instead of the shared one.
@@ -91,7 +115,7 @@ pub fn spawn_controller(
     }
     let process = Process::spawn(&format!("regcred-{name}"), cmd, &cp.dir().join(format!("regcred-{name}.log")))
         .expect("starting regcred");
-    TestController { admin_port, _process: process }
+    TestController { admin_port, process }
 }
 
 /// An admin client for this test's runtime.

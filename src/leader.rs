@@ -1,0 +1,68 @@
+//! Leader election on a coordination.k8s.io Lease (kube-lease-manager): only the leader runs
+//! the controller, and it releases the Lease when it stops so a standby takes over at once.
+
+use kube::Client;
+use kube_lease_manager::{LeaseManagerBuilder, LeaseManagerError};
+use tokio::{sync::watch, task::JoinHandle};
+
+/// Which Lease, and how long a leader holds it without renewing.
+#[derive(Clone, Debug)]
+pub struct LeaseSettings {
+    pub name: String,
+    pub namespace: String,
+    /// This replica's identity in the Lease (the pod name in a cluster).
+    pub identity: String,
+    pub duration_secs: u64,
+    pub grace_secs: u64,
+}
+
+/// A running lease manager.
+pub struct Lease {
+    state: watch::Receiver<bool>,
+    task: JoinHandle<Result<kube_lease_manager::LeaseManager, LeaseManagerError>>,
+}
+
+impl Lease {
+    /// Starts competing for the Lease.
+    pub async fn start(client: Client, settings: &LeaseSettings) -> Result<Lease, LeaseManagerError> {
+        let manager = LeaseManagerBuilder::new(client, &settings.name)
+            .with_namespace(&settings.namespace)
+            .with_identity(&settings.identity)
+            .with_duration(settings.duration_secs)
+            .with_grace(settings.grace_secs)
+            .with_field_manager(crate::secret::FIELD_MANAGER)
+            .build()
+            .await?;
+        let (state, task) = manager.watch().await;
+        Ok(Lease { state, task })
+    }
+
+    /// Returns once this replica holds the Lease.
+    pub async fn acquired(&mut self) {
+        while !*self.state.borrow_and_update() {
+            if self.state.changed().await.is_err() {
+                // The manager stopped; `lost` reports it.
+                return;
+            }
+        }
+    }
+
+    /// Returns when this replica no longer holds the Lease.
+    pub async fn lost(&mut self) {
+        while *self.state.borrow_and_update() {
+            if self.state.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Gives the Lease up, so a standby need not wait for it to expire.
+    pub async fn release(self) {
+        drop(self.state);
+        match self.task.await {
+            Ok(Ok(_)) => tracing::info!("released the leader Lease"),
+            Ok(Err(error)) => tracing::warn!(%error, "could not release the leader Lease"),
+            Err(error) => tracing::warn!(%error, "the Lease task failed"),
+        }
+    }
+}
