@@ -12,14 +12,15 @@ use serde_json::json;
 
 use crate::{sources::base64_encode, support::*};
 
-#[tokio::test]
-async fn one_replica_leads_and_a_standby_takes_over_when_it_dies() {
+/// Two replicas competing for one Lease of `lease` duration, one credential for them, and the
+/// index of the replica that leads.
+async fn two_replicas(lease: &str) -> (kube::Client, String, [TestController; 2], usize) {
     let cp = env().cp;
     let client = client().await;
     let name = format!("leader-{}", &unique()[..6]);
     let selector = format!("{CONTROLLER_LABEL}={name}");
-    let args = ["--leader-elect", "--leader-election-lease", &name, "--leader-election-duration", "4s"];
-    let mut replicas = [
+    let args = ["--leader-elect", "--leader-election-lease", &name, "--leader-election-duration", lease];
+    let replicas = [
         spawn_controller(
             cp,
             &format!("{name}-a"),
@@ -53,6 +54,25 @@ async fn one_replica_leads_and_a_standby_takes_over_when_it_dies() {
         }
     })
     .await;
+    (client, ns, replicas, leader)
+}
+
+/// Changes the source password and waits until the Secret carries it; returns how long that took.
+async fn change_and_wait(client: &kube::Client, ns: &str, tag: &str) -> Duration {
+    let started = Instant::now();
+    let password = secret_value("u", tag);
+    let patch = json!({"data": {"password": base64_encode(password.as_bytes())}});
+    Api::<Secret>::namespaced(client.clone(), ns)
+        .patch("src", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    wait_secret(client, ns, "cred", "updated by the new leader", |s| logins(s)[0].2 == password).await;
+    started.elapsed()
+}
+
+#[tokio::test]
+async fn one_replica_leads_and_a_standby_takes_over_when_it_dies() {
+    let (client, ns, mut replicas, leader) = two_replicas("4s").await;
     let standby = 1 - leader;
     let standby_reconciles = sample(&replicas[standby].metrics(), "regcred_reconciles_total").unwrap_or(0.0);
     assert_eq!(standby_reconciles, 0.0, "the standby reconciled");
@@ -72,4 +92,35 @@ async fn one_replica_leads_and_a_standby_takes_over_when_it_dies() {
     assert!(takeover < Duration::from_secs(4 + 6), "takeover took {takeover:?}");
     assert_eq!(sample(&replicas[standby].metrics(), "regcred_leader "), Some(1.0));
     assert_no_leaks(&client).await;
+}
+
+#[tokio::test]
+async fn a_leader_stopped_with_sigterm_releases_the_lease() {
+    let (client, ns, mut replicas, leader) = two_replicas("8s").await;
+    let lease_name = replicas_lease(&client, "default", &ns).await;
+    let leader_identity = format!("replica-{}", ["a", "b"][leader]);
+    replicas[leader].terminate();
+    // The Lease is given up (holder cleared), not left to expire…
+    let leases = Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(client.clone(), "default");
+    eventually("the Lease released", TIMEOUT, || async {
+        let lease = leases.get(&lease_name).await.ok()?;
+        let holder = lease.spec.and_then(|s| s.holder_identity);
+        (holder.as_deref() != Some(leader_identity.as_str())).then_some(())
+    })
+    .await;
+    // …and the standby takes over within the lease duration.
+    let takeover = change_and_wait(&client, &ns, "sigterm").await;
+    eprintln!("leader takeover after SIGTERM: {takeover:?} (lease duration 8 s)");
+    assert!(takeover < Duration::from_secs(8 + 6), "takeover took {takeover:?}");
+    assert_eq!(sample(&replicas[1 - leader].metrics(), "regcred_leader "), Some(1.0));
+}
+
+/// Name of the Lease the test's replicas compete for (the one named after their label).
+async fn replicas_lease(client: &kube::Client, lease_ns: &str, credential_ns: &str) -> String {
+    let creds = Api::<regcred::crd::RegistryCredential>::namespaced(client.clone(), credential_ns);
+    let cred = creds.get("cred").await.unwrap();
+    let name = cred.metadata.labels.unwrap()[CONTROLLER_LABEL].clone();
+    let leases = Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(client.clone(), lease_ns);
+    assert!(leases.get_opt(&name).await.unwrap().is_some(), "no Lease {lease_ns}/{name}");
+    name
 }

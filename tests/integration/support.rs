@@ -47,6 +47,11 @@ impl TestController {
         self.process.kill();
     }
 
+    /// SIGTERM, as a rolling update would.
+    pub fn terminate(&mut self) {
+        self.process.terminate();
+    }
+
     /// The admin endpoint's `/metrics` text (empty if it does not answer).
     pub fn metrics(&self) -> String {
         use std::io::{Read, Write};
