@@ -167,7 +167,8 @@ struct Synced {
     refresh_at: Option<Timestamp>,
 }
 
-#[tracing::instrument(skip_all, fields(kind = "RegistryCredential", namespace = cr.metadata.namespace.as_deref(), name = %cr.name_any()))]
+// `object`, not `name`: JSON logs already use `name` for the span's own name.
+#[tracing::instrument(skip_all, fields(kind = "RegistryCredential", namespace = cr.metadata.namespace.as_deref(), object = %cr.name_any()))]
 async fn reconcile(cr: Arc<RegistryCredential>, ctx: Arc<Context>) -> Result<Action, Error> {
     if cr.metadata.deletion_timestamp.is_some() {
         // The Secret carries an owner reference; the garbage collector removes it.

@@ -10,6 +10,7 @@ mod ecr;
 mod errors;
 mod leader;
 mod lifecycle;
+mod logs;
 mod quiet;
 mod registry_pull;
 mod sources;
