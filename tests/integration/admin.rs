@@ -5,19 +5,10 @@ use serde_json::json;
 
 use crate::support::*;
 
-fn get(port: u16, path: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("admin endpoint");
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let code = response.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    (code, response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
-}
-
 #[tokio::test]
 async fn health_readiness_and_metrics_after_sync_and_failure() {
     let port = env().controller.admin_port;
+    let get = admin_get;
     let client = client().await;
     let ns = namespace(&client, "metrics").await;
     let password = secret_value("u", "metrics");

@@ -48,6 +48,28 @@ fn ecr_spec(auth: Value) -> Value {
     json!({"source": {"ecr": {"registry": REGISTRY, "auth": auth}}})
 }
 
+/// A test's own emulator (tokens of `lifetime` seconds) and controller, a namespace with access
+/// keys, and a key-mode credential `credential` there. Returns what the test drives.
+struct Dedicated {
+    aws: AwsEmulator,
+    name: String,
+    ns: String,
+    key_id: String,
+    _controller: TestController,
+}
+
+async fn dedicated(client: &Client, prefix: &str, lifetime: u64, credential: &str) -> Dedicated {
+    let aws = AwsEmulator::start_with_lifetime(lifetime).unwrap();
+    let name = format!("{prefix}-{}", &unique()[..6]);
+    let controller =
+        spawn_controller(env().cp, &name, &format!("{CONTROLLER_LABEL}={name}"), &aws.endpoint(), &[], &[]);
+    let ns = namespace(client, &format!("ecr-{prefix}")).await;
+    let key_id = aws_keys(client, &ns, "aws-keys").await;
+    create_credential_for(client, &ns, credential, Some(&name), ecr_spec(json!({"secretRef": {"name": "aws-keys"}})))
+        .await;
+    Dedicated { aws, name, ns, key_id, _controller: controller }
+}
+
 #[tokio::test]
 async fn key_mode_writes_the_token_for_the_registry_and_reports_expiry() {
     let aws = &env().aws;
@@ -270,15 +292,9 @@ async fn ambient_identity_from_env_web_identity_imds_and_pod_identity() {
 
 #[tokio::test]
 async fn tokens_rotate_before_they_expire_and_no_stale_token_is_written() {
-    let cp = env().cp;
     let client = client().await;
     // 30-second tokens: refreshed about 22 s after issue.
-    let aws = AwsEmulator::start_with_lifetime(30).unwrap();
-    let name = format!("rotate-{}", &unique()[..6]);
-    let _controller = spawn_controller(cp, &name, &format!("{CONTROLLER_LABEL}={name}"), &aws.endpoint(), &[], &[]);
-    let ns = namespace(&client, "ecr-rotate").await;
-    let key_id = aws_keys(&client, &ns, "aws-keys").await;
-    create_credential_for(&client, &ns, "ecr", Some(&name), ecr_spec(json!({"secretRef": {"name": "aws-keys"}}))).await;
+    let Dedicated { aws, ns, key_id, _controller, .. } = dedicated(&client, "rotate", 30, "ecr").await;
 
     // Watch the Secret until three different tokens have been in it, noting when each was first seen.
     let secrets = Api::<Secret>::namespaced(client.clone(), &ns);
@@ -313,14 +329,8 @@ async fn tokens_rotate_before_they_expire_and_no_stale_token_is_written() {
 
 #[tokio::test]
 async fn an_outage_keeps_the_valid_secret_then_reports_expiry_and_recovers() {
-    let cp = env().cp;
     let client = client().await;
-    let aws = AwsEmulator::start_with_lifetime(45).unwrap();
-    let name = format!("outage-{}", &unique()[..6]);
-    let _controller = spawn_controller(cp, &name, &format!("{CONTROLLER_LABEL}={name}"), &aws.endpoint(), &[], &[]);
-    let ns = namespace(&client, "ecr-outage").await;
-    aws_keys(&client, &ns, "aws-keys").await;
-    create_credential_for(&client, &ns, "ecr", Some(&name), ecr_spec(json!({"secretRef": {"name": "aws-keys"}}))).await;
+    let Dedicated { aws, ns, _controller, .. } = dedicated(&client, "outage", 45, "ecr").await;
     wait_ready(&client, &ns, "ecr", "True", Some("Synced")).await;
     let secrets = Api::<Secret>::namespaced(client.clone(), &ns);
     let before = secrets.get("ecr").await.unwrap();
@@ -369,16 +379,9 @@ async fn an_outage_keeps_the_valid_secret_then_reports_expiry_and_recovers() {
 
 #[tokio::test]
 async fn stale_tokens_and_denials_are_errors_with_backoff_not_tokens() {
-    let cp = env().cp;
     let client = client().await;
     // Tokens that expire 5 s after issue: already too close to expiry to write.
-    let aws = AwsEmulator::start_with_lifetime(5).unwrap();
-    let name = format!("stale-{}", &unique()[..6]);
-    let _controller = spawn_controller(cp, &name, &format!("{CONTROLLER_LABEL}={name}"), &aws.endpoint(), &[], &[]);
-    let ns = namespace(&client, "ecr-stale").await;
-    let key_id = aws_keys(&client, &ns, "aws-keys").await;
-    create_credential_for(&client, &ns, "stale", Some(&name), ecr_spec(json!({"secretRef": {"name": "aws-keys"}})))
-        .await;
+    let Dedicated { aws, name, ns, key_id, _controller } = dedicated(&client, "stale", 5, "stale").await;
     let cr = wait_ready(&client, &ns, "stale", "False", Some("InvalidAwsAnswer")).await;
     assert!(cr.status.unwrap().conditions[0].message.contains("not in the future"));
     let secrets = Api::<Secret>::namespaced(client.clone(), &ns);

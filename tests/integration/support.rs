@@ -54,15 +54,21 @@ impl TestController {
 
     /// The admin endpoint's `/metrics` text (empty if it does not answer).
     pub fn metrics(&self) -> String {
-        use std::io::{Read, Write};
-        let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", self.admin_port)) else {
-            return String::new();
-        };
-        let _ = write!(stream, "GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
-        let mut response = String::new();
-        let _ = stream.read_to_string(&mut response);
-        response.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or_default()
+        admin_get(self.admin_port, "/metrics").1
     }
+}
+
+/// GET on a controller's admin endpoint: (status code, body); (0, "") if it does not answer.
+pub fn admin_get(port: u16, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return (0, String::new());
+    };
+    let _ = write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    let code = response.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (code, response.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or_default())
 }
 
 /// The value of the first sample whose name and labels start with `prefix`.
@@ -97,10 +103,10 @@ pub fn spawn_controller(
     args: &[&str],
     envs: &[(&str, String)],
 ) -> TestController {
-    let admin_port = regcred_testenv::free_port();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_regcred"));
     cmd.args(["run", "--resync-interval", "10m", "--max-backoff", "20s", "--selector", selector])
-        .args(["--admin-addr", &format!("127.0.0.1:{admin_port}")])
+        // Port 0: the controller binds a free port and logs it (no race for a "free" port).
+        .args(["--admin-addr", "127.0.0.1:0"])
         .args(["--aws-endpoint-url", aws_endpoint])
         // The ambient credential chain's own STS client reads the endpoint from the environment.
         .env("AWS_ENDPOINT_URL", aws_endpoint)
@@ -118,8 +124,15 @@ pub fn spawn_controller(
     for (key, value) in envs {
         cmd.env(key, value);
     }
-    let process = Process::spawn(&format!("regcred-{name}"), cmd, &cp.dir().join(format!("regcred-{name}.log")))
-        .expect("starting regcred");
+    let log = cp.dir().join(format!("regcred-{name}.log"));
+    let process = Process::spawn(&format!("regcred-{name}"), cmd, &log).expect("starting regcred");
+    let admin_port = regcred_testenv::wait_for("the admin endpoint's address in the log", TIMEOUT, || {
+        let text = std::fs::read_to_string(&log).ok()?;
+        let line = text.lines().find(|l| l.contains("admin endpoint listening"))?;
+        let after = &line[line.find("127.0.0.1:")? + "127.0.0.1:".len()..];
+        after.chars().take_while(char::is_ascii_digit).collect::<String>().parse().ok()
+    })
+    .expect("the controller did not start its admin endpoint");
     TestController { admin_port, process }
 }
 

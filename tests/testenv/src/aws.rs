@@ -36,8 +36,24 @@ impl AwsEmulator {
         Self::start_with_lifetime(DEFAULT_TOKEN_LIFETIME)
     }
 
-    /// Starts an emulator whose ECR tokens expire `secs` after they are issued.
+    /// Starts an emulator whose ECR tokens expire `secs` after they are issued. A port picked
+    /// as free can be taken before the emulator binds it (by anything else starting at the
+    /// same time), so a failed start is retried with fresh ports.
     pub fn start_with_lifetime(secs: u64) -> Result<AwsEmulator> {
+        let mut attempt = 1;
+        loop {
+            match Self::start_once(secs) {
+                Ok(aws) => return Ok(aws),
+                Err(error) if attempt < 3 => {
+                    eprintln!("testenv: AWS emulator start {attempt} failed, retrying: {error:#}");
+                    attempt += 1;
+                }
+                Err(error) => return Err(error),
+            }
+        }
+    }
+
+    fn start_once(secs: u64) -> Result<AwsEmulator> {
         let dir = temp_dir("aws")?;
         let pod_identity_token = format!("pod-identity-{}", random_hex());
         std::fs::write(dir.path().join("pod-identity-token"), &pod_identity_token)?;
