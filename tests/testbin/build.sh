@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the binaries of the test environment (kube-apiserver,
-# kube-controller-manager, kubectl, etcd, registry, crane) from the published Go
+# kube-controller-manager, kubectl, etcd, registry, crane, helm) from the published Go
 # modules pinned in the go.mod/go.sum files beside this script, and caches them
 # in ${REGCRED_TESTBIN_CACHE:-$HOME/.cache/regcred/testbin}/<key>/, where <key>
 # hashes those files, this script and the Go version: a version bump rebuilds,
@@ -12,7 +12,7 @@ set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 go=${GO:-$(command -v go || echo /usr/local/go/bin/go)}
-modules=(kubernetes etcd registry crane)
+modules=(kubernetes etcd registry crane helm)
 k8s_version=v1.34.4
 
 cache_root=${REGCRED_TESTBIN_CACHE:-$HOME/.cache/regcred/testbin}
@@ -77,9 +77,15 @@ echo "testbin: kubernetes done after $((SECONDS - start))s" >&2
 "$go" -C "$here/etcd" build -trimpath -buildvcs=false -ldflags "-s -w" -o "$tmp/etcd" . >&2
 "$go" -C "$here/registry" build -trimpath -buildvcs=false -ldflags "-s -w" -o "$tmp/registry" github.com/distribution/distribution/v3/cmd/registry >&2
 "$go" -C "$here/crane" build -trimpath -buildvcs=false -ldflags "-s -w" -o "$tmp/crane" github.com/google/go-containerregistry/cmd/crane >&2
+# Stamped like helm's Makefile, so that `helm version` reports the pinned release.
+helm_version=$("$go" -C "$here/helm" list -m -f '{{.Version}}' helm.sh/helm/v3)
+"$go" -C "$here/helm" build -trimpath -buildvcs=false -o "$tmp/helm" \
+  -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$helm_version -X helm.sh/helm/v3/internal/version.gitTreeState=clean" \
+  helm.sh/helm/v3/cmd/helm >&2
 
 # Sanity check before publishing, so a broken build is never cached.
 "$tmp/kube-apiserver" --version | grep -qx "Kubernetes $k8s_version"
+"$tmp/helm" version --short | grep -q "^$helm_version"
 
 chmod 755 "$tmp" # mktemp made it private
 # Publish atomically: readers only ever see a complete directory.

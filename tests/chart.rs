@@ -1,0 +1,203 @@
+//! The Helm chart (`charts/regcred`) and the plain manifests rendered from it (`deploy/`):
+//! lint, drift, admission by a real apiserver, and the least privilege of its RBAC.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    sync::{
+        OnceLock,
+        atomic::{AtomicUsize, Ordering},
+    },
+};
+
+use regcred_testenv::{ControlPlane, testbin};
+
+const NAMESPACE: &str = "regcred-system";
+const SERVICE_ACCOUNT: &str = "system:serviceaccount:regcred-system:regcred";
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn stdout_of(mut cmd: Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{cmd:?} failed:\n{stderr}");
+    assert!(!stderr.contains("PodSecurity"), "{cmd:?} warned:\n{stderr}");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn helm(args: &[&str]) -> String {
+    let mut cmd = Command::new(testbin("helm").unwrap());
+    cmd.args(args).current_dir(root());
+    stdout_of(cmd)
+}
+
+/// `helm template` of the chart in the deploy namespace, with extra arguments.
+fn render(extra: &[&str]) -> String {
+    let mut args = vec!["template", "regcred", "charts/regcred", "--namespace", NAMESPACE];
+    args.extend(extra);
+    helm(&args)
+}
+
+/// Writes `text` to a new file under the target's temporary directory.
+fn temp_file(name: &str, text: &str) -> PathBuf {
+    static COUNT: AtomicUsize = AtomicUsize::new(0);
+    let n = COUNT.fetch_add(1, Ordering::Relaxed);
+    let path = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("chart-{}-{n}-{name}", std::process::id()));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn kubectl(cp: &ControlPlane, args: &[&str]) -> String {
+    let out = cp.kubectl(args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "kubectl {}:\n{stderr}", args.join(" "));
+    assert!(!stderr.contains("PodSecurity"), "kubectl {}:\n{stderr}", args.join(" "));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn kubectl_apply(cp: &ControlPlane, manifests: &str, extra: &[&str]) -> String {
+    let file = temp_file("apply.yaml", manifests);
+    let mut args = vec!["apply", "--server-side", "--field-manager=chart-test", "-f", file.to_str().unwrap()];
+    args.extend(extra);
+    let out = kubectl(cp, &args);
+    std::fs::remove_file(file).unwrap();
+    out
+}
+
+/// The shared control plane with the CRDs installed and the Namespace of
+/// `deploy/regcred.yaml` (with its Pod Security label) created for real.
+fn cluster() -> &'static ControlPlane {
+    static READY: OnceLock<()> = OnceLock::new();
+    let cp = ControlPlane::shared();
+    READY.get_or_init(|| {
+        cp.install_crds(&root().join("crds")).unwrap();
+        let deploy = std::fs::read_to_string(root().join("deploy/regcred.yaml")).unwrap();
+        let namespace = deploy.split("\n---\n").next().unwrap();
+        assert!(namespace.contains("kind: Namespace"), "deploy/regcred.yaml starts with {namespace}");
+        kubectl_apply(cp, namespace, &[]);
+    });
+    cp
+}
+
+#[test]
+fn chart_lints() {
+    helm(&["lint", "--strict", "charts/regcred"]);
+    helm(&["lint", "--strict", "charts/regcred", "--set", "replicaCount=1,serviceMonitor.enabled=true"]);
+}
+
+#[test]
+fn chart_crds_are_the_repo_crds() {
+    let list = |dir: &str| {
+        let mut files: Vec<_> = std::fs::read_dir(root().join(dir))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        files.sort();
+        files
+    };
+    let files = list("crds");
+    assert!(!files.is_empty());
+    assert_eq!(list("charts/regcred/crds"), files, "charts/regcred/crds/ holds other files than crds/");
+    for file in files {
+        let repo = std::fs::read(root().join("crds").join(&file)).unwrap();
+        let chart = std::fs::read(root().join("charts/regcred/crds").join(&file)).unwrap();
+        assert!(repo == chart, "charts/regcred/crds/{file} differs from crds/{file}; copy it over");
+    }
+}
+
+#[test]
+fn deploy_manifests_are_up_to_date() {
+    let fresh = temp_file("deploy.yaml", "");
+    let mut cmd = Command::new("bash");
+    cmd.arg(root().join("scripts/render-deploy.sh")).arg(&fresh).env("HELM", testbin("helm").unwrap());
+    stdout_of(cmd);
+    let fresh_text = std::fs::read_to_string(&fresh).unwrap();
+    std::fs::remove_file(fresh).unwrap();
+    let committed = std::fs::read_to_string(root().join("deploy/regcred.yaml")).unwrap();
+    assert!(committed == fresh_text, "deploy/regcred.yaml is stale: run scripts/render-deploy.sh");
+    // The plain manifests are the chart's defaults: what the task asks of them holds there.
+    for wanted in ["--leader-elect", "replicas: 2", "kind: PodDisruptionBudget", "kind: CustomResourceDefinition"] {
+        assert!(committed.contains(wanted), "deploy/regcred.yaml lacks {wanted}");
+    }
+    assert!(!committed.contains("kind: ServiceMonitor"));
+}
+
+#[test]
+fn manifests_pass_server_side_dry_run() {
+    let cp = cluster();
+    let deploy = std::fs::read_to_string(root().join("deploy/regcred.yaml")).unwrap();
+    let out = kubectl_apply(cp, &deploy, &["--dry-run=server", "-o=name"]);
+    for object in
+        ["deployment.apps/regcred", "clusterrole.rbac.authorization.k8s.io/regcred", "service/regcred-metrics"]
+    {
+        assert!(out.lines().any(|l| l == object), "{object} missing from:\n{out}");
+    }
+    // The optional branches: one replica (no PDB), an AWS endpoint, ambient identity, IRSA.
+    let custom = render(&[
+        "--set",
+        "replicaCount=1,aws.allowAmbientIdentity=true,aws.endpointUrl=https://aws.example:4566,logFormat=text",
+        "--set",
+        "serviceAccount.annotations.eks\\.amazonaws\\.com/role-arn=arn:aws:iam::123456789012:role/regcred",
+    ]);
+    assert!(
+        custom.contains("- --allow-ambient-aws-identity")
+            && custom.contains("- --aws-endpoint-url=https://aws.example:4566")
+    );
+    assert!(!custom.contains("kind: PodDisruptionBudget"));
+    kubectl_apply(cp, &custom, &["--dry-run=server"]);
+}
+
+#[test]
+fn rbac_is_least_privilege() {
+    let cp = cluster();
+    let rbac = render(&[
+        "--show-only=templates/serviceaccount.yaml",
+        "--show-only=templates/clusterrole.yaml",
+        "--show-only=templates/clusterrolebinding.yaml",
+        "--show-only=templates/role.yaml",
+    ]);
+    kubectl_apply(cp, &rbac, &[]);
+    let can = |args: &[&str]| {
+        let mut all = vec!["auth", "can-i", "--as", SERVICE_ACCOUNT];
+        all.extend(args);
+        let out = cp.kubectl(&all);
+        let answer = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        assert!(
+            answer == "yes" || answer == "no",
+            "kubectl {}: {answer} {}",
+            all.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        answer == "yes"
+    };
+    let allowed: &[&[&str]] = &[
+        &["list", "secrets", "--all-namespaces"],
+        &["watch", "secrets", "--all-namespaces"],
+        &["create", "secrets", "-n", "team-a"],
+        &["create", "serviceaccounts", "--subresource=token", "-n", "team-a"],
+        &["patch", "registrycredentials.regcred.dev", "--subresource=status", "-n", "team-a"],
+        &["update", "registrycredentials.regcred.dev", "--subresource=finalizers", "-n", "team-a"],
+        &["create", "events.events.k8s.io", "-n", "team-a"],
+        &["update", "leases.coordination.k8s.io/regcred-leader", "-n", NAMESPACE],
+    ];
+    let denied: &[&[&str]] = &[
+        &["delete", "registrycredentials.regcred.dev", "-n", "team-a"],
+        &["update", "registrycredentials.regcred.dev", "-n", "team-a"],
+        &["create", "pods", "-n", "team-a"],
+        &["get", "configmaps", "-n", "team-a"],
+        &["update", "secrets", "-n", "team-a"],
+        &["delete", "serviceaccounts", "-n", "team-a"],
+        &["get", "serviceaccounts", "--subresource=token", "-n", "team-a"],
+        &["update", "registrycredentials.regcred.dev", "--subresource=status", "-n", "team-a"],
+        &["create", "leases.coordination.k8s.io", "-n", "team-a"],
+        &["delete", "leases.coordination.k8s.io", "-n", NAMESPACE],
+    ];
+    for args in allowed {
+        assert!(can(args), "{SERVICE_ACCOUNT} should be allowed: {}", args.join(" "));
+    }
+    for args in denied {
+        assert!(!can(args), "{SERVICE_ACCOUNT} should be denied: {}", args.join(" "));
+    }
+}
