@@ -88,24 +88,17 @@ impl CredentialSource {
         }
     }
 
-    /// Every Secret this source reads, so a change to one of them triggers a reconcile.
-    pub fn secret_refs(&self) -> Vec<&SecretKeyRef> {
-        match self {
-            CredentialSource::Basic(b) => vec![&b.password_secret_ref],
-            CredentialSource::Ghcr(g) => vec![&g.token_secret_ref],
-            CredentialSource::Gcr(g) => vec![&g.json_key_secret_ref],
-            CredentialSource::Ecr(_) => Vec::new(),
-        }
-    }
-
-    /// Names of every Secret this source reads in the credential's namespace.
+    /// Names of every Secret this source reads in the credential's namespace, so a change to
+    /// one of them triggers a reconcile.
     pub fn secret_names(&self) -> Vec<&str> {
         match self {
+            CredentialSource::Basic(b) => vec![b.password_secret_ref.name.as_str()],
+            CredentialSource::Ghcr(g) => vec![g.token_secret_ref.name.as_str()],
+            CredentialSource::Gcr(g) => vec![g.json_key_secret_ref.name.as_str()],
             CredentialSource::Ecr(e) => match &e.auth {
                 EcrAuth::SecretRef(keys) => vec![keys.name.as_str()],
                 _ => Vec::new(),
             },
-            other => other.secret_refs().into_iter().map(|r| r.name.as_str()).collect(),
         }
     }
 }

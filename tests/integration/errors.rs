@@ -1,14 +1,9 @@
 //! Bad references and bad values are reported in status and Events, named but never quoted,
 //! and heal as soon as the input is fixed.
 
-use k8s_openapi::api::core::v1::Secret;
-use kube::{
-    Api,
-    api::{Patch, PatchParams},
-};
 use serde_json::json;
 
-use crate::{sources::base64_encode, support::*};
+use crate::support::*;
 
 #[tokio::test]
 async fn a_missing_secret_is_reported_and_picked_up_when_created() {
@@ -78,11 +73,7 @@ async fn bad_values_are_named_never_quoted() {
 
     // Fixing the value heals the credential.
     let fixed = secret_value("u", "fixed");
-    let patch = json!({"data": {"empty": base64_encode(fixed.as_bytes())}});
-    Api::<Secret>::namespaced(client.clone(), &ns)
-        .patch("src", &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-        .unwrap();
+    set_secret_key(&client, &ns, "src", "empty", fixed.as_bytes()).await;
     wait_ready(&client, &ns, "empty", "True", Some("Synced")).await;
     assert_no_leaks(&client).await;
 }

@@ -2,15 +2,11 @@
 
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::Secret;
-use kube::{
-    Api,
-    api::{Patch, PatchParams},
-};
+use kube::Api;
 use regcred_testenv::eventually;
 use serde_json::json;
 
-use crate::{sources::base64_encode, support::*};
+use crate::support::*;
 
 /// Two replicas competing for one Lease of `lease` duration, one credential for them, and the
 /// index of the replica that leads.
@@ -61,11 +57,7 @@ async fn two_replicas(lease: &str) -> (kube::Client, String, [TestController; 2]
 async fn change_and_wait(client: &kube::Client, ns: &str, tag: &str) -> Duration {
     let started = Instant::now();
     let password = secret_value("u", tag);
-    let patch = json!({"data": {"password": base64_encode(password.as_bytes())}});
-    Api::<Secret>::namespaced(client.clone(), ns)
-        .patch("src", &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-        .unwrap();
+    set_secret_key(client, ns, "src", "password", password.as_bytes()).await;
     wait_secret(client, ns, "cred", "updated by the new leader", |s| logins(s)[0].2 == password).await;
     started.elapsed()
 }
@@ -79,15 +71,7 @@ async fn one_replica_leads_and_a_standby_takes_over_when_it_dies() {
 
     // The leader dies without releasing the Lease; the standby takes over once it expires.
     replicas[leader].kill();
-    let killed = Instant::now();
-    let second = secret_value("u", "leader2");
-    let patch = json!({"data": {"password": base64_encode(second.as_bytes())}});
-    Api::<Secret>::namespaced(client.clone(), &ns)
-        .patch("src", &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-        .unwrap();
-    wait_secret(&client, &ns, "cred", "updated by the new leader", |s| logins(s)[0].2 == second).await;
-    let takeover = killed.elapsed();
+    let takeover = change_and_wait(&client, &ns, "leader2").await;
     eprintln!("leader takeover after SIGKILL: {takeover:?} (lease duration 4 s)");
     assert!(takeover < Duration::from_secs(4 + 6), "takeover took {takeover:?}");
     assert_eq!(sample(&replicas[standby].metrics(), "regcred_leader "), Some(1.0));

@@ -94,5 +94,6 @@ async fn template_labels_follow_the_spec_and_foreign_labels_stay() {
 }
 
 fn base64(bytes: &[u8]) -> String {
-    super::sources::base64_encode(bytes)
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
 }

@@ -1,10 +1,5 @@
 //! Each static source produces the right Secret, and a source change propagates.
 
-use k8s_openapi::api::core::v1::Secret;
-use kube::{
-    Api,
-    api::{Patch, PatchParams},
-};
 use serde_json::json;
 
 use crate::support::*;
@@ -127,17 +122,8 @@ async fn a_changed_source_secret_updates_the_pull_secret() {
     wait_secret(&client, &ns, "ci", "first password", |s| logins(s)[0].2 == first).await;
 
     let second = secret_value("ci", "second");
-    let patch = json!({"data": {"password": base64_encode(second.as_bytes())}});
-    Api::<Secret>::namespaced(client.clone(), &ns)
-        .patch("reg-pass", &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-        .unwrap();
+    set_secret_key(&client, &ns, "reg-pass", "password", second.as_bytes()).await;
     wait_secret(&client, &ns, "ci", "second password", |s| logins(s)[0].2 == second).await;
     wait_event(&client, &ns, "RegistryCredential", "ci", "Normal", "Updated").await;
     assert_no_leaks(&client).await;
-}
-
-pub fn base64_encode(bytes: &[u8]) -> String {
-    use base64::Engine;
-    base64::engine::general_purpose::STANDARD.encode(bytes)
 }

@@ -190,6 +190,15 @@ pub async fn create_secret(client: &Client, ns: &str, name: &str, data: &[(&str,
         .expect("creating Secret");
 }
 
+/// Sets one key of an existing Secret (a merge patch, as `kubectl patch` would).
+pub async fn set_secret_key(client: &Client, ns: &str, name: &str, key: &str, value: &[u8]) {
+    let patch = serde_json::json!({"data": {key: base64::engine::general_purpose::STANDARD.encode(value)}});
+    Api::<Secret>::namespaced(client.clone(), ns)
+        .patch(name, &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch))
+        .await
+        .expect("patching Secret");
+}
+
 /// Creates a RegistryCredential from a JSON spec, for the shared controller.
 pub async fn create_credential(client: &Client, ns: &str, name: &str, spec: Value) -> RegistryCredential {
     create_credential_for(client, ns, name, None, spec).await

@@ -107,13 +107,9 @@ impl TokenCache {
         }
     }
 
-    /// Number of identities with a cached token (for metrics and tests).
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.slots.lock().unwrap_or_else(PoisonError::into_inner).len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
