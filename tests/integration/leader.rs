@@ -15,7 +15,15 @@ async fn two_replicas(lease: &str) -> (kube::Client, String, [TestController; 2]
     let client = client().await;
     let name = format!("leader-{}", &unique()[..6]);
     let selector = format!("{CONTROLLER_LABEL}={name}");
-    let args = ["--leader-elect", "--leader-election-lease", &name, "--leader-election-duration", lease];
+    let args = [
+        "--leader-elect",
+        "--leader-election-lease",
+        &name,
+        "--leader-election-namespace",
+        CONTROLLER_NAMESPACE,
+        "--leader-election-duration",
+        lease,
+    ];
     let replicas = [
         spawn_controller(
             cp,
@@ -81,11 +89,11 @@ async fn one_replica_leads_and_a_standby_takes_over_when_it_dies() {
 #[tokio::test]
 async fn a_leader_stopped_with_sigterm_releases_the_lease() {
     let (client, ns, mut replicas, leader) = two_replicas("8s").await;
-    let lease_name = replicas_lease(&client, "default", &ns).await;
+    let lease_name = replicas_lease(&client, CONTROLLER_NAMESPACE, &ns).await;
     let leader_identity = format!("replica-{}", ["a", "b"][leader]);
     replicas[leader].terminate();
     // The Lease is given up (holder cleared), not left to expire…
-    let leases = Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(client.clone(), "default");
+    let leases = Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(client.clone(), CONTROLLER_NAMESPACE);
     eventually("the Lease released", TIMEOUT, || async {
         let lease = leases.get(&lease_name).await.ok()?;
         let holder = lease.spec.and_then(|s| s.holder_identity);

@@ -12,6 +12,7 @@ mod leader;
 mod lifecycle;
 mod logs;
 mod quiet;
+mod rbac;
 mod registry_pull;
 mod sources;
 mod validation;

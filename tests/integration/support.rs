@@ -93,6 +93,24 @@ pub fn env() -> &'static Env {
     })
 }
 
+/// The namespace of the packaged install (`deploy/regcred.yaml`); leader Leases live here.
+pub const CONTROLLER_NAMESPACE: &str = "regcred-system";
+/// The identity every controller under test runs as: the packaged ServiceAccount.
+pub const CONTROLLER_USER: &str = "system:serviceaccount:regcred-system:regcred";
+
+/// A kubeconfig with a token of the ServiceAccount from `deploy/regcred.yaml`, bound only to
+/// the packaged RBAC (ClusterRole and leader-Lease Role), so every integration scenario is
+/// also the proof that those rules suffice (no admin identity anywhere in the controller).
+fn controller_kubeconfig(cp: &ControlPlane) -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("deploy/regcred.yaml");
+        cp.install_controller_identity(&manifest, CONTROLLER_NAMESPACE, "regcred")
+            .expect("installing the packaged RBAC and ServiceAccount")
+    })
+    .clone()
+}
+
 /// Starts a controller process for the credentials matching `selector`, logging to
 /// `regcred-<name>.log` in the control plane's directory (the leak check reads them all).
 pub fn spawn_controller(
@@ -111,7 +129,7 @@ pub fn spawn_controller(
         // The ambient credential chain's own STS client reads the endpoint from the environment.
         .env("AWS_ENDPOINT_URL", aws_endpoint)
         .args(args)
-        .env("KUBECONFIG", cp.controller_kubeconfig_path())
+        .env("KUBECONFIG", controller_kubeconfig(cp))
         // As verbose as a user debugging it would run it: the leak check reads this.
         .env("RUST_LOG", "debug,hyper=info,tower=info,rustls=info,aws_smithy_runtime=info,aws_config=info")
         // Nothing ambient unless a test gives it: no IMDS probing, no credentials of ours.
@@ -134,6 +152,14 @@ pub fn spawn_controller(
     })
     .expect("the controller did not start its admin endpoint");
     TestController { admin_port, process }
+}
+
+/// A client with the controllers' own identity (the packaged ServiceAccount's token).
+pub async fn controller_client() -> Client {
+    let kubeconfig =
+        kube::config::Kubeconfig::read_from(controller_kubeconfig(env().cp)).expect("controller kubeconfig");
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await.expect("loading it");
+    Client::try_from(config).expect("building a client")
 }
 
 /// An admin client for this test's runtime.
@@ -338,7 +364,7 @@ pub fn controller_requests_since(offset: u64) -> Vec<(String, String, String, St
     };
     text.lines()
         .filter_map(|line| serde_json::from_str::<Value>(line).ok())
-        .filter(|e| field(e, &["user", "username"]) == regcred_testenv::CONTROLLER_USER)
+        .filter(|e| field(e, &["user", "username"]) == CONTROLLER_USER)
         .map(|e| {
             (
                 field(&e, &["verb"]),

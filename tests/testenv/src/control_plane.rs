@@ -88,10 +88,43 @@ impl ControlPlane {
 
     /// A kubeconfig for the controller under test: its own user,
     /// `regcred-controller`, so its requests are told apart from the tests'
-    /// admin ones (audit, managedFields); it is in `system:masters` too. To
-    /// test RBAC, use [`ControlPlane::kube_config_as`].
+    /// admin ones (audit, managedFields); it is in `system:masters` too (the demo and the
+    /// benchmark use it). For the packaged, least-privilege identity use
+    /// [`ControlPlane::install_controller_identity`].
     pub fn controller_kubeconfig_path(&self) -> PathBuf {
         self.path("controller.kubeconfig")
+    }
+
+    /// Installs a rendered manifest of the controller (e.g. `deploy/regcred.yaml`: its
+    /// ServiceAccount, ClusterRole, Role and bindings; a Deployment stays inert without
+    /// kubelets) and returns a kubeconfig with a token of its ServiceAccount
+    /// `namespace/name`, so a controller under test holds exactly the packaged permissions.
+    pub fn install_controller_identity(&self, manifest: &Path, namespace: &str, name: &str) -> Result<PathBuf> {
+        let path = manifest.display().to_string();
+        let out = self.kubectl(&["apply", "--server-side", "--field-manager=testenv", "-f", &path]);
+        if !out.status.success() {
+            bail!("applying {path}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let request = k8s_openapi::api::authentication::v1::TokenRequest {
+            spec: k8s_openapi::api::authentication::v1::TokenRequestSpec {
+                expiration_seconds: Some(24 * 3600),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let token = block_on(async {
+            let client = self.client().await;
+            Api::<ServiceAccount>::namespaced(client, namespace)
+                .create_token_request(name, &Default::default(), &request)
+                .await
+        })
+        .with_context(|| format!("requesting a token for {namespace}/{name}"))?
+        .status
+        .context("TokenRequest without status")?
+        .token;
+        let kubeconfig = self.path(&format!("sa-{namespace}-{name}.kubeconfig"));
+        std::fs::write(&kubeconfig, self.kubeconfig_for(&token))?;
+        Ok(kubeconfig)
     }
 
     /// The apiserver's audit log: one JSON event per request (Metadata level), written
