@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, Time};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -13,6 +13,8 @@ pub const GROUP: &str = "regcred.dev";
 /// A registry host as `docker login` takes it: `host[:port]`, no scheme, no path.
 const REGISTRY_HOST_PATTERN: &str = r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*)(:[0-9]{1,5})?$";
 /// RFC 1123 subdomain, the rule for Secret names.
+/// RFC 1123 label, the rule for namespace names.
+const DNS_LABEL_PATTERN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$";
 const DNS_SUBDOMAIN_PATTERN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
 /// The rule for keys in a Secret's `data`.
 const SECRET_KEY_PATTERN: &str = r"^[-._a-zA-Z0-9]+$";
@@ -41,6 +43,7 @@ const USERNAME_PATTERN: &str = r"^[^:\x00-\x1f]+$";
 )]
 #[x_kube(validation = Rule::new("has(self.registry) || !has(self.source.basic)").message("spec.registry is required for a basic source"))]
 #[x_kube(validation = Rule::new("!has(self.registry) || !has(self.source.ecr)").message("spec.registry does not apply to an ecr source: set source.ecr.registry"))]
+#[x_kube(validation = Rule::new(NO_SOURCE_NAMESPACE).message("a RegistryCredential reads its own namespace: references in source take no namespace"))]
 #[serde(rename_all = "camelCase")]
 pub struct RegistryCredentialSpec {
     /// Registry host the credential is for, as `docker login` takes it: `host[:port]`,
@@ -58,6 +61,117 @@ pub struct RegistryCredentialSpec {
     /// The Secret to write (in this namespace).
     #[serde(default)]
     pub secret: SecretTemplate,
+
+    /// ServiceAccounts of this namespace that get the Secret in their `imagePullSecrets`, so
+    /// their pods pull without naming it. Also applied to ServiceAccounts created later.
+    #[schemars(length(max = 64), inner(length(min = 1, max = 253), regex(pattern = DNS_SUBDOMAIN_PATTERN)))]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub service_accounts: Vec<String>,
+}
+
+/// CEL: no reference in `source` names a namespace.
+const NO_SOURCE_NAMESPACE: &str = "(!has(self.source.basic) || !has(self.source.basic.passwordSecretRef.__namespace__)) && (!has(self.source.ghcr) || !has(self.source.ghcr.tokenSecretRef.__namespace__)) && (!has(self.source.gcr) || !has(self.source.gcr.jsonKeySecretRef.__namespace__)) && (!has(self.source.ecr) || !has(self.source.ecr.auth.secretRef) || !has(self.source.ecr.auth.secretRef.__namespace__)) && (!has(self.source.ecr) || !has(self.source.ecr.auth.serviceAccountRef) || !has(self.source.ecr.auth.serviceAccountRef.__namespace__))";
+/// CEL: every reference in `source` names a namespace.
+const SOURCE_NAMESPACE_SET: &str = "(!has(self.source.basic) || has(self.source.basic.passwordSecretRef.__namespace__)) && (!has(self.source.ghcr) || has(self.source.ghcr.tokenSecretRef.__namespace__)) && (!has(self.source.gcr) || has(self.source.gcr.jsonKeySecretRef.__namespace__)) && (!has(self.source.ecr) || !has(self.source.ecr.auth.secretRef) || has(self.source.ecr.auth.secretRef.__namespace__)) && (!has(self.source.ecr) || !has(self.source.ecr.auth.serviceAccountRef) || has(self.source.ecr.auth.serviceAccountRef.__namespace__))";
+
+/// Puts one pull Secret into every selected namespace, kept in sync with one source.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "regcred.dev",
+    version = "v1alpha1",
+    kind = "ClusterRegistryCredential",
+    doc = "A cluster-wide registry credential: the controller keeps a kubernetes.io/dockerconfigjson Secret in every selected namespace in sync with it.",
+    status = "ClusterCredentialStatus",
+    shortname = "cregcred",
+    category = "regcred",
+    printcolumn(name = "Registry", type_ = "string", json_path = ".status.registries[*]"),
+    printcolumn(name = "Source", type_ = "string", json_path = ".status.source"),
+    printcolumn(name = "Secret", type_ = "string", json_path = ".status.secretName"),
+    printcolumn(name = "Targets", type_ = "integer", json_path = ".status.targetNamespaces"),
+    printcolumn(name = "Synced", type_ = "integer", json_path = ".status.syncedNamespaces"),
+    printcolumn(name = "Failed", type_ = "integer", json_path = ".status.failedNamespaces"),
+    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[x_kube(validation = Rule::new("has(self.registry) || !has(self.source.basic)").message("spec.registry is required for a basic source"))]
+#[x_kube(validation = Rule::new("!has(self.registry) || !has(self.source.ecr)").message("spec.registry does not apply to an ecr source: set source.ecr.registry"))]
+#[x_kube(validation = Rule::new(SOURCE_NAMESPACE_SET).message("a ClusterRegistryCredential's references in source need a namespace"))]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterRegistryCredentialSpec {
+    /// Registry host, as for RegistryCredential.
+    #[schemars(length(max = 259), regex(pattern = REGISTRY_HOST_PATTERN))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry: Option<String>,
+
+    /// Where the credential comes from, as for RegistryCredential; every Secret or
+    /// ServiceAccount reference names its namespace. `ecr.auth.ambient` is always allowed.
+    pub source: CredentialSource,
+
+    /// Which namespaces get the Secret. Omitted: all namespaces.
+    #[serde(default)]
+    pub namespaces: NamespaceSelection,
+
+    /// The Secret to write in each selected namespace. The name defaults to the credential's.
+    #[serde(default)]
+    pub secret: SecretTemplate,
+
+    /// ServiceAccounts (by name, in every selected namespace) that get the Secret in their
+    /// `imagePullSecrets`, including ServiceAccounts created later.
+    #[schemars(length(max = 64), inner(length(min = 1, max = 253), regex(pattern = DNS_SUBDOMAIN_PATTERN)))]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub service_accounts: Vec<String>,
+}
+
+/// Which namespaces a ClusterRegistryCredential writes to: those matching `selector` or
+/// listed in `names`, minus `exclude`. Neither `selector` nor `names`: every namespace.
+/// Terminating namespaces are skipped.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NamespaceSelection {
+    /// Label selector on namespaces; `{}` selects all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<LabelSelector>,
+    /// Namespaces selected by name, in addition to the selector.
+    #[schemars(length(max = 1000), inner(length(min = 1, max = 63), regex(pattern = DNS_LABEL_PATTERN)))]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub names: Vec<String>,
+    /// Namespaces never written to, even when selected.
+    #[schemars(length(max = 1000), inner(length(min = 1, max = 63), regex(pattern = DNS_LABEL_PATTERN)))]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exclude: Vec<String>,
+}
+
+/// What the controller last did with a ClusterRegistryCredential.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterCredentialStatus {
+    /// The same fields as a RegistryCredential's status; `Ready` is True when every target
+    /// namespace holds the current Secret.
+    #[serde(flatten)]
+    pub credential: CredentialStatus,
+    /// Namespaces selected now (terminating ones excluded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_namespaces: Option<u32>,
+    /// Target namespaces whose Secret is current.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub synced_namespaces: Option<u32>,
+    /// Target namespaces where the Secret could not be written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_namespaces: Option<u32>,
+    /// The first failing namespaces (at most 20, by name) and why.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failures: Vec<NamespaceFailure>,
+}
+
+/// Why one namespace did not get its Secret.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NamespaceFailure {
+    pub namespace: String,
+    /// The same reason a RegistryCredential's Ready condition would give.
+    pub reason: String,
+    pub message: String,
 }
 
 /// Where a credential comes from. Exactly one member is set.
@@ -88,15 +202,18 @@ impl CredentialSource {
         }
     }
 
-    /// Names of every Secret this source reads in the credential's namespace, so a change to
-    /// one of them triggers a reconcile.
-    pub fn secret_names(&self) -> Vec<&str> {
+    /// Every Secret this source reads, as (namespace, name); the namespace is `None` where the
+    /// reference names none (it resolves in the credential's own namespace).
+    pub fn secret_refs(&self) -> Vec<(Option<&str>, &str)> {
+        fn of(r: &SecretKeyRef) -> (Option<&str>, &str) {
+            (r.namespace.as_deref(), r.name.as_str())
+        }
         match self {
-            CredentialSource::Basic(b) => vec![b.password_secret_ref.name.as_str()],
-            CredentialSource::Ghcr(g) => vec![g.token_secret_ref.name.as_str()],
-            CredentialSource::Gcr(g) => vec![g.json_key_secret_ref.name.as_str()],
+            CredentialSource::Basic(b) => vec![of(&b.password_secret_ref)],
+            CredentialSource::Ghcr(g) => vec![of(&g.token_secret_ref)],
+            CredentialSource::Gcr(g) => vec![of(&g.json_key_secret_ref)],
             CredentialSource::Ecr(e) => match &e.auth {
-                EcrAuth::SecretRef(keys) => vec![keys.name.as_str()],
+                EcrAuth::SecretRef(keys) => vec![(keys.namespace.as_deref(), keys.name.as_str())],
                 _ => Vec::new(),
             },
         }
@@ -185,6 +302,11 @@ pub struct AwsKeysRef {
     /// Name of the Secret.
     #[schemars(length(min = 1, max = 253), regex(pattern = DNS_SUBDOMAIN_PATTERN))]
     pub name: String,
+    /// Namespace of the Secret. Only for ClusterRegistryCredential, where it is required; a
+    /// RegistryCredential always reads its own namespace.
+    #[schemars(length(min = 1, max = 63), regex(pattern = DNS_LABEL_PATTERN))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
     /// Key of the access key id. Default `accessKeyId`.
     #[schemars(length(min = 1, max = 253), regex(pattern = SECRET_KEY_PATTERN))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -199,13 +321,19 @@ pub struct AwsKeysRef {
     pub session_token_key: Option<String>,
 }
 
-/// A ServiceAccount of this namespace whose IAM role (IRSA) to use.
+/// A ServiceAccount whose IAM role (IRSA) to use: of the credential's own namespace, or the
+/// given one for a ClusterRegistryCredential.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ServiceAccountRef {
     /// Name of the ServiceAccount.
     #[schemars(length(min = 1, max = 253), regex(pattern = DNS_SUBDOMAIN_PATTERN))]
     pub name: String,
+    /// Namespace of the ServiceAccount. Only for ClusterRegistryCredential, where it is required; a
+    /// RegistryCredential always reads its own namespace.
+    #[schemars(length(min = 1, max = 63), regex(pattern = DNS_LABEL_PATTERN))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
     /// Role to assume; defaults to the ServiceAccount's `eks.amazonaws.com/role-arn` annotation.
     #[schemars(length(min = 20, max = 2048), regex(pattern = r"^arn:aws[a-z-]*:iam::[0-9]{12}:role/.+$"))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -233,13 +361,19 @@ pub struct AssumeRole {
     pub session_name: Option<String>,
 }
 
-/// A key in a Secret in the credential's own namespace.
+/// A key in a Secret: in the credential's own namespace, or the given one for a
+/// ClusterRegistryCredential.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SecretKeyRef {
     /// Name of the Secret.
     #[schemars(length(min = 1, max = 253), regex(pattern = DNS_SUBDOMAIN_PATTERN))]
     pub name: String,
+    /// Namespace of the Secret. Only for ClusterRegistryCredential, where it is required; a
+    /// RegistryCredential always reads its own namespace.
+    #[schemars(length(min = 1, max = 63), regex(pattern = DNS_LABEL_PATTERN))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
     /// Key within the Secret's data. Each source has its own default
     /// (`password`, `token`, `key.json`).
     #[schemars(length(min = 1, max = 253), regex(pattern = SECRET_KEY_PATTERN))]
@@ -307,7 +441,8 @@ impl CredentialStatus {
 /// The CustomResourceDefinitions regcred serves, as installed from `crds/`.
 pub fn crds() -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> {
     use kube::CustomResourceExt;
-    vec![RegistryCredential::crd()]
+    // By name, as `crds/` lists them.
+    vec![ClusterRegistryCredential::crd(), RegistryCredential::crd()]
 }
 
 /// File name of a CRD under `crds/`: `<plural>.<group>.yaml`.

@@ -50,6 +50,24 @@ pub enum Error {
     )]
     NoRoleArn { namespace: String, name: String },
 
+    #[error("a RegistryCredential may only refer to its own namespace, not {namespace:?}")]
+    CrossNamespaceReference { namespace: String },
+
+    #[error("references in a ClusterRegistryCredential's source need a namespace")]
+    SourceNamespaceRequired,
+
+    #[error("{name} changed under every attempt to update its finalizers")]
+    ObjectContended { name: String },
+
+    #[error("invalid namespace selector: {0}")]
+    InvalidNamespaceSelector(String),
+
+    #[error("{failed} of {targets} namespaces did not get the Secret (see status.failures)")]
+    NamespacesFailed { failed: usize, targets: usize },
+
+    #[error("ServiceAccount {namespace}/{name} changed under every attempt to patch it")]
+    ServiceAccountContended { namespace: String, name: String },
+
     #[error("ecr sources need AWS; they cannot be rendered offline")]
     EcrUnavailable,
 
@@ -79,6 +97,11 @@ impl Error {
             Error::ServiceAccountNotFound { .. } => "ServiceAccountNotFound",
             Error::NoRoleArn { .. } => "NoRoleArn",
             Error::EcrUnavailable => "EcrUnavailable",
+            Error::CrossNamespaceReference { .. } => "CrossNamespaceReference",
+            Error::SourceNamespaceRequired => "SourceNamespaceRequired",
+            Error::ServiceAccountContended { .. } | Error::ObjectContended { .. } => "ConcurrentUpdates",
+            Error::InvalidNamespaceSelector(_) => "InvalidNamespaceSelector",
+            Error::NamespacesFailed { .. } => "NamespacesFailed",
             Error::Kube(_) => "KubernetesApiError",
         }
     }

@@ -5,12 +5,14 @@ pub mod admin;
 pub mod crd;
 pub mod dockerconfig;
 mod error;
+mod fanout;
 pub mod leader;
 pub mod metrics;
 pub mod reconciler;
 pub mod registry;
 pub mod render;
 pub mod secret;
+pub mod service_account;
 pub mod source;
 pub mod status;
 

@@ -7,10 +7,13 @@ use std::{
 };
 
 use futures::StreamExt;
-use k8s_openapi::{api::core::v1::Secret, apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
+use k8s_openapi::{
+    api::core::v1::{Namespace, Secret, ServiceAccount},
+    jiff::Timestamp,
+};
 use kube::{
     Api, Client, Resource, ResourceExt,
-    api::{PartialObjectMeta, Patch, PatchParams},
+    api::{ListParams, PartialObjectMeta, Patch, PatchParams},
     runtime::{
         Controller,
         controller::{Action, Config as ControllerRuntimeConfig},
@@ -25,16 +28,21 @@ use tracing::{debug, info, warn};
 use crate::{
     Error,
     admin::AdminState,
-    crd::{CredentialSource, CredentialStatus, RegistryCredential},
-    dockerconfig,
+    crd::{ClusterCredentialStatus, ClusterRegistryCredential, CredentialStatus, RegistryCredential},
+    dockerconfig, fanout,
     metrics::{FailureLabels, KindLabels, Metrics, ObjectLabels},
-    secret::{FIELD_MANAGER, SecretChange, delete_if_controlled, desired_secret, ensure_secret},
+    secret::{Claim, FIELD_MANAGER, SecretChange, delete_if_controlled, desired_secret, ensure_secret},
+    service_account::{has_finalizer, set_finalizer, sync_namespace},
     source::{
         ApiSecretReader, CredentialProvider, SourceContext,
         ecr::{EcrProvider, EcrSettings},
     },
-    status::{DEGRADED, READY, SYNCED, condition, conditions_changed},
+    status::{READY, Synced, conditions_changed, credential_status},
 };
+
+/// How long a status this controller wrote is trusted over its cache (longer than a watch
+/// event takes to arrive).
+const WRITTEN_FRESH: Duration = Duration::from_secs(5);
 
 /// Name the controller reports in Events.
 pub const CONTROLLER_NAME: &str = "regcred";
@@ -72,18 +80,20 @@ impl Default for ControllerConfig {
 
 /// State shared by all reconciles.
 pub struct Context {
-    client: Client,
-    recorder: Recorder,
-    config: ControllerConfig,
-    metrics: Arc<Metrics>,
-    /// ECR settings, AWS configuration and the shared token cache.
-    ecr: EcrProvider,
+    pub(crate) client: Client,
+    pub(crate) recorder: Recorder,
+    pub(crate) config: ControllerConfig,
+    pub(crate) metrics: Arc<Metrics>,
+    /// ECR settings, AWS configuration and the shared token cache (one cache for both kinds).
+    pub(crate) ecr: EcrProvider,
     /// The status each credential was last given, and when: the copy in the controller's
     /// cache lags behind its own writes, and comparing with it would write the same status
     /// again (and repeat its Events) on the next reconcile.
     written: Mutex<HashMap<ObjectRef<RegistryCredential>, (CredentialStatus, Instant)>>,
+    /// The same for ClusterRegistryCredentials, by name.
+    written_cluster: Mutex<HashMap<String, (ClusterCredentialStatus, Instant)>>,
     /// Consecutive failures per credential, for exponential backoff.
-    failures: Mutex<HashMap<ObjectRef<RegistryCredential>, u32>>,
+    pub(crate) failures: Mutex<HashMap<ObjectRef<kube::core::DynamicObject>, u32>>,
 }
 
 /// Runs the controller until `shutdown` completes, reporting through `admin` (metrics, and
@@ -92,6 +102,7 @@ pub async fn run<F>(client: Client, config: ControllerConfig, admin: AdminState,
 where
     F: std::future::Future<Output = ()> + Send + Sync + 'static,
 {
+    let shutdown = futures::FutureExt::shared(shutdown);
     let reporter = Reporter { controller: CONTROLLER_NAME.into(), instance: config.instance.clone() };
     let ctx = Arc::new(Context {
         recorder: Recorder::new(client.clone(), reporter),
@@ -100,44 +111,88 @@ where
         metrics: admin.metrics.clone(),
         failures: Mutex::default(),
         written: Mutex::default(),
+        written_cluster: Mutex::default(),
         config: config.clone(),
     });
     let mut credentials = watcher::Config::default().any_semantic();
     if let Some(selector) = &config.selector {
         credentials = credentials.labels(selector);
     }
-    let controller = Controller::new(Api::<RegistryCredential>::all(client.clone()), credentials);
+    let controller = Controller::new(Api::<RegistryCredential>::all(client.clone()), credentials.clone());
     let store = controller.store();
-    let ready_store = store.clone();
+    let cluster = Controller::new(Api::<ClusterRegistryCredential>::all(client.clone()), credentials);
+    let cluster_store = cluster.store();
+    let (ready_stores, ready_cluster) = (store.clone(), cluster_store.clone());
     tokio::spawn(async move {
-        // The store's readiness is a one-waker channel that the Controller waits on too, so a
-        // second waiter may never be woken: poll it again on a short timer instead.
-        loop {
-            match tokio::time::timeout(Duration::from_millis(200), ready_store.wait_until_ready()).await {
-                Ok(Ok(())) => break,
-                Ok(Err(_)) => return,
-                Err(_) => continue,
-            }
+        if wait_ready(&ready_stores).await && wait_ready(&ready_cluster).await {
+            info!("credential caches synced; ready");
+            admin.ready.store(true, std::sync::atomic::Ordering::Relaxed);
         }
-        info!("credential cache synced; ready");
-        admin.ready.store(true, std::sync::atomic::Ordering::Relaxed);
     });
     // Metadata only (Api<PartialObjectMeta<_>> makes metadata requests): the controller sees
-    // every Secret's name and resourceVersion, never their data, and keeps no Secret cache.
-    let secrets = Api::<PartialObjectMeta<Secret>>::all(client);
-    let controller = controller
-        .watches(secrets, watcher::Config::default(), move |secret| credentials_using(&store, &secret))
-        .with_config(ControllerRuntimeConfig::default().concurrency(config.concurrency));
-    controller
-        .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, ctx)
-        .for_each(|result| async move {
-            match result {
-                Ok((object, _)) => debug!(namespace = object.namespace.as_deref(), name = %object.name, "reconciled"),
-                Err(error) => debug!(%error, "reconcile did not complete"),
-            }
+    // every Secret's and ServiceAccount's name and resourceVersion, never their data, and
+    // keeps no cache of them.
+    let secrets = Api::<PartialObjectMeta<Secret>>::all(client.clone());
+    let accounts = Api::<PartialObjectMeta<ServiceAccount>>::all(client.clone());
+    let namespaces = Api::<PartialObjectMeta<Namespace>>::all(client);
+    let concurrency = ControllerRuntimeConfig::default().concurrency(config.concurrency);
+    let (accounts_store, secrets_store) = (store.clone(), store.clone());
+    let namespaced = controller
+        .watches(secrets.clone(), watcher::Config::default(), move |secret| credentials_using(&secrets_store, &secret))
+        .watches(accounts.clone(), watcher::Config::default(), move |account| {
+            credentials_patching(&accounts_store, &account)
         })
-        .await;
+        .with_config(concurrency.clone())
+        .graceful_shutdown_on(shutdown.clone())
+        .run(reconcile, error_policy, ctx.clone())
+        .for_each(log_result);
+    let cluster = fanout::controller(cluster, cluster_store, secrets, accounts, namespaces)
+        .with_config(concurrency)
+        .graceful_shutdown_on(shutdown)
+        .run(fanout::reconcile, fanout::error_policy, ctx)
+        .for_each(log_result);
+    futures::join!(namespaced, cluster);
+}
+
+/// Waits until a store has its first full list; false if it never will (shutdown).
+async fn wait_ready<K: Resource + Clone>(store: &Store<K>) -> bool
+where
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    // The store's readiness is a one-waker channel that the Controller waits on too, so a
+    // second waiter may never be woken: poll it again on a short timer instead.
+    loop {
+        match tokio::time::timeout(Duration::from_millis(200), store.wait_until_ready()).await {
+            Ok(Ok(())) => return true,
+            Ok(Err(_)) => return false,
+            Err(_) => continue,
+        }
+    }
+}
+
+async fn log_result<K: Resource, E: std::fmt::Display>(result: Result<(ObjectRef<K>, Action), E>) {
+    match result {
+        Ok((object, _)) => debug!(namespace = object.namespace.as_deref(), name = %object.name, "reconciled"),
+        Err(error) => debug!(%error, "reconcile did not complete"),
+    }
+}
+
+/// The credentials that patch a ServiceAccount of this name in its namespace.
+fn credentials_patching(
+    store: &Store<RegistryCredential>,
+    account: &PartialObjectMeta<ServiceAccount>,
+) -> Vec<ObjectRef<RegistryCredential>> {
+    let (Some(namespace), Some(name)) = (account.metadata.namespace.as_deref(), account.metadata.name.as_deref())
+    else {
+        return Vec::new();
+    };
+    store
+        .state()
+        .iter()
+        .filter(|cr| cr.metadata.namespace.as_deref() == Some(namespace))
+        .filter(|cr| cr.spec.service_accounts.iter().any(|a| a == name) || has_finalizer(&cr.metadata))
+        .map(|cr| ObjectRef::from(cr.as_ref()))
+        .collect()
 }
 
 /// The credentials a Secret matters to: those that read it, and those that write a Secret
@@ -153,49 +208,41 @@ fn credentials_using(
         .state()
         .iter()
         .filter(|cr| cr.metadata.namespace.as_deref() == Some(namespace))
-        .filter(|cr| cr.secret_name() == name || cr.spec.source.secret_names().contains(&name))
+        .filter(|cr| cr.secret_name() == name || cr.spec.source.secret_refs().iter().any(|(_, n)| *n == name))
         .map(|cr| ObjectRef::from(cr.as_ref()))
         .collect()
 }
 
-/// What a successful sync did.
-struct Synced {
+/// What a sync wrote.
+struct Written {
+    synced: Synced,
     change: SecretChange,
-    secret_name: String,
-    registries: Vec<String>,
-    expires_at: Option<Timestamp>,
-    refresh_at: Option<Timestamp>,
 }
 
 // `object`, not `name`: JSON logs already use `name` for the span's own name.
 #[tracing::instrument(skip_all, fields(kind = "RegistryCredential", namespace = cr.metadata.namespace.as_deref(), object = %cr.name_any()))]
 async fn reconcile(cr: Arc<RegistryCredential>, ctx: Arc<Context>) -> Result<Action, Error> {
     if cr.metadata.deletion_timestamp.is_some() {
-        // The Secret carries an owner reference; the garbage collector removes it.
+        // The Secret carries an owner reference, so the garbage collector removes it; the
+        // ServiceAccount entries are regcred's to remove.
+        if has_finalizer(&cr.metadata) {
+            release_service_accounts(&cr, &ctx).await?;
+            let api = Api::<RegistryCredential>::namespaced(ctx.client.clone(), &cr.namespace().unwrap_or_default());
+            set_finalizer(&api, cr.as_ref(), false).await?;
+        }
         return Ok(Action::await_change());
     }
     let started = Instant::now();
     let outcome = sync(&cr, &ctx).await;
     let reported = report(&cr, &ctx, &outcome).await;
-    let kind = KindLabels { kind: "RegistryCredential".into() };
-    ctx.metrics.reconciles.get_or_create(&kind).inc();
-    ctx.metrics.reconcile_duration.get_or_create(&kind).observe(started.elapsed().as_secs_f64());
-    if let Some(error) = outcome.as_ref().err().or(reported.as_ref().err()) {
-        let labels = FailureLabels { kind: kind.kind.clone(), reason: error.reason().into() };
-        ctx.metrics.reconcile_failures.get_or_create(&labels).inc();
-    }
+    ctx.count_reconcile("RegistryCredential", started, outcome.as_ref().err().or(reported.as_ref().err()));
     reported?;
-    match outcome {
-        Ok(synced) => {
-            ctx.failures.lock().unwrap_or_else(PoisonError::into_inner).remove(&ObjectRef::from(cr.as_ref()));
-            let refresh_in = synced.refresh_at.map(|at| until(at) + Duration::from_secs(1));
-            Ok(Action::requeue(refresh_in.map_or(ctx.config.resync_interval, |r| r.min(ctx.config.resync_interval))))
-        }
-        Err(error) => Err(error),
-    }
+    let written = outcome?;
+    ctx.failures.lock().unwrap_or_else(PoisonError::into_inner).remove(&ObjectRef::from(cr.as_ref()).erase());
+    Ok(ctx.requeue_after(written.synced.refresh_at))
 }
 
-async fn sync(cr: &RegistryCredential, ctx: &Context) -> Result<Synced, Error> {
+async fn sync(cr: &RegistryCredential, ctx: &Context) -> Result<Written, Error> {
     let namespace = cr.metadata.namespace.as_deref().ok_or(Error::MissingObjectField("metadata.namespace"))?;
     let owner = cr.controller_owner_ref(&()).ok_or(Error::MissingObjectField("metadata.uid"))?;
     let secrets = ApiSecretReader(ctx.client.clone());
@@ -210,101 +257,101 @@ async fn sync(cr: &RegistryCredential, ctx: &Context) -> Result<Synced, Error> {
 
     let secret_name = cr.secret_name();
     let owner_uid = owner.uid.clone();
-    let desired =
-        desired_secret(&secret_name, namespace, &cr.spec.secret, Some(owner), dockerconfig::render(&credentials.auths));
-    let api = Api::<Secret>::namespaced(ctx.client.clone(), namespace);
-    let change = ensure_secret(&api, &desired).await?;
+    let desired = desired_secret(
+        &secret_name,
+        namespace,
+        &cr.spec.secret,
+        Some(owner.clone()),
+        dockerconfig::render(&credentials.auths),
+    );
+    let claim = Claim { owner, created: cr.metadata.creation_timestamp.as_ref().map(|t| t.0) };
+    let change = ensure_secret(&ctx.client, &desired, &claim, None).await?;
 
     // spec.secret.name changed: remove the Secret written under the old name.
-    let previous = cr.status.as_ref().and_then(|s| s.secret_name.as_deref());
-    if let Some(previous) = previous.filter(|p| *p != secret_name)
+    let api = Api::<Secret>::namespaced(ctx.client.clone(), namespace);
+    let previous = cr.status.as_ref().and_then(|s| s.secret_name.as_deref()).filter(|p| *p != secret_name);
+    if let Some(previous) = previous
         && delete_if_controlled(&api, previous, &owner_uid).await?
     {
         info!(secret = previous, "deleted Secret written under the previous name");
     }
-    Ok(Synced {
+
+    let wanted = &cr.spec.service_accounts;
+    if !wanted.is_empty() || has_finalizer(&cr.metadata) {
+        let credentials = Api::<RegistryCredential>::namespaced(ctx.client.clone(), namespace);
+        if !wanted.is_empty() {
+            // Before the first entry is added, so none can outlive the credential.
+            set_finalizer(&credentials, cr, true).await?;
+        }
+        let accounts = Api::<ServiceAccount>::namespaced(ctx.client.clone(), namespace);
+        let list = accounts.list(&ListParams::default()).await?.items;
+        sync_namespace(&accounts, &list, &secret_name, wanted).await?;
+        if let Some(previous) = previous {
+            let list = accounts.list(&ListParams::default()).await?.items;
+            sync_namespace(&accounts, &list, previous, &[]).await?;
+        }
+        if wanted.is_empty() {
+            set_finalizer(&credentials, cr, false).await?;
+        }
+    }
+    Ok(Written {
+        synced: Synced {
+            secret_name,
+            registries: credentials.auths.into_iter().map(|a| a.server).collect(),
+            expires_at: credentials.expires_at,
+            refresh_at: credentials.refresh_at,
+        },
         change,
-        secret_name,
-        registries: credentials.auths.into_iter().map(|a| a.server).collect(),
-        expires_at: credentials.expires_at,
-        refresh_at: credentials.refresh_at,
     })
 }
 
+/// Removes this credential's entries from its namespace's ServiceAccounts, unless another
+/// credential holds the Secret of that name now (the entry is then theirs).
+async fn release_service_accounts(cr: &RegistryCredential, ctx: &Context) -> Result<(), Error> {
+    let namespace = cr.namespace().unwrap_or_default();
+    let uid = cr.uid().unwrap_or_default();
+    let secrets = Api::<Secret>::namespaced(ctx.client.clone(), &namespace);
+    let accounts = Api::<ServiceAccount>::namespaced(ctx.client.clone(), &namespace);
+    let mut names = vec![cr.secret_name()];
+    names.extend(cr.status.as_ref().and_then(|s| s.secret_name.clone()));
+    names.dedup();
+    for name in names {
+        let held_by_other = secrets.get_opt(&name).await?.is_some_and(|s| !crate::secret::is_controlled_by(&s, &uid));
+        if !held_by_other {
+            let list = accounts.list(&ListParams::default()).await?.items;
+            sync_namespace(&accounts, &list, &name, &[]).await?;
+        }
+    }
+    Ok(())
+}
+
 /// Writes status when it changed, and publishes Events for writes and for new failures.
-async fn report(cr: &RegistryCredential, ctx: &Context, outcome: &Result<Synced, Error>) -> Result<(), Error> {
+async fn report(cr: &RegistryCredential, ctx: &Context, outcome: &Result<Written, Error>) -> Result<(), Error> {
     let object = ObjectRef::from(cr);
     let recent = ctx.recently_written(&object);
     // What the apiserver holds: our own recent write if the cache has not caught up yet.
     let previous = recent.as_ref().or(cr.status.as_ref());
-    let generation = cr.metadata.generation;
-    let has_expiry = matches!(cr.spec.source, CredentialSource::Ecr(_));
-    let mut next = previous.cloned().unwrap_or_default();
-    next.observed_generation = generation;
-    next.source = Some(cr.spec.source.kind().into());
-    match outcome {
-        Ok(synced) => {
-            let message =
-                format!("Secret {} holds the credential for {}", synced.secret_name, synced.registries.join(", "));
-            next.conditions = vec![condition(previous, READY, true, SYNCED, message, generation)];
-            if has_expiry {
-                next.conditions.push(condition(
-                    previous,
-                    DEGRADED,
-                    false,
-                    "Refreshed",
-                    "the token is current".into(),
-                    generation,
-                ));
-            }
-            next.secret_name = Some(synced.secret_name.clone());
-            next.registries = synced.registries.clone();
-            next.expires_at = synced.expires_at.map(Time);
-            next.next_refresh_at = synced.refresh_at.map(Time);
-        }
-        Err(error) => {
-            let valid_until = previous.and_then(|s| s.expires_at.as_ref()).map(|t| t.0);
-            let still_valid = valid_until.is_some_and(|t| t > Timestamp::now());
-            let ready = match (still_valid, previous.and_then(|s| s.condition(READY))) {
-                // The Secret keeps a token that still works: pulls are fine, refreshing is not.
-                (true, Some(ready)) if ready.status == "True" => ready.clone(),
-                _ => {
-                    let mut message = error.to_string();
-                    if let (Some(at), Some(name)) = (valid_until, previous.and_then(|s| s.secret_name.as_ref())) {
-                        message.push_str(&format!("; the token in Secret {name} expired at {at}"));
-                    }
-                    condition(previous, READY, false, error.reason(), message, generation)
-                }
-            };
-            next.conditions = vec![ready];
-            if has_expiry {
-                let mut message = error.to_string();
-                if let Some(at) = valid_until.filter(|_| still_valid) {
-                    message.push_str(&format!("; the Secret keeps the current token, valid until {at}"));
-                }
-                next.conditions.push(condition(previous, DEGRADED, true, error.reason(), message, generation));
-            }
-        }
-    }
-
+    let next = credential_status(
+        previous,
+        cr.metadata.generation,
+        &cr.spec.source,
+        outcome.as_ref().ok().map(|w| &w.synced),
+        outcome.as_ref().err(),
+    );
     let labels = ObjectLabels {
         kind: "RegistryCredential".into(),
         namespace: cr.metadata.namespace.clone().unwrap_or_default(),
         name: cr.name_any(),
     };
-    let ready = next.condition(READY).is_some_and(|c| c.status == "True");
-    ctx.metrics.ready_credentials.get_or_create(&labels).set(i64::from(ready));
-    if let Some(expires) = &next.expires_at {
-        ctx.metrics.token_expiry.get_or_create(&labels).set(expires.0.as_millisecond() as f64 / 1000.0);
-    }
+    ctx.record_status(labels, &next);
 
     let event = match outcome {
-        Ok(synced) => match synced.change {
+        Ok(written) => match written.change {
             SecretChange::Created => {
-                Some((EventType::Normal, "Created", format!("Created Secret {}", synced.secret_name)))
+                Some((EventType::Normal, "Created", format!("Created Secret {}", written.synced.secret_name)))
             }
             SecretChange::Updated => {
-                Some((EventType::Normal, "Updated", format!("Updated Secret {}", synced.secret_name)))
+                Some((EventType::Normal, "Updated", format!("Updated Secret {}", written.synced.secret_name)))
             }
             SecretChange::Unchanged => None,
         },
@@ -315,7 +362,7 @@ async fn report(cr: &RegistryCredential, ctx: &Context, outcome: &Result<Synced,
         Err(_) => None,
     };
     if let Some((type_, reason, note)) = event {
-        publish(ctx, cr, type_, reason, note).await;
+        publish(ctx, &cr.object_ref(&()), type_, reason, note).await;
     }
 
     if previous != Some(&next) {
@@ -335,13 +382,50 @@ async fn report(cr: &RegistryCredential, ctx: &Context, outcome: &Result<Synced,
 }
 
 impl Context {
+    /// Counts a reconcile, its duration and its failure (by reason) in the metrics.
+    pub(crate) fn count_reconcile(&self, kind: &str, started: Instant, error: Option<&Error>) {
+        let kind = KindLabels { kind: kind.into() };
+        self.metrics.reconciles.get_or_create(&kind).inc();
+        self.metrics.reconcile_duration.get_or_create(&kind).observe(started.elapsed().as_secs_f64());
+        if let Some(error) = error {
+            let labels = FailureLabels { kind: kind.kind.clone(), reason: error.reason().into() };
+            self.metrics.reconcile_failures.get_or_create(&labels).inc();
+        }
+    }
+
+    /// Publishes a credential's readiness and token expiry as metrics.
+    pub(crate) fn record_status(&self, labels: ObjectLabels, status: &CredentialStatus) {
+        let ready = status.condition(READY).is_some_and(|c| c.status == "True");
+        self.metrics.ready_credentials.get_or_create(&labels).set(i64::from(ready));
+        if let Some(expires) = &status.expires_at {
+            self.metrics.token_expiry.get_or_create(&labels).set(expires.0.as_millisecond() as f64 / 1000.0);
+        }
+    }
+
+    /// When to look again after a successful sync: at the next token refresh, and at the
+    /// latest after the resync interval.
+    pub(crate) fn requeue_after(&self, refresh_at: Option<Timestamp>) -> Action {
+        let refresh_in = refresh_at.map(|at| until(at) + Duration::from_secs(1));
+        Action::requeue(refresh_in.map_or(self.config.resync_interval, |r| r.min(self.config.resync_interval)))
+    }
+
     /// The status this controller wrote for the object within the last few seconds (longer
     /// than a watch event takes to arrive), if any. Older records are dropped.
     fn recently_written(&self, object: &ObjectRef<RegistryCredential>) -> Option<CredentialStatus> {
-        const FRESH: Duration = Duration::from_secs(5);
         let mut written = self.written.lock().unwrap_or_else(PoisonError::into_inner);
-        written.retain(|_, (_, at)| at.elapsed() < FRESH);
+        written.retain(|_, (_, at)| at.elapsed() < WRITTEN_FRESH);
         written.get(object).map(|(status, _)| status.clone())
+    }
+
+    /// [`Context::recently_written`] for a ClusterRegistryCredential.
+    pub(crate) fn recently_written_cluster(&self, name: &str) -> Option<ClusterCredentialStatus> {
+        let mut written = self.written_cluster.lock().unwrap_or_else(PoisonError::into_inner);
+        written.retain(|_, (_, at)| at.elapsed() < WRITTEN_FRESH);
+        written.get(name).map(|(status, _)| status.clone())
+    }
+
+    pub(crate) fn remember_cluster_status(&self, name: String, status: ClusterCredentialStatus) {
+        self.written_cluster.lock().unwrap_or_else(PoisonError::into_inner).insert(name, (status, Instant::now()));
     }
 }
 
@@ -350,25 +434,23 @@ fn until(at: Timestamp) -> Duration {
     Duration::try_from(at.duration_since(Timestamp::now())).unwrap_or_default()
 }
 
-async fn publish(ctx: &Context, cr: &RegistryCredential, type_: EventType, reason: &str, note: String) {
+pub(crate) async fn publish(
+    ctx: &Context,
+    object: &k8s_openapi::api::core::v1::ObjectReference,
+    type_: EventType,
+    reason: &str,
+    note: String,
+) {
     let event = Event { type_, reason: reason.into(), note: Some(note), action: "Sync".into(), secondary: None };
-    if let Err(error) = ctx.recorder.publish(&event, &cr.object_ref(&())).await {
+    if let Err(error) = ctx.recorder.publish(&event, object).await {
         // An Event is best effort; the status carries the same information.
         warn!(%error, reason, "could not publish Event");
     }
 }
 
 fn error_policy(cr: Arc<RegistryCredential>, error: &Error, ctx: Arc<Context>) -> Action {
-    let attempt = {
-        let mut failures = ctx.failures.lock().unwrap_or_else(PoisonError::into_inner);
-        let count = failures.entry(ObjectRef::from(cr.as_ref())).or_insert(0);
-        *count = count.saturating_add(1);
-        *count
-    };
-    // Wake up when a token in the Secret expires, so Ready turns False on time.
-    let expiry = cr.status.as_ref().and_then(|s| s.expires_at.as_ref()).map(|t| until(t.0)).filter(|d| !d.is_zero());
-    let delay =
-        backoff(attempt, ctx.config.max_backoff).min(expiry.map_or(Duration::MAX, |d| d + Duration::from_secs(1)));
+    let attempt = ctx.count_failure(&ObjectRef::from(cr.as_ref()).erase());
+    let delay = retry_delay(attempt, ctx.config.max_backoff, cr.status.as_ref());
     warn!(
         kind = "RegistryCredential",
         namespace = cr.metadata.namespace.as_deref(),
@@ -379,6 +461,23 @@ fn error_policy(cr: Arc<RegistryCredential>, error: &Error, ctx: Arc<Context>) -
         "sync failed"
     );
     Action::requeue(delay)
+}
+
+impl Context {
+    /// Counts one more consecutive failure of the object; returns the count.
+    pub(crate) fn count_failure(&self, object: &ObjectRef<kube::core::DynamicObject>) -> u32 {
+        let mut failures = self.failures.lock().unwrap_or_else(PoisonError::into_inner);
+        let count = failures.entry(object.clone()).or_insert(0);
+        *count = count.saturating_add(1);
+        *count
+    }
+}
+
+/// Exponential backoff, but a wake-up when a token in the Secret expires, so Ready turns
+/// False on time.
+pub(crate) fn retry_delay(attempt: u32, max: Duration, status: Option<&CredentialStatus>) -> Duration {
+    let expiry = status.and_then(|s| s.expires_at.as_ref()).map(|t| until(t.0)).filter(|d| !d.is_zero());
+    backoff(attempt, max).min(expiry.map_or(Duration::MAX, |d| d + Duration::from_secs(1)))
 }
 
 /// 1 s, 2 s, 4 s, … up to `max`.

@@ -3,19 +3,20 @@
 
 use std::collections::BTreeMap;
 
+use k8s_openapi::jiff::Timestamp;
 use k8s_openapi::{
     ByteString,
     api::core::v1::Secret,
     apimachinery::pkg::apis::meta::v1::{ManagedFieldsEntry, OwnerReference},
 };
 use kube::{
-    Api,
+    Api, Client,
     api::{ObjectMeta, Patch, PatchParams, PostParams},
 };
 
 use crate::{
     Error,
-    crd::SecretTemplate,
+    crd::{ClusterRegistryCredential, GROUP, RegistryCredential, SecretTemplate},
     dockerconfig::{DOCKER_CONFIG_KEY, DOCKER_CONFIG_TYPE},
 };
 
@@ -24,6 +25,9 @@ pub const FIELD_MANAGER: &str = "regcred";
 /// Label on every Secret regcred writes; the controller watches nothing else it writes.
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 pub const MANAGED_BY_VALUE: &str = "regcred";
+/// Label with the uid of the ClusterRegistryCredential a Secret was written for, so one list
+/// finds all of its Secrets.
+pub const CREDENTIAL_UID_LABEL: &str = "regcred.dev/credential-uid";
 
 /// The Secret that should exist. `owner` is `None` only for offline rendering.
 pub fn desired_secret(
@@ -58,47 +62,133 @@ pub enum SecretChange {
     Unchanged,
 }
 
+/// The credential a Secret is written for, with what decides between two credentials that
+/// want the same Secret: the older one (then the smaller uid) keeps it.
+#[derive(Clone, Debug)]
+pub struct Claim {
+    pub owner: OwnerReference,
+    pub created: Option<Timestamp>,
+}
+
 /// Makes the live Secret match `desired`, writing only when something differs.
 ///
-/// A missing Secret is created with POST rather than apply: if someone else creates one of
-/// the same name in the meantime the apiserver answers AlreadyExists instead of merging
-/// into theirs. The POST carries only what regcred never drops (name, owner, its label,
+/// `existing` is the live Secret when the caller already read it (a list), `None` to read it
+/// here. A missing Secret is created with POST rather than apply: if someone else creates one
+/// of the same name in the meantime the apiserver answers AlreadyExists instead of merging
+/// into theirs. The POST carries only what regcred never drops (name, owner, its labels,
 /// type, data); template labels and annotations follow in an apply, so they belong to the
 /// apply's field set and a later apply can remove them again.
-/// An existing Secret is only changed when its controller owner is the desired owner, and
-/// the apply carries the resourceVersion that was checked, so an owner change between the
-/// check and the write makes the write fail instead of taking it over.
-pub async fn ensure_secret(api: &Api<Secret>, desired: &Secret) -> Result<SecretChange, Error> {
+/// An existing Secret is only changed when its controller owner is the claiming credential,
+/// or another regcred credential that is newer (see [`Claim`]); the write carries the
+/// resourceVersion that was checked, so an owner change between the check and the write
+/// makes the write fail instead of taking it over.
+pub async fn ensure_secret(
+    client: &Client,
+    desired: &Secret,
+    claim: &Claim,
+    existing: Option<Option<Secret>>,
+) -> Result<SecretChange, Error> {
     let name = desired.metadata.name.as_deref().ok_or(Error::MissingObjectField("metadata.name"))?;
-    let owner_uid = desired
-        .metadata
-        .owner_references
-        .as_ref()
-        .and_then(|o| o.first())
-        .map(|o| o.uid.as_str())
-        .ok_or(Error::MissingObjectField("metadata.ownerReferences"))?;
-    let Some(existing) = api.get_opt(name).await? else {
+    let namespace = desired.metadata.namespace.as_deref().ok_or(Error::MissingObjectField("metadata.namespace"))?;
+    let api = Api::<Secret>::namespaced(client.clone(), namespace);
+    let existing = match existing {
+        Some(known) => known,
+        None => api.get_opt(name).await?,
+    };
+    let Some(existing) = existing else {
         let mut skeleton = desired.clone();
-        skeleton.metadata.labels = Some(BTreeMap::from([(MANAGED_BY_LABEL.into(), MANAGED_BY_VALUE.into())]));
+        skeleton.metadata.labels = Some(own_labels(desired));
         skeleton.metadata.annotations = None;
         let params = PostParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
-        let created = api.create(&params, &skeleton).await?;
-        if !is_up_to_date(&created, desired) {
-            apply(api, name, desired, created.metadata.resource_version).await?;
-        }
-        return Ok(SecretChange::Created);
+        return match api.create(&params, &skeleton).await {
+            Ok(created) => {
+                if !is_up_to_date(&created, desired) {
+                    apply(&api, name, desired, created.metadata.resource_version).await?;
+                }
+                Ok(SecretChange::Created)
+            }
+            // Someone was quicker (or the caller's list was stale): decide on what is there.
+            Err(kube::Error::Api(status)) if status.code == 409 => {
+                let existing = api.get_opt(name).await?;
+                Box::pin(ensure_secret(client, desired, claim, Some(existing))).await
+            }
+            Err(error) => Err(error.into()),
+        };
     };
-    if !is_controlled_by(&existing, owner_uid) {
-        return Err(Error::SecretConflict {
-            namespace: existing.metadata.namespace.unwrap_or_default(),
-            name: name.into(),
-        });
+    if !is_controlled_by(&existing, &claim.owner.uid) {
+        if !yields_to(client, &existing, claim).await? {
+            return Err(Error::SecretConflict {
+                namespace: existing.metadata.namespace.unwrap_or_default(),
+                name: name.into(),
+            });
+        }
+        take_over(&api, &existing, &claim.owner).await?;
+        let taken = api.get(name).await?;
+        apply(&api, name, desired, taken.metadata.resource_version).await?;
+        return Ok(SecretChange::Updated);
     }
     if is_up_to_date(&existing, desired) {
         return Ok(SecretChange::Unchanged);
     }
-    apply(api, name, desired, existing.metadata.resource_version).await?;
+    apply(&api, name, desired, existing.metadata.resource_version).await?;
     Ok(SecretChange::Updated)
+}
+
+/// The labels regcred sets on every Secret it writes (never the template's).
+fn own_labels(desired: &Secret) -> BTreeMap<String, String> {
+    let mut labels = BTreeMap::from([(MANAGED_BY_LABEL.into(), MANAGED_BY_VALUE.into())]);
+    if let Some(uid) = desired.metadata.labels.as_ref().and_then(|l| l.get(CREDENTIAL_UID_LABEL)) {
+        labels.insert(CREDENTIAL_UID_LABEL.into(), uid.clone());
+    }
+    labels
+}
+
+/// Whether a Secret controlled by someone else goes to `claim`: only when regcred wrote it for
+/// another regcred credential that is newer than the claimant, or that no longer exists.
+async fn yields_to(client: &Client, existing: &Secret, claim: &Claim) -> Result<bool, Error> {
+    let labels = existing.metadata.labels.as_ref();
+    if labels.and_then(|l| l.get(MANAGED_BY_LABEL)).map(String::as_str) != Some(MANAGED_BY_VALUE) {
+        return Ok(false);
+    }
+    let Some(holder) = existing.metadata.owner_references.iter().flatten().find(|o| o.controller == Some(true)) else {
+        return Ok(false);
+    };
+    if !holder.api_version.starts_with(&format!("{GROUP}/")) {
+        return Ok(false);
+    }
+    let meta = match holder.kind.as_str() {
+        "RegistryCredential" => {
+            let namespace = existing.metadata.namespace.as_deref().unwrap_or_default();
+            Api::<RegistryCredential>::namespaced(client.clone(), namespace)
+                .get_metadata_opt(&holder.name)
+                .await?
+                .map(|o| o.metadata)
+        }
+        "ClusterRegistryCredential" => Api::<ClusterRegistryCredential>::all(client.clone())
+            .get_metadata_opt(&holder.name)
+            .await?
+            .map(|o| o.metadata),
+        _ => return Ok(false),
+    };
+    let Some(meta) = meta.filter(|m| m.uid.as_deref() == Some(holder.uid.as_str())) else {
+        // Its credential is gone (the garbage collector would delete it): regcred's to reuse.
+        return Ok(true);
+    };
+    let holder_key = (meta.creation_timestamp.map(|t| t.0), holder.uid.as_str());
+    Ok((claim.created, claim.owner.uid.as_str()) < holder_key)
+}
+
+/// Replaces the Secret's owner references with the claimant's, valid only against the
+/// resourceVersion that was checked.
+async fn take_over(api: &Api<Secret>, existing: &Secret, owner: &OwnerReference) -> Result<(), Error> {
+    let name = existing.metadata.name.as_deref().unwrap_or_default();
+    let patch = serde_json::json!({"metadata": {
+        "resourceVersion": existing.metadata.resource_version,
+        "ownerReferences": [owner],
+    }});
+    let params = PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
+    api.patch(name, &params, &Patch::Merge(&patch)).await?;
+    Ok(())
 }
 
 /// Server-side apply of `desired`, valid only against the given resourceVersion.

@@ -5,7 +5,10 @@ use k8s_openapi::{
     jiff::Timestamp,
 };
 
-use crate::crd::CredentialStatus;
+use crate::{
+    Error,
+    crd::{CredentialSource, CredentialStatus},
+};
 
 /// The condition that says whether the Secret holds the current credential.
 pub const READY: &str = "Ready";
@@ -13,6 +16,80 @@ pub const READY: &str = "Ready";
 pub const SYNCED: &str = "Synced";
 /// The condition that says a refresh is failing (sources with expiring tokens).
 pub const DEGRADED: &str = "Degraded";
+
+/// What a sync established about the credential itself (its Secret's content).
+#[derive(Debug, Clone)]
+pub struct Synced {
+    pub secret_name: String,
+    pub registries: Vec<String>,
+    pub expires_at: Option<Timestamp>,
+    pub refresh_at: Option<Timestamp>,
+}
+
+/// The next status of a credential, from the previous one and what the reconcile found:
+/// `synced` when the source gave logins, `error` when anything failed. A failing refresh
+/// leaves `Ready` True while the token in the Secret is still valid (only `Degraded` turns
+/// True); any other failure makes `Ready` False with the error's reason.
+pub fn credential_status(
+    previous: Option<&CredentialStatus>,
+    generation: Option<i64>,
+    source: &CredentialSource,
+    synced: Option<&Synced>,
+    error: Option<&Error>,
+) -> CredentialStatus {
+    let has_expiry = matches!(source, CredentialSource::Ecr(_));
+    let mut next = previous.cloned().unwrap_or_default();
+    next.observed_generation = generation;
+    next.source = Some(source.kind().into());
+    if let Some(synced) = synced {
+        next.secret_name = Some(synced.secret_name.clone());
+        next.registries = synced.registries.clone();
+        next.expires_at = synced.expires_at.map(Time);
+        next.next_refresh_at = synced.refresh_at.map(Time);
+    }
+    let refreshed = || condition(previous, DEGRADED, false, "Refreshed", "the token is current".into(), generation);
+    next.conditions = match (error, synced) {
+        (None, synced) => {
+            let message = synced.map_or_else(String::new, |s| {
+                format!("Secret {} holds the credential for {}", s.secret_name, s.registries.join(", "))
+            });
+            let mut conditions = vec![condition(previous, READY, true, SYNCED, message, generation)];
+            conditions.extend(has_expiry.then(refreshed));
+            conditions
+        }
+        // The logins are current; writing them somewhere failed.
+        (Some(error), Some(_)) => {
+            let mut conditions = vec![condition(previous, READY, false, error.reason(), error.to_string(), generation)];
+            conditions.extend(has_expiry.then(refreshed));
+            conditions
+        }
+        (Some(error), None) => {
+            let valid_until = previous.and_then(|s| s.expires_at.as_ref()).map(|t| t.0);
+            let still_valid = valid_until.is_some_and(|t| t > Timestamp::now());
+            let ready = match (still_valid, previous.and_then(|s| s.condition(READY))) {
+                // The Secret keeps a token that still works: pulls are fine, refreshing is not.
+                (true, Some(ready)) if ready.status == "True" => ready.clone(),
+                _ => {
+                    let mut message = error.to_string();
+                    if let (Some(at), Some(name)) = (valid_until, previous.and_then(|s| s.secret_name.as_ref())) {
+                        message.push_str(&format!("; the token in Secret {name} expired at {at}"));
+                    }
+                    condition(previous, READY, false, error.reason(), message, generation)
+                }
+            };
+            let mut conditions = vec![ready];
+            if has_expiry {
+                let mut message = error.to_string();
+                if let Some(at) = valid_until.filter(|_| still_valid) {
+                    message.push_str(&format!("; the Secret keeps the current token, valid until {at}"));
+                }
+                conditions.push(condition(previous, DEGRADED, true, error.reason(), message, generation));
+            }
+            conditions
+        }
+    };
+    next
+}
 
 /// Builds a condition, keeping the previous transition time unless the status flips (so an
 /// unchanged outcome yields an identical status and no write).

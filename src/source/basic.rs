@@ -21,7 +21,7 @@ mod tests {
     fn source(key: Option<&str>) -> BasicSource {
         BasicSource {
             username: "bob".into(),
-            password_secret_ref: SecretKeyRef { name: "reg-pass".into(), key: key.map(Into::into) },
+            password_secret_ref: SecretKeyRef { name: "reg-pass".into(), key: key.map(Into::into), namespace: None },
         }
     }
 

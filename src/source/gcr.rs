@@ -16,8 +16,9 @@ impl CredentialProvider for GcrSource {
     async fn fetch<R: SecretReader>(&self, ctx: &SourceContext<'_, R>) -> Result<Credentials, Error> {
         let key_ref = &self.json_key_secret_ref;
         let key = read_key(ctx, key_ref, "key.json").await?;
+        let namespace = ctx.resolve_namespace(key_ref.namespace.as_deref())?;
         check_service_account_key(&key).map_err(|problem| Error::InvalidGcrKey {
-            namespace: ctx.namespace.to_string(),
+            namespace,
             name: key_ref.name.clone(),
             key: key_ref.key_or("key.json").to_string(),
             problem,
@@ -54,7 +55,7 @@ mod tests {
     const KEY: &str = "{\n  \"type\": \"service_account\",\n  \"client_email\": \"puller@p.iam.gserviceaccount.com\",\n  \"private_key\": \"-----BEGIN PRIVATE KEY-----\\nMIIsecret\\n-----END PRIVATE KEY-----\\n\"\n}\n";
 
     fn source() -> GcrSource {
-        GcrSource { json_key_secret_ref: SecretKeyRef { name: "gcp".into(), key: None } }
+        GcrSource { json_key_secret_ref: SecretKeyRef { name: "gcp".into(), key: None, namespace: None } }
     }
 
     #[tokio::test]

@@ -24,8 +24,10 @@ mod tests {
     async fn defaults_to_ghcr_io() {
         let secrets = LocalSecrets::default().with("ns", "pat", &[("token", b"ghp_x")]);
         let ctx = SourceContext::offline("ns", None, &secrets);
-        let source =
-            GhcrSource { username: "octocat".into(), token_secret_ref: SecretKeyRef { name: "pat".into(), key: None } };
+        let source = GhcrSource {
+            username: "octocat".into(),
+            token_secret_ref: SecretKeyRef { name: "pat".into(), key: None, namespace: None },
+        };
         let creds = source.fetch(&ctx).await.unwrap();
         assert_eq!(creds.auths[0].server, "ghcr.io");
         assert_eq!(creds.auths[0].password.expose_secret(), "ghp_x");

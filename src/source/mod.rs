@@ -43,7 +43,8 @@ impl SecretReader for ApiSecretReader {
 
 /// What a provider needs to know about the credential it serves.
 pub struct SourceContext<'a, R> {
-    /// Namespace the source's Secret references resolve in.
+    /// Namespace the source's references resolve in (empty for a cluster-scoped credential,
+    /// whose references name their own).
     pub namespace: &'a str,
     /// `spec.registry`, if given.
     pub registry: Option<&'a str>,
@@ -53,6 +54,21 @@ pub struct SourceContext<'a, R> {
     /// Whether the credential is cluster-scoped (a platform object, which may use the
     /// controller's own AWS identity).
     pub cluster_scoped: bool,
+}
+
+impl<R> SourceContext<'_, R> {
+    /// The namespace a reference resolves in. A namespaced credential only ever reads its
+    /// own namespace (tenant isolation); a cluster-scoped one must say where.
+    pub fn resolve_namespace(&self, explicit: Option<&str>) -> Result<String, Error> {
+        match (self.cluster_scoped, explicit) {
+            (true, Some(namespace)) => Ok(namespace.to_string()),
+            (true, None) => Err(Error::SourceNamespaceRequired),
+            (false, Some(namespace)) if namespace != self.namespace => {
+                Err(Error::CrossNamespaceReference { namespace: namespace.to_string() })
+            }
+            (false, _) => Ok(self.namespace.to_string()),
+        }
+    }
 }
 
 impl<'a, R> SourceContext<'a, R> {
@@ -88,7 +104,7 @@ async fn read_key<R: SecretReader>(
     secret_ref: &SecretKeyRef,
     default_key: &str,
 ) -> Result<SecretString, Error> {
-    let namespace = ctx.namespace.to_string();
+    let namespace = ctx.resolve_namespace(secret_ref.namespace.as_deref())?;
     let name = secret_ref.name.clone();
     let key = secret_ref.key_or(default_key).to_string();
     let secret = ctx

@@ -22,7 +22,7 @@ use kube::{
     Api, Client,
     api::{ListParams, ObjectMeta, PostParams},
 };
-use regcred::crd::RegistryCredential;
+use regcred::crd::{ClusterCredentialStatus, ClusterRegistryCredential, RegistryCredential};
 use regcred_testenv::{AwsEmulator, ControlPlane, Process, eventually};
 use serde_json::Value;
 
@@ -256,6 +256,47 @@ pub async fn create_credential_for(
         .expect("creating RegistryCredential")
 }
 
+/// Creates a ClusterRegistryCredential from a JSON spec, for the shared controller.
+pub async fn create_cluster_credential(client: &Client, name: &str, spec: Value) -> ClusterRegistryCredential {
+    let crc: ClusterRegistryCredential = serde_json::from_value(serde_json::json!({
+        "apiVersion": "regcred.dev/v1alpha1",
+        "kind": "ClusterRegistryCredential",
+        "metadata": {"name": name},
+        "spec": spec,
+    }))
+    .expect("valid ClusterRegistryCredential");
+    Api::<ClusterRegistryCredential>::all(client.clone())
+        .create(&PostParams::default(), &crc)
+        .await
+        .expect("creating ClusterRegistryCredential")
+}
+
+/// Waits until the cluster credential's status for its current generation satisfies `check`.
+pub async fn wait_cluster<F>(client: &Client, name: &str, what: &str, check: F) -> ClusterRegistryCredential
+where
+    F: Fn(&ClusterCredentialStatus) -> bool,
+{
+    let api = Api::<ClusterRegistryCredential>::all(client.clone());
+    eventually(&format!("ClusterRegistryCredential {name}: {what}"), TIMEOUT, || async {
+        let crc = api.get(name).await.ok()?;
+        let status = crc.status.as_ref()?;
+        (status.credential.observed_generation == crc.metadata.generation && check(status)).then_some(crc)
+    })
+    .await
+}
+
+/// A fresh namespace with labels.
+pub async fn labelled_namespace(client: &Client, prefix: &str, labels: &[(&str, &str)]) -> String {
+    let name = format!("{prefix}-{}", &unique()[..8]);
+    let labels: BTreeMap<String, String> = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let ns = Namespace {
+        metadata: ObjectMeta { name: Some(name.clone()), labels: Some(labels), ..Default::default() },
+        ..Default::default()
+    };
+    Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await.expect("creating namespace");
+    name
+}
+
 /// Waits until the credential's Ready condition has `status` (and `reason`, if given) for
 /// its current generation; returns the credential.
 pub async fn wait_ready(
@@ -338,6 +379,9 @@ pub async fn assert_no_leaks(client: &Client) {
     let creds = Api::<RegistryCredential>::all(client.clone()).list(&ListParams::default()).await.expect("listing");
     let statuses: Vec<_> = creds.items.iter().map(|c| &c.status).collect();
     haystacks.push(("statuses".into(), serde_json::to_string(&statuses).unwrap()));
+    let cluster = Api::<ClusterRegistryCredential>::all(client.clone()).list(&ListParams::default()).await.unwrap();
+    let statuses: Vec<_> = cluster.items.iter().map(|c| &c.status).collect();
+    haystacks.push(("cluster statuses".into(), serde_json::to_string(&statuses).unwrap()));
     let used = used_secrets().lock().unwrap_or_else(|e| e.into_inner()).clone();
     assert!(!used.is_empty(), "the leak check has nothing to look for");
     for (place, text) in &haystacks {

@@ -44,6 +44,7 @@ impl Identity {
             EcrAuth::SecretRef(keys) => {
                 let key = |k: &Option<String>, default: &str| SecretKeyRef {
                     name: keys.name.clone(),
+                    namespace: keys.namespace.clone(),
                     key: Some(k.clone().unwrap_or_else(|| default.into())),
                 };
                 let id = read_key(ctx, &key(&keys.access_key_id_key, "accessKeyId"), "").await?;
@@ -70,7 +71,7 @@ impl Identity {
                 Ok((Identity::Keys(credentials), cache_key))
             }
             EcrAuth::ServiceAccountRef(sa) => {
-                let namespace = ctx.namespace.to_string();
+                let namespace = ctx.resolve_namespace(sa.namespace.as_deref())?;
                 let account = Api::<ServiceAccount>::namespaced(provider.client.clone(), &namespace)
                     .get_opt(&sa.name)
                     .await?

@@ -1,0 +1,264 @@
+//! ClusterRegistryCredential: one credential, a Secret in every selected namespace, following
+//! namespaces as they come, go and change labels.
+
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use kube::{
+    Api,
+    api::{DeleteParams, Patch, PatchParams},
+};
+use regcred::crd::ClusterRegistryCredential;
+use regcred_testenv::{Registry, eventually};
+use serde_json::json;
+
+use crate::support::*;
+
+const PULL: &str = "regcred-pull";
+
+/// Waits until the namespace's pull Secret holds exactly this password (None: is absent).
+async fn wait_pull_secret(client: &kube::Client, ns: &str, password: Option<&str>) {
+    let api = Api::<Secret>::namespaced(client.clone(), ns);
+    eventually(
+        &format!("{ns}/{PULL} holding {}", if password.is_some() { "the password" } else { "nothing" }),
+        TIMEOUT,
+        || async {
+            let secret = api.get_opt(PULL).await.ok()?;
+            let matches = match (&secret, password) {
+                (None, None) => true,
+                (Some(secret), Some(password)) => logins(secret).iter().map(|l| l.2.as_str()).eq([password]),
+                _ => false,
+            };
+            matches.then_some(())
+        },
+    )
+    .await
+}
+
+#[tokio::test]
+async fn fans_out_to_selected_namespaces_and_follows_them() {
+    env();
+    let client = client().await;
+    let team = format!("team-{}", &unique()[..6]);
+    let source_ns = namespace(&client, "fan-src").await;
+    let password = secret_value("robot", "fanout");
+    create_secret(&client, &source_ns, "src", &[("password", password.as_bytes())]).await;
+    let a1 = labelled_namespace(&client, "fan-a", &[("team", &team)]).await;
+    let listed = namespace(&client, "fan-listed").await;
+    let excluded = labelled_namespace(&client, "fan-x", &[("team", &team)]).await;
+    let unrelated = namespace(&client, "fan-other").await;
+
+    let name = format!("fan-{}", &unique()[..6]);
+    create_cluster_credential(
+        &client,
+        &name,
+        json!({
+            "registry": "registry.example.com",
+            "source": {"basic": {"username": "robot", "passwordSecretRef": {"name": "src", "namespace": source_ns}}},
+            "namespaces": {"selector": {"matchLabels": {"team": team}}, "names": [listed], "exclude": [excluded]},
+            "secret": {"name": PULL},
+        }),
+    )
+    .await;
+    wait_cluster(&client, &name, "both namespaces synced", |s| {
+        s.target_namespaces == Some(2) && s.synced_namespaces == Some(2) && s.failed_namespaces == Some(0)
+    })
+    .await;
+    for ns in [&a1, &listed] {
+        wait_pull_secret(&client, ns, Some(&password)).await;
+    }
+    for ns in [&excluded, &unrelated, &source_ns] {
+        assert!(Api::<Secret>::namespaced(client.clone(), ns).get_opt(PULL).await.unwrap().is_none(), "{ns} got one");
+    }
+
+    // A namespace created later gets it; one relabelled out loses it.
+    let a2 = labelled_namespace(&client, "fan-a", &[("team", &team)]).await;
+    wait_pull_secret(&client, &a2, Some(&password)).await;
+    let relabel = json!({"metadata": {"labels": {"team": "elsewhere"}}});
+    Api::<Namespace>::all(client.clone()).patch(&a1, &PatchParams::default(), &Patch::Merge(&relabel)).await.unwrap();
+    wait_pull_secret(&client, &a1, None).await;
+    wait_cluster(&client, &name, "2 targets after the relabel", |s| {
+        s.target_namespaces == Some(2) && s.synced_namespaces == Some(2)
+    })
+    .await;
+
+    // A source change reaches every namespace.
+    let rotated = secret_value("robot", "fanout-rotated");
+    set_secret_key(&client, &source_ns, "src", "password", rotated.as_bytes()).await;
+    for ns in [&listed, &a2] {
+        wait_pull_secret(&client, ns, Some(&rotated)).await;
+    }
+
+    // A terminating namespace is skipped without an error.
+    Api::<Namespace>::all(client.clone()).delete(&a2, &DeleteParams::default()).await.unwrap();
+    wait_cluster(&client, &name, "1 target, no failure", |s| {
+        s.target_namespaces == Some(1) && s.failed_namespaces == Some(0)
+    })
+    .await;
+    assert_no_leaks(&client).await;
+}
+
+#[tokio::test]
+async fn deleting_the_cluster_credential_removes_its_secrets() {
+    env();
+    let client = client().await;
+    let team = format!("team-{}", &unique()[..6]);
+    let source_ns = namespace(&client, "fan-src").await;
+    create_secret(&client, &source_ns, "src", &[("password", secret_value("u", "fan-del").as_bytes())]).await;
+    let targets = [
+        labelled_namespace(&client, "fan-del", &[("team", &team)]).await,
+        labelled_namespace(&client, "fan-del", &[("team", &team)]).await,
+    ];
+    let name = format!("fan-{}", &unique()[..6]);
+    create_cluster_credential(
+        &client,
+        &name,
+        json!({
+            "registry": "r.example.com",
+            "source": {"basic": {"username": "u", "passwordSecretRef": {"name": "src", "namespace": source_ns}}},
+            "namespaces": {"selector": {"matchLabels": {"team": team}}},
+        }),
+    )
+    .await;
+    wait_cluster(&client, &name, "2 synced", |s| s.synced_namespaces == Some(2)).await;
+    for ns in &targets {
+        wait_secret(&client, ns, &name, "written", |_| true).await;
+    }
+    Api::<ClusterRegistryCredential>::all(client.clone()).delete(&name, &DeleteParams::default()).await.unwrap();
+    for ns in &targets {
+        let api = Api::<Secret>::namespaced(client.clone(), ns);
+        eventually(&format!("{ns}/{name} removed"), TIMEOUT, || async {
+            api.get_opt(&name).await.ok()?.is_none().then_some(())
+        })
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn references_without_a_namespace_are_refused_for_cluster_credentials() {
+    env();
+    let client = client().await;
+    let api = Api::<ClusterRegistryCredential>::all(client.clone());
+    let crc: ClusterRegistryCredential = serde_json::from_value(json!({
+        "apiVersion": "regcred.dev/v1alpha1", "kind": "ClusterRegistryCredential",
+        "metadata": {"name": format!("fan-{}", &unique()[..6])},
+        "spec": {"registry": "r.example.com", "source": {"basic": {"username": "u", "passwordSecretRef": {"name": "src"}}}},
+    }))
+    .unwrap();
+    let refused = api.create(&Default::default(), &crc).await.expect_err("no namespace in a reference");
+    assert!(
+        matches!(&refused, kube::Error::Api(s) if s.code == 422 && s.message.contains("need a namespace")),
+        "{refused}"
+    );
+
+    // And a namespaced credential may not name another namespace.
+    let ns = namespace(&client, "fan-ref").await;
+    let cr: regcred::crd::RegistryCredential = serde_json::from_value(json!({
+        "apiVersion": "regcred.dev/v1alpha1", "kind": "RegistryCredential",
+        "metadata": {"name": "cross", "namespace": ns},
+        "spec": {"registry": "r.example.com", "source": {"basic": {"username": "u", "passwordSecretRef": {"name": "src", "namespace": "kube-system"}}}},
+    }))
+    .unwrap();
+    let refused = Api::<regcred::crd::RegistryCredential>::namespaced(client.clone(), &ns)
+        .create(&Default::default(), &cr)
+        .await
+        .expect_err("a cross-namespace reference");
+    assert!(
+        matches!(&refused, kube::Error::Api(s) if s.code == 422 && s.message.contains("its own namespace")),
+        "{refused}"
+    );
+}
+
+#[tokio::test]
+async fn a_fanned_out_secret_pulls_from_a_real_registry() {
+    env();
+    let client = client().await;
+    let password = secret_value("puller", "fan-registry");
+    let registry = Registry::start(&[("puller", &password)]).unwrap();
+    let image = registry.push_test_image("team/app", "v1", "puller", &password).unwrap();
+    let source_ns = namespace(&client, "fan-src").await;
+    create_secret(&client, &source_ns, "src", &[("password", password.as_bytes())]).await;
+    let target = namespace(&client, "fan-pull").await;
+    let name = format!("fan-{}", &unique()[..6]);
+    create_cluster_credential(
+        &client,
+        &name,
+        json!({
+            "registry": registry.host(),
+            "source": {"basic": {"username": "puller", "passwordSecretRef": {"name": "src", "namespace": source_ns}}},
+            "namespaces": {"names": [target]},
+        }),
+    )
+    .await;
+    let secret = wait_secret(&client, &target, &name, "written", |_| true).await;
+    let auth_file = secret.data.as_ref().unwrap()[".dockerconfigjson"].0.clone();
+    registry.pull_with_auth_file(&image, &auth_file).expect("the fanned-out Secret pulls");
+}
+
+#[tokio::test]
+async fn the_older_credential_keeps_a_contested_secret() {
+    env();
+    let client = client().await;
+    let source_ns = namespace(&client, "fan-src").await;
+    let old_password = secret_value("u", "older");
+    let new_password = secret_value("u", "newer");
+    create_secret(&client, &source_ns, "old", &[("password", old_password.as_bytes())]).await;
+    create_secret(&client, &source_ns, "new", &[("password", new_password.as_bytes())]).await;
+    let target = namespace(&client, "fan-contest").await;
+    let spec = |source: &str, names: Vec<String>| {
+        json!({
+            "registry": "r.example.com",
+            "source": {"basic": {"username": "u", "passwordSecretRef": {"name": source, "namespace": source_ns}}},
+            "namespaces": {"names": names},
+            "secret": {"name": PULL},
+        })
+    };
+    // The older credential first targets nothing, so the newer one writes the Secret…
+    let older = format!("fan-old-{}", &unique()[..6]);
+    let created = create_cluster_credential(&client, &older, spec("old", vec!["fan-nothing-here".into()])).await;
+    wait_cluster(&client, &older, "no targets", |s| s.target_namespaces == Some(0)).await;
+    // creationTimestamp has whole seconds (a tie goes to the smaller uid): make "older" true.
+    let second = created.metadata.creation_timestamp.unwrap().0.as_second();
+    eventually("the next second", TIMEOUT, || async {
+        (k8s_openapi::jiff::Timestamp::now().as_second() > second).then_some(())
+    })
+    .await;
+    let newer = format!("fan-new-{}", &unique()[..6]);
+    create_cluster_credential(&client, &newer, spec("new", vec![target.clone()])).await;
+    wait_pull_secret(&client, &target, Some(&new_password)).await;
+
+    // …then the older one targets the namespace too, and takes the Secret over.
+    let api = Api::<ClusterRegistryCredential>::all(client.clone());
+    let patch = json!({"spec": {"namespaces": {"names": [target]}}});
+    api.patch(&older, &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    wait_pull_secret(&client, &target, Some(&old_password)).await;
+    wait_cluster(&client, &older, "synced", |s| s.synced_namespaces == Some(1)).await;
+    let loser = wait_cluster(&client, &newer, "the conflict reported", |s| {
+        s.failures.iter().any(|f| f.namespace == target && f.reason == "SecretConflict")
+    })
+    .await;
+    assert_eq!(loser.status.unwrap().failed_namespaces, Some(1));
+
+    // No flapping: reconciles of both (a touched annotation each) leave the Secret alone.
+    let secrets = Api::<Secret>::namespaced(client.clone(), &target);
+    let before = secrets.get(PULL).await.unwrap().metadata.resource_version;
+    let offset = audit_offset();
+    for name in [&older, &newer] {
+        let touch = json!({"metadata": {"annotations": {"touched": unique()}}});
+        api.patch(name, &PatchParams::default(), &Patch::Merge(&touch)).await.unwrap();
+    }
+    eventually("both credentials reconciled again", TIMEOUT, || async {
+        let lists = controller_requests_since(offset)
+            .into_iter()
+            .filter(|(verb, resource, ns, _)| verb == "list" && resource == "secrets" && ns.is_empty())
+            .count();
+        (lists >= 2).then_some(())
+    })
+    .await;
+    let writes: Vec<_> = controller_requests_since(offset)
+        .into_iter()
+        .filter(|(verb, resource, ns, _)| is_write(verb) && resource == "secrets" && *ns == target)
+        .collect();
+    assert!(writes.is_empty(), "the contested Secret was written again: {writes:?}");
+    assert_eq!(secrets.get(PULL).await.unwrap().metadata.resource_version, before);
+    let owners = secrets.get(PULL).await.unwrap().metadata.owner_references.unwrap();
+    assert_eq!(owners.iter().map(|o| o.name.as_str()).collect::<Vec<_>>(), [older.as_str()]);
+}
