@@ -93,6 +93,26 @@ fn main() -> Result<()> {
     })?;
     println!("Secret {NAMESPACE}/local updated");
 
+    step("a ClusterRegistryCredential (examples/cluster.yaml): one Secret in each selected namespace");
+    kubectl(&["create", "namespace", "build"])?;
+    kubectl(&["create", "namespace", "team-a-web"])?;
+    kubectl(&["label", "namespace", "team-a-web", "team=a"])?;
+    let cluster = repo.join("examples").join("cluster.yaml");
+    print!("{}", kubectl(&["apply", "-f", cluster.to_str().context("path")?])?);
+    kubectl(&["wait", "--for=condition=Ready", "clusterregistrycredential/company-registry", "--timeout=60s"])?;
+    print!("{}", kubectl(&["get", "clusterregistrycredentials"])?);
+    println!();
+    print!("{}", kubectl(&["get", "secrets", "-A", "--field-selector", "metadata.name=regcred-pull"])?);
+    wait_for("the default ServiceAccount in build to list the Secret", Duration::from_secs(30), || {
+        let names =
+            kubectl(&["get", "serviceaccount", "default", "-n", "build", "-o", "jsonpath={.imagePullSecrets[*].name}"])
+                .ok()?;
+        names.contains("regcred-pull").then_some(())
+    })?;
+    println!(
+        "\nServiceAccount build/default imagePullSecrets: regcred-pull (pods there need no imagePullSecrets line)"
+    );
+
     if keep {
         step("running; press Ctrl-C to stop everything");
         println!("export KUBECONFIG={}", cp.kubeconfig_path().display());
