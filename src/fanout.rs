@@ -53,13 +53,13 @@ const MAX_LISTED_FAILURES: usize = 20;
 pub(crate) fn controller(
     controller: Controller<ClusterRegistryCredential>,
     store: Store<ClusterRegistryCredential>,
-    secrets: Api<PartialObjectMeta<Secret>>,
+    secrets: Option<Api<PartialObjectMeta<Secret>>>,
     accounts: Api<PartialObjectMeta<ServiceAccount>>,
     namespaces: Api<PartialObjectMeta<Namespace>>,
 ) -> Controller<ClusterRegistryCredential> {
     let (by_secret, by_account, by_namespace) = (store.clone(), store.clone(), store);
-    controller
-        .watches(secrets, watcher::Config::default(), move |secret| {
+    let controller = match secrets {
+        Some(secrets) => controller.watches(secrets, watcher::Config::default(), move |secret| {
             let (Some(namespace), Some(name)) = (secret.namespace(), secret.metadata.name.clone()) else {
                 return Vec::new();
             };
@@ -67,7 +67,10 @@ pub(crate) fn controller(
                 c.secret_name() == name
                     || c.spec.source.secret_refs().contains(&(Some(namespace.as_str()), name.as_str()))
             })
-        })
+        }),
+        None => controller,
+    };
+    controller
         .watches(accounts, watcher::Config::default(), move |account| {
             let name = account.name_any();
             matching(&by_account, |c| c.spec.service_accounts.contains(&name) || has_finalizer(&c.metadata))

@@ -8,7 +8,8 @@ use regcred::{admin, crd, leader, reconciler, render};
 use tracing_subscriber::{EnvFilter, fmt};
 
 #[derive(Parser)]
-#[command(version, about = "Keeps kubernetes.io/dockerconfigjson pull Secrets correct")]
+// A flag given twice takes its last value, as with most CLIs (wrappers append overrides).
+#[command(version, args_override_self = true, about = "Keeps kubernetes.io/dockerconfigjson pull Secrets correct")]
 struct Cli {
     /// Log format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "REGCRED_LOG_FORMAT")]
@@ -77,6 +78,10 @@ struct RunArgs {
     /// canary controllers).
     #[arg(long, env = "REGCRED_SELECTOR")]
     selector: Option<String>,
+    /// Do not watch Secrets (where RBAC grants no cluster-wide list/watch on them): drift,
+    /// deletion and source changes are then repaired at the next resync only.
+    #[arg(long, env = "REGCRED_NO_SECRET_WATCH")]
+    no_secret_watch: bool,
     /// AWS endpoint for ECR and STS (an emulator, a VPC endpoint). AWS_ENDPOINT_URL_* work too.
     #[arg(long, env = "REGCRED_AWS_ENDPOINT_URL")]
     aws_endpoint_url: Option<String>,
@@ -126,6 +131,7 @@ async fn main() -> anyhow::Result<()> {
                     endpoint_url: args.aws_endpoint_url,
                 },
                 selector: args.selector,
+                watch_secrets: !args.no_secret_watch,
             };
             tracing::info!(version = env!("CARGO_PKG_VERSION"), "starting controller");
             let admin = admin::AdminState { metrics: Default::default(), ready: Default::default() };

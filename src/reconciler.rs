@@ -63,6 +63,9 @@ pub struct ControllerConfig {
     pub ecr: EcrSettings,
     /// Only credentials matching this label selector (sharding, canaries); all when `None`.
     pub selector: Option<String>,
+    /// Watch Secrets (metadata only) to react to drift, deletion and source changes at once;
+    /// without it they are repaired at the next resync.
+    pub watch_secrets: bool,
 }
 
 impl Default for ControllerConfig {
@@ -74,6 +77,7 @@ impl Default for ControllerConfig {
             instance: None,
             ecr: EcrSettings::default(),
             selector: None,
+            watch_secrets: true,
         }
     }
 }
@@ -137,8 +141,13 @@ where
     let namespaces = Api::<PartialObjectMeta<Namespace>>::all(client);
     let concurrency = ControllerRuntimeConfig::default().concurrency(config.concurrency);
     let (accounts_store, secrets_store) = (store.clone(), store.clone());
+    let controller = match config.watch_secrets {
+        true => controller.watches(secrets.clone(), watcher::Config::default(), move |secret| {
+            credentials_using(&secrets_store, &secret)
+        }),
+        false => controller,
+    };
     let namespaced = controller
-        .watches(secrets.clone(), watcher::Config::default(), move |secret| credentials_using(&secrets_store, &secret))
         .watches(accounts.clone(), watcher::Config::default(), move |account| {
             credentials_patching(&accounts_store, &account)
         })
@@ -146,11 +155,12 @@ where
         .graceful_shutdown_on(shutdown.clone())
         .run(reconcile, error_policy, ctx.clone())
         .for_each(log_result);
-    let cluster = fanout::controller(cluster, cluster_store, secrets, accounts, namespaces)
-        .with_config(concurrency)
-        .graceful_shutdown_on(shutdown)
-        .run(fanout::reconcile, fanout::error_policy, ctx)
-        .for_each(log_result);
+    let cluster =
+        fanout::controller(cluster, cluster_store, config.watch_secrets.then_some(secrets), accounts, namespaces)
+            .with_config(concurrency)
+            .graceful_shutdown_on(shutdown)
+            .run(fanout::reconcile, fanout::error_policy, ctx)
+            .for_each(log_result);
     futures::join!(namespaced, cluster);
 }
 
