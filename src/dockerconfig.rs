@@ -138,4 +138,33 @@ mod tests {
         let err = parse(b"hunter2").unwrap_err();
         assert!(!err.to_string().contains("hunter2"));
     }
+
+    proptest::proptest! {
+        /// Whatever the logins, the document reads back to exactly them (any password,
+        /// colons and non-ASCII included), and the order they come in does not matter.
+        #[test]
+        fn render_then_parse_round_trips(
+            logins in proptest::collection::btree_map("[a-z0-9.-]{1,20}(:[0-9]{1,5})?", ("[^:\\x00-\\x1f]{1,12}", "\\PC{0,40}"), 1..5)
+        ) {
+            use secrecy::ExposeSecret;
+            let auths: Vec<_> = logins.iter().map(|(s, (u, p))| login(s, u, p)).collect();
+            let mut reversed = auths.clone();
+            reversed.reverse();
+            let bytes = render(&auths);
+            proptest::prop_assert_eq!(&bytes, &render(&reversed));
+            let parsed = parse(&bytes).unwrap();
+            let back: Vec<_> = parsed.iter().map(|a| (a.server.clone(), (a.username.clone(), a.password.expose_secret().to_string()))).collect();
+            proptest::prop_assert_eq!(back, logins.into_iter().collect::<Vec<_>>());
+        }
+
+        /// Arbitrary bytes never panic the parser, and its errors never quote the input.
+        #[test]
+        fn parse_errors_never_quote_the_document(secret in "[A-Za-z0-9]{16}", junk in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200)) {
+            let mut doc = format!("{{\"auths\":{{\"r\":{{\"auth\":\"{secret}\"").into_bytes();
+            doc.extend(junk);
+            if let Err(error) = parse(&doc) {
+                proptest::prop_assert!(!error.to_string().contains(&secret));
+            }
+        }
+    }
 }

@@ -86,4 +86,15 @@ mod tests {
             assert!(!msg.contains("MIIsecret"), "{msg}");
         }
     }
+
+    proptest::proptest! {
+        /// Any text as a key: no panic, and the problem never quotes it.
+        #[test]
+        fn key_checks_never_quote_the_key(marker in "[A-Za-z0-9]{12}", prefix in "\\PC{0,60}", suffix in "\\PC{0,60}") {
+            let text = format!("{prefix}{marker}{suffix}");
+            if let Err(problem) = check_service_account_key(&SecretString::from(text)) {
+                proptest::prop_assert!(!problem.contains(&marker), "{}", problem);
+            }
+        }
+    }
 }

@@ -73,4 +73,26 @@ mod tests {
             assert!(err.contains("expected <account>"), "{bad}: {err}");
         }
     }
+
+    proptest::proptest! {
+        /// Any text: no panic, and anything accepted has the documented shape.
+        #[test]
+        fn never_panics_and_accepts_only_the_shape(host in "\\PC{0,80}") {
+            if let Ok(parsed) = parse_ecr_host(&host) {
+                proptest::prop_assert_eq!(parsed.account_id.len(), 12);
+                proptest::prop_assert!(host.to_ascii_lowercase().contains(&parsed.region));
+            }
+        }
+
+        /// Every well-formed host parses back to its parts.
+        #[test]
+        fn well_formed_hosts_parse_to_their_parts(
+            account in "[0-9]{12}", region in "[a-z]{2}(-[a-z]+)?-[0-9]", fips in proptest::prelude::any::<bool>(),
+            suffix in proptest::sample::select(PARTITION_SUFFIXES.to_vec()),
+        ) {
+            let service = if fips { "ecr-fips" } else { "ecr" };
+            let parsed = parse_ecr_host(&format!("{account}.dkr.{service}.{region}.{suffix}")).unwrap();
+            proptest::prop_assert_eq!(parsed, EcrHost { account_id: account, region, fips });
+        }
+    }
 }

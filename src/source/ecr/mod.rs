@@ -269,4 +269,25 @@ mod tests {
         assert!(err.contains("not base64") && !err.contains("%%%"), "{err}");
         assert!(token_from(&[], now, 0.25).is_err());
     }
+
+    proptest::proptest! {
+        /// Any token text: decoded to user and password when it has a colon, an error (that
+        /// does not quote it) otherwise; never a panic.
+        #[test]
+        fn token_decoding_never_panics_or_quotes(token in "\\PC{0,80}", expires_in in -100i64..100_000) {
+            let now = Timestamp::now();
+            match token_from(&[data(&token, expires_in)], now, 0.25) {
+                Ok(decoded) => {
+                    let (user, password) = token.split_once(':').unwrap();
+                    proptest::prop_assert_eq!(decoded.username, user);
+                    proptest::prop_assert_eq!(decoded.password.expose_secret(), password);
+                    proptest::prop_assert!(decoded.refresh_at < decoded.expires_at);
+                }
+                Err(error) => {
+                    let message = error.to_string();
+                    proptest::prop_assert!(token.len() < 4 || !message.contains(&token), "{}", message);
+                }
+            }
+        }
+    }
 }
