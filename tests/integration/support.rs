@@ -52,6 +52,21 @@ impl TestController {
         self.process.terminate();
     }
 
+    /// Resident and peak resident memory (VmRSS, VmHWM) in KiB (for the load test).
+    #[allow(dead_code)]
+    pub fn rss_kib(&self) -> (u64, u64) {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.process.pid())).unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        (field("VmRSS:"), field("VmHWM:"))
+    }
+
     /// The admin endpoint's `/metrics` text (empty if it does not answer).
     pub fn metrics(&self) -> String {
         admin_get(self.admin_port, "/metrics").1
@@ -258,10 +273,22 @@ pub async fn create_credential_for(
 
 /// Creates a ClusterRegistryCredential from a JSON spec, for the shared controller.
 pub async fn create_cluster_credential(client: &Client, name: &str, spec: Value) -> ClusterRegistryCredential {
+    create_cluster_credential_for(client, name, None, spec).await
+}
+
+/// Creates a ClusterRegistryCredential for the controller named `controller` (see
+/// [`spawn_controller`]) or the shared one.
+pub async fn create_cluster_credential_for(
+    client: &Client,
+    name: &str,
+    controller: Option<&str>,
+    spec: Value,
+) -> ClusterRegistryCredential {
+    let labels: BTreeMap<&str, &str> = controller.map(|c| (CONTROLLER_LABEL, c)).into_iter().collect();
     let crc: ClusterRegistryCredential = serde_json::from_value(serde_json::json!({
         "apiVersion": "regcred.dev/v1alpha1",
         "kind": "ClusterRegistryCredential",
-        "metadata": {"name": name},
+        "metadata": {"name": name, "labels": labels},
         "spec": spec,
     }))
     .expect("valid ClusterRegistryCredential");
@@ -364,7 +391,7 @@ pub async fn wait_event(client: &Client, ns: &str, kind: &str, name: &str, type_
 }
 
 /// Fails if any recorded secret value appears in any controller's log, in any Event, or in
-/// any RegistryCredential's status.
+/// any credential's status, or the shared controller's metrics.
 pub async fn assert_no_leaks(client: &Client) {
     let mut haystacks = Vec::new();
     for entry in std::fs::read_dir(env().cp.dir()).expect("control plane dir").flatten() {
@@ -382,6 +409,7 @@ pub async fn assert_no_leaks(client: &Client) {
     let cluster = Api::<ClusterRegistryCredential>::all(client.clone()).list(&ListParams::default()).await.unwrap();
     let statuses: Vec<_> = cluster.items.iter().map(|c| &c.status).collect();
     haystacks.push(("cluster statuses".into(), serde_json::to_string(&statuses).unwrap()));
+    haystacks.push(("metrics".into(), env().controller.metrics()));
     let used = used_secrets().lock().unwrap_or_else(|e| e.into_inner()).clone();
     assert!(!used.is_empty(), "the leak check has nothing to look for");
     for (place, text) in &haystacks {
