@@ -167,3 +167,32 @@ impl SecretReader for LocalSecrets {
             .cloned())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Tenant isolation holds in the controller too, not only at admission.
+    #[test]
+    fn namespaced_credentials_resolve_only_their_own_namespace() {
+        let secrets = LocalSecrets::default();
+        let tenant = SourceContext::offline("team-a", None, &secrets);
+        assert_eq!(tenant.resolve_namespace(None).unwrap(), "team-a");
+        assert_eq!(tenant.resolve_namespace(Some("team-a")).unwrap(), "team-a");
+        let err = tenant.resolve_namespace(Some("kube-system")).unwrap_err();
+        assert_eq!(err.reason(), "CrossNamespaceReference");
+
+        let cluster = SourceContext { cluster_scoped: true, ..SourceContext::offline("", None, &secrets) };
+        assert_eq!(cluster.resolve_namespace(Some("platform")).unwrap(), "platform");
+        assert_eq!(cluster.resolve_namespace(None).unwrap_err().reason(), "SourceNamespaceRequired");
+    }
+
+    #[tokio::test]
+    async fn a_tenant_cannot_read_another_namespaces_secret() {
+        let secrets = LocalSecrets::default().with("kube-system", "admin", &[("password", b"root")]);
+        let tenant = SourceContext::offline("team-a", Some("r.io"), &secrets);
+        let reference = SecretKeyRef { name: "admin".into(), key: None, namespace: Some("kube-system".into()) };
+        let err = read_key(&tenant, &reference, "password").await.unwrap_err();
+        assert_eq!(err.reason(), "CrossNamespaceReference");
+    }
+}
