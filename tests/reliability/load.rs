@@ -99,7 +99,7 @@ async fn load_200_credentials_times_50_namespaces_with_changing_sources() {
             .lines()
             .filter(|l| l.starts_with(prefix))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+            .fold(0.0, |sum, v| sum + v)
     };
     let reconciles = total("regcred_reconciles_total");
     let failures = total("regcred_reconcile_failures_total");
