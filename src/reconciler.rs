@@ -152,16 +152,52 @@ where
             credentials_patching(&accounts_store, &account)
         })
         .with_config(concurrency.clone())
+        .trigger_backoff(WatchBackoff::new())
         .graceful_shutdown_on(shutdown.clone())
         .run(reconcile, error_policy, ctx.clone())
         .for_each(log_result);
     let cluster =
         fanout::controller(cluster, cluster_store, config.watch_secrets.then_some(secrets), accounts, namespaces)
             .with_config(concurrency)
+            .trigger_backoff(WatchBackoff::new())
             .graceful_shutdown_on(shutdown)
             .run(fanout::reconcile, fanout::error_policy, ctx)
             .for_each(log_result);
     futures::join!(namespaced, cluster);
+}
+
+/// The pause of all of a controller's watches after any of them fails. kube's default
+/// (0.8 s doubling to 30 s) stacks up when a restarting apiserver or etcd fails every watch
+/// at once, and left the controller deaf for half a minute in the restart tests; short pauses
+/// resume the watches within a few seconds. Any event resets it.
+#[derive(Clone)]
+struct WatchBackoff {
+    next: Duration,
+}
+
+impl WatchBackoff {
+    const FIRST: Duration = Duration::from_millis(100);
+    const MAX: Duration = Duration::from_secs(2);
+
+    fn new() -> Self {
+        Self { next: Self::FIRST }
+    }
+}
+
+impl Iterator for WatchBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        let current = self.next;
+        self.next = (current * 2).min(Self::MAX);
+        Some(current)
+    }
+}
+
+impl kube::runtime::utils::Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.next = Self::FIRST;
+    }
 }
 
 /// Waits until a store has its first full list; false if it never will (shutdown).
@@ -277,9 +313,12 @@ async fn sync(cr: &RegistryCredential, ctx: &Context) -> Result<Written, Error> 
     let claim = Claim { owner, created: cr.metadata.creation_timestamp.as_ref().map(|t| t.0) };
     let change = ensure_secret(&ctx.client, &desired, &claim, None).await?;
 
-    // spec.secret.name changed: remove the Secret written under the old name.
+    // spec.secret.name changed: remove the Secret written under the old name. The name comes
+    // from the status this controller wrote last, which the cache may not show yet.
     let api = Api::<Secret>::namespaced(ctx.client.clone(), namespace);
-    let previous = cr.status.as_ref().and_then(|s| s.secret_name.as_deref()).filter(|p| *p != secret_name);
+    let written = ctx.recently_written(&ObjectRef::from(cr));
+    let previous = written.as_ref().or(cr.status.as_ref()).and_then(|s| s.secret_name.as_deref());
+    let previous = previous.filter(|p| *p != secret_name);
     if let Some(previous) = previous
         && delete_if_controlled(&api, previous, &owner_uid).await?
     {
@@ -506,6 +545,16 @@ impl RegistryCredential {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn watch_backoff_is_short_and_resets() {
+        use kube::runtime::utils::Backoff;
+        let mut backoff = WatchBackoff::new();
+        let pauses: Vec<u128> = backoff.by_ref().take(7).map(|d| d.as_millis()).collect();
+        assert_eq!(pauses, [100, 200, 400, 800, 1600, 2000, 2000]);
+        backoff.reset();
+        assert_eq!(backoff.next(), Some(Duration::from_millis(100)));
+    }
 
     #[test]
     fn backoff_doubles_and_is_capped() {
