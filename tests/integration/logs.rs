@@ -27,7 +27,7 @@ async fn json_logs_carry_the_object_and_no_secret() {
     wait_ready(&client, &ns, "good", "True", None).await;
     wait_ready(&client, &ns, "bad", "False", Some("SourceSecretNotFound")).await;
 
-    let log = std::fs::read_to_string(cp.dir().join(format!("regcred-{name}.log"))).unwrap();
+    let log = std::fs::read_to_string(controller_log_path(cp, &name)).unwrap();
     let lines: Vec<Value> = log
         .lines()
         .filter(|l| !l.trim().is_empty())

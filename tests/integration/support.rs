@@ -157,7 +157,7 @@ pub fn spawn_controller(
     for (key, value) in envs {
         cmd.env(key, value);
     }
-    let log = cp.dir().join(format!("regcred-{name}.log"));
+    let log = controller_log_path(cp, name);
     let process = Process::spawn(&format!("regcred-{name}"), cmd, &log).expect("starting regcred");
     let admin_port = regcred_testenv::wait_for("the admin endpoint's address in the log", TIMEOUT, || {
         let text = std::fs::read_to_string(&log).ok()?;
@@ -175,6 +175,35 @@ pub async fn controller_client() -> Client {
         kube::config::Kubeconfig::read_from(controller_kubeconfig(env().cp)).expect("controller kubeconfig");
     let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await.expect("loading it");
     Client::try_from(config).expect("building a client")
+}
+
+/// Where the controller named `name` logs: the run's leak-scan directory when
+/// `REGCRED_LEAK_DIR` is set (scripts/test.sh scans it after the whole run), else the control
+/// plane's directory.
+pub fn controller_log_path(cp: &ControlPlane, name: &str) -> PathBuf {
+    match std::env::var_os("REGCRED_LEAK_DIR") {
+        Some(dir) => PathBuf::from(dir).join(format!("regcred-{}-{name}.log", std::process::id())),
+        None => cp.dir().join(format!("regcred-{name}.log")),
+    }
+}
+
+/// Every controller log of this test process, as (file name, text).
+pub fn controller_logs() -> Vec<(String, String)> {
+    let dir = controller_log_path(env().cp, "x").parent().map(PathBuf::from).unwrap_or_default();
+    let prefix = match std::env::var_os("REGCRED_LEAK_DIR") {
+        Some(_) => format!("regcred-{}-", std::process::id()),
+        None => "regcred-".into(),
+    };
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            (name.starts_with(&prefix) && name.ends_with(".log"))
+                .then(|| (name, std::fs::read_to_string(entry.path()).unwrap_or_default()))
+        })
+        .collect()
 }
 
 /// An admin client for this test's runtime.
@@ -196,6 +225,7 @@ pub async fn namespace(client: &Client, prefix: &str) -> String {
 pub fn secret_value(username: &str, tag: &str) -> String {
     let value = format!("{tag}-{}", unique());
     let auth = base64::engine::general_purpose::STANDARD.encode(format!("{username}:{value}"));
+    remember(&[&value, &auth]);
     let mut used = used_secrets().lock().unwrap_or_else(|e| e.into_inner());
     used.push(value.clone());
     used.push(auth);
@@ -204,7 +234,21 @@ pub fn secret_value(username: &str, tag: &str) -> String {
 
 /// Records a whole value (a key, a token) for the leak check.
 pub fn record_secret(value: &str) {
+    remember(&[value]);
     used_secrets().lock().unwrap_or_else(|e| e.into_inner()).push(value.to_string());
+}
+
+/// Also writes the values to the run's leak-scan directory (see [`controller_log_path`]).
+fn remember(values: &[&str]) {
+    if let Some(dir) = std::env::var_os("REGCRED_LEAK_DIR") {
+        use std::io::Write;
+        let path = PathBuf::from(dir).join(format!("used-secrets-{}.txt", std::process::id()));
+        if let Ok(mut file) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+            for value in values {
+                let _ = writeln!(file, "{value}");
+            }
+        }
+    }
 }
 
 pub fn used_secrets() -> &'static Mutex<Vec<String>> {
@@ -393,13 +437,7 @@ pub async fn wait_event(client: &Client, ns: &str, kind: &str, name: &str, type_
 /// Fails if any recorded secret value appears in any controller's log, in any Event, or in
 /// any credential's status, or the shared controller's metrics.
 pub async fn assert_no_leaks(client: &Client) {
-    let mut haystacks = Vec::new();
-    for entry in std::fs::read_dir(env().cp.dir()).expect("control plane dir").flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with("regcred-") && name.ends_with(".log") {
-            haystacks.push((name, std::fs::read_to_string(entry.path()).unwrap_or_default()));
-        }
-    }
+    let mut haystacks = controller_logs();
     assert!(!haystacks.is_empty(), "no controller log to check");
     let events = Api::<Event>::all(client.clone()).list(&ListParams::default()).await.expect("listing Events");
     haystacks.push(("Events".into(), serde_json::to_string(&events.items).unwrap()));

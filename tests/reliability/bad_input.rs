@@ -152,12 +152,8 @@ async fn values_only_the_controller_can_judge_are_reported_and_others_go_on() {
     create_secret(&client, &ns, "good", &[("password", good.as_bytes())]).await;
     create_credential(&client, &ns, "c-good", basic("good")).await;
     wait_ready(&client, &ns, "c-good", "True", Some("Synced")).await;
-    for entry in std::fs::read_dir(env().cp.dir()).unwrap().flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with("regcred-") && name.ends_with(".log") {
-            let log = std::fs::read_to_string(entry.path()).unwrap_or_default();
-            assert!(!log.contains("panicked"), "{name} shows a panic");
-        }
+    for (name, log) in controller_logs() {
+        assert!(!log.contains("panicked"), "{name} shows a panic");
     }
     assert_no_leaks(&client).await;
 }

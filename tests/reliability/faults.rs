@@ -79,8 +79,15 @@ async fn apiserver_and_etcd_restarts_neither_stall_nor_duplicate_writes() {
             false => cp.restart_etcd().expect("restarting etcd"),
         }
         let client = crate::support::client().await;
+        // A restarted apiserver refuses requests for a few seconds more while its RBAC caches
+        // fill; retries back off meanwhile, so allow longer than other waits.
         for (namespace, name) in &managed {
-            wait_password(&client, namespace, name, &password).await;
+            let api = Api::<Secret>::namespaced(client.clone(), namespace);
+            eventually(&format!("{namespace}/{name} on the new password"), 2 * TIMEOUT, || async {
+                let secret = api.get_opt(name).await.ok()??;
+                logins(&secret).iter().any(|l| l.2 == password).then_some(())
+            })
+            .await;
         }
         eprintln!("{fault}: all {} Secrets converged {:?} after the change", managed.len(), started.elapsed());
         // Nothing lost (above) and nothing written twice: one successful write per Secret.
