@@ -113,8 +113,26 @@ enum Output {
     Json,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    limit_malloc_arenas();
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(cli_main())
+}
+
+/// glibc gives each thread that meets contention its own malloc arena and keeps freed memory in
+/// it: measured at 1,000 namespaces, that was a third of the controller's RSS (46 MiB with the
+/// default, 31 MiB with one arena). Two arenas keep most of the saving without serialising
+/// every allocation. Set before the runtime starts its threads; `MALLOC_ARENA_MAX` still wins.
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt only changes allocator tuning; no other thread exists yet.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 2);
+        }
+    }
+}
+
+async fn cli_main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     match cli.command {
@@ -154,6 +172,10 @@ async fn main() -> anyhow::Result<()> {
             };
             let mut lease =
                 leader::Lease::start(client.clone(), &settings).await.context("starting leader election")?;
+            // A standby is ready: it serves its purpose by competing for the Lease. Were it
+            // unready, a rolling update (maxUnavailable 0) and the PodDisruptionBudget would
+            // wait forever for pods that only become ready on taking the Lease.
+            admin.ready.store(true, std::sync::atomic::Ordering::Relaxed);
             tokio::select! {
                 _ = lease.acquired() => {}
                 _ = terminated() => {
@@ -163,6 +185,8 @@ async fn main() -> anyhow::Result<()> {
             }
             tracing::info!(lease = %settings.name, identity = %settings.identity, "became the leader");
             admin.metrics.leader.set(1);
+            // The leader is ready again once its caches have synced (reconciler::run says so).
+            admin.ready.store(false, std::sync::atomic::Ordering::Relaxed);
             let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
             let watcher = tokio::spawn(async move {
                 let lost = tokio::select! {
