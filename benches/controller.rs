@@ -44,7 +44,7 @@ async fn main() -> anyhow::Result<()> {
     let aws = AwsEmulator::start_with_lifetime(30)?;
     let controller = spawn(&cp, &aws)?;
     tokio::time::sleep(Duration::from_secs(2)).await; // let it list and settle before the RSS baseline
-    let rss_empty = rss_kib(controller.pid());
+    let rss_empty = controller.rss_kib();
 
     // 1. Latency.
     namespace(&client, "bench").await?;
@@ -68,7 +68,7 @@ async fn main() -> anyhow::Result<()> {
 
     // 2. Idle writes, 3. RSS.
     let sync_writes = controller_writes(&cp, audit_before_sync, audit_len(&cp), None);
-    let rss_synced = rss_kib(controller.pid());
+    let rss_synced = controller.rss_kib();
     let idle_start = audit_len(&cp);
     tokio::time::sleep(Duration::from_secs(idle_secs)).await;
     let idle_writes = controller_writes(&cp, idle_start, audit_len(&cp), None);
@@ -253,20 +253,6 @@ fn controller_writes(cp: &ControlPlane, from: u64, to: u64, namespace: Option<&s
         }
     }
     writes
-}
-
-/// (VmRSS, VmHWM) in KiB.
-fn rss_kib(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
-    (field("VmRSS:"), field("VmHWM:"))
 }
 
 fn ms(d: Duration) -> f64 {

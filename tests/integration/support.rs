@@ -55,16 +55,7 @@ impl TestController {
     /// Resident and peak resident memory (VmRSS, VmHWM) in KiB (for the load test).
     #[allow(dead_code)]
     pub fn rss_kib(&self) -> (u64, u64) {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.process.pid())).unwrap_or_default();
-        let field = |name: &str| {
-            status
-                .lines()
-                .find(|l| l.starts_with(name))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0)
-        };
-        (field("VmRSS:"), field("VmHWM:"))
+        self.process.rss_kib()
     }
 
     /// The admin endpoint's `/metrics` text (empty if it does not answer).

@@ -75,6 +75,20 @@ impl Process {
         self.child.id()
     }
 
+    /// Resident and peak resident memory (VmRSS, VmHWM) in KiB; zeros once it has exited.
+    pub fn rss_kib(&self) -> (u64, u64) {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        (field("VmRSS:"), field("VmHWM:"))
+    }
+
     /// Err (with the log's tail) if the process has exited.
     pub fn check_alive(&mut self) -> Result<()> {
         match self.child.try_wait()? {
