@@ -96,6 +96,14 @@ struct FanOut {
     removed: usize,
 }
 
+impl FanOut {
+    /// The error a fan-out with failing namespaces reports (it wrote the others).
+    fn partial_failure(&self) -> Option<Error> {
+        (!self.failures.is_empty())
+            .then(|| Error::NamespacesFailed { failed: self.failures.len(), targets: self.targets })
+    }
+}
+
 #[tracing::instrument(skip_all, fields(kind = KIND, object = %crc.name_any()))]
 pub(crate) async fn reconcile(crc: Arc<ClusterRegistryCredential>, ctx: Arc<Context>) -> Result<Action, Error> {
     let api = Api::<ClusterRegistryCredential>::all(ctx.client.clone());
@@ -114,12 +122,7 @@ pub(crate) async fn reconcile(crc: Arc<ClusterRegistryCredential>, ctx: Arc<Cont
     }
     let outcome = fan_out(&crc, &ctx).await;
     let reported = report(&crc, &ctx, &outcome).await;
-    let partial = match &outcome {
-        Ok(done) if !done.failures.is_empty() => {
-            Some(Error::NamespacesFailed { failed: done.failures.len(), targets: done.targets })
-        }
-        _ => None,
-    };
+    let partial = outcome.as_ref().ok().and_then(FanOut::partial_failure);
     ctx.count_reconcile(KIND, started, outcome.as_ref().err().or(partial.as_ref()).or(reported.as_ref().err()));
     reported?;
     let done = outcome?;
@@ -339,14 +342,9 @@ pub fn select(
 /// Writes status when it changed, and publishes Events for writes and for new failures.
 async fn report(crc: &ClusterRegistryCredential, ctx: &Context, outcome: &Result<FanOut, Error>) -> Result<(), Error> {
     let name = crc.name_any();
-    let recent = ctx.recently_written_cluster(&name);
+    let recent = ctx.written_cluster.get(&ObjectRef::from(crc));
     let previous = recent.as_ref().or(crc.status.as_ref());
-    let partial = match outcome {
-        Ok(done) if !done.failures.is_empty() => {
-            Some(Error::NamespacesFailed { failed: done.failures.len(), targets: done.targets })
-        }
-        _ => None,
-    };
+    let partial = outcome.as_ref().ok().and_then(FanOut::partial_failure);
     let error = outcome.as_ref().err().or(partial.as_ref());
     let mut next = previous.cloned().unwrap_or_default();
     next.credential = credential_status(
@@ -395,7 +393,7 @@ async fn report(crc: &ClusterRegistryCredential, ctx: &Context, outcome: &Result
         Api::<ClusterRegistryCredential>::all(ctx.client.clone())
             .patch_status(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
             .await?;
-        ctx.remember_cluster_status(name, next);
+        ctx.written_cluster.insert(ObjectRef::from(crc), next);
     }
     Ok(())
 }

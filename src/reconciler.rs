@@ -40,9 +40,37 @@ use crate::{
     status::{READY, Synced, conditions_changed, credential_status},
 };
 
-/// How long a status this controller wrote is trusted over its cache (longer than a watch
-/// event takes to arrive).
-const WRITTEN_FRESH: Duration = Duration::from_secs(5);
+/// The status each credential was last given by this controller, and when: the copy in the
+/// controller's cache lags behind its own writes, and comparing with it would write the same
+/// status again (and repeat its Events) on the next reconcile.
+pub(crate) struct RecentStatuses<K: Resource, S> {
+    written: Mutex<HashMap<ObjectRef<K>, (S, Instant)>>,
+}
+
+impl<K, S: Clone> RecentStatuses<K, S>
+where
+    K: Resource,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    /// Longer than a watch event takes to arrive.
+    const FRESH: Duration = Duration::from_secs(5);
+
+    fn new() -> Self {
+        Self { written: Mutex::default() }
+    }
+
+    /// The status written for the object within the last few seconds, if any. Older records
+    /// are dropped.
+    pub(crate) fn get(&self, object: &ObjectRef<K>) -> Option<S> {
+        let mut written = self.written.lock().unwrap_or_else(PoisonError::into_inner);
+        written.retain(|_, (_, at)| at.elapsed() < Self::FRESH);
+        written.get(object).map(|(status, _)| status.clone())
+    }
+
+    pub(crate) fn insert(&self, object: ObjectRef<K>, status: S) {
+        self.written.lock().unwrap_or_else(PoisonError::into_inner).insert(object, (status, Instant::now()));
+    }
+}
 
 /// Name the controller reports in Events.
 pub const CONTROLLER_NAME: &str = "regcred";
@@ -90,12 +118,8 @@ pub struct Context {
     pub(crate) metrics: Arc<Metrics>,
     /// ECR settings, AWS configuration and the shared token cache (one cache for both kinds).
     pub(crate) ecr: EcrProvider,
-    /// The status each credential was last given, and when: the copy in the controller's
-    /// cache lags behind its own writes, and comparing with it would write the same status
-    /// again (and repeat its Events) on the next reconcile.
-    written: Mutex<HashMap<ObjectRef<RegistryCredential>, (CredentialStatus, Instant)>>,
-    /// The same for ClusterRegistryCredentials, by name.
-    written_cluster: Mutex<HashMap<String, (ClusterCredentialStatus, Instant)>>,
+    written: RecentStatuses<RegistryCredential, CredentialStatus>,
+    pub(crate) written_cluster: RecentStatuses<ClusterRegistryCredential, ClusterCredentialStatus>,
     /// Consecutive failures per credential, for exponential backoff.
     pub(crate) failures: Mutex<HashMap<ObjectRef<kube::core::DynamicObject>, u32>>,
 }
@@ -114,8 +138,8 @@ where
         ecr: EcrProvider::new(client.clone(), config.ecr.clone(), admin.metrics.clone()),
         metrics: admin.metrics.clone(),
         failures: Mutex::default(),
-        written: Mutex::default(),
-        written_cluster: Mutex::default(),
+        written: RecentStatuses::new(),
+        written_cluster: RecentStatuses::new(),
         config: config.clone(),
     });
     let mut credentials = watcher::Config::default().any_semantic();
@@ -316,7 +340,7 @@ async fn sync(cr: &RegistryCredential, ctx: &Context) -> Result<Written, Error> 
     // spec.secret.name changed: remove the Secret written under the old name. The name comes
     // from the status this controller wrote last, which the cache may not show yet.
     let api = Api::<Secret>::namespaced(ctx.client.clone(), namespace);
-    let written = ctx.recently_written(&ObjectRef::from(cr));
+    let written = ctx.written.get(&ObjectRef::from(cr));
     let previous = written.as_ref().or(cr.status.as_ref()).and_then(|s| s.secret_name.as_deref());
     let previous = previous.filter(|p| *p != secret_name);
     if let Some(previous) = previous
@@ -377,7 +401,7 @@ async fn release_service_accounts(cr: &RegistryCredential, ctx: &Context) -> Res
 /// Writes status when it changed, and publishes Events for writes and for new failures.
 async fn report(cr: &RegistryCredential, ctx: &Context, outcome: &Result<Written, Error>) -> Result<(), Error> {
     let object = ObjectRef::from(cr);
-    let recent = ctx.recently_written(&object);
+    let recent = ctx.written.get(&object);
     // What the apiserver holds: our own recent write if the cache has not caught up yet.
     let previous = recent.as_ref().or(cr.status.as_ref());
     let next = credential_status(
@@ -425,7 +449,7 @@ async fn report(cr: &RegistryCredential, ctx: &Context, outcome: &Result<Written
             "status": next,
         });
         api.patch_status(&cr.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
-        ctx.written.lock().unwrap_or_else(PoisonError::into_inner).insert(object, (next, Instant::now()));
+        ctx.written.insert(object, next);
     }
     Ok(())
 }
@@ -456,25 +480,6 @@ impl Context {
     pub(crate) fn requeue_after(&self, refresh_at: Option<Timestamp>) -> Action {
         let refresh_in = refresh_at.map(|at| until(at) + Duration::from_secs(1));
         Action::requeue(refresh_in.map_or(self.config.resync_interval, |r| r.min(self.config.resync_interval)))
-    }
-
-    /// The status this controller wrote for the object within the last few seconds (longer
-    /// than a watch event takes to arrive), if any. Older records are dropped.
-    fn recently_written(&self, object: &ObjectRef<RegistryCredential>) -> Option<CredentialStatus> {
-        let mut written = self.written.lock().unwrap_or_else(PoisonError::into_inner);
-        written.retain(|_, (_, at)| at.elapsed() < WRITTEN_FRESH);
-        written.get(object).map(|(status, _)| status.clone())
-    }
-
-    /// [`Context::recently_written`] for a ClusterRegistryCredential.
-    pub(crate) fn recently_written_cluster(&self, name: &str) -> Option<ClusterCredentialStatus> {
-        let mut written = self.written_cluster.lock().unwrap_or_else(PoisonError::into_inner);
-        written.retain(|_, (_, at)| at.elapsed() < WRITTEN_FRESH);
-        written.get(name).map(|(status, _)| status.clone())
-    }
-
-    pub(crate) fn remember_cluster_status(&self, name: String, status: ClusterCredentialStatus) {
-        self.written_cluster.lock().unwrap_or_else(PoisonError::into_inner).insert(name, (status, Instant::now()));
     }
 }
 

@@ -122,8 +122,7 @@ pub async fn ensure_secret(
                 name: name.into(),
             });
         }
-        take_over(&api, &existing, &claim.owner).await?;
-        let taken = api.get(name).await?;
+        let taken = take_over(&api, &existing, &claim.owner).await?;
         apply(&api, name, desired, taken.metadata.resource_version).await?;
         return Ok(SecretChange::Updated);
     }
@@ -179,16 +178,15 @@ async fn yields_to(client: &Client, existing: &Secret, claim: &Claim) -> Result<
 }
 
 /// Replaces the Secret's owner references with the claimant's, valid only against the
-/// resourceVersion that was checked.
-async fn take_over(api: &Api<Secret>, existing: &Secret, owner: &OwnerReference) -> Result<(), Error> {
+/// resourceVersion that was checked; returns the Secret as written.
+async fn take_over(api: &Api<Secret>, existing: &Secret, owner: &OwnerReference) -> Result<Secret, Error> {
     let name = existing.metadata.name.as_deref().unwrap_or_default();
     let patch = serde_json::json!({"metadata": {
         "resourceVersion": existing.metadata.resource_version,
         "ownerReferences": [owner],
     }});
     let params = PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
-    api.patch(name, &params, &Patch::Merge(&patch)).await?;
-    Ok(())
+    Ok(api.patch(name, &params, &Patch::Merge(&patch)).await?)
 }
 
 /// Server-side apply of `desired`, valid only against the given resourceVersion.

@@ -168,23 +168,25 @@ pub async fn controller_client() -> Client {
     Client::try_from(config).expect("building a client")
 }
 
-/// Where the controller named `name` logs: the run's leak-scan directory when
-/// `REGCRED_LEAK_DIR` is set (scripts/test.sh scans it after the whole run), else the control
-/// plane's directory.
-pub fn controller_log_path(cp: &ControlPlane, name: &str) -> PathBuf {
+/// Where controllers log, and the prefix of this test process's log files: the run's
+/// leak-scan directory when `REGCRED_LEAK_DIR` is set (scripts/test.sh scans it after the whole
+/// run), else the control plane's directory.
+fn log_dir_and_prefix(cp: &ControlPlane) -> (PathBuf, String) {
     match std::env::var_os("REGCRED_LEAK_DIR") {
-        Some(dir) => PathBuf::from(dir).join(format!("regcred-{}-{name}.log", std::process::id())),
-        None => cp.dir().join(format!("regcred-{name}.log")),
+        Some(dir) => (PathBuf::from(dir), format!("regcred-{}-", std::process::id())),
+        None => (cp.dir().to_path_buf(), "regcred-".into()),
     }
+}
+
+/// The log file of the controller named `name`.
+pub fn controller_log_path(cp: &ControlPlane, name: &str) -> PathBuf {
+    let (dir, prefix) = log_dir_and_prefix(cp);
+    dir.join(format!("{prefix}{name}.log"))
 }
 
 /// Every controller log of this test process, as (file name, text).
 pub fn controller_logs() -> Vec<(String, String)> {
-    let dir = controller_log_path(env().cp, "x").parent().map(PathBuf::from).unwrap_or_default();
-    let prefix = match std::env::var_os("REGCRED_LEAK_DIR") {
-        Some(_) => format!("regcred-{}-", std::process::id()),
-        None => "regcred-".into(),
-    };
+    let (dir, prefix) = log_dir_and_prefix(env().cp);
     std::fs::read_dir(dir)
         .into_iter()
         .flatten()
