@@ -389,20 +389,34 @@ impl SecretKeyRef {
 }
 
 /// What the written Secret looks like.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new(NO_RESERVED_KEYS).message("labels and annotations under regcred.dev/ and app.kubernetes.io/managed-by are regcred's own"))]
+#[x_kube(validation = Rule::new(QUALIFIED_KEYS).message("label and annotation keys must be qualified names ([prefix/]name, as Kubernetes requires)"))]
+#[x_kube(validation = Rule::new(LABEL_VALUES).message("label values must be at most 63 characters: alphanumerics, '-', '_' or '.', starting and ending with an alphanumeric"))]
 pub struct SecretTemplate {
     /// Name of the Secret. Defaults to the credential's name.
     #[schemars(length(min = 1, max = 253), regex(pattern = DNS_SUBDOMAIN_PATTERN))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
-    /// Extra labels for the Secret. regcred's own labels always win.
+    /// Extra labels for the Secret. Keys under `regcred.dev/` and
+    /// `app.kubernetes.io/managed-by` are regcred's own and refused.
+    #[schemars(extend("maxProperties" = 64, "additionalProperties" = {"type": "string", "maxLength": 63}))]
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
-    /// Extra annotations for the Secret.
+    /// Extra annotations for the Secret, with the same reserved keys as labels.
+    #[schemars(extend("maxProperties" = 64))]
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: BTreeMap<String, String>,
 }
+
+/// CEL: no template key is one of regcred's own.
+const NO_RESERVED_KEYS: &str = "(!has(self.labels) || self.labels.all(k, !k.startsWith('regcred.dev/') && k != 'app.kubernetes.io/managed-by')) && (!has(self.annotations) || self.annotations.all(k, !k.startsWith('regcred.dev/') && k != 'app.kubernetes.io/managed-by'))";
+/// CEL: keys are qualified names: an optional DNS-subdomain prefix and `/`, then a name of at
+/// most 63 characters.
+const QUALIFIED_KEYS: &str = "(!has(self.labels) || self.labels.all(k, size(k) <= 317 && k.matches('^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\\\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$'))) && (!has(self.annotations) || self.annotations.all(k, size(k) <= 317 && k.matches('^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\\\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$')))";
+/// CEL: label values as Kubernetes requires them.
+const LABEL_VALUES: &str = "!has(self.labels) || self.labels.all(k, self.labels[k].matches('^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$'))";
 
 /// What the controller last did with a credential.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]

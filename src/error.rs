@@ -56,6 +56,9 @@ pub enum Error {
     #[error("references in a ClusterRegistryCredential's source need a namespace")]
     SourceNamespaceRequired,
 
+    #[error("spec.secret sets {key:?}, a key regcred reserves for itself")]
+    ReservedKey { key: String },
+
     #[error("{name} changed under every attempt to update its finalizers")]
     ObjectContended { name: String },
 
@@ -101,6 +104,7 @@ impl Error {
             Error::SourceNamespaceRequired => "SourceNamespaceRequired",
             Error::ServiceAccountContended { .. } | Error::ObjectContended { .. } => "ConcurrentUpdates",
             Error::InvalidNamespaceSelector(_) => "InvalidNamespaceSelector",
+            Error::ReservedKey { .. } => "ReservedKey",
             Error::NamespacesFailed { .. } => "NamespacesFailed",
             Error::Kube(_) => "KubernetesApiError",
         }

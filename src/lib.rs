@@ -2,18 +2,20 @@
 //! `RegistryCredential` resources. See ARCHITECTURE.md for how the pieces fit.
 
 pub mod admin;
+pub mod controller;
 pub mod crd;
 pub mod dockerconfig;
 mod error;
-mod fanout;
+pub mod index;
 pub mod leader;
 pub mod metrics;
-pub mod reconciler;
+pub mod plan;
 pub mod registry;
 pub mod render;
 pub mod secret;
 pub mod service_account;
 pub mod source;
+pub mod state;
 pub mod status;
 
 pub use error::Error;

@@ -4,7 +4,7 @@ use std::{io::Write, path::PathBuf};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
-use regcred::{admin, crd, leader, reconciler, render};
+use regcred::{admin, controller, crd, leader, render};
 use tracing_subscriber::{EnvFilter, fmt};
 
 #[derive(Parser)]
@@ -138,7 +138,7 @@ async fn cli_main() -> anyhow::Result<()> {
     match cli.command {
         Command::Run(args) => {
             let client = kube::Client::try_default().await.context("no Kubernetes client configuration")?;
-            let config = reconciler::ControllerConfig {
+            let config = controller::ControllerConfig {
                 resync_interval: args.resync_interval.into(),
                 max_backoff: args.max_backoff.into(),
                 concurrency: args.concurrency,
@@ -159,7 +159,7 @@ async fn cli_main() -> anyhow::Result<()> {
             tokio::spawn(admin::serve(listener, admin.clone()));
             if !args.leader_elect {
                 admin.metrics.leader.set(1);
-                reconciler::run(client, config, admin, async { terminated().await }).await;
+                controller::run(client, config, admin, async { terminated().await }).await;
                 return Ok(());
             }
             let duration: std::time::Duration = args.leader_election_duration.into();
@@ -185,7 +185,7 @@ async fn cli_main() -> anyhow::Result<()> {
             }
             tracing::info!(lease = %settings.name, identity = %settings.identity, "became the leader");
             admin.metrics.leader.set(1);
-            // The leader is ready again once its caches have synced (reconciler::run says so).
+            // The leader is ready again once its caches have synced (controller::run says so).
             admin.ready.store(false, std::sync::atomic::Ordering::Relaxed);
             let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
             let watcher = tokio::spawn(async move {
@@ -196,7 +196,7 @@ async fn cli_main() -> anyhow::Result<()> {
                 let _ = stop_tx.send(());
                 (lost, lease)
             });
-            reconciler::run(client, config, admin.clone(), async move {
+            controller::run(client, config, admin.clone(), async move {
                 let _ = stop_rx.await;
             })
             .await;

@@ -7,6 +7,7 @@ use serde_json::Value;
 
 use crate::{
     Error,
+    controller::Credential,
     crd::RegistryCredential,
     dockerconfig,
     secret::desired_secret,

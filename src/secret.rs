@@ -25,11 +25,13 @@ pub const FIELD_MANAGER: &str = "regcred";
 /// Label on every Secret regcred writes; the controller watches nothing else it writes.
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 pub const MANAGED_BY_VALUE: &str = "regcred";
-/// Label with the uid of the ClusterRegistryCredential a Secret was written for, so one list
-/// finds all of its Secrets.
+/// Label with the uid of the credential a Secret was written for, so one list finds all of its
+/// Secrets.
 pub const CREDENTIAL_UID_LABEL: &str = "regcred.dev/credential-uid";
 
-/// The Secret that should exist. `owner` is `None` only for offline rendering.
+/// The Secret that should exist. `owner` is `None` only for offline rendering; with an owner,
+/// the Secret carries its uid as a label too, so one list finds all of its Secrets (the label
+/// is only an index: regcred acts on a Secret only when the owner reference says it is its).
 pub fn desired_secret(
     name: &str,
     namespace: &str,
@@ -39,6 +41,9 @@ pub fn desired_secret(
 ) -> Secret {
     let mut labels = template.labels.clone();
     labels.insert(MANAGED_BY_LABEL.into(), MANAGED_BY_VALUE.into());
+    if let Some(owner) = &owner {
+        labels.insert(CREDENTIAL_UID_LABEL.into(), owner.uid.clone());
+    }
     Secret {
         metadata: ObjectMeta {
             name: Some(name.into()),
@@ -52,6 +57,18 @@ pub fn desired_secret(
         data: Some(BTreeMap::from([(DOCKER_CONFIG_KEY.into(), ByteString(docker_config))])),
         ..Default::default()
     }
+}
+
+/// A short digest of a Secret's pull config, remembered per resourceVersion so an unchanged
+/// Secret is recognised from its metadata alone.
+pub fn data_hash(data: Option<&BTreeMap<String, ByteString>>) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    match data.and_then(|d| d.get(DOCKER_CONFIG_KEY)) {
+        Some(bytes) => hasher.update(&bytes.0),
+        None => hasher.update(b"\0absent"),
+    }
+    hasher.finalize().iter().take(16).map(|b| format!("{b:02x}")).collect()
 }
 
 /// What a write did.
@@ -70,50 +87,74 @@ pub struct Claim {
     pub created: Option<Timestamp>,
 }
 
+/// What a write left behind: what changed, and the Secret's resourceVersion afterwards (so
+/// the next reconcile recognises it as current from its metadata alone).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    pub change: SecretChange,
+    pub resource_version: Option<String>,
+}
+
+/// Attempts at a write that keeps meeting concurrent changes before it is reported.
+const ATTEMPTS: usize = 4;
+
 /// Makes the live Secret match `desired`, writing only when something differs.
 ///
-/// `existing` is the live Secret when the caller already read it (a list), `None` to read it
-/// here. A missing Secret is created with POST rather than apply: if someone else creates one
-/// of the same name in the meantime the apiserver answers AlreadyExists instead of merging
-/// into theirs. The POST carries only what regcred never drops (name, owner, its labels,
-/// type, data); template labels and annotations follow in an apply, so they belong to the
-/// apply's field set and a later apply can remove them again.
+/// `existing` is the live Secret when the caller already knows it: `Some(None)` when it knows
+/// there is none (a create is tried at once), `None` to read it here. A missing Secret is
+/// created with POST rather than apply: if someone else creates one of the same name in the
+/// meantime the apiserver answers AlreadyExists instead of merging into theirs. The POST
+/// carries only what regcred never drops (name, owner, its labels, type, data); template
+/// labels and annotations follow in an apply, so they belong to the apply's field set and a
+/// later apply can remove them again.
 /// An existing Secret is only changed when its controller owner is the claiming credential,
 /// or another regcred credential that is newer (see [`Claim`]); the write carries the
-/// resourceVersion that was checked, so an owner change between the check and the write
-/// makes the write fail instead of taking it over.
+/// resourceVersion that was checked, so a change between the check and the write makes the
+/// write fail; regcred then reads again and decides afresh (a concurrent edit is not a failure).
 pub async fn ensure_secret(
     client: &Client,
     desired: &Secret,
     claim: &Claim,
-    existing: Option<Option<Secret>>,
-) -> Result<SecretChange, Error> {
+    mut existing: Option<Option<Secret>>,
+) -> Result<Outcome, Error> {
     let name = desired.metadata.name.as_deref().ok_or(Error::MissingObjectField("metadata.name"))?;
     let namespace = desired.metadata.namespace.as_deref().ok_or(Error::MissingObjectField("metadata.namespace"))?;
     let api = Api::<Secret>::namespaced(client.clone(), namespace);
-    let existing = match existing {
-        Some(known) => known,
-        None => api.get_opt(name).await?,
-    };
+    let mut last_conflict = None;
+    for _ in 0..ATTEMPTS {
+        let known = match existing.take() {
+            Some(known) => known,
+            None => api.get_opt(name).await?,
+        };
+        match write_once(client, &api, name, desired, claim, known).await {
+            Err(Error::Kube(kube::Error::Api(status))) if status.code == 409 => last_conflict = Some(status),
+            other => return other,
+        }
+    }
+    Err(last_conflict
+        .map_or(Error::MissingObjectField("metadata.resourceVersion"), |status| Error::Kube(kube::Error::Api(status))))
+}
+
+/// One decision and write against a known state; a 409 means the state moved on.
+async fn write_once(
+    client: &Client,
+    api: &Api<Secret>,
+    name: &str,
+    desired: &Secret,
+    claim: &Claim,
+    existing: Option<Secret>,
+) -> Result<Outcome, Error> {
     let Some(existing) = existing else {
         let mut skeleton = desired.clone();
         skeleton.metadata.labels = Some(own_labels(desired));
         skeleton.metadata.annotations = None;
         let params = PostParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
-        return match api.create(&params, &skeleton).await {
-            Ok(created) => {
-                if !is_up_to_date(&created, desired) {
-                    apply(&api, name, desired, created.metadata.resource_version).await?;
-                }
-                Ok(SecretChange::Created)
-            }
-            // Someone was quicker (or the caller's list was stale): decide on what is there.
-            Err(kube::Error::Api(status)) if status.code == 409 => {
-                let existing = api.get_opt(name).await?;
-                Box::pin(ensure_secret(client, desired, claim, Some(existing))).await
-            }
-            Err(error) => Err(error.into()),
+        let created = api.create(&params, &skeleton).await?;
+        let resource_version = match is_up_to_date(&created, desired) {
+            true => created.metadata.resource_version,
+            false => apply(api, name, desired, created.metadata.resource_version).await?,
         };
+        return Ok(Outcome { change: SecretChange::Created, resource_version });
     };
     if !is_controlled_by(&existing, &claim.owner.uid) {
         if !yields_to(client, &existing, claim).await? {
@@ -122,15 +163,15 @@ pub async fn ensure_secret(
                 name: name.into(),
             });
         }
-        let taken = take_over(&api, &existing, &claim.owner).await?;
-        apply(&api, name, desired, taken.metadata.resource_version).await?;
-        return Ok(SecretChange::Updated);
+        let taken = take_over(api, &existing, &claim.owner).await?;
+        let resource_version = apply(api, name, desired, taken.metadata.resource_version).await?;
+        return Ok(Outcome { change: SecretChange::Updated, resource_version });
     }
     if is_up_to_date(&existing, desired) {
-        return Ok(SecretChange::Unchanged);
+        return Ok(Outcome { change: SecretChange::Unchanged, resource_version: existing.metadata.resource_version });
     }
-    apply(&api, name, desired, existing.metadata.resource_version).await?;
-    Ok(SecretChange::Updated)
+    let resource_version = apply(api, name, desired, existing.metadata.resource_version).await?;
+    Ok(Outcome { change: SecretChange::Updated, resource_version })
 }
 
 /// The labels regcred sets on every Secret it writes (never the template's).
@@ -189,16 +230,22 @@ async fn take_over(api: &Api<Secret>, existing: &Secret, owner: &OwnerReference)
     Ok(api.patch(name, &params, &Patch::Merge(&patch)).await?)
 }
 
-/// Server-side apply of `desired`, valid only against the given resourceVersion.
-async fn apply(api: &Api<Secret>, name: &str, desired: &Secret, resource_version: Option<String>) -> Result<(), Error> {
+/// Server-side apply of `desired`, valid only against the given resourceVersion; returns the
+/// resourceVersion it wrote.
+pub async fn apply(
+    api: &Api<Secret>,
+    name: &str,
+    desired: &Secret,
+    resource_version: Option<String>,
+) -> Result<Option<String>, Error> {
     let mut patch = desired.clone();
     patch.metadata.resource_version = resource_version;
-    api.patch(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
-    Ok(())
+    let written = api.patch(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
+    Ok(written.metadata.resource_version)
 }
 
-/// Deletes a Secret this owner wrote earlier under another name, if it is still there and
-/// still theirs (the precondition makes the delete fail rather than remove a replacement).
+/// Deletes a Secret this owner wrote, if it is still there and still theirs: the
+/// preconditions make the delete fail rather than remove a replacement.
 pub async fn delete_if_controlled(api: &Api<Secret>, name: &str, owner_uid: &str) -> Result<bool, Error> {
     let Some(existing) = api.get_opt(name).await? else {
         return Ok(false);
@@ -213,8 +260,34 @@ pub async fn delete_if_controlled(api: &Api<Secret>, name: &str, owner_uid: &str
         }),
         ..Default::default()
     };
-    api.delete(name, &params).await?;
-    Ok(true)
+    match api.delete(name, &params).await {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(false),
+        Err(error) => Err(error.into()),
+    }
+}
+
+/// Deletes a Secret of this owner seen at `resource_version` in a list; if it changed since,
+/// reads it and deletes it only if it is still theirs.
+pub async fn delete_seen(
+    api: &Api<Secret>,
+    name: &str,
+    resource_version: Option<&str>,
+    owner_uid: &str,
+) -> Result<bool, Error> {
+    let Some(resource_version) = resource_version else {
+        return delete_if_controlled(api, name, owner_uid).await;
+    };
+    let params = kube::api::DeleteParams {
+        preconditions: Some(kube::api::Preconditions { uid: None, resource_version: Some(resource_version.into()) }),
+        ..Default::default()
+    };
+    match api.delete(name, &params).await {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(false),
+        Err(kube::Error::Api(status)) if status.code == 409 => delete_if_controlled(api, name, owner_uid).await,
+        Err(error) => Err(error.into()),
+    }
 }
 
 /// Whether the Secret's controller owner reference points at `owner_uid`.
@@ -224,12 +297,23 @@ pub fn is_controlled_by(secret: &Secret, owner_uid: &str) -> bool {
 
 /// Whether applying `desired` would change anything regcred owns in `existing`.
 fn is_up_to_date(existing: &Secret, desired: &Secret) -> bool {
-    let ours = owned_metadata_keys(existing.metadata.managed_fields.as_deref().unwrap_or_default());
     existing.type_ == desired.type_
         && existing.data.as_ref().and_then(|d| d.get(DOCKER_CONFIG_KEY))
             == desired.data.as_ref().and_then(|d| d.get(DOCKER_CONFIG_KEY))
-        && map_matches(&existing.metadata.labels, &desired.metadata.labels, &ours.labels)
-        && map_matches(&existing.metadata.annotations, &desired.metadata.annotations, &ours.annotations)
+        && metadata_matches(&existing.metadata, &desired.metadata)
+}
+
+/// Whether the live Secret's labels, annotations and controller owner are what regcred
+/// would apply (foreign labels and annotations are left alone; ones regcred set earlier and
+/// no longer wants are not).
+pub fn metadata_matches(live: &ObjectMeta, desired: &ObjectMeta) -> bool {
+    let ours = owned_metadata_keys(live.managed_fields.as_deref().unwrap_or_default());
+    let controller = |m: &ObjectMeta| {
+        m.owner_references.iter().flatten().find(|o| o.controller == Some(true)).map(|o| o.uid.clone())
+    };
+    controller(live) == controller(desired)
+        && map_matches(&live.labels, &desired.labels, &ours.labels)
+        && map_matches(&live.annotations, &desired.annotations, &ours.annotations)
 }
 
 /// `desired` is present in `live`, and nothing regcred set earlier is left over.

@@ -7,7 +7,7 @@
 //! the resourceVersion it was computed from: if anyone changed the ServiceAccount meanwhile,
 //! the apiserver answers 409 Conflict and regcred recomputes from a fresh read.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{LocalObjectReference, ServiceAccount};
 use kube::{
@@ -18,8 +18,9 @@ use serde_json::json;
 
 use crate::{Error, secret::FIELD_MANAGER};
 
-/// Annotation listing (comma-separated) the `imagePullSecrets` entries regcred added, so it
-/// removes those and only those.
+/// Annotation listing (comma-separated) the `imagePullSecrets` entries regcred added, each as
+/// `secret=credential-uid`, so it removes those and only those, and a credential finds its
+/// entries without its Secrets (a bare `secret` is an entry from before uids were recorded).
 pub const ADDED_ANNOTATION: &str = "regcred.dev/added-image-pull-secrets";
 
 /// Attempts at a patch that keeps meeting concurrent changes.
@@ -29,23 +30,28 @@ const ATTEMPTS: usize = 5;
 #[derive(Debug, Clone, PartialEq)]
 struct Plan {
     pull_secrets: Vec<LocalObjectReference>,
-    added: BTreeSet<String>,
+    added: Added,
 }
 
-/// Makes `secret` present in (`wanted`) or absent from the ServiceAccount, returning whether
-/// it wrote. Absent means only the entry regcred added is removed.
+/// The entries regcred added: Secret name → the uid of the credential that added it.
+type Added = BTreeMap<String, Option<String>>;
+
+/// Makes `secret` present in (`wanted`) or absent from the ServiceAccount for the credential
+/// `uid`, returning whether it wrote. Absent means only the entry this credential added is
+/// removed.
 pub async fn set_pull_secret(
     api: &Api<ServiceAccount>,
     account: &ServiceAccount,
     secret: &str,
     wanted: bool,
+    uid: &str,
 ) -> Result<bool, Error> {
     let mut current = account.clone();
     for _ in 0..ATTEMPTS {
-        let Some(plan) = plan(&current, secret, wanted) else {
+        let Some(plan) = plan(&current, secret, wanted, uid) else {
             return Ok(false);
         };
-        let annotation = (!plan.added.is_empty()).then(|| plan.added.iter().cloned().collect::<Vec<_>>().join(","));
+        let annotation = (!plan.added.is_empty()).then(|| format_added(&plan.added));
         let patch = json!({
             "metadata": {
                 "resourceVersion": current.metadata.resource_version,
@@ -72,19 +78,33 @@ pub async fn set_pull_secret(
 /// before the credential goes.
 pub const FINALIZER: &str = "regcred.dev/service-accounts";
 
-/// Brings one namespace's ServiceAccounts in line for one Secret: present in those named in
-/// `wanted`, and removed (where regcred added it) from all others. Returns the writes made.
+/// Brings one namespace's ServiceAccounts in line for one Secret of the credential `uid`:
+/// present in those named in `wanted`, and removed (where this credential added it) from all
+/// others. Returns the writes made.
 pub async fn sync_namespace(
     api: &Api<ServiceAccount>,
     accounts: &[ServiceAccount],
     secret: &str,
     wanted: &[String],
+    uid: &str,
 ) -> Result<usize, Error> {
     let mut writes = 0;
     for account in accounts {
         let want = wanted.contains(&account.name_any());
-        if want || added_by_regcred(account, secret) {
-            writes += usize::from(set_pull_secret(api, account, secret, want).await?);
+        if want || added_by(account, secret, uid) {
+            writes += usize::from(set_pull_secret(api, account, secret, want, uid).await?);
+        }
+    }
+    Ok(writes)
+}
+
+/// Removes every entry the credential `uid` added to these ServiceAccounts (read from their
+/// annotation, so it works whether or not the credential's Secrets still exist).
+pub async fn release(api: &Api<ServiceAccount>, accounts: &[ServiceAccount], uid: &str) -> Result<usize, Error> {
+    let mut writes = 0;
+    for account in accounts {
+        for secret in secrets_added_by(account, uid) {
+            writes += usize::from(set_pull_secret(api, account, &secret, false, uid).await?);
         }
     }
     Ok(writes)
@@ -128,35 +148,69 @@ pub fn has_finalizer(meta: &kube::api::ObjectMeta) -> bool {
     meta.finalizers.iter().flatten().any(|f| f == FINALIZER)
 }
 
-/// Whether regcred added `secret` to this ServiceAccount (and so may remove it).
-pub fn added_by_regcred(account: &ServiceAccount, secret: &str) -> bool {
-    added(account).contains(secret)
+/// Whether the credential `uid` added `secret` to this ServiceAccount (and so may remove it).
+/// An entry recorded without a uid (before uids were recorded) counts for any credential.
+pub fn added_by(account: &ServiceAccount, secret: &str, uid: &str) -> bool {
+    added(account.annotations()).get(secret).is_some_and(|by| by.as_deref().is_none_or(|by| by == uid))
 }
 
-fn added(account: &ServiceAccount) -> BTreeSet<String> {
-    account
-        .annotations()
-        .get(ADDED_ANNOTATION)
-        .map(|v| v.split(',').filter(|s| !s.is_empty()).map(String::from).collect())
-        .unwrap_or_default()
+/// The Secrets the credential `uid` added to this ServiceAccount.
+pub fn secrets_added_by(account: &ServiceAccount, uid: &str) -> Vec<String> {
+    added(account.annotations()).into_iter().filter(|(_, by)| by.as_deref() == Some(uid)).map(|(s, _)| s).collect()
+}
+
+/// The credential uids recorded in a ServiceAccount's annotation (for the index).
+pub fn recorded_uids(annotations: &BTreeMap<String, String>) -> Vec<String> {
+    added(annotations).into_values().flatten().collect()
+}
+
+fn added(annotations: &BTreeMap<String, String>) -> Added {
+    let Some(value) = annotations.get(ADDED_ANNOTATION) else {
+        return Added::new();
+    };
+    value
+        .split(',')
+        .filter(|entry| !entry.is_empty())
+        .map(|entry| match entry.split_once('=') {
+            Some((secret, uid)) => (secret.to_string(), Some(uid.to_string())),
+            None => (entry.to_string(), None),
+        })
+        .collect()
+}
+
+fn format_added(added: &Added) -> String {
+    let entries: Vec<String> = added
+        .iter()
+        .map(|(secret, uid)| match uid {
+            Some(uid) => format!("{secret}={uid}"),
+            None => secret.clone(),
+        })
+        .collect();
+    entries.join(",")
 }
 
 /// The change that puts the ServiceAccount in the wanted state, or `None` if it is there.
 /// Entries keep their order; an entry is appended at the end, and only regcred's is removed.
-fn plan(account: &ServiceAccount, secret: &str, wanted: bool) -> Option<Plan> {
+fn plan(account: &ServiceAccount, secret: &str, wanted: bool, uid: &str) -> Option<Plan> {
     let mut pull_secrets = account.image_pull_secrets.clone().unwrap_or_default();
-    let mut added = added(account);
+    let mut added = added(account.annotations());
     let present = pull_secrets.iter().any(|r| r.name == secret);
     if wanted {
-        if present {
-            return None;
+        match (present, added.get(secret)) {
+            // Recorded for this credential already (or someone else's entry: not ours to record).
+            (true, Some(Some(by))) if by == uid => return None,
+            (true, None) => return None,
+            // Ours from before uids were recorded, or from a credential that held the Secret
+            // before: record this credential's uid.
+            (true, Some(_)) => {}
+            (false, _) => pull_secrets.push(LocalObjectReference { name: secret.into() }),
         }
-        pull_secrets.push(LocalObjectReference { name: secret.into() });
-        added.insert(secret.into());
+        added.insert(secret.into(), Some(uid.into()));
     } else {
-        if !added.remove(secret) {
+        if !added_by(account, secret, uid) {
             return None;
         }
+        added.remove(secret);
         // The last occurrence: regcred appended it, so any earlier one is someone else's.
         if let Some(index) = pull_secrets.iter().rposition(|r| r.name == secret) {
             pull_secrets.remove(index);
@@ -187,29 +241,57 @@ mod tests {
         plan.pull_secrets.iter().map(|r| r.name.as_str()).collect()
     }
 
+    fn recorded(entries: &[(&str, Option<&str>)]) -> Added {
+        entries.iter().map(|(s, u)| (s.to_string(), u.map(String::from))).collect()
+    }
+
     #[test]
-    fn adding_appends_and_records() {
-        let plan = plan(&account(&["theirs", "other"], None), "pull", true).unwrap();
+    fn adding_appends_and_records_the_credential_uid() {
+        let plan = plan(&account(&["theirs", "other"], None), "pull", true, "u1").unwrap();
         assert_eq!(names(&plan), ["theirs", "other", "pull"]);
-        assert_eq!(plan.added, BTreeSet::from(["pull".to_string()]));
+        assert_eq!(plan.added, recorded(&[("pull", Some("u1"))]));
+        assert_eq!(format_added(&plan.added), "pull=u1");
     }
 
     #[test]
     fn an_entry_someone_else_added_is_neither_added_again_nor_removed() {
         let theirs = account(&["pull"], None);
-        assert_eq!(plan(&theirs, "pull", true), None);
-        assert_eq!(plan(&theirs, "pull", false), None);
+        assert_eq!(plan(&theirs, "pull", true, "u1"), None);
+        assert_eq!(plan(&theirs, "pull", false, "u1"), None);
     }
 
     #[test]
-    fn removing_takes_only_regcreds_entry() {
-        let plan = plan(&account(&["a", "pull", "b", "c"], Some("other,pull")), "pull", false).unwrap();
+    fn removing_takes_only_this_credentials_entry() {
+        let plan = plan(&account(&["a", "pull", "b", "c"], Some("other=u2,pull=u1")), "pull", false, "u1").unwrap();
         assert_eq!(names(&plan), ["a", "b", "c"]);
-        assert_eq!(plan.added, BTreeSet::from(["other".to_string()]));
+        assert_eq!(plan.added, recorded(&[("other", Some("u2"))]));
+    }
+
+    #[test]
+    fn another_credentials_entry_is_not_removed() {
+        assert_eq!(plan(&account(&["pull"], Some("pull=u2")), "pull", false, "u1"), None);
     }
 
     #[test]
     fn a_recorded_entry_that_is_already_there_is_not_duplicated() {
-        assert_eq!(plan(&account(&["pull"], Some("pull")), "pull", true), None);
+        assert_eq!(plan(&account(&["pull"], Some("pull=u1")), "pull", true, "u1"), None);
+    }
+
+    /// Entries recorded before uids were: removable by name, and upgraded when re-added.
+    #[test]
+    fn legacy_entries_without_a_uid_are_upgraded_and_removable() {
+        let legacy = account(&["pull"], Some("pull"));
+        let upgraded = plan(&legacy, "pull", true, "u1").unwrap();
+        assert_eq!(names(&upgraded), ["pull"]);
+        assert_eq!(upgraded.added, recorded(&[("pull", Some("u1"))]));
+        assert!(plan(&legacy, "pull", false, "u1").is_some());
+    }
+
+    /// Item 7: the release is driven by the annotation, not by the credential's Secrets.
+    #[test]
+    fn the_annotation_tells_which_entries_a_credential_added() {
+        let account = account(&["a", "b", "c"], Some("a=u1,b=u2,c=u1"));
+        assert_eq!(secrets_added_by(&account, "u1"), ["a", "c"]);
+        assert_eq!(recorded_uids(account.annotations()), ["u1", "u2", "u1"]);
     }
 }

@@ -67,8 +67,12 @@ pub fn credential_status(
             let valid_until = previous.and_then(|s| s.expires_at.as_ref()).map(|t| t.0);
             let still_valid = valid_until.is_some_and(|t| t > Timestamp::now());
             let ready = match (still_valid, previous.and_then(|s| s.condition(READY))) {
-                // The Secret keeps a token that still works: pulls are fine, refreshing is not.
-                (true, Some(ready)) if ready.status == "True" => ready.clone(),
+                // The Secret keeps a token that still works for this very spec: pulls are
+                // fine, refreshing is not. After a spec change the Secret holds the old
+                // generation's credential, and Ready says so.
+                (true, Some(ready)) if ready.status == "True" && ready.observed_generation == generation => {
+                    ready.clone()
+                }
                 _ => {
                     let mut message = error.to_string();
                     if let (Some(at), Some(name)) = (valid_until, previous.and_then(|s| s.secret_name.as_ref())) {

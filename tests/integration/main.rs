@@ -6,6 +6,7 @@ mod support;
 
 mod admin;
 mod conflict;
+mod core;
 mod ecr;
 mod errors;
 mod fanout;

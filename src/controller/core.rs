@@ -1,0 +1,588 @@
+//! The reconcile core both kinds share: observe, plan (`crate::plan`), execute, report.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+    time::Instant,
+};
+
+use futures::{StreamExt, stream};
+use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
+use kube::{
+    Api, ResourceExt,
+    api::{ListParams, Patch, PatchParams},
+    runtime::{controller::Action, events::EventType},
+};
+use tracing::{info, warn};
+
+use super::{
+    Context,
+    credential::{Credential, Scope},
+    publish, retry_delay,
+};
+use crate::{
+    Error,
+    crd::NamespaceFailure,
+    dockerconfig,
+    metrics::ObjectLabels,
+    plan::{self, LiveSecret, NamespaceStep, Observed, Removal, Retire, SecretStep},
+    secret::{
+        CREDENTIAL_UID_LABEL, Claim, FIELD_MANAGER, Outcome, SecretChange, apply, data_hash, delete_seen,
+        desired_secret, ensure_secret,
+    },
+    service_account::{has_finalizer, release, set_finalizer, sync_namespace},
+    source::{ApiSecretReader, CredentialProvider, SourceContext},
+    status::{Synced, conditions_changed, credential_status},
+};
+
+/// Failing namespaces listed in status; the counts cover the rest.
+const MAX_LISTED_FAILURES: usize = 20;
+/// Above this many Secrets of unknown content, one list with data beats a read each.
+const READS_BEFORE_LIST: usize = 8;
+
+/// One namespace's step, what writing its Secret gave, and how many old Secrets it retired.
+type StepResult = (NamespaceStep, Result<Outcome, Error>, Result<usize, Error>);
+
+/// What one reconcile did across its target namespaces.
+struct FanOut {
+    synced: Synced,
+    targets: Vec<String>,
+    failures: Vec<(String, Error)>,
+    created: usize,
+    updated: usize,
+    removed: usize,
+}
+
+impl FanOut {
+    /// The error a reconcile with failing namespaces reports: the namespace's own error for a
+    /// credential with one target, a count for a fan-out.
+    fn error<K: Credential>(&mut self, obj: &K) -> Option<Error> {
+        match obj.parts().scope {
+            Scope::Namespace(_) if !self.failures.is_empty() => Some(self.failures.remove(0).1),
+            _ if !self.failures.is_empty() => {
+                let failed = self.failures.iter().filter(|(ns, _)| self.targets.contains(ns)).count();
+                Some(Error::NamespacesFailed { failed, targets: self.targets.len() })
+            }
+            _ => None,
+        }
+    }
+}
+
+#[tracing::instrument(skip_all, fields(kind = K::KIND, namespace = obj.meta().namespace.as_deref(), object = %obj.name_any()))]
+pub(crate) async fn reconcile<K: Credential>(obj: Arc<K>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let uid = obj.uid().ok_or(Error::MissingObjectField("metadata.uid"))?;
+    let api = K::api(ctx.client.clone(), obj.meta().namespace.as_deref());
+    if obj.meta().deletion_timestamp.is_some() {
+        // Secrets go with the garbage collector (owner references); the ServiceAccount
+        // entries are regcred's to remove, found through their annotation.
+        if has_finalizer(obj.meta()) {
+            release_everywhere(obj.as_ref(), &uid, &ctx).await?;
+            set_finalizer(&api, obj.as_ref(), false).await?;
+        }
+        return Ok(Action::await_change());
+    }
+    if matches!(obj.parts().scope, Scope::Selection(_)) && !ctx.namespaces_synced() {
+        // Without the namespace list every Secret would look unselected.
+        return Ok(Action::requeue(std::time::Duration::from_millis(500)));
+    }
+    let started = Instant::now();
+    if !obj.parts().service_accounts.is_empty() {
+        // Before the first entry is added, so none can outlive the credential.
+        set_finalizer(&api, obj.as_ref(), true).await?;
+    }
+    let mut outcome = sync(obj.as_ref(), &uid, &ctx).await;
+    let partial = outcome.as_mut().ok().and_then(|fan_out| fan_out.error(obj.as_ref()));
+    let reported = report(obj.as_ref(), &uid, &ctx, &outcome, partial.as_ref()).await;
+    let error = outcome.as_ref().err().or(partial.as_ref()).or(reported.as_ref().err());
+    ctx.count_reconcile(K::KIND, started, error);
+    ctx.forget_if_deleted(&uid);
+    reported?;
+    let done = outcome?;
+    if let Some(error) = partial {
+        return Err(error);
+    }
+    if obj.parts().service_accounts.is_empty() {
+        set_finalizer(&api, obj.as_ref(), false).await?;
+    }
+    ctx.states.with(&uid, |s| s.failures = 0);
+    Ok(ctx.requeue_after(done.synced.refresh_at))
+}
+
+pub(crate) fn error_policy<K: Credential>(obj: Arc<K>, error: &Error, ctx: Arc<Context>) -> Action {
+    let uid = obj.uid().unwrap_or_default();
+    let attempt = ctx.states.with(&uid, |s| {
+        s.failures = s.failures.saturating_add(1);
+        s.failures
+    });
+    ctx.forget_if_deleted(&uid);
+    let status = obj.status_view();
+    let delay = retry_delay(attempt, ctx.config.max_backoff, status.as_ref().map(|s| &s.credential));
+    warn!(
+        kind = K::KIND,
+        namespace = obj.meta().namespace.as_deref(),
+        name = %obj.name_any(),
+        reason = error.reason(),
+        %error,
+        retry_in_secs = delay.as_secs_f32(),
+        "sync failed"
+    );
+    Action::requeue(delay)
+}
+
+/// Observes, plans and writes. `Err` when nothing could be written (the source, the template
+/// or the observation failed); per-namespace failures are in the `FanOut`.
+async fn sync<K: Credential>(obj: &K, uid: &str, ctx: &Context) -> Result<FanOut, Error> {
+    let parts = obj.parts();
+    if let Some(key) = plan::reserved_template_key(parts.secret) {
+        return Err(Error::ReservedKey { key: key.into() });
+    }
+    let owner = obj.controller_owner_ref(&()).ok_or(Error::MissingObjectField("metadata.uid"))?;
+    let (own_namespace, targets, terminating) = match parts.scope {
+        Scope::Namespace(ns) => (Some(ns), vec![ns.to_string()], BTreeSet::new()),
+        Scope::Selection(selection) => {
+            let namespaces = ctx.namespaces.state();
+            let targets = plan::select(selection, namespaces.iter().map(|n| &n.metadata))?;
+            let terminating = namespaces
+                .iter()
+                .filter(|n| n.metadata.deletion_timestamp.is_some())
+                .filter_map(|n| n.metadata.name.clone())
+                .collect();
+            (None, targets, terminating)
+        }
+    };
+    ctx.index.set_targets(uid, &targets);
+
+    // One fetch for every namespace (ECR tokens also come from the shared cache).
+    let reader = ApiSecretReader(ctx.client.clone());
+    let source_ctx = SourceContext {
+        namespace: own_namespace.unwrap_or_default(),
+        registry: parts.registry,
+        secrets: &reader,
+        ecr: Some(&ctx.ecr),
+        cluster_scoped: own_namespace.is_none(),
+    };
+    let credentials = parts.source.fetch(&source_ctx).await?;
+    let docker_config = dockerconfig::render(&credentials.auths);
+    let secret_name = obj.secret_name();
+    let desired_hash = data_hash(Some(&BTreeMap::from([(
+        crate::dockerconfig::DOCKER_CONFIG_KEY.to_string(),
+        k8s_openapi::ByteString(docker_config.clone()),
+    )])));
+    let desired_in = |namespace: &str| {
+        desired_secret(&secret_name, namespace, parts.secret, Some(owner.clone()), docker_config.clone())
+    };
+
+    let own = own_secrets(ctx, own_namespace, uid, &owner.uid, &targets, &secret_name).await?;
+    let contested = ctx.states.with(uid, |s| s.contested.clone());
+    let status = ctx.states.recent_status(uid).or_else(|| obj.status_view());
+    let previous_name = status.as_ref().and_then(|s| s.credential.secret_name.clone());
+    let desired_meta = desired_in("").metadata;
+    let plan = plan::plan(&Observed {
+        targets: &targets,
+        terminating: &terminating,
+        secret_name: &secret_name,
+        previous_name: previous_name.as_deref(),
+        own: &own,
+        contested: &contested,
+        desired: &desired_meta,
+        desired_hash: &desired_hash,
+    });
+
+    let wanted = parts.service_accounts;
+    let accounts = match !wanted.is_empty() || has_finalizer(obj.meta()) {
+        true => accounts_by_namespace(ctx, own_namespace).await?,
+        false => BTreeMap::new(),
+    };
+    let claim = Claim { owner: owner.clone(), created: obj.meta().creation_timestamp.as_ref().map(|t| t.0) };
+    let concurrency = usize::from(ctx.config.concurrency.max(1));
+    let accounts_ref = &accounts;
+    let results: Vec<StepResult> = stream::iter(plan.steps)
+        .map(|step| {
+            let desired = desired_in(&step.namespace);
+            let (claim, secret_name) = (&claim, &secret_name);
+            async move {
+                let written = write_secret(ctx, &step, &desired, claim).await;
+                let accounts = accounts_ref.get(&step.namespace).map(Vec::as_slice);
+                let after = match (&written, accounts) {
+                    (Ok(_), Some(list)) => {
+                        let api = Api::<ServiceAccount>::namespaced(ctx.client.clone(), &step.namespace);
+                        sync_namespace(&api, list, secret_name, wanted, uid).await.map(|_| ())
+                    }
+                    _ => Ok(()),
+                };
+                // The old name goes only once the new one is in place here.
+                let retired = match (&written, after) {
+                    (Ok(_), Ok(())) => retire_all(ctx, &step.namespace, &step.retire, accounts, uid).await,
+                    (Ok(_), Err(error)) => Err(error),
+                    (Err(_), _) => Ok(0),
+                };
+                (step, written, retired)
+            }
+        })
+        .buffer_unordered(concurrency)
+        .collect()
+        .await;
+
+    let (mut created, mut updated, mut removed, mut failures) = (0, 0, 0, Vec::new());
+    ctx.states.with(uid, |state| {
+        for (step, written, retired) in results {
+            let key = (step.namespace.clone(), secret_name.clone());
+            match written {
+                Ok(outcome) => {
+                    state.contested.remove(&step.namespace);
+                    match outcome.change {
+                        SecretChange::Created => created += 1,
+                        SecretChange::Updated => updated += 1,
+                        SecretChange::Unchanged => {}
+                    }
+                    if let Some(rv) = outcome.resource_version {
+                        state.verified.insert(key, (rv, desired_hash.clone()));
+                    }
+                }
+                // Deleted or terminating since the list: nothing to keep there.
+                Err(error) if namespace_gone(&error) => {}
+                Err(error) => {
+                    if matches!(error, Error::SecretConflict { .. }) {
+                        state.contested.insert(step.namespace.clone());
+                    }
+                    state.verified.remove(&key);
+                    failures.push((step.namespace.clone(), error));
+                }
+            }
+            match retired {
+                Ok(n) => removed += n,
+                Err(error) if namespace_gone(&error) => {}
+                Err(error) => failures.push((step.namespace, error)),
+            }
+        }
+        // Remember only what this credential may still have.
+        let targets: BTreeSet<&str> = targets.iter().map(String::as_str).collect();
+        state.verified.retain(|(ns, name), _| targets.contains(ns.as_str()) && *name == secret_name);
+        state.contested.retain(|ns| targets.contains(ns.as_str()));
+    });
+
+    // Secrets of this credential in namespaces it no longer targets. One failure does not
+    // discard what the others did.
+    let removals: Vec<(Removal, Result<usize, Error>)> = stream::iter(plan.removals)
+        .map(|removal| async move {
+            let accounts = accounts_ref.get(&removal.namespace).map(Vec::as_slice);
+            let result = match accounts {
+                Some(list) => {
+                    let api = Api::<ServiceAccount>::namespaced(ctx.client.clone(), &removal.namespace);
+                    release(&api, list, uid).await.map(|_| ())
+                }
+                None => Ok(()),
+            };
+            let result = match result {
+                Ok(()) => retire_all(ctx, &removal.namespace, std::slice::from_ref(&removal.retire), None, uid).await,
+                Err(error) => Err(error),
+            };
+            (removal, result)
+        })
+        .buffer_unordered(concurrency)
+        .collect()
+        .await;
+    for (removal, result) in removals {
+        match result {
+            Ok(n) => removed += n,
+            Err(error) if namespace_gone(&error) => {}
+            Err(error) => failures.push((removal.namespace, error)),
+        }
+    }
+
+    failures.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(FanOut {
+        synced: Synced {
+            secret_name,
+            registries: credentials.auths.into_iter().map(|a| a.server).collect(),
+            expires_at: credentials.expires_at,
+            refresh_at: credentials.refresh_at,
+        },
+        targets,
+        failures,
+        created,
+        updated,
+        removed,
+    })
+}
+
+/// This credential's Secrets: listed as metadata by its uid label, kept only where its owner
+/// reference says they are its (a label proves nothing), with the data's hash where known
+/// without a read (the resourceVersion is the one last seen current) or read for the targets.
+async fn own_secrets(
+    ctx: &Context,
+    namespace: Option<&str>,
+    uid: &str,
+    owner_uid: &str,
+    targets: &[String],
+    secret_name: &str,
+) -> Result<Vec<LiveSecret>, Error> {
+    let api = match namespace {
+        Some(ns) => Api::<Secret>::namespaced(ctx.client.clone(), ns),
+        None => Api::<Secret>::all(ctx.client.clone()),
+    };
+    let selector = ListParams::default().labels(&format!("{CREDENTIAL_UID_LABEL}={uid}"));
+    let listed = api.list_metadata(&selector).await?.items;
+    let verified = ctx.states.with(uid, |s| s.verified.clone());
+    let targets: BTreeSet<&str> = targets.iter().map(String::as_str).collect();
+    let mut own: Vec<LiveSecret> = listed
+        .into_iter()
+        .filter(|s| {
+            s.metadata.owner_references.iter().flatten().any(|o| o.controller == Some(true) && o.uid == owner_uid)
+        })
+        .map(|s| {
+            let key = (s.metadata.namespace.clone().unwrap_or_default(), s.metadata.name.clone().unwrap_or_default());
+            let data_hash = verified
+                .get(&key)
+                .filter(|(rv, _)| s.metadata.resource_version.as_deref() == Some(rv.as_str()))
+                .map(|(_, hash)| hash.clone());
+            LiveSecret { meta: s.metadata, data_hash }
+        })
+        .collect();
+    // Content is needed only where the planner compares it: the current name in a target.
+    let unknown: Vec<usize> = (0..own.len())
+        .filter(|&i| own[i].data_hash.is_none() && own[i].name() == secret_name && targets.contains(own[i].namespace()))
+        .collect();
+    if unknown.len() > READS_BEFORE_LIST {
+        let full = api.list(&selector).await?.items;
+        let hashes: BTreeMap<(String, String), (Option<String>, String)> = full
+            .iter()
+            .map(|s| {
+                let key = (s.namespace().unwrap_or_default(), s.name_any());
+                (key, (s.metadata.resource_version.clone(), data_hash(s.data.as_ref())))
+            })
+            .collect();
+        for i in unknown {
+            let key = (own[i].namespace().to_string(), own[i].name().to_string());
+            if let Some((rv, hash)) = hashes.get(&key)
+                && *rv == own[i].meta.resource_version
+            {
+                own[i].data_hash = Some(hash.clone());
+            }
+        }
+    } else {
+        for i in unknown {
+            let api = Api::<Secret>::namespaced(ctx.client.clone(), own[i].namespace());
+            if let Some(full) = api.get_opt(secret_name).await?
+                && full.metadata.resource_version == own[i].meta.resource_version
+            {
+                own[i].data_hash = Some(data_hash(full.data.as_ref()));
+            }
+        }
+    }
+    // Remember what was read, so the next reconcile needs no read while nothing changes.
+    ctx.states.with(uid, |state| {
+        for live in own.iter().filter(|l| l.name() == secret_name) {
+            if let (Some(hash), Some(rv)) = (&live.data_hash, &live.meta.resource_version) {
+                let key = (live.namespace().to_string(), live.name().to_string());
+                state.verified.insert(key, (rv.clone(), hash.clone()));
+            }
+        }
+    });
+    Ok(own)
+}
+
+/// Carries out one namespace's Secret step.
+async fn write_secret(ctx: &Context, step: &NamespaceStep, desired: &Secret, claim: &Claim) -> Result<Outcome, Error> {
+    match &step.secret {
+        SecretStep::Unchanged => Ok(Outcome { change: SecretChange::Unchanged, resource_version: None }),
+        SecretStep::Create => ensure_secret(&ctx.client, desired, claim, Some(None)).await,
+        SecretStep::Inspect => ensure_secret(&ctx.client, desired, claim, None).await,
+        SecretStep::Apply { resource_version } => {
+            let api = Api::<Secret>::namespaced(ctx.client.clone(), &step.namespace);
+            let name = desired.metadata.name.as_deref().unwrap_or_default();
+            match apply(&api, name, desired, Some(resource_version.clone())).await {
+                Ok(rv) => Ok(Outcome { change: SecretChange::Updated, resource_version: rv }),
+                // Changed since the list: read it and decide again (not a failure).
+                Err(Error::Kube(kube::Error::Api(status))) if status.code == 409 => {
+                    ensure_secret(&ctx.client, desired, claim, None).await
+                }
+                Err(error) => Err(error),
+            }
+        }
+    }
+}
+
+/// Deletes Secrets this credential no longer wants in one namespace, after taking them out of
+/// the ServiceAccounts there.
+async fn retire_all(
+    ctx: &Context,
+    namespace: &str,
+    retire: &[Retire],
+    accounts: Option<&[ServiceAccount]>,
+    uid: &str,
+) -> Result<usize, Error> {
+    let secrets = Api::<Secret>::namespaced(ctx.client.clone(), namespace);
+    let mut removed = 0;
+    for old in retire {
+        if let Some(list) = accounts {
+            let api = Api::<ServiceAccount>::namespaced(ctx.client.clone(), namespace);
+            sync_namespace(&api, list, &old.name, &[], uid).await?;
+        }
+        // The owner uid is the credential's own uid.
+        if delete_seen(&secrets, &old.name, old.resource_version.as_deref(), uid).await? {
+            info!(namespace, secret = old.name, "deleted Secret no longer wanted");
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+/// ServiceAccounts in the credential's scope (one list), by namespace.
+async fn accounts_by_namespace(
+    ctx: &Context,
+    namespace: Option<&str>,
+) -> Result<BTreeMap<String, Vec<ServiceAccount>>, Error> {
+    let api = match namespace {
+        Some(ns) => Api::<ServiceAccount>::namespaced(ctx.client.clone(), ns),
+        None => Api::<ServiceAccount>::all(ctx.client.clone()),
+    };
+    let mut by_namespace: BTreeMap<String, Vec<ServiceAccount>> = BTreeMap::new();
+    for account in api.list(&ListParams::default()).await?.items {
+        by_namespace.entry(account.namespace().unwrap_or_default()).or_default().push(account);
+    }
+    Ok(by_namespace)
+}
+
+/// Removes every ServiceAccount entry this credential added, wherever its annotation says
+/// it did (it does not depend on the credential's Secrets still existing).
+async fn release_everywhere<K: Credential>(obj: &K, uid: &str, ctx: &Context) -> Result<(), Error> {
+    let own_namespace = match obj.parts().scope {
+        Scope::Namespace(ns) => Some(ns),
+        Scope::Selection(_) => None,
+    };
+    for (namespace, list) in accounts_by_namespace(ctx, own_namespace).await? {
+        let api = Api::<ServiceAccount>::namespaced(ctx.client.clone(), &namespace);
+        release(&api, &list, uid).await?;
+    }
+    Ok(())
+}
+
+/// Whether a write failed because its namespace is being deleted or is gone.
+fn namespace_gone(error: &Error) -> bool {
+    match error {
+        Error::Kube(kube::Error::Api(status)) => {
+            (status.code == 403 && status.message.contains("being terminated"))
+                || (status.code == 404 && status.message.contains("namespaces"))
+        }
+        _ => false,
+    }
+}
+
+/// Writes status when it changed, and publishes Events for writes and for new failures.
+async fn report<K: Credential>(
+    obj: &K,
+    uid: &str,
+    ctx: &Context,
+    outcome: &Result<FanOut, Error>,
+    partial: Option<&Error>,
+) -> Result<(), Error> {
+    let previous = ctx.states.recent_status(uid).or_else(|| obj.status_view());
+    let error = outcome.as_ref().err().or(partial);
+    let parts = obj.parts();
+    let mut next = previous.clone().unwrap_or_default();
+    next.credential = credential_status(
+        previous.as_ref().map(|p| &p.credential),
+        obj.meta().generation,
+        parts.source,
+        outcome.as_ref().ok().map(|d| &d.synced),
+        error,
+    );
+    if let Ok(done) = outcome {
+        let count = |n: usize| Some(u32::try_from(n).unwrap_or(u32::MAX));
+        let failed = done.failures.iter().filter(|(ns, _)| done.targets.contains(ns)).count();
+        next.target_namespaces = count(done.targets.len());
+        next.synced_namespaces = count(done.targets.len() - failed);
+        next.failed_namespaces = count(failed);
+        next.failures = done
+            .failures
+            .iter()
+            .take(MAX_LISTED_FAILURES)
+            .map(|(namespace, error)| NamespaceFailure {
+                namespace: namespace.clone(),
+                reason: error.reason().into(),
+                message: error.to_string(),
+            })
+            .collect();
+    }
+    let next = K::normalize(next);
+    let labels = ObjectLabels {
+        kind: K::KIND.into(),
+        namespace: obj.meta().namespace.clone().unwrap_or_default(),
+        name: obj.name_any(),
+    };
+    ctx.record_status(&labels, &next.credential);
+    ctx.states.with(uid, |s| s.labels = Some(labels));
+
+    let previous_credential = previous.as_ref().map(|p| &p.credential);
+    let event = match (outcome, error) {
+        (Ok(done), _) if done.created + done.updated + done.removed > 0 => Some(write_event(obj, done)),
+        (_, Some(error)) if conditions_changed(previous_credential, &next.credential) => {
+            Some((EventType::Warning, error.reason(), error.to_string()))
+        }
+        _ => None,
+    };
+    if let Some((type_, reason, note)) = event {
+        publish(ctx, &obj.object_ref(&()), type_, reason, note).await;
+    }
+
+    if previous.as_ref() != Some(&next) {
+        let api = K::api(ctx.client.clone(), obj.meta().namespace.as_deref());
+        let patch = K::status_patch(&next);
+        api.patch_status(&obj.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
+        ctx.states.with(uid, |s| s.written = Some((next, Instant::now())));
+    }
+    Ok(())
+}
+
+/// The Normal Event for a reconcile that wrote: per Secret for a credential with one target,
+/// a summary for a fan-out.
+fn write_event<K: Credential>(obj: &K, done: &FanOut) -> (EventType, &'static str, String) {
+    let name = &done.synced.secret_name;
+    match obj.parts().scope {
+        Scope::Namespace(_) if done.created > 0 => (EventType::Normal, "Created", format!("Created Secret {name}")),
+        Scope::Namespace(_) if done.updated > 0 => (EventType::Normal, "Updated", format!("Updated Secret {name}")),
+        Scope::Namespace(_) => (EventType::Normal, "Deleted", format!("Deleted the Secret written before {name}")),
+        Scope::Selection(_) => (
+            EventType::Normal,
+            "Synced",
+            format!(
+                "Secret {name}: created in {}, updated in {}, removed from {} namespaces",
+                done.created, done.updated, done.removed
+            ),
+        ),
+    }
+}
+
+impl Context {
+    /// A reconcile that was running when its credential was deleted may have recorded state
+    /// and metrics after the delete hook dropped them: drop them again.
+    fn forget_if_deleted(&self, uid: &str) {
+        if !self.index.contains(uid) {
+            self.forget(uid);
+        }
+    }
+
+    /// Drops everything kept for a deleted credential: its state and its metric series.
+    pub(crate) fn forget(&self, uid: &str) {
+        self.index.remove(uid);
+        if let Some(state) = self.states.remove(uid)
+            && let Some(labels) = state.labels
+        {
+            self.metrics.ready_credentials.remove(&labels);
+            self.metrics.token_expiry.remove(&labels);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_counts_are_dropped_for_the_namespaced_kind() {
+        let status = crate::crd::ClusterCredentialStatus { target_namespaces: Some(1), ..Default::default() };
+        assert_eq!(<crate::crd::RegistryCredential as Credential>::normalize(status.clone()).target_namespaces, None);
+        assert_eq!(<crate::crd::ClusterRegistryCredential as Credential>::normalize(status).target_namespaces, Some(1));
+    }
+}

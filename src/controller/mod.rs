@@ -1,0 +1,461 @@
+//! Runs the two credential controllers on one reconcile core: the watches, the index that
+//! maps Secret, ServiceAccount and Namespace events to the credentials they concern, the
+//! delete hooks that drop per-credential state, and the shared `Context`.
+
+mod core;
+mod credential;
+
+use std::{
+    collections::HashSet,
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use futures::{FutureExt, Stream, StreamExt, channel::mpsc, future::BoxFuture};
+use k8s_openapi::{
+    api::core::v1::{Namespace, Secret, ServiceAccount},
+    jiff::Timestamp,
+};
+use kube::{
+    Api, Client, Resource, ResourceExt,
+    core::PartialObjectMeta,
+    runtime::{
+        Controller, WatchStreamExt,
+        controller::{Action, Config as ControllerRuntimeConfig},
+        events::{Event, EventType, Recorder, Reporter},
+        reflector::{self, ObjectRef, Store},
+        watcher,
+    },
+};
+use tracing::{debug, info, warn};
+
+pub use credential::Credential;
+
+use crate::{
+    admin::AdminState,
+    crd::{ClusterRegistryCredential, CredentialStatus, RegistryCredential},
+    index::{Index, Trigger},
+    metrics::{FailureLabels, KindLabels, Metrics, ObjectLabels},
+    source::ecr::{EcrProvider, EcrSettings},
+    state::States,
+    status::READY,
+};
+
+/// Name the controller reports in Events.
+pub const CONTROLLER_NAME: &str = "regcred";
+
+/// How the controller runs.
+#[derive(Clone, Debug)]
+pub struct ControllerConfig {
+    /// Every credential is reconciled again after this long even without events, so a
+    /// missed event is repaired within this bound.
+    pub resync_interval: Duration,
+    /// Longest wait between retries of a failing credential.
+    pub max_backoff: Duration,
+    /// Reconciles running at once, and writes at once within a fan-out.
+    pub concurrency: u16,
+    /// This replica's name in Events (the pod name in a cluster).
+    pub instance: Option<String>,
+    /// How ECR sources behave.
+    pub ecr: EcrSettings,
+    /// Only credentials matching this label selector (sharding, canaries); all when `None`.
+    pub selector: Option<String>,
+    /// Watch Secrets (metadata only) to react to drift, deletion and source changes at once;
+    /// without it they are repaired at the next resync.
+    pub watch_secrets: bool,
+}
+
+impl Default for ControllerConfig {
+    fn default() -> Self {
+        Self {
+            resync_interval: Duration::from_secs(15 * 60),
+            max_backoff: Duration::from_secs(5 * 60),
+            concurrency: 8,
+            instance: None,
+            ecr: EcrSettings::default(),
+            selector: None,
+            watch_secrets: true,
+        }
+    }
+}
+
+/// State shared by all reconciles of both kinds.
+pub struct Context {
+    pub(crate) client: Client,
+    pub(crate) recorder: Recorder,
+    pub(crate) config: ControllerConfig,
+    pub(crate) metrics: Arc<Metrics>,
+    /// ECR settings, AWS configuration and the shared token cache (one cache for both kinds).
+    pub(crate) ecr: EcrProvider,
+    /// Per-credential memory, by UID.
+    pub(crate) states: States,
+    /// Which credentials an event concerns.
+    pub(crate) index: Index,
+    /// Namespaces (metadata), for cluster credentials' selections.
+    pub(crate) namespaces: Store<PartialObjectMeta<Namespace>>,
+    namespaces_synced: AtomicBool,
+}
+
+impl Context {
+    fn namespaces_synced(&self) -> bool {
+        self.namespaces_synced.load(Ordering::Acquire)
+    }
+}
+
+/// Runs the controller until `shutdown` completes, reporting through `admin` (metrics, and
+/// readiness once the caches have synced).
+pub async fn run<F>(client: Client, config: ControllerConfig, admin: AdminState, shutdown: F)
+where
+    F: std::future::Future<Output = ()> + Send + Sync + 'static,
+{
+    let shutdown = futures::FutureExt::shared(shutdown);
+    let reporter = Reporter { controller: CONTROLLER_NAME.into(), instance: config.instance.clone() };
+    let (namespaces, namespace_writer) = reflector::store();
+    let ctx = Arc::new(Context {
+        recorder: Recorder::new(client.clone(), reporter),
+        client: client.clone(),
+        ecr: EcrProvider::new(client.clone(), config.ecr.clone(), admin.metrics.clone()),
+        metrics: admin.metrics.clone(),
+        states: States::default(),
+        index: Index::default(),
+        namespaces,
+        namespaces_synced: AtomicBool::new(false),
+        config: config.clone(),
+    });
+    let (namespaced_tx, namespaced_rx) = mpsc::unbounded();
+    let (cluster_tx, cluster_rx) = mpsc::unbounded();
+    let triggers = Triggers { namespaced: namespaced_tx, cluster: cluster_tx };
+
+    let (namespaced, namespaced_store) = controller::<RegistryCredential, _>(&ctx, namespaced_rx, &shutdown);
+    let (cluster, cluster_store) = controller::<ClusterRegistryCredential, _>(&ctx, cluster_rx, &shutdown);
+
+    // Metadata only: the controller sees every Secret's, ServiceAccount's and Namespace's
+    // name, labels and annotations, never a Secret's data.
+    let namespace_events =
+        watcher(Api::<PartialObjectMeta<Namespace>>::all(client.clone()), watcher::Config::default())
+            .backoff(WatchBackoff::new())
+            .modify(|ns| ns.managed_fields_mut().clear())
+            .reflect(namespace_writer)
+            .inspect({
+                let ctx = ctx.clone();
+                move |event| {
+                    if let Ok(watcher::Event::InitDone) = event {
+                        ctx.namespaces_synced.store(true, Ordering::Release);
+                    }
+                }
+            })
+            .touched_objects();
+    let namespace_events = route(namespace_events, &triggers, {
+        let ctx = ctx.clone();
+        move |ns| ctx.index.namespace_event(&ns)
+    });
+    let account_events = route(
+        watcher(Api::<PartialObjectMeta<ServiceAccount>>::all(client.clone()), watcher::Config::default())
+            .backoff(WatchBackoff::new())
+            .touched_objects(),
+        &triggers,
+        {
+            let ctx = ctx.clone();
+            move |account| ctx.index.account_event(&account)
+        },
+    );
+    let secret_events = match config.watch_secrets {
+        true => route(
+            watcher(Api::<PartialObjectMeta<Secret>>::all(client), watcher::Config::default())
+                .backoff(WatchBackoff::new())
+                .touched_objects(),
+            &triggers,
+            {
+                let ctx = ctx.clone();
+                move |secret| ctx.index.secret_event(&secret)
+            },
+        )
+        .boxed(),
+        false => futures::future::ready(()).boxed(),
+    };
+    drop(triggers);
+
+    let ready_ctx = ctx.clone();
+    tokio::spawn(async move {
+        if wait_ready(&namespaced_store).await && wait_ready(&cluster_store).await {
+            while !ready_ctx.namespaces_synced() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            info!("caches synced; ready");
+            admin.ready.store(true, Ordering::Relaxed);
+        }
+    });
+    // The event routers end with the shutdown; the controllers drain first.
+    let routers = async {
+        futures::join!(namespace_events, account_events, secret_events);
+    };
+    tokio::select! {
+        _ = async { futures::join!(namespaced, cluster) } => {}
+        _ = async { routers.await; std::future::pending::<()>().await } => {}
+    }
+}
+
+/// Where routed events go.
+struct Triggers {
+    namespaced: mpsc::UnboundedSender<ObjectRef<RegistryCredential>>,
+    cluster: mpsc::UnboundedSender<ObjectRef<ClusterRegistryCredential>>,
+}
+
+/// Maps each object of a watch to the credentials it concerns, through the index.
+fn route<T, S>(
+    events: S,
+    triggers: &Triggers,
+    concerns: impl Fn(T) -> Vec<Trigger> + Send + 'static,
+) -> impl std::future::Future<Output = ()> + Send + 'static
+where
+    S: Stream<Item = Result<T, watcher::Error>> + Send + 'static,
+    T: Send + 'static,
+{
+    let (namespaced, cluster) = (triggers.namespaced.clone(), triggers.cluster.clone());
+    events.for_each(move |event| {
+        match event {
+            Ok(object) => {
+                for trigger in concerns(object) {
+                    // A closed channel means the controllers stopped: nothing left to tell.
+                    let _ = match trigger {
+                        Trigger::Namespaced(r) => namespaced.unbounded_send(r).map_err(|_| ()),
+                        Trigger::Cluster(r) => cluster.unbounded_send(r).map_err(|_| ()),
+                    };
+                }
+            }
+            Err(error) => debug!(%error, "watch failed; retrying"),
+        }
+        futures::future::ready(())
+    })
+}
+
+/// One kind's controller: its own watch (with the delete hook that drops its state), the
+/// index's triggers, and the shared core.
+fn controller<K, F>(
+    ctx: &Arc<Context>,
+    triggers: mpsc::UnboundedReceiver<ObjectRef<K>>,
+    shutdown: &futures::future::Shared<F>,
+) -> (BoxFuture<'static, ()>, Store<K>)
+where
+    K: Credential,
+    F: std::future::Future<Output = ()> + Send + Sync + 'static,
+{
+    let mut config = watcher::Config::default().any_semantic();
+    if let Some(selector) = &ctx.config.selector {
+        config = config.labels(selector);
+    }
+    let (store, writer) = reflector::store();
+    let hooks = Mutex::new(DeleteHooks::default());
+    let hook_ctx = ctx.clone();
+    let objects = watcher(Api::<K>::all(ctx.client.clone()), config)
+        .backoff(WatchBackoff::new())
+        .reflect(writer)
+        .inspect(move |event| {
+            if let Ok(event) = event {
+                hooks.lock().unwrap_or_else(PoisonError::into_inner).observe(event, &hook_ctx);
+            }
+        })
+        .applied_objects();
+    let run = Controller::for_stream(objects, store.clone())
+        .reconcile_on(triggers)
+        .with_config(ControllerRuntimeConfig::default().concurrency(ctx.config.concurrency))
+        .graceful_shutdown_on(shutdown.clone())
+        .run(core::reconcile::<K>, core::error_policy::<K>, ctx.clone())
+        .for_each(log_result)
+        .boxed();
+    (run, store)
+}
+
+/// Keeps the index and per-credential state in step with one kind's watch: entries are
+/// (re)written when an object is seen and dropped when it is deleted, including deletions a
+/// watch gap hid (found at the next relist).
+#[derive(Default)]
+struct DeleteHooks {
+    known: HashSet<String>,
+    relisted: Option<HashSet<String>>,
+}
+
+impl DeleteHooks {
+    fn observe<K: Credential>(&mut self, event: &watcher::Event<K>, ctx: &Context) {
+        match event {
+            watcher::Event::Apply(object) => self.seen(object, ctx),
+            watcher::Event::InitApply(object) => {
+                self.seen(object, ctx);
+                if let (Some(relisted), Some(uid)) = (&mut self.relisted, object.uid()) {
+                    relisted.insert(uid);
+                }
+            }
+            watcher::Event::Delete(object) => {
+                if let Some(uid) = object.uid() {
+                    self.known.remove(&uid);
+                    ctx.forget(&uid);
+                }
+            }
+            watcher::Event::Init => self.relisted = Some(HashSet::new()),
+            watcher::Event::InitDone => {
+                let relisted = self.relisted.take().unwrap_or_default();
+                for uid in self.known.difference(&relisted) {
+                    ctx.forget(uid);
+                }
+                self.known = relisted;
+            }
+        }
+    }
+
+    fn seen<K: Credential>(&mut self, object: &K, ctx: &Context) {
+        let Some(uid) = object.uid() else { return };
+        let selection = match object.parts().scope {
+            credential::Scope::Selection(selection) => Some(selection.clone()),
+            credential::Scope::Namespace(_) => None,
+        };
+        ctx.index.upsert(&uid, object.trigger(), object.index_keys(), selection);
+        self.known.insert(uid);
+    }
+}
+
+/// The pause of a watch after it fails. kube's default (0.8 s doubling to 30 s) stacks up
+/// when a restarting apiserver or etcd fails every watch at once, and left the controller
+/// deaf for half a minute in the restart tests; short pauses resume the watches within a few
+/// seconds. Any event resets it.
+#[derive(Clone)]
+struct WatchBackoff {
+    next: Duration,
+}
+
+impl WatchBackoff {
+    const FIRST: Duration = Duration::from_millis(100);
+    const MAX: Duration = Duration::from_secs(2);
+
+    fn new() -> Self {
+        Self { next: Self::FIRST }
+    }
+}
+
+impl Iterator for WatchBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        let current = self.next;
+        self.next = (current * 2).min(Self::MAX);
+        Some(current)
+    }
+}
+
+impl kube::runtime::utils::Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.next = Self::FIRST;
+    }
+}
+
+/// Waits until a store has its first full list; false if it never will (shutdown).
+async fn wait_ready<K: Resource + Clone>(store: &Store<K>) -> bool
+where
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    // The store's readiness is a one-waker channel that the Controller waits on too, so a
+    // second waiter may never be woken: poll it again on a short timer instead.
+    loop {
+        match tokio::time::timeout(Duration::from_millis(200), store.wait_until_ready()).await {
+            Ok(Ok(())) => return true,
+            Ok(Err(_)) => return false,
+            Err(_) => continue,
+        }
+    }
+}
+
+async fn log_result<K: Resource, E: std::fmt::Display>(result: Result<(ObjectRef<K>, Action), E>) {
+    match result {
+        Ok((object, _)) => debug!(namespace = object.namespace.as_deref(), name = %object.name, "reconciled"),
+        Err(error) => debug!(%error, "reconcile did not complete"),
+    }
+}
+
+impl Context {
+    /// Counts a reconcile, its duration and its failure (by reason) in the metrics.
+    pub(crate) fn count_reconcile(&self, kind: &str, started: Instant, error: Option<&crate::Error>) {
+        let kind = KindLabels { kind: kind.into() };
+        self.metrics.reconciles.get_or_create(&kind).inc();
+        self.metrics.reconcile_duration.get_or_create(&kind).observe(started.elapsed().as_secs_f64());
+        if let Some(error) = error {
+            let labels = FailureLabels { kind: kind.kind.clone(), reason: error.reason().into() };
+            self.metrics.reconcile_failures.get_or_create(&labels).inc();
+        }
+    }
+
+    /// Publishes a credential's readiness and token expiry as metrics.
+    pub(crate) fn record_status(&self, labels: &ObjectLabels, status: &CredentialStatus) {
+        let ready = status.condition(READY).is_some_and(|c| c.status == "True");
+        self.metrics.ready_credentials.get_or_create(labels).set(i64::from(ready));
+        if let Some(expires) = &status.expires_at {
+            self.metrics.token_expiry.get_or_create(labels).set(expires.0.as_millisecond() as f64 / 1000.0);
+        }
+    }
+
+    /// When to look again after a successful sync: at the next token refresh, and at the
+    /// latest after the resync interval.
+    pub(crate) fn requeue_after(&self, refresh_at: Option<Timestamp>) -> Action {
+        let refresh_in = refresh_at.map(|at| until(at) + Duration::from_secs(1));
+        Action::requeue(refresh_in.map_or(self.config.resync_interval, |r| r.min(self.config.resync_interval)))
+    }
+}
+
+/// Time from now until `at` (zero if past).
+fn until(at: Timestamp) -> Duration {
+    Duration::try_from(at.duration_since(Timestamp::now())).unwrap_or_default()
+}
+
+pub(crate) async fn publish(
+    ctx: &Context,
+    object: &k8s_openapi::api::core::v1::ObjectReference,
+    type_: EventType,
+    reason: &str,
+    note: String,
+) {
+    let event = Event { type_, reason: reason.into(), note: Some(note), action: "Sync".into(), secondary: None };
+    if let Err(error) = ctx.recorder.publish(&event, object).await {
+        // An Event is best effort; the status carries the same information.
+        warn!(%error, reason, "could not publish Event");
+    }
+}
+
+/// Exponential backoff, but a wake-up when a token in the Secret expires, so Ready turns
+/// False on time.
+pub(crate) fn retry_delay(attempt: u32, max: Duration, status: Option<&CredentialStatus>) -> Duration {
+    let expiry = status.and_then(|s| s.expires_at.as_ref()).map(|t| until(t.0)).filter(|d| !d.is_zero());
+    backoff(attempt, max).min(expiry.map_or(Duration::MAX, |d| d + Duration::from_secs(1)))
+}
+
+/// 1 s, 2 s, 4 s, … up to `max`.
+fn backoff(attempt: u32, max: Duration) -> Duration {
+    let exp = attempt.saturating_sub(1).min(20);
+    Duration::from_secs(1u64 << exp).min(max)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn watch_backoff_is_short_and_resets() {
+        use kube::runtime::utils::Backoff;
+        let mut backoff = WatchBackoff::new();
+        let pauses: Vec<u128> = backoff.by_ref().take(7).map(|d| d.as_millis()).collect();
+        assert_eq!(pauses, [100, 200, 400, 800, 1600, 2000, 2000]);
+        backoff.reset();
+        assert_eq!(backoff.next(), Some(Duration::from_millis(100)));
+    }
+
+    #[test]
+    fn backoff_doubles_and_is_capped() {
+        let max = Duration::from_secs(300);
+        assert_eq!(backoff(1, max), Duration::from_secs(1));
+        assert_eq!(backoff(2, max), Duration::from_secs(2));
+        assert_eq!(backoff(5, max), Duration::from_secs(16));
+        assert_eq!(backoff(9, max), Duration::from_secs(256));
+        assert_eq!(backoff(10, max), max);
+        assert_eq!(backoff(u32::MAX, max), max);
+    }
+}

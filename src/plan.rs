@@ -1,0 +1,440 @@
+//! The pure half of a reconcile: from what was observed (targets, this credential's live
+//! Secrets, what it remembers) to the writes that make the cluster right. No I/O here; the
+//! executor in `controller::core` performs the plan, and every decision is unit-tested below.
+//!
+//! Both kinds go through this one planner: a RegistryCredential is a fan-out to exactly its
+//! own namespace.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::api::core::v1::Namespace;
+use kube::{
+    api::ObjectMeta,
+    core::{PartialObjectMeta, Selector, SelectorExt},
+};
+
+use crate::{
+    Error,
+    crd::{NamespaceSelection, SecretTemplate},
+    secret::metadata_matches,
+};
+
+/// Label keys regcred sets itself; a template may not set them (nor anything under
+/// `regcred.dev/`), or a tenant could make another credential list their Secret as its own.
+pub const RESERVED_LABEL_PREFIX: &str = "regcred.dev/";
+
+/// One of this credential's Secrets as seen in a metadata list, with the hash of its data
+/// when known (remembered for this resourceVersion, or computed from a fresh read).
+#[derive(Clone, Debug)]
+pub struct LiveSecret {
+    pub meta: ObjectMeta,
+    pub data_hash: Option<String>,
+}
+
+impl LiveSecret {
+    pub fn namespace(&self) -> &str {
+        self.meta.namespace.as_deref().unwrap_or_default()
+    }
+
+    pub fn name(&self) -> &str {
+        self.meta.name.as_deref().unwrap_or_default()
+    }
+}
+
+/// What the planner is given.
+pub struct Observed<'a> {
+    /// Namespaces that should hold the Secret, sorted.
+    pub targets: &'a [String],
+    /// Namespaces being deleted: their Secrets go with them, nothing is removed there.
+    pub terminating: &'a BTreeSet<String>,
+    /// Name of the Secret to write.
+    pub secret_name: &'a str,
+    /// A name written before (from the last status), for Secrets regcred wrote before it
+    /// labelled them with the credential's uid.
+    pub previous_name: Option<&'a str>,
+    /// Secrets listed by this credential's uid label and **controlled** by its uid: the label
+    /// alone proves nothing, anyone can set it.
+    pub own: &'a [LiveSecret],
+    /// Namespaces where the last attempt found a Secret this credential may not take.
+    pub contested: &'a BTreeSet<String>,
+    /// The Secret as it should be (metadata) and the hash of its data.
+    pub desired: &'a ObjectMeta,
+    pub desired_hash: &'a str,
+}
+
+/// What to do about the Secret in one target namespace.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SecretStep {
+    /// It is there and current.
+    Unchanged,
+    /// None of ours is there: POST (a Secret of someone else's makes it fail, never merge).
+    Create,
+    /// Ours, but out of date: apply, valid only against this resourceVersion.
+    Apply { resource_version: String },
+    /// Someone else held it last time: read it and decide before writing anything.
+    Inspect,
+}
+
+/// A Secret of this credential to delete, valid only against its resourceVersion.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Retire {
+    pub name: String,
+    /// `None` for a Secret written before uid labels: read it first.
+    pub resource_version: Option<String>,
+}
+
+/// Everything for one target namespace. `retire` happens only once `secret` succeeded, so a
+/// rename never leaves a namespace without a pull Secret.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NamespaceStep {
+    pub namespace: String,
+    pub secret: SecretStep,
+    pub retire: Vec<Retire>,
+}
+
+/// This credential's Secret in a namespace it no longer targets.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Removal {
+    pub namespace: String,
+    pub retire: Retire,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub steps: Vec<NamespaceStep>,
+    pub removals: Vec<Removal>,
+}
+
+impl Plan {
+    /// Whether carrying it out writes nothing.
+    pub fn is_quiet(&self) -> bool {
+        self.removals.is_empty() && self.steps.iter().all(|s| s.secret == SecretStep::Unchanged && s.retire.is_empty())
+    }
+}
+
+/// Turns observed state into the writes that make it right.
+pub fn plan(observed: &Observed<'_>) -> Plan {
+    let mut own: BTreeMap<(&str, &str), &LiveSecret> =
+        observed.own.iter().map(|s| ((s.namespace(), s.name()), s)).collect();
+    let targets: BTreeSet<&str> = observed.targets.iter().map(String::as_str).collect();
+    let mut steps = Vec::with_capacity(observed.targets.len());
+    for namespace in observed.targets {
+        let secret = match own.remove(&(namespace.as_str(), observed.secret_name)) {
+            Some(live) if is_current(live, observed.desired, observed.desired_hash) => SecretStep::Unchanged,
+            Some(live) => {
+                SecretStep::Apply { resource_version: live.meta.resource_version.clone().unwrap_or_default() }
+            }
+            None if observed.contested.contains(namespace) => SecretStep::Inspect,
+            None => SecretStep::Create,
+        };
+        let mut retire: Vec<Retire> = own
+            .iter()
+            .filter(|((ns, _), _)| ns == namespace)
+            .map(|(_, live)| Retire { name: live.name().into(), resource_version: live.meta.resource_version.clone() })
+            .collect();
+        own.retain(|(ns, _), _| ns != namespace);
+        // Written before Secrets carried the uid label: the list cannot show it.
+        if let Some(previous) = observed.previous_name
+            && previous != observed.secret_name
+            && !retire.iter().any(|r| r.name == previous)
+        {
+            retire.push(Retire { name: previous.into(), resource_version: None });
+        }
+        steps.push(NamespaceStep { namespace: namespace.clone(), secret, retire });
+    }
+    let removals = own
+        .into_iter()
+        .filter(|((namespace, _), _)| !targets.contains(namespace) && !observed.terminating.contains(*namespace))
+        .map(|((namespace, _), live)| Removal {
+            namespace: namespace.into(),
+            retire: Retire { name: live.name().into(), resource_version: live.meta.resource_version.clone() },
+        })
+        .collect();
+    Plan { steps, removals }
+}
+
+/// Whether a live Secret already holds what regcred would write.
+fn is_current(live: &LiveSecret, desired: &ObjectMeta, desired_hash: &str) -> bool {
+    live.data_hash.as_deref() == Some(desired_hash) && metadata_matches(&live.meta, desired)
+}
+
+/// Keys a Secret template may not set, first one found.
+pub fn reserved_template_key(template: &SecretTemplate) -> Option<&str> {
+    let reserved =
+        |key: &&String| key.starts_with(RESERVED_LABEL_PREFIX) || key.as_str() == crate::secret::MANAGED_BY_LABEL;
+    template.labels.keys().chain(template.annotations.keys()).find(reserved).map(String::as_str)
+}
+
+/// The namespaces a selection picks, by name: listed or matching the selector, not
+/// excluded, not terminating. No selector and no names: all.
+pub fn select<'a>(
+    selection: &NamespaceSelection,
+    namespaces: impl IntoIterator<Item = &'a ObjectMeta>,
+) -> Result<Vec<String>, Error> {
+    let matcher = NamespaceMatcher::new(selection)?;
+    let mut names: Vec<String> = namespaces
+        .into_iter()
+        .filter(|n| n.deletion_timestamp.is_none() && matcher.matches(n))
+        .filter_map(|n| n.name.clone())
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
+/// A parsed namespace selection, to test one namespace at a time (the index does, per
+/// Namespace event).
+pub struct NamespaceMatcher<'a> {
+    selection: &'a NamespaceSelection,
+    selector: Option<Selector>,
+}
+
+impl<'a> NamespaceMatcher<'a> {
+    pub fn new(selection: &'a NamespaceSelection) -> Result<Self, Error> {
+        let selector = match &selection.selector {
+            Some(selector) => {
+                Some(Selector::try_from(selector.clone()).map_err(|e| Error::InvalidNamespaceSelector(e.to_string()))?)
+            }
+            None => None,
+        };
+        Ok(Self { selection, selector })
+    }
+
+    /// Whether a live namespace is selected (its deletion is not considered here).
+    pub fn matches(&self, namespace: &ObjectMeta) -> bool {
+        let name = namespace.name.as_deref().unwrap_or_default();
+        if self.selection.exclude.iter().any(|e| e == name) {
+            return false;
+        }
+        let everything = self.selector.is_none() && self.selection.names.is_empty();
+        let empty = BTreeMap::new();
+        let labels = namespace.labels.as_ref().unwrap_or(&empty);
+        everything
+            || self.selection.names.iter().any(|listed| listed == name)
+            || self.selector.as_ref().is_some_and(|s| s.matches(labels))
+    }
+}
+
+/// Whether a namespace's membership in a selection differs from what the last reconcile
+/// saw: the only Namespace events that concern a cluster credential.
+pub fn namespace_concerns(
+    matcher: &NamespaceMatcher<'_>,
+    namespace: &PartialObjectMeta<Namespace>,
+    was_target: bool,
+) -> bool {
+    let live = namespace.metadata.deletion_timestamp.is_none();
+    (live && matcher.matches(&namespace.metadata)) != was_target
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, Time};
+
+    use super::*;
+
+    fn meta(labels: &[(&str, &str)]) -> ObjectMeta {
+        ObjectMeta {
+            labels: Some(labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
+            ..Default::default()
+        }
+    }
+
+    fn live(namespace: &str, name: &str, hash: Option<&str>) -> LiveSecret {
+        let mut meta = meta(&[("app.kubernetes.io/managed-by", "regcred")]);
+        meta.namespace = Some(namespace.into());
+        meta.name = Some(name.into());
+        meta.resource_version = Some(format!("rv-{namespace}-{name}"));
+        LiveSecret { meta, data_hash: hash.map(String::from) }
+    }
+
+    struct Case {
+        targets: Vec<String>,
+        own: Vec<LiveSecret>,
+        contested: BTreeSet<String>,
+        terminating: BTreeSet<String>,
+        previous: Option<&'static str>,
+    }
+
+    impl Case {
+        fn new(targets: &[&str]) -> Self {
+            Case {
+                targets: targets.iter().map(|t| t.to_string()).collect(),
+                own: Vec::new(),
+                contested: BTreeSet::new(),
+                terminating: BTreeSet::new(),
+                previous: None,
+            }
+        }
+
+        fn plan(&self) -> Plan {
+            let desired = meta(&[("app.kubernetes.io/managed-by", "regcred")]);
+            plan(&Observed {
+                targets: &self.targets,
+                terminating: &self.terminating,
+                secret_name: "pull",
+                previous_name: self.previous,
+                own: &self.own,
+                contested: &self.contested,
+                desired: &desired,
+                desired_hash: "h1",
+            })
+        }
+    }
+
+    fn step(namespace: &str, secret: SecretStep, retire: Vec<Retire>) -> NamespaceStep {
+        NamespaceStep { namespace: namespace.into(), secret, retire }
+    }
+
+    #[test]
+    fn missing_secrets_are_created_current_ones_left_alone_stale_ones_applied() {
+        let mut case = Case::new(&["a", "b", "c"]);
+        case.own = vec![live("a", "pull", Some("h1")), live("b", "pull", Some("old")), live("c", "pull", None)];
+        case.targets.push("d".into());
+        let plan = case.plan();
+        assert_eq!(
+            plan.steps,
+            [
+                step("a", SecretStep::Unchanged, vec![]),
+                step("b", SecretStep::Apply { resource_version: "rv-b-pull".into() }, vec![]),
+                step("c", SecretStep::Apply { resource_version: "rv-c-pull".into() }, vec![]),
+                step("d", SecretStep::Create, vec![]),
+            ]
+        );
+        assert!(plan.removals.is_empty());
+    }
+
+    #[test]
+    fn an_unchanged_fan_out_plans_no_write() {
+        let mut case = Case::new(&["a", "b"]);
+        case.own = vec![live("a", "pull", Some("h1")), live("b", "pull", Some("h1"))];
+        assert!(case.plan().is_quiet());
+    }
+
+    /// Item 1 of the one-core issue: the old name goes only together with the new one's
+    /// write in the same namespace (the executor retires only after the step succeeded).
+    #[test]
+    fn a_rename_retires_the_old_secret_per_namespace_after_the_new_one() {
+        let mut case = Case::new(&["a", "b"]);
+        case.own = vec![live("a", "old", Some("h1")), live("b", "old", Some("h1"))];
+        let plan = case.plan();
+        let retire = |ns: &str| vec![Retire { name: "old".into(), resource_version: Some(format!("rv-{ns}-old")) }];
+        assert_eq!(
+            plan.steps,
+            [step("a", SecretStep::Create, retire("a")), step("b", SecretStep::Create, retire("b"))]
+        );
+        assert!(plan.removals.is_empty(), "nothing is deleted outside the namespace's own step");
+    }
+
+    #[test]
+    fn a_rename_of_an_unlabelled_secret_uses_the_status_name() {
+        let mut case = Case::new(&["a"]);
+        case.previous = Some("old");
+        assert_eq!(
+            case.plan().steps,
+            [step("a", SecretStep::Create, vec![Retire { name: "old".into(), resource_version: None }])]
+        );
+    }
+
+    /// Item 17: a namespace lost to an older credential is read, never written blindly.
+    #[test]
+    fn a_contested_namespace_is_inspected_not_created() {
+        let mut case = Case::new(&["a", "b"]);
+        case.contested.insert("a".into());
+        assert_eq!(case.plan().steps, [step("a", SecretStep::Inspect, vec![]), step("b", SecretStep::Create, vec![])]);
+    }
+
+    #[test]
+    fn secrets_in_namespaces_no_longer_selected_are_removed_unless_terminating() {
+        let mut case = Case::new(&["a"]);
+        case.own = vec![live("a", "pull", Some("h1")), live("gone", "pull", Some("h1")), live("dying", "pull", None)];
+        case.terminating.insert("dying".into());
+        let plan = case.plan();
+        assert_eq!(
+            plan.removals,
+            [Removal {
+                namespace: "gone".into(),
+                retire: Retire { name: "pull".into(), resource_version: Some("rv-gone-pull".into()) }
+            }]
+        );
+    }
+
+    #[test]
+    fn changed_template_metadata_needs_a_write() {
+        let mut case = Case::new(&["a"]);
+        let mut stale = live("a", "pull", Some("h1"));
+        stale.meta.labels = Some(BTreeMap::new());
+        case.own = vec![stale];
+        assert_eq!(case.plan().steps[0].secret, SecretStep::Apply { resource_version: "rv-a-pull".into() });
+    }
+
+    /// Item 2: reserved keys are refused in the controller too (CEL refuses them at admission).
+    #[test]
+    fn reserved_label_and_annotation_keys_are_found() {
+        let mut template = SecretTemplate::default();
+        assert_eq!(reserved_template_key(&template), None);
+        template.labels.insert("team".into(), "a".into());
+        assert_eq!(reserved_template_key(&template), None);
+        template.labels.insert("regcred.dev/credential-uid".into(), "x".into());
+        assert_eq!(reserved_template_key(&template), Some("regcred.dev/credential-uid"));
+        let mut template = SecretTemplate::default();
+        template.annotations.insert("app.kubernetes.io/managed-by".into(), "me".into());
+        assert_eq!(reserved_template_key(&template), Some("app.kubernetes.io/managed-by"));
+    }
+
+    fn ns(name: &str, labels: &[(&str, &str)], terminating: bool) -> ObjectMeta {
+        ObjectMeta {
+            name: Some(name.into()),
+            labels: Some(labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
+            deletion_timestamp: terminating.then(|| Time(k8s_openapi::jiff::Timestamp::now())),
+            ..Default::default()
+        }
+    }
+
+    fn cluster() -> Vec<ObjectMeta> {
+        vec![
+            ns("a1", &[("team", "a")], false),
+            ns("a2", &[("team", "a")], true),
+            ns("b1", &[("team", "b")], false),
+            ns("kube-system", &[], false),
+            ns("build", &[], false),
+        ]
+    }
+
+    #[test]
+    fn selector_names_and_exclusions_combine() {
+        let selection = NamespaceSelection {
+            selector: Some(LabelSelector {
+                match_labels: Some([("team".to_string(), "a".to_string())].into()),
+                ..Default::default()
+            }),
+            names: vec!["build".into(), "missing".into()],
+            exclude: vec!["kube-system".into()],
+        };
+        assert_eq!(select(&selection, &cluster()).unwrap(), ["a1", "build"]);
+    }
+
+    #[test]
+    fn nothing_given_or_an_empty_selector_selects_all_live_namespaces() {
+        let all = ["a1", "b1", "build", "kube-system"];
+        assert_eq!(select(&NamespaceSelection::default(), &cluster()).unwrap(), all);
+        let empty = NamespaceSelection { selector: Some(LabelSelector::default()), ..Default::default() };
+        assert_eq!(select(&empty, &cluster()).unwrap(), all);
+    }
+
+    #[test]
+    fn names_alone_select_only_those() {
+        let selection = NamespaceSelection { names: vec!["b1".into()], ..Default::default() };
+        assert_eq!(select(&selection, &cluster()).unwrap(), ["b1"]);
+    }
+
+    /// Item 12: a Namespace event concerns a credential only when it changes membership.
+    #[test]
+    fn only_membership_changes_concern_a_cluster_credential() {
+        let selection = NamespaceSelection { names: vec!["a1".into()], ..Default::default() };
+        let matcher = NamespaceMatcher::new(&selection).unwrap();
+        let event = |meta: ObjectMeta| PartialObjectMeta::<Namespace> { metadata: meta, ..Default::default() };
+        assert!(!namespace_concerns(&matcher, &event(ns("b1", &[], false)), false), "unrelated namespace");
+        assert!(namespace_concerns(&matcher, &event(ns("a1", &[], false)), false), "new target");
+        assert!(!namespace_concerns(&matcher, &event(ns("a1", &[("x", "y")], false)), true), "relabelled target");
+        assert!(namespace_concerns(&matcher, &event(ns("a1", &[], true)), true), "target terminating");
+    }
+}

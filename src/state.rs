@@ -1,0 +1,93 @@
+//! What the controller remembers about each credential between reconciles, keyed by the
+//! credential's UID and dropped when the credential is deleted (a recreated credential of the
+//! same name starts afresh).
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    sync::{Mutex, PoisonError},
+    time::{Duration, Instant},
+};
+
+use crate::{crd::ClusterCredentialStatus, metrics::ObjectLabels};
+
+/// Per-credential memory.
+#[derive(Default)]
+pub struct ObjectState {
+    /// The status last written, and when: the cache lags behind the controller's own writes,
+    /// and comparing with it would write the same status again (and repeat its Events).
+    pub written: Option<(ClusterCredentialStatus, Instant)>,
+    /// Consecutive failed reconciles, for exponential backoff.
+    pub failures: u32,
+    /// Namespaces where a Secret of the wanted name belongs to someone else.
+    pub contested: BTreeSet<String>,
+    /// (namespace, name) → (resourceVersion, data hash) of Secrets seen current: a Secret whose
+    /// resourceVersion is unchanged needs no read to know its content.
+    pub verified: HashMap<(String, String), (String, String)>,
+    /// The metric series published for it, removed with it.
+    pub labels: Option<ObjectLabels>,
+}
+
+/// Longer than a watch event takes to arrive.
+const FRESH: Duration = Duration::from_secs(5);
+
+#[derive(Default)]
+pub struct States {
+    by_uid: Mutex<HashMap<String, ObjectState>>,
+}
+
+impl States {
+    /// Runs `f` on the credential's state, creating it if needed.
+    pub fn with<T>(&self, uid: &str, f: impl FnOnce(&mut ObjectState) -> T) -> T {
+        let mut map = self.by_uid.lock().unwrap_or_else(PoisonError::into_inner);
+        f(map.entry(uid.to_string()).or_default())
+    }
+
+    /// The status written for the credential within the last few seconds, if any.
+    pub fn recent_status(&self, uid: &str) -> Option<ClusterCredentialStatus> {
+        self.with(uid, |s| s.written.as_ref().filter(|(_, at)| at.elapsed() < FRESH).map(|(st, _)| st.clone()))
+    }
+
+    /// Forgets a deleted credential; returns what it had, so its metric series can go too.
+    pub fn remove(&self, uid: &str) -> Option<ObjectState> {
+        self.by_uid.lock().unwrap_or_else(PoisonError::into_inner).remove(uid)
+    }
+
+    /// Forgets every credential not in `live` (after a relist, when deletions during a watch
+    /// gap were never seen as events).
+    pub fn retain(&self, live: &BTreeSet<String>) -> Vec<ObjectState> {
+        let mut map = self.by_uid.lock().unwrap_or_else(PoisonError::into_inner);
+        let gone: Vec<String> = map.keys().filter(|uid| !live.contains(*uid)).cloned().collect();
+        gone.into_iter().filter_map(|uid| map.remove(&uid)).collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_uid.lock().unwrap_or_else(PoisonError::into_inner).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Item 9: a recreated credential (new UID, same name) does not see the old one's status.
+    #[test]
+    fn state_is_per_uid_and_goes_with_the_object() {
+        let states = States::default();
+        states.with("old", |s| {
+            s.failures = 7;
+            s.written = Some((ClusterCredentialStatus::default(), Instant::now()));
+        });
+        assert!(states.recent_status("old").is_some());
+        assert!(states.recent_status("new").is_none());
+        assert_eq!(states.with("new", |s| s.failures), 0);
+        assert_eq!(states.remove("old").map(|s| s.failures), Some(7));
+        assert_eq!(states.with("old", |s| s.failures), 0, "a recreated credential starts afresh");
+        let gone = states.retain(&BTreeSet::from(["new".to_string()]));
+        assert_eq!(gone.len(), 1);
+        assert_eq!(states.len(), 1);
+    }
+}

@@ -1,0 +1,255 @@
+//! The defects that lived between the two controllers, each against the real apiserver (one
+//! reconcile core now serves both kinds).
+
+use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
+use kube::{
+    Api,
+    api::{DeleteParams, Patch, PatchParams, PostParams},
+};
+use regcred::crd::{ClusterRegistryCredential, RegistryCredential};
+use regcred_testenv::eventually;
+use serde_json::json;
+
+use crate::support::*;
+
+const ECR_REGISTRY: &str = "123456789012.dkr.ecr.eu-west-1.amazonaws.com";
+
+/// A Secret nobody at regcred wrote.
+async fn foreign_secret(client: &kube::Client, ns: &str, name: &str) {
+    let secret: Secret = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": name, "namespace": ns},
+        "type": "Opaque", "stringData": {"note": "someone else's"},
+    }))
+    .unwrap();
+    Api::<Secret>::namespaced(client.clone(), ns).create(&PostParams::default(), &secret).await.unwrap();
+}
+
+/// Item 1: renaming a fan-out's Secret keeps the old one wherever the new name cannot be
+/// written (a foreign Secret holds it), and replaces it everywhere else.
+#[tokio::test]
+async fn a_rename_keeps_the_old_secret_where_the_new_one_cannot_be_written() {
+    env();
+    let client = client().await;
+    let source_ns = namespace(&client, "rn-src").await;
+    let password = secret_value("u", "rename");
+    create_secret(&client, &source_ns, "src", &[("password", password.as_bytes())]).await;
+    let free = namespace(&client, "rn-free").await;
+    let blocked = namespace(&client, "rn-blocked").await;
+    foreign_secret(&client, &blocked, "new-pull").await;
+    let name = format!("rn-{}", &unique()[..6]);
+    create_cluster_credential(
+        &client,
+        &name,
+        json!({
+            "registry": "r.example.com",
+            "source": {"basic": {"username": "u", "passwordSecretRef": {"name": "src", "namespace": source_ns}}},
+            "namespaces": {"names": [free, blocked]},
+            "secret": {"name": "old-pull"},
+        }),
+    )
+    .await;
+    wait_cluster(&client, &name, "synced", |s| s.synced_namespaces == Some(2)).await;
+
+    let api = Api::<ClusterRegistryCredential>::all(client.clone());
+    let patch = json!({"spec": {"secret": {"name": "new-pull"}}});
+    api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    let crc = wait_cluster(&client, &name, "the conflict reported", |s| {
+        s.failures.iter().any(|f| f.namespace == blocked && f.reason == "SecretConflict")
+    })
+    .await;
+    let ready = crc.status.unwrap().credential.conditions.into_iter().find(|c| c.type_ == "Ready").unwrap();
+    assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "NamespacesFailed"));
+    wait_secret(&client, &free, "new-pull", "written", |s| logins(s)[0].2 == password).await;
+    let old_in_free = Api::<Secret>::namespaced(client.clone(), &free);
+    eventually("the old Secret replaced where the new one is written", TIMEOUT, || async {
+        matches!(old_in_free.get_opt("old-pull").await, Ok(None)).then_some(())
+    })
+    .await;
+    let kept = Api::<Secret>::namespaced(client.clone(), &blocked).get_opt("old-pull").await.unwrap();
+    let kept = kept.expect("the namespace the new name failed in keeps its working pull Secret");
+    assert_eq!(logins(&kept)[0].2, password);
+}
+
+/// Item 2: the labels regcred lists and trusts are refused at admission, and a Secret that
+/// merely carries another credential's uid label is never treated as that credential's.
+#[tokio::test]
+async fn reserved_labels_are_refused_and_a_copied_uid_label_proves_nothing() {
+    env();
+    let client = client().await;
+    let ns = namespace(&client, "reserved").await;
+    let api = Api::<RegistryCredential>::namespaced(client.clone(), &ns);
+    for (field, key) in [
+        ("labels", "regcred.dev/credential-uid"),
+        ("labels", "app.kubernetes.io/managed-by"),
+        ("annotations", "regcred.dev/anything"),
+        ("labels", "not a key"),
+    ] {
+        let cr: RegistryCredential = serde_json::from_value(json!({
+            "apiVersion": "regcred.dev/v1alpha1", "kind": "RegistryCredential",
+            "metadata": {"name": "c", "namespace": ns},
+            "spec": {"registry": "r.example.com",
+                     "source": {"basic": {"username": "u", "passwordSecretRef": {"name": "src"}}},
+                     "secret": {field: {key: "x"}}},
+        }))
+        .unwrap();
+        let refused = api.create(&PostParams::default(), &cr).await;
+        assert!(
+            matches!(&refused, Err(kube::Error::Api(s)) if s.code == 422),
+            "{field} {key:?} was accepted: {refused:?}"
+        );
+    }
+
+    // A tenant namespace whose ServiceAccount holds a "pull" entry regcred recorded, and a
+    // Secret "pull" there that merely carries a cluster credential's uid label.
+    let source_ns = namespace(&client, "reserved-src").await;
+    let password = secret_value("u", "reserved");
+    create_secret(&client, &source_ns, "src", &[("password", password.as_bytes())]).await;
+    let other = namespace(&client, "reserved-other").await;
+    let account: ServiceAccount = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "ServiceAccount",
+        "metadata": {"name": "builder", "namespace": other,
+                     "annotations": {"regcred.dev/added-image-pull-secrets": "pull"}},
+        "imagePullSecrets": [{"name": "pull"}],
+    }))
+    .unwrap();
+    let accounts = Api::<ServiceAccount>::namespaced(client.clone(), &other);
+    accounts.create(&PostParams::default(), &account).await.unwrap();
+    let name = format!("reserved-{}", &unique()[..6]);
+    let spec = json!({
+        "registry": "r.example.com",
+        "source": {"basic": {"username": "u", "passwordSecretRef": {"name": "src", "namespace": source_ns}}},
+        "namespaces": {"names": [ns]},
+        "secret": {"name": "pull"},
+        "serviceAccounts": ["builder"],
+    });
+    let crc = create_cluster_credential(&client, &name, spec).await;
+    wait_cluster(&client, &name, "synced", |s| s.synced_namespaces == Some(1)).await;
+    let uid = crc.metadata.uid.unwrap();
+    let lookalike: Secret = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "pull", "namespace": other, "labels": {"regcred.dev/credential-uid": uid}},
+        "type": "Opaque", "stringData": {"note": "a tenant's"},
+    }))
+    .unwrap();
+    let secrets = Api::<Secret>::namespaced(client.clone(), &other);
+    let created = secrets.create(&PostParams::default(), &lookalike).await.unwrap();
+    // Its namespace is not a target: a credential that trusted the label would take it for one
+    // of its own left behind, strip the tenant's ServiceAccount entry and delete it.
+    // Two reconciles one after the other (each reads the source once): when the second has
+    // read it, the first has finished all of its writes.
+    let offset = audit_offset();
+    for round in 0..2 {
+        let read_from = audit_offset();
+        let touch = json!({"metadata": {"annotations": {"touched": format!("{round}")}}});
+        Api::<ClusterRegistryCredential>::all(client.clone())
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&touch))
+            .await
+            .unwrap();
+        eventually("the credential reconciled again", TIMEOUT, || async {
+            controller_requests_since(read_from)
+                .iter()
+                .any(|(verb, res, n, secret)| verb == "get" && res == "secrets" && *n == source_ns && secret == "src")
+                .then_some(())
+        })
+        .await;
+    }
+    let writes: Vec<_> = controller_requests_since(offset)
+        .into_iter()
+        .filter(|(verb, _, namespace, _)| is_write(verb) && *namespace == other)
+        .collect();
+    assert!(writes.is_empty(), "the tenant's namespace was written: {writes:?}");
+    let after = secrets.get("pull").await.unwrap();
+    assert_eq!(after.metadata.resource_version, created.metadata.resource_version, "the look-alike was touched");
+    let entries = accounts.get("builder").await.unwrap().image_pull_secrets.unwrap_or_default();
+    assert_eq!(entries.len(), 1, "the tenant's entry was removed");
+}
+
+/// Item 3: after a rename into a name someone else holds, an ECR credential is not Ready,
+/// although its token fetch succeeded and the old Secret still holds a valid token.
+#[tokio::test]
+async fn ready_is_false_when_the_secret_cannot_be_written_after_a_good_fetch() {
+    env();
+    let client = client().await;
+    let ns = namespace(&client, "ready-ecr").await;
+    let key_id = format!("AKIA{}", &unique()[..16].to_uppercase());
+    let secret_key = secret_value("aws", "ready");
+    create_secret(
+        &client,
+        &ns,
+        "keys",
+        &[("accessKeyId", key_id.as_bytes()), ("secretAccessKey", secret_key.as_bytes())],
+    )
+    .await;
+    create_credential(
+        &client,
+        &ns,
+        "ecr",
+        json!({"source": {"ecr": {"registry": ECR_REGISTRY, "auth": {"secretRef": {"name": "keys"}}}}}),
+    )
+    .await;
+    wait_ready(&client, &ns, "ecr", "True", Some("Synced")).await;
+    foreign_secret(&client, &ns, "taken").await;
+    let api = Api::<RegistryCredential>::namespaced(client.clone(), &ns);
+    api.patch("ecr", &PatchParams::default(), &Patch::Merge(&json!({"spec": {"secret": {"name": "taken"}}})))
+        .await
+        .unwrap();
+    wait_ready(&client, &ns, "ecr", "False", Some("SecretConflict")).await;
+    // The old Secret still serves pulls until the new one can be written.
+    wait_secret(&client, &ns, "ecr", "kept", |_| true).await;
+}
+
+/// Item 4: a deleted credential's metric series go with it.
+#[tokio::test]
+async fn deletion_drops_the_credentials_metric_series() {
+    let port = env().controller.admin_port;
+    let client = client().await;
+    let ns = namespace(&client, "forget").await;
+    let key_id = format!("AKIA{}", &unique()[..16].to_uppercase());
+    let secret_key = secret_value("aws", "forget");
+    create_secret(
+        &client,
+        &ns,
+        "keys",
+        &[("accessKeyId", key_id.as_bytes()), ("secretAccessKey", secret_key.as_bytes())],
+    )
+    .await;
+    let spec = json!({"source": {"ecr": {"registry": ECR_REGISTRY, "auth": {"secretRef": {"name": "keys"}}}}});
+    create_credential(&client, &ns, "ecr", spec).await;
+    wait_ready(&client, &ns, "ecr", "True", Some("Synced")).await;
+    let object = format!("{{kind=\"RegistryCredential\",namespace=\"{ns}\",name=\"ecr\"}}");
+    let (expiry, ready) =
+        (format!("regcred_token_expiry_timestamp_seconds{object}"), format!("regcred_credential_ready{object}"));
+    eventually("the credential's series published", TIMEOUT, || async {
+        sample(&admin_get(port, "/metrics").1, &expiry).map(|_| ())
+    })
+    .await;
+
+    let api = Api::<RegistryCredential>::namespaced(client.clone(), &ns);
+    api.delete("ecr", &DeleteParams::default()).await.unwrap();
+    eventually("the deleted credential's series gone", TIMEOUT, || async {
+        let metrics = admin_get(port, "/metrics").1;
+        (sample(&metrics, &expiry).is_none() && sample(&metrics, &ready).is_none()).then_some(())
+    })
+    .await;
+}
+
+/// Item 9: a credential deleted and recreated at once under the same name (`kubectl replace
+/// --force`) gets a status of its own, not the old object's remembered one.
+#[tokio::test]
+async fn a_credential_recreated_at_once_gets_its_own_status() {
+    env();
+    let client = client().await;
+    let ns = namespace(&client, "recreate").await;
+    let password = secret_value("u", "recreate");
+    create_secret(&client, &ns, "src", &[("password", password.as_bytes())]).await;
+    let spec = json!({"registry": "r.example.com", "source": {"basic": {"username": "u", "passwordSecretRef": {"name": "src"}}}});
+    create_credential(&client, &ns, "cred", spec.clone()).await;
+    wait_ready(&client, &ns, "cred", "True", Some("Synced")).await;
+    let api = Api::<RegistryCredential>::namespaced(client.clone(), &ns);
+    api.delete("cred", &DeleteParams::default()).await.unwrap();
+    eventually("deleted", TIMEOUT, || async { matches!(api.get_opt("cred").await, Ok(None)).then_some(()) }).await;
+    let recreated = create_credential(&client, &ns, "cred", spec).await;
+    let cr = wait_ready(&client, &ns, "cred", "True", Some("Synced")).await;
+    assert_eq!(cr.metadata.uid, recreated.metadata.uid);
+}
