@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the binaries of the test environment (kube-apiserver,
-# kube-controller-manager, kubectl, etcd, registry, crane, helm) from the published Go
-# modules pinned in the go.mod/go.sum files beside this script, and caches them
+# kube-controller-manager, kubectl, etcd, registry, crane, helm, keyring-lookup) from the
+# published Go modules pinned in the go.mod/go.sum files beside this script, and caches them
 # in ${REGCRED_TESTBIN_CACHE:-$HOME/.cache/regcred/testbin}/<key>/, where <key>
 # hashes those files, this script and the Go version: a version bump rebuilds,
 # an unchanged tree returns at once.
@@ -12,7 +12,7 @@ set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 go=${GO:-$(command -v go || echo /usr/local/go/bin/go)}
-modules=(kubernetes etcd registry crane helm)
+modules=(kubernetes etcd registry crane helm keyring)
 k8s_version=v1.34.4
 
 cache_root=${REGCRED_TESTBIN_CACHE:-$HOME/.cache/regcred/testbin}
@@ -73,6 +73,9 @@ export CGO_ENABLED=0
   k8s.io/kubernetes/cmd/kube-apiserver \
   k8s.io/kubernetes/cmd/kube-controller-manager \
   k8s.io/kubernetes/cmd/kubectl >&2
+# The kubelet's image-pull credential lookup (./keyring), for tests/keyring.rs. Same
+# flags as above, so it reuses the packages compiled for those.
+"$go" -C "$here/keyring" build -trimpath -buildvcs=false -tags selinux,notest,grpcnotrace -ldflags "-s -w" -o "$tmp/keyring-lookup" . >&2
 echo "testbin: kubernetes done after $((SECONDS - start))s" >&2
 "$go" -C "$here/etcd" build -trimpath -buildvcs=false -ldflags "-s -w" -o "$tmp/etcd" . >&2
 "$go" -C "$here/registry" build -trimpath -buildvcs=false -ldflags "-s -w" -o "$tmp/registry" github.com/distribution/distribution/v3/cmd/registry >&2
@@ -86,6 +89,8 @@ helm_version=$("$go" -C "$here/helm" list -m -f '{{.Version}}' helm.sh/helm/v3)
 # Sanity check before publishing, so a broken build is never cached.
 "$tmp/kube-apiserver" --version | grep -qx "Kubernetes $k8s_version"
 "$tmp/helm" version --short | grep -q "^$helm_version"
+echo '{"auths":{"r.example.com":{"auth":"dTpw"}}}' | "$tmp/keyring-lookup" - r.example.com/a nginx |
+  tr -d '\n' | grep -qx '{"image":"r.example.com/a",.*"found":true,"usernames":\["u"\]}{"image":"nginx",.*"found":false,.*}'
 
 chmod 755 "$tmp" # mktemp made it private
 # Publish atomically: readers only ever see a complete directory.
