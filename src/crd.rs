@@ -48,9 +48,11 @@ const USERNAME_PATTERN: &str = r"^[^:\x00-\x1f]+$";
 pub struct RegistryCredentialSpec {
     /// Registry host the credential is for, as `docker login` takes it: `host[:port]`,
     /// without scheme or path (e.g. `ghcr.io`, `registry.example.com:5000`). Docker Hub
-    /// (`docker.io`, `index.docker.io`, `registry-1.docker.io`) is written under
-    /// `https://index.docker.io/v1/`, the key docker and the kubelet use. Defaults to
-    /// `ghcr.io` for a ghcr source and `gcr.io` for a gcr source; required for basic.
+    /// (`docker.io`, `index.docker.io`, `registry-1.docker.io`) is written under two keys:
+    /// `https://index.docker.io/v1/`, the key docker and the kubelet use for `nginx`,
+    /// `docker.io/…` and `index.docker.io/…` images, and `registry-1.docker.io`, for images
+    /// named `registry-1.docker.io/…`. Defaults to `ghcr.io` for a ghcr source and `gcr.io`
+    /// for a gcr source; required for basic.
     #[schemars(length(max = 259), regex(pattern = REGISTRY_HOST_PATTERN))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub registry: Option<String>,

@@ -1,17 +1,27 @@
-//! Registry hosts: validation and the server key written into `.dockerconfigjson`.
+//! Registry hosts: validation and the server keys written into `.dockerconfigjson`.
 
 use crate::Error;
 
-/// The key `docker login` writes for Docker Hub and the kubelet matches it against.
+/// The key `docker login` writes for Docker Hub. The docker CLI looks it up for every image
+/// it counts as Docker Hub (`nginx`, `docker.io/…`, `index.docker.io/…`), and so does the
+/// kubelet: its keyring files this key under `index.docker.io`, the host it falls back to
+/// for those images.
 pub const DOCKER_HUB_SERVER: &str = "https://index.docker.io/v1/";
 
-const DOCKER_HUB_ALIASES: [&str; 3] = ["docker.io", "index.docker.io", "registry-1.docker.io"];
+/// Docker Hub's registry host, which an image may also name (`registry-1.docker.io/org/app`).
+/// Neither the kubelet nor the docker CLI counts that spelling as Docker Hub: both look its
+/// credential up under this host, so it gets a key of its own.
+pub const DOCKER_HUB_REGISTRY_HOST: &str = "registry-1.docker.io";
 
-/// Validates a `host[:port]` and returns the server key for it.
+const DOCKER_HUB_ALIASES: [&str; 3] = ["docker.io", "index.docker.io", DOCKER_HUB_REGISTRY_HOST];
+
+/// Validates a `host[:port]` and returns the server keys to write for it, sorted: the host
+/// itself, or for Docker Hub (any of its spellings) [`DOCKER_HUB_SERVER`] and
+/// [`DOCKER_HUB_REGISTRY_HOST`], so that every spelling of a Docker Hub image finds the login.
 ///
 /// The apiserver already enforces the same syntax through the CRD schema; this check is
 /// repeated here because `regcred render` runs without an apiserver.
-pub fn server_key(registry: &str) -> Result<String, Error> {
+pub fn server_keys(registry: &str) -> Result<Vec<String>, Error> {
     let invalid = |problem: &str| Error::InvalidRegistry { host: registry.to_string(), problem: problem.to_string() };
     if registry.contains("://") {
         return Err(invalid("give the host without a scheme, e.g. ghcr.io"));
@@ -25,12 +35,13 @@ pub fn server_key(registry: &str) -> Result<String, Error> {
     }
     let host = host.to_ascii_lowercase();
     if port.is_none() && DOCKER_HUB_ALIASES.contains(&host.as_str()) {
-        return Ok(DOCKER_HUB_SERVER.to_string());
+        // Already in sorted order.
+        return Ok(vec![DOCKER_HUB_SERVER.to_string(), DOCKER_HUB_REGISTRY_HOST.to_string()]);
     }
-    Ok(match port {
+    Ok(vec![match port {
         Some(port) => format!("{host}:{port}"),
         None => host,
-    })
+    }])
 }
 
 /// Splits `host[:port]`; `None` when the port is present but not 1..=65535.
@@ -65,21 +76,32 @@ mod tests {
     use super::*;
 
     #[test]
-    fn docker_hub_aliases_share_one_key() {
-        for alias in ["docker.io", "index.docker.io", "registry-1.docker.io", "Docker.IO"] {
-            assert_eq!(server_key(alias).unwrap(), DOCKER_HUB_SERVER, "{alias}");
+    fn docker_hub_spellings_all_get_the_index_key_and_the_registry_host() {
+        for alias in ["docker.io", "index.docker.io", "registry-1.docker.io", "Docker.IO", "REGISTRY-1.docker.io"] {
+            assert_eq!(server_keys(alias).unwrap(), ["https://index.docker.io/v1/", "registry-1.docker.io"], "{alias}");
         }
     }
 
     #[test]
-    fn hosts_and_ports_are_kept() {
-        assert_eq!(server_key("ghcr.io").unwrap(), "ghcr.io");
-        assert_eq!(server_key("Registry.Example.com:5000").unwrap(), "registry.example.com:5000");
-        assert_eq!(server_key("127.0.0.1:5000").unwrap(), "127.0.0.1:5000");
-        assert_eq!(server_key("[::1]:5000").unwrap(), "[::1]:5000");
-        assert_eq!(server_key("localhost").unwrap(), "localhost");
-        // A port on a Docker Hub alias is another registry.
-        assert_eq!(server_key("docker.io:443").unwrap(), "docker.io:443");
+    fn keys_are_sorted() {
+        let keys = server_keys("docker.io").unwrap();
+        let mut sorted = keys.clone();
+        sorted.sort();
+        assert_eq!(keys, sorted);
+    }
+
+    #[test]
+    fn other_hosts_keep_one_key_with_their_port() {
+        assert_eq!(server_keys("ghcr.io").unwrap(), ["ghcr.io"]);
+        assert_eq!(server_keys("Registry.Example.com:5000").unwrap(), ["registry.example.com:5000"]);
+        assert_eq!(server_keys("127.0.0.1:5000").unwrap(), ["127.0.0.1:5000"]);
+        assert_eq!(server_keys("[::1]:5000").unwrap(), ["[::1]:5000"]);
+        assert_eq!(server_keys("localhost").unwrap(), ["localhost"]);
+        // A port on a Docker Hub spelling is another registry.
+        assert_eq!(server_keys("docker.io:443").unwrap(), ["docker.io:443"]);
+        assert_eq!(server_keys("registry-1.docker.io:443").unwrap(), ["registry-1.docker.io:443"]);
+        // Not Docker Hub, though under docker.io.
+        assert_eq!(server_keys("hub.docker.io").unwrap(), ["hub.docker.io"]);
     }
 
     #[test]
@@ -97,7 +119,7 @@ mod tests {
             "spa ce.io",
             "[not-ipv6]",
         ] {
-            let err = server_key(bad).unwrap_err();
+            let err = server_keys(bad).unwrap_err();
             assert!(matches!(err, Error::InvalidRegistry { .. }), "{bad}: {err}");
         }
     }

@@ -127,8 +127,9 @@ mod tests {
         assert_eq!(out[0].metadata.labels.as_ref().unwrap()["team"], "a");
         let config = &out[0].data.as_ref().unwrap()[dockerconfig::DOCKER_CONFIG_KEY];
         let logins = dockerconfig::parse(&config.0).unwrap();
-        assert_eq!(logins[0].server, "https://index.docker.io/v1/");
-        assert_eq!(logins[0].password.expose_secret(), "p@ss");
+        let servers: Vec<_> = logins.iter().map(|l| l.server.as_str()).collect();
+        assert_eq!(servers, ["https://index.docker.io/v1/", "registry-1.docker.io"]);
+        assert!(logins.iter().all(|l| l.password.expose_secret() == "p@ss"));
     }
 
     #[tokio::test]

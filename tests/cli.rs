@@ -46,10 +46,8 @@ fn render_works_offline_for_each_static_source() {
     assert_eq!(secret.metadata.name.as_deref(), Some("dockerhub-pull"));
     assert_eq!(secret.metadata.namespace.as_deref(), Some("review"));
     assert_eq!(secret.type_.as_deref(), Some("kubernetes.io/dockerconfigjson"));
-    assert_eq!(
-        logins,
-        vec![("https://index.docker.io/v1/".into(), "example-user".into(), "example-dockerhub-token".into())]
-    );
+    let hub = |server: &str| (server.to_string(), "example-user".to_string(), "example-dockerhub-token".to_string());
+    assert_eq!(logins, vec![hub("https://index.docker.io/v1/"), hub("registry-1.docker.io")]);
 
     let (_, logins) = rendered_login("examples/ghcr.yaml", "json");
     assert_eq!(logins, vec![("ghcr.io".into(), "octocat".into(), "ghp_exampleExampleExampleExample0000".into())]);

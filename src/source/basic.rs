@@ -30,9 +30,12 @@ mod tests {
         let secrets = LocalSecrets::default().with("team", "reg-pass", &[("password", b"pa:ss")]);
         let ctx = SourceContext::offline("team", Some("docker.io"), &secrets);
         let creds = source(None).fetch(&ctx).await.unwrap();
-        assert_eq!(creds.auths[0].server, crate::registry::DOCKER_HUB_SERVER);
-        assert_eq!(creds.auths[0].username, "bob");
-        assert_eq!(creds.auths[0].password.expose_secret(), "pa:ss");
+        let servers: Vec<_> = creds.auths.iter().map(|a| a.server.as_str()).collect();
+        assert_eq!(servers, [crate::registry::DOCKER_HUB_SERVER, crate::registry::DOCKER_HUB_REGISTRY_HOST]);
+        for auth in &creds.auths {
+            assert_eq!(auth.username, "bob");
+            assert_eq!(auth.password.expose_secret(), "pa:ss");
+        }
     }
 
     #[tokio::test]

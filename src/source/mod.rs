@@ -125,18 +125,18 @@ async fn read_key<R: SecretReader>(
     }
 }
 
-/// Builds the single login of a static source, after checking the registry and username.
+/// Builds the login of a static source, after checking the registry and username: one entry
+/// per server key of the registry (Docker Hub has two, see [`crate::registry::server_keys`]).
 fn single_login(registry: &str, username: &str, password: SecretString) -> Result<Credentials, Error> {
     if username.is_empty() || username.contains(':') || username.chars().any(char::is_control) {
         // The auth field is base64("user:password"), split at the first colon.
         return Err(Error::InvalidUsername("must be non-empty, without ':' or control characters".into()));
     }
     Ok(Credentials {
-        auths: vec![RegistryAuth {
-            server: crate::registry::server_key(registry)?,
-            username: username.to_string(),
-            password,
-        }],
+        auths: crate::registry::server_keys(registry)?
+            .into_iter()
+            .map(|server| RegistryAuth { server, username: username.to_string(), password: password.clone() })
+            .collect(),
         expires_at: None,
         refresh_at: None,
     })
@@ -185,6 +185,40 @@ mod tests {
         let cluster = SourceContext { cluster_scoped: true, ..SourceContext::offline("", None, &secrets) };
         assert_eq!(cluster.resolve_namespace(Some("platform")).unwrap(), "platform");
         assert_eq!(cluster.resolve_namespace(None).unwrap_err().reason(), "SourceNamespaceRequired");
+    }
+
+    /// The servers of a static login are what the Secret holds (its keys, in the document's
+    /// order) and what `status.registries` reports.
+    #[test]
+    fn a_static_login_has_one_entry_per_server_key() {
+        use secrecy::ExposeSecret;
+        for (registry, keys) in [
+            ("docker.io", &["https://index.docker.io/v1/", "registry-1.docker.io"][..]),
+            ("index.docker.io", &["https://index.docker.io/v1/", "registry-1.docker.io"][..]),
+            ("registry-1.docker.io", &["https://index.docker.io/v1/", "registry-1.docker.io"][..]),
+            ("ghcr.io", &["ghcr.io"][..]),
+            ("registry.example.com:5000", &["registry.example.com:5000"][..]),
+        ] {
+            let creds = single_login(registry, "me", "pw".into()).unwrap();
+            let servers: Vec<_> = creds.auths.iter().map(|a| a.server.as_str()).collect();
+            assert_eq!(servers, keys, "{registry}");
+            let document = crate::dockerconfig::parse(&crate::dockerconfig::render(&creds.auths)).unwrap();
+            let written: Vec<_> = document.iter().map(|a| a.server.as_str()).collect();
+            assert_eq!(written, servers, "{registry}: the status lists exactly the keys written");
+            assert!(document.iter().all(|a| a.username == "me" && a.password.expose_secret() == "pw"));
+        }
+    }
+
+    #[test]
+    fn docker_hub_renders_both_keys_byte_for_byte() {
+        let creds = single_login("registry-1.docker.io", "bob", "s3cret".into()).unwrap();
+        assert_eq!(
+            std::str::from_utf8(&crate::dockerconfig::render(&creds.auths)).unwrap(),
+            concat!(
+                r#"{"auths":{"https://index.docker.io/v1/":{"username":"bob","password":"s3cret","auth":"Ym9iOnMzY3JldA=="},"#,
+                r#""registry-1.docker.io":{"username":"bob","password":"s3cret","auth":"Ym9iOnMzY3JldA=="}}}"#
+            )
+        );
     }
 
     #[tokio::test]

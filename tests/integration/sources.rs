@@ -44,7 +44,7 @@ async fn basic_source_writes_a_docker_login_secret() {
 }
 
 #[tokio::test]
-async fn docker_hub_is_written_under_the_index_key() {
+async fn docker_hub_is_written_under_the_index_key_and_the_registry_host() {
     env();
     let client = client().await;
     let ns = namespace(&client, "hub").await;
@@ -59,7 +59,10 @@ async fn docker_hub_is_written_under_the_index_key() {
     )
     .await;
     let secret = wait_secret(&client, &ns, "hub", "exists", |_| true).await;
-    assert_eq!(logins(&secret), vec![("https://index.docker.io/v1/".into(), "me".into(), password)]);
+    let hub = |server: &str| (server.to_string(), "me".to_string(), password.clone());
+    assert_eq!(logins(&secret), vec![hub("https://index.docker.io/v1/"), hub("registry-1.docker.io")]);
+    let cr = wait_ready(&client, &ns, "hub", "True", Some("Synced")).await;
+    assert_eq!(cr.status.unwrap().registries, vec!["https://index.docker.io/v1/", "registry-1.docker.io"]);
 }
 
 #[tokio::test]
