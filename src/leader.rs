@@ -1,9 +1,17 @@
 //! Leader election on a coordination.k8s.io Lease (kube-lease-manager): only the leader runs
 //! the controller, and it releases the Lease when it stops so a standby takes over at once.
 
+use std::time::Duration;
+
 use kube::Client;
 use kube_lease_manager::{LeaseManagerBuilder, LeaseManagerError};
 use tokio::{sync::watch, task::JoinHandle};
+
+/// How long [`Lease::release`] waits for the apiserver: an unreachable one must not hold up
+/// the exit (the Lease then expires after its duration).
+const RELEASE_LIMIT: Duration = Duration::from_secs(2);
+/// The longest pause between attempts of [`Lease::start_retrying`].
+const MAX_START_BACKOFF: Duration = Duration::from_secs(30);
 
 /// Which Lease, and how long a leader holds it without renewing.
 #[derive(Clone, Debug)]
@@ -37,6 +45,20 @@ impl Lease {
         Ok(Lease { state, task })
     }
 
+    /// Starts competing for the Lease, retrying (1 s, 2 s, 4 s … 30 s apart) while the
+    /// apiserver cannot be reached, as the controller's watches do. Cancel it by dropping it.
+    pub async fn start_retrying(client: Client, settings: &LeaseSettings) -> Lease {
+        let mut pause = Duration::from_secs(1);
+        loop {
+            match Lease::start(client.clone(), settings).await {
+                Ok(lease) => return lease,
+                Err(error) => tracing::warn!(%error, retry_in = ?pause, "cannot start leader election"),
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(MAX_START_BACKOFF);
+        }
+    }
+
     /// Returns once this replica holds the Lease.
     pub async fn acquired(&mut self) {
         while !*self.state.borrow_and_update() {
@@ -56,13 +78,15 @@ impl Lease {
         }
     }
 
-    /// Gives the Lease up, so a standby need not wait for it to expire.
+    /// Gives the Lease up, so a standby need not wait for it to expire. Waits at most
+    /// [`RELEASE_LIMIT`].
     pub async fn release(self) {
         drop(self.state);
-        match self.task.await {
-            Ok(Ok(_)) => tracing::info!("released the leader Lease"),
-            Ok(Err(error)) => tracing::warn!(%error, "could not release the leader Lease"),
-            Err(error) => tracing::warn!(%error, "the Lease task failed"),
+        match tokio::time::timeout(RELEASE_LIMIT, self.task).await {
+            Ok(Ok(Ok(_))) => tracing::info!("released the leader Lease"),
+            Ok(Ok(Err(error))) => tracing::warn!(%error, "could not release the leader Lease"),
+            Ok(Err(error)) => tracing::warn!(%error, "the Lease task failed"),
+            Err(_) => tracing::warn!(limit = ?RELEASE_LIMIT, "the leader Lease was not released in time; it expires"),
         }
     }
 }

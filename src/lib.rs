@@ -14,6 +14,7 @@ pub mod registry;
 pub mod render;
 pub mod secret;
 pub mod service_account;
+pub mod shutdown;
 pub mod source;
 pub mod state;
 pub mod status;

@@ -1,10 +1,13 @@
 //! The regcred binary: CLI parsing, logging, and the three subcommands.
 
-use std::{io::Write, path::PathBuf};
+use std::{io::Write, path::PathBuf, sync::atomic::Ordering, time::Duration};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
-use regcred::{admin, controller, crd, leader, render};
+use regcred::{
+    admin, controller, crd, leader, render,
+    shutdown::{self, Shutdown},
+};
 use tracing_subscriber::{EnvFilter, fmt};
 
 #[derive(Parser)]
@@ -115,7 +118,11 @@ enum Output {
 
 fn main() -> anyhow::Result<()> {
     limit_malloc_arenas();
-    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(cli_main())
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let result = runtime.block_on(cli_main());
+    // Dropping the runtime would wait for every blocking task (a hung DNS lookup, say).
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    result
 }
 
 /// glibc gives each thread that meets contention its own malloc arena and keeps freed memory in
@@ -137,92 +144,120 @@ async fn cli_main() -> anyhow::Result<()> {
     init_logging(cli.log_format);
     match cli.command {
         Command::Run(args) => {
-            let client = kube::Client::try_default().await.context("no Kubernetes client configuration")?;
-            let config = controller::ControllerConfig {
-                resync_interval: args.resync_interval.into(),
-                max_backoff: args.max_backoff.into(),
-                concurrency: args.concurrency,
-                instance: args.instance,
-                ecr: regcred::source::ecr::EcrSettings {
-                    allow_ambient_for_namespaced: args.allow_ambient_aws_identity,
-                    refresh_share_left: args.ecr_refresh_share,
-                    endpoint_url: args.aws_endpoint_url,
-                },
-                selector: args.selector,
-                watch_secrets: !args.no_secret_watch,
-            };
-            tracing::info!(version = env!("CARGO_PKG_VERSION"), "starting controller");
-            let admin = admin::AdminState { metrics: Default::default(), ready: Default::default() };
-            let listener = tokio::net::TcpListener::bind(args.admin_addr)
-                .await
-                .with_context(|| format!("binding the admin endpoint to {}", args.admin_addr))?;
-            tokio::spawn(admin::serve(listener, admin.clone()));
-            if !args.leader_elect {
-                admin.metrics.leader.set(1);
-                controller::run(client, config, admin, async { terminated().await }).await;
-                return Ok(());
-            }
-            let duration: std::time::Duration = args.leader_election_duration.into();
-            let settings = leader::LeaseSettings {
-                name: args.leader_election_lease,
-                namespace: args.leader_election_namespace.unwrap_or_else(|| "default".into()),
-                identity: config.instance.clone().unwrap_or_else(|| format!("regcred-{}", std::process::id())),
-                duration_secs: duration.as_secs().max(2),
-                grace_secs: (duration.as_secs() / 3).max(1),
-            };
-            let mut lease =
-                leader::Lease::start(client.clone(), &settings).await.context("starting leader election")?;
-            // A standby is ready: it serves its purpose by competing for the Lease. Were it
-            // unready, a rolling update (maxUnavailable 0) and the PodDisruptionBudget would
-            // wait forever for pods that only become ready on taking the Lease.
-            admin.ready.store(true, std::sync::atomic::Ordering::Relaxed);
-            tokio::select! {
-                _ = lease.acquired() => {}
-                _ = terminated() => {
-                    lease.release().await;
-                    return Ok(());
+            // First of all, so that no SIGTERM goes unheard, whatever blocks later.
+            let shutdown = Shutdown::listen().context("listening for SIGTERM")?;
+            let stop = shutdown.clone().requested();
+            match shutdown::bounded(run(args, shutdown), stop, STOP_LIMIT, || false).await {
+                Some(result) => result,
+                None => {
+                    tracing::warn!(limit = ?STOP_LIMIT, "still stopping after SIGTERM; exiting anyway");
+                    Ok(())
                 }
             }
-            tracing::info!(lease = %settings.name, identity = %settings.identity, "became the leader");
-            admin.metrics.leader.set(1);
-            // The leader is ready again once its caches have synced (controller::run says so).
-            admin.ready.store(false, std::sync::atomic::Ordering::Relaxed);
-            let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-            let watcher = tokio::spawn(async move {
-                let lost = tokio::select! {
-                    _ = lease.lost() => true,
-                    _ = terminated() => false,
-                };
-                let _ = stop_tx.send(());
-                (lost, lease)
-            });
-            controller::run(client, config, admin.clone(), async move {
-                let _ = stop_rx.await;
-            })
-            .await;
-            admin.metrics.leader.set(0);
-            let (lost, lease) = watcher.await.context("leader watcher")?;
-            lease.release().await;
-            if lost {
-                // Exit so the process restarts with fresh caches and competes again.
-                anyhow::bail!("lost the leader Lease");
-            }
-            Ok(())
         }
         Command::Crdgen { dir } => crdgen(dir),
         Command::Render(args) => render_manifests(args).await,
     }
 }
 
-/// Resolves on SIGTERM or SIGINT.
-async fn terminated() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(term) => term,
-        Err(_) => return std::future::pending().await,
+/// How long the reconciles in flight may take to finish once the controller is told to stop.
+const DRAIN_LIMIT: Duration = Duration::from_secs(5);
+/// How long the process may take to stop after SIGTERM, whatever it is doing (the drain, then
+/// the release of the Lease): kubelet's grace period is 30 s by default.
+const STOP_LIMIT: Duration = Duration::from_secs(8);
+
+async fn run(args: RunArgs, shutdown: Shutdown) -> anyhow::Result<()> {
+    let client = kube::Client::try_default().await.context("no Kubernetes client configuration")?;
+    let config = controller::ControllerConfig {
+        resync_interval: args.resync_interval.into(),
+        max_backoff: args.max_backoff.into(),
+        concurrency: args.concurrency,
+        instance: args.instance,
+        ecr: regcred::source::ecr::EcrSettings {
+            allow_ambient_for_namespaced: args.allow_ambient_aws_identity,
+            refresh_share_left: args.ecr_refresh_share,
+            endpoint_url: args.aws_endpoint_url,
+        },
+        selector: args.selector,
+        watch_secrets: !args.no_secret_watch,
     };
+    tracing::info!(version = env!("CARGO_PKG_VERSION"), "starting controller");
+    let admin = admin::AdminState { metrics: Default::default(), ready: Default::default() };
+    let listener = tokio::net::TcpListener::bind(args.admin_addr)
+        .await
+        .with_context(|| format!("binding the admin endpoint to {}", args.admin_addr))?;
+    tokio::spawn(admin::serve(listener, admin.clone()));
+    if !args.leader_elect {
+        admin.metrics.leader.set(1);
+        run_controller(client, config, admin, shutdown.requested()).await;
+        return Ok(());
+    }
+    let duration: Duration = args.leader_election_duration.into();
+    let settings = leader::LeaseSettings {
+        name: args.leader_election_lease,
+        namespace: args.leader_election_namespace.unwrap_or_else(|| "default".into()),
+        identity: config.instance.clone().unwrap_or_else(|| format!("regcred-{}", std::process::id())),
+        duration_secs: duration.as_secs().max(2),
+        grace_secs: (duration.as_secs() / 3).max(1),
+    };
+    let mut lease = tokio::select! {
+        lease = leader::Lease::start_retrying(client.clone(), &settings) => lease,
+        () = shutdown.clone().requested() => return Ok(()),
+    };
+    // A standby is ready: it serves its purpose by competing for the Lease. Were it
+    // unready, a rolling update (maxUnavailable 0) and the PodDisruptionBudget would
+    // wait forever for pods that only become ready on taking the Lease.
+    admin.ready.store(true, Ordering::Relaxed);
     tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+        _ = lease.acquired() => {}
+        () = shutdown.clone().requested() => {
+            lease.release().await;
+            return Ok(());
+        }
+    }
+    tracing::info!(lease = %settings.name, identity = %settings.identity, "became the leader");
+    admin.metrics.leader.set(1);
+    // The leader is ready again once its caches have synced (controller::run says so).
+    admin.ready.store(false, Ordering::Relaxed);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let watcher = tokio::spawn(async move {
+        let lost = tokio::select! {
+            _ = lease.lost() => true,
+            () = shutdown.requested() => false,
+        };
+        let _ = stop_tx.send(());
+        (lost, lease)
+    });
+    run_controller(client, config, admin.clone(), async move {
+        let _ = stop_rx.await;
+    })
+    .await;
+    admin.metrics.leader.set(0);
+    let (lost, lease) = watcher.await.context("leader watcher")?;
+    lease.release().await;
+    if lost {
+        // Exit so the process restarts with fresh caches and competes again.
+        anyhow::bail!("lost the leader Lease");
+    }
+    Ok(())
+}
+
+/// [`controller::run`] until `stop`, then waits at most [`DRAIN_LIMIT`] for the reconciles in
+/// flight, and not at all before the caches have synced: no reconcile runs before that, and
+/// kube's `Controller` would wait for a sync that an unreachable apiserver never allows.
+async fn run_controller<F>(
+    client: kube::Client,
+    config: controller::ControllerConfig,
+    admin: admin::AdminState,
+    stop: F,
+) where
+    F: Future<Output = ()> + Send + Sync + 'static,
+{
+    let stop = futures::FutureExt::shared(stop);
+    let synced = admin.ready.clone();
+    let work = controller::run(client, config, admin, stop.clone());
+    if shutdown::bounded(work, stop, DRAIN_LIMIT, || !synced.load(Ordering::Relaxed)).await.is_none() {
+        tracing::warn!(limit = ?DRAIN_LIMIT, "stopped without waiting for the controller to finish");
     }
 }
 

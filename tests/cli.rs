@@ -77,3 +77,83 @@ fn render_reports_a_missing_secret_by_name() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("Secret default/pat not found"));
 }
+
+/// A kubeconfig whose apiserver is a local port nobody listens on, in a fresh directory.
+fn unreachable_kubeconfig(test: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("regcred-cli-{test}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // Bound and released at once: the port was free a moment ago and nothing listens on it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let kubeconfig = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "gone", "cluster": {"server": format!("https://127.0.0.1:{port}"), "insecure-skip-tls-verify": true}}],
+        "users": [{"name": "gone", "user": {"token": "not-a-real-token"}}],
+        "contexts": [{"name": "gone", "context": {"cluster": "gone", "user": "gone"}}],
+        "current-context": "gone",
+    });
+    let path = dir.join("kubeconfig");
+    std::fs::write(&path, kubeconfig.to_string()).unwrap();
+    path
+}
+
+/// Runs `regcred run` against an apiserver that does not answer, waits until its log shows
+/// `started` and then `failing` (it is trying to reach the apiserver), sends SIGTERM, and
+/// asserts that it is still running then (it retries instead of giving up) and exits cleanly
+/// within 10 s. The child is killed if it does not, so the test never hangs.
+fn exits_on_sigterm_without_an_apiserver(test: &str, extra: &[&str], failing: &str) {
+    use std::time::{Duration, Instant};
+    let kubeconfig = unreachable_kubeconfig(test);
+    let log = kubeconfig.with_file_name("regcred.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_regcred"))
+        .args(["run", "--admin-addr", "127.0.0.1:0"])
+        .args(extra)
+        .env("KUBECONFIG", &kubeconfig)
+        .env("RUST_LOG", "info")
+        .env_remove("REGCRED_LEADER_ELECT")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !(read_log().contains("starting controller") && read_log().contains(failing)) {
+        if Instant::now() >= deadline || child.try_wait().unwrap().is_some() {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("regcred {extra:?} did not start and log {failing:?}:\n{}", read_log());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if let Some(status) = child.try_wait().unwrap() {
+        panic!("regcred {extra:?} exited ({status}) before SIGTERM, instead of retrying:\n{}", read_log());
+    }
+    // SAFETY: kill(2) on the pid of a child we have not reaped yet.
+    assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) }, 0);
+    let sent = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if sent.elapsed() >= Duration::from_secs(10) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("regcred {extra:?} still running 10 s after SIGTERM:\n{}", read_log());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    eprintln!("regcred {extra:?} exited ({status}) {:?} after SIGTERM", sent.elapsed());
+    assert!(status.success(), "regcred {extra:?} did not stop cleanly ({status}):\n{}", read_log());
+    let _ = std::fs::remove_dir_all(kubeconfig.parent().unwrap());
+}
+
+#[test]
+fn sigterm_stops_a_controller_that_cannot_reach_its_apiserver() {
+    exits_on_sigterm_without_an_apiserver("plain", &[], "(Connect)");
+}
+
+#[test]
+fn sigterm_stops_a_leader_candidate_that_cannot_reach_its_apiserver() {
+    exits_on_sigterm_without_an_apiserver("leader", &["--leader-elect"], "(Connect)");
+}
