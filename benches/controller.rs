@@ -54,7 +54,7 @@ async fn main() -> anyhow::Result<()> {
     for i in 0..LATENCY_SAMPLES {
         baseline.push(direct_sync(&client, i).await?);
     }
-    let audit_before_sync = audit_len(&cp);
+    let audit_before_sync = cp.audit_log_len()?;
     let mut regcred = Vec::new();
     for i in 0..LATENCY_SAMPLES {
         regcred.push(controller_sync(&client, i).await?);
@@ -67,11 +67,11 @@ async fn main() -> anyhow::Result<()> {
     println!("  regcred min/max {:.1}/{:.1} ms", ms(regcred[0]), ms(regcred[LATENCY_SAMPLES - 1]));
 
     // 2. Idle writes, 3. RSS.
-    let sync_writes = controller_writes(&cp, audit_before_sync, audit_len(&cp), None);
+    let sync_writes = controller_writes(&cp, audit_before_sync, cp.audit_log_len()?, None)?;
     let rss_synced = controller.rss_kib();
-    let idle_start = audit_len(&cp);
+    let idle_start = cp.audit_log_len()?;
     tokio::time::sleep(Duration::from_secs(idle_secs)).await;
-    let idle_writes = controller_writes(&cp, idle_start, audit_len(&cp), None);
+    let idle_writes = controller_writes(&cp, idle_start, cp.audit_log_len()?, None)?;
     println!(
         "writes by the controller in {idle_secs} s idle after sync: {} (syncing the {LATENCY_SAMPLES} credentials took {})",
         idle_writes.values().sum::<usize>(),
@@ -196,10 +196,10 @@ async fn ecr_rotation(
     let first = wait_tokens(&secrets, n, None).await?;
     // One rotation: from now until every Secret holds a token other than the first. Earlier
     // sizes keep rotating meanwhile, so calls count by access key and writes by namespace.
-    let (calls_before, audit_before) = (token_calls(aws, &key_id)?, audit_len(cp));
+    let (calls_before, audit_before) = (token_calls(aws, &key_id)?, cp.audit_log_len()?);
     wait_tokens(&secrets, n, Some(&first)).await?;
     let calls = token_calls(aws, &key_id)? - calls_before;
-    let writes = controller_writes(cp, audit_before, audit_len(cp), Some(&ns));
+    let writes = controller_writes(cp, audit_before, cp.audit_log_len()?, Some(&ns))?;
     Ok((calls, writes))
 }
 
@@ -231,14 +231,14 @@ fn token_calls(aws: &AwsEmulator, key_id: &str) -> anyhow::Result<u64> {
         as u64)
 }
 
-fn audit_len(cp: &ControlPlane) -> u64 {
-    std::fs::metadata(cp.audit_log_path()).map(|m| m.len()).unwrap_or(0)
-}
-
 /// Writes by the controller between two audit log offsets (in one namespace, if given), by resource.
-fn controller_writes(cp: &ControlPlane, from: u64, to: u64, namespace: Option<&str>) -> BTreeMap<String, usize> {
-    let text = std::fs::read(cp.audit_log_path()).unwrap_or_default();
-    let text = String::from_utf8_lossy(&text[from as usize..(to as usize).min(text.len())]).into_owned();
+fn controller_writes(
+    cp: &ControlPlane,
+    from: u64,
+    to: u64,
+    namespace: Option<&str>,
+) -> anyhow::Result<BTreeMap<String, usize>> {
+    let text = cp.read_audit_log(from, Some(to))?;
     let mut writes = BTreeMap::new();
     for event in text.lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()) {
         let verb = event["verb"].as_str().unwrap_or_default();
@@ -252,7 +252,7 @@ fn controller_writes(cp: &ControlPlane, from: u64, to: u64, namespace: Option<&s
             *writes.entry(format!("{verb} {resource}{sub}")).or_default() += 1;
         }
     }
-    writes
+    Ok(writes)
 }
 
 fn ms(d: Duration) -> f64 {

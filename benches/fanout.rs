@@ -21,7 +21,7 @@
 
 use std::{
     collections::BTreeMap,
-    io::{Read, Seek, SeekFrom, Write},
+    io::{Read, Write},
     path::PathBuf,
     process::Command,
     time::{Duration, Instant},
@@ -170,7 +170,7 @@ async fn run(cp: &ControlPlane, args: &Args) -> anyhow::Result<()> {
     );
     wait_quiet(cp).await?;
 
-    let (audit_start, reconciles_start) = (audit_len(cp), controller.reconciles()?);
+    let (audit_start, reconciles_start) = (cp.audit_log_len()?, controller.reconciles()?);
     let fan = regcred_fan_out(&client, &mut controller, n).await?;
     let audit_end = settle(cp, audit_start).await?;
     let fan_writes = controller_writes(cp, audit_start, audit_end)?;
@@ -212,7 +212,7 @@ async fn run(cp: &ControlPlane, args: &Args) -> anyhow::Result<()> {
     // controller is kube-apiserver's and kube-controller-manager's own housekeeping.
     println!("\n2. writes while idle for {} s after the fan-out", args.idle_secs);
     let (audit_start, metrics_start, reconciles_start) =
-        (audit_len(cp), apiserver_writes(cp)?, controller.reconciles()?);
+        (cp.audit_log_len()?, apiserver_writes(cp)?, controller.reconciles()?);
     // RSS (from /proc, no request to the apiserver) every tenth of the window: whether the
     // no-op resyncs in it make memory grow, and whether it levels off.
     let (idle_start, step) = (Instant::now(), Duration::from_secs((args.idle_secs / 10).max(1)));
@@ -227,7 +227,7 @@ async fn run(cp: &ControlPlane, args: &Args) -> anyhow::Result<()> {
             mib(controller.rss().0)
         ));
     }
-    let (audit_end, metrics_end) = (audit_len(cp), apiserver_writes(cp)?);
+    let (audit_end, metrics_end) = (cp.audit_log_len()?, apiserver_writes(cp)?);
     let idle_reconciles = controller.reconciles()? - reconciles_start;
     let idle_controller = controller_writes(cp, audit_start, audit_end)?;
     let idle_everyone = audit_writes(cp, audit_start, audit_end, None)?;
@@ -285,7 +285,7 @@ async fn run(cp: &ControlPlane, args: &Args) -> anyhow::Result<()> {
     // Their watch events reached the controller by now; one reconcile more has it list and
     // read whatever it reads per reconcile in a cluster that holds them.
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let (audit_start, touched) = (audit_len(cp), touch_and_reconcile(&client, &controller).await?);
+    let (audit_start, touched) = (cp.audit_log_len()?, touch_and_reconcile(&client, &controller).await?);
     let audit_end = settle(cp, audit_start).await?;
     let touch_writes = controller_writes(cp, audit_start, audit_end)?;
     let rss_unrelated = controller.rss();
@@ -307,7 +307,7 @@ async fn run(cp: &ControlPlane, args: &Args) -> anyhow::Result<()> {
 
     // 4. Source change.
     println!("\n4. source Secret change");
-    let (audit_start, reconciles_start) = (audit_len(cp), controller.reconciles()?);
+    let (audit_start, reconciles_start) = (cp.audit_log_len()?, controller.reconciles()?);
     let started = Instant::now();
     let new_password = json!({"data": {"password": base64::engine::general_purpose::STANDARD.encode(NEW_PASSWORD)}});
     source.patch(SOURCE_SECRET, &PatchParams::default(), &Patch::Merge(&new_password)).await?;
@@ -724,21 +724,17 @@ async fn wait_quiet(cp: &ControlPlane) -> anyhow::Result<()> {
 /// reconcile, which must find nothing to do); returns the audit log offset at that point.
 async fn settle(cp: &ControlPlane, from: u64) -> anyhow::Result<u64> {
     let started = Instant::now();
-    let (mut last, mut since) = (total(&controller_writes(cp, from, audit_len(cp))?), Instant::now());
+    let (mut last, mut since) = (total(&controller_writes(cp, from, cp.audit_log_len()?)?), Instant::now());
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let now = total(&controller_writes(cp, from, audit_len(cp))?);
+        let now = total(&controller_writes(cp, from, cp.audit_log_len()?)?);
         if now != last {
             (last, since) = (now, Instant::now());
         } else if since.elapsed() >= Duration::from_secs(5) {
-            return Ok(audit_len(cp));
+            return cp.audit_log_len();
         }
         ensure!(started.elapsed() < PHASE_TIMEOUT, "the controller kept writing for {PHASE_TIMEOUT:?}");
     }
-}
-
-fn audit_len(cp: &ControlPlane) -> u64 {
-    std::fs::metadata(cp.audit_log_path()).map(|m| m.len()).unwrap_or(0)
 }
 
 /// Writes by the controller between two audit log offsets, by verb and resource.
@@ -749,12 +745,9 @@ fn controller_writes(cp: &ControlPlane, from: u64, to: u64) -> anyhow::Result<BT
 /// Writes between two audit log offsets by `user`, by verb and resource; every user's (keyed
 /// by user too) if `user` is None.
 fn audit_writes(cp: &ControlPlane, from: u64, to: u64, user: Option<&str>) -> anyhow::Result<BTreeMap<String, u64>> {
-    let mut file = std::fs::File::open(cp.audit_log_path())?;
-    file.seek(SeekFrom::Start(from))?;
-    let mut text = Vec::new();
-    file.take(to.saturating_sub(from)).read_to_end(&mut text)?;
+    let text = cp.read_audit_log(from, Some(to))?;
     let mut writes = BTreeMap::new();
-    for event in String::from_utf8_lossy(&text).lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()) {
+    for event in text.lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()) {
         let verb = event["verb"].as_str().unwrap_or_default();
         let who = event["user"]["username"].as_str().unwrap_or_default();
         if !matches!(verb, "create" | "update" | "patch" | "delete" | "deletecollection")

@@ -452,16 +452,12 @@ pub async fn assert_no_leaks(client: &Client) {
 
 /// Where the audit log is now; requests after this point are read with [`controller_requests_since`].
 pub fn audit_offset() -> u64 {
-    std::fs::metadata(env().cp.audit_log_path()).map(|m| m.len()).unwrap_or(0)
+    env().cp.audit_log_len().expect("audit log")
 }
 
 /// The controller's requests in the audit log after `offset`, as (verb, resource, namespace, name).
 pub fn controller_requests_since(offset: u64) -> Vec<(String, String, String, String)> {
-    use std::io::{Read, Seek, SeekFrom};
-    let mut file = std::fs::File::open(env().cp.audit_log_path()).expect("audit log");
-    file.seek(SeekFrom::Start(offset)).unwrap();
-    let mut text = String::new();
-    file.read_to_string(&mut text).unwrap();
+    let text = env().cp.read_audit_log(offset, None).expect("audit log");
     let field = |v: &Value, path: &[&str]| {
         path.iter().try_fold(v, |v, k| v.get(k)).and_then(Value::as_str).unwrap_or_default().to_string()
     };

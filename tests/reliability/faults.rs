@@ -16,11 +16,7 @@ use crate::{SERIAL, support::*};
 
 /// Successful (2xx) writes by the controllers to each Secret since `offset` in the audit log.
 fn successful_secret_writes_since(offset: u64) -> BTreeMap<(String, String), usize> {
-    use std::io::{Read, Seek, SeekFrom};
-    let mut file = std::fs::File::open(env().cp.audit_log_path()).expect("audit log");
-    file.seek(SeekFrom::Start(offset)).unwrap();
-    let mut text = String::new();
-    file.read_to_string(&mut text).unwrap();
+    let text = env().cp.read_audit_log(offset, None).expect("audit log");
     let mut writes = BTreeMap::new();
     for event in text.lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()) {
         let ok = event["responseStatus"]["code"].as_u64().is_some_and(|c| (200..300).contains(&c));

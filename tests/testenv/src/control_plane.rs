@@ -29,6 +29,8 @@ pub struct ControlPlane {
     etcd_peer_port: u16,
     api_port: u16,
     kubeconfig: PathBuf,
+    /// The audit log as the apiserver first created it, with the largest length seen since.
+    audit_log: Mutex<Option<LogFile>>,
     dir: tempfile::TempDir,
 }
 
@@ -48,6 +50,7 @@ impl ControlPlane {
             etcd_peer_port: free_port(),
             api_port,
             kubeconfig: dir.path().join("admin.kubeconfig"),
+            audit_log: Mutex::new(None),
             dir,
         };
         cp.write_credentials()?;
@@ -128,9 +131,51 @@ impl ControlPlane {
     }
 
     /// The apiserver's audit log: one JSON event per request (Metadata level), written
-    /// before the response is sent, so a test can count who wrote what.
+    /// before the response is sent, so a test can count who wrote what. Read it with
+    /// [`ControlPlane::audit_log_len`] and [`ControlPlane::read_audit_log`], which fail if the
+    /// apiserver rotated it.
     pub fn audit_log_path(&self) -> PathBuf {
         self.path("audit.log")
+    }
+
+    /// The audit log's length now: the offset from which [`ControlPlane::read_audit_log`]
+    /// reads what happens next. Err if the apiserver rotated the log (events would be lost).
+    pub fn audit_log_len(&self) -> Result<u64> {
+        self.check_audit_log().map(|file| file.len)
+    }
+
+    /// The audit log's text from byte `from` to byte `to` (or its end). Err if the apiserver
+    /// rotated the log since the control plane started, before or while it was read.
+    pub fn read_audit_log(&self, from: u64, to: Option<u64>) -> Result<String> {
+        use std::io::{Read, Seek, SeekFrom};
+        let before = self.check_audit_log()?;
+        let to = to.unwrap_or(u64::MAX);
+        anyhow::ensure!(from <= before.len, "audit log offset {from} is past its end ({} bytes)", before.len);
+        let mut file = std::fs::File::open(self.audit_log_path()).context("opening the audit log")?;
+        file.seek(SeekFrom::Start(from))?;
+        let mut bytes = Vec::new();
+        file.take(to.saturating_sub(from)).read_to_end(&mut bytes)?;
+        self.check_audit_log()?;
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    /// Records the audit log as the apiserver created it, or checks that it is still that file
+    /// and has not been rotated; returns it as it is now.
+    fn check_audit_log(&self) -> Result<LogFile> {
+        use std::os::unix::fs::MetadataExt;
+        let path = self.audit_log_path();
+        let meta = std::fs::metadata(&path).with_context(|| format!("reading {}", path.display()))?;
+        let now = LogFile { dev: meta.dev(), ino: meta.ino(), len: meta.len() };
+        let siblings: Vec<String> = std::fs::read_dir(self.dir())?
+            .map(|entry| entry.map(|e| e.file_name().to_string_lossy().into_owned()))
+            .collect::<Result<_, _>>()?;
+        let mut seen = self.audit_log.lock().unwrap_or_else(|e| e.into_inner());
+        let before = *seen.get_or_insert(now);
+        if let Some(problem) = audit_log_rotation(&before, &now, &siblings) {
+            bail!("{problem} ({})", path.display());
+        }
+        *seen = Some(LogFile { len: before.len.max(now.len), ..before });
+        Ok(now)
     }
 
     /// The temp dir with certs, kubeconfigs and `<process>.log` files.
@@ -308,6 +353,13 @@ impl ControlPlane {
                 "--profiling=false".into(),
                 format!("--audit-policy-file={}", p("audit-policy.yaml")),
                 format!("--audit-log-path={}", p("audit.log")),
+                // Never rotate: lumberjack takes 0 (the default) as 100 MB, and a rotation
+                // hides events from tests that count them. 1 TiB (the size is in MiB and
+                // multiplied into an int64, so keep it far from 2^43); were it ever reached,
+                // maxbackup=0 keeps every rotated file, and the readers fail on seeing one.
+                "--audit-log-maxsize=1048576".into(),
+                "--audit-log-maxbackup=0".into(),
+                "--audit-log-maxage=0".into(),
                 "--audit-log-format=json".into(),
                 // Blocking mode: an event is on disk before its response is sent.
                 "--audit-log-mode=blocking".into(),
@@ -315,7 +367,10 @@ impl ControlPlane {
             ]);
             *slot = Some(Process::spawn("kube-apiserver", cmd, &self.path("kube-apiserver.log"))?);
         }
-        self.wait_apiserver_ready()
+        self.wait_apiserver_ready()?;
+        // The apiserver creates the log before it serves; the first start records which file
+        // it is, later starts (which append to it) check that it is still that file.
+        self.check_audit_log().map(drop)
     }
 
     fn start_kcm(&self) -> Result<()> {
@@ -482,5 +537,75 @@ impl Drop for ControlPlane {
         let mut procs: Vec<Process> = slots.iter().filter_map(|s| s.lock().unwrap().take()).collect();
         procs.iter_mut().for_each(Process::terminate);
         procs.iter_mut().for_each(Process::stop);
+    }
+}
+
+/// The audit log file as seen: which file (device, inode) and the largest length seen so far.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct LogFile {
+    pub dev: u64,
+    pub ino: u64,
+    pub len: u64,
+}
+
+/// Whether the audit log was rotated between `before` (the file as first seen, with the
+/// largest length seen since) and `now`, given the names of the files beside it. Rotation
+/// (lumberjack's) renames the file to `audit-<time>.log` (`.gz` when compressed) and starts
+/// an empty one: another inode under the name, a shorter file, or such a sibling gives it
+/// away. Returns what shows it.
+pub(crate) fn audit_log_rotation(before: &LogFile, now: &LogFile, siblings: &[String]) -> Option<String> {
+    let trace = if (now.dev, now.ino) != (before.dev, before.ino) {
+        format!("another file (inode {}) replaced the one the tests started reading (inode {})", now.ino, before.ino)
+    } else if now.len < before.len {
+        format!("the file shrank from {} to {} bytes", before.len, now.len)
+    } else {
+        let rotated = siblings.iter().find(|name| {
+            name.strip_prefix("audit-").is_some_and(|rest| rest.ends_with(".log") || rest.ends_with(".log.gz"))
+        })?;
+        format!("a rotated file {rotated} lies beside it")
+    };
+    Some(format!(
+        "the apiserver rotated its audit log ({trace}): events are missing from audit.log, so counts from it \
+         cannot be trusted; raise --audit-log-maxsize in testenv's control_plane.rs"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FILE: LogFile = LogFile { dev: 2049, ino: 77, len: 1000 };
+
+    fn names(names: &[&str]) -> Vec<String> {
+        names.iter().map(|n| n.to_string()).collect()
+    }
+
+    #[test]
+    fn a_growing_file_is_not_rotated() {
+        let dir = names(&["audit.log", "audit-policy.yaml", "etcd.log", "kube-apiserver.log", "ca.crt"]);
+        assert_eq!(audit_log_rotation(&FILE, &FILE, &dir), None);
+        assert_eq!(audit_log_rotation(&FILE, &LogFile { len: 5000, ..FILE }, &dir), None);
+    }
+
+    #[test]
+    fn rotation_is_seen_in_each_of_its_traces() {
+        let dir = names(&["audit.log", "audit-policy.yaml"]);
+        let other_file = LogFile { ino: 78, len: 5000, ..FILE };
+        let shorter = LogFile { len: 10, ..FILE };
+        for (now, dir, trace) in [
+            (other_file, dir.clone(), "another file"),
+            (shorter, dir.clone(), "shrank"),
+            (FILE, names(&["audit.log", "audit-2026-11-29T15-04-05.000.log"]), "audit-2026-11-29T15-04-05.000.log"),
+            (
+                FILE,
+                names(&["audit-2026-11-29T15-04-05.000.log.gz", "audit.log"]),
+                "audit-2026-11-29T15-04-05.000.log.gz",
+            ),
+        ] {
+            let problem = audit_log_rotation(&FILE, &now, &dir);
+            let problem = problem.unwrap_or_else(|| panic!("rotation ({trace}) not detected"));
+            assert!(problem.contains(trace), "{problem}");
+            assert!(problem.contains("--audit-log-maxsize"), "{problem}");
+        }
     }
 }

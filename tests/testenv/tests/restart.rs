@@ -1,5 +1,5 @@
-//! Fault helpers: restarting the apiserver or etcd keeps the data, and Drop
-//! stops everything. Own test binary, because a restart would disturb tests
+//! Fault helpers: restarting the apiserver or etcd keeps the data and the audit log, a
+//! rotated audit log is caught, and Drop stops everything. Own test binary, because a restart would disturb tests
 //! running in parallel on the shared control plane.
 
 use std::time::Instant;
@@ -40,6 +40,16 @@ fn restarts_keep_data_and_drop_stops_everything() {
     cp.restart_etcd().unwrap();
     eprintln!("restart_etcd: {:?}", t.elapsed());
     get().unwrap();
+
+    // The apiserver appended to the same audit log across its restart, so it reads as one.
+    let audit_len = cp.audit_log_len().unwrap();
+    assert!(cp.read_audit_log(0, None).unwrap().contains(r#""name":"survivor""#));
+    // A rotation, done the way lumberjack does it (rename, then a fresh file), is caught.
+    std::fs::rename(cp.audit_log_path(), cp.dir().join("audit-2026-01-01T00-00-00.000.log")).unwrap();
+    std::fs::write(cp.audit_log_path(), "").unwrap();
+    let err = cp.audit_log_len().unwrap_err().to_string();
+    assert!(err.contains("rotated its audit log"), "{err}");
+    assert!(cp.read_audit_log(audit_len, None).is_err());
 
     let (dir, port) = (cp.dir().to_owned(), cp.server().rsplit(':').next().unwrap().to_owned());
     drop(cp);
