@@ -24,6 +24,8 @@ pub struct Synced {
     pub registries: Vec<String>,
     pub expires_at: Option<Timestamp>,
     pub refresh_at: Option<Timestamp>,
+    /// What the source corrected on the way (a trailing line break removed), for the message.
+    pub notes: Vec<String>,
 }
 
 /// The next status of a credential, from the previous one and what the reconcile found:
@@ -51,7 +53,13 @@ pub fn credential_status(
     next.conditions = match (error, synced) {
         (None, synced) => {
             let message = synced.map_or_else(String::new, |s| {
-                format!("Secret {} holds the credential for {}", s.secret_name, s.registries.join(", "))
+                let mut message =
+                    format!("Secret {} holds the credential for {}", s.secret_name, s.registries.join(", "));
+                for note in &s.notes {
+                    message.push_str("; ");
+                    message.push_str(note);
+                }
+                message
             });
             let mut conditions = vec![condition(previous, READY, true, SYNCED, message, generation)];
             conditions.extend(has_expiry.then(refreshed));

@@ -297,6 +297,7 @@ async fn sync<K: Credential>(obj: &K, uid: &str, ctx: &Context) -> Result<FanOut
             registries: credentials.auths.into_iter().map(|a| a.server).collect(),
             expires_at: credentials.expires_at,
             refresh_at: credentials.refresh_at,
+            notes: credentials.notes,
         },
         targets,
         failures,

@@ -23,7 +23,8 @@ impl CredentialProvider for GcrSource {
             key: key_ref.key_or("key.json").to_string(),
             problem,
         })?;
-        single_login(ctx.registry.unwrap_or(GCR_HOST), JSON_KEY_USERNAME, key)
+        // Verbatim: JSON does not mind a trailing newline, and the key is sent as it is.
+        single_login(ctx.registry.unwrap_or(GCR_HOST), JSON_KEY_USERNAME, key, Vec::new())
     }
 }
 
@@ -66,6 +67,8 @@ mod tests {
         assert_eq!(creds.auths[0].server, "europe-docker.pkg.dev");
         assert_eq!(creds.auths[0].username, "_json_key");
         assert_eq!(creds.auths[0].password.expose_secret(), KEY);
+        assert!(KEY.ends_with('\n'), "the key keeps its trailing newline");
+        assert!(creds.notes.is_empty());
     }
 
     #[tokio::test]

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::{ByteString, api::core::v1::Secret, jiff::Timestamp};
 use kube::{Api, api::ObjectMeta};
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 
 use crate::{Error, crd::CredentialSource, crd::SecretKeyRef, dockerconfig::RegistryAuth};
 
@@ -23,6 +23,9 @@ pub struct Credentials {
     pub expires_at: Option<Timestamp>,
     /// When to fetch new logins; `None` for static passwords.
     pub refresh_at: Option<Timestamp>,
+    /// What regcred changed in what it read, for the user to know (e.g. the `Ready`
+    /// condition's message). Names Secrets and keys, never values.
+    pub notes: Vec<String>,
 }
 
 /// Reads the Secrets a source refers to: from the apiserver when running, from local
@@ -125,9 +128,49 @@ async fn read_key<R: SecretReader>(
     }
 }
 
+/// Reads a password, token or access key: as [`read_key`], but without one terminal line
+/// ending, which `kubectl create secret --from-file` and editors leave and which a registry
+/// would take as part of the password (an opaque 401). Tells `notes` when it removed one,
+/// naming the Secret and key, never the value.
+async fn read_password<R: SecretReader>(
+    ctx: &SourceContext<'_, R>,
+    secret_ref: &SecretKeyRef,
+    default_key: &str,
+    notes: &mut Vec<String>,
+) -> Result<SecretString, Error> {
+    let value = read_key(ctx, secret_ref, default_key).await?;
+    let Some((kept, ending)) = strip_line_ending(value.expose_secret()) else {
+        return Ok(value);
+    };
+    let namespace = ctx.resolve_namespace(secret_ref.namespace.as_deref())?;
+    let (name, key) = (secret_ref.name.clone(), secret_ref.key_or(default_key).to_string());
+    if kept.is_empty() {
+        return Err(Error::SourceValueEmpty { namespace, name, key });
+    }
+    notes.push(format!(
+        "key {key:?} of Secret {namespace}/{name} ended in a line break ({ending}); regcred removed it, as \
+         docker login --password-stdin does"
+    ));
+    Ok(SecretString::from(kept.to_string()))
+}
+
+/// Removes one terminal line ending, CRLF, LF or CR, as `docker login --password-stdin` does
+/// with what it reads (docker/cli, cli/command/registry/login.go); other whitespace stays.
+/// Returns the rest and the ending removed, escaped for a message.
+fn strip_line_ending(text: &str) -> Option<(&str, &'static str)> {
+    [("\r\n", "\\r\\n"), ("\n", "\\n"), ("\r", "\\r")]
+        .into_iter()
+        .find_map(|(ending, shown)| text.strip_suffix(ending).map(|kept| (kept, shown)))
+}
+
 /// Builds the login of a static source, after checking the registry and username: one entry
 /// per server key of the registry (Docker Hub has two, see [`crate::registry::server_keys`]).
-fn single_login(registry: &str, username: &str, password: SecretString) -> Result<Credentials, Error> {
+fn single_login(
+    registry: &str,
+    username: &str,
+    password: SecretString,
+    notes: Vec<String>,
+) -> Result<Credentials, Error> {
     if username.is_empty() || username.contains(':') || username.chars().any(char::is_control) {
         // The auth field is base64("user:password"), split at the first colon.
         return Err(Error::InvalidUsername("must be non-empty, without ':' or control characters".into()));
@@ -139,6 +182,7 @@ fn single_login(registry: &str, username: &str, password: SecretString) -> Resul
             .collect(),
         expires_at: None,
         refresh_at: None,
+        notes,
     })
 }
 
@@ -199,7 +243,7 @@ mod tests {
             ("ghcr.io", &["ghcr.io"][..]),
             ("registry.example.com:5000", &["registry.example.com:5000"][..]),
         ] {
-            let creds = single_login(registry, "me", "pw".into()).unwrap();
+            let creds = single_login(registry, "me", "pw".into(), Vec::new()).unwrap();
             let servers: Vec<_> = creds.auths.iter().map(|a| a.server.as_str()).collect();
             assert_eq!(servers, keys, "{registry}");
             let document = crate::dockerconfig::parse(&crate::dockerconfig::render(&creds.auths)).unwrap();
@@ -211,7 +255,7 @@ mod tests {
 
     #[test]
     fn docker_hub_renders_both_keys_byte_for_byte() {
-        let creds = single_login("registry-1.docker.io", "bob", "s3cret".into()).unwrap();
+        let creds = single_login("registry-1.docker.io", "bob", "s3cret".into(), Vec::new()).unwrap();
         assert_eq!(
             std::str::from_utf8(&crate::dockerconfig::render(&creds.auths)).unwrap(),
             concat!(

@@ -253,3 +253,27 @@ async fn a_credential_recreated_at_once_gets_its_own_status() {
     let cr = wait_ready(&client, &ns, "cred", "True", Some("Synced")).await;
     assert_eq!(cr.metadata.uid, recreated.metadata.uid);
 }
+
+/// Item 14: a password file's trailing newline is removed, as `docker login --password-stdin`
+/// does, and the Ready message says so without the value.
+#[tokio::test]
+async fn a_trailing_newline_is_removed_and_reported() {
+    env();
+    let client = client().await;
+    let ns = namespace(&client, "newline").await;
+    let password = secret_value("u", "newline");
+    create_secret(&client, &ns, "src", &[("password", format!("{password}\n").as_bytes())]).await;
+    create_credential(
+        &client,
+        &ns,
+        "cred",
+        json!({"registry": "r.example.com", "source": {"basic": {"username": "u", "passwordSecretRef": {"name": "src"}}}}),
+    )
+    .await;
+    let cr = wait_ready(&client, &ns, "cred", "True", Some("Synced")).await;
+    let secret = wait_secret(&client, &ns, "cred", "written", |_| true).await;
+    assert_eq!(logins(&secret)[0].2, password, "the newline went to the registry");
+    let ready = cr.status.unwrap().conditions.into_iter().find(|c| c.type_ == "Ready").unwrap();
+    assert!(ready.message.contains("ended in a line break"), "{}", ready.message);
+    assert!(!ready.message.contains(&password));
+}

@@ -17,7 +17,7 @@ use super::{EcrProvider, FetchError, aws_failure};
 use crate::{
     Error,
     crd::{AssumeRole, EcrAuth, EcrSource, SecretKeyRef},
-    source::{SecretReader, SourceContext, read_key},
+    source::{SecretReader, SourceContext, read_password},
 };
 
 /// The annotation EKS puts the IRSA role on.
@@ -34,11 +34,12 @@ pub enum Identity {
 
 impl Identity {
     /// Resolves the source's identity. Reads Kubernetes only: the access-key Secret or the
-    /// ServiceAccount (for its role annotation).
+    /// ServiceAccount (for its role annotation). What it changed in the keys goes to `notes`.
     pub async fn resolve<R: SecretReader>(
         source: &EcrSource,
         ctx: &SourceContext<'_, R>,
         provider: &EcrProvider,
+        notes: &mut Vec<String>,
     ) -> Result<(Identity, String), Error> {
         match &source.auth {
             EcrAuth::SecretRef(keys) => {
@@ -47,9 +48,10 @@ impl Identity {
                     namespace: keys.namespace.clone(),
                     key: Some(k.clone().unwrap_or_else(|| default.into())),
                 };
-                let id = read_key(ctx, &key(&keys.access_key_id_key, "accessKeyId"), "").await?;
-                let secret = read_key(ctx, &key(&keys.secret_access_key_key, "secretAccessKey"), "").await?;
-                let token = match read_key(ctx, &key(&keys.session_token_key, "sessionToken"), "").await {
+                let id = read_password(ctx, &key(&keys.access_key_id_key, "accessKeyId"), "", notes).await?;
+                let secret =
+                    read_password(ctx, &key(&keys.secret_access_key_key, "secretAccessKey"), "", notes).await?;
+                let token = match read_password(ctx, &key(&keys.session_token_key, "sessionToken"), "", notes).await {
                     Ok(token) => Some(token),
                     Err(Error::SourceKeyMissing { .. }) => None,
                     Err(other) => return Err(other),
@@ -193,6 +195,39 @@ fn session_name(wanted: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn access_keys_lose_one_trailing_line_ending() {
+        use crate::source::{LocalSecrets, ecr::EcrSettings};
+        let secrets = LocalSecrets::default().with(
+            "team",
+            "aws",
+            &[
+                ("accessKeyId", b"AKIAEXAMPLE\n"),
+                ("secretAccessKey", b"wJalrSECRET\r\n"),
+                ("sessionToken", b"FwoSESSION"),
+            ],
+        );
+        let ctx = SourceContext::offline("team", None, &secrets);
+        let source: EcrSource = serde_json::from_value(serde_json::json!({
+            "registry": "123456789012.dkr.ecr.eu-west-1.amazonaws.com",
+            "auth": {"secretRef": {"name": "aws"}},
+        }))
+        .unwrap();
+        // Never called: keys from a Secret need no Kubernetes or AWS request.
+        let client = kube::Client::try_from(kube::Config::new("http://127.0.0.1:1".parse().unwrap())).unwrap();
+        let provider = EcrProvider::new(client, EcrSettings::default(), Default::default());
+        let mut notes = Vec::new();
+        let (identity, _) = Identity::resolve(&source, &ctx, &provider, &mut notes).await.unwrap();
+        let Identity::Keys(keys) = identity else { panic!("keys expected") };
+        assert_eq!(keys.access_key_id(), "AKIAEXAMPLE");
+        assert_eq!(keys.secret_access_key(), "wJalrSECRET");
+        assert_eq!(keys.session_token(), Some("FwoSESSION"));
+        assert_eq!(notes.len(), 2, "{notes:?}");
+        assert!(notes[0].starts_with("key \"accessKeyId\" of Secret team/aws ended in "), "{notes:?}");
+        assert!(notes[1].starts_with("key \"secretAccessKey\" of Secret team/aws ended in "), "{notes:?}");
+        assert!(!notes.iter().any(|n| n.contains("AKIA") || n.contains("SECRET")), "{notes:?}");
+    }
 
     #[test]
     fn session_names_follow_sts_rules() {

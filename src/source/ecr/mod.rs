@@ -126,7 +126,8 @@ impl CredentialProvider for EcrSource {
     async fn fetch<R: SecretReader>(&self, ctx: &SourceContext<'_, R>) -> Result<Credentials, Error> {
         let provider = ctx.ecr.ok_or(Error::EcrUnavailable)?;
         let target = Target::of(self)?;
-        let (identity, identity_key) = Identity::resolve(self, ctx, provider).await?;
+        let mut notes = Vec::new();
+        let (identity, identity_key) = Identity::resolve(self, ctx, provider, &mut notes).await?;
         let key = CacheKey {
             identity: identity_key,
             region: target.region.clone(),
@@ -147,6 +148,7 @@ impl CredentialProvider for EcrSource {
                 .collect(),
             expires_at: Some(token.expires_at),
             refresh_at: Some(token.refresh_at),
+            notes,
         })
     }
 }
