@@ -95,6 +95,7 @@ pub async fn render(credentials: &[RegistryCredential], secrets: &LocalSecrets) 
             &cr.spec.secret,
             None,
             dockerconfig::render(&creds.auths),
+            None,
         ));
     }
     Ok(out)

@@ -28,6 +28,9 @@ pub const MANAGED_BY_VALUE: &str = "regcred";
 /// Label with the uid of the credential a Secret was written for, so one list finds all of its
 /// Secrets.
 pub const CREDENTIAL_UID_LABEL: &str = "regcred.dev/credential-uid";
+/// Annotation with the fingerprint of the AWS identity an ECR token in the Secret was issued
+/// to: a restarted controller reuses the token only for the same identity.
+pub const TOKEN_IDENTITY_ANNOTATION: &str = "regcred.dev/token-identity";
 
 /// The Secret that should exist. `owner` is `None` only for offline rendering; with an owner,
 /// the Secret carries its uid as a label too, so one list finds all of its Secrets (the label
@@ -38,18 +41,23 @@ pub fn desired_secret(
     template: &SecretTemplate,
     owner: Option<OwnerReference>,
     docker_config: Vec<u8>,
+    token_identity: Option<&str>,
 ) -> Secret {
     let mut labels = template.labels.clone();
     labels.insert(MANAGED_BY_LABEL.into(), MANAGED_BY_VALUE.into());
     if let Some(owner) = &owner {
         labels.insert(CREDENTIAL_UID_LABEL.into(), owner.uid.clone());
     }
+    let mut annotations = template.annotations.clone();
+    if let Some(identity) = token_identity {
+        annotations.insert(TOKEN_IDENTITY_ANNOTATION.into(), identity.into());
+    }
     Secret {
         metadata: ObjectMeta {
             name: Some(name.into()),
             namespace: Some(namespace.into()),
             labels: Some(labels),
-            annotations: (!template.annotations.is_empty()).then(|| template.annotations.clone()),
+            annotations: (!annotations.is_empty()).then_some(annotations),
             owner_references: owner.map(|o| vec![o]),
             ..Default::default()
         },
@@ -366,7 +374,7 @@ mod tests {
             labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             ..Default::default()
         };
-        desired_secret("pull", "ns", &template, Some(owner()), b"{}".to_vec())
+        desired_secret("pull", "ns", &template, Some(owner()), b"{}".to_vec(), None)
     }
 
     #[test]

@@ -27,11 +27,11 @@ use crate::{
     metrics::ObjectLabels,
     plan::{self, LiveSecret, NamespaceStep, Observed, Removal, Retire, SecretStep},
     secret::{
-        CREDENTIAL_UID_LABEL, Claim, FIELD_MANAGER, Outcome, SecretChange, apply, data_hash, delete_seen,
-        desired_secret, ensure_secret,
+        CREDENTIAL_UID_LABEL, Claim, FIELD_MANAGER, Outcome, SecretChange, TOKEN_IDENTITY_ANNOTATION, apply, data_hash,
+        delete_seen, desired_secret, ensure_secret,
     },
     service_account::{has_finalizer, release, set_finalizer, sync_namespace},
-    source::{ApiSecretReader, CredentialProvider, SourceContext},
+    source::{ApiSecretReader, CredentialProvider, PreviousToken, SourceContext},
     status::{Synced, conditions_changed, credential_status},
 };
 
@@ -151,6 +151,10 @@ async fn sync<K: Credential>(obj: &K, uid: &str, ctx: &Context) -> Result<FanOut
         }
     };
     ctx.index.set_targets(uid, &targets);
+    let secret_name = obj.secret_name();
+    let (own, sample) = own_secrets(ctx, own_namespace, uid, &owner.uid, &targets, &secret_name).await?;
+    let status = ctx.states.recent_status(uid).or_else(|| obj.status_view());
+    let previous_token = sample.as_ref().and_then(|s| previous_token(s, status.as_ref(), obj.meta().generation));
 
     // One fetch for every namespace (ECR tokens also come from the shared cache).
     let reader = ApiSecretReader(ctx.client.clone());
@@ -160,21 +164,20 @@ async fn sync<K: Credential>(obj: &K, uid: &str, ctx: &Context) -> Result<FanOut
         secrets: &reader,
         ecr: Some(&ctx.ecr),
         cluster_scoped: own_namespace.is_none(),
+        previous: previous_token.as_ref(),
     };
     let credentials = parts.source.fetch(&source_ctx).await?;
     let docker_config = dockerconfig::render(&credentials.auths);
-    let secret_name = obj.secret_name();
     let desired_hash = data_hash(Some(&BTreeMap::from([(
         crate::dockerconfig::DOCKER_CONFIG_KEY.to_string(),
         k8s_openapi::ByteString(docker_config.clone()),
     )])));
+    let identity = credentials.identity.as_deref();
     let desired_in = |namespace: &str| {
-        desired_secret(&secret_name, namespace, parts.secret, Some(owner.clone()), docker_config.clone())
+        desired_secret(&secret_name, namespace, parts.secret, Some(owner.clone()), docker_config.clone(), identity)
     };
 
-    let own = own_secrets(ctx, own_namespace, uid, &owner.uid, &targets, &secret_name).await?;
     let contested = ctx.states.with(uid, |s| s.contested.clone());
-    let status = ctx.states.recent_status(uid).or_else(|| obj.status_view());
     let previous_name = status.as_ref().and_then(|s| s.credential.secret_name.clone());
     let desired_meta = desired_in("").metadata;
     let plan = plan::plan(&Observed {
@@ -317,7 +320,7 @@ async fn own_secrets(
     owner_uid: &str,
     targets: &[String],
     secret_name: &str,
-) -> Result<Vec<LiveSecret>, Error> {
+) -> Result<(Vec<LiveSecret>, Option<Secret>), Error> {
     let api = match namespace {
         Some(ns) => Api::<Secret>::namespaced(ctx.client.clone(), ns),
         None => Api::<Secret>::all(ctx.client.clone()),
@@ -344,6 +347,7 @@ async fn own_secrets(
     let unknown: Vec<usize> = (0..own.len())
         .filter(|&i| own[i].data_hash.is_none() && own[i].name() == secret_name && targets.contains(own[i].namespace()))
         .collect();
+    let mut sample = None;
     if unknown.len() > READS_BEFORE_LIST {
         let full = api.list(&selector).await?.items;
         let hashes: BTreeMap<(String, String), (Option<String>, String)> = full
@@ -361,6 +365,7 @@ async fn own_secrets(
                 own[i].data_hash = Some(hash.clone());
             }
         }
+        sample = full.into_iter().find(|s| s.name_any() == secret_name);
     } else {
         for i in unknown {
             let api = Api::<Secret>::namespaced(ctx.client.clone(), own[i].namespace());
@@ -368,6 +373,7 @@ async fn own_secrets(
                 && full.metadata.resource_version == own[i].meta.resource_version
             {
                 own[i].data_hash = Some(data_hash(full.data.as_ref()));
+                sample.get_or_insert(full);
             }
         }
     }
@@ -380,7 +386,30 @@ async fn own_secrets(
             }
         }
     });
-    Ok(own)
+    Ok((own, sample))
+}
+
+/// The token a live Secret holds, when the last status says it is current for this spec:
+/// Ready for this generation, and its expiry and refresh time known. The ECR source reuses it
+/// only for the same identity and registries (see `source::ecr`).
+fn previous_token(
+    secret: &Secret,
+    status: Option<&crate::crd::ClusterCredentialStatus>,
+    generation: Option<i64>,
+) -> Option<PreviousToken> {
+    let status = &status?.credential;
+    let ready = status.condition(crate::status::READY)?;
+    if ready.status != "True" || ready.observed_generation != generation {
+        return None;
+    }
+    let identity = secret.metadata.annotations.as_ref()?.get(TOKEN_IDENTITY_ANNOTATION)?.clone();
+    let bytes = &secret.data.as_ref()?.get(crate::dockerconfig::DOCKER_CONFIG_KEY)?.0;
+    Some(PreviousToken {
+        identity,
+        auths: dockerconfig::parse(bytes).ok()?,
+        expires_at: status.expires_at.as_ref()?.0,
+        refresh_at: status.next_refresh_at.as_ref()?.0,
+    })
 }
 
 /// Carries out one namespace's Secret step.

@@ -23,6 +23,9 @@ pub struct Credentials {
     pub expires_at: Option<Timestamp>,
     /// When to fetch new logins; `None` for static passwords.
     pub refresh_at: Option<Timestamp>,
+    /// A fingerprint of the identity a token was issued to (never key material), recorded on
+    /// the Secret so that a restarted controller can reuse the token it holds.
+    pub identity: Option<String>,
     /// What regcred changed in what it read, for the user to know (e.g. the `Ready`
     /// condition's message). Names Secrets and keys, never values.
     pub notes: Vec<String>,
@@ -57,6 +60,18 @@ pub struct SourceContext<'a, R> {
     /// Whether the credential is cluster-scoped (a platform object, which may use the
     /// controller's own AWS identity).
     pub cluster_scoped: bool,
+    /// The token a live Secret of this credential already holds, if it is still current by
+    /// the last status: reused after a restart or leader change instead of a new fetch.
+    pub previous: Option<&'a PreviousToken>,
+}
+
+/// A token found in a live Secret of the credential, with what the status said about it.
+pub struct PreviousToken {
+    /// The identity fingerprint recorded on the Secret.
+    pub identity: String,
+    pub auths: Vec<RegistryAuth>,
+    pub expires_at: Timestamp,
+    pub refresh_at: Timestamp,
 }
 
 impl<R> SourceContext<'_, R> {
@@ -77,7 +92,7 @@ impl<R> SourceContext<'_, R> {
 impl<'a, R> SourceContext<'a, R> {
     /// A context for a namespaced credential without ECR (static sources, offline).
     pub fn offline(namespace: &'a str, registry: Option<&'a str>, secrets: &'a R) -> Self {
-        Self { namespace, registry, secrets, ecr: None, cluster_scoped: false }
+        Self { namespace, registry, secrets, ecr: None, cluster_scoped: false, previous: None }
     }
 }
 
@@ -182,6 +197,7 @@ fn single_login(
             .collect(),
         expires_at: None,
         refresh_at: None,
+        identity: None,
         notes,
     })
 }

@@ -54,3 +54,143 @@ async fn reconciles_without_changes_make_no_writes() {
         controller_requests_since(start).into_iter().filter(|(verb, _, n, _)| is_write(verb) && *n == ns).collect();
     assert!(writes.is_empty(), "the controller wrote in steady state: {writes:?}");
 }
+
+/// GetAuthorizationToken calls the emulator answered.
+fn token_calls(aws: &regcred_testenv::AwsEmulator) -> usize {
+    aws.calls().unwrap().iter().filter(|c| c["action"] == "ecr:GetAuthorizationToken" && c["status"] == 200).count()
+}
+
+/// Item 6 of the one-core issue: a restarted controller and a new leader make no Secret or
+/// status write and no AWS call while the tokens in the live Secrets are not due, for both
+/// kinds and for ECR.
+#[tokio::test]
+async fn restarts_and_leader_changes_make_no_writes_and_no_aws_calls() {
+    let cp = env().cp;
+    let client = client().await;
+    let aws = regcred_testenv::AwsEmulator::start().unwrap();
+    let name = format!("quiet-restart-{}", &unique()[..6]);
+    let selector = format!("{CONTROLLER_LABEL}={name}");
+    let leader_args = |id: &str| {
+        [
+            "--leader-elect".to_string(),
+            "--leader-election-lease".into(),
+            name.clone(),
+            "--leader-election-namespace".into(),
+            CONTROLLER_NAMESPACE.into(),
+            "--leader-election-duration".into(),
+            "3s".into(),
+            "--instance".into(),
+            id.into(),
+        ]
+    };
+    let spawn = |id: &str| {
+        let args = leader_args(id);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        spawn_controller(cp, &format!("{name}-{id}"), &selector, &aws.endpoint(), &args, &[])
+    };
+    let mut first = spawn("a");
+
+    // Both kinds, ECR: a RegistryCredential, and a ClusterRegistryCredential into two namespaces.
+    let ns = namespace(&client, "quiet-ecr").await;
+    let key_id = format!("AKIA{}", &unique()[..16].to_uppercase());
+    let secret_key = secret_value("aws", "quiet");
+    create_secret(
+        &client,
+        &ns,
+        "keys",
+        &[("accessKeyId", key_id.as_bytes()), ("secretAccessKey", secret_key.as_bytes())],
+    )
+    .await;
+    let registry = "123456789012.dkr.ecr.eu-west-1.amazonaws.com";
+    let source = json!({"ecr": {"registry": registry, "auth": {"secretRef": {"name": "keys"}}}});
+    create_credential_for(&client, &ns, "ecr", Some(&name), json!({"source": source})).await;
+    let targets = [namespace(&client, "quiet-t1").await, namespace(&client, "quiet-t2").await];
+    let cluster_source =
+        json!({"ecr": {"registry": registry, "auth": {"secretRef": {"name": "keys", "namespace": ns}}}});
+    let cluster = format!("{name}-c");
+    create_cluster_credential_for(
+        &client,
+        &cluster,
+        Some(&name),
+        json!({"source": cluster_source, "namespaces": {"names": targets}, "secret": {"name": "ecr-pull"}}),
+    )
+    .await;
+    wait_ready(&client, &ns, "ecr", "True", Some("Synced")).await;
+    wait_cluster(&client, &cluster, "synced", |s| s.synced_namespaces == Some(2)).await;
+    for target in &targets {
+        wait_secret(&client, target, "ecr-pull", "written", |_| true).await;
+    }
+    // The token the Secrets hold (recorded for the leak check).
+    for call in aws.calls().unwrap().iter().filter(|c| c["action"] == "ecr:GetAuthorizationToken") {
+        if let Some(token) = call["authorizationData"][0]["authorizationToken"].as_str() {
+            use base64::Engine;
+            let decoded = base64::engine::general_purpose::STANDARD.decode(token).unwrap();
+            record_secret(String::from_utf8_lossy(&decoded).trim_start_matches("AWS:"));
+        }
+    }
+
+    // Whatever the first controller still writes after the first sync (status echoes) ends
+    // before it stops; count from then on.
+    let namespaces: Vec<&str> = [ns.as_str()].into_iter().chain(targets.iter().map(String::as_str)).collect();
+    let quiet_since = |offset: u64| {
+        controller_requests_since(offset)
+            .into_iter()
+            .filter(|(verb, resource, n, name)| {
+                is_write(verb)
+                    && ((resource == "secrets" && namespaces.contains(&n.as_str()))
+                        || resource == "registrycredentials"
+                        || (resource == "clusterregistrycredentials" && *name == cluster))
+            })
+            .collect::<Vec<_>>()
+    };
+    let reads_source_since = |offset: u64| {
+        controller_requests_since(offset)
+            .into_iter()
+            .filter(|(verb, res, n, secret)| verb == "get" && res == "secrets" && *n == ns && secret == "keys")
+            .count()
+    };
+
+    for (change, next) in [("restart", "b"), ("leader change", "c")] {
+        let calls = token_calls(&aws);
+        let offset = audit_offset();
+        let second = match change {
+            // SIGKILL of the only replica, then a new one: a crash and its restart.
+            "restart" => {
+                first.kill();
+                spawn(next)
+            }
+            // The leader dies with a standby running: it takes over at Lease expiry.
+            _ => {
+                let standby = spawn(next);
+                first.kill();
+                standby
+            }
+        };
+        // The new process has reconciled both credentials once each source read is seen twice
+        // (one per credential).
+        eventually(&format!("both credentials reconciled after the {change}"), TIMEOUT, || async {
+            (reads_source_since(offset) >= 2).then_some(())
+        })
+        .await;
+        // A touch makes one more reconcile of each; when it has read the source again, the
+        // first reconciles have finished every write they were going to make.
+        let touch = json!({"metadata": {"annotations": {"touched": change}}});
+        Api::<RegistryCredential>::namespaced(client.clone(), &ns)
+            .patch("ecr", &PatchParams::default(), &Patch::Merge(&touch))
+            .await
+            .unwrap();
+        Api::<regcred::crd::ClusterRegistryCredential>::all(client.clone())
+            .patch(&cluster, &PatchParams::default(), &Patch::Merge(&touch))
+            .await
+            .unwrap();
+        eventually(&format!("a second reconcile after the {change}"), TIMEOUT, || async {
+            (reads_source_since(offset) >= 4).then_some(())
+        })
+        .await;
+        let writes = quiet_since(offset);
+        // The touches themselves are the test's writes, made as admin, not the controller's.
+        assert!(writes.is_empty(), "after the {change} the controller wrote: {writes:?}");
+        assert_eq!(token_calls(&aws), calls, "after the {change} the controller asked AWS for a token");
+        first = second;
+    }
+}

@@ -37,6 +37,28 @@ pub struct CacheKey {
     pub assume_role: Option<AssumeRole>,
 }
 
+impl CacheKey {
+    /// A stable fingerprint of the key, safe to record on a Secret (the identity part holds
+    /// no key material, only a digest of it).
+    pub fn fingerprint(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut digest = Sha256::new();
+        let role = self.assume_role.as_ref();
+        for part in [
+            self.identity.as_str(),
+            self.region.as_str(),
+            if self.fips { "fips" } else { "" },
+            role.map_or("", |r| r.role_arn.as_str()),
+            role.and_then(|r| r.external_id.as_deref()).unwrap_or_default(),
+            role.and_then(|r| r.session_name.as_deref()).unwrap_or_default(),
+        ] {
+            digest.update(part.as_bytes());
+            digest.update([0]);
+        }
+        digest.finalize().iter().take(16).map(|b| format!("{b:02x}")).collect()
+    }
+}
+
 /// A failed fetch, remembered briefly so that the credentials waiting behind it, and the
 /// reconciles its own status write triggers, get the same answer instead of calling AWS again.
 #[derive(Debug, Clone)]
@@ -105,6 +127,24 @@ impl TokenCache {
             }
             Err(FetchError::Other(error)) => Err(error),
         }
+    }
+
+    /// Puts a token found in a live Secret into an empty slot, so that a restarted controller
+    /// does not ask AWS (and rewrite every Secret) while that token is not due. A slot that
+    /// holds a token already keeps it.
+    pub fn seed(&self, key: CacheKey, token: Token) -> bool {
+        let slot = {
+            let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
+            slots.entry(key).or_default().clone()
+        };
+        let Ok(mut slot) = slot.try_lock() else {
+            return false;
+        };
+        if slot.token.is_some() || token.refresh_at <= Timestamp::now() {
+            return false;
+        }
+        slot.token = Some(Arc::new(token));
+        true
     }
 
     #[cfg(test)]
@@ -176,6 +216,33 @@ mod tests {
             expires_at: now + Duration::from_secs(3600),
             refresh_at: now.checked_add(k8s_openapi::jiff::SignedDuration::from_secs(refresh_in)).unwrap(),
         }
+    }
+
+    /// Item 6: a token found in a live Secret fills an empty slot only, and only while it is
+    /// not due; the next caller gets it without a fetch.
+    #[tokio::test]
+    async fn a_seeded_token_is_used_without_a_fetch() {
+        let cache = TokenCache::default();
+        assert!(!cache.seed(key("a"), token(-5)), "a token due for refresh is not seeded");
+        assert!(cache.seed(key("a"), token(600)));
+        assert!(!cache.seed(key("a"), token(900)), "a slot with a token keeps it");
+        let got = cache.get_or_fetch(key("a"), || async { Err(FetchError::Other(Error::EcrUnavailable)) }).await;
+        assert!(got.is_ok(), "the seeded token was not used");
+    }
+
+    #[test]
+    fn fingerprints_differ_with_every_part_of_the_key() {
+        let base = key("a");
+        let mut fips = key("a");
+        fips.fips = true;
+        let mut role = key("a");
+        role.assume_role =
+            Some(AssumeRole { role_arn: "arn:aws:iam::1:role/r".into(), external_id: None, session_name: None });
+        let prints: std::collections::BTreeSet<String> =
+            [&base, &key("b"), &fips, &role].iter().map(|k| k.fingerprint()).collect();
+        assert_eq!(prints.len(), 4);
+        assert_eq!(base.fingerprint(), key("a").fingerprint(), "stable");
+        assert_eq!(base.fingerprint().len(), 32);
     }
 
     #[tokio::test]

@@ -11,6 +11,7 @@ use base64::{Engine, engine::general_purpose::STANDARD};
 use k8s_openapi::jiff::Timestamp;
 use std::sync::Arc;
 
+use secrecy::ExposeSecret;
 use tokio::sync::OnceCell;
 
 pub use cache::{CacheKey, Failure, FetchError, Token, TokenCache, refresh_time};
@@ -134,6 +135,12 @@ impl CredentialProvider for EcrSource {
             fips: target.fips,
             assume_role: self.assume_role.clone(),
         };
+        let fingerprint = key.fingerprint();
+        if let Some(previous) = ctx.previous.filter(|p| p.identity == fingerprint)
+            && let Some(token) = reusable(previous, &target.hosts)
+        {
+            provider.tokens.seed(key.clone(), token);
+        }
         let token =
             provider.tokens.get_or_fetch(key, || get_authorization_token(provider, &identity, &target, self)).await?;
         let hosts = if target.hosts.is_empty() { vec![token.proxy_host.clone()] } else { target.hosts };
@@ -148,9 +155,35 @@ impl CredentialProvider for EcrSource {
                 .collect(),
             expires_at: Some(token.expires_at),
             refresh_at: Some(token.refresh_at),
+            identity: Some(fingerprint),
             notes,
         })
     }
+}
+
+/// The token a live Secret holds, if it serves exactly the registries wanted (one login, the
+/// same for every host) and is not due for refresh.
+fn reusable(previous: &super::PreviousToken, hosts: &[String]) -> Option<Token> {
+    let first = previous.auths.first()?;
+    let same = previous
+        .auths
+        .iter()
+        .all(|a| a.username == first.username && a.password.expose_secret() == first.password.expose_secret());
+    let servers: Vec<&str> = previous.auths.iter().map(|a| a.server.as_str()).collect();
+    let serves = match hosts {
+        // The identity's own registry: whatever single host the Secret holds.
+        [] => servers.len() == 1,
+        hosts => hosts.iter().map(String::as_str).eq(servers.iter().copied()),
+    };
+    (same && serves && previous.refresh_at > Timestamp::now() && previous.expires_at > previous.refresh_at).then(|| {
+        Token {
+            username: first.username.clone(),
+            password: first.password.clone(),
+            proxy_host: first.server.clone(),
+            expires_at: previous.expires_at,
+            refresh_at: previous.refresh_at,
+        }
+    })
 }
 
 async fn get_authorization_token(
@@ -239,6 +272,32 @@ mod tests {
             .proxy_endpoint("https://123456789012.dkr.ecr.eu-west-1.amazonaws.com")
             .expires_at(DateTime::from_secs(Timestamp::now().as_second() + expires_in))
             .build()
+    }
+
+    fn previous(servers: &[&str], refresh_in: i64) -> crate::source::PreviousToken {
+        let now = Timestamp::now();
+        crate::source::PreviousToken {
+            identity: "f".into(),
+            auths: servers
+                .iter()
+                .map(|s| RegistryAuth { server: s.to_string(), username: "AWS".into(), password: "pw".into() })
+                .collect(),
+            expires_at: now + std::time::Duration::from_secs(43200),
+            refresh_at: now.checked_add(k8s_openapi::jiff::SignedDuration::from_secs(refresh_in)).unwrap(),
+        }
+    }
+
+    /// Item 6: only a token for exactly the wanted registries, not due, is reused.
+    #[test]
+    fn a_live_token_is_reused_only_for_the_same_registries_while_not_due() {
+        let hosts = vec!["a.dkr.ecr.eu-west-1.amazonaws.com".to_string()];
+        let token = reusable(&previous(&["a.dkr.ecr.eu-west-1.amazonaws.com"], 600), &hosts).unwrap();
+        assert_eq!(token.password.expose_secret(), "pw");
+        assert!(reusable(&previous(&["a.dkr.ecr.eu-west-1.amazonaws.com"], -1), &hosts).is_none(), "due");
+        assert!(reusable(&previous(&["b.dkr.ecr.eu-west-1.amazonaws.com"], 600), &hosts).is_none(), "other host");
+        let two = ["a.dkr.ecr.eu-west-1.amazonaws.com", "b.dkr.ecr.eu-west-1.amazonaws.com"];
+        assert!(reusable(&previous(&two, 600), &hosts).is_none(), "more hosts than wanted");
+        assert!(reusable(&previous(&["own.dkr.ecr.eu-west-1.amazonaws.com"], 600), &[]).is_some(), "own registry");
     }
 
     #[test]
