@@ -23,6 +23,8 @@ pub struct ObjectState {
     /// (namespace, name) → (resourceVersion, data hash) of Secrets seen current: a Secret whose
     /// resourceVersion is unchanged needs no read to know its content.
     pub verified: HashMap<(String, String), (String, String)>,
+    /// The namespaces it targeted in its last reconcile.
+    pub targets: BTreeSet<String>,
     /// The metric series published for it, removed with it.
     pub labels: Option<ObjectLabels>,
 }

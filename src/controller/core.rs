@@ -152,8 +152,17 @@ async fn sync<K: Credential>(obj: &K, uid: &str, ctx: &Context) -> Result<FanOut
     };
     ctx.index.set_targets(uid, &targets);
     let secret_name = obj.secret_name();
-    let (own, sample) = own_secrets(ctx, own_namespace, uid, &owner.uid, &targets, &secret_name).await?;
     let status = ctx.states.recent_status(uid).or_else(|| obj.status_view());
+    let previous_name = status.as_ref().and_then(|s| s.credential.secret_name.clone());
+    let (own, sample) = match ctx.config.watch_secrets {
+        true => own_secrets(ctx, own_namespace, uid, &owner.uid, &targets, &secret_name).await?,
+        // Where RBAC withholds list on Secrets: read the ones this credential may have, by name.
+        false => {
+            let names: Vec<&str> =
+                [Some(secret_name.as_str()), previous_name.as_deref()].into_iter().flatten().collect();
+            own_secrets_by_name(ctx, uid, &targets, &names).await?
+        }
+    };
     let previous_token = sample.as_ref().and_then(|s| previous_token(s, status.as_ref(), obj.meta().generation));
 
     // One fetch for every namespace (ECR tokens also come from the shared cache).
@@ -178,7 +187,6 @@ async fn sync<K: Credential>(obj: &K, uid: &str, ctx: &Context) -> Result<FanOut
     };
 
     let contested = ctx.states.with(uid, |s| s.contested.clone());
-    let previous_name = status.as_ref().and_then(|s| s.credential.secret_name.clone());
     let desired_meta = desired_in("").metadata;
     let plan = plan::plan(&Observed {
         targets: &targets,
@@ -258,6 +266,7 @@ async fn sync<K: Credential>(obj: &K, uid: &str, ctx: &Context) -> Result<FanOut
                 Err(error) => failures.push((step.namespace, error)),
             }
         }
+        state.targets = targets.iter().cloned().collect();
         // Remember only what this credential may still have.
         let targets: BTreeSet<&str> = targets.iter().map(String::as_str).collect();
         state.verified.retain(|(ns, name), _| targets.contains(ns.as_str()) && *name == secret_name);
@@ -386,6 +395,43 @@ async fn own_secrets(
             }
         }
     });
+    Ok((own, sample))
+}
+
+/// This credential's Secrets found by reading each name it may have written in each namespace
+/// it targets or targeted last time (`--no-secret-watch`, where RBAC grants no list on
+/// Secrets): a read per namespace and name instead of one list.
+async fn own_secrets_by_name(
+    ctx: &Context,
+    uid: &str,
+    targets: &[String],
+    names: &[&str],
+) -> Result<(Vec<LiveSecret>, Option<Secret>), Error> {
+    let mut namespaces: BTreeSet<String> = targets.iter().cloned().collect();
+    namespaces.extend(ctx.states.with(uid, |s| s.targets.clone()));
+    let reads: Vec<(String, String)> =
+        namespaces.iter().flat_map(|ns| names.iter().map(move |name| (ns.clone(), name.to_string()))).collect();
+    let found: Vec<Result<Option<Secret>, kube::Error>> = stream::iter(reads)
+        .map(|(namespace, name)| async move {
+            Api::<Secret>::namespaced(ctx.client.clone(), &namespace).get_opt(&name).await
+        })
+        .buffer_unordered(usize::from(ctx.config.concurrency.max(1)))
+        .collect()
+        .await;
+    let mut own = Vec::new();
+    let mut sample = None;
+    for secret in found {
+        let Some(secret) = secret? else { continue };
+        if !crate::secret::is_controlled_by(&secret, uid) {
+            continue;
+        }
+        let hash = data_hash(secret.data.as_ref());
+        if sample.is_none() && secret.metadata.name.as_deref() == names.first().copied() {
+            sample = Some(secret.clone());
+        }
+        own.push(LiveSecret { meta: secret.metadata, data_hash: Some(hash) });
+    }
+    own.sort_by(|a, b| (a.namespace(), a.name()).cmp(&(b.namespace(), b.name())));
     Ok((own, sample))
 }
 

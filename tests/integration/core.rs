@@ -277,3 +277,102 @@ async fn a_trailing_newline_is_removed_and_reported() {
     assert!(ready.message.contains("ended in a line break"), "{}", ready.message);
     assert!(!ready.message.contains(&password));
 }
+
+/// Item 5: `--no-secret-watch` works for both kinds under the RBAC it promises (no list or
+/// watch on Secrets): Secrets are written, a renamed one replaced, and a cluster credential
+/// with ServiceAccounts can be deleted (its entries are released, its finalizer goes).
+#[tokio::test]
+async fn no_secret_watch_works_without_list_or_watch_on_secrets() {
+    let cp = env().cp;
+    let client = client().await;
+    // The packaged ClusterRole, less list and watch on Secrets, for a ServiceAccount of its own.
+    let deploy = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/regcred.yaml")).unwrap();
+    let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(&deploy).unwrap();
+    let mut role = docs.into_iter().find(|d| d["kind"] == "ClusterRole").expect("the packaged ClusterRole");
+    let name = format!("nowatch-{}", &unique()[..6]);
+    role["metadata"] = json!({"name": name});
+    for rule in role["rules"].as_array_mut().unwrap() {
+        if rule["resources"].as_array().unwrap().iter().any(|r| r == "secrets") {
+            rule["verbs"] = json!(["get", "create", "patch", "delete"]);
+        }
+    }
+    let manifest = json!({"apiVersion": "v1", "kind": "List", "items": [
+        role,
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name, "namespace": CONTROLLER_NAMESPACE}},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding", "metadata": {"name": name},
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
+         "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": CONTROLLER_NAMESPACE}]},
+    ]});
+    let path = cp.dir().join(format!("{name}.json"));
+    std::fs::write(&path, manifest.to_string()).unwrap();
+    let kubeconfig = cp.install_controller_identity(&path, CONTROLLER_NAMESPACE, &name).unwrap();
+    let _controller = spawn_controller(
+        cp,
+        &name,
+        &format!("{CONTROLLER_LABEL}={name}"),
+        &env().aws.endpoint(),
+        &["--no-secret-watch"],
+        &[("KUBECONFIG", kubeconfig.display().to_string())],
+    );
+
+    let source_ns = namespace(&client, "nowatch-src").await;
+    let password = secret_value("u", "nowatch");
+    create_secret(&client, &source_ns, "src", &[("password", password.as_bytes())]).await;
+    let target = namespace(&client, "nowatch").await;
+    let account: ServiceAccount = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "builder", "namespace": target},
+    }))
+    .unwrap();
+    Api::<ServiceAccount>::namespaced(client.clone(), &target).create(&PostParams::default(), &account).await.unwrap();
+    let cluster = format!("{name}-c");
+    create_cluster_credential_for(
+        &client,
+        &cluster,
+        Some(&name),
+        json!({
+            "registry": "r.example.com",
+            "source": {"basic": {"username": "u", "passwordSecretRef": {"name": "src", "namespace": source_ns}}},
+            "namespaces": {"names": [target]},
+            "secret": {"name": "pull"},
+            "serviceAccounts": ["builder"],
+        }),
+    )
+    .await;
+    wait_cluster(&client, &cluster, "synced", |s| s.synced_namespaces == Some(1)).await;
+    wait_secret(&client, &target, "pull", "written", |s| logins(s)[0].2 == password).await;
+    let accounts = Api::<ServiceAccount>::namespaced(client.clone(), &target);
+    let entries =
+        |a: &ServiceAccount| -> Vec<String> { a.image_pull_secrets.iter().flatten().map(|r| r.name.clone()).collect() };
+    eventually("the ServiceAccount patched", TIMEOUT, || async {
+        (entries(&accounts.get("builder").await.ok()?) == ["pull"]).then_some(())
+    })
+    .await;
+
+    // The namespaced kind, renamed: the old Secret goes once the new one is there.
+    create_secret(&client, &target, "src", &[("password", password.as_bytes())]).await;
+    let spec = json!({"registry": "r.example.com", "source": {"basic": {"username": "u", "passwordSecretRef": {"name": "src"}}}});
+    create_credential_for(&client, &target, "cred", Some(&name), spec).await;
+    wait_secret(&client, &target, "cred", "written", |_| true).await;
+    Api::<RegistryCredential>::namespaced(client.clone(), &target)
+        .patch("cred", &PatchParams::default(), &Patch::Merge(&json!({"spec": {"secret": {"name": "cred-renamed"}}})))
+        .await
+        .unwrap();
+    wait_secret(&client, &target, "cred-renamed", "written", |_| true).await;
+    let secrets = Api::<Secret>::namespaced(client.clone(), &target);
+    eventually("the old name deleted", TIMEOUT, || async {
+        matches!(secrets.get_opt("cred").await, Ok(None)).then_some(())
+    })
+    .await;
+
+    // Deleting the cluster credential releases the entry and clears the finalizer.
+    let api = Api::<ClusterRegistryCredential>::all(client.clone());
+    api.delete(&cluster, &DeleteParams::default()).await.unwrap();
+    eventually("the credential gone", TIMEOUT, || async {
+        matches!(api.get_opt(&cluster).await, Ok(None)).then_some(())
+    })
+    .await;
+    eventually("the entry released", TIMEOUT, || async {
+        entries(&accounts.get("builder").await.ok()?).is_empty().then_some(())
+    })
+    .await;
+}
