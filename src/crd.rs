@@ -33,7 +33,7 @@ const USERNAME_PATTERN: &str = r"^[^:\x00-\x1f]+$";
     namespaced,
     doc = "A registry credential: the controller keeps a kubernetes.io/dockerconfigjson Secret of the same namespace in sync with it.",
     status = "CredentialStatus",
-    shortname = "regcred",
+    shortname = "rcred",
     category = "regcred",
     printcolumn(name = "Registry", type_ = "string", json_path = ".status.registries[*]"),
     printcolumn(name = "Source", type_ = "string", json_path = ".status.source"),
@@ -85,7 +85,7 @@ const SOURCE_NAMESPACE_SET: &str = "(!has(self.source.basic) || has(self.source.
     kind = "ClusterRegistryCredential",
     doc = "A cluster-wide registry credential: the controller keeps a kubernetes.io/dockerconfigjson Secret in every selected namespace in sync with it.",
     status = "ClusterCredentialStatus",
-    shortname = "cregcred",
+    shortname = "crcred",
     category = "regcred",
     printcolumn(name = "Registry", type_ = "string", json_path = ".status.registries[*]"),
     printcolumn(name = "Source", type_ = "string", json_path = ".status.source"),
@@ -428,6 +428,7 @@ pub struct CredentialStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
     /// `Ready` says whether the Secret holds the current credential.
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
     /// Name of the Secret the controller writes.
@@ -478,6 +479,21 @@ pub fn crd_yaml(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Item 15: conditions are a map keyed by type (server-side apply merges them by type),
+    /// and the short names differ from the shared category.
+    #[test]
+    fn the_v1_shape_holds() {
+        for crd in crds() {
+            let schema = serde_json::to_value(&crd.spec.versions[0].schema).unwrap();
+            let conditions = &schema["openAPIV3Schema"]["properties"]["status"]["properties"]["conditions"];
+            assert_eq!(conditions["x-kubernetes-list-type"], "map", "{}", crd.spec.names.kind);
+            assert_eq!(conditions["x-kubernetes-list-map-keys"], serde_json::json!(["type"]));
+            let names = &crd.spec.names;
+            assert_eq!(names.categories.as_deref(), Some(&["regcred".to_string()][..]));
+            assert!(!names.short_names.iter().flatten().any(|s| s == "regcred"), "{names:?}");
+        }
+    }
 
     /// `crds/` is what users install; it must be exactly what the types generate.
     #[test]

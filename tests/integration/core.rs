@@ -71,10 +71,9 @@ async fn a_rename_keeps_the_old_secret_where_the_new_one_cannot_be_written() {
     assert_eq!(logins(&kept)[0].2, password);
 }
 
-/// Item 2: the labels regcred lists and trusts are refused at admission, and a Secret that
-/// merely carries another credential's uid label is never treated as that credential's.
+/// Item 2: the labels regcred lists and trusts, and malformed keys, are refused at admission.
 #[tokio::test]
-async fn reserved_labels_are_refused_and_a_copied_uid_label_proves_nothing() {
+async fn reserved_and_malformed_template_keys_are_refused() {
     env();
     let client = client().await;
     let ns = namespace(&client, "reserved").await;
@@ -99,7 +98,15 @@ async fn reserved_labels_are_refused_and_a_copied_uid_label_proves_nothing() {
             "{field} {key:?} was accepted: {refused:?}"
         );
     }
+}
 
+/// Item 2: a Secret that merely carries a cluster credential's uid label is never treated as
+/// that credential's (the owner reference decides).
+#[tokio::test]
+async fn a_copied_uid_label_proves_nothing() {
+    env();
+    let client = client().await;
+    let ns = namespace(&client, "uid-label").await;
     // A tenant namespace whose ServiceAccount holds a "pull" entry regcred recorded, and a
     // Secret "pull" there that merely carries a cluster credential's uid label.
     let source_ns = namespace(&client, "reserved-src").await;

@@ -88,3 +88,29 @@ async fn kubectl_refuses_unknown_fields_and_explains_the_api() {
     assert!(!out.status.success(), "an unknown field was accepted");
     assert!(String::from_utf8_lossy(&out.stderr).contains("pasword"), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// Item 15: the v1 shape. Short names are distinct from the category: `rcred` and `crcred`
+/// name one kind each, `regcred` (the category) lists both.
+#[tokio::test]
+async fn short_names_and_the_category_resolve_unambiguously() {
+    let cp = env().cp;
+    let client = client().await;
+    let ns = namespace(&client, "names").await;
+    create_raw(
+        &client,
+        &ns,
+        "listed",
+        json!({"registry": "r.io", "source": {"basic": {"username": "u", "passwordSecretRef": {"name": "s"}}}}),
+    )
+    .await
+    .unwrap();
+    let get = |args: &[&str]| {
+        let out = cp.kubectl(args);
+        assert!(out.status.success(), "kubectl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(get(&["get", "rcred", "-n", &ns, "-o", "name"]).contains("registrycredential.regcred.dev/listed"));
+    get(&["get", "crcred", "-o", "name"]);
+    let both = get(&["get", "regcred", "-A", "-o", "name"]);
+    assert!(both.contains("registrycredential.regcred.dev/listed"), "{both}");
+}
