@@ -383,3 +383,83 @@ async fn no_secret_watch_works_without_list_or_watch_on_secrets() {
     })
     .await;
 }
+
+/// Item 8: an older RegistryCredential that takes over a Secret a ClusterRegistryCredential
+/// created writes it once, then leaves it alone (no apply and no `Updated` Event per pass).
+#[tokio::test]
+async fn a_takeover_across_kinds_settles_after_one_write() {
+    env();
+    let client = client().await;
+    let ns = namespace(&client, "takeover").await;
+    let password = secret_value("u", "takeover-ns");
+    create_secret(&client, &ns, "src", &[("password", password.as_bytes())]).await;
+    // The namespaced credential is the older one; it writes another name first.
+    let older = json!({"registry": "r.example.com", "source": {"basic": {"username": "u", "passwordSecretRef": {"name": "src"}}},
+                       "secret": {"name": "first"}});
+    let created = create_credential(&client, &ns, "older", older).await;
+    wait_ready(&client, &ns, "older", "True", Some("Synced")).await;
+    let second = created.metadata.creation_timestamp.unwrap().0.as_second();
+    eventually("the next second", TIMEOUT, || async {
+        (k8s_openapi::jiff::Timestamp::now().as_second() > second).then_some(())
+    })
+    .await;
+    let source_ns = namespace(&client, "takeover-src").await;
+    let cluster_password = secret_value("u", "takeover-cluster");
+    create_secret(&client, &source_ns, "src", &[("password", cluster_password.as_bytes())]).await;
+    let cluster = format!("takeover-{}", &unique()[..6]);
+    create_cluster_credential(
+        &client,
+        &cluster,
+        json!({
+            "registry": "r.example.com",
+            "source": {"basic": {"username": "u", "passwordSecretRef": {"name": "src", "namespace": source_ns}}},
+            "namespaces": {"names": [ns]},
+            "secret": {"name": "pull"},
+        }),
+    )
+    .await;
+    wait_secret(&client, &ns, "pull", "written by the cluster credential", |s| logins(s)[0].2 == cluster_password)
+        .await;
+
+    // The older one now wants the same name: it takes the Secret over.
+    Api::<RegistryCredential>::namespaced(client.clone(), &ns)
+        .patch("older", &PatchParams::default(), &Patch::Merge(&json!({"spec": {"secret": {"name": "pull"}}})))
+        .await
+        .unwrap();
+    let taken = wait_secret(&client, &ns, "pull", "taken over", |s| logins(s)[0].2 == password).await;
+    wait_ready(&client, &ns, "older", "True", Some("Synced")).await;
+    let uid_label = taken.metadata.labels.unwrap()["regcred.dev/credential-uid"].clone();
+    assert_eq!(Some(uid_label), created.metadata.uid, "the uid label names the new holder");
+
+    // The cluster credential has seen that it lost the namespace…
+    wait_cluster(&client, &cluster, "the conflict reported", |s| {
+        s.failures.iter().any(|f| f.namespace == ns && f.reason == "SecretConflict")
+    })
+    .await;
+    // …and reconciles of both now write nothing (nor try to).
+    let offset = audit_offset();
+    for round in 0..2 {
+        let read_from = audit_offset();
+        let touch = json!({"metadata": {"annotations": {"touched": format!("{round}")}}});
+        Api::<RegistryCredential>::namespaced(client.clone(), &ns)
+            .patch("older", &PatchParams::default(), &Patch::Merge(&touch))
+            .await
+            .unwrap();
+        Api::<ClusterRegistryCredential>::all(client.clone())
+            .patch(&cluster, &PatchParams::default(), &Patch::Merge(&touch))
+            .await
+            .unwrap();
+        eventually("both reconciled", TIMEOUT, || async {
+            let reads = controller_requests_since(read_from);
+            let read =
+                |n: &str| reads.iter().any(|(v, r, ns2, s)| v == "get" && r == "secrets" && ns2 == n && s == "src");
+            (read(&ns) && read(&source_ns)).then_some(())
+        })
+        .await;
+    }
+    let writes: Vec<_> = controller_requests_since(offset)
+        .into_iter()
+        .filter(|(verb, resource, n, _)| is_write(verb) && resource == "secrets" && *n == ns)
+        .collect();
+    assert!(writes.is_empty(), "the taken-over Secret keeps being written: {writes:?}");
+}
