@@ -410,3 +410,46 @@ async fn stale_tokens_and_denials_are_errors_with_backoff_not_tokens() {
     wait_event(&client, &ns, "RegistryCredential", "denied", "Warning", "AwsRequestFailed").await;
     assert_no_leaks(&client).await;
 }
+
+/// Item 13 of the one-core issue: the IRSA ServiceAccount is watched. Created after the
+/// credential, it is used at once, not at the next retry of the (by then long) backoff.
+#[tokio::test]
+async fn an_irsa_service_account_created_later_is_picked_up_at_once() {
+    let client = client().await;
+    let name = format!("irsa-late-{}", &unique()[..6]);
+    // A long backoff: only an event can bring the retry forward.
+    let controller = spawn_controller(
+        env().cp,
+        &name,
+        &format!("{CONTROLLER_LABEL}={name}"),
+        &env().aws.endpoint(),
+        &["--max-backoff", "10m"],
+        &[],
+    );
+    let ns = namespace(&client, "ecr-irsa-late").await;
+    create_credential_for(&client, &ns, "irsa", Some(&name), ecr_spec(json!({"serviceAccountRef": {"name": "late"}})))
+        .await;
+    wait_ready(&client, &ns, "irsa", "False", Some("ServiceAccountNotFound")).await;
+    // Five failures in: the next retry is at least 16 s away.
+    let failures = "regcred_reconcile_failures_total{kind=\"RegistryCredential\",reason=\"ServiceAccountNotFound\"}";
+    regcred_testenv::wait_for("five failed attempts", Duration::from_secs(60), || {
+        sample(&controller.metrics(), failures).filter(|n| *n >= 5.0)
+    })
+    .expect("the credential kept failing");
+    let sa = ServiceAccount {
+        metadata: ObjectMeta {
+            name: Some("late".into()),
+            annotations: Some(
+                [("eks.amazonaws.com/role-arn".to_string(), "arn:aws:iam::123456789012:role/late".to_string())].into(),
+            ),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let created = std::time::Instant::now();
+    Api::<ServiceAccount>::namespaced(client.clone(), &ns).create(&PostParams::default(), &sa).await.unwrap();
+    wait_secret(&client, &ns, "irsa", "written", |_| true).await;
+    let after = created.elapsed();
+    eprintln!("IRSA ServiceAccount picked up after {after:?}");
+    assert!(after < Duration::from_secs(10), "picked up after {after:?}: by the backoff, not by the event");
+}
