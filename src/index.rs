@@ -50,6 +50,10 @@ struct Entry {
 struct Inner {
     by_key: HashMap<Key, HashSet<String>>,
     entries: HashMap<String, Entry>,
+    /// Credential uid → the ServiceAccounts whose annotation records an entry it added, and
+    /// the reverse, so a credential finds its entries without listing ServiceAccounts.
+    recorded_in: HashMap<String, HashSet<(String, String)>>,
+    records: HashMap<(String, String), Vec<String>>,
 }
 
 #[derive(Default)]
@@ -111,6 +115,42 @@ impl Index {
         };
         let recorded = account.metadata.annotations.as_ref().map(recorded_uids).unwrap_or_default();
         self.lookup([Key::Account(namespace.clone(), name.clone()), Key::AccountName(name.clone())], recorded)
+    }
+
+    /// Keeps the record of which credentials added entries to a ServiceAccount (from its
+    /// annotation) in step with a ServiceAccount event; `deleted` drops it.
+    pub fn account_seen(&self, account: &PartialObjectMeta<ServiceAccount>, deleted: bool) {
+        let (Some(namespace), Some(name)) = (&account.metadata.namespace, &account.metadata.name) else {
+            return;
+        };
+        let key = (namespace.clone(), name.clone());
+        let uids = match deleted {
+            true => Vec::new(),
+            false => account.metadata.annotations.as_ref().map(recorded_uids).unwrap_or_default(),
+        };
+        let mut inner = self.inner.write().unwrap_or_else(PoisonError::into_inner);
+        for uid in inner.records.remove(&key).unwrap_or_default() {
+            if let Some(accounts) = inner.recorded_in.get_mut(&uid) {
+                accounts.remove(&key);
+                if accounts.is_empty() {
+                    inner.recorded_in.remove(&uid);
+                }
+            }
+        }
+        for uid in &uids {
+            inner.recorded_in.entry(uid.clone()).or_default().insert(key.clone());
+        }
+        if !uids.is_empty() {
+            inner.records.insert(key, uids);
+        }
+    }
+
+    /// The ServiceAccounts (namespace, name) whose annotation records an entry `uid` added.
+    pub fn accounts_recording(&self, uid: &str) -> Vec<(String, String)> {
+        let inner = self.inner.read().unwrap_or_else(PoisonError::into_inner);
+        let mut found: Vec<_> = inner.recorded_in.get(uid).into_iter().flatten().cloned().collect();
+        found.sort();
+        found
     }
 
     /// Cluster credentials for which this namespace started or stopped being a target.
@@ -229,6 +269,30 @@ mod tests {
         assert_eq!(index.account_event(&account("any", "default", None)), [Trigger::Cluster(ObjectRef::new("c"))]);
         assert!(index.account_event(&account("team", "other", None)).is_empty());
         assert_eq!(index.account_event(&account("x", "other", Some("pull=u1"))), [namespaced("irsa")]);
+    }
+
+    #[test]
+    fn recorded_entries_follow_the_annotation_and_deletion() {
+        let index = Index::default();
+        let account = |recorded: &str| PartialObjectMeta::<ServiceAccount> {
+            metadata: ObjectMeta {
+                namespace: Some("team".into()),
+                name: Some("default".into()),
+                annotations: Some(BTreeMap::from([(
+                    crate::service_account::ADDED_ANNOTATION.to_string(),
+                    recorded.to_string(),
+                )])),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        index.account_seen(&account("pull=u1,other=u2"), false);
+        assert_eq!(index.accounts_recording("u1"), [("team".to_string(), "default".to_string())]);
+        index.account_seen(&account("other=u2"), false);
+        assert!(index.accounts_recording("u1").is_empty());
+        index.account_seen(&account("other=u2"), true);
+        assert!(index.accounts_recording("u2").is_empty());
+        assert!(index.inner.read().unwrap().records.is_empty());
     }
 
     /// Item 12: a Namespace event reaches only the cluster credentials whose targets it changes.

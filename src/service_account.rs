@@ -103,7 +103,7 @@ pub async fn sync_namespace(
 pub async fn release(api: &Api<ServiceAccount>, accounts: &[ServiceAccount], uid: &str) -> Result<usize, Error> {
     let mut writes = 0;
     for account in accounts {
-        for secret in secrets_added_by(account, uid) {
+        for secret in secrets_added_by(account.annotations(), uid) {
             writes += usize::from(set_pull_secret(api, account, &secret, false, uid).await?);
         }
     }
@@ -154,9 +154,17 @@ pub fn added_by(account: &ServiceAccount, secret: &str, uid: &str) -> bool {
     added(account.annotations()).get(secret).is_some_and(|by| by.as_deref().is_none_or(|by| by == uid))
 }
 
-/// The Secrets the credential `uid` added to this ServiceAccount.
-pub fn secrets_added_by(account: &ServiceAccount, uid: &str) -> Vec<String> {
-    added(account.annotations()).into_iter().filter(|(_, by)| by.as_deref() == Some(uid)).map(|(s, _)| s).collect()
+/// The Secrets the credential `uid` added to a ServiceAccount, from its annotations.
+pub fn secrets_added_by(annotations: &BTreeMap<String, String>, uid: &str) -> Vec<String> {
+    added(annotations).into_iter().filter(|(_, by)| by.as_deref() == Some(uid)).map(|(s, _)| s).collect()
+}
+
+/// Whether a ServiceAccount's annotations say it holds exactly `secret` for the credential
+/// `uid` and nothing else of it (no entry under another name, no unrecorded owner).
+pub fn holds_exactly(annotations: &BTreeMap<String, String>, secret: &str, uid: &str) -> bool {
+    let added = added(annotations);
+    added.get(secret).is_some_and(|by| by.as_deref() == Some(uid))
+        && added.iter().all(|(name, by)| name == secret || by.as_deref() != Some(uid))
 }
 
 /// The credential uids recorded in a ServiceAccount's annotation (for the index).
@@ -291,7 +299,10 @@ mod tests {
     #[test]
     fn the_annotation_tells_which_entries_a_credential_added() {
         let account = account(&["a", "b", "c"], Some("a=u1,b=u2,c=u1"));
-        assert_eq!(secrets_added_by(&account, "u1"), ["a", "c"]);
+        assert_eq!(secrets_added_by(account.annotations(), "u1"), ["a", "c"]);
+        assert!(!holds_exactly(account.annotations(), "a", "u1"), "c is recorded for u1 too");
+        assert!(holds_exactly(account.annotations(), "b", "u2"));
+        assert!(!holds_exactly(account.annotations(), "a", "u2"));
         assert_eq!(recorded_uids(account.annotations()), ["u1", "u2", "u1"]);
     }
 }

@@ -23,6 +23,9 @@ pub struct ObjectState {
     /// (namespace, name) → (resourceVersion, data hash) of Secrets seen current: a Secret whose
     /// resourceVersion is unchanged needs no read to know its content.
     pub verified: HashMap<(String, String), (String, String)>,
+    /// (namespace, name) → resourceVersion of ServiceAccounts read and found as this
+    /// credential wants them: unchanged, they need no read.
+    pub accounts_verified: HashMap<(String, String), String>,
     /// The namespaces it targeted in its last reconcile.
     pub targets: BTreeSet<String>,
     /// The metric series published for it, removed with it.

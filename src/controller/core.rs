@@ -11,7 +11,7 @@ use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
 use kube::{
     Api, ResourceExt,
     api::{ListParams, Patch, PatchParams},
-    runtime::{controller::Action, events::EventType},
+    runtime::{controller::Action, events::EventType, reflector::ObjectRef},
 };
 use tracing::{info, warn};
 
@@ -30,7 +30,7 @@ use crate::{
         CREDENTIAL_UID_LABEL, Claim, FIELD_MANAGER, Outcome, SecretChange, TOKEN_IDENTITY_ANNOTATION, apply, data_hash,
         delete_seen, desired_secret, ensure_secret,
     },
-    service_account::{has_finalizer, release, set_finalizer, sync_namespace},
+    service_account::{has_finalizer, holds_exactly, release, set_finalizer, sync_namespace},
     source::{ApiSecretReader, CredentialProvider, PreviousToken, SourceContext},
     status::{Synced, conditions_changed, credential_status},
 };
@@ -72,18 +72,19 @@ impl FanOut {
 pub(crate) async fn reconcile<K: Credential>(obj: Arc<K>, ctx: Arc<Context>) -> Result<Action, Error> {
     let uid = obj.uid().ok_or(Error::MissingObjectField("metadata.uid"))?;
     let api = K::api(ctx.client.clone(), obj.meta().namespace.as_deref());
+    if !ctx.namespaces_synced() || !ctx.accounts_synced() {
+        // Without the namespace list every Secret would look unselected, and without the
+        // ServiceAccount list every entry unrecorded.
+        return Ok(Action::requeue(std::time::Duration::from_millis(500)));
+    }
     if obj.meta().deletion_timestamp.is_some() {
         // Secrets go with the garbage collector (owner references); the ServiceAccount
         // entries are regcred's to remove, found through their annotation.
         if has_finalizer(obj.meta()) {
-            release_everywhere(obj.as_ref(), &uid, &ctx).await?;
+            release_everywhere(&uid, &ctx).await?;
             set_finalizer(&api, obj.as_ref(), false).await?;
         }
         return Ok(Action::await_change());
-    }
-    if matches!(obj.parts().scope, Scope::Selection(_)) && !ctx.namespaces_synced() {
-        // Without the namespace list every Secret would look unselected.
-        return Ok(Action::requeue(std::time::Duration::from_millis(500)));
     }
     let started = Instant::now();
     if !obj.parts().service_accounts.is_empty() {
@@ -201,7 +202,7 @@ async fn sync<K: Credential>(obj: &K, uid: &str, ctx: &Context) -> Result<FanOut
 
     let wanted = parts.service_accounts;
     let accounts = match !wanted.is_empty() || has_finalizer(obj.meta()) {
-        true => accounts_by_namespace(ctx, own_namespace).await?,
+        true => accounts_to_check(ctx, uid, &targets, wanted, &secret_name).await?,
         false => BTreeMap::new(),
     };
     let claim = Claim { owner: owner.clone(), created: obj.meta().creation_timestamp.as_ref().map(|t| t.0) };
@@ -237,6 +238,15 @@ async fn sync<K: Credential>(obj: &K, uid: &str, ctx: &Context) -> Result<FanOut
     let (mut created, mut updated, mut removed, mut failures) = (0, 0, 0, Vec::new());
     ctx.states.with(uid, |state| {
         for (step, written, retired) in results {
+            if let (Ok(_), Ok(_), Some(list)) = (&written, &retired, accounts_ref.get(&step.namespace)) {
+                // Read and brought in line in this pass: unchanged, they need no read next time.
+                for account in list {
+                    let key = (step.namespace.clone(), account.name_any());
+                    if let Some(rv) = &account.metadata.resource_version {
+                        state.accounts_verified.insert(key, rv.clone());
+                    }
+                }
+            }
             let key = (step.namespace.clone(), secret_name.clone());
             match written {
                 Ok(outcome) => {
@@ -270,6 +280,7 @@ async fn sync<K: Credential>(obj: &K, uid: &str, ctx: &Context) -> Result<FanOut
         // Remember only what this credential may still have.
         let targets: BTreeSet<&str> = targets.iter().map(String::as_str).collect();
         state.verified.retain(|(ns, name), _| targets.contains(ns.as_str()) && *name == secret_name);
+        state.accounts_verified.retain(|(ns, name), _| targets.contains(ns.as_str()) && wanted.contains(name));
         state.contested.retain(|ns| targets.contains(ns.as_str()));
     });
 
@@ -504,30 +515,67 @@ async fn retire_all(
     Ok(removed)
 }
 
-/// ServiceAccounts in the credential's scope (one list), by namespace.
-async fn accounts_by_namespace(
+/// The ServiceAccounts that may need a change, read in full and grouped by namespace: each
+/// named one in a target namespace unless the metadata store shows it holding exactly this
+/// credential's Secret at a resourceVersion already checked, and each one whose annotation
+/// records an entry of this credential. The others are not read at all.
+async fn accounts_to_check(
     ctx: &Context,
-    namespace: Option<&str>,
+    uid: &str,
+    targets: &[String],
+    wanted: &[String],
+    secret_name: &str,
 ) -> Result<BTreeMap<String, Vec<ServiceAccount>>, Error> {
-    let api = match namespace {
-        Some(ns) => Api::<ServiceAccount>::namespaced(ctx.client.clone(), ns),
-        None => Api::<ServiceAccount>::all(ctx.client.clone()),
-    };
+    let verified = ctx.states.with(uid, |s| s.accounts_verified.clone());
+    let mut candidates: BTreeSet<(String, String)> = ctx.index.accounts_recording(uid).into_iter().collect();
+    for namespace in targets {
+        for name in wanted {
+            candidates.insert((namespace.clone(), name.clone()));
+        }
+    }
+    let targets: BTreeSet<&str> = targets.iter().map(String::as_str).collect();
+    let reads: Vec<(String, String)> = candidates
+        .into_iter()
+        .filter(|(namespace, name)| {
+            let Some(meta) = ctx.accounts.get(&ObjectRef::new(name).within(namespace)) else {
+                return false; // no such ServiceAccount: nothing to add to or remove from
+            };
+            let wanted_here = targets.contains(namespace.as_str()) && wanted.contains(name);
+            let empty = BTreeMap::new();
+            let annotations = meta.metadata.annotations.as_ref().unwrap_or(&empty);
+            let checked = verified.get(&(namespace.clone(), name.clone())) == meta.metadata.resource_version.as_ref();
+            !(wanted_here && checked && holds_exactly(annotations, secret_name, uid))
+        })
+        .collect();
+    read_accounts(ctx, reads).await
+}
+
+/// Reads ServiceAccounts by name (`--concurrency` at a time), grouped by namespace; one that
+/// is gone is skipped.
+async fn read_accounts(
+    ctx: &Context,
+    reads: Vec<(String, String)>,
+) -> Result<BTreeMap<String, Vec<ServiceAccount>>, Error> {
+    let found: Vec<Result<Option<ServiceAccount>, kube::Error>> = stream::iter(reads)
+        .map(|(namespace, name)| async move {
+            Api::<ServiceAccount>::namespaced(ctx.client.clone(), &namespace).get_opt(&name).await
+        })
+        .buffer_unordered(usize::from(ctx.config.concurrency.max(1)))
+        .collect()
+        .await;
     let mut by_namespace: BTreeMap<String, Vec<ServiceAccount>> = BTreeMap::new();
-    for account in api.list(&ListParams::default()).await?.items {
-        by_namespace.entry(account.namespace().unwrap_or_default()).or_default().push(account);
+    for account in found {
+        if let Some(account) = account? {
+            by_namespace.entry(account.namespace().unwrap_or_default()).or_default().push(account);
+        }
     }
     Ok(by_namespace)
 }
 
-/// Removes every ServiceAccount entry this credential added, wherever its annotation says
-/// it did (it does not depend on the credential's Secrets still existing).
-async fn release_everywhere<K: Credential>(obj: &K, uid: &str, ctx: &Context) -> Result<(), Error> {
-    let own_namespace = match obj.parts().scope {
-        Scope::Namespace(ns) => Some(ns),
-        Scope::Selection(_) => None,
-    };
-    for (namespace, list) in accounts_by_namespace(ctx, own_namespace).await? {
+/// Removes every ServiceAccount entry this credential added, wherever their annotations say
+/// it did (found through the index; it does not depend on the credential's Secrets).
+async fn release_everywhere(uid: &str, ctx: &Context) -> Result<(), Error> {
+    for (namespace, list) in read_accounts(ctx, ctx.index.accounts_recording(uid)).await? {
         let api = Api::<ServiceAccount>::namespaced(ctx.client.clone(), &namespace);
         release(&api, &list, uid).await?;
     }

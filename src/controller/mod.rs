@@ -97,11 +97,19 @@ pub struct Context {
     /// Namespaces (metadata), for cluster credentials' selections.
     pub(crate) namespaces: Store<PartialObjectMeta<Namespace>>,
     namespaces_synced: AtomicBool,
+    /// ServiceAccounts (metadata: names, annotations, resourceVersions), so a reconcile reads
+    /// only the ServiceAccounts that may need a change.
+    pub(crate) accounts: Store<PartialObjectMeta<ServiceAccount>>,
+    accounts_synced: AtomicBool,
 }
 
 impl Context {
     fn namespaces_synced(&self) -> bool {
         self.namespaces_synced.load(Ordering::Acquire)
+    }
+
+    fn accounts_synced(&self) -> bool {
+        self.accounts_synced.load(Ordering::Acquire)
     }
 }
 
@@ -114,6 +122,7 @@ where
     let shutdown = futures::FutureExt::shared(shutdown);
     let reporter = Reporter { controller: CONTROLLER_NAME.into(), instance: config.instance.clone() };
     let (namespaces, namespace_writer) = reflector::store();
+    let (accounts, account_writer) = reflector::store();
     let ctx = Arc::new(Context {
         recorder: Recorder::new(client.clone(), reporter),
         client: client.clone(),
@@ -123,6 +132,8 @@ where
         index: Index::default(),
         namespaces,
         namespaces_synced: AtomicBool::new(false),
+        accounts,
+        accounts_synced: AtomicBool::new(false),
         config: config.clone(),
     });
     let (namespaced_tx, namespaced_rx) = mpsc::unbounded();
@@ -155,6 +166,19 @@ where
     let account_events = route(
         watcher(Api::<PartialObjectMeta<ServiceAccount>>::all(client.clone()), watcher::Config::default())
             .backoff(WatchBackoff::new())
+            .modify(|account| account.managed_fields_mut().clear())
+            .reflect(account_writer)
+            .inspect({
+                let ctx = ctx.clone();
+                move |event| match event {
+                    Ok(watcher::Event::Apply(account) | watcher::Event::InitApply(account)) => {
+                        ctx.index.account_seen(account, false)
+                    }
+                    Ok(watcher::Event::Delete(account)) => ctx.index.account_seen(account, true),
+                    Ok(watcher::Event::InitDone) => ctx.accounts_synced.store(true, Ordering::Release),
+                    _ => {}
+                }
+            })
             .touched_objects(),
         &triggers,
         {
@@ -181,7 +205,7 @@ where
     let ready_ctx = ctx.clone();
     tokio::spawn(async move {
         if wait_ready(&namespaced_store).await && wait_ready(&cluster_store).await {
-            while !ready_ctx.namespaces_synced() {
+            while !ready_ctx.namespaces_synced() || !ready_ctx.accounts_synced() {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             info!("caches synced; ready");

@@ -463,3 +463,67 @@ async fn a_takeover_across_kinds_settles_after_one_write() {
         .collect();
     assert!(writes.is_empty(), "the taken-over Secret keeps being written: {writes:?}");
 }
+
+/// Item 12: in steady state a fan-out with ServiceAccounts reads none of them: the metadata
+/// store tells that each still holds the Secret at the resourceVersion last checked.
+#[tokio::test]
+async fn steady_state_reads_no_service_account() {
+    env();
+    let client = client().await;
+    let source_ns = namespace(&client, "sa-quiet-src").await;
+    create_secret(&client, &source_ns, "src", &[("password", secret_value("u", "sa-quiet").as_bytes())]).await;
+    let team = format!("team-{}", &unique()[..6]);
+    let targets = [
+        labelled_namespace(&client, "sa-quiet", &[("team", &team)]).await,
+        labelled_namespace(&client, "sa-quiet", &[("team", &team)]).await,
+    ];
+    let name = format!("sa-quiet-{}", &unique()[..6]);
+    create_cluster_credential(
+        &client,
+        &name,
+        json!({
+            "registry": "r.example.com",
+            "source": {"basic": {"username": "u", "passwordSecretRef": {"name": "src", "namespace": source_ns}}},
+            "namespaces": {"selector": {"matchLabels": {"team": team}}},
+            "secret": {"name": "pull"},
+            "serviceAccounts": ["default"],
+        }),
+    )
+    .await;
+    for ns in &targets {
+        let accounts = Api::<ServiceAccount>::namespaced(client.clone(), ns);
+        eventually("the default ServiceAccount patched", TIMEOUT, || async {
+            let account = accounts.get_opt("default").await.ok()??;
+            account.image_pull_secrets?.iter().any(|r| r.name == "pull").then_some(())
+        })
+        .await;
+    }
+    let mut offset = 0;
+    for round in 0..3 {
+        // From the second round on: everything before is settled.
+        if round == 1 {
+            offset = audit_offset();
+        }
+        let read_from = audit_offset();
+        let touch = json!({"metadata": {"annotations": {"touched": format!("{round}")}}});
+        Api::<ClusterRegistryCredential>::all(client.clone())
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&touch))
+            .await
+            .unwrap();
+        eventually("the credential reconciled", TIMEOUT, || async {
+            controller_requests_since(read_from)
+                .iter()
+                .any(|(verb, res, n, secret)| verb == "get" && res == "secrets" && *n == source_ns && secret == "src")
+                .then_some(())
+        })
+        .await;
+    }
+    let reads: Vec<_> = controller_requests_since(offset)
+        .into_iter()
+        // Cluster-wide lists are other controllers' watches starting (other tests spawn some).
+        .filter(|(verb, res, n, _)| {
+            res == "serviceaccounts" && (verb == "get" || verb == "list") && targets.contains(n)
+        })
+        .collect();
+    assert!(reads.is_empty(), "steady-state reconciles read ServiceAccounts: {reads:?}");
+}
