@@ -457,13 +457,44 @@ pub fn audit_offset() -> u64 {
 
 /// The controller's requests in the audit log after `offset`, as (verb, resource, namespace, name).
 pub fn controller_requests_since(offset: u64) -> Vec<(String, String, String, String)> {
+    requests_of_since(CONTROLLER_USER, offset)
+}
+
+/// A ServiceAccount `name` of its own in the controller's namespace, bound to the packaged
+/// ClusterRole as `edit` leaves its rules, for a controller whose requests the audit log must
+/// tell apart (or that must run with less). Returns its kubeconfig and its user name.
+pub fn own_identity(name: &str, edit: impl Fn(&mut Value)) -> (PathBuf, String) {
+    let cp = env().cp;
+    let deploy = std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("deploy/regcred.yaml"))
+        .expect("deploy/regcred.yaml");
+    let docs: Vec<Value> = serde_saphyr::from_multiple(&deploy).expect("deploy/regcred.yaml is YAML");
+    let mut role = docs.into_iter().find(|d| d["kind"] == "ClusterRole").expect("the packaged ClusterRole");
+    role["metadata"] = serde_json::json!({"name": name});
+    for rule in role["rules"].as_array_mut().expect("rules") {
+        edit(rule);
+    }
+    let manifest = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": [
+        role,
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name, "namespace": CONTROLLER_NAMESPACE}},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding", "metadata": {"name": name},
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
+         "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": CONTROLLER_NAMESPACE}]},
+    ]});
+    let path = cp.dir().join(format!("{name}.json"));
+    std::fs::write(&path, manifest.to_string()).expect("writing the manifest");
+    let kubeconfig = cp.install_controller_identity(&path, CONTROLLER_NAMESPACE, name).expect("installing it");
+    (kubeconfig, format!("system:serviceaccount:{CONTROLLER_NAMESPACE}:{name}"))
+}
+
+/// The requests of `user` in the audit log after `offset`, as (verb, resource, namespace, name).
+pub fn requests_of_since(user: &str, offset: u64) -> Vec<(String, String, String, String)> {
     let text = env().cp.read_audit_log(offset, None).expect("audit log");
     let field = |v: &Value, path: &[&str]| {
         path.iter().try_fold(v, |v, k| v.get(k)).and_then(Value::as_str).unwrap_or_default().to_string()
     };
     text.lines()
         .filter_map(|line| serde_json::from_str::<Value>(line).ok())
-        .filter(|e| field(e, &["user", "username"]) == CONTROLLER_USER)
+        .filter(|e| field(e, &["user", "username"]) == user)
         .map(|e| {
             (
                 field(&e, &["verb"]),
