@@ -521,3 +521,60 @@ async fn steady_state_reads_no_service_account() {
         .collect();
     assert!(reads.is_empty(), "steady-state reconciles read ServiceAccounts: {reads:?}");
 }
+
+/// Item 7: ServiceAccount entries are released from their annotation, so a foreground
+/// deletion (the garbage collector removes the Secrets first) still leaves no entry behind.
+#[tokio::test]
+async fn foreground_deletion_releases_service_account_entries() {
+    let client = client().await;
+    let controller = format!("fg-{}", &unique()[..6]);
+    let spawn = || {
+        spawn_controller(
+            env().cp,
+            &controller,
+            &format!("{CONTROLLER_LABEL}={controller}"),
+            &env().aws.endpoint(),
+            &[],
+            &[],
+        )
+    };
+    let mut running = spawn();
+    let source_ns = namespace(&client, "fg-src").await;
+    create_secret(&client, &source_ns, "src", &[("password", secret_value("u", "foreground").as_bytes())]).await;
+    let target = namespace(&client, "fg").await;
+    let name = format!("{controller}-c");
+    create_cluster_credential_for(
+        &client,
+        &name,
+        Some(&controller),
+        json!({
+            "registry": "r.example.com",
+            "source": {"basic": {"username": "u", "passwordSecretRef": {"name": "src", "namespace": source_ns}}},
+            "namespaces": {"names": [target]},
+            "secret": {"name": "pull"},
+            "serviceAccounts": ["default"],
+        }),
+    )
+    .await;
+    let accounts = Api::<ServiceAccount>::namespaced(client.clone(), &target);
+    let entries = || async {
+        let account = accounts.get_opt("default").await.ok()??;
+        Some(account.image_pull_secrets.unwrap_or_default().into_iter().map(|r| r.name).collect::<Vec<_>>())
+    };
+    eventually("the entry added", TIMEOUT, || async { (entries().await? == ["pull"]).then_some(()) }).await;
+
+    // Deleted while no controller runs: the garbage collector removes the Secret first, so
+    // nothing but the ServiceAccount's annotation tells where the entries are.
+    running.kill();
+    let api = Api::<ClusterRegistryCredential>::all(client.clone());
+    api.delete(&name, &DeleteParams::foreground()).await.unwrap();
+    let secrets = Api::<Secret>::namespaced(client.clone(), &target);
+    eventually("the Secret deleted first", TIMEOUT, || async {
+        matches!(secrets.get_opt("pull").await, Ok(None)).then_some(())
+    })
+    .await;
+    let _running = spawn();
+    eventually("the credential gone", TIMEOUT, || async { matches!(api.get_opt(&name).await, Ok(None)).then_some(()) })
+        .await;
+    eventually("the entry released", TIMEOUT, || async { entries().await?.is_empty().then_some(()) }).await;
+}
