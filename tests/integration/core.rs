@@ -179,15 +179,7 @@ async fn ready_is_false_when_the_secret_cannot_be_written_after_a_good_fetch() {
     env();
     let client = client().await;
     let ns = namespace(&client, "ready-ecr").await;
-    let key_id = format!("AKIA{}", &unique()[..16].to_uppercase());
-    let secret_key = secret_value("aws", "ready");
-    create_secret(
-        &client,
-        &ns,
-        "keys",
-        &[("accessKeyId", key_id.as_bytes()), ("secretAccessKey", secret_key.as_bytes())],
-    )
-    .await;
+    create_aws_keys(&client, &ns, "keys", "ready").await;
     create_credential(
         &client,
         &ns,
@@ -212,15 +204,7 @@ async fn deletion_drops_the_credentials_metric_series() {
     let port = env().controller.admin_port;
     let client = client().await;
     let ns = namespace(&client, "forget").await;
-    let key_id = format!("AKIA{}", &unique()[..16].to_uppercase());
-    let secret_key = secret_value("aws", "forget");
-    create_secret(
-        &client,
-        &ns,
-        "keys",
-        &[("accessKeyId", key_id.as_bytes()), ("secretAccessKey", secret_key.as_bytes())],
-    )
-    .await;
+    create_aws_keys(&client, &ns, "keys", "forget").await;
     let spec = json!({"source": {"ecr": {"registry": ECR_REGISTRY, "auth": {"secretRef": {"name": "keys"}}}}});
     create_credential(&client, &ns, "ecr", spec).await;
     wait_ready(&client, &ns, "ecr", "True", Some("Synced")).await;

@@ -37,11 +37,7 @@ fn issued_password(call: &Value) -> String {
 
 /// Access keys in a Secret; the key id is unique so calls can be attributed to this test.
 async fn aws_keys(client: &Client, ns: &str, name: &str) -> String {
-    let key_id = format!("AKIA{}", &unique()[..16].to_uppercase());
-    let secret_key = secret_value("aws", "secretkey");
-    create_secret(client, ns, name, &[("accessKeyId", key_id.as_bytes()), ("secretAccessKey", secret_key.as_bytes())])
-        .await;
-    key_id
+    create_aws_keys(client, ns, name, "secretkey").await
 }
 
 fn ecr_spec(auth: Value) -> Value {

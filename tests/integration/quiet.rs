@@ -92,15 +92,7 @@ async fn restarts_and_leader_changes_make_no_writes_and_no_aws_calls() {
 
     // Both kinds, ECR: a RegistryCredential, and a ClusterRegistryCredential into two namespaces.
     let ns = namespace(&client, "quiet-ecr").await;
-    let key_id = format!("AKIA{}", &unique()[..16].to_uppercase());
-    let secret_key = secret_value("aws", "quiet");
-    create_secret(
-        &client,
-        &ns,
-        "keys",
-        &[("accessKeyId", key_id.as_bytes()), ("secretAccessKey", secret_key.as_bytes())],
-    )
-    .await;
+    create_aws_keys(&client, &ns, "keys", "quiet").await;
     let registry = "123456789012.dkr.ecr.eu-west-1.amazonaws.com";
     let source = json!({"ecr": {"registry": registry, "auth": {"secretRef": {"name": "keys"}}}});
     create_credential_for(&client, &ns, "ecr", Some(&name), json!({"source": source})).await;

@@ -506,6 +506,16 @@ pub fn requests_of_since(user: &str, offset: u64) -> Vec<(String, String, String
         .collect()
 }
 
+/// A Secret of AWS access keys (`accessKeyId`, `secretAccessKey`) with a key id unique to the
+/// caller, so emulator calls can be attributed to it; returns the key id.
+pub async fn create_aws_keys(client: &Client, ns: &str, name: &str, tag: &str) -> String {
+    let key_id = format!("AKIA{}", &unique()[..16].to_uppercase());
+    let secret_key = secret_value("aws", tag);
+    create_secret(client, ns, name, &[("accessKeyId", key_id.as_bytes()), ("secretAccessKey", secret_key.as_bytes())])
+        .await;
+    key_id
+}
+
 pub fn is_write(verb: &str) -> bool {
     matches!(verb, "create" | "update" | "patch" | "delete" | "deletecollection")
 }
