@@ -147,6 +147,53 @@ pub fn conditions_changed(previous: Option<&CredentialStatus>, next: &Credential
 mod tests {
     use super::*;
 
+    fn ecr() -> CredentialSource {
+        serde_json::from_value(serde_json::json!({"ecr": {"region": "eu-west-1", "auth": {"ambient": {}}}})).unwrap()
+    }
+
+    fn ready_for(generation: i64) -> CredentialStatus {
+        let synced = Synced {
+            secret_name: "pull".into(),
+            registries: vec!["r".into()],
+            expires_at: Some(Timestamp::now() + std::time::Duration::from_secs(3600)),
+            refresh_at: Some(Timestamp::now() + std::time::Duration::from_secs(600)),
+            notes: Vec::new(),
+        };
+        credential_status(None, Some(generation), &ecr(), Some(&synced), None)
+    }
+
+    fn refresh_failed() -> Error {
+        Error::Aws { operation: "ecr:GetAuthorizationToken", code: "Throttling".into(), message: "slow down".into() }
+    }
+
+    /// Item 3: `Ready` is True only while the Secret holds the current generation's credential.
+    #[test]
+    fn a_failed_write_after_a_good_fetch_is_not_ready() {
+        let previous = ready_for(1);
+        let synced = Synced {
+            secret_name: "taken".into(),
+            registries: vec!["r".into()],
+            expires_at: previous.expires_at.as_ref().map(|t| t.0),
+            refresh_at: None,
+            notes: Vec::new(),
+        };
+        let conflict = Error::SecretConflict { namespace: "ns".into(), name: "taken".into() };
+        let next = credential_status(Some(&previous), Some(2), &ecr(), Some(&synced), Some(&conflict));
+        let ready = next.condition(READY).unwrap();
+        assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "SecretConflict"));
+        assert_eq!(next.condition(DEGRADED).unwrap().status, "False", "the refresh itself worked");
+    }
+
+    #[test]
+    fn a_failed_refresh_keeps_ready_only_for_the_same_generation() {
+        let previous = ready_for(1);
+        let same = credential_status(Some(&previous), Some(1), &ecr(), None, Some(&refresh_failed()));
+        assert_eq!(same.condition(READY).unwrap().status, "True");
+        assert_eq!(same.condition(DEGRADED).unwrap().status, "True");
+        let changed = credential_status(Some(&previous), Some(2), &ecr(), None, Some(&refresh_failed()));
+        assert_eq!(changed.condition(READY).unwrap().status, "False", "the Secret holds the old spec's token");
+    }
+
     #[test]
     fn transition_time_is_kept_while_the_status_holds() {
         let first = CredentialStatus {
