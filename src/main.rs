@@ -36,7 +36,8 @@ enum Command {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
-    /// Print the Secrets that RegistryCredential manifests would produce, without a cluster.
+    /// Print the Secrets that RegistryCredential and ClusterRegistryCredential manifests would
+    /// produce, without a cluster.
     Render(RenderArgs),
 }
 
@@ -102,9 +103,11 @@ struct RenderArgs {
     /// Manifest files (YAML or JSON, several documents each); `-` reads standard input.
     #[arg(short = 'f', long = "filename", required = true)]
     files: Vec<PathBuf>,
-    /// Namespace for manifests that name none.
-    #[arg(short, long, default_value = "default")]
-    namespace: String,
+    /// Namespace for manifests that name none: the first one given (default `default`).
+    /// Repeatable: ClusterRegistryCredentials render into each one given that their selection
+    /// picks (as a namespace without labels), besides the Namespace manifests in the input.
+    #[arg(short = 'n', long = "namespace", value_name = "NAMESPACE")]
+    namespaces: Vec<String>,
     /// Output format.
     #[arg(short, long, value_enum, default_value_t = Output::Yaml)]
     output: Output,
@@ -294,8 +297,11 @@ async fn render_manifests(args: RenderArgs) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("{}: not valid YAML: {e}", file.display()))?;
         documents.extend(docs.into_iter().filter(|d| !d.is_null()));
     }
-    let (credentials, secrets) = render::read_manifests(documents, &args.namespace)?;
-    let rendered = render::render(&credentials, &secrets).await?;
+    let manifests = render::read_manifests(documents, &args.namespaces)?;
+    let render::Rendered { secrets: rendered, notes } = render::render(&manifests).await?;
+    for note in notes {
+        eprintln!("note: {note}");
+    }
     let mut stdout = std::io::stdout().lock();
     match args.output {
         Output::Yaml => {

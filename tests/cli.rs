@@ -78,6 +78,108 @@ fn render_reports_a_missing_secret_by_name() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("Secret default/pat not found"));
 }
 
+/// Runs `regcred` with `stdin` as its standard input; returns success, stdout and stderr.
+fn regcred_with_input(args: &[&str], stdin: &str) -> (bool, String, String) {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_regcred"))
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    (out.status.success(), String::from_utf8(out.stdout).unwrap(), String::from_utf8(out.stderr).unwrap())
+}
+
+/// Issue item 19: a ClusterRegistryCredential renders into the Namespace manifests its selector
+/// matches and the `-n` namespaces it names, from a source Secret in its own namespace.
+const CLUSTER_MANIFESTS: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: team-a, labels: {team: a}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: team-b, labels: {team: b}}
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: registry-robot, namespace: platform}
+stringData:
+  password: "robot-s3cret-value\n"
+---
+apiVersion: regcred.dev/v1alpha1
+kind: ClusterRegistryCredential
+metadata: {name: company-registry}
+spec:
+  registry: registry.example.com
+  source:
+    basic:
+      username: robot
+      passwordSecretRef: {name: registry-robot, namespace: platform}
+  namespaces:
+    selector: {matchLabels: {team: a}}
+    names: [build]
+  secret: {name: regcred-pull, labels: {team: platform}}
+---
+apiVersion: regcred.dev/v1alpha1
+kind: ClusterRegistryCredential
+metadata: {name: unused}
+spec:
+  registry: other.example.com
+  source:
+    basic:
+      username: robot
+      passwordSecretRef: {name: registry-robot, namespace: platform}
+  namespaces: {names: [nowhere]}
+"#;
+
+#[test]
+fn render_fans_a_cluster_credential_out_to_the_namespaces_it_selects() {
+    use secrecy::ExposeSecret;
+    let (ok, stdout, stderr) = regcred_with_input(&["render", "-f", "-", "-n", "build", "-n", "ci"], CLUSTER_MANIFESTS);
+    assert!(ok, "regcred render failed: {stderr}");
+    let secrets: Vec<Secret> = serde_saphyr::from_multiple(&stdout).unwrap();
+    let placed: Vec<_> = secrets
+        .iter()
+        .map(|s| (s.metadata.namespace.as_deref().unwrap(), s.metadata.name.as_deref().unwrap()))
+        .collect();
+    assert_eq!(placed, [("build", "regcred-pull"), ("team-a", "regcred-pull")]);
+    for secret in &secrets {
+        assert_eq!(secret.type_.as_deref(), Some("kubernetes.io/dockerconfigjson"));
+        let labels = secret.metadata.labels.as_ref().unwrap();
+        assert_eq!(labels["team"], "platform");
+        assert!(!labels.contains_key("regcred.dev/credential-uid"), "no owner offline, so no uid label");
+        assert!(secret.metadata.owner_references.is_none());
+        let logins = regcred::dockerconfig::parse(&secret.data.as_ref().unwrap()[".dockerconfigjson"].0).unwrap();
+        let logins: Vec<_> =
+            logins.iter().map(|a| (a.server.as_str(), a.username.as_str(), a.password.expose_secret())).collect();
+        assert_eq!(logins, [("registry.example.com", "robot", "robot-s3cret-value")], "line ending removed");
+    }
+    // Notes: the credential that selects nothing, and the line ending removed (by key, not value).
+    assert!(
+        stderr.contains(
+            "ClusterRegistryCredential unused selects none of the known namespaces (team-a, team-b, build, ci)"
+        ),
+        "{stderr}"
+    );
+    assert!(stderr.contains("Secret platform/registry-robot ended in a line break"), "{stderr}");
+    assert!(!stderr.contains("s3cret"), "a secret value on stderr: {stderr}");
+
+    // Selecting nothing anywhere is an error that says why.
+    let only_unused =
+        CLUSTER_MANIFESTS.split("---").filter(|doc| !doc.contains("company-registry")).collect::<Vec<_>>();
+    let (ok, stdout, stderr) = regcred_with_input(&["render", "-f", "-", "-n", "ci"], &only_unused.join("---"));
+    assert!(!ok && stdout.is_empty(), "{stdout}");
+    assert!(
+        stderr.contains("nothing to render: ClusterRegistryCredential unused selects none of the known namespaces"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("s3cret"), "a secret value on stderr: {stderr}");
+}
+
 /// A kubeconfig whose apiserver is a local port nobody listens on, in a fresh directory.
 fn unreachable_kubeconfig(test: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("regcred-cli-{test}-{}", std::process::id()));

@@ -29,8 +29,8 @@ async fn rendered_config(registry: &str, username: &str) -> Vec<u8> {
                "spec": {"registry": registry,
                         "source": {"basic": {"username": username, "passwordSecretRef": {"name": "pass"}}}}}),
     ];
-    let (credentials, secrets) = regcred::render::read_manifests(manifests, "team").expect("manifests");
-    let rendered = regcred::render::render(&credentials, &secrets).await.expect("render");
+    let manifests = regcred::render::read_manifests(manifests, &["team".into()]).expect("manifests");
+    let rendered = regcred::render::render(&manifests).await.expect("render").secrets;
     let data = rendered[0].data.as_ref().expect("a rendered Secret has data");
     data[DOCKER_CONFIG_KEY].0.clone()
 }

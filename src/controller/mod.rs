@@ -32,7 +32,7 @@ use kube::{
 };
 use tracing::{debug, info, warn};
 
-pub use credential::Credential;
+pub use credential::{Credential, Scope};
 
 use crate::{
     admin::AdminState,
