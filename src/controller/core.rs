@@ -31,7 +31,7 @@ use crate::{
         delete_seen, desired_secret, ensure_secret,
     },
     service_account::{has_finalizer, holds_exactly, release, set_finalizer, sync_namespace},
-    source::{ApiSecretReader, CredentialProvider, PreviousToken, SourceContext},
+    source::{ApiSecretReader, CredentialProvider, PreviousToken, ReadOnce, SourceContext},
     status::{Synced, conditions_changed, credential_status},
 };
 
@@ -167,7 +167,7 @@ async fn sync<K: Credential>(obj: &K, uid: &str, ctx: &Context) -> Result<FanOut
     let previous_token = sample.as_ref().and_then(|s| previous_token(s, status.as_ref(), obj.meta().generation));
 
     // One fetch for every namespace (ECR tokens also come from the shared cache).
-    let reader = ApiSecretReader(ctx.client.clone());
+    let reader = ReadOnce::new(ApiSecretReader(ctx.client.clone()));
     let source_ctx = SourceContext {
         namespace: own_namespace.unwrap_or_default(),
         registry: parts.registry,

@@ -47,6 +47,31 @@ impl SecretReader for ApiSecretReader {
     }
 }
 
+/// Reads each Secret at most once: one reconcile's sources read several keys of the same
+/// Secret (AWS keys: three), and each read would otherwise be a request.
+pub struct ReadOnce<R> {
+    inner: R,
+    read: std::sync::Mutex<BTreeMap<(String, String), Option<Secret>>>,
+}
+
+impl<R> ReadOnce<R> {
+    pub fn new(inner: R) -> Self {
+        Self { inner, read: Default::default() }
+    }
+}
+
+impl<R: SecretReader + Send> SecretReader for ReadOnce<R> {
+    async fn read(&self, namespace: &str, name: &str) -> Result<Option<Secret>, kube::Error> {
+        let key = (namespace.to_string(), name.to_string());
+        if let Some(known) = self.read.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&key) {
+            return Ok(known.clone());
+        }
+        let secret = self.inner.read(namespace, name).await?;
+        self.read.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(key, secret.clone());
+        Ok(secret)
+    }
+}
+
 /// What a provider needs to know about the credential it serves.
 pub struct SourceContext<'a, R> {
     /// Namespace the source's references resolve in (empty for a cluster-scoped credential,
@@ -279,6 +304,26 @@ mod tests {
                 r#""registry-1.docker.io":{"username":"bob","password":"s3cret","auth":"Ym9iOnMzY3JldA=="}}}"#
             )
         );
+    }
+
+    /// Item 20: one reconcile reads each referenced Secret once, however many keys it takes.
+    #[tokio::test]
+    async fn each_secret_is_read_once_per_reconcile() {
+        struct Counting(LocalSecrets, std::sync::atomic::AtomicUsize);
+        impl SecretReader for Counting {
+            async fn read(&self, namespace: &str, name: &str) -> Result<Option<Secret>, kube::Error> {
+                self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                self.0.read(namespace, name).await
+            }
+        }
+        let secrets = LocalSecrets::default().with("ns", "keys", &[("a", b"1"), ("b", b"2")]);
+        let once = ReadOnce::new(Counting(secrets, Default::default()));
+        let ctx = SourceContext::offline("ns", None, &once);
+        for key in ["a", "b", "a", "missing"] {
+            let reference = SecretKeyRef { name: "keys".into(), namespace: None, key: Some(key.into()) };
+            let _ = read_key(&ctx, &reference, key).await;
+        }
+        assert_eq!(once.inner.1.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
 
     #[tokio::test]
