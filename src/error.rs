@@ -68,6 +68,11 @@ pub enum Error {
     #[error("{failed} of {targets} namespaces did not get the Secret (see status.failures)")]
     NamespacesFailed { failed: usize, targets: usize },
 
+    #[error(
+        "every target holds the Secret, but it could not be removed from {namespaces} namespaces no longer selected (see status.failures)"
+    )]
+    CleanupFailed { namespaces: usize },
+
     #[error("ServiceAccount {namespace}/{name} changed under every attempt to patch it")]
     ServiceAccountContended { namespace: String, name: String },
 
@@ -106,6 +111,7 @@ impl Error {
             Error::InvalidNamespaceSelector(_) => "InvalidNamespaceSelector",
             Error::ReservedKey { .. } => "ReservedKey",
             Error::NamespacesFailed { .. } => "NamespacesFailed",
+            Error::CleanupFailed { .. } => "CleanupFailed",
             Error::Kube(_) => "KubernetesApiError",
         }
     }

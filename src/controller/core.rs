@@ -61,7 +61,10 @@ impl FanOut {
             Scope::Namespace(_) if !self.failures.is_empty() => Some(self.failures.remove(0).1),
             _ if !self.failures.is_empty() => {
                 let failed = self.failures.iter().filter(|(ns, _)| self.targets.contains(ns)).count();
-                Some(Error::NamespacesFailed { failed, targets: self.targets.len() })
+                Some(match failed {
+                    0 => Error::CleanupFailed { namespaces: self.failures.len() },
+                    _ => Error::NamespacesFailed { failed, targets: self.targets.len() },
+                })
             }
             _ => None,
         }

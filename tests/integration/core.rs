@@ -562,3 +562,58 @@ async fn foreground_deletion_releases_service_account_entries() {
         .await;
     eventually("the entry released", TIMEOUT, || async { entries().await?.is_empty().then_some(()) }).await;
 }
+
+/// Item 11: a cleanup that fails (here: the controller may not delete Secrets) is one more
+/// failure in status; it does not discard what the rest of the fan-out did.
+#[tokio::test]
+async fn a_failed_cleanup_keeps_the_rest_of_the_fan_out() {
+    let client = client().await;
+    let name = format!("nodelete-{}", &unique()[..6]);
+    let (kubeconfig, _) = own_identity(&name, |rule| {
+        if rule["resources"].as_array().is_some_and(|r| r.iter().any(|r| r == "secrets")) {
+            rule["verbs"] = json!(["get", "list", "watch", "create", "patch"]);
+        }
+    });
+    let _controller = spawn_controller(
+        env().cp,
+        &name,
+        &format!("{CONTROLLER_LABEL}={name}"),
+        &env().aws.endpoint(),
+        &[],
+        &[("KUBECONFIG", kubeconfig.display().to_string())],
+    );
+    let source_ns = namespace(&client, "nodelete-src").await;
+    create_secret(&client, &source_ns, "src", &[("password", secret_value("u", "nodelete").as_bytes())]).await;
+    let [a, b, c] = [
+        namespace(&client, "nodelete-a").await,
+        namespace(&client, "nodelete-b").await,
+        namespace(&client, "nodelete-c").await,
+    ];
+    let cluster = format!("{name}-c");
+    let spec = |names: [&String; 2]| {
+        json!({
+            "registry": "r.example.com",
+            "source": {"basic": {"username": "u", "passwordSecretRef": {"name": "src", "namespace": source_ns}}},
+            "namespaces": {"names": names},
+            "secret": {"name": "pull"},
+        })
+    };
+    create_cluster_credential_for(&client, &cluster, Some(&name), spec([&a, &b])).await;
+    wait_cluster(&client, &cluster, "synced", |s| s.synced_namespaces == Some(2)).await;
+
+    // b stops being selected (its Secret cannot be deleted), c starts.
+    let patch = json!({"spec": spec([&a, &c])});
+    Api::<ClusterRegistryCredential>::all(client.clone())
+        .patch(&cluster, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    let crc = wait_cluster(&client, &cluster, "the failed removal reported", |s| {
+        s.failures.iter().any(|f| f.namespace == b && f.reason == "KubernetesApiError")
+    })
+    .await;
+    let status = crc.status.unwrap();
+    assert_eq!((status.target_namespaces, status.synced_namespaces), (Some(2), Some(2)), "{status:?}");
+    wait_secret(&client, &c, "pull", "written in the new target", |_| true).await;
+    let ready = status.credential.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+    assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "CleanupFailed"), "a Secret is left behind");
+}
