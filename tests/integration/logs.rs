@@ -27,18 +27,22 @@ async fn json_logs_carry_the_object_and_no_secret() {
     wait_ready(&client, &ns, "good", "True", None).await;
     wait_ready(&client, &ns, "bad", "False", Some("SourceSecretNotFound")).await;
 
-    let log = std::fs::read_to_string(controller_log_path(cp, &name)).unwrap();
-    let lines: Vec<Value> = log
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
-        .collect();
-    assert!(!lines.is_empty());
-    // The failure warning names the object in its own fields.
-    let warning = lines
-        .iter()
-        .find(|l| l["level"] == "WARN" && l["namespace"] == ns.as_str() && l["name"] == "bad")
-        .unwrap_or_else(|| panic!("no WARN line for {ns}/bad"));
+    // The failure warning names the object in its own fields. It is logged when the reconcile
+    // has returned, after it wrote the status: wait for it.
+    let is_warning = |l: &Value| l["level"] == "WARN" && l["namespace"] == ns.as_str() && l["name"] == "bad";
+    let (log, lines) = regcred_testenv::wait_for(&format!("a WARN line for {ns}/bad"), TIMEOUT, || {
+        let log = std::fs::read_to_string(controller_log_path(cp, &name)).ok()?;
+        // A line being written may be incomplete: parse complete lines only.
+        let complete = &log[..log.rfind('\n').map_or(0, |i| i + 1)];
+        let lines: Vec<Value> = complete
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+            .collect();
+        lines.iter().any(is_warning).then(|| (log.clone(), lines))
+    })
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    let warning = lines.iter().find(|l| is_warning(l)).expect("found above");
     assert_eq!(warning["kind"], "RegistryCredential");
     assert_eq!(warning["reason"], "SourceSecretNotFound");
     // Lines logged inside a reconcile carry the object through the reconcile span.

@@ -83,10 +83,13 @@ async fn restarts_and_leader_changes_make_no_writes_and_no_aws_calls() {
             id.into(),
         ]
     };
+    // An identity of its own: every request of that user in the audit log is these replicas'.
+    let (kubeconfig, user) = own_identity(&name, |_| {});
     let spawn = |id: &str| {
         let args = leader_args(id);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        spawn_controller(cp, &format!("{name}-{id}"), &selector, &aws.endpoint(), &args, &[])
+        let env = [("KUBECONFIG", kubeconfig.display().to_string())];
+        spawn_controller(cp, &format!("{name}-{id}"), &selector, &aws.endpoint(), &args, &env)
     };
     let mut first = spawn("a");
 
@@ -123,20 +126,18 @@ async fn restarts_and_leader_changes_make_no_writes_and_no_aws_calls() {
 
     // Whatever the first controller still writes after the first sync (status echoes) ends
     // before it stops; count from then on.
-    let namespaces: Vec<&str> = [ns.as_str()].into_iter().chain(targets.iter().map(String::as_str)).collect();
     let quiet_since = |offset: u64| {
-        controller_requests_since(offset)
+        requests_of_since(&user, offset)
             .into_iter()
-            .filter(|(verb, resource, n, name)| {
+            .filter(|(verb, resource, _, _)| {
                 is_write(verb)
-                    && ((resource == "secrets" && namespaces.contains(&n.as_str()))
-                        || resource == "registrycredentials"
-                        || (resource == "clusterregistrycredentials" && *name == cluster))
+                    && ["secrets", "registrycredentials", "clusterregistrycredentials", "serviceaccounts"]
+                        .contains(&resource.as_str())
             })
             .collect::<Vec<_>>()
     };
     let reads_source_since = |offset: u64| {
-        controller_requests_since(offset)
+        requests_of_since(&user, offset)
             .into_iter()
             .filter(|(verb, res, n, secret)| verb == "get" && res == "secrets" && *n == ns && secret == "keys")
             .count()

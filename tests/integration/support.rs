@@ -479,6 +479,11 @@ pub fn own_identity(name: &str, edit: impl Fn(&mut Value)) -> (PathBuf, String) 
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding", "metadata": {"name": name},
          "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
          "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": CONTROLLER_NAMESPACE}]},
+        // The packaged leader-election Role, for replicas that compete for a Lease.
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+         "metadata": {"name": name, "namespace": CONTROLLER_NAMESPACE},
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "regcred-leader"},
+         "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": CONTROLLER_NAMESPACE}]},
     ]});
     let path = cp.dir().join(format!("{name}.json"));
     std::fs::write(&path, manifest.to_string()).expect("writing the manifest");
