@@ -101,10 +101,17 @@ impl Index {
             return Vec::new();
         };
         let labelled = secret.metadata.labels.as_ref().and_then(|l| l.get(CREDENTIAL_UID_LABEL));
-        self.lookup(
-            [Key::Secret(namespace.clone(), name.clone()), Key::SecretName(name.clone())],
-            labelled.into_iter().cloned(),
-        )
+        // A Secret of a cluster credential's name matters only in a namespace it targets
+        // (elsewhere, one of its own carries its uid label).
+        let targeting: Vec<String> = {
+            let inner = self.inner.read().unwrap_or_else(PoisonError::into_inner);
+            let by_name = inner.by_key.get(&Key::SecretName(name.clone())).into_iter().flatten();
+            by_name
+                .filter(|uid| inner.entries.get(*uid).is_some_and(|e| e.targets.contains(namespace)))
+                .cloned()
+                .collect()
+        };
+        self.lookup([Key::Secret(namespace.clone(), name.clone())], labelled.into_iter().cloned().chain(targeting))
     }
 
     /// Credentials a ServiceAccount event concerns: those that patch or use it, and those its
@@ -230,8 +237,11 @@ mod tests {
         index.upsert("u1", namespaced("a"), keys, None);
         index.upsert("u2", Trigger::Cluster(ObjectRef::new("c")), vec![Key::SecretName("pull".into())], None);
         assert_eq!(index.secret_event(&secret("team", "src", None)), [namespaced("a")]);
+        assert_eq!(index.secret_event(&secret("team", "pull", None)), [namespaced("a")], "not a target of c yet");
+        index.set_targets("u2", &["team".into(), "other".into()]);
         assert_eq!(index.secret_event(&secret("team", "pull", None)).len(), 2);
         assert_eq!(index.secret_event(&secret("other", "pull", None)), [Trigger::Cluster(ObjectRef::new("c"))]);
+        assert!(index.secret_event(&secret("elsewhere", "pull", None)).is_empty(), "a namespace c does not target");
         assert!(index.secret_event(&secret("other", "unrelated", None)).is_empty());
         assert_eq!(index.secret_event(&secret("other", "x", Some("u1"))), [namespaced("a")]);
         assert!(index.secret_event(&secret("other", "x", Some("unknown"))).is_empty());
