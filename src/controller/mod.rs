@@ -4,6 +4,8 @@
 
 mod core;
 mod credential;
+mod observe;
+mod report;
 
 use std::{
     collections::HashSet,

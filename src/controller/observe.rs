@@ -1,0 +1,217 @@
+//! What a reconcile observes before it plans: the credential's own Secrets (metadata, read
+//! only where their content is unknown), the token a live Secret holds, and the
+//! ServiceAccounts that may need a change.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use futures::{StreamExt, stream};
+use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
+use kube::{Api, ResourceExt, api::ListParams, runtime::reflector::ObjectRef};
+
+use super::Context;
+use crate::{
+    Error, dockerconfig,
+    plan::LiveSecret,
+    secret::{CREDENTIAL_UID_LABEL, TOKEN_IDENTITY_ANNOTATION, data_hash},
+    service_account::holds_exactly,
+    source::PreviousToken,
+};
+
+/// Above this many Secrets of unknown content, one list with data beats a read each.
+const READS_BEFORE_LIST: usize = 8;
+
+/// This credential's Secrets: listed as metadata by its uid label, kept only where its owner
+/// reference says they are its (a label proves nothing), with the data's hash where known
+/// without a read (the resourceVersion is the one last seen current) or read for the targets.
+pub(super) async fn own_secrets(
+    ctx: &Context,
+    namespace: Option<&str>,
+    uid: &str,
+    owner_uid: &str,
+    targets: &[String],
+    secret_name: &str,
+) -> Result<(Vec<LiveSecret>, Option<Secret>), Error> {
+    let api = match namespace {
+        Some(ns) => Api::<Secret>::namespaced(ctx.client.clone(), ns),
+        None => Api::<Secret>::all(ctx.client.clone()),
+    };
+    let selector = ListParams::default().labels(&format!("{CREDENTIAL_UID_LABEL}={uid}"));
+    let listed = api.list_metadata(&selector).await?.items;
+    let verified = ctx.states.with(uid, |s| s.verified.clone());
+    let targets: BTreeSet<&str> = targets.iter().map(String::as_str).collect();
+    let mut own: Vec<LiveSecret> = listed
+        .into_iter()
+        .filter(|s| {
+            s.metadata.owner_references.iter().flatten().any(|o| o.controller == Some(true) && o.uid == owner_uid)
+        })
+        .map(|s| {
+            let key = (s.metadata.namespace.clone().unwrap_or_default(), s.metadata.name.clone().unwrap_or_default());
+            let data_hash = verified
+                .get(&key)
+                .filter(|(rv, _)| s.metadata.resource_version.as_deref() == Some(rv.as_str()))
+                .map(|(_, hash)| hash.clone());
+            LiveSecret { meta: s.metadata, data_hash }
+        })
+        .collect();
+    // Content is needed only where the planner compares it: the current name in a target.
+    let unknown: Vec<usize> = (0..own.len())
+        .filter(|&i| own[i].data_hash.is_none() && own[i].name() == secret_name && targets.contains(own[i].namespace()))
+        .collect();
+    let mut sample = None;
+    if unknown.len() > READS_BEFORE_LIST {
+        let full = api.list(&selector).await?.items;
+        let hashes: BTreeMap<(String, String), (Option<String>, String)> = full
+            .iter()
+            .map(|s| {
+                let key = (s.namespace().unwrap_or_default(), s.name_any());
+                (key, (s.metadata.resource_version.clone(), data_hash(s.data.as_ref())))
+            })
+            .collect();
+        for i in unknown {
+            let key = (own[i].namespace().to_string(), own[i].name().to_string());
+            if let Some((rv, hash)) = hashes.get(&key)
+                && *rv == own[i].meta.resource_version
+            {
+                own[i].data_hash = Some(hash.clone());
+            }
+        }
+        sample = full.into_iter().find(|s| s.name_any() == secret_name);
+    } else {
+        for i in unknown {
+            let api = Api::<Secret>::namespaced(ctx.client.clone(), own[i].namespace());
+            if let Some(full) = api.get_opt(secret_name).await?
+                && full.metadata.resource_version == own[i].meta.resource_version
+            {
+                own[i].data_hash = Some(data_hash(full.data.as_ref()));
+                sample.get_or_insert(full);
+            }
+        }
+    }
+    // Remember what was read, so the next reconcile needs no read while nothing changes.
+    ctx.states.with(uid, |state| {
+        for live in own.iter().filter(|l| l.name() == secret_name) {
+            if let (Some(hash), Some(rv)) = (&live.data_hash, &live.meta.resource_version) {
+                let key = (live.namespace().to_string(), live.name().to_string());
+                state.verified.insert(key, (rv.clone(), hash.clone()));
+            }
+        }
+    });
+    Ok((own, sample))
+}
+
+/// This credential's Secrets found by reading each name it may have written in each namespace
+/// it targets or targeted last time (`--no-secret-watch`, where RBAC grants no list on
+/// Secrets): a read per namespace and name instead of one list.
+pub(super) async fn own_secrets_by_name(
+    ctx: &Context,
+    uid: &str,
+    targets: &[String],
+    names: &[&str],
+) -> Result<(Vec<LiveSecret>, Option<Secret>), Error> {
+    let mut namespaces: BTreeSet<String> = targets.iter().cloned().collect();
+    namespaces.extend(ctx.states.with(uid, |s| s.targets.clone()));
+    let reads: Vec<(String, String)> =
+        namespaces.iter().flat_map(|ns| names.iter().map(move |name| (ns.clone(), name.to_string()))).collect();
+    let found: Vec<Result<Option<Secret>, kube::Error>> = stream::iter(reads)
+        .map(|(namespace, name)| async move {
+            Api::<Secret>::namespaced(ctx.client.clone(), &namespace).get_opt(&name).await
+        })
+        .buffer_unordered(usize::from(ctx.config.concurrency.max(1)))
+        .collect()
+        .await;
+    let mut own = Vec::new();
+    let mut sample = None;
+    for secret in found {
+        let Some(secret) = secret? else { continue };
+        if !crate::secret::is_controlled_by(&secret, uid) {
+            continue;
+        }
+        let hash = data_hash(secret.data.as_ref());
+        if sample.is_none() && secret.metadata.name.as_deref() == names.first().copied() {
+            sample = Some(secret.clone());
+        }
+        own.push(LiveSecret { meta: secret.metadata, data_hash: Some(hash) });
+    }
+    own.sort_by(|a, b| (a.namespace(), a.name()).cmp(&(b.namespace(), b.name())));
+    Ok((own, sample))
+}
+
+/// The token a live Secret holds, when the last status says it is current for this spec:
+/// Ready for this generation, and its expiry and refresh time known. The ECR source reuses it
+/// only for the same identity and registries (see `source::ecr`).
+pub(super) fn previous_token(
+    secret: &Secret,
+    status: Option<&crate::crd::ClusterCredentialStatus>,
+    generation: Option<i64>,
+) -> Option<PreviousToken> {
+    let status = &status?.credential;
+    let ready = status.condition(crate::status::READY)?;
+    if ready.status != "True" || ready.observed_generation != generation {
+        return None;
+    }
+    let identity = secret.metadata.annotations.as_ref()?.get(TOKEN_IDENTITY_ANNOTATION)?.clone();
+    let bytes = &secret.data.as_ref()?.get(crate::dockerconfig::DOCKER_CONFIG_KEY)?.0;
+    Some(PreviousToken {
+        identity,
+        auths: dockerconfig::parse(bytes).ok()?,
+        expires_at: status.expires_at.as_ref()?.0,
+        refresh_at: status.next_refresh_at.as_ref()?.0,
+    })
+}
+
+/// The ServiceAccounts that may need a change, read in full and grouped by namespace: each
+/// named one in a target namespace unless the metadata store shows it holding exactly this
+/// credential's Secret at a resourceVersion already checked, and each one whose annotation
+/// records an entry of this credential. The others are not read at all.
+pub(super) async fn accounts_to_check(
+    ctx: &Context,
+    uid: &str,
+    targets: &[String],
+    wanted: &[String],
+    secret_name: &str,
+) -> Result<BTreeMap<String, Vec<ServiceAccount>>, Error> {
+    let verified = ctx.states.with(uid, |s| s.accounts_verified.clone());
+    let mut candidates: BTreeSet<(String, String)> = ctx.index.accounts_recording(uid).into_iter().collect();
+    for namespace in targets {
+        for name in wanted {
+            candidates.insert((namespace.clone(), name.clone()));
+        }
+    }
+    let targets: BTreeSet<&str> = targets.iter().map(String::as_str).collect();
+    let reads: Vec<(String, String)> = candidates
+        .into_iter()
+        .filter(|(namespace, name)| {
+            let Some(meta) = ctx.accounts.get(&ObjectRef::new(name).within(namespace)) else {
+                return false; // no such ServiceAccount: nothing to add to or remove from
+            };
+            let wanted_here = targets.contains(namespace.as_str()) && wanted.contains(name);
+            let empty = BTreeMap::new();
+            let annotations = meta.metadata.annotations.as_ref().unwrap_or(&empty);
+            let checked = verified.get(&(namespace.clone(), name.clone())) == meta.metadata.resource_version.as_ref();
+            !(wanted_here && checked && holds_exactly(annotations, secret_name, uid))
+        })
+        .collect();
+    read_accounts(ctx, reads).await
+}
+
+/// Reads ServiceAccounts by name (`--concurrency` at a time), grouped by namespace; one that
+/// is gone is skipped.
+pub(super) async fn read_accounts(
+    ctx: &Context,
+    reads: Vec<(String, String)>,
+) -> Result<BTreeMap<String, Vec<ServiceAccount>>, Error> {
+    let found: Vec<Result<Option<ServiceAccount>, kube::Error>> = stream::iter(reads)
+        .map(|(namespace, name)| async move {
+            Api::<ServiceAccount>::namespaced(ctx.client.clone(), &namespace).get_opt(&name).await
+        })
+        .buffer_unordered(usize::from(ctx.config.concurrency.max(1)))
+        .collect()
+        .await;
+    let mut by_namespace: BTreeMap<String, Vec<ServiceAccount>> = BTreeMap::new();
+    for account in found {
+        if let Some(account) = account? {
+            by_namespace.entry(account.namespace().unwrap_or_default()).or_default().push(account);
+        }
+    }
+    Ok(by_namespace)
+}

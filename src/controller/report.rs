@@ -1,0 +1,112 @@
+//! What a reconcile reports: the status (written only when it changed), the metrics, and the
+//! Events for writes and for new failures.
+
+use std::time::Instant;
+
+use kube::{
+    ResourceExt,
+    api::{Patch, PatchParams},
+    runtime::events::EventType,
+};
+
+use super::{
+    Context,
+    core::FanOut,
+    credential::{Credential, Scope},
+    publish,
+};
+use crate::{
+    Error,
+    crd::NamespaceFailure,
+    metrics::ObjectLabels,
+    secret::FIELD_MANAGER,
+    status::{conditions_changed, credential_status},
+};
+
+/// Failing namespaces listed in status; the counts cover the rest.
+const MAX_LISTED_FAILURES: usize = 20;
+
+/// Writes status when it changed, and publishes Events for writes and for new failures.
+pub(super) async fn report<K: Credential>(
+    obj: &K,
+    uid: &str,
+    ctx: &Context,
+    outcome: &Result<FanOut, Error>,
+    partial: Option<&Error>,
+) -> Result<(), Error> {
+    let previous = ctx.states.recent_status(uid).or_else(|| obj.status_view());
+    let error = outcome.as_ref().err().or(partial);
+    let parts = obj.parts();
+    let mut next = previous.clone().unwrap_or_default();
+    next.credential = credential_status(
+        previous.as_ref().map(|p| &p.credential),
+        obj.meta().generation,
+        parts.source,
+        outcome.as_ref().ok().map(|d| &d.synced),
+        error,
+    );
+    if let Ok(done) = outcome {
+        let count = |n: usize| Some(u32::try_from(n).unwrap_or(u32::MAX));
+        let failed = done.failures.iter().filter(|(ns, _)| done.targets.contains(ns)).count();
+        next.target_namespaces = count(done.targets.len());
+        next.synced_namespaces = count(done.targets.len() - failed);
+        next.failed_namespaces = count(failed);
+        next.failures = done
+            .failures
+            .iter()
+            .take(MAX_LISTED_FAILURES)
+            .map(|(namespace, error)| NamespaceFailure {
+                namespace: namespace.clone(),
+                reason: error.reason().into(),
+                message: error.to_string(),
+            })
+            .collect();
+    }
+    let next = K::normalize(next);
+    let labels = ObjectLabels {
+        kind: K::KIND.into(),
+        namespace: obj.meta().namespace.clone().unwrap_or_default(),
+        name: obj.name_any(),
+    };
+    ctx.record_status(&labels, &next.credential);
+    ctx.states.with(uid, |s| s.labels = Some(labels));
+
+    let previous_credential = previous.as_ref().map(|p| &p.credential);
+    let event = match (outcome, error) {
+        (Ok(done), _) if done.created + done.updated + done.removed > 0 => Some(write_event(obj, done)),
+        (_, Some(error)) if conditions_changed(previous_credential, &next.credential) => {
+            Some((EventType::Warning, error.reason(), error.to_string()))
+        }
+        _ => None,
+    };
+    if let Some((type_, reason, note)) = event {
+        publish(ctx, &obj.object_ref(&()), type_, reason, note).await;
+    }
+
+    if previous.as_ref() != Some(&next) {
+        let api = K::api(ctx.client.clone(), obj.meta().namespace.as_deref());
+        let patch = K::status_patch(&next);
+        api.patch_status(&obj.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
+        ctx.states.with(uid, |s| s.written = Some((next, Instant::now())));
+    }
+    Ok(())
+}
+
+/// The Normal Event for a reconcile that wrote: per Secret for a credential with one target,
+/// a summary for a fan-out.
+fn write_event<K: Credential>(obj: &K, done: &FanOut) -> (EventType, &'static str, String) {
+    let name = &done.synced.secret_name;
+    match obj.parts().scope {
+        Scope::Namespace(_) if done.created > 0 => (EventType::Normal, "Created", format!("Created Secret {name}")),
+        Scope::Namespace(_) if done.updated > 0 => (EventType::Normal, "Updated", format!("Updated Secret {name}")),
+        Scope::Namespace(_) => (EventType::Normal, "Deleted", format!("Deleted the Secret written before {name}")),
+        Scope::Selection(_) => (
+            EventType::Normal,
+            "Synced",
+            format!(
+                "Secret {name}: created in {}, updated in {}, removed from {} namespaces",
+                done.created, done.updated, done.removed
+            ),
+        ),
+    }
+}
