@@ -407,6 +407,69 @@ mod tests {
         assert!(is_up_to_date(&live, &desired(&[("team", "a")])));
     }
 
+    /// An apiserver that answers a fixed script of (method, status, body) and records the
+    /// requests it was sent: for races that the real apiserver cannot be made to lose on cue.
+    fn scripted(
+        script: Vec<(&'static str, u16, serde_json::Value)>,
+    ) -> (Client, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+        use std::sync::{Arc, Mutex};
+        let script = Arc::new(Mutex::new(std::collections::VecDeque::from(script)));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        let service = tower::service_fn(move |request: http::Request<kube::client::Body>| {
+            let (script, log) = (script.clone(), log.clone());
+            async move {
+                let (method, status, body) = script.lock().unwrap().pop_front().expect("a request beyond the script");
+                assert_eq!(request.method().as_str(), method, "{}", request.uri());
+                log.lock().unwrap().push(format!("{} {}", request.method(), request.uri().path()));
+                let response = http::Response::builder()
+                    .status(status)
+                    .header("content-type", "application/json")
+                    .body(kube::client::Body::from(serde_json::to_vec(&body).unwrap()))
+                    .unwrap();
+                Ok::<_, std::convert::Infallible>(response)
+            }
+        });
+        (Client::new(service, "default"), seen)
+    }
+
+    fn conflict() -> serde_json::Value {
+        serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Conflict",
+                           "code": 409, "message": "the object has been modified"})
+    }
+
+    /// Item 10 of the one-core issue: a 409 on the resourceVersion-guarded apply (someone
+    /// changed the Secret in between) is read again and decided afresh, not reported.
+    #[tokio::test]
+    async fn a_conflicting_apply_is_read_again_not_reported() {
+        let stale = desired(&[("team", "old")]);
+        let wanted = desired(&[("team", "new")]);
+        let mut fresh = wanted.clone();
+        fresh.metadata.resource_version = Some("2".into());
+        let (client, seen) =
+            scripted(vec![("PATCH", 409, conflict()), ("GET", 200, serde_json::to_value(&fresh).unwrap())]);
+        let claim = Claim { owner: owner(), created: None };
+        let outcome = ensure_secret(&client, &wanted, &claim, Some(Some(stale))).await.unwrap();
+        assert_eq!(outcome, Outcome { change: SecretChange::Unchanged, resource_version: Some("2".into()) });
+        assert_eq!(seen.lock().unwrap().len(), 2);
+    }
+
+    /// Only a conflict that persists through every attempt is an error.
+    #[tokio::test]
+    async fn a_conflict_that_persists_is_reported() {
+        let stale = desired(&[("team", "old")]);
+        let mut script = Vec::new();
+        for _ in 0..ATTEMPTS {
+            script.push(("PATCH", 409, conflict()));
+            script.push(("GET", 200, serde_json::to_value(&stale).unwrap()));
+        }
+        script.pop();
+        let (client, _) = scripted(script);
+        let claim = Claim { owner: owner(), created: None };
+        let error = ensure_secret(&client, &desired(&[("team", "new")]), &claim, Some(Some(stale))).await.unwrap_err();
+        assert!(matches!(error, Error::Kube(kube::Error::Api(ref s)) if s.code == 409), "{error}");
+    }
+
     #[test]
     fn ownership_needs_the_controller_flag_and_uid() {
         let mut s = desired(&[]);
