@@ -19,50 +19,32 @@
 //! 4. a change of the source Secret: time until all N Secrets hold it, against a plain client
 //!    patching N Secrets at the same concurrency.
 
+#[allow(dead_code)]
+mod support;
+
 use std::{
     collections::BTreeMap,
-    io::{Read, Write},
     path::PathBuf,
-    process::Command,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail, ensure};
 use base64::Engine as _;
 use futures::{StreamExt, TryStreamExt, stream};
-use k8s_openapi::{
-    ByteString,
-    api::core::v1::{Namespace, Secret},
-};
+use k8s_openapi::api::core::v1::Secret;
 use kube::{
     Api, Client,
-    api::{ObjectMeta, Patch, PatchParams, PostParams},
+    api::{Patch, PatchParams, PostParams},
 };
 use regcred::crd::ClusterRegistryCredential;
-use regcred_testenv::{CONTROLLER_USER, ControlPlane, Process};
-use secrecy::ExposeSecret;
-use serde_json::{Value, json};
+use regcred_testenv::{CONTROLLER_USER, ControlPlane};
+use serde_json::json;
+use support::*;
 
-const CREDENTIAL: &str = "fan";
-const REGISTRY: &str = "registry.example.com";
-const USERNAME: &str = "u";
-const SOURCE_NAMESPACE: &str = "bench-source";
-const SOURCE_SECRET: &str = "src";
-const PULL: &str = "regcred-pull";
-/// Selects every Secret regcred wrote (and nothing the baseline wrote).
-const MANAGED_BY_REGCRED: &str = "app.kubernetes.io/managed-by=regcred";
-/// Label on the baseline's Secrets; its value names the run.
-const DIRECT_LABEL: &str = "regcred-bench/direct";
-const PASSWORD: &str = "bench-password-1";
 const NEW_PASSWORD: &str = "bench-password-2";
 /// Namespaces that hold the unrelated Secrets (not labelled bench=fanout).
 const UNRELATED_NAMESPACES: usize = 20;
 const CONTROLLER_LOG: &str = "regcred-fanout-bench.log";
-const POLL: Duration = Duration::from_millis(100);
-/// Longest any one phase may take before the bench gives up.
-const PHASE_TIMEOUT: Duration = Duration::from_secs(15 * 60);
-/// Write verbs as apiserver_request_total names them: server-side apply is `APPLY`, not `PATCH`.
-const WRITE_VERBS: [&str; 6] = ["POST", "PUT", "PATCH", "APPLY", "DELETE", "DELETECOLLECTION"];
 /// Resources regcred writes; other writes in apiserver_request_total belong to someone else.
 const REGCRED_RESOURCES: [&str; 4] = ["secrets", "events", "clusterregistrycredentials", "serviceaccounts"];
 
@@ -85,14 +67,8 @@ impl Args {
             concurrency: 8,
             resync_interval: "5m".into(),
         };
-        let mut argv = std::env::args().skip(1);
-        while let Some(flag) = argv.next() {
-            // `cargo bench` passes --bench to every bench binary.
-            if flag == "--bench" {
-                continue;
-            }
-            let value = argv.next().with_context(|| format!("{flag} needs a value"))?;
-            let number = || value.parse::<usize>().with_context(|| format!("{flag} {value}: not a number"));
+        for (flag, value) in flag_pairs()? {
+            let number = || parse_flag::<usize>(&flag, &value);
             match flag.as_str() {
                 "--namespaces" => args.namespaces = number()?,
                 "--idle-secs" => args.idle_secs = number()? as u64,
@@ -137,7 +113,13 @@ async fn run(cp: &ControlPlane, args: &Args) -> anyhow::Result<()> {
     // The controller starts first, on an empty cluster: its RSS baseline is "ready, no
     // credentials", and both baseline runs below see the same background (an idle controller
     // watching Secrets and Namespaces) as regcred's own run.
-    let mut controller = Controller::start(cp, args)?;
+    let flags = [
+        "--concurrency".to_string(),
+        args.concurrency.to_string(),
+        "--resync-interval".into(),
+        args.resync_interval.clone(),
+    ];
+    let mut controller = Controller::start(cp, CONTROLLER_LOG, &flags, &[])?;
     let ready_in = controller.wait_ready().await?;
     tokio::time::sleep(Duration::from_secs(2)).await; // let its first lists settle
     let rss_empty = controller.rss();
@@ -350,7 +332,6 @@ async fn run(cp: &ControlPlane, args: &Args) -> anyhow::Result<()> {
 
     let rss_end = controller.rss();
     println!("\nsummary");
-    let met = |ok: bool| if ok { "met" } else { "MISSED" };
     println!("  fan-out regcred/direct: {fan_ratio:.2}× (target ≤ 1.30×: {})", met(fan_ratio <= 1.3));
     println!(
         "  idle writes in {} s: audit {} (controller), apiserver_request_total {} on regcred's resources, {} in all \
@@ -381,114 +362,6 @@ async fn run(cp: &ControlPlane, args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The controller under test and its admin endpoint.
-struct Controller {
-    process: Process,
-    admin_port: u16,
-}
-
-impl Controller {
-    fn start(cp: &ControlPlane, args: &Args) -> anyhow::Result<Controller> {
-        let admin_port = regcred_testenv::free_port();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_regcred"));
-        cmd.args(["run", "--concurrency", &args.concurrency.to_string()])
-            .args(["--resync-interval", &args.resync_interval])
-            .args(["--admin-addr", &format!("127.0.0.1:{admin_port}")])
-            .env("KUBECONFIG", cp.controller_kubeconfig_path())
-            .env("AWS_EC2_METADATA_DISABLED", "true")
-            .env("RUST_LOG", "info");
-        let process = Process::spawn("regcred", cmd, &cp.dir().join(CONTROLLER_LOG))?;
-        Ok(Controller { process, admin_port })
-    }
-
-    /// Polls /readyz until 200 (the credential caches have synced); returns how long it took.
-    async fn wait_ready(&mut self) -> anyhow::Result<Duration> {
-        let started = Instant::now();
-        loop {
-            self.process.check_alive()?;
-            if matches!(self.admin_get("/readyz"), Ok((200, _))) {
-                return Ok(started.elapsed());
-            }
-            ensure!(started.elapsed() < Duration::from_secs(60), "controller not ready in 60 s");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// `regcred_reconciles_total` of ClusterRegistryCredentials (counted as each one ends).
-    fn reconciles(&self) -> anyhow::Result<u64> {
-        let (code, metrics) = self.admin_get("/metrics")?;
-        ensure!(code == 200, "controller /metrics: HTTP {code}");
-        Ok(metrics
-            .lines()
-            .filter(|l| l.starts_with("regcred_reconciles_total{") && l.contains(r#"kind="ClusterRegistryCredential""#))
-            .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
-            .sum::<f64>() as u64)
-    }
-
-    /// (VmRSS, VmHWM) in KiB.
-    fn rss(&self) -> (u64, u64) {
-        self.process.rss_kib()
-    }
-
-    /// What to look at when the controller did not do what was expected.
-    fn diagnosis(&self) -> String {
-        self.process.log_tail()
-    }
-
-    /// A minimal HTTP/1.0 GET of the admin endpoint: (status, body).
-    fn admin_get(&self, path: &str) -> anyhow::Result<(u16, String)> {
-        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.admin_port))?;
-        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-        write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{}\r\n\r\n", self.admin_port)?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response)?;
-        let code = response.split_whitespace().nth(1).and_then(|c| c.parse().ok()).context("malformed response")?;
-        Ok((code, response.split_once("\r\n\r\n").map_or("", |(_, body)| body).to_string()))
-    }
-}
-
-/// When a run of N Secret writes was done: all requests answered, and all N seen by the poll.
-struct DirectRun {
-    requests_done: Duration,
-    all_seen: Duration,
-}
-
-/// regcred's fan-out: all N Secrets seen by the poll, and status reporting N synced.
-struct FanOutRun {
-    all_seen: Duration,
-    status_synced: Duration,
-}
-
-/// The baseline: the same N Secrets regcred writes (same type, same payload) created with a
-/// plain client at the controller's concurrency, timed by the same poll as regcred's.
-async fn direct_create(
-    client: &Client,
-    namespaces: &[String],
-    name: &str,
-    run: &str,
-    payload: &[u8],
-    concurrency: usize,
-) -> anyhow::Result<DirectRun> {
-    let started = Instant::now();
-    let creates = async {
-        stream::iter(namespaces)
-            .map(|namespace| {
-                let mut secret = pull_secret(name, payload);
-                secret.metadata.labels = Some(BTreeMap::from([(DIRECT_LABEL.into(), run.into())]));
-                let api = Api::<Secret>::namespaced(client.clone(), namespace);
-                async move { api.create(&PostParams::default(), &secret).await }
-            })
-            .buffer_unordered(concurrency)
-            .try_for_each(|_| async { Ok(()) })
-            .await?;
-        anyhow::Ok(started.elapsed())
-    };
-    let selector = format!("{DIRECT_LABEL}={run}");
-    let (requests_done, all_seen) =
-        tokio::try_join!(creates, wait_holding(client, &selector, name, PASSWORD, namespaces.len(), started))?;
-    Ok(DirectRun { requests_done, all_seen })
-}
-
 /// The baseline for a change: the new payload merge-patched into the baseline's N Secrets.
 async fn direct_patch(
     client: &Client,
@@ -499,103 +372,11 @@ async fn direct_patch(
     concurrency: usize,
 ) -> anyhow::Result<DirectRun> {
     let patch = json!({"data": {".dockerconfigjson": base64::engine::general_purpose::STANDARD.encode(payload)}});
-    let started = Instant::now();
-    let patches = async {
-        stream::iter(namespaces)
-            .map(|namespace| {
-                let (api, patch) = (Api::<Secret>::namespaced(client.clone(), namespace), &patch);
-                async move { api.patch(name, &PatchParams::default(), &Patch::Merge(patch)).await }
-            })
-            .buffer_unordered(concurrency)
-            .try_for_each(|_| async { Ok(()) })
-            .await?;
-        anyhow::Ok(started.elapsed())
+    let write = |api: Api<Secret>| {
+        let patch = &patch;
+        async move { api.patch(name, &PatchParams::default(), &Patch::Merge(patch)).await }
     };
-    let selector = format!("{DIRECT_LABEL}={run}");
-    let (requests_done, all_seen) =
-        tokio::try_join!(patches, wait_holding(client, &selector, name, NEW_PASSWORD, namespaces.len(), started))?;
-    Ok(DirectRun { requests_done, all_seen })
-}
-
-/// Creates the ClusterRegistryCredential and polls until all N Secrets exist and, separately,
-/// until its status reports N namespaces synced.
-async fn regcred_fan_out(client: &Client, controller: &mut Controller, n: usize) -> anyhow::Result<FanOutRun> {
-    let credentials = Api::<ClusterRegistryCredential>::all(client.clone());
-    let credential: ClusterRegistryCredential = serde_json::from_value(json!({
-        "apiVersion": "regcred.dev/v1alpha1", "kind": "ClusterRegistryCredential",
-        "metadata": {"name": CREDENTIAL},
-        "spec": {
-            "registry": REGISTRY,
-            "source": {"basic": {"username": USERNAME, "passwordSecretRef":
-                {"name": SOURCE_SECRET, "namespace": SOURCE_NAMESPACE, "key": "password"}}},
-            "namespaces": {"selector": {"matchLabels": {"bench": "fanout"}}},
-            "secret": {"name": PULL},
-        },
-    }))?;
-    let started = Instant::now();
-    credentials.create(&PostParams::default(), &credential).await?;
-    let status_synced = async {
-        loop {
-            let status = credentials.get(CREDENTIAL).await?.status;
-            if status.as_ref().and_then(|s| s.synced_namespaces) == Some(n as u32) {
-                return anyhow::Ok(started.elapsed());
-            }
-            ensure!(
-                started.elapsed() < PHASE_TIMEOUT,
-                "status never reported {n} synced: {}",
-                summary(status.as_ref())
-            );
-            tokio::time::sleep(POLL).await;
-        }
-    };
-    let all_seen = wait_holding(client, MANAGED_BY_REGCRED, PULL, PASSWORD, n, started);
-    let result = tokio::try_join!(all_seen, status_synced);
-    let (all_seen, status_synced) = match result {
-        Ok(times) => times,
-        Err(error) => {
-            let status = credentials.get(CREDENTIAL).await.ok().and_then(|c| c.status);
-            let alive = controller.process.check_alive().err().map(|e| format!("{e:#}")).unwrap_or_default();
-            return Err(error
-                .context(format!("status: {}", summary(status.as_ref())))
-                .context(alive)
-                .context(controller.diagnosis()));
-        }
-    };
-    Ok(FanOutRun { all_seen, status_synced })
-}
-
-/// Polls (every 100 ms, one cluster-wide list by label) until `n` Secrets called `name` hold
-/// `password` in their .dockerconfigjson; returns the time since `started`.
-async fn wait_holding(
-    client: &Client,
-    selector: &str,
-    name: &str,
-    password: &str,
-    n: usize,
-    started: Instant,
-) -> anyhow::Result<Duration> {
-    let api = Api::<Secret>::all(client.clone());
-    let params = kube::api::ListParams::default().labels(selector);
-    loop {
-        let secrets = api.list(&params).await?.items;
-        let seen = secrets.iter().filter(|s| s.metadata.name.as_deref() == Some(name) && holds(s, password)).count();
-        if seen == n {
-            return Ok(started.elapsed());
-        }
-        if started.elapsed() > PHASE_TIMEOUT {
-            bail!("after {PHASE_TIMEOUT:?}, {seen} of {n} Secrets {name} ({selector}) hold the expected password");
-        }
-        tokio::time::sleep(POLL).await;
-    }
-}
-
-/// Whether a pull Secret's .dockerconfigjson holds `password` for the bench's registry.
-fn holds(secret: &Secret, password: &str) -> bool {
-    let Some(config) = secret.data.as_ref().and_then(|d| d.get(".dockerconfigjson")) else {
-        return false;
-    };
-    regcred::dockerconfig::parse(&config.0)
-        .is_ok_and(|auths| auths.iter().any(|a| a.server == REGISTRY && a.password.expose_secret() == password))
+    direct_writes(client, namespaces, name, run, NEW_PASSWORD, concurrency, write).await
 }
 
 /// Sets an annotation on the credential (a change that is no spec change) and waits until the
@@ -651,146 +432,6 @@ fn noise(seed: u64, len: usize) -> Vec<u8> {
     bytes
 }
 
-async fn create_namespaces(
-    client: &Client,
-    names: &[String],
-    label: Option<(&str, &str)>,
-    concurrency: usize,
-) -> anyhow::Result<()> {
-    let api = Api::<Namespace>::all(client.clone());
-    stream::iter(names)
-        .map(|name| {
-            let namespace = Namespace {
-                metadata: ObjectMeta {
-                    name: Some(name.clone()),
-                    labels: label.map(|(k, v)| BTreeMap::from([(k.to_string(), v.to_string())])),
-                    ..Default::default()
-                },
-                ..Default::default()
-            };
-            let api = &api;
-            async move { api.create(&PostParams::default(), &namespace).await }
-        })
-        .buffer_unordered(concurrency)
-        .try_for_each(|_| async { Ok(()) })
-        .await?;
-    Ok(())
-}
-
-fn auth(password: &str) -> regcred::dockerconfig::RegistryAuth {
-    regcred::dockerconfig::RegistryAuth {
-        server: REGISTRY.into(),
-        username: USERNAME.into(),
-        password: password.to_string().into(),
-    }
-}
-
-fn pull_secret(name: &str, payload: &[u8]) -> Secret {
-    let mut secret = opaque(name, ".dockerconfigjson", payload);
-    secret.type_ = Some("kubernetes.io/dockerconfigjson".into());
-    secret
-}
-
-fn opaque(name: &str, key: &str, value: &[u8]) -> Secret {
-    Secret {
-        metadata: ObjectMeta { name: Some(name.into()), ..Default::default() },
-        data: Some(BTreeMap::from([(key.to_string(), ByteString(value.to_vec()))])),
-        ..Default::default()
-    }
-}
-
-/// Waits until the control plane is quiet: at most 2 writes (kube-apiserver's own lease
-/// renewals) in 3 s, by apiserver_request_total. Used between phases so that one phase's
-/// aftermath (kube-controller-manager filling new namespaces, the garbage collector, a
-/// controller's trailing reconcile) does not land in the next one's figures.
-async fn wait_quiet(cp: &ControlPlane) -> anyhow::Result<()> {
-    let started = Instant::now();
-    let mut last: u64 = apiserver_writes(cp)?.values().sum();
-    loop {
-        tokio::time::sleep(Duration::from_secs(3)).await;
-        let now: u64 = apiserver_writes(cp)?.values().sum();
-        if now - last <= 2 {
-            return Ok(());
-        }
-        if started.elapsed() > Duration::from_secs(300) {
-            eprintln!("warning: the control plane still writes {} times in 3 s after 300 s; going on", now - last);
-            return Ok(());
-        }
-        last = now;
-    }
-}
-
-/// Waits until the controller has made no write for 5 s (its own Secret writes queue one more
-/// reconcile, which must find nothing to do); returns the audit log offset at that point.
-async fn settle(cp: &ControlPlane, from: u64) -> anyhow::Result<u64> {
-    let started = Instant::now();
-    let (mut last, mut since) = (total(&controller_writes(cp, from, cp.audit_log_len()?)?), Instant::now());
-    loop {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let now = total(&controller_writes(cp, from, cp.audit_log_len()?)?);
-        if now != last {
-            (last, since) = (now, Instant::now());
-        } else if since.elapsed() >= Duration::from_secs(5) {
-            return cp.audit_log_len();
-        }
-        ensure!(started.elapsed() < PHASE_TIMEOUT, "the controller kept writing for {PHASE_TIMEOUT:?}");
-    }
-}
-
-/// Writes by the controller between two audit log offsets, by verb and resource.
-fn controller_writes(cp: &ControlPlane, from: u64, to: u64) -> anyhow::Result<BTreeMap<String, u64>> {
-    audit_writes(cp, from, to, Some(CONTROLLER_USER))
-}
-
-/// Writes between two audit log offsets by `user`, by verb and resource; every user's (keyed
-/// by user too) if `user` is None.
-fn audit_writes(cp: &ControlPlane, from: u64, to: u64, user: Option<&str>) -> anyhow::Result<BTreeMap<String, u64>> {
-    let text = cp.read_audit_log(from, Some(to))?;
-    let mut writes = BTreeMap::new();
-    for event in text.lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()) {
-        let verb = event["verb"].as_str().unwrap_or_default();
-        let who = event["user"]["username"].as_str().unwrap_or_default();
-        if !matches!(verb, "create" | "update" | "patch" | "delete" | "deletecollection")
-            || user.is_some_and(|u| u != who)
-        {
-            continue;
-        }
-        let resource = event["objectRef"]["resource"].as_str().unwrap_or_default();
-        let sub = event["objectRef"]["subresource"].as_str().map(|s| format!("/{s}")).unwrap_or_default();
-        let key = match user {
-            Some(_) => format!("{verb} {resource}{sub}"),
-            None => format!("{who}: {verb} {resource}{sub}"),
-        };
-        *writes.entry(key).or_default() += 1;
-    }
-    Ok(writes)
-}
-
-/// apiserver_request_total summed by write verb and resource, e.g. `APPLY secrets`,
-/// `PUT coordination.k8s.io/leases`. Every user's: the metric has no user label.
-fn apiserver_writes(cp: &ControlPlane) -> anyhow::Result<BTreeMap<String, u64>> {
-    let text = cp.apiserver_metrics()?;
-    let mut writes = BTreeMap::new();
-    for line in text.lines() {
-        let Some(rest) = line.strip_prefix("apiserver_request_total{") else { continue };
-        let Some((labels, value)) = rest.rsplit_once("} ") else { continue };
-        let labels: BTreeMap<&str, &str> = labels
-            .split("\",")
-            .filter_map(|pair| pair.split_once("=\""))
-            .map(|(k, v)| (k, v.trim_end_matches('"')))
-            .collect();
-        let verb = labels.get("verb").copied().unwrap_or_default();
-        if !WRITE_VERBS.contains(&verb) {
-            continue;
-        }
-        let group = labels.get("group").filter(|g| !g.is_empty()).map(|g| format!("{g}/")).unwrap_or_default();
-        let resource = labels.get("resource").copied().unwrap_or_default();
-        let sub = labels.get("subresource").filter(|s| !s.is_empty()).map(|s| format!("/{s}")).unwrap_or_default();
-        *writes.entry(format!("{verb} {group}{resource}{sub}")).or_default() += value.parse::<f64>()? as u64;
-    }
-    Ok(writes)
-}
-
 /// Bytes in the files under `dir` (or in the file `dir`).
 fn dir_size(dir: &std::path::Path) -> u64 {
     let Ok(entries) = std::fs::read_dir(dir) else { return std::fs::metadata(dir).map_or(0, |m| m.len()) };
@@ -802,48 +443,4 @@ fn dir_size(dir: &std::path::Path) -> u64 {
             Err(_) => 0,
         })
         .sum()
-}
-
-fn summary(status: Option<&regcred::crd::ClusterCredentialStatus>) -> String {
-    let Some(status) = status else { return "none yet".into() };
-    let ready = status
-        .credential
-        .condition("Ready")
-        .map(|c| format!("Ready={} {}: {}", c.status, c.reason, c.message))
-        .unwrap_or_else(|| "no Ready condition".into());
-    let failures: Vec<String> = status.failures.iter().map(|f| format!("{} {}", f.namespace, f.reason)).collect();
-    format!(
-        "targets {:?}, synced {:?}, failed {:?}{}; {ready}",
-        status.target_namespaces,
-        status.synced_namespaces,
-        status.failed_namespaces,
-        if failures.is_empty() { String::new() } else { format!(" (first: {})", failures.join(", ")) }
-    )
-}
-
-fn total(writes: &BTreeMap<String, u64>) -> u64 {
-    writes.values().sum()
-}
-
-fn show(writes: &BTreeMap<String, u64>) -> String {
-    if writes.is_empty() {
-        return "{}".into();
-    }
-    format!("{writes:?}")
-}
-
-fn ratio(a: Duration, b: Duration) -> f64 {
-    a.as_secs_f64() / b.as_secs_f64()
-}
-
-fn ratio_kib(a: u64, b: u64) -> f64 {
-    a as f64 / b as f64
-}
-
-fn mib(kib: u64) -> String {
-    format!("{:.1}", kib as f64 / 1024.0)
-}
-
-fn kib(value: u64) -> String {
-    format!("{value} KiB ({:.1} MiB)", value as f64 / 1024.0)
 }

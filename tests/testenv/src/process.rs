@@ -77,6 +77,13 @@ impl Process {
 
     /// Resident and peak resident memory (VmRSS, VmHWM) in KiB; zeros once it has exited.
     pub fn rss_kib(&self) -> (u64, u64) {
+        let status = self.status_kib(&["VmRSS:", "VmHWM:"]);
+        (status[0], status[1])
+    }
+
+    /// Fields of /proc/PID/status in KiB, e.g. `["RssAnon:", "RssFile:"]`, in the order
+    /// asked; 0 for a field it lacks, and all zeros once the process has exited.
+    pub fn status_kib(&self, fields: &[&str]) -> Vec<u64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
         let field = |name: &str| {
             status
@@ -86,7 +93,7 @@ impl Process {
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0)
         };
-        (field("VmRSS:"), field("VmHWM:"))
+        fields.iter().map(|name| field(name)).collect()
     }
 
     /// Err (with the log's tail) if the process has exited.
