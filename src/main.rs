@@ -130,14 +130,17 @@ fn main() -> anyhow::Result<()> {
 
 /// glibc gives each thread that meets contention its own malloc arena and keeps freed memory in
 /// it: measured at 1,000 namespaces, that was a third of the controller's RSS (46 MiB with the
-/// default, 31 MiB with one arena). Two arenas keep most of the saving without serialising
-/// every allocation. Set before the runtime starts its threads; `MALLOC_ARENA_MAX` still wins.
+/// default, 31 MiB with one arena). With two arenas the second one's retention made RSS step
+/// up by about 7 MiB in an arbitrary round of repeated fan-outs (`cargo bench --bench core`:
+/// 25.7 → 33.3 MiB); one arena stayed flat (25.4, then 26.6–26.9 MiB). The controller's
+/// allocations are few and small next to its network waits, so one arena costs no measurable
+/// time there. Set before the runtime starts its threads; `MALLOC_ARENA_MAX` still wins.
 fn limit_malloc_arenas() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
         // SAFETY: mallopt only changes allocator tuning; no other thread exists yet.
         unsafe {
-            libc::mallopt(libc::M_ARENA_MAX, 2);
+            libc::mallopt(libc::M_ARENA_MAX, 1);
         }
     }
 }
