@@ -73,7 +73,10 @@ impl Controller {
     /// environment and its output in `<control plane dir>/<log>`.
     pub fn start(cp: &ControlPlane, log: &str, flags: &[String], env: &[(&str, &str)]) -> anyhow::Result<Controller> {
         let admin_port = regcred_testenv::free_port();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_regcred"));
+        // REGCRED_BENCH_CONTROLLER runs another build (an older release, for a before/after).
+        let binary =
+            std::env::var_os("REGCRED_BENCH_CONTROLLER").unwrap_or_else(|| env!("CARGO_BIN_EXE_regcred").into());
+        let mut cmd = Command::new(binary);
         cmd.arg("run")
             .args(flags)
             .args(["--admin-addr", &format!("127.0.0.1:{admin_port}")])
