@@ -107,7 +107,8 @@ pub struct Plan {
 
 impl Plan {
     /// Whether carrying it out writes nothing.
-    pub fn is_quiet(&self) -> bool {
+    #[cfg(test)]
+    fn is_quiet(&self) -> bool {
         self.removals.is_empty() && self.steps.iter().all(|s| s.secret == SecretStep::Unchanged && s.retire.is_empty())
     }
 }

@@ -67,16 +67,21 @@ pub fn desired_secret(
     }
 }
 
-/// A short digest of a Secret's pull config, remembered per resourceVersion so an unchanged
-/// Secret is recognised from its metadata alone.
-pub fn data_hash(data: Option<&BTreeMap<String, ByteString>>) -> String {
+/// A short digest of a pull config (`None`: the Secret has none), remembered per
+/// resourceVersion so an unchanged Secret is recognised from its metadata alone.
+pub fn config_hash(config: Option<&[u8]>) -> String {
     use sha2::{Digest, Sha256};
     let mut hasher = Sha256::new();
-    match data.and_then(|d| d.get(DOCKER_CONFIG_KEY)) {
-        Some(bytes) => hasher.update(&bytes.0),
+    match config {
+        Some(bytes) => hasher.update(bytes),
         None => hasher.update(b"\0absent"),
     }
     hasher.finalize().iter().take(16).map(|b| format!("{b:02x}")).collect()
+}
+
+/// [`config_hash`] of a live Secret's `.dockerconfigjson`.
+pub fn data_hash(secret: &Secret) -> String {
+    config_hash(secret.data.as_ref().and_then(|d| d.get(DOCKER_CONFIG_KEY)).map(|b| b.0.as_slice()))
 }
 
 /// What a write did.
@@ -164,7 +169,7 @@ async fn write_once(
         };
         return Ok(Outcome { change: SecretChange::Created, resource_version });
     };
-    if !is_controlled_by(&existing, &claim.owner.uid) {
+    if !is_controlled_by(&existing.metadata, &claim.owner.uid) {
         if !yields_to(client, &existing, claim).await? {
             return Err(Error::SecretConflict {
                 namespace: existing.metadata.namespace.unwrap_or_default(),
@@ -258,7 +263,7 @@ pub async fn delete_if_controlled(api: &Api<Secret>, name: &str, owner_uid: &str
     let Some(existing) = api.get_opt(name).await? else {
         return Ok(false);
     };
-    if !is_controlled_by(&existing, owner_uid) {
+    if !is_controlled_by(&existing.metadata, owner_uid) {
         return Ok(false);
     }
     let params = kube::api::DeleteParams {
@@ -298,9 +303,9 @@ pub async fn delete_seen(
     }
 }
 
-/// Whether the Secret's controller owner reference points at `owner_uid`.
-pub fn is_controlled_by(secret: &Secret, owner_uid: &str) -> bool {
-    secret.metadata.owner_references.iter().flatten().any(|o| o.controller == Some(true) && o.uid == owner_uid)
+/// Whether the object's controller owner reference points at `owner_uid`.
+pub fn is_controlled_by(meta: &ObjectMeta, owner_uid: &str) -> bool {
+    meta.owner_references.iter().flatten().any(|o| o.controller == Some(true) && o.uid == owner_uid)
 }
 
 /// Whether applying `desired` would change anything regcred owns in `existing`.
@@ -473,9 +478,9 @@ mod tests {
     #[test]
     fn ownership_needs_the_controller_flag_and_uid() {
         let mut s = desired(&[]);
-        assert!(is_controlled_by(&s, "uid-1"));
-        assert!(!is_controlled_by(&s, "uid-2"));
+        assert!(is_controlled_by(&s.metadata, "uid-1"));
+        assert!(!is_controlled_by(&s.metadata, "uid-2"));
         s.metadata.owner_references.as_mut().unwrap()[0].controller = Some(false);
-        assert!(!is_controlled_by(&s, "uid-1"));
+        assert!(!is_controlled_by(&s.metadata, "uid-1"));
     }
 }

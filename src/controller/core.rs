@@ -21,7 +21,7 @@ use super::{
 use crate::{
     Error, dockerconfig,
     plan::{self, NamespaceStep, Observed, Removal, Retire, SecretStep},
-    secret::{Claim, Outcome, SecretChange, apply, data_hash, delete_seen, desired_secret, ensure_secret},
+    secret::{Claim, Outcome, SecretChange, apply, config_hash, delete_seen, desired_secret, ensure_secret},
     service_account::{has_finalizer, release, set_finalizer, sync_namespace},
     source::{ApiSecretReader, CredentialProvider, ReadOnce, SourceContext},
     status::Synced,
@@ -146,7 +146,7 @@ async fn sync<K: Credential>(obj: &K, uid: &str, ctx: &Context) -> Result<FanOut
     let status = ctx.states.recent_status(uid).or_else(|| obj.status_view());
     let previous_name = status.as_ref().and_then(|s| s.credential.secret_name.clone());
     let (own, sample) = match ctx.config.watch_secrets {
-        true => own_secrets(ctx, own_namespace, uid, &owner.uid, &targets, &secret_name).await?,
+        true => own_secrets(ctx, own_namespace, uid, &targets, &secret_name).await?,
         // Where RBAC withholds list on Secrets: read the ones this credential may have, by name.
         false => {
             let names: Vec<&str> =
@@ -168,10 +168,7 @@ async fn sync<K: Credential>(obj: &K, uid: &str, ctx: &Context) -> Result<FanOut
     };
     let credentials = parts.source.fetch(&source_ctx).await?;
     let docker_config = dockerconfig::render(&credentials.auths);
-    let desired_hash = data_hash(Some(&BTreeMap::from([(
-        crate::dockerconfig::DOCKER_CONFIG_KEY.to_string(),
-        k8s_openapi::ByteString(docker_config.clone()),
-    )])));
+    let desired_hash = config_hash(Some(&docker_config));
     let identity = credentials.identity.as_deref();
     let desired_in = |namespace: &str| {
         desired_secret(&secret_name, namespace, parts.secret, Some(owner.clone()), docker_config.clone(), identity)

@@ -147,41 +147,30 @@ where
 
     // Metadata only: the controller sees every Secret's, ServiceAccount's and Namespace's
     // name, labels and annotations, never a Secret's data.
-    let namespace_events =
-        watcher(Api::<PartialObjectMeta<Namespace>>::all(client.clone()), watcher::Config::default())
-            .backoff(WatchBackoff::new())
-            .modify(|ns| ns.managed_fields_mut().clear())
-            .reflect(namespace_writer)
-            .inspect({
-                let ctx = ctx.clone();
-                move |event| {
-                    if let Ok(watcher::Event::InitDone) = event {
-                        ctx.namespaces_synced.store(true, Ordering::Release);
-                    }
-                }
-            })
-            .touched_objects();
+    let namespace_events = cached_metadata(&client, namespace_writer, {
+        let ctx = ctx.clone();
+        move |event| {
+            if let watcher::Event::InitDone = event {
+                ctx.namespaces_synced.store(true, Ordering::Release);
+            }
+        }
+    });
     let namespace_events = route(namespace_events, &triggers, {
         let ctx = ctx.clone();
         move |ns| ctx.index.namespace_event(&ns)
     });
     let account_events = route(
-        watcher(Api::<PartialObjectMeta<ServiceAccount>>::all(client.clone()), watcher::Config::default())
-            .backoff(WatchBackoff::new())
-            .modify(|account| account.managed_fields_mut().clear())
-            .reflect(account_writer)
-            .inspect({
-                let ctx = ctx.clone();
-                move |event| match event {
-                    Ok(watcher::Event::Apply(account) | watcher::Event::InitApply(account)) => {
-                        ctx.index.account_seen(account, false)
-                    }
-                    Ok(watcher::Event::Delete(account)) => ctx.index.account_seen(account, true),
-                    Ok(watcher::Event::InitDone) => ctx.accounts_synced.store(true, Ordering::Release),
-                    _ => {}
+        cached_metadata(&client, account_writer, {
+            let ctx = ctx.clone();
+            move |event| match event {
+                watcher::Event::Apply(account) | watcher::Event::InitApply(account) => {
+                    ctx.index.account_seen(account, false)
                 }
-            })
-            .touched_objects(),
+                watcher::Event::Delete(account) => ctx.index.account_seen(account, true),
+                watcher::Event::InitDone => ctx.accounts_synced.store(true, Ordering::Release),
+                watcher::Event::Init => {}
+            }
+        }),
         &triggers,
         {
             let ctx = ctx.clone();
@@ -222,6 +211,28 @@ where
         _ = async { futures::join!(namespaced, cluster) } => {}
         _ = async { routers.await; std::future::pending::<()>().await } => {}
     }
+}
+
+/// A metadata-only watch of every `K`, without managedFields, kept in `writer`'s store;
+/// `observe` sees each event before the objects go on to be routed.
+fn cached_metadata<K>(
+    client: &Client,
+    writer: reflector::store::Writer<PartialObjectMeta<K>>,
+    observe: impl Fn(&watcher::Event<PartialObjectMeta<K>>) + Send + 'static,
+) -> impl Stream<Item = Result<PartialObjectMeta<K>, watcher::Error>> + Send + 'static
+where
+    K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+{
+    watcher(Api::<PartialObjectMeta<K>>::all(client.clone()), watcher::Config::default())
+        .backoff(WatchBackoff::new())
+        .modify(|object| object.managed_fields_mut().clear())
+        .reflect(writer)
+        .inspect(move |event| {
+            if let Ok(event) = event {
+                observe(event);
+            }
+        })
+        .touched_objects()
 }
 
 /// Where routed events go.

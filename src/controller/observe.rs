@@ -2,17 +2,24 @@
 //! only where their content is unknown), the token a live Secret holds, and the
 //! ServiceAccounts that may need a change.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt::Debug,
+};
 
 use futures::{StreamExt, stream};
-use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
-use kube::{Api, ResourceExt, api::ListParams, runtime::reflector::ObjectRef};
+use k8s_openapi::{
+    NamespaceResourceScope,
+    api::core::v1::{Secret, ServiceAccount},
+};
+use kube::{Api, Resource, ResourceExt, api::ListParams, runtime::reflector::ObjectRef};
+use serde::de::DeserializeOwned;
 
 use super::Context;
 use crate::{
     Error, dockerconfig,
     plan::LiveSecret,
-    secret::{CREDENTIAL_UID_LABEL, TOKEN_IDENTITY_ANNOTATION, data_hash},
+    secret::{CREDENTIAL_UID_LABEL, TOKEN_IDENTITY_ANNOTATION, data_hash, is_controlled_by},
     service_account::holds_exactly,
     source::PreviousToken,
 };
@@ -23,11 +30,11 @@ const READS_BEFORE_LIST: usize = 8;
 /// This credential's Secrets: listed as metadata by its uid label, kept only where its owner
 /// reference says they are its (a label proves nothing), with the data's hash where known
 /// without a read (the resourceVersion is the one last seen current) or read for the targets.
+/// Also returns one of them read in full, if any was (for the token it holds).
 pub(super) async fn own_secrets(
     ctx: &Context,
     namespace: Option<&str>,
     uid: &str,
-    owner_uid: &str,
     targets: &[String],
     secret_name: &str,
 ) -> Result<(Vec<LiveSecret>, Option<Secret>), Error> {
@@ -38,12 +45,9 @@ pub(super) async fn own_secrets(
     let selector = ListParams::default().labels(&format!("{CREDENTIAL_UID_LABEL}={uid}"));
     let listed = api.list_metadata(&selector).await?.items;
     let verified = ctx.states.with(uid, |s| s.verified.clone());
-    let targets: BTreeSet<&str> = targets.iter().map(String::as_str).collect();
     let mut own: Vec<LiveSecret> = listed
         .into_iter()
-        .filter(|s| {
-            s.metadata.owner_references.iter().flatten().any(|o| o.controller == Some(true) && o.uid == owner_uid)
-        })
+        .filter(|s| is_controlled_by(&s.metadata, uid))
         .map(|s| {
             let key = (s.metadata.namespace.clone().unwrap_or_default(), s.metadata.name.clone().unwrap_or_default());
             let data_hash = verified
@@ -54,37 +58,31 @@ pub(super) async fn own_secrets(
         })
         .collect();
     // Content is needed only where the planner compares it: the current name in a target.
-    let unknown: Vec<usize> = (0..own.len())
-        .filter(|&i| own[i].data_hash.is_none() && own[i].name() == secret_name && targets.contains(own[i].namespace()))
+    let targets: BTreeSet<&str> = targets.iter().map(String::as_str).collect();
+    let unknown: BTreeSet<(String, String)> = own
+        .iter()
+        .filter(|l| l.data_hash.is_none() && l.name() == secret_name && targets.contains(l.namespace()))
+        .map(|l| (l.namespace().to_string(), l.name().to_string()))
         .collect();
+    let read = match unknown.len() {
+        0 => Vec::new(),
+        n if n > READS_BEFORE_LIST => api.list(&selector).await?.items,
+        _ => read_each(ctx, unknown.iter().cloned()).await?,
+    };
+    // Only what was read at the listed resourceVersion counts; the sample is one of those, so
+    // it is a Secret this credential controls in a namespace it targets.
     let mut sample = None;
-    if unknown.len() > READS_BEFORE_LIST {
-        let full = api.list(&selector).await?.items;
-        let hashes: BTreeMap<(String, String), (Option<String>, String)> = full
-            .iter()
-            .map(|s| {
-                let key = (s.namespace().unwrap_or_default(), s.name_any());
-                (key, (s.metadata.resource_version.clone(), data_hash(s.data.as_ref())))
-            })
-            .collect();
-        for i in unknown {
-            let key = (own[i].namespace().to_string(), own[i].name().to_string());
-            if let Some((rv, hash)) = hashes.get(&key)
-                && *rv == own[i].meta.resource_version
-            {
-                own[i].data_hash = Some(hash.clone());
-            }
+    for full in read {
+        let (namespace, name) = (full.namespace().unwrap_or_default(), full.name_any());
+        if !unknown.contains(&(namespace.clone(), name.clone())) {
+            continue;
         }
-        sample = full.into_iter().find(|s| s.name_any() == secret_name);
-    } else {
-        for i in unknown {
-            let api = Api::<Secret>::namespaced(ctx.client.clone(), own[i].namespace());
-            if let Some(full) = api.get_opt(secret_name).await?
-                && full.metadata.resource_version == own[i].meta.resource_version
-            {
-                own[i].data_hash = Some(data_hash(full.data.as_ref()));
-                sample.get_or_insert(full);
-            }
+        let Some(live) = own.iter_mut().find(|l| l.namespace() == namespace && l.name() == name) else {
+            continue;
+        };
+        if live.meta.resource_version == full.metadata.resource_version {
+            live.data_hash = Some(data_hash(&full));
+            sample.get_or_insert(full);
         }
     }
     // Remember what was read, so the next reconcile needs no read while nothing changes.
@@ -112,21 +110,13 @@ pub(super) async fn own_secrets_by_name(
     namespaces.extend(ctx.states.with(uid, |s| s.targets.clone()));
     let reads: Vec<(String, String)> =
         namespaces.iter().flat_map(|ns| names.iter().map(move |name| (ns.clone(), name.to_string()))).collect();
-    let found: Vec<Result<Option<Secret>, kube::Error>> = stream::iter(reads)
-        .map(|(namespace, name)| async move {
-            Api::<Secret>::namespaced(ctx.client.clone(), &namespace).get_opt(&name).await
-        })
-        .buffer_unordered(usize::from(ctx.config.concurrency.max(1)))
-        .collect()
-        .await;
     let mut own = Vec::new();
     let mut sample = None;
-    for secret in found {
-        let Some(secret) = secret? else { continue };
-        if !crate::secret::is_controlled_by(&secret, uid) {
+    for secret in read_each::<Secret>(ctx, reads).await? {
+        if !is_controlled_by(&secret.metadata, uid) {
             continue;
         }
-        let hash = data_hash(secret.data.as_ref());
+        let hash = data_hash(&secret);
         if sample.is_none() && secret.metadata.name.as_deref() == names.first().copied() {
             sample = Some(secret.clone());
         }
@@ -194,24 +184,35 @@ pub(super) async fn accounts_to_check(
     read_accounts(ctx, reads).await
 }
 
-/// Reads ServiceAccounts by name (`--concurrency` at a time), grouped by namespace; one that
-/// is gone is skipped.
+/// Reads ServiceAccounts by name, grouped by namespace; one that is gone is skipped.
 pub(super) async fn read_accounts(
     ctx: &Context,
     reads: Vec<(String, String)>,
 ) -> Result<BTreeMap<String, Vec<ServiceAccount>>, Error> {
-    let found: Vec<Result<Option<ServiceAccount>, kube::Error>> = stream::iter(reads)
-        .map(|(namespace, name)| async move {
-            Api::<ServiceAccount>::namespaced(ctx.client.clone(), &namespace).get_opt(&name).await
-        })
-        .buffer_unordered(usize::from(ctx.config.concurrency.max(1)))
-        .collect()
-        .await;
     let mut by_namespace: BTreeMap<String, Vec<ServiceAccount>> = BTreeMap::new();
-    for account in found {
-        if let Some(account) = account? {
-            by_namespace.entry(account.namespace().unwrap_or_default()).or_default().push(account);
-        }
+    for account in read_each::<ServiceAccount>(ctx, reads).await? {
+        by_namespace.entry(account.namespace().unwrap_or_default()).or_default().push(account);
     }
     Ok(by_namespace)
+}
+
+/// Reads objects by (namespace, name), `--concurrency` at a time; those that are gone are left
+/// out.
+async fn read_each<K>(ctx: &Context, reads: impl IntoIterator<Item = (String, String)>) -> Result<Vec<K>, Error>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()> + Clone + DeserializeOwned + Debug,
+{
+    let found: Vec<Result<Option<K>, kube::Error>> =
+        stream::iter(reads)
+            .map(|(namespace, name)| async move {
+                Api::<K>::namespaced(ctx.client.clone(), &namespace).get_opt(&name).await
+            })
+            .buffer_unordered(usize::from(ctx.config.concurrency.max(1)))
+            .collect()
+            .await;
+    let mut objects = Vec::new();
+    for object in found {
+        objects.extend(object?);
+    }
+    Ok(objects)
 }

@@ -274,23 +274,11 @@ async fn a_trailing_newline_is_removed_and_reported() {
 /// with ServiceAccounts can be deleted (its entries are released, its finalizer goes).
 #[tokio::test]
 async fn no_secret_watch_works_without_list_or_watch_on_secrets() {
-    let cp = env().cp;
     let client = client().await;
     // The packaged ClusterRole, less list and watch on Secrets, for a ServiceAccount of its own.
     let name = format!("nowatch-{}", &unique()[..6]);
-    let (kubeconfig, _) = own_identity(&name, |rule| {
-        if rule["resources"].as_array().is_some_and(|r| r.iter().any(|r| r == "secrets")) {
-            rule["verbs"] = json!(["get", "create", "patch", "delete"]);
-        }
-    });
-    let _controller = spawn_controller(
-        cp,
-        &name,
-        &format!("{CONTROLLER_LABEL}={name}"),
-        &env().aws.endpoint(),
-        &["--no-secret-watch"],
-        &[("KUBECONFIG", kubeconfig.display().to_string())],
-    );
+    let (_controller, _) =
+        spawn_own_controller(&name, Some(&["get", "create", "patch", "delete"]), &["--no-secret-watch"]);
 
     let source_ns = namespace(&client, "nowatch-src").await;
     let password = secret_value("u", "nowatch");
@@ -440,15 +428,7 @@ async fn a_takeover_across_kinds_settles_after_one_write() {
 async fn steady_state_reads_no_service_account() {
     let client = client().await;
     let controller = format!("sa-quiet-{}", &unique()[..6]);
-    let (kubeconfig, user) = own_identity(&controller, |_| {});
-    let _controller = spawn_controller(
-        env().cp,
-        &controller,
-        &format!("{CONTROLLER_LABEL}={controller}"),
-        &env().aws.endpoint(),
-        &[],
-        &[("KUBECONFIG", kubeconfig.display().to_string())],
-    );
+    let (_controller, user) = spawn_own_controller(&controller, None, &[]);
     let source_ns = namespace(&client, "sa-quiet-src").await;
     create_secret(&client, &source_ns, "src", &[("password", secret_value("u", "sa-quiet").as_bytes())]).await;
     let team = format!("team-{}", &unique()[..6]);
@@ -569,19 +549,7 @@ async fn foreground_deletion_releases_service_account_entries() {
 async fn a_failed_cleanup_keeps_the_rest_of_the_fan_out() {
     let client = client().await;
     let name = format!("nodelete-{}", &unique()[..6]);
-    let (kubeconfig, _) = own_identity(&name, |rule| {
-        if rule["resources"].as_array().is_some_and(|r| r.iter().any(|r| r == "secrets")) {
-            rule["verbs"] = json!(["get", "list", "watch", "create", "patch"]);
-        }
-    });
-    let _controller = spawn_controller(
-        env().cp,
-        &name,
-        &format!("{CONTROLLER_LABEL}={name}"),
-        &env().aws.endpoint(),
-        &[],
-        &[("KUBECONFIG", kubeconfig.display().to_string())],
-    );
+    let (_controller, _) = spawn_own_controller(&name, Some(&["get", "list", "watch", "create", "patch"]), &[]);
     let source_ns = namespace(&client, "nodelete-src").await;
     create_secret(&client, &source_ns, "src", &[("password", secret_value("u", "nodelete").as_bytes())]).await;
     let [a, b, c] = [

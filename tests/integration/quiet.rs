@@ -84,7 +84,7 @@ async fn restarts_and_leader_changes_make_no_writes_and_no_aws_calls() {
         ]
     };
     // An identity of its own: every request of that user in the audit log is these replicas'.
-    let (kubeconfig, user) = own_identity(&name, |_| {});
+    let (kubeconfig, user) = own_identity(&name, None);
     let spawn = |id: &str| {
         let args = leader_args(id);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();

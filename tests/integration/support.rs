@@ -461,9 +461,10 @@ pub fn controller_requests_since(offset: u64) -> Vec<(String, String, String, St
 }
 
 /// A ServiceAccount `name` of its own in the controller's namespace, bound to the packaged
-/// ClusterRole as `edit` leaves its rules, for a controller whose requests the audit log must
-/// tell apart (or that must run with less). Returns its kubeconfig and its user name.
-pub fn own_identity(name: &str, edit: impl Fn(&mut Value)) -> (PathBuf, String) {
+/// ClusterRole (with `secret_verbs` on Secrets instead, when given) and the leader-election
+/// Role, for a controller whose requests the audit log must tell apart (or that must run with
+/// less). Returns its kubeconfig and its user name.
+pub fn own_identity(name: &str, secret_verbs: Option<&[&str]>) -> (PathBuf, String) {
     let cp = env().cp;
     let deploy = std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("deploy/regcred.yaml"))
         .expect("deploy/regcred.yaml");
@@ -471,7 +472,10 @@ pub fn own_identity(name: &str, edit: impl Fn(&mut Value)) -> (PathBuf, String) 
     let mut role = docs.into_iter().find(|d| d["kind"] == "ClusterRole").expect("the packaged ClusterRole");
     role["metadata"] = serde_json::json!({"name": name});
     for rule in role["rules"].as_array_mut().expect("rules") {
-        edit(rule);
+        let on_secrets = rule["resources"].as_array().is_some_and(|r| r.iter().any(|r| r == "secrets"));
+        if let (true, Some(verbs)) = (on_secrets, secret_verbs) {
+            rule["verbs"] = serde_json::json!(verbs);
+        }
     }
     let manifest = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": [
         role,
@@ -489,6 +493,15 @@ pub fn own_identity(name: &str, edit: impl Fn(&mut Value)) -> (PathBuf, String) 
     std::fs::write(&path, manifest.to_string()).expect("writing the manifest");
     let kubeconfig = cp.install_controller_identity(&path, CONTROLLER_NAMESPACE, name).expect("installing it");
     (kubeconfig, format!("system:serviceaccount:{CONTROLLER_NAMESPACE}:{name}"))
+}
+
+/// A controller `name` for the credentials labelled for it, under an identity of its own (see
+/// [`own_identity`]), with `args` after the usual ones. Returns it and its user name.
+pub fn spawn_own_controller(name: &str, secret_verbs: Option<&[&str]>, args: &[&str]) -> (TestController, String) {
+    let (kubeconfig, user) = own_identity(name, secret_verbs);
+    let selector = format!("{CONTROLLER_LABEL}={name}");
+    let vars = [("KUBECONFIG", kubeconfig.display().to_string())];
+    (spawn_controller(env().cp, name, &selector, &env().aws.endpoint(), args, &vars), user)
 }
 
 /// The requests of `user` in the audit log after `offset`, as (verb, resource, namespace, name).
