@@ -39,6 +39,16 @@ pub enum Error {
     )]
     AmbientIdentityNotAllowed,
 
+    #[error(
+        "this regcred install may not request ServiceAccount tokens (chart value irsa.enabled=false, flag --disable-irsa): use accessKeys, or ask the cluster admin to enable IRSA"
+    )]
+    IrsaDisabled,
+
+    #[error(
+        "namespace {namespace:?} is outside the namespaces this controller serves (--namespaces); add it there or name a Secret in one of them"
+    )]
+    NamespaceOutOfScope { namespace: String },
+
     #[error("the controller has no AWS identity of its own")]
     AmbientIdentityMissing,
 
@@ -102,6 +112,8 @@ impl Error {
             Error::InvalidAwsAnswer { .. } => "InvalidAwsAnswer",
             Error::AmbientIdentityNotAllowed => "AmbientIdentityNotAllowed",
             Error::AmbientIdentityMissing => "AmbientIdentityMissing",
+            Error::IrsaDisabled => "IrsaDisabled",
+            Error::NamespaceOutOfScope { .. } => "NamespaceOutOfScope",
             Error::ServiceAccountNotFound { .. } => "ServiceAccountNotFound",
             Error::NoRoleArn { .. } => "NoRoleArn",
             Error::EcrUnavailable => "EcrUnavailable",

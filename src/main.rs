@@ -30,7 +30,7 @@ enum LogFormat {
 #[derive(Subcommand)]
 enum Command {
     /// Run the controller (kubeconfig from KUBECONFIG or ~/.kube/config, or in-cluster).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print the CustomResourceDefinitions, or write them one file each into --dir.
     Crdgen {
         #[arg(long)]
@@ -86,6 +86,14 @@ struct RunArgs {
     /// deletion and source changes are then repaired at the next resync only.
     #[arg(long, env = "REGCRED_NO_SECRET_WATCH")]
     no_secret_watch: bool,
+    /// Never request ServiceAccount tokens (where the install grants no
+    /// `serviceaccounts/token`): IRSA credentials then report `IrsaDisabled`.
+    #[arg(long, env = "REGCRED_DISABLE_IRSA")]
+    disable_irsa: bool,
+    /// Watch and write only these namespaces (comma-separated), where RBAC grants Secrets and
+    /// ServiceAccounts through Roles in them alone; every namespace when unset.
+    #[arg(long, value_delimiter = ',', value_parser = namespace_name, env = "REGCRED_NAMESPACES")]
+    namespaces: Vec<String>,
     /// AWS endpoint for ECR and STS (an emulator, a VPC endpoint). AWS_ENDPOINT_URL_* work too.
     #[arg(long, env = "REGCRED_AWS_ENDPOINT_URL")]
     aws_endpoint_url: Option<String>,
@@ -95,6 +103,19 @@ fn share(text: &str) -> Result<f64, String> {
     match text.parse::<f64>() {
         Ok(v) if v > 0.0 && v < 1.0 => Ok(v),
         _ => Err("a number between 0 and 1 (exclusive)".into()),
+    }
+}
+
+/// A DNS-1123 label, as namespace names are: a typo fails at start instead of watching nothing.
+fn namespace_name(text: &str) -> Result<String, String> {
+    let valid = !text.is_empty()
+        && text.len() <= 63
+        && text.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !text.starts_with('-')
+        && !text.ends_with('-');
+    match valid {
+        true => Ok(text.to_string()),
+        false => Err("a namespace name (lowercase letters, digits and '-', at most 63)".into()),
     }
 }
 
@@ -153,7 +174,7 @@ async fn cli_main() -> anyhow::Result<()> {
             // First of all, so that no SIGTERM goes unheard, whatever blocks later.
             let shutdown = Shutdown::listen().context("listening for SIGTERM")?;
             let stop = shutdown.clone().requested();
-            match shutdown::bounded(run(args, shutdown), stop, STOP_LIMIT, || false).await {
+            match shutdown::bounded(run(*args, shutdown), stop, STOP_LIMIT, || false).await {
                 Some(result) => result,
                 None => {
                     tracing::warn!(limit = ?STOP_LIMIT, "still stopping after SIGTERM; exiting anyway");
@@ -183,9 +204,11 @@ async fn run(args: RunArgs, shutdown: Shutdown) -> anyhow::Result<()> {
             allow_ambient_for_namespaced: args.allow_ambient_aws_identity,
             refresh_share_left: args.ecr_refresh_share,
             endpoint_url: args.aws_endpoint_url,
+            irsa: !args.disable_irsa,
         },
         selector: args.selector,
         watch_secrets: !args.no_secret_watch,
+        namespaces: (!args.namespaces.is_empty()).then(|| args.namespaces.into_iter().collect()),
     };
     tracing::info!(version = env!("CARGO_PKG_VERSION"), "starting controller");
     let admin = admin::AdminState { metrics: Default::default(), ready: Default::default() };

@@ -226,6 +226,32 @@ pub fn namespace_concerns(
     (live && matcher.matches(&namespace.metadata)) != was_target
 }
 
+/// Splits selected namespaces into those the controller serves (all, without `--namespaces`)
+/// and those it may not write.
+pub fn within(selected: Vec<String>, served: Option<&BTreeSet<String>>) -> (Vec<String>, Vec<String>) {
+    match served {
+        None => (selected, Vec::new()),
+        Some(served) => selected.into_iter().partition(|ns| served.contains(ns)),
+    }
+}
+
+/// How many listed in a note before "…".
+const LISTED_OUTSIDE: usize = 10;
+
+/// The Ready message's note on selected namespaces outside `--namespaces`, if any.
+pub fn outside_scope_note(outside: &[String]) -> Option<String> {
+    let (first, more) = match outside.len() {
+        0 => return None,
+        n if n > LISTED_OUTSIDE => (&outside[..LISTED_OUTSIDE], ", …"),
+        _ => (outside, ""),
+    };
+    Some(format!(
+        "{} selected namespaces are outside the controller's --namespaces and get no Secret: {}{more}",
+        outside.len(),
+        first.join(", ")
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, Time};
@@ -437,5 +463,21 @@ mod tests {
         assert!(namespace_concerns(&matcher, &event(ns("a1", &[], false)), false), "new target");
         assert!(!namespace_concerns(&matcher, &event(ns("a1", &[("x", "y")], false)), true), "relabelled target");
         assert!(namespace_concerns(&matcher, &event(ns("a1", &[], true)), true), "target terminating");
+    }
+
+    #[test]
+    fn namespaces_outside_the_served_ones_are_split_off_and_named() {
+        let selected = || vec!["a".to_string(), "b".into(), "c".into()];
+        assert_eq!(within(selected(), None), (selected(), vec![]));
+        let served: BTreeSet<String> = ["a".to_string(), "c".into(), "z".into()].into();
+        assert_eq!(within(selected(), Some(&served)), (vec!["a".into(), "c".into()], vec!["b".to_string()]));
+        assert_eq!(outside_scope_note(&[]), None);
+        let note = outside_scope_note(&["b".into()]).unwrap();
+        assert!(note.starts_with("1 selected namespaces are outside") && note.ends_with(": b"), "{note}");
+        let many: Vec<String> = (0..12).map(|i| format!("n{i:02}")).collect();
+        let note = outside_scope_note(&many).unwrap();
+        assert!(
+            note.starts_with("12 selected") && note.contains("n09") && !note.contains("n10") && note.ends_with(", …")
+        );
     }
 }

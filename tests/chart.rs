@@ -201,3 +201,77 @@ fn rbac_is_least_privilege() {
         assert!(!can(args), "{SERVICE_ACCOUNT} should be denied: {}", args.join(" "));
     }
 }
+
+/// The rendered documents of a `render`, as JSON values.
+fn documents(rendered: &str) -> Vec<serde_json::Value> {
+    serde_saphyr::from_multiple::<serde_json::Value>(rendered)
+        .expect("the rendering is YAML")
+        .into_iter()
+        .filter(|d| !d.is_null())
+        .collect()
+}
+
+fn of_kind<'a>(docs: &'a [serde_json::Value], kind: &str) -> Vec<&'a serde_json::Value> {
+    docs.iter().filter(|d| d["kind"] == kind).collect()
+}
+
+/// The resources a Role or ClusterRole grants anything on.
+fn resources(role: &serde_json::Value) -> Vec<String> {
+    let rules = role["rules"].as_array().cloned().unwrap_or_default();
+    rules
+        .iter()
+        .flat_map(|r| r["resources"].as_array().cloned().unwrap_or_default())
+        .filter_map(|r| r.as_str().map(String::from))
+        .collect()
+}
+
+/// `irsa.enabled=false` drops every token permission and the policy and tells the controller;
+/// `watchNamespaces` moves the Secret, ServiceAccount and token rules into a Role per
+/// namespace; the default ships the TokenRequest policy. Each rendering is admitted by the
+/// real apiserver.
+#[test]
+fn least_privilege_variants_render_as_documented() {
+    let cp = cluster();
+    let defaults = documents(&render(&[]));
+    let cluster_role = of_kind(&defaults, "ClusterRole")[0];
+    assert!(resources(cluster_role).contains(&"serviceaccounts/token".to_string()));
+    let policy = of_kind(&defaults, "ValidatingAdmissionPolicy");
+    assert_eq!(policy.len(), 1, "the default install ships the TokenRequest policy");
+    let policy_text = policy[0].to_string();
+    assert!(
+        policy_text.contains(r#"[\"sts.amazonaws.com\"]"#) && policy_text.contains(SERVICE_ACCOUNT),
+        "{policy_text}"
+    );
+    assert_eq!(of_kind(&defaults, "ValidatingAdmissionPolicyBinding").len(), 1);
+
+    let no_irsa = render(&["--set", "irsa.enabled=false"]);
+    assert!(!no_irsa.contains("serviceaccounts/token") && !no_irsa.contains("kind: ValidatingAdmissionPolicy"));
+    assert!(no_irsa.contains("- --disable-irsa"));
+    kubectl_apply(cp, &no_irsa, &["--dry-run=server"]);
+
+    let audiences =
+        render(&["--set", "irsa.audiences={sts.amazonaws.com,example.com/pull},irsa.maxExpirationSeconds=1200"]);
+    assert!(audiences.contains(r#"a in ["sts.amazonaws.com","example.com/pull"]"#) && audiences.contains("<= 1200"));
+    kubectl_apply(cp, &audiences, &["--dry-run=server"]);
+
+    let scoped = documents(&render(&["--set", "watchNamespaces={default,kube-public}"]));
+    let cluster_wide = resources(of_kind(&scoped, "ClusterRole")[0]);
+    for resource in ["secrets", "serviceaccounts", "serviceaccounts/token"] {
+        assert!(!cluster_wide.contains(&resource.to_string()), "the ClusterRole still grants {resource}");
+    }
+    let roles: Vec<_> =
+        of_kind(&scoped, "Role").into_iter().filter(|r| resources(r).contains(&"secrets".into())).collect();
+    let mut namespaces: Vec<_> =
+        roles.iter().map(|r| r["metadata"]["namespace"].as_str().unwrap_or_default()).collect();
+    namespaces.sort();
+    assert_eq!(namespaces, ["default", "kube-public"]);
+    assert!(roles.iter().all(|r| resources(r).contains(&"serviceaccounts/token".to_string())));
+    let bindings = of_kind(&scoped, "RoleBinding");
+    assert_eq!(bindings.len(), 3, "one per namespace and the leader Lease's");
+    let args = of_kind(&scoped, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]["args"].to_string();
+    assert!(args.contains("--namespaces=default,kube-public"), "{args}");
+    kubectl_apply(cp, &render(&["--set", "watchNamespaces={default,kube-public}"]), &["--dry-run=server"]);
+
+    let old_cluster = render(&["--set", "irsa.admissionPolicy=false"]);
+    assert!(!old_cluster.contains("kind: ValidatingAdmissionPolicy") && old_cluster.contains("serviceaccounts/token"));
+}

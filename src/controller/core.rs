@@ -128,11 +128,14 @@ async fn sync<K: Credential>(obj: &K, uid: &str, ctx: &Context) -> Result<FanOut
         return Err(Error::ReservedKey { key: key.into() });
     }
     let owner = obj.controller_owner_ref(&()).ok_or(Error::MissingObjectField("metadata.uid"))?;
+    let mut outside_scope = Vec::new();
     let (own_namespace, targets, terminating) = match parts.scope {
         Scope::Namespace(ns) => (Some(ns), vec![ns.to_string()], BTreeSet::new()),
         Scope::Selection(selection) => {
             let namespaces = ctx.namespaces.state();
-            let targets = plan::select(selection, namespaces.iter().map(|n| &n.metadata))?;
+            let selected = plan::select(selection, namespaces.iter().map(|n| &n.metadata))?;
+            let (targets, outside) = plan::within(selected, ctx.config.namespaces.as_ref());
+            outside_scope = outside;
             let terminating = namespaces
                 .iter()
                 .filter(|n| n.metadata.deletion_timestamp.is_some())
@@ -165,8 +168,10 @@ async fn sync<K: Credential>(obj: &K, uid: &str, ctx: &Context) -> Result<FanOut
         ecr: Some(&ctx.ecr),
         cluster_scoped: own_namespace.is_none(),
         previous: previous_token.as_ref(),
+        served: ctx.config.namespaces.as_ref(),
     };
-    let credentials = parts.source.fetch(&source_ctx).await?;
+    let mut credentials = parts.source.fetch(&source_ctx).await?;
+    credentials.notes.extend(plan::outside_scope_note(&outside_scope));
     let docker_config = dockerconfig::render(&credentials.auths);
     let desired_hash = config_hash(Some(&docker_config));
     let identity = credentials.identity.as_deref();

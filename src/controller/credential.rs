@@ -3,7 +3,8 @@
 
 use std::fmt::Debug;
 
-use kube::{Api, Client, Resource, ResourceExt};
+use futures::{StreamExt, stream::BoxStream};
+use kube::{Api, Client, Resource, ResourceExt, runtime::watcher};
 use serde::{Serialize, de::DeserializeOwned};
 use serde_json::{Value, json};
 
@@ -14,6 +15,8 @@ use crate::{
     },
     index::{Key, Trigger},
 };
+
+use super::scope::Namespaces;
 
 /// Where a credential writes.
 pub enum Scope<'a> {
@@ -51,6 +54,13 @@ pub trait Credential:
     fn trigger(&self) -> Trigger;
 
     fn api(client: Client, namespace: Option<&str>) -> Api<Self>;
+
+    /// The watch of this kind over the controller's namespaces.
+    fn watch(
+        client: &Client,
+        scope: &Namespaces,
+        config: watcher::Config,
+    ) -> BoxStream<'static, Result<watcher::Event<Self>, watcher::Error>>;
 
     /// Name of the Secret this credential writes (in each target namespace).
     fn secret_name(&self) -> String {
@@ -119,6 +129,14 @@ impl Credential for RegistryCredential {
     fn api(client: Client, namespace: Option<&str>) -> Api<Self> {
         Api::namespaced(client, namespace.unwrap_or_default())
     }
+
+    fn watch(
+        client: &Client,
+        scope: &Namespaces,
+        config: watcher::Config,
+    ) -> BoxStream<'static, Result<watcher::Event<Self>, watcher::Error>> {
+        super::scope::watch(client, scope, config)
+    }
 }
 
 impl Credential for ClusterRegistryCredential {
@@ -152,6 +170,15 @@ impl Credential for ClusterRegistryCredential {
 
     fn api(client: Client, _: Option<&str>) -> Api<Self> {
         Api::all(client)
+    }
+
+    /// Cluster-scoped: one watch, whatever the namespaces served (targets are limited to them).
+    fn watch(
+        client: &Client,
+        _: &Namespaces,
+        config: watcher::Config,
+    ) -> BoxStream<'static, Result<watcher::Event<Self>, watcher::Error>> {
+        kube::runtime::watcher(Api::all(client.clone()), config).boxed()
     }
 }
 

@@ -6,6 +6,7 @@ mod core;
 mod credential;
 mod observe;
 mod report;
+mod scope;
 
 use std::{
     collections::HashSet,
@@ -35,6 +36,7 @@ use kube::{
 use tracing::{debug, info, warn};
 
 pub use credential::{Credential, Scope};
+pub use scope::Namespaces;
 
 use crate::{
     admin::AdminState,
@@ -68,6 +70,8 @@ pub struct ControllerConfig {
     /// Watch Secrets (metadata only) to react to drift, deletion and source changes at once;
     /// without it they are repaired at the next resync.
     pub watch_secrets: bool,
+    /// Watch and write only these namespaces (`--namespaces`); all when `None`.
+    pub namespaces: Namespaces,
 }
 
 impl Default for ControllerConfig {
@@ -80,6 +84,7 @@ impl Default for ControllerConfig {
             ecr: EcrSettings::default(),
             selector: None,
             watch_secrets: true,
+            namespaces: None,
         }
     }
 }
@@ -147,7 +152,10 @@ where
 
     // Metadata only: the controller sees every Secret's, ServiceAccount's and Namespace's
     // name, labels and annotations, never a Secret's data.
-    let namespace_events = cached_metadata(&client, namespace_writer, {
+    let scope = &config.namespaces;
+    // Namespaces are cluster-scoped and hold nothing secret: one watch in either mode.
+    let namespace_watch = watcher(Api::<PartialObjectMeta<Namespace>>::all(client.clone()), watcher::Config::default());
+    let namespace_events = cached_metadata(namespace_watch, namespace_writer, {
         let ctx = ctx.clone();
         move |event| {
             if let watcher::Event::InitDone = event {
@@ -160,7 +168,7 @@ where
         move |ns| ctx.index.namespace_event(&ns)
     });
     let account_events = route(
-        cached_metadata(&client, account_writer, {
+        cached_metadata(scope::watch(&client, scope, watcher::Config::default()), account_writer, {
             let ctx = ctx.clone();
             move |event| match event {
                 watcher::Event::Apply(account) | watcher::Event::InitApply(account) => {
@@ -179,7 +187,7 @@ where
     );
     let secret_events = match config.watch_secrets {
         true => route(
-            watcher(Api::<PartialObjectMeta<Secret>>::all(client), watcher::Config::default())
+            scope::watch::<PartialObjectMeta<Secret>>(&client, scope, watcher::Config::default())
                 .backoff(WatchBackoff::new())
                 .touched_objects(),
             &triggers,
@@ -213,17 +221,17 @@ where
     }
 }
 
-/// A metadata-only watch of every `K`, without managedFields, kept in `writer`'s store;
-/// `observe` sees each event before the objects go on to be routed.
+/// A metadata-only watch of `K`, without managedFields, kept in `writer`'s store; `observe`
+/// sees each event before the objects go on to be routed.
 fn cached_metadata<K>(
-    client: &Client,
+    watch: impl Stream<Item = Result<watcher::Event<PartialObjectMeta<K>>, watcher::Error>> + Send + 'static,
     writer: reflector::store::Writer<PartialObjectMeta<K>>,
     observe: impl Fn(&watcher::Event<PartialObjectMeta<K>>) + Send + 'static,
 ) -> impl Stream<Item = Result<PartialObjectMeta<K>, watcher::Error>> + Send + 'static
 where
     K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
 {
-    watcher(Api::<PartialObjectMeta<K>>::all(client.clone()), watcher::Config::default())
+    watch
         .backoff(WatchBackoff::new())
         .modify(|object| object.managed_fields_mut().clear())
         .reflect(writer)
@@ -287,7 +295,7 @@ where
     let (store, writer) = reflector::store();
     let hooks = Mutex::new(DeleteHooks::default());
     let hook_ctx = ctx.clone();
-    let objects = watcher(Api::<K>::all(ctx.client.clone()), config)
+    let objects = K::watch(&ctx.client, &ctx.config.namespaces, config)
         .backoff(WatchBackoff::new())
         .reflect(writer)
         .inspect(move |event| {

@@ -38,12 +38,17 @@ pub(super) async fn own_secrets(
     targets: &[String],
     secret_name: &str,
 ) -> Result<(Vec<LiveSecret>, Option<Secret>), Error> {
-    let api = match namespace {
-        Some(ns) => Api::<Secret>::namespaced(ctx.client.clone(), ns),
-        None => Api::<Secret>::all(ctx.client.clone()),
+    // A cluster credential's Secrets: one list across the cluster, or one per namespace served.
+    let apis: Vec<Api<Secret>> = match (namespace, &ctx.config.namespaces) {
+        (Some(ns), _) => vec![Api::namespaced(ctx.client.clone(), ns)],
+        (None, None) => vec![Api::all(ctx.client.clone())],
+        (None, Some(served)) => served.iter().map(|ns| Api::namespaced(ctx.client.clone(), ns)).collect(),
     };
     let selector = ListParams::default().labels(&format!("{CREDENTIAL_UID_LABEL}={uid}"));
-    let listed = api.list_metadata(&selector).await?.items;
+    let mut listed = Vec::new();
+    for api in &apis {
+        listed.extend(api.list_metadata(&selector).await?.items);
+    }
     let verified = ctx.states.with(uid, |s| s.verified.clone());
     let mut own: Vec<LiveSecret> = listed
         .into_iter()
@@ -66,7 +71,13 @@ pub(super) async fn own_secrets(
         .collect();
     let read = match unknown.len() {
         0 => Vec::new(),
-        n if n > READS_BEFORE_LIST => api.list(&selector).await?.items,
+        n if n > READS_BEFORE_LIST => {
+            let mut full = Vec::new();
+            for api in &apis {
+                full.extend(api.list(&selector).await?.items);
+            }
+            full
+        }
         _ => read_each(ctx, unknown.iter().cloned()).await?,
     };
     // Only what was read at the listed resourceVersion counts; the sample is one of those, so

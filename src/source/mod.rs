@@ -88,6 +88,9 @@ pub struct SourceContext<'a, R> {
     /// The token a live Secret of this credential already holds, if it is still current by
     /// the last status: reused after a restart or leader change instead of a new fetch.
     pub previous: Option<&'a PreviousToken>,
+    /// The namespaces the controller serves (`--namespaces`); references elsewhere fail with
+    /// a reason of their own instead of a 403. `None`: every namespace.
+    pub served: Option<&'a std::collections::BTreeSet<String>>,
 }
 
 /// A token found in a live Secret of the credential, with what the status said about it.
@@ -103,6 +106,14 @@ impl<R> SourceContext<'_, R> {
     /// The namespace a reference resolves in. A namespaced credential only ever reads its
     /// own namespace (tenant isolation); a cluster-scoped one must say where.
     pub fn resolve_namespace(&self, explicit: Option<&str>) -> Result<String, Error> {
+        let namespace = self.resolve_within_tenancy(explicit)?;
+        match self.served {
+            Some(served) if !served.contains(&namespace) => Err(Error::NamespaceOutOfScope { namespace }),
+            _ => Ok(namespace),
+        }
+    }
+
+    fn resolve_within_tenancy(&self, explicit: Option<&str>) -> Result<String, Error> {
         match (self.cluster_scoped, explicit) {
             (true, Some(namespace)) => Ok(namespace.to_string()),
             (true, None) => Err(Error::SourceNamespaceRequired),
@@ -117,7 +128,7 @@ impl<R> SourceContext<'_, R> {
 impl<'a, R> SourceContext<'a, R> {
     /// A context for a namespaced credential without ECR (static sources, offline).
     pub fn offline(namespace: &'a str, registry: Option<&'a str>, secrets: &'a R) -> Self {
-        Self { namespace, registry, secrets, ecr: None, cluster_scoped: false, previous: None }
+        Self { namespace, registry, secrets, ecr: None, cluster_scoped: false, previous: None, served: None }
     }
 }
 
@@ -270,6 +281,21 @@ mod tests {
         let cluster = SourceContext { cluster_scoped: true, ..SourceContext::offline("", None, &secrets) };
         assert_eq!(cluster.resolve_namespace(Some("platform")).unwrap(), "platform");
         assert_eq!(cluster.resolve_namespace(None).unwrap_err().reason(), "SourceNamespaceRequired");
+    }
+
+    /// With `--namespaces`, a reference outside them fails with its own reason (not a 403).
+    #[test]
+    fn references_outside_the_served_namespaces_are_refused() {
+        let secrets = LocalSecrets::default();
+        let served: std::collections::BTreeSet<String> = ["platform".to_string(), "team-a".into()].into();
+        let cluster =
+            SourceContext { cluster_scoped: true, served: Some(&served), ..SourceContext::offline("", None, &secrets) };
+        assert_eq!(cluster.resolve_namespace(Some("platform")).unwrap(), "platform");
+        let err = cluster.resolve_namespace(Some("kube-system")).unwrap_err();
+        assert_eq!(err.reason(), "NamespaceOutOfScope");
+        assert!(err.to_string().contains("\"kube-system\""), "{err}");
+        let tenant = SourceContext { served: Some(&served), ..SourceContext::offline("team-b", None, &secrets) };
+        assert_eq!(tenant.resolve_namespace(None).unwrap_err().reason(), "NamespaceOutOfScope");
     }
 
     /// The servers of a static login are what the Secret holds (its keys, in the document's

@@ -537,3 +537,50 @@ pub async fn create_aws_keys(client: &Client, ns: &str, name: &str, tag: &str) -
 pub fn is_write(verb: &str) -> bool {
     matches!(verb, "create" | "update" | "patch" | "delete" | "deletecollection")
 }
+
+/// A client of the test apiserver that authenticates with `token` (and nothing else).
+pub async fn client_with_token(token: &str) -> Client {
+    let kubeconfig =
+        kube::config::Kubeconfig::read_from(controller_kubeconfig(env().cp)).expect("controller kubeconfig");
+    let mut config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await.expect("loading it");
+    config.auth_info.token = Some(token.to_string().into());
+    Client::try_from(config).expect("building a client")
+}
+
+/// The chart rendered as release `name` in the controller's namespace with `--set values`,
+/// installed (its ServiceAccount, RBAC and ValidatingAdmissionPolicy; the Deployment stays
+/// inert without kubelets), for a controller that runs with exactly what the chart grants
+/// in that configuration. Returns its kubeconfig and its user name.
+pub fn chart_identity(name: &str, values: &str) -> (PathBuf, String) {
+    let cp = env().cp;
+    let helm = regcred_testenv::testbin("helm").expect("helm");
+    let set = format!("fullnameOverride={name},{values}");
+    let out = Command::new(helm)
+        .args(["template", name, "charts/regcred", "--namespace", CONTROLLER_NAMESPACE, "--set", &set])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("running helm");
+    assert!(out.status.success(), "helm template: {}", String::from_utf8_lossy(&out.stderr));
+    let path = cp.dir().join(format!("{name}-chart.yaml"));
+    std::fs::write(&path, &out.stdout).expect("writing the rendering");
+    let kubeconfig = cp.install_controller_identity(&path, CONTROLLER_NAMESPACE, name).expect("installing it");
+    (kubeconfig, format!("system:serviceaccount:{CONTROLLER_NAMESPACE}:{name}"))
+}
+
+/// A ServiceAccount `name` in `ns` with the IRSA role annotation.
+pub async fn irsa_account(client: &Client, ns: &str, name: &str) {
+    let sa = k8s_openapi::api::core::v1::ServiceAccount {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            annotations: Some(
+                [("eks.amazonaws.com/role-arn".to_string(), format!("arn:aws:iam::123456789012:role/{name}"))].into(),
+            ),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &sa)
+        .await
+        .expect("creating the ServiceAccount");
+}

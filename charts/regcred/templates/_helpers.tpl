@@ -23,3 +23,32 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
+
+{{/*
+What the controller may do to Secrets, ServiceAccounts and their tokens: cluster-wide in the
+ClusterRole, or in each of .Values.watchNamespaces through a Role.
+*/}}
+{{- define "regcred.namespacedRules" }}
+  # get/list/watch: a metadata-only watch of the Secrets and reads of referenced ones;
+  # create/patch: the managed Secrets (POST, then server-side apply);
+  # delete: the Secret under the old name when spec.secret.name changes.
+  - apiGroups: [""]
+    resources: [secrets]
+    verbs: [get, list, watch, create, patch, delete]
+  # get: IRSA reads the eks.amazonaws.com/role-arn annotation of the named ServiceAccount;
+  # list/watch: ServiceAccounts created later get the Secret too (metadata-only watch);
+  # patch: adding and removing regcred's imagePullSecrets entry (merge patch guarded by
+  # resourceVersion). No create, update or delete.
+  - apiGroups: [""]
+    resources: [serviceaccounts]
+    verbs: [get, list, watch, patch]
+{{- if .Values.irsa.enabled }}
+  # IRSA: a TokenRequest for that ServiceAccount, exchanged at STS (AssumeRoleWithWebIdentity).
+  # RBAC cannot limit the audience: the ValidatingAdmissionPolicy <fullname>-token-requests
+  # admits only irsa.audiences, at most irsa.maxExpirationSeconds, outside kube-system and
+  # the release namespace.
+  - apiGroups: [""]
+    resources: [serviceaccounts/token]
+    verbs: [create]
+{{- end }}
+{{- end }}

@@ -73,6 +73,9 @@ impl Identity {
                 Ok((Identity::Keys(credentials), cache_key))
             }
             EcrAuth::ServiceAccountRef(sa) => {
+                if !provider.settings.irsa {
+                    return Err(Error::IrsaDisabled);
+                }
                 let namespace = ctx.resolve_namespace(sa.namespace.as_deref())?;
                 let account = Api::<ServiceAccount>::namespaced(provider.client.clone(), &namespace)
                     .get_opt(&sa.name)

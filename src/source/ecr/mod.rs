@@ -41,11 +41,14 @@ pub struct EcrSettings {
     /// AWS endpoint override (ECR and STS), e.g. for an emulator. `AWS_ENDPOINT_URL*`
     /// environment variables work too.
     pub endpoint_url: Option<String>,
+    /// Whether IRSA may request ServiceAccount tokens; off where the install grants no
+    /// `serviceaccounts/token` (chart value `irsa.enabled=false`).
+    pub irsa: bool,
 }
 
 impl Default for EcrSettings {
     fn default() -> Self {
-        Self { allow_ambient_for_namespaced: false, refresh_share_left: 0.25, endpoint_url: None }
+        Self { allow_ambient_for_namespaced: false, refresh_share_left: 0.25, endpoint_url: None, irsa: true }
     }
 }
 

@@ -12,7 +12,7 @@ use crate::process::{Process, temp_dir};
 use crate::{CONTROLLER_USER, block_on, free_port, http_get, random_hex, testbin, wait_until};
 
 /// The audience of the apiserver's own ServiceAccount tokens; also the issuer.
-const ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
+pub const ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
 const READY_TIMEOUT: Duration = Duration::from_secs(90);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -344,7 +344,7 @@ impl ControlPlane {
                 format!("--service-account-issuer={ISSUER}"),
                 format!("--service-account-key-file={}", p("sa.pub")),
                 format!("--service-account-signing-key-file={}", p("sa.key")),
-                format!("--api-audiences={ISSUER},sts.amazonaws.com"),
+                format!("--api-audiences={ISSUER}"),
                 // No kubelets or kube-proxy: nothing to reconcile the
                 // `kubernetes` Service's endpoints for.
                 "--endpoint-reconciler-type=none".into(),

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 pub use aws::AwsEmulator;
-pub use control_plane::ControlPlane;
+pub use control_plane::{ControlPlane, ISSUER};
 
 /// The user the controller under test authenticates as (see
 /// [`ControlPlane::controller_kubeconfig_path`]).

@@ -1,0 +1,108 @@
+//! Least privilege against a compromised controller: the packaged ValidatingAdmissionPolicy
+//! lets the controller's identity mint only IRSA tokens (STS audience, short, outside
+//! kube-system and its own namespace), which the apiserver itself does not accept; and an
+//! install without IRSA has no token permission and says so in status.
+
+use k8s_openapi::api::{
+    authentication::v1::{TokenRequest, TokenRequestSpec},
+    core::v1::{Namespace, ServiceAccount},
+};
+use kube::{Api, Client, api::PostParams};
+use serde_json::json;
+
+use crate::support::*;
+
+const STS: &str = "sts.amazonaws.com";
+
+async fn request_token(
+    client: &Client,
+    ns: &str,
+    account: &str,
+    audiences: &[&str],
+    seconds: i64,
+) -> Result<String, kube::Error> {
+    let request = TokenRequest {
+        spec: TokenRequestSpec {
+            audiences: audiences.iter().map(|a| a.to_string()).collect(),
+            expiration_seconds: Some(seconds),
+            bound_object_ref: None,
+        },
+        ..Default::default()
+    };
+    let response = Api::<ServiceAccount>::namespaced(client.clone(), ns)
+        .create_token_request(account, &PostParams::default(), &request)
+        .await?;
+    Ok(response.status.map(|s| s.token).unwrap_or_default())
+}
+
+/// The refusal of a request, as (HTTP code, message); panics if it was admitted.
+fn refusal(result: Result<String, kube::Error>, what: &str) -> (u16, String) {
+    match result {
+        Err(kube::Error::Api(status)) => (status.code, status.message),
+        Err(other) => panic!("{what}: failed otherwise: {other}"),
+        Ok(_) => panic!("{what}: a token was minted"),
+    }
+}
+
+#[tokio::test]
+async fn the_controller_identity_can_mint_only_sts_tokens_the_apiserver_refuses() {
+    env();
+    let admin = client().await;
+    let controller = controller_client().await;
+    let ns = namespace(&admin, "vap").await;
+    irsa_account(&admin, &ns, "app").await;
+    // The policy is installed with the packaged manifests; the apiserver enforces it once its
+    // informer has it: wait until the first refusal, then every case must hold.
+    regcred_testenv::eventually("the ValidatingAdmissionPolicy in force", TIMEOUT, || async {
+        request_token(&controller, &ns, "app", &[], 600).await.is_err().then_some(())
+    })
+    .await;
+
+    // The apiserver's own audience (the default when none is given), or with STS, or alone.
+    let (code, message) = refusal(request_token(&controller, &ns, "app", &[], 600).await, "default audience");
+    assert!(code == 403 && message.contains("only for the audiences sts.amazonaws.com"), "{code}: {message}");
+    let issuer = regcred_testenv::ISSUER;
+    let (code, _) = refusal(request_token(&controller, &ns, "app", &[STS, issuer], 600).await, "issuer audience");
+    assert_eq!(code, 403);
+    // Longer than an hour.
+    let (code, message) = refusal(request_token(&controller, &ns, "app", &[STS], 86400).await, "a day");
+    assert!(code == 403 && message.contains("at most 3600 seconds"), "{code}: {message}");
+    // kube-system's and the controller's own ServiceAccounts, even with the STS audience.
+    for (namespace, account) in [("kube-system", "default"), (CONTROLLER_NAMESPACE, "regcred")] {
+        let result = request_token(&controller, namespace, account, &[STS], 600).await;
+        let (code, message) = refusal(result, namespace);
+        assert!(code == 403 && message.contains("kube-system or regcred-system"), "{namespace}: {code}: {message}");
+    }
+
+    // What IRSA needs is admitted, and the token it gives is no Kubernetes credential.
+    let token = request_token(&controller, &ns, "app", &[STS], 600).await.expect("an IRSA token is admitted");
+    record_secret(&token);
+    let with_token = client_with_token(&token).await;
+    match Api::<Namespace>::all(with_token).list(&Default::default()).await {
+        Err(kube::Error::Api(status)) => assert_eq!(status.code, 401, "{}", status.message),
+        other => panic!("the apiserver accepted an sts.amazonaws.com token: {other:?}"),
+    }
+    // Anyone else (the admin here) is not limited by the policy.
+    request_token(&admin, &ns, "app", &[], 600).await.expect("the policy binds only the controller");
+}
+
+#[tokio::test]
+async fn irsa_disabled_reports_a_clear_condition_and_requests_no_token() {
+    env();
+    let client = client().await;
+    let (_controller, user) = spawn_own_controller("noirsa", None, &["--disable-irsa"]);
+    let ns = namespace(&client, "noirsa").await;
+    irsa_account(&client, &ns, "puller").await;
+    let offset = audit_offset();
+    let spec = json!({"source": {"ecr": {"registry": "123456789012.dkr.ecr.eu-west-1.amazonaws.com",
+                                          "auth": {"serviceAccountRef": {"name": "puller"}}}}});
+    create_credential_for(&client, &ns, "irsa", Some("noirsa"), spec).await;
+    let cr = wait_ready(&client, &ns, "irsa", "False", Some("IrsaDisabled")).await;
+    let message = &cr.status.expect("status").conditions[0].message;
+    assert!(message.contains("irsa.enabled=false"), "{message}");
+    let tokens: Vec<_> = requests_of_since(&user, offset)
+        .into_iter()
+        .filter(|(verb, res, _, _)| verb == "create" && res == "serviceaccounts")
+        .collect();
+    assert!(tokens.is_empty(), "TokenRequests made: {tokens:?}");
+}
