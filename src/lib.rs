@@ -18,5 +18,6 @@ pub mod shutdown;
 pub mod source;
 pub mod state;
 pub mod status;
+pub mod telemetry;
 
 pub use error::Error;

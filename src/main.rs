@@ -8,7 +8,7 @@ use regcred::{
     admin, controller, crd, leader, render,
     shutdown::{self, Shutdown},
 };
-use tracing_subscriber::{EnvFilter, fmt};
+use tracing_subscriber::{EnvFilter, Layer, filter::FilterExt, fmt, layer::SubscriberExt, util::SubscriberInitExt};
 
 #[derive(Parser)]
 // A flag given twice takes its last value, as with most CLIs (wrappers append overrides).
@@ -292,11 +292,14 @@ async fn run_controller<F>(
 
 fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-    }
+    // RUST_LOG decides, within the ceiling that keeps secret-logging levels off.
+    let filter = filter.and(regcred::telemetry::ceiling());
+    let layer = fmt::layer().with_writer(std::io::stderr);
+    let layer = match format {
+        LogFormat::Text => layer.boxed(),
+        LogFormat::Json => layer.json().flatten_event(true).boxed(),
+    };
+    tracing_subscriber::registry().with(layer.with_filter(filter)).init();
 }
 
 fn crdgen(dir: Option<PathBuf>) -> anyhow::Result<()> {

@@ -20,4 +20,5 @@ mod registry_pull;
 mod scoped;
 mod service_accounts;
 mod sources;
+mod trace;
 mod validation;

@@ -1,0 +1,117 @@
+//! The leak scan at the most verbose level: a controller at `RUST_LOG=trace` (regcred and every
+//! dependency: kube, hyper, rustls, the AWS SDK) through every source kind, an ECR rotation,
+//! IRSA and a failure, then its whole log searched for every secret value, its base64 forms
+//! (as a Secret's JSON carries them), any JWT (ServiceAccount tokens, the controller's own
+//! included) and any raw AWS response body.
+
+use std::time::Duration;
+
+use base64::{Engine, engine::general_purpose::STANDARD};
+use regcred_testenv::AwsEmulator;
+use serde_json::json;
+
+use crate::support::*;
+
+const REGISTRY: &str = "123456789012.dkr.ecr.eu-west-1.amazonaws.com";
+
+/// Records `value` and the base64 form a Secret's `data` carries it in.
+fn record_with_base64(value: &str) {
+    record_secret(value);
+    record_secret(&STANDARD.encode(value));
+}
+
+#[tokio::test]
+async fn nothing_secret_is_logged_at_trace() {
+    let client = client().await;
+    // 30-second ECR tokens: one rotation about 22 s in.
+    let aws = AwsEmulator::start_with_lifetime(30).expect("AWS emulator");
+    let name = format!("trace-{}", &unique()[..6]);
+    let _controller = spawn_controller(
+        env().cp,
+        &name,
+        &format!("{CONTROLLER_LABEL}={name}"),
+        &aws.endpoint(),
+        &["--log-format", "json"],
+        &[("RUST_LOG", "trace".into())],
+    );
+    let ns = namespace(&client, "trace").await;
+
+    let password = format!("pä:ss-{}", secret_value("u", "trace"));
+    record_with_base64(&password);
+    record_secret(&STANDARD.encode(format!("u:{password}")));
+    let token = secret_value("octocat", "ghp");
+    record_with_base64(&token);
+    let private_key = secret_value("_json_key", "MIIEv");
+    let key = format!(
+        "{{\"type\": \"service_account\", \"project_id\": \"p\", \"client_email\": \"puller@p.iam.gserviceaccount.com\", \"private_key\": \"-----BEGIN PRIVATE KEY-----\\n{private_key}\\n-----END PRIVATE KEY-----\\n\"}}"
+    );
+    record_with_base64(&key);
+    create_secret(&client, &ns, "pass", &[("password", password.as_bytes())]).await;
+    create_secret(&client, &ns, "pat", &[("token", token.as_bytes())]).await;
+    create_secret(&client, &ns, "gcp", &[("key.json", key.as_bytes())]).await;
+    create_aws_keys(&client, &ns, "aws", "trace").await;
+    irsa_account(&client, &ns, "puller").await;
+
+    let credentials = [
+        (
+            "basic",
+            json!({"registry": "r.example.com", "source": {"basic": {"username": "u", "passwordSecretRef": {"name": "pass"}}}}),
+        ),
+        ("ghcr", json!({"source": {"ghcr": {"username": "octocat", "tokenSecretRef": {"name": "pat"}}}})),
+        ("gcr", json!({"registry": "europe-docker.pkg.dev", "source": {"gcr": {"jsonKeySecretRef": {"name": "gcp"}}}})),
+        ("keys", json!({"source": {"ecr": {"registry": REGISTRY, "auth": {"secretRef": {"name": "aws"}}}}})),
+        ("irsa", json!({"source": {"ecr": {"registry": REGISTRY, "auth": {"serviceAccountRef": {"name": "puller"}}}}})),
+    ];
+    for (credential, spec) in credentials {
+        create_credential_for(&client, &ns, credential, Some(&name), spec).await;
+    }
+    let broken = json!({"registry": "r.example.com", "source": {"basic": {"username": "u", "passwordSecretRef": {"name": "missing"}}}});
+    create_credential_for(&client, &ns, "broken", Some(&name), broken).await;
+    for credential in ["basic", "ghcr", "gcr", "keys", "irsa"] {
+        wait_ready(&client, &ns, credential, "True", Some("Synced")).await;
+    }
+    wait_ready(&client, &ns, "broken", "False", Some("SourceSecretNotFound")).await;
+
+    // A rotation: the Secret holds a second token from the emulator.
+    let issued = |aws: &AwsEmulator| -> Vec<String> {
+        let calls = aws.calls().expect("emulator calls");
+        calls
+            .iter()
+            .filter(|c| c["action"] == "ecr:GetAuthorizationToken" && c["status"] == 200)
+            .filter_map(|c| c["authorizationData"][0]["authorizationToken"].as_str().map(String::from))
+            .collect()
+    };
+    let rotated = regcred_testenv::wait_for("a rotated ECR token", Duration::from_secs(60), || {
+        let tokens = issued(&aws);
+        (tokens.len() >= 3).then_some(tokens)
+    })
+    .expect("the ECR tokens were not rotated");
+    for token in &rotated {
+        record_secret(token);
+        let decoded = String::from_utf8(STANDARD.decode(token).expect("base64")).expect("UTF-8");
+        record_secret(decoded.strip_prefix("AWS:").expect("AWS:password"));
+    }
+    // Everything in flight has been logged once the controller made its last write.
+    wait_ready(&client, &ns, "keys", "True", Some("Synced")).await;
+
+    let log = std::fs::read_to_string(controller_log_path(env().cp, &name)).expect("the controller's log");
+    // Trace was on for regcred and its dependencies: their TRACE lines are there.
+    let traced: std::collections::BTreeSet<String> = log
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|line| line["level"] == "TRACE")
+        .filter_map(|line| line["target"].as_str().and_then(|t| t.split("::").next()).map(String::from))
+        .collect();
+    for target in ["hyper_util", "kube_client", "kube_runtime", "tower", "rustls", "aws_runtime"] {
+        assert!(traced.contains(target), "no TRACE line of {target}: {traced:?}");
+    }
+    let used = used_secrets().lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let leaked: Vec<_> = used.iter().filter(|v| log.contains(v.as_str())).map(|v| &v[..6.min(v.len())]).collect();
+    assert!(leaked.is_empty(), "{} secret values in the trace log (first characters: {leaked:?})", leaked.len());
+    // A JWT header (`{"alg":` in base64url): a ServiceAccount token, the controller's own or
+    // one minted for IRSA.
+    assert!(!log.contains("eyJhbGciOi"), "a JWT in the trace log");
+    for field in ["authorizationToken", "SecretAccessKey>", "SessionToken>", "WebIdentityToken="] {
+        assert!(!log.contains(field), "an AWS message body with {field} in the trace log");
+    }
+}
