@@ -21,3 +21,19 @@ pub mod status;
 pub mod telemetry;
 
 pub use error::Error;
+
+#[cfg(test)]
+pub(crate) mod test_support {
+    use base64::{Engine, engine::general_purpose::STANDARD};
+
+    /// Fails if a `Debug` output shows `secret` in any form it travels in: as text, as base64
+    /// (Secret data, the `auth` field) or as the byte list `Debug` prints for a `Vec<u8>` (what
+    /// `ByteString` shows).
+    #[track_caller]
+    pub fn assert_hidden(shown: &str, secret: &str) {
+        let bytes = format!("{:?}", secret.as_bytes());
+        for form in [secret.to_string(), STANDARD.encode(secret), bytes.trim_matches(['[', ']']).to_string()] {
+            assert!(!shown.contains(&form), "{form:?} is shown in {shown}");
+        }
+    }
+}

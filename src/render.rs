@@ -3,10 +3,7 @@
 //! through the controller's code: `Credential::parts` and `secret_name`, the reserved-key check,
 //! `plan::select` (over the namespaces known offline), the providers and `desired_secret`.
 
-use k8s_openapi::{
-    ByteString,
-    api::core::v1::{Namespace, Secret},
-};
+use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::{ResourceExt, api::ObjectMeta};
 use serde_json::Value;
 
@@ -102,8 +99,7 @@ pub fn read_manifests(documents: Vec<Value>, namespaces: &[String]) -> Result<Ma
                 let mut secret: Secret = serde_json::from_value(doc)
                     .map_err(|_| RenderError::Manifest { index, problem: "not a valid Secret manifest".into() })?;
                 secret.metadata.namespace.get_or_insert_with(|| default_namespace.into());
-                merge_string_data(&mut secret);
-                manifests.secrets.0.push(secret);
+                manifests.secrets.add(secret);
             }
             _ => {}
         }
@@ -120,16 +116,6 @@ pub fn read_manifests(documents: Vec<Value>, namespaces: &[String]) -> Result<Ma
         }
     }
     Ok(manifests)
-}
-
-/// The apiserver folds `stringData` into `data` (stringData wins); do the same.
-fn merge_string_data(secret: &mut Secret) {
-    if let Some(string_data) = secret.string_data.take() {
-        let data = secret.data.get_or_insert_with(Default::default);
-        for (key, value) in string_data {
-            data.insert(key, ByteString(value.into_bytes()));
-        }
-    }
 }
 
 /// The Secrets the credentials would produce: a RegistryCredential's in its namespace, a

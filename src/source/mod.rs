@@ -9,9 +9,9 @@ use std::future::Future;
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::{ByteString, api::core::v1::Secret, jiff::Timestamp};
-use kube::{Api, api::ObjectMeta};
-use secrecy::{ExposeSecret, SecretString};
+use k8s_openapi::{api::core::v1::Secret, jiff::Timestamp};
+use kube::Api;
+use secrecy::{ExposeSecret, SecretSlice, SecretString};
 
 use crate::{Error, crd::CredentialSource, crd::SecretKeyRef, dockerconfig::RegistryAuth};
 
@@ -31,10 +31,40 @@ pub struct Credentials {
     pub notes: Vec<String>,
 }
 
+/// A Secret a source refers to, as read: only its data, each value in a type whose `Debug`
+/// shows no content, so that no log line or panic message can carry key material.
+#[derive(Debug, Clone, Default)]
+pub struct SourceSecret {
+    data: BTreeMap<String, SecretSlice<u8>>,
+}
+
+impl SourceSecret {
+    fn get(&self, key: &str) -> Option<&SecretSlice<u8>> {
+        self.data.get(key)
+    }
+}
+
+impl From<Secret> for SourceSecret {
+    /// Takes the data out of a Secret as soon as it is read; `stringData` (only ever in
+    /// manifests) is folded in and wins, as the apiserver does.
+    fn from(secret: Secret) -> Self {
+        let mut data: BTreeMap<String, SecretSlice<u8>> =
+            secret.data.unwrap_or_default().into_iter().map(|(key, value)| (key, value.0.into())).collect();
+        for (key, value) in secret.string_data.unwrap_or_default() {
+            data.insert(key, value.into_bytes().into());
+        }
+        Self { data }
+    }
+}
+
 /// Reads the Secrets a source refers to: from the apiserver when running, from local
 /// manifests for `regcred render`.
 pub trait SecretReader: Sync {
-    fn read(&self, namespace: &str, name: &str) -> impl Future<Output = Result<Option<Secret>, kube::Error>> + Send;
+    fn read(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> impl Future<Output = Result<Option<SourceSecret>, kube::Error>> + Send;
 }
 
 /// Reads Secrets straight from the apiserver (no cache: only referenced Secrets are read,
@@ -42,8 +72,8 @@ pub trait SecretReader: Sync {
 pub struct ApiSecretReader(pub kube::Client);
 
 impl SecretReader for ApiSecretReader {
-    async fn read(&self, namespace: &str, name: &str) -> Result<Option<Secret>, kube::Error> {
-        Api::<Secret>::namespaced(self.0.clone(), namespace).get_opt(name).await
+    async fn read(&self, namespace: &str, name: &str) -> Result<Option<SourceSecret>, kube::Error> {
+        Ok(Api::<Secret>::namespaced(self.0.clone(), namespace).get_opt(name).await?.map(SourceSecret::from))
     }
 }
 
@@ -51,7 +81,7 @@ impl SecretReader for ApiSecretReader {
 /// Secret (AWS keys: three), and each read would otherwise be a request.
 pub struct ReadOnce<R> {
     inner: R,
-    read: std::sync::Mutex<BTreeMap<(String, String), Option<Secret>>>,
+    read: std::sync::Mutex<BTreeMap<(String, String), Option<SourceSecret>>>,
 }
 
 impl<R> ReadOnce<R> {
@@ -61,7 +91,7 @@ impl<R> ReadOnce<R> {
 }
 
 impl<R: SecretReader + Send> SecretReader for ReadOnce<R> {
-    async fn read(&self, namespace: &str, name: &str) -> Result<Option<Secret>, kube::Error> {
+    async fn read(&self, namespace: &str, name: &str) -> Result<Option<SourceSecret>, kube::Error> {
         let key = (namespace.to_string(), name.to_string());
         if let Some(known) = self.read.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&key) {
             return Ok(known.clone());
@@ -166,14 +196,13 @@ async fn read_key<R: SecretReader>(
         .read(&namespace, &name)
         .await?
         .ok_or_else(|| Error::SourceSecretNotFound { namespace: namespace.clone(), name: name.clone() })?;
-    let bytes = secret.data.and_then(|mut data| data.remove(&key));
-    let Some(bytes) = bytes else {
+    let Some(bytes) = secret.get(&key) else {
         return Err(Error::SourceKeyMissing { namespace, name, key });
     };
-    if bytes.0.is_empty() {
+    if bytes.expose_secret().is_empty() {
         return Err(Error::SourceValueEmpty { namespace, name, key });
     }
-    match String::from_utf8(bytes.0) {
+    match std::str::from_utf8(bytes.expose_secret()) {
         Ok(text) => Ok(text.into()),
         Err(_) => Err(Error::SourceValueNotUtf8 { namespace, name, key }),
     }
@@ -238,29 +267,30 @@ fn single_login(
     })
 }
 
-/// Secrets held in memory: the manifests given to `regcred render`, and unit tests.
-#[derive(Default)]
-pub struct LocalSecrets(pub Vec<Secret>);
+/// Secrets held in memory: the manifests given to `regcred render`, and unit tests. Of two
+/// with one namespace and name, the one added first is read.
+#[derive(Debug, Default)]
+pub struct LocalSecrets(Vec<(String, String, SourceSecret)>);
 
 impl LocalSecrets {
+    /// Adds a Secret manifest, keeping its namespace, name and data only.
+    pub fn add(&mut self, secret: Secret) {
+        let namespace = secret.metadata.namespace.clone().unwrap_or_default();
+        let name = secret.metadata.name.clone().unwrap_or_default();
+        self.0.push((namespace, name, secret.into()));
+    }
+
     /// Adds a Secret with the given data.
     pub fn with(mut self, namespace: &str, name: &str, data: &[(&str, &[u8])]) -> Self {
-        self.0.push(Secret {
-            metadata: ObjectMeta { name: Some(name.into()), namespace: Some(namespace.into()), ..Default::default() },
-            data: Some(data.iter().map(|(k, v)| (k.to_string(), ByteString(v.to_vec()))).collect::<BTreeMap<_, _>>()),
-            ..Default::default()
-        });
+        let data = data.iter().map(|(k, v)| (k.to_string(), v.to_vec().into())).collect();
+        self.0.push((namespace.into(), name.into(), SourceSecret { data }));
         self
     }
 }
 
 impl SecretReader for LocalSecrets {
-    async fn read(&self, namespace: &str, name: &str) -> Result<Option<Secret>, kube::Error> {
-        Ok(self
-            .0
-            .iter()
-            .find(|s| s.metadata.namespace.as_deref() == Some(namespace) && s.metadata.name.as_deref() == Some(name))
-            .cloned())
+    async fn read(&self, namespace: &str, name: &str) -> Result<Option<SourceSecret>, kube::Error> {
+        Ok(self.0.iter().find(|(ns, n, _)| ns == namespace && n == name).map(|(_, _, secret)| secret.clone()))
     }
 }
 
@@ -337,7 +367,7 @@ mod tests {
     async fn each_secret_is_read_once_per_reconcile() {
         struct Counting(LocalSecrets, std::sync::atomic::AtomicUsize);
         impl SecretReader for Counting {
-            async fn read(&self, namespace: &str, name: &str) -> Result<Option<Secret>, kube::Error> {
+            async fn read(&self, namespace: &str, name: &str) -> Result<Option<SourceSecret>, kube::Error> {
                 self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 self.0.read(namespace, name).await
             }
@@ -350,6 +380,33 @@ mod tests {
             let _ = read_key(&ctx, &reference, key).await;
         }
         assert_eq!(once.inner.1.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    /// The data of a read Secret, `stringData` included, is there to use and not to show.
+    #[tokio::test]
+    async fn a_read_secret_does_not_show_its_data() {
+        use k8s_openapi::ByteString;
+        let secret = Secret {
+            data: Some(BTreeMap::from([("password".into(), ByteString(b"hunter2-data".to_vec()))])),
+            string_data: Some(BTreeMap::from([("token".into(), "hunter2-string-data".into())])),
+            ..Default::default()
+        };
+        let read = SourceSecret::from(secret);
+        assert_eq!(read.get("password").map(|v| v.expose_secret()), Some(&b"hunter2-data"[..]));
+        assert_eq!(read.get("token").map(|v| v.expose_secret()), Some(&b"hunter2-string-data"[..]));
+        let local = LocalSecrets::default().with("ns", "s", &[("password", b"hunter2-local")]);
+        let cached = ReadOnce::new(LocalSecrets::default().with("ns", "s", &[("password", b"hunter2-cached")]));
+        let ctx = SourceContext::offline("ns", None, &cached);
+        let reference = SecretKeyRef { name: "s".into(), namespace: None, key: None };
+        assert!(read_key(&ctx, &reference, "password").await.is_ok(), "the cache is filled");
+        for (shown, secret) in [
+            (format!("{read:?}"), "hunter2-data"),
+            (format!("{read:?}"), "hunter2-string-data"),
+            (format!("{local:?}"), "hunter2-local"),
+            (format!("{:?}", cached.read), "hunter2-cached"),
+        ] {
+            crate::test_support::assert_hidden(&shown, secret);
+        }
     }
 
     #[tokio::test]
