@@ -144,12 +144,13 @@ async fn direct_sync(client: &Client, i: usize) -> anyhow::Result<Duration> {
     let cr = creds.create(&PostParams::default(), &cr).await?;
     let source = secrets.get("source").await?;
     let password = source.data.and_then(|d| d.get("password").cloned()).map(|b| b.0).unwrap_or_default();
-    let auth = regcred::dockerconfig::render(&[regcred::dockerconfig::RegistryAuth {
+    let rendered = regcred::dockerconfig::render(&[regcred::dockerconfig::RegistryAuth {
         server: "r.example.com".into(),
         username: "u".into(),
         password: String::from_utf8_lossy(&password).into_owned().into(),
     }]);
-    secrets.create(&PostParams::default(), &secret(&format!("{name}-pull"), b".dockerconfigjson", &auth)).await?;
+    let auth = secrecy::ExposeSecret::expose_secret(&rendered);
+    secrets.create(&PostParams::default(), &secret(&format!("{name}-pull"), b".dockerconfigjson", auth)).await?;
     let status = json!({"apiVersion": "regcred.dev/v1alpha1", "kind": "RegistryCredential",
         "status": {"conditions": [{"type": "Ready", "status": "True", "reason": "Synced", "message": "direct",
                    "lastTransitionTime": "2026-01-01T00:00:00Z"}], "observedGeneration": cr.metadata.generation}});

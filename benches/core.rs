@@ -231,7 +231,8 @@ async fn rounds(
     // kube-controller-manager fills every new namespace: let it finish first.
     wait_quiet(cp).await?;
     println!("  after creating the {n} namespaces (the controller keeps their metadata): {}", Memory::of(controller));
-    let payload = regcred::dockerconfig::render(&[auth(PASSWORD)]);
+    // The baseline is a plain client: it sends the bytes as they are.
+    let payload = regcred::dockerconfig::render(&[auth(PASSWORD)]).expose_secret().to_vec();
     let (mut direct_times, mut regcred_times) = (Vec::new(), Vec::new());
     // After each round; and every reading, fanned out or not, for the highest.
     let (mut after_rounds, mut readings) = (Vec::new(), Vec::new());
@@ -480,7 +481,8 @@ async fn direct_burst(
     secret_names: &[String],
     args: &Args,
 ) -> anyhow::Result<DirectBurst> {
-    let payload = regcred::dockerconfig::render(&[auth(PASSWORD)]);
+    // The baseline is a plain client: it sends the bytes as they are.
+    let payload = regcred::dockerconfig::render(&[auth(PASSWORD)]).expose_secret().to_vec();
     let started = Instant::now();
     let (created_tx, created_rx) = mpsc::unbounded::<String>();
     let namespaces_api = Api::<Namespace>::all(client.clone());

@@ -38,6 +38,7 @@ use kube::{
 };
 use regcred::crd::ClusterRegistryCredential;
 use regcred_testenv::{CONTROLLER_USER, ControlPlane};
+use secrecy::ExposeSecret;
 use serde_json::json;
 use support::*;
 
@@ -143,7 +144,8 @@ async fn run(cp: &ControlPlane, args: &Args) -> anyhow::Result<()> {
 
     // 1. Fan-out.
     println!("\n1. fan-out to {n} namespaces");
-    let payload = regcred::dockerconfig::render(&[auth(PASSWORD)]);
+    // The baseline is a plain client: it sends the bytes as they are.
+    let payload = regcred::dockerconfig::render(&[auth(PASSWORD)]).expose_secret().to_vec();
     let before = direct_create(&client, &fan_namespaces, "direct-pull", "before", &payload, args.concurrency).await?;
     println!(
         "  direct baseline (before): last create answered after {:.2} s, all {n} seen by the poll after {:.2} s",
@@ -300,7 +302,7 @@ async fn run(cp: &ControlPlane, args: &Args) -> anyhow::Result<()> {
     let change_writes = controller_writes(cp, audit_start, audit_end)?;
     let change_reconciles = controller.reconciles()? - reconciles_start;
     wait_quiet(cp).await?;
-    let new_payload = regcred::dockerconfig::render(&[auth(NEW_PASSWORD)]);
+    let new_payload = regcred::dockerconfig::render(&[auth(NEW_PASSWORD)]).expose_secret().to_vec();
     let direct_update =
         direct_patch(&client, &fan_namespaces, "direct-pull", "before", &new_payload, args.concurrency).await?;
     println!(

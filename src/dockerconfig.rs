@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use base64::{Engine, engine::general_purpose::STANDARD};
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::{ExposeSecret, SecretSlice, SecretString};
 use serde::{Deserialize, Serialize};
 
 /// Key of the data entry in a `kubernetes.io/dockerconfigjson` Secret.
@@ -35,8 +35,8 @@ struct EntryOut<'a> {
 
 /// Renders the document. Servers are sorted, so the same logins always give the same
 /// bytes and an unchanged input never causes a write. A server given twice keeps the
-/// last login.
-pub fn render(auths: &[RegistryAuth]) -> Vec<u8> {
+/// last login. The bytes hold every password, so they come out as a secret.
+pub fn render(auths: &[RegistryAuth]) -> SecretSlice<u8> {
     let entries = auths
         .iter()
         .map(|a| {
@@ -46,7 +46,7 @@ pub fn render(auths: &[RegistryAuth]) -> Vec<u8> {
         })
         .collect();
     // Serialising maps of strings cannot fail.
-    serde_json::to_vec(&DockerConfig { auths: entries }).unwrap_or_default()
+    serde_json::to_vec(&DockerConfig { auths: entries }).unwrap_or_default().into()
 }
 
 #[derive(Deserialize, Default)]
@@ -108,7 +108,7 @@ mod tests {
     fn renders_the_docker_login_shape() {
         let bytes = render(&[login("ghcr.io", "bob", "s3cret")]);
         assert_eq!(
-            std::str::from_utf8(&bytes).unwrap(),
+            std::str::from_utf8(bytes.expose_secret()).unwrap(),
             r#"{"auths":{"ghcr.io":{"username":"bob","password":"s3cret","auth":"Ym9iOnMzY3JldA=="}}}"#
         );
     }
@@ -117,14 +117,14 @@ mod tests {
     fn output_is_independent_of_input_order() {
         let a = render(&[login("b.io", "u", "p"), login("a.io", "u", "p")]);
         let b = render(&[login("a.io", "u", "p"), login("b.io", "u", "p")]);
-        assert_eq!(a, b);
+        assert_eq!(a.expose_secret(), b.expose_secret());
     }
 
     #[test]
     fn awkward_passwords_survive_the_round_trip() {
         for password in ["a:b:c", "quote\"back\\slash", "ünïcødé ✓", "line\nbreak\r\n", "{\"json\": true}", " "] {
             let bytes = render(&[login("r.example.com", "user", password)]);
-            let back = parse(&bytes).unwrap();
+            let back = parse(bytes.expose_secret()).unwrap();
             assert_eq!(back.len(), 1);
             assert_eq!(back[0].username, "user");
             assert_eq!(back[0].password.expose_secret(), password);
@@ -151,8 +151,9 @@ mod tests {
             let mut reversed = auths.clone();
             reversed.reverse();
             let bytes = render(&auths);
-            proptest::prop_assert_eq!(&bytes, &render(&reversed));
-            let parsed = parse(&bytes).unwrap();
+            let again = render(&reversed);
+            proptest::prop_assert_eq!(bytes.expose_secret(), again.expose_secret());
+            let parsed = parse(bytes.expose_secret()).unwrap();
             let back: Vec<_> = parsed.iter().map(|a| (a.server.clone(), (a.username.clone(), a.password.expose_secret().to_string()))).collect();
             proptest::prop_assert_eq!(back, logins.into_iter().collect::<Vec<_>>());
         }

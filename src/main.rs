@@ -327,7 +327,9 @@ async fn render_manifests(args: RenderArgs) -> anyhow::Result<()> {
         documents.extend(docs.into_iter().filter(|d| !d.is_null()));
     }
     let manifests = render::read_manifests(documents, &args.namespaces)?;
-    let render::Rendered { secrets: rendered, notes } = render::render(&manifests).await?;
+    let render::Rendered { secrets, notes } = render::render(&manifests).await?;
+    // Standard output is where the rendered Secrets go out: only now is the data plain bytes.
+    let rendered: Vec<_> = secrets.iter().map(regcred::secret::DesiredSecret::to_secret).collect();
     for note in notes {
         eprintln!("note: {note}");
     }

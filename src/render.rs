@@ -12,7 +12,7 @@ use crate::{
     controller::{Credential, Scope},
     crd::{ClusterRegistryCredential, RegistryCredential},
     dockerconfig, plan,
-    secret::desired_secret,
+    secret::{DesiredSecret, desired_secret},
     source::{CredentialProvider, LocalSecrets, SourceContext},
 };
 
@@ -54,7 +54,7 @@ pub struct Manifests {
 #[derive(Debug)]
 pub struct Rendered {
     /// The Secrets, sorted by namespace, then name.
-    pub secrets: Vec<Secret>,
+    pub secrets: Vec<DesiredSecret>,
     /// For the user (standard error): cluster credentials that selected no known namespace,
     /// and what a source changed in what it read. They name Secrets and keys, never values.
     pub notes: Vec<String>,
@@ -131,13 +131,13 @@ pub async fn render(manifests: &Manifests) -> Result<Rendered, RenderError> {
     if out.is_empty() {
         return Err(RenderError::NothingRendered(notes));
     }
-    let key = |secret: &Secret| (secret.metadata.namespace.clone(), secret.metadata.name.clone());
+    let key = |secret: &DesiredSecret| (secret.metadata.namespace.clone(), secret.metadata.name.clone());
     out.sort_by_key(|(secret, _)| key(secret));
     if let Some(pair) = out.windows(2).find(|pair| key(&pair[0].0) == key(&pair[1].0)) {
         let [(secret, first), (_, second)] = pair else { unreachable!("windows of two") };
         return Err(RenderError::SameSecret {
             namespace: secret.metadata.namespace.clone().unwrap_or_default(),
-            name: secret.name_any(),
+            name: secret.metadata.name.clone().unwrap_or_default(),
             first: first.clone(),
             second: second.clone(),
         });
@@ -149,7 +149,7 @@ pub async fn render(manifests: &Manifests) -> Result<Rendered, RenderError> {
 async fn render_all<K: Credential>(
     credentials: &[K],
     manifests: &Manifests,
-    out: &mut Vec<(Secret, String)>,
+    out: &mut Vec<(DesiredSecret, String)>,
     notes: &mut Vec<String>,
 ) -> Result<(), RenderError> {
     for cr in credentials {
@@ -181,7 +181,7 @@ async fn render_all<K: Credential>(
 
 /// One credential as `controller::core::sync` would write it, offline: its Secrets (none when
 /// it selects no known namespace, then its source is not read) and the source's notes.
-async fn render_one<K: Credential>(cr: &K, manifests: &Manifests) -> Result<(Vec<Secret>, Vec<String>), Error> {
+async fn render_one<K: Credential>(cr: &K, manifests: &Manifests) -> Result<(Vec<DesiredSecret>, Vec<String>), Error> {
     let parts = cr.parts();
     if let Some(key) = plan::reserved_template_key(parts.secret) {
         return Err(Error::ReservedKey { key: key.into() });
@@ -224,7 +224,8 @@ mod tests {
 
     /// Namespace and name of each rendered Secret, in output order.
     fn placed(rendered: &Rendered) -> Vec<(String, String)> {
-        rendered.secrets.iter().map(|s| (s.namespace().unwrap_or_default(), s.name_any())).collect()
+        let meta = rendered.secrets.iter().map(|s| &s.metadata);
+        meta.map(|m| (m.namespace.clone().unwrap_or_default(), m.name.clone().unwrap_or_default())).collect()
     }
 
     fn pair(namespace: &str, name: &str) -> (String, String) {
@@ -267,8 +268,9 @@ mod tests {
         assert_eq!(out[0].metadata.name.as_deref(), Some("hub-pull"));
         assert_eq!(out[0].metadata.namespace.as_deref(), Some("dev"));
         assert_eq!(out[0].metadata.labels.as_ref().unwrap()["team"], "a");
-        let config = &out[0].data.as_ref().unwrap()[dockerconfig::DOCKER_CONFIG_KEY];
-        let logins = dockerconfig::parse(&config.0).unwrap();
+        let sent = out[0].to_secret();
+        assert_eq!(sent.type_.as_deref(), Some(dockerconfig::DOCKER_CONFIG_TYPE));
+        let logins = dockerconfig::parse(&sent.data.as_ref().unwrap()[dockerconfig::DOCKER_CONFIG_KEY].0).unwrap();
         let servers: Vec<_> = logins.iter().map(|l| l.server.as_str()).collect();
         assert_eq!(servers, ["https://index.docker.io/v1/", "registry-1.docker.io"]);
         assert!(logins.iter().all(|l| l.password.expose_secret() == "p@ss"));
@@ -314,8 +316,8 @@ mod tests {
         assert_eq!(placed(&out), [pair("b", "pull"), pair("c", "pull")], "b from a manifest, c from -n");
         assert!(out.notes.is_empty());
         for secret in &out.secrets {
-            let logins =
-                dockerconfig::parse(&secret.data.as_ref().unwrap()[dockerconfig::DOCKER_CONFIG_KEY].0).unwrap();
+            let sent = secret.to_secret();
+            let logins = dockerconfig::parse(&sent.data.as_ref().unwrap()[dockerconfig::DOCKER_CONFIG_KEY].0).unwrap();
             assert_eq!(logins.len(), 1);
             assert_eq!((logins[0].server.as_str(), logins[0].username.as_str()), ("r.example.com", "robot"));
             assert_eq!(logins[0].password.expose_secret(), "robot-token");
@@ -423,6 +425,18 @@ mod tests {
         assert!(
             err.to_string().starts_with("nothing to render: ClusterRegistryCredential none: no namespace is known")
         );
+    }
+
+    /// What `regcred render` read and what it produced show no password until printed.
+    #[tokio::test]
+    async fn rendered_secrets_show_no_credential() {
+        let docs = vec![robot_secret(), cluster_credential("c", json!({"names": ["a"]}))];
+        let manifests = read_manifests(docs, &given(&["a"])).unwrap();
+        let out = render(&manifests).await.unwrap();
+        for shown in [format!("{out:?}"), format!("{:?}", manifests.secrets)] {
+            crate::test_support::assert_hidden(&shown, "robot-token");
+            crate::test_support::assert_hidden(&shown, "robot:robot-token");
+        }
     }
 
     #[tokio::test]

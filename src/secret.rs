@@ -13,6 +13,7 @@ use kube::{
     Api, Client,
     api::{ObjectMeta, Patch, PatchParams, PostParams},
 };
+use secrecy::{ExposeSecret, SecretSlice};
 
 use crate::{
     Error,
@@ -32,6 +33,28 @@ pub const CREDENTIAL_UID_LABEL: &str = "regcred.dev/credential-uid";
 /// to: a restarted controller reuses the token only for the same identity.
 pub const TOKEN_IDENTITY_ANNOTATION: &str = "regcred.dev/token-identity";
 
+/// The Secret that should exist, its `.dockerconfigjson` kept where `Debug` does not show it
+/// until [`DesiredSecret::to_secret`] builds the object to send.
+#[derive(Clone, Debug)]
+pub struct DesiredSecret {
+    pub metadata: ObjectMeta,
+    docker_config: SecretSlice<u8>,
+}
+
+impl DesiredSecret {
+    /// The Secret as sent (or printed by `regcred render`): its data is plain bytes again, so
+    /// build it for the request and let it go with the request.
+    pub fn to_secret(&self) -> Secret {
+        let config = ByteString(self.docker_config.expose_secret().to_vec());
+        Secret {
+            metadata: self.metadata.clone(),
+            type_: Some(DOCKER_CONFIG_TYPE.into()),
+            data: Some(BTreeMap::from([(DOCKER_CONFIG_KEY.into(), config)])),
+            ..Default::default()
+        }
+    }
+}
+
 /// The Secret that should exist. `owner` is `None` only for offline rendering; with an owner,
 /// the Secret carries its uid as a label too, so one list finds all of its Secrets (the label
 /// is only an index: regcred acts on a Secret only when the owner reference says it is its).
@@ -40,9 +63,9 @@ pub fn desired_secret(
     namespace: &str,
     template: &SecretTemplate,
     owner: Option<OwnerReference>,
-    docker_config: Vec<u8>,
+    docker_config: SecretSlice<u8>,
     token_identity: Option<&str>,
-) -> Secret {
+) -> DesiredSecret {
     let mut labels = template.labels.clone();
     labels.insert(MANAGED_BY_LABEL.into(), MANAGED_BY_VALUE.into());
     if let Some(owner) = &owner {
@@ -52,7 +75,7 @@ pub fn desired_secret(
     if let Some(identity) = token_identity {
         annotations.insert(TOKEN_IDENTITY_ANNOTATION.into(), identity.into());
     }
-    Secret {
+    DesiredSecret {
         metadata: ObjectMeta {
             name: Some(name.into()),
             namespace: Some(namespace.into()),
@@ -61,9 +84,22 @@ pub fn desired_secret(
             owner_references: owner.map(|o| vec![o]),
             ..Default::default()
         },
-        type_: Some(DOCKER_CONFIG_TYPE.into()),
-        data: Some(BTreeMap::from([(DOCKER_CONFIG_KEY.into(), ByteString(docker_config))])),
-        ..Default::default()
+        docker_config,
+    }
+}
+
+/// What a write decides on in a live Secret: its metadata, type and pull config, the latter
+/// taken out of the Secret as it is read (it is the config regcred wrote, credentials and all).
+struct Live {
+    metadata: ObjectMeta,
+    type_: Option<String>,
+    docker_config: Option<SecretSlice<u8>>,
+}
+
+impl From<Secret> for Live {
+    fn from(secret: Secret) -> Self {
+        let docker_config = secret.data.and_then(|mut data| data.remove(DOCKER_CONFIG_KEY)).map(|b| b.0.into());
+        Live { metadata: secret.metadata, type_: secret.type_, docker_config }
     }
 }
 
@@ -126,7 +162,7 @@ const ATTEMPTS: usize = 4;
 /// write fail; regcred then reads again and decides afresh (a concurrent edit is not a failure).
 pub async fn ensure_secret(
     client: &Client,
-    desired: &Secret,
+    desired: &DesiredSecret,
     claim: &Claim,
     mut existing: Option<Option<Secret>>,
 ) -> Result<Outcome, Error> {
@@ -136,8 +172,8 @@ pub async fn ensure_secret(
     let mut last_conflict = None;
     for _ in 0..ATTEMPTS {
         let known = match existing.take() {
-            Some(known) => known,
-            None => api.get_opt(name).await?,
+            Some(known) => known.map(Live::from),
+            None => api.get_opt(name).await?.map(Live::from),
         };
         match write_once(client, &api, name, desired, claim, known).await {
             Err(Error::Kube(kube::Error::Api(status))) if status.code == 409 => last_conflict = Some(status),
@@ -153,16 +189,16 @@ async fn write_once(
     client: &Client,
     api: &Api<Secret>,
     name: &str,
-    desired: &Secret,
+    desired: &DesiredSecret,
     claim: &Claim,
-    existing: Option<Secret>,
+    existing: Option<Live>,
 ) -> Result<Outcome, Error> {
     let Some(existing) = existing else {
-        let mut skeleton = desired.clone();
+        let mut skeleton = desired.to_secret();
         skeleton.metadata.labels = Some(own_labels(desired));
         skeleton.metadata.annotations = None;
         let params = PostParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
-        let created = api.create(&params, &skeleton).await?;
+        let created = Live::from(api.create(&params, &skeleton).await?);
         let resource_version = match is_up_to_date(&created, desired) {
             true => created.metadata.resource_version,
             false => apply(api, name, desired, created.metadata.resource_version).await?,
@@ -170,14 +206,14 @@ async fn write_once(
         return Ok(Outcome { change: SecretChange::Created, resource_version });
     };
     if !is_controlled_by(&existing.metadata, &claim.owner.uid) {
-        if !yields_to(client, &existing, claim).await? {
+        if !yields_to(client, &existing.metadata, claim).await? {
             return Err(Error::SecretConflict {
                 namespace: existing.metadata.namespace.unwrap_or_default(),
                 name: name.into(),
             });
         }
-        let taken = take_over(api, &existing, &claim.owner).await?;
-        let resource_version = apply(api, name, desired, taken.metadata.resource_version).await?;
+        let taken = take_over(api, &existing.metadata, &claim.owner).await?;
+        let resource_version = apply(api, name, desired, taken).await?;
         return Ok(Outcome { change: SecretChange::Updated, resource_version });
     }
     if is_up_to_date(&existing, desired) {
@@ -188,7 +224,7 @@ async fn write_once(
 }
 
 /// The labels regcred sets on every Secret it writes (never the template's).
-fn own_labels(desired: &Secret) -> BTreeMap<String, String> {
+fn own_labels(desired: &DesiredSecret) -> BTreeMap<String, String> {
     let mut labels = BTreeMap::from([(MANAGED_BY_LABEL.into(), MANAGED_BY_VALUE.into())]);
     if let Some(uid) = desired.metadata.labels.as_ref().and_then(|l| l.get(CREDENTIAL_UID_LABEL)) {
         labels.insert(CREDENTIAL_UID_LABEL.into(), uid.clone());
@@ -198,12 +234,12 @@ fn own_labels(desired: &Secret) -> BTreeMap<String, String> {
 
 /// Whether a Secret controlled by someone else goes to `claim`: only when regcred wrote it for
 /// another regcred credential that is newer than the claimant, or that no longer exists.
-async fn yields_to(client: &Client, existing: &Secret, claim: &Claim) -> Result<bool, Error> {
-    let labels = existing.metadata.labels.as_ref();
+async fn yields_to(client: &Client, existing: &ObjectMeta, claim: &Claim) -> Result<bool, Error> {
+    let labels = existing.labels.as_ref();
     if labels.and_then(|l| l.get(MANAGED_BY_LABEL)).map(String::as_str) != Some(MANAGED_BY_VALUE) {
         return Ok(false);
     }
-    let Some(holder) = existing.metadata.owner_references.iter().flatten().find(|o| o.controller == Some(true)) else {
+    let Some(holder) = existing.owner_references.iter().flatten().find(|o| o.controller == Some(true)) else {
         return Ok(false);
     };
     if !holder.api_version.starts_with(&format!("{GROUP}/")) {
@@ -211,7 +247,7 @@ async fn yields_to(client: &Client, existing: &Secret, claim: &Claim) -> Result<
     }
     let meta = match holder.kind.as_str() {
         "RegistryCredential" => {
-            let namespace = existing.metadata.namespace.as_deref().unwrap_or_default();
+            let namespace = existing.namespace.as_deref().unwrap_or_default();
             Api::<RegistryCredential>::namespaced(client.clone(), namespace)
                 .get_metadata_opt(&holder.name)
                 .await?
@@ -232,15 +268,15 @@ async fn yields_to(client: &Client, existing: &Secret, claim: &Claim) -> Result<
 }
 
 /// Replaces the Secret's owner references with the claimant's, valid only against the
-/// resourceVersion that was checked; returns the Secret as written.
-async fn take_over(api: &Api<Secret>, existing: &Secret, owner: &OwnerReference) -> Result<Secret, Error> {
-    let name = existing.metadata.name.as_deref().unwrap_or_default();
+/// resourceVersion that was checked; returns the resourceVersion it wrote.
+async fn take_over(api: &Api<Secret>, existing: &ObjectMeta, owner: &OwnerReference) -> Result<Option<String>, Error> {
+    let name = existing.name.as_deref().unwrap_or_default();
     let patch = serde_json::json!({"metadata": {
-        "resourceVersion": existing.metadata.resource_version,
+        "resourceVersion": existing.resource_version,
         "ownerReferences": [owner],
     }});
     let params = PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
-    Ok(api.patch(name, &params, &Patch::Merge(&patch)).await?)
+    Ok(api.patch(name, &params, &Patch::Merge(&patch)).await?.metadata.resource_version)
 }
 
 /// Server-side apply of `desired`, valid only against the given resourceVersion; returns the
@@ -248,10 +284,10 @@ async fn take_over(api: &Api<Secret>, existing: &Secret, owner: &OwnerReference)
 pub async fn apply(
     api: &Api<Secret>,
     name: &str,
-    desired: &Secret,
+    desired: &DesiredSecret,
     resource_version: Option<String>,
 ) -> Result<Option<String>, Error> {
-    let mut patch = desired.clone();
+    let mut patch = desired.to_secret();
     patch.metadata.resource_version = resource_version;
     let written = api.patch(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
     Ok(written.metadata.resource_version)
@@ -260,16 +296,17 @@ pub async fn apply(
 /// Deletes a Secret this owner wrote, if it is still there and still theirs: the
 /// preconditions make the delete fail rather than remove a replacement.
 pub async fn delete_if_controlled(api: &Api<Secret>, name: &str, owner_uid: &str) -> Result<bool, Error> {
-    let Some(existing) = api.get_opt(name).await? else {
+    // Only the metadata decides; the data is not kept.
+    let Some(existing) = api.get_opt(name).await?.map(|secret| secret.metadata) else {
         return Ok(false);
     };
-    if !is_controlled_by(&existing.metadata, owner_uid) {
+    if !is_controlled_by(&existing, owner_uid) {
         return Ok(false);
     }
     let params = kube::api::DeleteParams {
         preconditions: Some(kube::api::Preconditions {
-            uid: existing.metadata.uid,
-            resource_version: existing.metadata.resource_version,
+            uid: existing.uid,
+            resource_version: existing.resource_version,
         }),
         ..Default::default()
     };
@@ -309,10 +346,10 @@ pub fn is_controlled_by(meta: &ObjectMeta, owner_uid: &str) -> bool {
 }
 
 /// Whether applying `desired` would change anything regcred owns in `existing`.
-fn is_up_to_date(existing: &Secret, desired: &Secret) -> bool {
-    existing.type_ == desired.type_
-        && existing.data.as_ref().and_then(|d| d.get(DOCKER_CONFIG_KEY))
-            == desired.data.as_ref().and_then(|d| d.get(DOCKER_CONFIG_KEY))
+fn is_up_to_date(existing: &Live, desired: &DesiredSecret) -> bool {
+    existing.type_.as_deref() == Some(DOCKER_CONFIG_TYPE)
+        && existing.docker_config.as_ref().map(ExposeSecret::expose_secret)
+            == Some(desired.docker_config.expose_secret())
         && metadata_matches(&existing.metadata, &desired.metadata)
 }
 
@@ -374,33 +411,52 @@ mod tests {
         OwnerReference { controller: Some(true), uid: "uid-1".into(), ..Default::default() }
     }
 
-    fn desired(labels: &[(&str, &str)]) -> Secret {
+    fn desired(labels: &[(&str, &str)]) -> DesiredSecret {
         let template = SecretTemplate {
             labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             ..Default::default()
         };
-        desired_secret("pull", "ns", &template, Some(owner()), b"{}".to_vec(), None)
+        desired_secret("pull", "ns", &template, Some(owner()), b"{}".to_vec().into(), None)
+    }
+
+    /// The pull config travels to the request without any `Debug` showing a password, and
+    /// the Secret sent carries it unchanged.
+    #[test]
+    fn a_desired_secret_shows_no_credential_until_it_is_sent() {
+        use crate::dockerconfig::RegistryAuth;
+        let auths = [RegistryAuth { server: "r.io".into(), username: "bob".into(), password: "hunter2-pw".into() }];
+        let config = crate::dockerconfig::render(&auths);
+        let desired = desired_secret("pull", "ns", &SecretTemplate::default(), Some(owner()), config.clone(), None);
+        let live = Live::from(desired.to_secret());
+        for shown in [format!("{config:?}"), format!("{desired:?}"), format!("{:?}", live.docker_config)] {
+            crate::test_support::assert_hidden(&shown, "hunter2-pw");
+            crate::test_support::assert_hidden(&shown, "bob:hunter2-pw");
+        }
+        let sent = desired.to_secret();
+        assert_eq!(sent.type_.as_deref(), Some(DOCKER_CONFIG_TYPE));
+        assert_eq!(sent.data.as_ref().map(|d| d[DOCKER_CONFIG_KEY].0.as_slice()), Some(config.expose_secret()));
+        assert!(is_up_to_date(&live, &desired));
     }
 
     #[test]
     fn same_content_is_up_to_date_even_with_foreign_labels() {
-        let mut live = desired(&[("team", "a")]);
+        let mut live = Live::from(desired(&[("team", "a")]).to_secret());
         live.metadata.labels.as_mut().unwrap().insert("added-by-someone".into(), "x".into());
         assert!(is_up_to_date(&live, &desired(&[("team", "a")])));
     }
 
     #[test]
     fn changed_data_or_label_needs_a_write() {
-        let live = desired(&[("team", "a")]);
+        let live = Live::from(desired(&[("team", "a")]).to_secret());
         let mut other = desired(&[("team", "a")]);
-        other.data = Some(BTreeMap::from([(DOCKER_CONFIG_KEY.into(), ByteString(b"{\"x\":1}".to_vec()))]));
+        other.docker_config = b"{\"x\":1}".to_vec().into();
         assert!(!is_up_to_date(&live, &other));
         assert!(!is_up_to_date(&live, &desired(&[("team", "b")])));
     }
 
     #[test]
     fn a_label_regcred_set_and_no_longer_wants_needs_a_write() {
-        let mut live = desired(&[("team", "a")]);
+        let mut live = Live::from(desired(&[("team", "a")]).to_secret());
         live.metadata.managed_fields = Some(vec![ManagedFieldsEntry {
             manager: Some(FIELD_MANAGER.into()),
             fields_v1: Some(FieldsV1(
@@ -447,9 +503,9 @@ mod tests {
     /// changed the Secret in between) is read again and decided afresh, not reported.
     #[tokio::test]
     async fn a_conflicting_apply_is_read_again_not_reported() {
-        let stale = desired(&[("team", "old")]);
+        let stale = desired(&[("team", "old")]).to_secret();
         let wanted = desired(&[("team", "new")]);
-        let mut fresh = wanted.clone();
+        let mut fresh = wanted.to_secret();
         fresh.metadata.resource_version = Some("2".into());
         let (client, seen) =
             scripted(vec![("PATCH", 409, conflict()), ("GET", 200, serde_json::to_value(&fresh).unwrap())]);
@@ -462,7 +518,7 @@ mod tests {
     /// Only a conflict that persists through every attempt is an error.
     #[tokio::test]
     async fn a_conflict_that_persists_is_reported() {
-        let stale = desired(&[("team", "old")]);
+        let stale = desired(&[("team", "old")]).to_secret();
         let mut script = Vec::new();
         for _ in 0..ATTEMPTS {
             script.push(("PATCH", 409, conflict()));

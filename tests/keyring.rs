@@ -31,7 +31,7 @@ async fn rendered_config(registry: &str, username: &str) -> Vec<u8> {
     ];
     let manifests = regcred::render::read_manifests(manifests, &["team".into()]).expect("manifests");
     let rendered = regcred::render::render(&manifests).await.expect("render").secrets;
-    let data = rendered[0].data.as_ref().expect("a rendered Secret has data");
+    let data = rendered[0].to_secret().data.expect("a rendered Secret has data");
     data[DOCKER_CONFIG_KEY].0.clone()
 }
 

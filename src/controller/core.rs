@@ -9,6 +9,7 @@ use std::{
 use futures::{StreamExt, stream};
 use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
 use kube::{Api, ResourceExt, runtime::controller::Action};
+use secrecy::ExposeSecret;
 use tracing::{info, warn};
 
 use super::{
@@ -21,7 +22,9 @@ use super::{
 use crate::{
     Error, dockerconfig,
     plan::{self, NamespaceStep, Observed, Removal, Retire, SecretStep},
-    secret::{Claim, Outcome, SecretChange, apply, config_hash, delete_seen, desired_secret, ensure_secret},
+    secret::{
+        Claim, DesiredSecret, Outcome, SecretChange, apply, config_hash, delete_seen, desired_secret, ensure_secret,
+    },
     service_account::{has_finalizer, release, set_finalizer, sync_namespace},
     source::{ApiSecretReader, CredentialProvider, ReadOnce, SourceContext},
     status::Synced,
@@ -173,7 +176,7 @@ async fn sync<K: Credential>(obj: &K, uid: &str, ctx: &Context) -> Result<FanOut
     let mut credentials = parts.source.fetch(&source_ctx).await?;
     credentials.notes.extend(plan::outside_scope_note(&outside_scope));
     let docker_config = dockerconfig::render(&credentials.auths);
-    let desired_hash = config_hash(Some(&docker_config));
+    let desired_hash = config_hash(Some(docker_config.expose_secret()));
     let identity = credentials.identity.as_deref();
     let desired_in = |namespace: &str| {
         desired_secret(&secret_name, namespace, parts.secret, Some(owner.clone()), docker_config.clone(), identity)
@@ -323,7 +326,12 @@ async fn sync<K: Credential>(obj: &K, uid: &str, ctx: &Context) -> Result<FanOut
 }
 
 /// Carries out one namespace's Secret step.
-async fn write_secret(ctx: &Context, step: &NamespaceStep, desired: &Secret, claim: &Claim) -> Result<Outcome, Error> {
+async fn write_secret(
+    ctx: &Context,
+    step: &NamespaceStep,
+    desired: &DesiredSecret,
+    claim: &Claim,
+) -> Result<Outcome, Error> {
     match &step.secret {
         SecretStep::Unchanged => Ok(Outcome { change: SecretChange::Unchanged, resource_version: None }),
         SecretStep::Create => ensure_secret(&ctx.client, desired, claim, Some(None)).await,

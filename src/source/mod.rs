@@ -343,7 +343,8 @@ mod tests {
             let creds = single_login(registry, "me", "pw".into(), Vec::new()).unwrap();
             let servers: Vec<_> = creds.auths.iter().map(|a| a.server.as_str()).collect();
             assert_eq!(servers, keys, "{registry}");
-            let document = crate::dockerconfig::parse(&crate::dockerconfig::render(&creds.auths)).unwrap();
+            let document =
+                crate::dockerconfig::parse(crate::dockerconfig::render(&creds.auths).expose_secret()).unwrap();
             let written: Vec<_> = document.iter().map(|a| a.server.as_str()).collect();
             assert_eq!(written, servers, "{registry}: the status lists exactly the keys written");
             assert!(document.iter().all(|a| a.username == "me" && a.password.expose_secret() == "pw"));
@@ -351,10 +352,16 @@ mod tests {
     }
 
     #[test]
+    fn credentials_show_no_password() {
+        let creds = single_login("r.io", "me", "hunter2-pw".into(), Vec::new()).unwrap();
+        crate::test_support::assert_hidden(&format!("{creds:?}"), "hunter2-pw");
+    }
+
+    #[test]
     fn docker_hub_renders_both_keys_byte_for_byte() {
         let creds = single_login("registry-1.docker.io", "bob", "s3cret".into(), Vec::new()).unwrap();
         assert_eq!(
-            std::str::from_utf8(&crate::dockerconfig::render(&creds.auths)).unwrap(),
+            std::str::from_utf8(crate::dockerconfig::render(&creds.auths).expose_secret()).unwrap(),
             concat!(
                 r#"{"auths":{"https://index.docker.io/v1/":{"username":"bob","password":"s3cret","auth":"Ym9iOnMzY3JldA=="},"#,
                 r#""registry-1.docker.io":{"username":"bob","password":"s3cret","auth":"Ym9iOnMzY3JldA=="}}}"#
