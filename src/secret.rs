@@ -88,18 +88,25 @@ pub fn desired_secret(
     }
 }
 
-/// What a write decides on in a live Secret: its metadata, type and pull config, the latter
-/// taken out of the Secret as it is read (it is the config regcred wrote, credentials and all).
-struct Live {
-    metadata: ObjectMeta,
+/// A live Secret as read: its metadata, type and pull config, the latter taken out of the
+/// Secret at once, as it holds credentials (those regcred wrote, or someone else's).
+#[derive(Debug)]
+pub struct ReadSecret {
+    pub metadata: ObjectMeta,
     type_: Option<String>,
     docker_config: Option<SecretSlice<u8>>,
 }
 
-impl From<Secret> for Live {
+impl ReadSecret {
+    pub fn docker_config(&self) -> Option<&SecretSlice<u8>> {
+        self.docker_config.as_ref()
+    }
+}
+
+impl From<Secret> for ReadSecret {
     fn from(secret: Secret) -> Self {
         let docker_config = secret.data.and_then(|mut data| data.remove(DOCKER_CONFIG_KEY)).map(|b| b.0.into());
-        Live { metadata: secret.metadata, type_: secret.type_, docker_config }
+        ReadSecret { metadata: secret.metadata, type_: secret.type_, docker_config }
     }
 }
 
@@ -172,8 +179,8 @@ pub async fn ensure_secret(
     let mut last_conflict = None;
     for _ in 0..ATTEMPTS {
         let known = match existing.take() {
-            Some(known) => known.map(Live::from),
-            None => api.get_opt(name).await?.map(Live::from),
+            Some(known) => known.map(ReadSecret::from),
+            None => api.get_opt(name).await?.map(ReadSecret::from),
         };
         match write_once(client, &api, name, desired, claim, known).await {
             Err(Error::Kube(kube::Error::Api(status))) if status.code == 409 => last_conflict = Some(status),
@@ -191,14 +198,14 @@ async fn write_once(
     name: &str,
     desired: &DesiredSecret,
     claim: &Claim,
-    existing: Option<Live>,
+    existing: Option<ReadSecret>,
 ) -> Result<Outcome, Error> {
     let Some(existing) = existing else {
         let mut skeleton = desired.to_secret();
         skeleton.metadata.labels = Some(own_labels(desired));
         skeleton.metadata.annotations = None;
         let params = PostParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
-        let created = Live::from(api.create(&params, &skeleton).await?);
+        let created = ReadSecret::from(api.create(&params, &skeleton).await?);
         let resource_version = match is_up_to_date(&created, desired) {
             true => created.metadata.resource_version,
             false => apply(api, name, desired, created.metadata.resource_version).await?,
@@ -346,7 +353,7 @@ pub fn is_controlled_by(meta: &ObjectMeta, owner_uid: &str) -> bool {
 }
 
 /// Whether applying `desired` would change anything regcred owns in `existing`.
-fn is_up_to_date(existing: &Live, desired: &DesiredSecret) -> bool {
+fn is_up_to_date(existing: &ReadSecret, desired: &DesiredSecret) -> bool {
     existing.type_.as_deref() == Some(DOCKER_CONFIG_TYPE)
         && existing.docker_config.as_ref().map(ExposeSecret::expose_secret)
             == Some(desired.docker_config.expose_secret())
@@ -419,16 +426,16 @@ mod tests {
         desired_secret("pull", "ns", &template, Some(owner()), b"{}".to_vec().into(), None)
     }
 
-    /// The pull config travels to the request without any `Debug` showing a password, and
-    /// the Secret sent carries it unchanged.
+    /// The pull config, on its way to the request and as read back, shows no password in
+    /// `Debug`; the Secret sent carries it unchanged.
     #[test]
-    fn a_desired_secret_shows_no_credential_until_it_is_sent() {
+    fn a_desired_or_read_secret_shows_no_credential() {
         use crate::dockerconfig::RegistryAuth;
         let auths = [RegistryAuth { server: "r.io".into(), username: "bob".into(), password: "hunter2-pw".into() }];
         let config = crate::dockerconfig::render(&auths);
         let desired = desired_secret("pull", "ns", &SecretTemplate::default(), Some(owner()), config.clone(), None);
-        let live = Live::from(desired.to_secret());
-        for shown in [format!("{config:?}"), format!("{desired:?}"), format!("{:?}", live.docker_config)] {
+        let live = ReadSecret::from(desired.to_secret());
+        for shown in [format!("{config:?}"), format!("{desired:?}"), format!("{live:?}")] {
             crate::test_support::assert_hidden(&shown, "hunter2-pw");
             crate::test_support::assert_hidden(&shown, "bob:hunter2-pw");
         }
@@ -440,14 +447,14 @@ mod tests {
 
     #[test]
     fn same_content_is_up_to_date_even_with_foreign_labels() {
-        let mut live = Live::from(desired(&[("team", "a")]).to_secret());
+        let mut live = ReadSecret::from(desired(&[("team", "a")]).to_secret());
         live.metadata.labels.as_mut().unwrap().insert("added-by-someone".into(), "x".into());
         assert!(is_up_to_date(&live, &desired(&[("team", "a")])));
     }
 
     #[test]
     fn changed_data_or_label_needs_a_write() {
-        let live = Live::from(desired(&[("team", "a")]).to_secret());
+        let live = ReadSecret::from(desired(&[("team", "a")]).to_secret());
         let mut other = desired(&[("team", "a")]);
         other.docker_config = b"{\"x\":1}".to_vec().into();
         assert!(!is_up_to_date(&live, &other));
@@ -456,7 +463,7 @@ mod tests {
 
     #[test]
     fn a_label_regcred_set_and_no_longer_wants_needs_a_write() {
-        let mut live = Live::from(desired(&[("team", "a")]).to_secret());
+        let mut live = ReadSecret::from(desired(&[("team", "a")]).to_secret());
         live.metadata.managed_fields = Some(vec![ManagedFieldsEntry {
             manager: Some(FIELD_MANAGER.into()),
             fields_v1: Some(FieldsV1(

@@ -13,13 +13,14 @@ use k8s_openapi::{
     api::core::v1::{Secret, ServiceAccount},
 };
 use kube::{Api, Resource, ResourceExt, api::ListParams, runtime::reflector::ObjectRef};
+use secrecy::ExposeSecret;
 use serde::de::DeserializeOwned;
 
 use super::Context;
 use crate::{
     Error, dockerconfig,
     plan::LiveSecret,
-    secret::{CREDENTIAL_UID_LABEL, TOKEN_IDENTITY_ANNOTATION, data_hash, is_controlled_by},
+    secret::{CREDENTIAL_UID_LABEL, ReadSecret, TOKEN_IDENTITY_ANNOTATION, data_hash, is_controlled_by},
     service_account::holds_exactly,
     source::PreviousToken,
 };
@@ -37,7 +38,7 @@ pub(super) async fn own_secrets(
     uid: &str,
     targets: &[String],
     secret_name: &str,
-) -> Result<(Vec<LiveSecret>, Option<Secret>), Error> {
+) -> Result<(Vec<LiveSecret>, Option<ReadSecret>), Error> {
     // A cluster credential's Secrets: one list across the cluster, or one per namespace served.
     let apis: Vec<Api<Secret>> = match (namespace, &ctx.config.namespaces) {
         (Some(ns), _) => vec![Api::namespaced(ctx.client.clone(), ns)],
@@ -93,7 +94,7 @@ pub(super) async fn own_secrets(
         };
         if live.meta.resource_version == full.metadata.resource_version {
             live.data_hash = Some(data_hash(&full));
-            sample.get_or_insert(full);
+            sample.get_or_insert_with(|| ReadSecret::from(full));
         }
     }
     // Remember what was read, so the next reconcile needs no read while nothing changes.
@@ -116,7 +117,7 @@ pub(super) async fn own_secrets_by_name(
     uid: &str,
     targets: &[String],
     names: &[&str],
-) -> Result<(Vec<LiveSecret>, Option<Secret>), Error> {
+) -> Result<(Vec<LiveSecret>, Option<ReadSecret>), Error> {
     let mut namespaces: BTreeSet<String> = targets.iter().cloned().collect();
     namespaces.extend(ctx.states.with(uid, |s| s.targets.clone()));
     let reads: Vec<(String, String)> =
@@ -129,7 +130,7 @@ pub(super) async fn own_secrets_by_name(
         }
         let hash = data_hash(&secret);
         if sample.is_none() && secret.metadata.name.as_deref() == names.first().copied() {
-            sample = Some(secret.clone());
+            sample = Some(ReadSecret::from(secret.clone()));
         }
         own.push(LiveSecret { meta: secret.metadata, data_hash: Some(hash) });
     }
@@ -141,7 +142,7 @@ pub(super) async fn own_secrets_by_name(
 /// Ready for this generation, and its expiry and refresh time known. The ECR source reuses it
 /// only for the same identity and registries (see `source::ecr`).
 pub(super) fn previous_token(
-    secret: &Secret,
+    secret: &ReadSecret,
     status: Option<&crate::crd::ClusterCredentialStatus>,
     generation: Option<i64>,
 ) -> Option<PreviousToken> {
@@ -151,10 +152,9 @@ pub(super) fn previous_token(
         return None;
     }
     let identity = secret.metadata.annotations.as_ref()?.get(TOKEN_IDENTITY_ANNOTATION)?.clone();
-    let bytes = &secret.data.as_ref()?.get(crate::dockerconfig::DOCKER_CONFIG_KEY)?.0;
     Some(PreviousToken {
         identity,
-        auths: dockerconfig::parse(bytes).ok()?,
+        auths: dockerconfig::parse(secret.docker_config()?.expose_secret()).ok()?,
         expires_at: status.expires_at.as_ref()?.0,
         refresh_at: status.next_refresh_at.as_ref()?.0,
     })
