@@ -10,7 +10,7 @@ use k8s_openapi::api::{
     core::v1::ServiceAccount,
 };
 use kube::{Api, api::PostParams};
-use secrecy::ExposeSecret;
+use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 
 use super::{EcrProvider, FetchError, aws_failure};
@@ -129,7 +129,7 @@ impl Identity {
                     .assume_role_with_web_identity()
                     .role_arn(role_arn)
                     .role_session_name(session_name(&format!("regcred-{namespace}-{service_account}")))
-                    .web_identity_token(token)
+                    .web_identity_token(token.expose_secret())
                     .send()
                     .await
                     .map_err(|e| aws_failure("sts:AssumeRoleWithWebIdentity", &e));
@@ -156,7 +156,7 @@ impl Identity {
 }
 
 /// A short-lived token for the tenant's ServiceAccount, from the TokenRequest API.
-async fn service_account_token(provider: &EcrProvider, namespace: &str, name: &str) -> Result<String, Error> {
+async fn service_account_token(provider: &EcrProvider, namespace: &str, name: &str) -> Result<SecretString, Error> {
     let request = TokenRequest {
         spec: TokenRequestSpec {
             audiences: vec![STS_AUDIENCE.into()],
@@ -172,6 +172,7 @@ async fn service_account_token(provider: &EcrProvider, namespace: &str, name: &s
         .status
         .map(|s| s.token)
         .filter(|t| !t.is_empty())
+        .map(SecretString::from)
         .ok_or(Error::MissingObjectField("TokenRequest status.token"))
 }
 
@@ -230,6 +231,46 @@ mod tests {
         assert!(notes[0].starts_with("key \"accessKeyId\" of Secret team/aws ended in "), "{notes:?}");
         assert!(notes[1].starts_with("key \"secretAccessKey\" of Secret team/aws ended in "), "{notes:?}");
         assert!(!notes.iter().any(|n| n.contains("AKIA") || n.contains("SECRET")), "{notes:?}");
+        for secret in ["wJalrSECRET", "FwoSESSION"] {
+            crate::test_support::assert_hidden(&format!("{keys:?}"), secret);
+        }
+    }
+
+    /// The IRSA token is a secret from the TokenRequest answer on.
+    #[tokio::test]
+    async fn a_service_account_token_shows_no_value() {
+        let service = tower::service_fn(|request: http::Request<kube::client::Body>| async move {
+            assert_eq!(request.uri().path(), "/api/v1/namespaces/team/serviceaccounts/puller/token");
+            let answer = serde_json::json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+                "spec": {"audiences": [STS_AUDIENCE]},
+                "status": {"token": "hunter2-jwt", "expirationTimestamp": "2030-01-01T00:00:00Z"}});
+            let body = kube::client::Body::from(serde_json::to_vec(&answer).unwrap());
+            let response = http::Response::builder().status(201).header("content-type", "application/json").body(body);
+            Ok::<_, std::convert::Infallible>(response.unwrap())
+        });
+        let settings = crate::source::ecr::EcrSettings::default();
+        let provider = EcrProvider::new(kube::Client::new(service, "default"), settings, Default::default());
+        let token = service_account_token(&provider, "team", "puller").await.unwrap();
+        assert_eq!(token.expose_secret(), "hunter2-jwt");
+        crate::test_support::assert_hidden(&format!("{token:?}"), "hunter2-jwt");
+    }
+
+    /// Credentials from STS go into the SDK's own type, whose `Debug` redacts them as well.
+    #[test]
+    fn assumed_role_credentials_show_no_secret() {
+        let answer = aws_sdk_sts::types::Credentials::builder()
+            .access_key_id("ASIAEXAMPLE")
+            .secret_access_key("hunter2-secret-key")
+            .session_token("hunter2-session")
+            .expiration(aws_sdk_sts::primitives::DateTime::from_secs(2_000_000_000))
+            .build()
+            .unwrap();
+        let credentials = sts_credentials(Some(&answer), "sts:AssumeRole").unwrap();
+        assert_eq!(credentials.secret_access_key(), "hunter2-secret-key");
+        for shown in [format!("{answer:?}"), format!("{credentials:?}")] {
+            crate::test_support::assert_hidden(&shown, "hunter2-secret-key");
+            crate::test_support::assert_hidden(&shown, "hunter2-session");
+        }
     }
 
     #[test]

@@ -11,7 +11,7 @@ use base64::{Engine, engine::general_purpose::STANDARD};
 use k8s_openapi::jiff::Timestamp;
 use std::sync::Arc;
 
-use secrecy::ExposeSecret;
+use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::OnceCell;
 
 pub use cache::{CacheKey, Failure, FetchError, Token, TokenCache, refresh_time};
@@ -240,12 +240,14 @@ fn token_from(data: &[aws_sdk_ecr::types::AuthorizationData], now: Timestamp, sh
         .authorization_token()
         .and_then(|t| STANDARD.decode(t).ok())
         .and_then(|b| String::from_utf8(b).ok())
+        .map(SecretString::from)
         .ok_or_else(|| invalid("the token is not base64 text"))?;
-    let (username, password) = decoded.split_once(':').ok_or_else(|| invalid("the token is not user:password"))?;
+    let (username, password) =
+        decoded.expose_secret().split_once(':').ok_or_else(|| invalid("the token is not user:password"))?;
     let endpoint = entry.proxy_endpoint().ok_or_else(|| invalid("the answer has no proxy endpoint"))?;
     Ok(Token {
         username: username.into(),
-        password: password.to_string().into(),
+        password: password.into(),
         proxy_host: endpoint.trim_start_matches("https://").trim_end_matches('/').to_string(),
         expires_at,
         refresh_at: refresh_time(now, expires_at, share_left),
@@ -310,6 +312,22 @@ mod tests {
         assert_eq!(token.username, "AWS");
         assert_eq!(token.password.expose_secret(), "pa:ss");
         assert!(token.refresh_at < token.expires_at);
+    }
+
+    /// Neither the decoded token nor the token as it came (base64 of `AWS:password`) shows
+    /// in `Debug`, be it of the token, of what the cache hands out or of the logins made of it.
+    #[tokio::test]
+    async fn a_token_shows_no_password() {
+        let token = token_from(&[data("AWS:hunter2-ecr", 43200)], Timestamp::now(), 0.25).unwrap();
+        let cache = TokenCache::default();
+        let key = CacheKey { identity: "ambient".into(), region: "eu-west-1".into(), fips: false, assume_role: None };
+        assert!(cache.seed(key.clone(), token));
+        let cached = cache.get_or_fetch(key, || async { Err(FetchError::Other(Error::EcrUnavailable)) }).await.unwrap();
+        let login = RegistryAuth { server: "h".into(), username: "AWS".into(), password: cached.password.clone() };
+        for shown in [format!("{cached:?}"), format!("{login:?}")] {
+            crate::test_support::assert_hidden(&shown, "hunter2-ecr");
+            crate::test_support::assert_hidden(&shown, "AWS:hunter2-ecr");
+        }
     }
 
     #[test]
