@@ -1,8 +1,10 @@
 //! Google Container Registry and Artifact Registry: a service-account key sent verbatim as
 //! the password of the user `_json_key`.
 
+use std::collections::BTreeMap;
+
 use secrecy::{ExposeSecret, SecretString};
-use serde_json::Value;
+use serde::{Deserialize, de::IgnoredAny};
 
 use super::{CredentialProvider, Credentials, SecretReader, SourceContext, read_key, single_login};
 use crate::{Error, crd::GcrSource};
@@ -28,16 +30,28 @@ impl CredentialProvider for GcrSource {
     }
 }
 
+/// A top-level field of a key file: text is kept as a secret (one field is the private key),
+/// anything else only as being there.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Field {
+    Text(SecretString),
+    Other(IgnoredAny),
+}
+
 /// Checks that the text is a service-account key. The problem it returns never quotes the
-/// key (serde_json's own messages can echo input, so only positions are kept).
+/// key (serde_json's own messages can echo input, so only positions are kept); its fields are
+/// read into secrets, not into a `serde_json::Value`, which would print the private key.
 fn check_service_account_key(key: &SecretString) -> Result<(), String> {
-    let value: Value = serde_json::from_str(key.expose_secret())
+    serde_json::from_str::<IgnoredAny>(key.expose_secret())
         .map_err(|e| format!("not valid JSON (line {}, column {})", e.line(), e.column()))?;
-    let Value::Object(fields) = value else {
-        return Err("not a JSON object".into());
+    let fields: BTreeMap<String, Field> =
+        serde_json::from_str(key.expose_secret()).map_err(|_| "not a JSON object".to_string())?;
+    let text = |name: &str| match fields.get(name) {
+        Some(Field::Text(text)) if !text.expose_secret().is_empty() => Some(text.expose_secret()),
+        _ => None,
     };
-    let text = |name: &str| fields.get(name).and_then(Value::as_str).filter(|s| !s.is_empty());
-    if fields.get("type").is_some_and(|kind| kind.as_str() != Some("service_account")) {
+    if fields.contains_key("type") && text("type") != Some("service_account") {
         return Err("field \"type\" is not \"service_account\"".into());
     }
     for required in ["client_email", "private_key"] {
@@ -69,6 +83,9 @@ mod tests {
         assert_eq!(creds.auths[0].password.expose_secret(), KEY);
         assert!(KEY.ends_with('\n'), "the key keeps its trailing newline");
         assert!(creds.notes.is_empty());
+        crate::test_support::assert_hidden(&format!("{creds:?}"), "MIIsecret");
+        let fields: BTreeMap<String, Field> = serde_json::from_str(KEY).unwrap();
+        crate::test_support::assert_hidden(&format!("{fields:?}"), "MIIsecret");
     }
 
     #[tokio::test]
