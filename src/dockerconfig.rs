@@ -49,14 +49,15 @@ pub fn render(auths: &[RegistryAuth]) -> SecretSlice<u8> {
     serde_json::to_vec(&DockerConfig { auths: entries }).unwrap_or_default().into()
 }
 
+// The password, and the auth field that carries it, are secrets as soon as they are parsed.
 #[derive(Deserialize, Default)]
 struct EntryIn {
     #[serde(default)]
     username: Option<String>,
     #[serde(default)]
-    password: Option<String>,
+    password: Option<SecretString>,
     #[serde(default)]
-    auth: Option<String>,
+    auth: Option<SecretString>,
 }
 
 /// Why a document could not be read. Carries no part of the document.
@@ -81,17 +82,19 @@ pub fn parse(bytes: &[u8]) -> Result<Vec<RegistryAuth>, ParseError> {
             let (username, password) = match (entry.auth, entry.username, entry.password) {
                 (Some(auth), _, _) => {
                     let decoded = STANDARD
-                        .decode(auth)
+                        .decode(auth.expose_secret())
                         .ok()
                         .and_then(|b| String::from_utf8(b).ok())
+                        .map(SecretString::from)
                         .ok_or_else(|| ParseError::BadAuth(server.clone()))?;
-                    let (user, pass) = decoded.split_once(':').ok_or_else(|| ParseError::BadAuth(server.clone()))?;
-                    (user.to_string(), pass.to_string())
+                    let (user, pass) =
+                        decoded.expose_secret().split_once(':').ok_or_else(|| ParseError::BadAuth(server.clone()))?;
+                    (user.to_string(), pass.into())
                 }
                 (None, Some(user), Some(pass)) => (user, pass),
                 _ => return Err(ParseError::MissingLogin(server)),
             };
-            Ok(RegistryAuth { server, username, password: password.into() })
+            Ok(RegistryAuth { server, username, password })
         })
         .collect()
 }
@@ -129,6 +132,19 @@ mod tests {
             assert_eq!(back[0].username, "user");
             assert_eq!(back[0].password.expose_secret(), password);
         }
+    }
+
+    /// A document read back (a live Secret's) gives logins that show no password.
+    #[test]
+    fn parsed_logins_show_no_password() {
+        let logins = parse(
+            br#"{"auths":{"a.io":{"auth":"Ym9iOmh1bnRlcjItYQ=="},"b.io":{"username":"u","password":"hunter2-b"}}}"#,
+        );
+        let shown = format!("{logins:?}");
+        for secret in ["hunter2-a", "bob:hunter2-a", "hunter2-b"] {
+            crate::test_support::assert_hidden(&shown, secret);
+        }
+        assert_eq!(logins.unwrap()[0].password.expose_secret(), "hunter2-a");
     }
 
     #[test]

@@ -33,6 +33,7 @@ mod tests {
         assert_eq!(creds.auths[0].server, "ghcr.io");
         assert_eq!(creds.auths[0].password.expose_secret(), "ghp_x");
         assert!(creds.notes.is_empty());
+        crate::test_support::assert_hidden(&format!("{creds:?}"), "ghp_x");
     }
 
     #[tokio::test]
