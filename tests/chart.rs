@@ -215,6 +215,11 @@ fn of_kind<'a>(docs: &'a [serde_json::Value], kind: &str) -> Vec<&'a serde_json:
     docs.iter().filter(|d| d["kind"] == kind).collect()
 }
 
+/// The controller's own ClusterRole (not the aggregated tenant roles).
+fn controller_role(docs: &[serde_json::Value]) -> &serde_json::Value {
+    docs.iter().find(|d| d["kind"] == "ClusterRole" && d["metadata"]["name"] == "regcred").expect("the ClusterRole")
+}
+
 /// The resources a Role or ClusterRole grants anything on.
 fn resources(role: &serde_json::Value) -> Vec<String> {
     let rules = role["rules"].as_array().cloned().unwrap_or_default();
@@ -233,7 +238,7 @@ fn resources(role: &serde_json::Value) -> Vec<String> {
 fn least_privilege_variants_render_as_documented() {
     let cp = cluster();
     let defaults = documents(&render(&[]));
-    let cluster_role = of_kind(&defaults, "ClusterRole")[0];
+    let cluster_role = controller_role(&defaults);
     assert!(resources(cluster_role).contains(&"serviceaccounts/token".to_string()));
     let policy = of_kind(&defaults, "ValidatingAdmissionPolicy");
     assert_eq!(policy.len(), 1, "the default install ships the TokenRequest policy");
@@ -255,7 +260,7 @@ fn least_privilege_variants_render_as_documented() {
     kubectl_apply(cp, &audiences, &["--dry-run=server"]);
 
     let scoped = documents(&render(&["--set", "watchNamespaces={default,kube-public}"]));
-    let cluster_wide = resources(of_kind(&scoped, "ClusterRole")[0]);
+    let cluster_wide = resources(controller_role(&scoped));
     for resource in ["secrets", "serviceaccounts", "serviceaccounts/token"] {
         assert!(!cluster_wide.contains(&resource.to_string()), "the ClusterRole still grants {resource}");
     }

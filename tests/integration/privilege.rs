@@ -106,3 +106,96 @@ async fn irsa_disabled_reports_a_clear_condition_and_requests_no_token() {
         .collect();
     assert!(tokens.is_empty(), "TokenRequests made: {tokens:?}");
 }
+
+/// A namespace editor of `ns` (the built-in `edit` ClusterRole, which the chart's aggregated
+/// role extends to RegistryCredentials): a ServiceAccount there, and a client with its token.
+async fn tenant(admin: &Client, ns: &str) -> Client {
+    let account = ServiceAccount {
+        metadata: kube::api::ObjectMeta { name: Some("tenant".into()), ..Default::default() },
+        ..Default::default()
+    };
+    Api::<ServiceAccount>::namespaced(admin.clone(), ns).create(&PostParams::default(), &account).await.unwrap();
+    let binding: k8s_openapi::api::rbac::v1::RoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": "tenant-edit", "namespace": ns},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "edit"},
+        "subjects": [{"kind": "ServiceAccount", "name": "tenant", "namespace": ns}],
+    }))
+    .unwrap();
+    Api::<k8s_openapi::api::rbac::v1::RoleBinding>::namespaced(admin.clone(), ns)
+        .create(&PostParams::default(), &binding)
+        .await
+        .unwrap();
+    let token = request_token(admin, ns, "tenant", &[], 3600).await.expect("a token for the tenant");
+    record_secret(&token);
+    client_with_token(&token).await
+}
+
+async fn create_as(
+    client: &Client,
+    ns: &str,
+    kind: &str,
+    name: &str,
+    spec: serde_json::Value,
+) -> Result<(), kube::Error> {
+    let resource = kube::discovery::ApiResource {
+        group: "regcred.dev".into(),
+        version: "v1alpha1".into(),
+        api_version: "regcred.dev/v1alpha1".into(),
+        kind: kind.into(),
+        plural: format!("{}s", kind.to_lowercase()),
+    };
+    let object = kube::api::DynamicObject::new(name, &resource).data(json!({"spec": spec}));
+    let api = match kind {
+        "RegistryCredential" => Api::<kube::api::DynamicObject>::namespaced_with(client.clone(), ns, &resource),
+        _ => Api::all_with(client.clone(), &resource),
+    };
+    api.create(&PostParams::default(), &object).await.map(drop)
+}
+
+#[tokio::test]
+async fn a_tenant_can_name_nothing_outside_its_namespace() {
+    env();
+    let admin = client().await;
+    let ns = namespace(&admin, "tenant").await;
+    let other = namespace(&admin, "victim").await;
+    let tenant = tenant(&admin, &ns).await;
+    let basic = json!({"registry": "r.example.com", "source": {"basic": {"username": "u", "passwordSecretRef": {"name": "src"}}}});
+    // Editors may manage RegistryCredentials once the aggregation controller has merged the
+    // chart's role into edit.
+    regcred_testenv::eventually("edit aggregates RegistryCredentials", TIMEOUT, || async {
+        create_as(&tenant, &ns, "RegistryCredential", "own", basic.clone()).await.ok()
+    })
+    .await;
+
+    // Every reference that could name another namespace is refused at admission.
+    let refs = [
+        json!({"basic": {"username": "u", "passwordSecretRef": {"name": "src", "namespace": other}}}),
+        json!({"ghcr": {"username": "u", "tokenSecretRef": {"name": "src", "namespace": other}}}),
+        json!({"gcr": {"jsonKeySecretRef": {"name": "src", "namespace": other}}}),
+        json!({"ecr": {"registry": "123456789012.dkr.ecr.eu-west-1.amazonaws.com", "auth": {"secretRef": {"name": "src", "namespace": other}}}}),
+        json!({"ecr": {"registry": "123456789012.dkr.ecr.eu-west-1.amazonaws.com", "auth": {"serviceAccountRef": {"name": "default", "namespace": other}}}}),
+    ];
+    for (i, source) in refs.into_iter().enumerate() {
+        let spec = json!({"registry": "r.example.com", "source": source});
+        let spec = if i >= 3 { json!({"source": spec["source"]}) } else { spec };
+        match create_as(&tenant, &ns, "RegistryCredential", &format!("cross-{i}"), spec).await {
+            Err(kube::Error::Api(status)) if status.code == 422 => {
+                assert!(status.message.contains("reads its own namespace"), "{}", status.message)
+            }
+            other => panic!("reference {i} into {other:?} was not refused at admission"),
+        }
+    }
+    // Cluster-wide fan-out is for cluster admins only.
+    let fan = json!({"registry": "r.example.com", "namespaces": {"names": [other]},
+                     "source": {"basic": {"username": "u", "passwordSecretRef": {"name": "src", "namespace": ns}}}});
+    match create_as(&tenant, &ns, "ClusterRegistryCredential", &format!("tenant-{}", &unique()[..6]), fan).await {
+        Err(kube::Error::Api(status)) if status.code == 403 => {}
+        other => panic!("a tenant created a ClusterRegistryCredential: {other:?}"),
+    }
+    // Nor may a tenant write a credential's status or the Secrets' owner: the controller does.
+    let status = json!({"status": {"conditions": []}});
+    let result = Api::<regcred::crd::RegistryCredential>::namespaced(tenant.clone(), &ns)
+        .patch_status("own", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&status))
+        .await;
+    assert!(matches!(result, Err(kube::Error::Api(ref s)) if s.code == 403), "status written by a tenant: {result:?}");
+}

@@ -469,7 +469,10 @@ pub fn own_identity(name: &str, secret_verbs: Option<&[&str]>) -> (PathBuf, Stri
     let deploy = std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("deploy/regcred.yaml"))
         .expect("deploy/regcred.yaml");
     let docs: Vec<Value> = serde_saphyr::from_multiple(&deploy).expect("deploy/regcred.yaml is YAML");
-    let mut role = docs.into_iter().find(|d| d["kind"] == "ClusterRole").expect("the packaged ClusterRole");
+    let mut role = docs
+        .into_iter()
+        .find(|d| d["kind"] == "ClusterRole" && d["metadata"]["name"] == "regcred")
+        .expect("the packaged ClusterRole");
     role["metadata"] = serde_json::json!({"name": name});
     for rule in role["rules"].as_array_mut().expect("rules") {
         let on_secrets = rule["resources"].as_array().is_some_and(|r| r.iter().any(|r| r == "secrets"));

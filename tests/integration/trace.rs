@@ -111,7 +111,9 @@ async fn nothing_secret_is_logged_at_trace() {
     // A JWT header (`{"alg":` in base64url): a ServiceAccount token, the controller's own or
     // one minted for IRSA.
     assert!(!log.contains("eyJhbGciOi"), "a JWT in the trace log");
-    for field in ["authorizationToken", "SecretAccessKey>", "SessionToken>", "WebIdentityToken=", "x-amz-security-token:"] {
+    for field in
+        ["authorizationToken", "SecretAccessKey>", "SessionToken>", "WebIdentityToken=", "x-amz-security-token:"]
+    {
         assert!(!log.contains(field), "an AWS message body with {field} in the trace log");
     }
 }

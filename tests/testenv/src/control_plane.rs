@@ -387,7 +387,7 @@ impl ControlPlane {
             "--secure-port=0".into(),
             "--controllers=garbage-collector-controller,namespace-controller,\
              serviceaccount-controller,serviceaccount-token-controller,\
-             root-ca-certificate-publisher-controller"
+             root-ca-certificate-publisher-controller,clusterrole-aggregation-controller"
                 .into(),
             format!("--service-account-private-key-file={}", p("sa.key")),
             format!("--root-ca-file={}", p("ca.crt")),
