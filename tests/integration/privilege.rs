@@ -130,28 +130,6 @@ async fn tenant(admin: &Client, ns: &str) -> Client {
     client_with_token(&token).await
 }
 
-async fn create_as(
-    client: &Client,
-    ns: &str,
-    kind: &str,
-    name: &str,
-    spec: serde_json::Value,
-) -> Result<(), kube::Error> {
-    let resource = kube::discovery::ApiResource {
-        group: "regcred.dev".into(),
-        version: "v1alpha1".into(),
-        api_version: "regcred.dev/v1alpha1".into(),
-        kind: kind.into(),
-        plural: format!("{}s", kind.to_lowercase()),
-    };
-    let object = kube::api::DynamicObject::new(name, &resource).data(json!({"spec": spec}));
-    let api = match kind {
-        "RegistryCredential" => Api::<kube::api::DynamicObject>::namespaced_with(client.clone(), ns, &resource),
-        _ => Api::all_with(client.clone(), &resource),
-    };
-    api.create(&PostParams::default(), &object).await.map(drop)
-}
-
 #[tokio::test]
 async fn a_tenant_can_name_nothing_outside_its_namespace() {
     env();
@@ -163,7 +141,7 @@ async fn a_tenant_can_name_nothing_outside_its_namespace() {
     // Editors may manage RegistryCredentials once the aggregation controller has merged the
     // chart's role into edit.
     regcred_testenv::eventually("edit aggregates RegistryCredentials", TIMEOUT, || async {
-        create_as(&tenant, &ns, "RegistryCredential", "own", basic.clone()).await.ok()
+        create_raw(&tenant, Some(&ns), "RegistryCredential", "own", basic.clone()).await.ok()
     })
     .await;
 
@@ -178,7 +156,7 @@ async fn a_tenant_can_name_nothing_outside_its_namespace() {
     for (i, source) in refs.into_iter().enumerate() {
         let spec = json!({"registry": "r.example.com", "source": source});
         let spec = if i >= 3 { json!({"source": spec["source"]}) } else { spec };
-        match create_as(&tenant, &ns, "RegistryCredential", &format!("cross-{i}"), spec).await {
+        match create_raw(&tenant, Some(&ns), "RegistryCredential", &format!("cross-{i}"), spec).await {
             Err(kube::Error::Api(status)) if status.code == 422 => {
                 assert!(status.message.contains("reads its own namespace"), "{}", status.message)
             }
@@ -188,7 +166,7 @@ async fn a_tenant_can_name_nothing_outside_its_namespace() {
     // Cluster-wide fan-out is for cluster admins only.
     let fan = json!({"registry": "r.example.com", "namespaces": {"names": [other]},
                      "source": {"basic": {"username": "u", "passwordSecretRef": {"name": "src", "namespace": ns}}}});
-    match create_as(&tenant, &ns, "ClusterRegistryCredential", &format!("tenant-{}", &unique()[..6]), fan).await {
+    match create_raw(&tenant, None, "ClusterRegistryCredential", &format!("tenant-{}", &unique()[..6]), fan).await {
         Err(kube::Error::Api(status)) if status.code == 403 => {}
         other => panic!("a tenant created a ClusterRegistryCredential: {other:?}"),
     }

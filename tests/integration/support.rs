@@ -587,3 +587,27 @@ pub async fn irsa_account(client: &Client, ns: &str, name: &str) {
         .await
         .expect("creating the ServiceAccount");
 }
+
+/// Creates a credential of `kind` from raw JSON, past the typed client (so admission judges
+/// shapes the Rust types cannot even hold); `ns` for a RegistryCredential.
+pub async fn create_raw(
+    client: &Client,
+    ns: Option<&str>,
+    kind: &str,
+    name: &str,
+    spec: Value,
+) -> Result<(), kube::Error> {
+    let resource = match kind {
+        "RegistryCredential" => kube::api::ApiResource::erase::<RegistryCredential>(&()),
+        _ => kube::api::ApiResource::erase::<ClusterRegistryCredential>(&()),
+    };
+    let api = match ns {
+        Some(ns) => Api::<kube::api::DynamicObject>::namespaced_with(client.clone(), ns, &resource),
+        None => Api::<kube::api::DynamicObject>::all_with(client.clone(), &resource),
+    };
+    let obj: kube::api::DynamicObject = serde_json::from_value(serde_json::json!({
+        "apiVersion": "regcred.dev/v1alpha1", "kind": kind, "metadata": {"name": name}, "spec": spec,
+    }))
+    .expect("a DynamicObject");
+    api.create(&PostParams::default(), &obj).await.map(drop)
+}

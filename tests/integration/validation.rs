@@ -1,24 +1,8 @@
 //! Invalid specs are refused by the apiserver itself (HTTP 422), from the CRD schema.
 
-use kube::{Api, api::PostParams};
-use regcred::crd::RegistryCredential;
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::support::*;
-
-async fn create_raw(client: &kube::Client, ns: &str, name: &str, spec: Value) -> Result<(), kube::Error> {
-    let api = Api::<kube::api::DynamicObject>::namespaced_with(
-        client.clone(),
-        ns,
-        &kube::api::ApiResource::erase::<RegistryCredential>(&()),
-    );
-    let obj: kube::api::DynamicObject = serde_json::from_value(json!({
-        "apiVersion": "regcred.dev/v1alpha1", "kind": "RegistryCredential",
-        "metadata": {"name": name}, "spec": spec,
-    }))
-    .unwrap();
-    api.create(&PostParams::default(), &obj).await.map(drop)
-}
 
 #[tokio::test]
 async fn invalid_specs_are_rejected_at_admission() {
@@ -55,7 +39,7 @@ async fn invalid_specs_are_rejected_at_admission() {
         ),
     ];
     for (name, spec, field) in cases {
-        match create_raw(&client, &ns, name, spec).await {
+        match create_raw(&client, Some(&ns), "RegistryCredential", name, spec).await {
             Err(kube::Error::Api(status)) => {
                 assert_eq!(status.code, 422, "{name}: {}", status.message);
                 assert!(status.message.contains(field), "{name}: {}", status.message);
@@ -64,7 +48,15 @@ async fn invalid_specs_are_rejected_at_admission() {
         }
     }
     // A valid spec passes, so the cases above fail for their own reason.
-    create_raw(&client, &ns, "valid", json!({"registry": "r.io:5000", "source": {"basic": basic}})).await.unwrap();
+    create_raw(
+        &client,
+        Some(&ns),
+        "RegistryCredential",
+        "valid",
+        json!({"registry": "r.io:5000", "source": {"basic": basic}}),
+    )
+    .await
+    .unwrap();
 }
 
 #[tokio::test]
@@ -98,7 +90,8 @@ async fn short_names_and_the_category_resolve_unambiguously() {
     let ns = namespace(&client, "names").await;
     create_raw(
         &client,
-        &ns,
+        Some(&ns),
+        "RegistryCredential",
         "listed",
         json!({"registry": "r.io", "source": {"basic": {"username": "u", "passwordSecretRef": {"name": "s"}}}}),
     )

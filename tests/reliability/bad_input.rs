@@ -2,27 +2,9 @@
 //! status where only the controller can tell; never a panic, and other credentials go on.
 
 use kube::{Api, api::PostParams};
-use regcred::crd::ClusterRegistryCredential;
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::{SERIAL, support::*};
-
-async fn create_raw(client: &kube::Client, ns: Option<&str>, kind: &str, spec: Value) -> Result<(), kube::Error> {
-    let resource = match kind {
-        "RegistryCredential" => kube::api::ApiResource::erase::<regcred::crd::RegistryCredential>(&()),
-        _ => kube::api::ApiResource::erase::<ClusterRegistryCredential>(&()),
-    };
-    let api = match ns {
-        Some(ns) => Api::<kube::api::DynamicObject>::namespaced_with(client.clone(), ns, &resource),
-        None => Api::<kube::api::DynamicObject>::all_with(client.clone(), &resource),
-    };
-    let obj: kube::api::DynamicObject = serde_json::from_value(json!({
-        "apiVersion": "regcred.dev/v1alpha1", "kind": kind,
-        "metadata": {"name": format!("bad-{}", &unique()[..8])}, "spec": spec,
-    }))
-    .unwrap();
-    api.create(&PostParams::default(), &obj).await.map(drop)
-}
 
 #[tokio::test]
 async fn shapes_the_schema_can_judge_are_refused_at_admission() {
@@ -79,7 +61,7 @@ async fn shapes_the_schema_can_judge_are_refused_at_admission() {
     ];
     for (kind, spec, field) in cases {
         let namespace = (kind == "RegistryCredential").then_some(ns.as_str());
-        match create_raw(&client, namespace, kind, spec.clone()).await {
+        match create_raw(&client, namespace, kind, &format!("bad-{}", &unique()[..8]), spec.clone()).await {
             Err(kube::Error::Api(status)) => {
                 assert_eq!(status.code, 422, "{kind} {spec}: {}", status.message);
                 assert!(status.message.contains(field), "{kind} {spec}: {}", status.message);
