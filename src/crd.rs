@@ -39,11 +39,13 @@ const USERNAME_PATTERN: &str = r"^[^:\x00-\x1f]+$";
     printcolumn(name = "Source", type_ = "string", json_path = ".status.source"),
     printcolumn(name = "Secret", type_ = "string", json_path = ".status.secretName"),
     printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
+    printcolumn(name = "Verified", type_ = "string", json_path = ".status.conditions[?(@.type==\"Verified\")].status"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[x_kube(validation = Rule::new("has(self.registry) || !has(self.source.basic)").message("spec.registry is required for a basic source"))]
 #[x_kube(validation = Rule::new("!has(self.registry) || !has(self.source.ecr)").message("spec.registry does not apply to an ecr source: set source.ecr.registry"))]
 #[x_kube(validation = Rule::new(NO_SOURCE_NAMESPACE).message("a RegistryCredential reads its own namespace: references in source take no namespace"))]
+#[x_kube(validation = Rule::new(NO_VERIFY_NAMESPACE).message("a RegistryCredential reads its own namespace: verify.caBundle takes no namespace"))]
 #[serde(rename_all = "camelCase")]
 pub struct RegistryCredentialSpec {
     /// Registry host the credential is for, as `docker login` takes it: `host[:port]`,
@@ -69,7 +71,17 @@ pub struct RegistryCredentialSpec {
     #[schemars(length(max = 64), inner(length(min = 1, max = 253), regex(pattern = DNS_SUBDOMAIN_PATTERN)))]
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub service_accounts: Vec<String>,
+
+    /// Prove the credential against its registry (the `Verified` condition); `{}` turns it
+    /// on. Off unless set here or the controller runs with `--verify-default`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify: Option<VerifySpec>,
 }
+
+/// CEL: no reference in `verify.caBundle` names a namespace.
+const NO_VERIFY_NAMESPACE: &str = "!has(self.verify) || !has(self.verify.caBundle) || ((!has(self.verify.caBundle.configMap) || !has(self.verify.caBundle.configMap.__namespace__)) && (!has(self.verify.caBundle.secret) || !has(self.verify.caBundle.secret.__namespace__)))";
+/// CEL: every reference in `verify.caBundle` names a namespace.
+const VERIFY_NAMESPACE_SET: &str = "!has(self.verify) || !has(self.verify.caBundle) || ((!has(self.verify.caBundle.configMap) || has(self.verify.caBundle.configMap.__namespace__)) && (!has(self.verify.caBundle.secret) || has(self.verify.caBundle.secret.__namespace__)))";
 
 /// CEL: no reference in `source` names a namespace.
 const NO_SOURCE_NAMESPACE: &str = "(!has(self.source.basic) || !has(self.source.basic.passwordSecretRef.__namespace__)) && (!has(self.source.ghcr) || !has(self.source.ghcr.tokenSecretRef.__namespace__)) && (!has(self.source.gcr) || !has(self.source.gcr.jsonKeySecretRef.__namespace__)) && (!has(self.source.ecr) || !has(self.source.ecr.auth.secretRef) || !has(self.source.ecr.auth.secretRef.__namespace__)) && (!has(self.source.ecr) || !has(self.source.ecr.auth.serviceAccountRef) || !has(self.source.ecr.auth.serviceAccountRef.__namespace__))";
@@ -94,11 +106,13 @@ const SOURCE_NAMESPACE_SET: &str = "(!has(self.source.basic) || has(self.source.
     printcolumn(name = "Synced", type_ = "integer", json_path = ".status.syncedNamespaces"),
     printcolumn(name = "Failed", type_ = "integer", json_path = ".status.failedNamespaces"),
     printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
+    printcolumn(name = "Verified", type_ = "string", json_path = ".status.conditions[?(@.type==\"Verified\")].status"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[x_kube(validation = Rule::new("has(self.registry) || !has(self.source.basic)").message("spec.registry is required for a basic source"))]
 #[x_kube(validation = Rule::new("!has(self.registry) || !has(self.source.ecr)").message("spec.registry does not apply to an ecr source: set source.ecr.registry"))]
 #[x_kube(validation = Rule::new(SOURCE_NAMESPACE_SET).message("a ClusterRegistryCredential's references in source need a namespace"))]
+#[x_kube(validation = Rule::new(VERIFY_NAMESPACE_SET).message("a ClusterRegistryCredential's verify.caBundle needs a namespace"))]
 #[serde(rename_all = "camelCase")]
 pub struct ClusterRegistryCredentialSpec {
     /// Registry host, as for RegistryCredential.
@@ -123,7 +137,73 @@ pub struct ClusterRegistryCredentialSpec {
     #[schemars(length(max = 64), inner(length(min = 1, max = 253), regex(pattern = DNS_SUBDOMAIN_PATTERN)))]
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub service_accounts: Vec<String>,
+
+    /// Prove the credential against its registry, as for RegistryCredential: once per
+    /// registry, not per namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify: Option<VerifySpec>,
 }
+
+/// How to prove a credential against its registry: the Distribution auth handshake docker and
+/// containerd perform (`GET /v2/`, then the `Basic` or `Bearer` challenge with the login),
+/// after every change of the Secret's content and every `--verify-interval`. It never changes
+/// `Ready` and never holds back the Secret.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.reference) || has(self.repository)").message("verify.reference needs verify.repository"))]
+pub struct VerifySpec {
+    /// Also prove pull access to this repository (e.g. `team/app`): its token scope
+    /// `repository:team/app:pull` and a manifest `HEAD` of `reference`.
+    #[schemars(length(min = 1, max = 255), regex(pattern = REPOSITORY_PATTERN))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repository: Option<String>,
+    /// Tag or digest of the manifest in `repository` to check; default `latest`.
+    #[schemars(length(min = 1, max = 128), regex(pattern = REFERENCE_PATTERN))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<String>,
+    /// CA certificates (PEM) to trust for this registry besides the system's: a key of a
+    /// ConfigMap or a Secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_bundle: Option<CaBundle>,
+    /// Plain HTTP, for registries without TLS (test registries). HTTPS otherwise.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub insecure: bool,
+}
+
+/// Where a CA bundle is: exactly one of `configMap` or `secret` (key default `ca.crt`).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.configMap) != has(self.secret)").message("caBundle needs exactly one of configMap or secret"))]
+pub struct CaBundle {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_map: Option<ConfigMapKeyRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<SecretKeyRef>,
+}
+
+/// A key in a ConfigMap: in the credential's own namespace, or the given one for a
+/// ClusterRegistryCredential.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ConfigMapKeyRef {
+    /// Name of the ConfigMap.
+    #[schemars(length(min = 1, max = 253), regex(pattern = DNS_SUBDOMAIN_PATTERN))]
+    pub name: String,
+    /// Namespace of the ConfigMap. Only for ClusterRegistryCredential, where it is required.
+    #[schemars(length(min = 1, max = 63), regex(pattern = DNS_LABEL_PATTERN))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// Key within the ConfigMap's data; default `ca.crt`.
+    #[schemars(length(min = 1, max = 253), regex(pattern = SECRET_KEY_PATTERN))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+}
+
+/// A repository name as the Distribution spec allows it (lowercase path components).
+const REPOSITORY_PATTERN: &str = r"^[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*(/[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*)*$";
+/// A tag, or a digest.
+const REFERENCE_PATTERN: &str =
+    r"^([A-Za-z0-9_][A-Za-z0-9._-]{0,127}|[a-z0-9]+([+._-][a-z0-9]+)*:[a-zA-Z0-9=_-]{32,})$";
 
 /// Which namespaces a ClusterRegistryCredential writes to: those matching `selector` or
 /// listed in `names`, minus `exclude`. Neither `selector` nor `names`: every namespace.
@@ -446,6 +526,9 @@ pub struct CredentialStatus {
     /// When the controller will fetch the next token (ECR).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_refresh_at: Option<Time>,
+    /// When the registry last answered the check behind the `Verified` condition.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified_at: Option<Time>,
 }
 
 impl CredentialStatus {

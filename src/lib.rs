@@ -19,6 +19,7 @@ pub mod source;
 pub mod state;
 pub mod status;
 pub mod telemetry;
+pub mod verify;
 
 pub use error::Error;
 

@@ -94,6 +94,17 @@ struct RunArgs {
     /// ServiceAccounts through Roles in them alone; every namespace when unset.
     #[arg(long, value_delimiter = ',', value_parser = namespace_name, env = "REGCRED_NAMESPACES")]
     namespaces: Vec<String>,
+    /// Verify every credential against its registry (the Verified condition), not only those
+    /// with spec.verify.
+    #[arg(long, env = "REGCRED_VERIFY_DEFAULT")]
+    verify_default: bool,
+    /// Check each verified credential again after this long (minus up to 10 % jitter), and
+    /// after every change of its Secret's content.
+    #[arg(long, default_value = "6h", env = "REGCRED_VERIFY_INTERVAL")]
+    verify_interval: kube::core::Duration,
+    /// Registry checks started per second, across all credentials.
+    #[arg(long, default_value_t = 5.0, value_parser = positive, env = "REGCRED_VERIFY_QPS")]
+    verify_qps: f64,
     /// AWS endpoint for ECR and STS (an emulator, a VPC endpoint). AWS_ENDPOINT_URL_* work too.
     #[arg(long, env = "REGCRED_AWS_ENDPOINT_URL")]
     aws_endpoint_url: Option<String>,
@@ -103,6 +114,13 @@ fn share(text: &str) -> Result<f64, String> {
     match text.parse::<f64>() {
         Ok(v) if v > 0.0 && v < 1.0 => Ok(v),
         _ => Err("a number between 0 and 1 (exclusive)".into()),
+    }
+}
+
+fn positive(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(v) if v > 0.0 && v.is_finite() => Ok(v),
+        _ => Err("a positive number".into()),
     }
 }
 
@@ -209,6 +227,11 @@ async fn run(args: RunArgs, shutdown: Shutdown) -> anyhow::Result<()> {
         selector: args.selector,
         watch_secrets: !args.no_secret_watch,
         namespaces: (!args.namespaces.is_empty()).then(|| args.namespaces.into_iter().collect()),
+        verify: regcred::verify::VerifySettings {
+            default_on: args.verify_default,
+            interval: args.verify_interval.into(),
+            qps: args.verify_qps,
+        },
     };
     tracing::info!(version = env!("CARGO_PKG_VERSION"), "starting controller");
     let admin = admin::AdminState { metrics: Default::default(), ready: Default::default() };

@@ -15,6 +15,12 @@ pub struct KindLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VerifyLabels {
+    /// `Verified` or the failure's reason (`Unauthorized`, `Unreachable`, …).
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FailureLabels {
     pub kind: String,
     pub reason: String,
@@ -54,6 +60,8 @@ pub struct Metrics {
     pub provider_failures: Family<ProviderFailureLabels, Counter>,
     /// 1 while this replica is the one that writes.
     pub leader: Gauge,
+    /// Registry checks of credentials, by result.
+    pub verifications: Family<VerifyLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -69,6 +77,7 @@ impl Default for Metrics {
         let provider_calls = Family::<ProviderLabels, Counter>::default();
         let provider_failures = Family::<ProviderFailureLabels, Counter>::default();
         let leader = Gauge::default();
+        let verifications = Family::<VerifyLabels, Counter>::default();
         registry.register("reconciles", "Reconciles run", reconciles.clone());
         registry.register("reconcile_failures", "Reconciles that failed, by reason", reconcile_failures.clone());
         registry.register("reconcile_duration_seconds", "Time a reconcile took", reconcile_duration.clone());
@@ -81,6 +90,11 @@ impl Default for Metrics {
         registry.register("provider_calls", "Calls to credential providers", provider_calls.clone());
         registry.register("provider_failures", "Failed calls to credential providers", provider_failures.clone());
         registry.register("leader", "1 while this replica writes", leader.clone());
+        registry.register(
+            "verifications",
+            "Checks of credentials against their registries, by result",
+            verifications.clone(),
+        );
         Self {
             registry,
             reconciles,
@@ -91,6 +105,7 @@ impl Default for Metrics {
             provider_calls,
             provider_failures,
             leader,
+            verifications,
         }
     }
 }

@@ -30,6 +30,8 @@ pub struct ObjectState {
     pub targets: BTreeSet<String>,
     /// The metric series published for it, removed with it.
     pub labels: Option<ObjectLabels>,
+    /// Its registry checks (`spec.verify`).
+    pub verification: crate::verify::VerifyState,
 }
 
 /// Longer than a watch event takes to arrive.

@@ -8,6 +8,7 @@ use k8s_openapi::{
 use crate::{
     Error,
     crd::{CredentialSource, CredentialStatus},
+    verify::Verification,
 };
 
 /// The condition that says whether the Secret holds the current credential.
@@ -16,6 +17,8 @@ pub const READY: &str = "Ready";
 pub const SYNCED: &str = "Synced";
 /// The condition that says a refresh is failing (sources with expiring tokens).
 pub const DEGRADED: &str = "Degraded";
+/// The condition that says whether the registry accepts the credential (`spec.verify`).
+pub const VERIFIED: &str = "Verified";
 
 /// What a sync established about the credential itself (its Secret's content).
 #[derive(Debug, Clone)]
@@ -129,12 +132,60 @@ pub fn condition(
     }
 }
 
-/// Whether any condition changed in anything but its timestamps and generation.
+/// Puts the `Verified` condition and `verifiedAt` into `next`: from the latest check when
+/// there is one, else as they were (a check is pending, or the controller restarted); gone
+/// when verification is off.
+pub fn apply_verification(
+    next: &mut CredentialStatus,
+    previous: Option<&CredentialStatus>,
+    enabled: bool,
+    result: Option<&Verification>,
+    generation: Option<i64>,
+) {
+    next.conditions.retain(|c| c.type_ != VERIFIED);
+    next.verified_at = None;
+    if !enabled {
+        return;
+    }
+    match result {
+        Some(result) => {
+            let message = result.message.clone();
+            next.conditions.push(condition(
+                previous,
+                VERIFIED,
+                result.verified(),
+                result.reason.as_str(),
+                message,
+                generation,
+            ));
+            next.verified_at = Some(Time(result.at));
+        }
+        None => {
+            let kept = previous.and_then(|p| p.condition(VERIFIED)).cloned();
+            next.verified_at = kept.as_ref().and_then(|_| previous.and_then(|p| p.verified_at.clone()));
+            next.conditions.extend(kept);
+        }
+    }
+}
+
+/// Whether `Verified` turned False (or failed for another reason) in `next`.
+pub fn verification_failed_anew(previous: Option<&CredentialStatus>, next: &CredentialStatus) -> bool {
+    let key = |s: Option<&CredentialStatus>| {
+        s.and_then(|s| s.condition(VERIFIED)).map(|c| (c.status.clone(), c.reason.clone()))
+    };
+    match key(Some(next)) {
+        Some((status, _)) if status == "False" => key(previous) != key(Some(next)),
+        _ => false,
+    }
+}
+
+/// Whether any condition but `Verified` changed in anything but its timestamps and generation.
 pub fn conditions_changed(previous: Option<&CredentialStatus>, next: &CredentialStatus) -> bool {
     let key = |s: Option<&CredentialStatus>| -> Vec<(String, String, String, String)> {
         s.map(|s| {
             s.conditions
                 .iter()
+                .filter(|c| c.type_ != VERIFIED)
                 .map(|c| (c.type_.clone(), c.status.clone(), c.reason.clone(), c.message.clone()))
                 .collect()
         })
@@ -224,5 +275,40 @@ mod tests {
         };
         assert!(conditions_changed(Some(&a), &c));
         assert!(conditions_changed(None, &a));
+    }
+
+    #[test]
+    fn verified_comes_from_the_latest_check_stays_while_one_is_pending_and_goes_when_off() {
+        use crate::verify::{Reason, Verification};
+        let check = |reason| Verification { reason, message: "r: said so".into(), at: Timestamp::now() };
+        let mut first = CredentialStatus::default();
+        apply_verification(&mut first, None, true, None, Some(1));
+        assert!(first.condition(VERIFIED).is_none() && first.verified_at.is_none(), "nothing before the first check");
+
+        apply_verification(&mut first, None, true, Some(&check(Reason::Unauthorized)), Some(1));
+        let verified = first.condition(VERIFIED).expect("Verified");
+        assert_eq!((verified.status.as_str(), verified.reason.as_str()), ("False", "Unauthorized"));
+        assert!(first.verified_at.is_some());
+        assert!(verification_failed_anew(None, &first));
+        assert!(!verification_failed_anew(Some(&first), &first), "the same failure is not news");
+
+        // A reconcile whose check is still pending keeps what the last one said.
+        let mut pending = CredentialStatus { conditions: vec![], ..Default::default() };
+        apply_verification(&mut pending, Some(&first), true, None, Some(2));
+        assert_eq!(pending.condition(VERIFIED), first.condition(VERIFIED));
+        assert_eq!(pending.verified_at, first.verified_at);
+
+        let mut fixed = first.clone();
+        apply_verification(&mut fixed, Some(&first), true, Some(&check(Reason::Verified)), Some(2));
+        assert_eq!(fixed.condition(VERIFIED).map(|c| c.status.as_str()), Some("True"));
+        assert!(!verification_failed_anew(Some(&first), &fixed));
+        let mut other_failure = fixed.clone();
+        apply_verification(&mut other_failure, Some(&fixed), true, Some(&check(Reason::Unreachable)), Some(2));
+        assert!(verification_failed_anew(Some(&fixed), &other_failure));
+
+        let mut off = fixed.clone();
+        apply_verification(&mut off, Some(&fixed), false, Some(&check(Reason::Verified)), Some(3));
+        assert!(off.condition(VERIFIED).is_none() && off.verified_at.is_none());
+        assert!(!conditions_changed(Some(&first), &fixed), "Verified alone is not a change of the sync's conditions");
     }
 }

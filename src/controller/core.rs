@@ -17,7 +17,7 @@ use super::{
     credential::{Credential, Scope},
     observe::{accounts_to_check, own_secrets, own_secrets_by_name, previous_token, read_accounts},
     report::report,
-    retry_delay,
+    retry_delay, verification,
 };
 use crate::{
     Error, dockerconfig,
@@ -36,6 +36,9 @@ type StepResult = (NamespaceStep, Result<Outcome, Error>, Result<usize, Error>);
 /// What one reconcile did across its target namespaces.
 pub(super) struct FanOut {
     pub(super) synced: Synced,
+    /// The logins written and the rendered config's hash, for the registry check.
+    pub(super) logins: Vec<crate::dockerconfig::RegistryAuth>,
+    pub(super) config_hash: String,
     pub(super) targets: Vec<String>,
     pub(super) failures: Vec<(String, Error)>,
     pub(super) created: usize,
@@ -85,6 +88,7 @@ pub(crate) async fn reconcile<K: Credential>(obj: Arc<K>, ctx: Arc<Context>) -> 
         set_finalizer(&api, obj.as_ref(), true).await?;
     }
     let mut outcome = sync(obj.as_ref(), &uid, &ctx).await;
+    let verify_in = outcome.as_ref().ok().and_then(|done| verification::schedule(obj.as_ref(), &uid, &ctx, done));
     let partial = outcome.as_mut().ok().and_then(|fan_out| fan_out.error(obj.as_ref()));
     let reported = report(obj.as_ref(), &uid, &ctx, &outcome, partial.as_ref()).await;
     let error = outcome.as_ref().err().or(partial.as_ref()).or(reported.as_ref().err());
@@ -99,7 +103,7 @@ pub(crate) async fn reconcile<K: Credential>(obj: Arc<K>, ctx: Arc<Context>) -> 
         set_finalizer(&api, obj.as_ref(), false).await?;
     }
     ctx.states.with(&uid, |s| s.failures = 0);
-    Ok(ctx.requeue_after(done.synced.refresh_at))
+    Ok(ctx.requeue_after(done.synced.refresh_at, verify_in))
 }
 
 pub(crate) fn error_policy<K: Credential>(obj: Arc<K>, error: &Error, ctx: Arc<Context>) -> Action {
@@ -312,11 +316,13 @@ async fn sync<K: Credential>(obj: &K, uid: &str, ctx: &Context) -> Result<FanOut
     Ok(FanOut {
         synced: Synced {
             secret_name,
-            registries: credentials.auths.into_iter().map(|a| a.server).collect(),
+            registries: credentials.auths.iter().map(|a| a.server.clone()).collect(),
             expires_at: credentials.expires_at,
             refresh_at: credentials.refresh_at,
             notes: credentials.notes,
         },
+        logins: credentials.auths,
+        config_hash: desired_hash,
         targets,
         failures,
         created,

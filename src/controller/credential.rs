@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use crate::{
     crd::{
         ClusterCredentialStatus, ClusterRegistryCredential, CredentialSource, EcrAuth, NamespaceSelection,
-        RegistryCredential, SecretTemplate,
+        RegistryCredential, SecretTemplate, VerifySpec,
     },
     index::{Key, Trigger},
 };
@@ -33,6 +33,7 @@ pub struct Parts<'a> {
     pub secret: &'a SecretTemplate,
     pub service_accounts: &'a [String],
     pub scope: Scope<'a>,
+    pub verify: Option<&'a VerifySpec>,
 }
 
 pub trait Credential:
@@ -106,6 +107,7 @@ impl Credential for RegistryCredential {
             source: &self.spec.source,
             secret: &self.spec.secret,
             service_accounts: &self.spec.service_accounts,
+            verify: self.spec.verify.as_ref(),
             scope: Scope::Namespace(self.metadata.namespace.as_deref().unwrap_or_default()),
         }
     }
@@ -148,6 +150,7 @@ impl Credential for ClusterRegistryCredential {
             source: &self.spec.source,
             secret: &self.spec.secret,
             service_accounts: &self.spec.service_accounts,
+            verify: self.spec.verify.as_ref(),
             scope: Scope::Selection(&self.spec.namespaces),
         }
     }

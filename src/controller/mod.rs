@@ -7,6 +7,7 @@ mod credential;
 mod observe;
 mod report;
 mod scope;
+mod verification;
 
 use std::{
     collections::HashSet,
@@ -46,6 +47,7 @@ use crate::{
     source::ecr::{EcrProvider, EcrSettings},
     state::States,
     status::READY,
+    verify::{Verifier, VerifySettings},
 };
 
 /// Name the controller reports in Events.
@@ -72,6 +74,8 @@ pub struct ControllerConfig {
     pub watch_secrets: bool,
     /// Watch and write only these namespaces (`--namespaces`); all when `None`.
     pub namespaces: Namespaces,
+    /// Registry checks (`Verified`).
+    pub verify: VerifySettings,
 }
 
 impl Default for ControllerConfig {
@@ -85,6 +89,7 @@ impl Default for ControllerConfig {
             selector: None,
             watch_secrets: true,
             namespaces: None,
+            verify: VerifySettings::default(),
         }
     }
 }
@@ -108,6 +113,10 @@ pub struct Context {
     /// only the ServiceAccounts that may need a change.
     pub(crate) accounts: Store<PartialObjectMeta<ServiceAccount>>,
     accounts_synced: AtomicBool,
+    /// Registry checks: the HTTP clients, the rate, one check per host.
+    pub(crate) verifier: Verifier,
+    /// Reconciles a credential when its registry check has finished.
+    retrigger: Triggers,
 }
 
 impl Context {
@@ -130,6 +139,9 @@ where
     let reporter = Reporter { controller: CONTROLLER_NAME.into(), instance: config.instance.clone() };
     let (namespaces, namespace_writer) = reflector::store();
     let (accounts, account_writer) = reflector::store();
+    let (namespaced_tx, namespaced_rx) = mpsc::unbounded();
+    let (cluster_tx, cluster_rx) = mpsc::unbounded();
+    let triggers = Triggers { namespaced: namespaced_tx, cluster: cluster_tx };
     let ctx = Arc::new(Context {
         recorder: Recorder::new(client.clone(), reporter),
         client: client.clone(),
@@ -141,11 +153,10 @@ where
         namespaces_synced: AtomicBool::new(false),
         accounts,
         accounts_synced: AtomicBool::new(false),
+        verifier: Verifier::new(config.verify.clone()),
+        retrigger: triggers.clone(),
         config: config.clone(),
     });
-    let (namespaced_tx, namespaced_rx) = mpsc::unbounded();
-    let (cluster_tx, cluster_rx) = mpsc::unbounded();
-    let triggers = Triggers { namespaced: namespaced_tx, cluster: cluster_tx };
 
     let (namespaced, namespaced_store) = controller::<RegistryCredential, _>(&ctx, namespaced_rx, &shutdown);
     let (cluster, cluster_store) = controller::<ClusterRegistryCredential, _>(&ctx, cluster_rx, &shutdown);
@@ -244,9 +255,20 @@ where
 }
 
 /// Where routed events go.
+#[derive(Clone)]
 struct Triggers {
     namespaced: mpsc::UnboundedSender<ObjectRef<RegistryCredential>>,
     cluster: mpsc::UnboundedSender<ObjectRef<ClusterRegistryCredential>>,
+}
+
+impl Triggers {
+    fn send(&self, trigger: Trigger) {
+        // A closed channel means the controllers stopped: nothing left to tell.
+        let _ = match trigger {
+            Trigger::Namespaced(r) => self.namespaced.unbounded_send(r).map_err(drop),
+            Trigger::Cluster(r) => self.cluster.unbounded_send(r).map_err(drop),
+        };
+    }
 }
 
 /// Maps each object of a watch to the credentials it concerns, through the index.
@@ -259,16 +281,12 @@ where
     S: Stream<Item = Result<T, watcher::Error>> + Send + 'static,
     T: Send + 'static,
 {
-    let (namespaced, cluster) = (triggers.namespaced.clone(), triggers.cluster.clone());
+    let triggers = triggers.clone();
     events.for_each(move |event| {
         match event {
             Ok(object) => {
                 for trigger in concerns(object) {
-                    // A closed channel means the controllers stopped: nothing left to tell.
-                    let _ = match trigger {
-                        Trigger::Namespaced(r) => namespaced.unbounded_send(r).map_err(|_| ()),
-                        Trigger::Cluster(r) => cluster.unbounded_send(r).map_err(|_| ()),
-                    };
+                    triggers.send(trigger);
                 }
             }
             Err(error) => debug!(%error, "watch failed; retrying"),
@@ -439,11 +457,12 @@ impl Context {
         }
     }
 
-    /// When to look again after a successful sync: at the next token refresh, and at the
-    /// latest after the resync interval.
-    pub(crate) fn requeue_after(&self, refresh_at: Option<Timestamp>) -> Action {
+    /// When to look again after a successful sync: at the next token refresh or registry
+    /// check, and at the latest after the resync interval.
+    pub(crate) fn requeue_after(&self, refresh_at: Option<Timestamp>, verify_in: Option<Duration>) -> Action {
         let refresh_in = refresh_at.map(|at| until(at) + Duration::from_secs(1));
-        Action::requeue(refresh_in.map_or(self.config.resync_interval, |r| r.min(self.config.resync_interval)))
+        let soonest = [refresh_in, verify_in].into_iter().flatten().min();
+        Action::requeue(soonest.map_or(self.config.resync_interval, |r| r.min(self.config.resync_interval)))
     }
 }
 

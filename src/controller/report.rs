@@ -20,7 +20,7 @@ use crate::{
     crd::NamespaceFailure,
     metrics::ObjectLabels,
     secret::FIELD_MANAGER,
-    status::{conditions_changed, credential_status},
+    status::{apply_verification, conditions_changed, credential_status, verification_failed_anew},
 };
 
 /// Failing namespaces listed in status; the counts cover the rest.
@@ -44,6 +44,14 @@ pub(super) async fn report<K: Credential>(
         parts.source,
         outcome.as_ref().ok().map(|d| &d.synced),
         error,
+    );
+    let verification = ctx.states.with(uid, |s| s.verification.result.clone());
+    apply_verification(
+        &mut next.credential,
+        previous.as_ref().map(|p| &p.credential),
+        super::verification::spec(obj, ctx).is_some(),
+        verification.as_ref(),
+        obj.meta().generation,
     );
     if let Ok(done) = outcome {
         let count = |n: usize| Some(u32::try_from(n).unwrap_or(u32::MAX));
@@ -81,6 +89,12 @@ pub(super) async fn report<K: Credential>(
     };
     if let Some((type_, reason, note)) = event {
         publish(ctx, &obj.object_ref(&()), type_, reason, note).await;
+    }
+    if verification_failed_anew(previous_credential, &next.credential)
+        && let Some(failed) = &verification
+    {
+        let note = format!("the registry check failed: {}", failed.message);
+        publish(ctx, &obj.object_ref(&()), EventType::Warning, failed.reason.as_str(), note).await;
     }
 
     if previous.as_ref() != Some(&next) {

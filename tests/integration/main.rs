@@ -22,3 +22,4 @@ mod service_accounts;
 mod sources;
 mod trace;
 mod validation;
+mod verify;

@@ -192,7 +192,7 @@ pub fn refresh_time(now: Timestamp, expires_at: Timestamp, share_left: f64) -> T
 }
 
 /// A number in [0, 1) from the standard library's per-process random hasher keys.
-fn random_unit() -> f64 {
+pub(crate) fn random_unit() -> f64 {
     let bits = std::collections::hash_map::RandomState::new().hash_one(Instant::now());
     (bits >> 11) as f64 / (1u64 << 53) as f64
 }

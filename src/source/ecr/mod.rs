@@ -14,6 +14,7 @@ use std::sync::Arc;
 use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::OnceCell;
 
+pub(crate) use cache::random_unit;
 pub use cache::{CacheKey, Failure, FetchError, Token, TokenCache, refresh_time};
 
 pub use host::{EcrHost, parse_ecr_host};

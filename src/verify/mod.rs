@@ -1,0 +1,295 @@
+//! Proving a credential against its registries before any pod needs it: the `Verified`
+//! condition. [`handshake`] speaks the Distribution auth protocol; this module decides when
+//! to check, keeps to the global rate and one check at a time per registry host, and sums up
+//! a credential's registries into one result.
+
+pub mod challenge;
+pub mod handshake;
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    sync::{Arc, Mutex, OnceLock, PoisonError},
+    time::{Duration, Instant},
+};
+
+use k8s_openapi::jiff::Timestamp;
+use reqwest::Client;
+use sha2::{Digest, Sha256};
+
+pub use handshake::Reason;
+
+use crate::dockerconfig::RegistryAuth;
+
+/// How verification runs (flags `--verify-default`, `--verify-interval`, `--verify-qps`).
+#[derive(Clone, Debug)]
+pub struct VerifySettings {
+    /// Verify credentials without `spec.verify` too.
+    pub default_on: bool,
+    /// Check again after this long (minus up to 10 % jitter) even if nothing changed.
+    pub interval: Duration,
+    /// Checks started per second, across all credentials.
+    pub qps: f64,
+}
+
+impl Default for VerifySettings {
+    fn default() -> Self {
+        Self { default_on: false, interval: Duration::from_secs(6 * 3600), qps: 5.0 }
+    }
+}
+
+/// What to check for one credential, from `spec.verify`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Options {
+    pub repository: Option<String>,
+    pub reference: String,
+    pub plain_http: bool,
+    /// PEM certificates to trust besides the system roots.
+    pub ca_bundle: Option<Vec<u8>>,
+}
+
+/// The result of one check of all of a credential's registries.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Verification {
+    pub reason: Reason,
+    pub message: String,
+    pub at: Timestamp,
+}
+
+impl Verification {
+    pub fn verified(&self) -> bool {
+        self.reason == Reason::Verified
+    }
+}
+
+/// Per credential (kept in its per-UID state): what was checked and when to check again.
+#[derive(Clone, Debug, Default)]
+pub struct VerifyState {
+    /// The fingerprint (logins and options) of the last check started.
+    pub checked: Option<String>,
+    pub result: Option<Verification>,
+    /// When the next periodic check is due.
+    pub due: Option<Instant>,
+    /// A check is running (at most one per credential).
+    pub running: bool,
+}
+
+/// Whether a check should start now: none running, and the logins or options changed since
+/// the last one, or it is due.
+pub fn should_check(state: &VerifyState, fingerprint: &str, now: Instant) -> bool {
+    !state.running && (state.checked.as_deref() != Some(fingerprint) || state.due.is_none_or(|due| now >= due))
+}
+
+/// The fingerprint of what a check depends on: the logins (by the rendered config's hash) and
+/// `spec.verify` as written (a CA bundle's content is read when a check runs, so a changed
+/// bundle counts at the next periodic check or spec change). Never stored or shown.
+pub fn fingerprint(config_hash: &str, verify_spec: &str) -> String {
+    let mut digest = Sha256::new();
+    digest.update(config_hash.as_bytes());
+    digest.update([0]);
+    digest.update(verify_spec.as_bytes());
+    format!("{:x}", digest.finalize())
+}
+
+/// The registry host a `.dockerconfigjson` server key is reached at, as docker resolves it:
+/// Docker Hub's `https://index.docker.io/v1/` is served by `registry-1.docker.io`.
+pub fn host_of(server_key: &str) -> String {
+    let host = server_key.split_once("://").map_or(server_key, |(_, rest)| rest);
+    let host = host.split('/').next().unwrap_or(host);
+    match host {
+        "index.docker.io" | "docker.io" => "registry-1.docker.io".into(),
+        host => host.into(),
+    }
+}
+
+/// Shared by every check: HTTP clients per CA bundle, the rate, and one check per host.
+pub struct Verifier {
+    settings: VerifySettings,
+    clients: Mutex<HashMap<Option<String>, Client>>,
+    hosts: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    next_start: tokio::sync::Mutex<tokio::time::Instant>,
+}
+
+impl Verifier {
+    pub fn new(settings: VerifySettings) -> Self {
+        Self {
+            settings,
+            clients: Mutex::default(),
+            hosts: Mutex::default(),
+            next_start: tokio::sync::Mutex::new(tokio::time::Instant::now()),
+        }
+    }
+
+    pub fn settings(&self) -> &VerifySettings {
+        &self.settings
+    }
+
+    /// When to check again after a check that ended now: the interval minus up to 10 % of
+    /// jitter, so credentials created together spread out.
+    pub fn next_due(&self, now: Instant) -> Instant {
+        now + self.settings.interval.mul_f64(1.0 - 0.1 * crate::source::ecr::random_unit())
+    }
+
+    /// Checks every registry of the logins (once per host), within the rate and one at a
+    /// time per host, and sums them up: verified when all are.
+    pub async fn verify(&self, logins: &[RegistryAuth], options: &Options) -> Verification {
+        let client = match self.client(options.ca_bundle.as_deref()) {
+            Ok(client) => client,
+            Err(problem) => return Verification { reason: Reason::TlsError, message: problem, at: Timestamp::now() },
+        };
+        let mut seen = BTreeSet::new();
+        let mut findings = Vec::new();
+        for login in logins {
+            let host = host_of(&login.server);
+            if !seen.insert(host.clone()) {
+                continue;
+            }
+            self.wait_turn().await;
+            let lock = self.host_lock(&host);
+            let _one_at_a_time = lock.lock().await;
+            let target = handshake::Target {
+                host: &host,
+                username: &login.username,
+                password: &login.password,
+                repository: options.repository.as_deref(),
+                reference: &options.reference,
+                plain_http: options.plain_http,
+            };
+            findings.push((host.clone(), handshake::check(&client, &target).await));
+        }
+        summarize(&findings)
+    }
+
+    /// Waits for the next start the global rate allows.
+    async fn wait_turn(&self) {
+        let spacing = Duration::from_secs_f64(1.0 / self.settings.qps.max(0.001));
+        let start = {
+            let mut next = self.next_start.lock().await;
+            let start = (*next).max(tokio::time::Instant::now());
+            *next = start + spacing;
+            start
+        };
+        tokio::time::sleep_until(start).await;
+    }
+
+    fn host_lock(&self, host: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut hosts = self.hosts.lock().unwrap_or_else(PoisonError::into_inner);
+        hosts.entry(host.to_string()).or_default().clone()
+    }
+
+    /// A client trusting the system roots plus `ca_bundle`; one per distinct bundle.
+    fn client(&self, ca_bundle: Option<&[u8]>) -> Result<Client, String> {
+        let key = ca_bundle.map(|pem| format!("{:x}", Sha256::digest(pem)));
+        let mut clients = self.clients.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(client) = clients.get(&key) {
+            return Ok(client.clone());
+        }
+        let client = build_client(ca_bundle)?;
+        clients.insert(key, client.clone());
+        Ok(client)
+    }
+}
+
+/// The system's CA certificates, loaded once.
+fn native_roots() -> &'static [rustls::pki_types::CertificateDer<'static>] {
+    static ROOTS: OnceLock<Vec<rustls::pki_types::CertificateDer<'static>>> = OnceLock::new();
+    ROOTS.get_or_init(|| rustls_native_certs::load_native_certs().certs)
+}
+
+fn build_client(ca_bundle: Option<&[u8]>) -> Result<Client, String> {
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add_parsable_certificates(native_roots().iter().cloned());
+    if let Some(pem) = ca_bundle {
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(pem).filter_map(Result::ok).collect();
+        let (added, _) = roots.add_parsable_certificates(certs);
+        if added == 0 {
+            return Err("spec.verify.caBundle holds no usable PEM certificate".into());
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS setup: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Client::builder()
+        .use_preconfigured_tls(tls)
+        .connect_timeout(Duration::from_secs(5))
+        .user_agent(concat!("regcred/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| format!("HTTP client setup: {e}"))
+}
+
+/// One result for a credential's registries: verified when all are, else the first failure's
+/// reason, with every registry's finding in the message.
+pub fn summarize(findings: &[(String, handshake::Finding)]) -> Verification {
+    let reason = match findings.is_empty() {
+        true => Reason::UnexpectedResponse,
+        false => findings.iter().map(|(_, f)| f.reason).find(|r| *r != Reason::Verified).unwrap_or(Reason::Verified),
+    };
+    let message = match findings.is_empty() {
+        true => "the credential names no registry".to_string(),
+        false => findings.iter().map(|(host, f)| format!("{host}: {}", f.message)).collect::<Vec<_>>().join("; "),
+    };
+    Verification { reason, message, at: Timestamp::now() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use handshake::Finding;
+
+    #[test]
+    fn a_check_starts_when_the_logins_change_or_it_is_due_and_never_twice() {
+        let now = Instant::now();
+        let fresh = VerifyState::default();
+        assert!(should_check(&fresh, "a", now), "never checked");
+        let checked =
+            VerifyState { checked: Some("a".into()), due: Some(now + Duration::from_secs(60)), ..Default::default() };
+        assert!(!should_check(&checked, "a", now), "checked, not due");
+        assert!(should_check(&checked, "b", now), "the logins or options changed");
+        assert!(should_check(&checked, "a", now + Duration::from_secs(60)), "due");
+        let running = VerifyState { running: true, ..checked };
+        assert!(!should_check(&running, "b", now + Duration::from_secs(120)), "one check at a time");
+    }
+
+    #[test]
+    fn the_fingerprint_covers_logins_and_options() {
+        let base = fingerprint("h1", r#"{"repository":"team/app"}"#);
+        assert_eq!(base, fingerprint("h1", r#"{"repository":"team/app"}"#));
+        assert_ne!(base, fingerprint("h2", r#"{"repository":"team/app"}"#), "other logins");
+        assert_ne!(base, fingerprint("h1", r#"{"repository":"team/web"}"#), "other options");
+        assert_ne!(fingerprint("ab", "c"), fingerprint("a", "bc"), "the parts are delimited");
+    }
+
+    #[test]
+    fn server_keys_map_to_the_hosts_docker_contacts() {
+        assert_eq!(host_of("https://index.docker.io/v1/"), "registry-1.docker.io");
+        assert_eq!(host_of("registry-1.docker.io"), "registry-1.docker.io");
+        assert_eq!(host_of("ghcr.io"), "ghcr.io");
+        assert_eq!(host_of("127.0.0.1:5000"), "127.0.0.1:5000");
+        assert_eq!(host_of("https://registry.example.com:8443/v2/"), "registry.example.com:8443");
+    }
+
+    #[test]
+    fn the_first_failure_decides_and_every_registry_is_named() {
+        let ok = |m: &str| Finding { reason: Reason::Verified, message: m.into() };
+        let denied = Finding { reason: Reason::Unauthorized, message: "refused".into() };
+        let all = summarize(&[("a".into(), ok("fine")), ("b".into(), ok("fine too"))]);
+        assert_eq!((all.reason, all.message.as_str()), (Reason::Verified, "a: fine; b: fine too"));
+        let one = summarize(&[("a".into(), ok("fine")), ("b".into(), denied)]);
+        assert_eq!((one.reason, one.message.as_str()), (Reason::Unauthorized, "a: fine; b: refused"));
+        assert!(!summarize(&[]).verified());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_rate_spaces_check_starts() {
+        let verifier = Verifier::new(VerifySettings { qps: 2.0, ..Default::default() });
+        let start = tokio::time::Instant::now();
+        for _ in 0..5 {
+            verifier.wait_turn().await;
+        }
+        // The first at once, then one every 0.5 s.
+        assert_eq!(start.elapsed(), Duration::from_secs(2));
+    }
+}
