@@ -150,6 +150,15 @@ struct RenderArgs {
     /// Output format.
     #[arg(short, long, value_enum, default_value_t = Output::Yaml)]
     output: Output,
+    /// Also prove each credential against its registries, as the controller's Verified
+    /// condition does (spec.verify's repository, reference and insecure apply): one line per
+    /// registry on standard error; exit status 3 when any check fails.
+    #[arg(long)]
+    verify: bool,
+    /// PEM CA certificates for --verify, besides the system's (the caBundle a cluster would
+    /// read from a ConfigMap or Secret).
+    #[arg(long, value_name = "FILE", requires = "verify")]
+    ca_file: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -350,7 +359,7 @@ async fn render_manifests(args: RenderArgs) -> anyhow::Result<()> {
         documents.extend(docs.into_iter().filter(|d| !d.is_null()));
     }
     let manifests = render::read_manifests(documents, &args.namespaces)?;
-    let render::Rendered { secrets, notes } = render::render(&manifests).await?;
+    let render::Rendered { secrets, notes, logins } = render::render(&manifests).await?;
     // Standard output is where the rendered Secrets go out: only now is the data plain bytes.
     let rendered: Vec<_> = secrets.iter().map(regcred::secret::DesiredSecret::to_secret).collect();
     for note in notes {
@@ -369,5 +378,50 @@ async fn render_manifests(args: RenderArgs) -> anyhow::Result<()> {
             writeln!(stdout, "{}", serde_json::to_string_pretty(&list)?)?;
         }
     }
+    drop(stdout);
+    if args.verify {
+        let ca_bundle = match &args.ca_file {
+            Some(path) => Some(std::fs::read(path).with_context(|| format!("reading {}", path.display()))?),
+            None => None,
+        };
+        if !verify_rendered(&logins, ca_bundle).await {
+            std::io::stdout().flush()?;
+            std::process::exit(3);
+        }
+    }
     Ok(())
+}
+
+/// `render --verify`: one line per credential and registry on standard error; false when any
+/// check failed.
+async fn verify_rendered(
+    logins: &[(String, Vec<regcred::dockerconfig::RegistryAuth>, Option<regcred::crd::VerifySpec>)],
+    ca_bundle: Option<Vec<u8>>,
+) -> bool {
+    use regcred::verify::{Options, Reason, Verifier, VerifySettings};
+    // Offline and interactive: no rate to keep.
+    let verifier = Verifier::new(VerifySettings { qps: 1000.0, ..Default::default() });
+    let mut all_verified = true;
+    for (credential, auths, spec) in logins {
+        let spec = spec.clone().unwrap_or_default();
+        let options = Options {
+            repository: spec.repository,
+            reference: spec.reference.unwrap_or_else(|| "latest".into()),
+            plain_http: spec.insecure,
+            ca_bundle: ca_bundle.clone(),
+        };
+        match verifier.check_each(auths, &options).await {
+            Ok(findings) => {
+                for (host, finding) in findings {
+                    all_verified &= finding.reason == Reason::Verified;
+                    eprintln!("verify: {credential}: {host}: {}: {}", finding.reason.as_str(), finding.message);
+                }
+            }
+            Err(problem) => {
+                all_verified = false;
+                eprintln!("verify: {credential}: {}: {problem}", Reason::CaBundleUnavailable.as_str());
+            }
+        }
+    }
+    all_verified
 }

@@ -10,8 +10,9 @@ use serde_json::Value;
 use crate::{
     Error,
     controller::{Credential, Scope},
-    crd::{ClusterRegistryCredential, RegistryCredential},
-    dockerconfig, plan,
+    crd::{ClusterRegistryCredential, RegistryCredential, VerifySpec},
+    dockerconfig::{self, RegistryAuth},
+    plan,
     secret::{DesiredSecret, desired_secret},
     source::{CredentialProvider, LocalSecrets, SourceContext},
 };
@@ -58,6 +59,9 @@ pub struct Rendered {
     /// For the user (standard error): cluster credentials that selected no known namespace,
     /// and what a source changed in what it read. They name Secrets and keys, never values.
     pub notes: Vec<String>,
+    /// Each rendered credential's description, logins and `spec.verify`, for
+    /// `regcred render --verify`.
+    pub logins: Vec<(String, Vec<RegistryAuth>, Option<VerifySpec>)>,
 }
 
 /// Splits manifests into credentials, Namespaces and Secrets. `kind: List` is unpacked; other
@@ -126,8 +130,9 @@ pub fn read_manifests(documents: Vec<Value>, namespaces: &[String]) -> Result<Ma
 pub async fn render(manifests: &Manifests) -> Result<Rendered, RenderError> {
     let mut out = Vec::new();
     let mut notes = Vec::new();
-    render_all(&manifests.credentials, manifests, &mut out, &mut notes).await?;
-    render_all(&manifests.cluster_credentials, manifests, &mut out, &mut notes).await?;
+    let mut logins = Vec::new();
+    render_all(&manifests.credentials, manifests, &mut out, &mut notes, &mut logins).await?;
+    render_all(&manifests.cluster_credentials, manifests, &mut out, &mut notes, &mut logins).await?;
     if out.is_empty() {
         return Err(RenderError::NothingRendered(notes));
     }
@@ -142,7 +147,7 @@ pub async fn render(manifests: &Manifests) -> Result<Rendered, RenderError> {
             second: second.clone(),
         });
     }
-    Ok(Rendered { secrets: out.into_iter().map(|(secret, _)| secret).collect(), notes })
+    Ok(Rendered { secrets: out.into_iter().map(|(secret, _)| secret).collect(), notes, logins })
 }
 
 /// Renders each credential of one kind into `out`, with the credential's description.
@@ -151,6 +156,7 @@ async fn render_all<K: Credential>(
     manifests: &Manifests,
     out: &mut Vec<(DesiredSecret, String)>,
     notes: &mut Vec<String>,
+    logins: &mut Vec<(String, Vec<RegistryAuth>, Option<VerifySpec>)>,
 ) -> Result<(), RenderError> {
     for cr in credentials {
         let credential = match cr.parts().scope {
@@ -158,7 +164,10 @@ async fn render_all<K: Credential>(
             Scope::Selection(_) => format!("{} {}", K::KIND, cr.name_any()),
         };
         let failed = |source| RenderError::Credential { credential: credential.clone(), source: Box::new(source) };
-        let (secrets, source_notes) = render_one(cr, manifests).await.map_err(failed)?;
+        let (secrets, source_notes, auths) = render_one(cr, manifests).await.map_err(failed)?;
+        if !secrets.is_empty() {
+            logins.push((credential.clone(), auths, cr.parts().verify.cloned()));
+        }
         if secrets.is_empty() {
             let known: Vec<&str> = manifests.namespaces.iter().filter_map(|n| n.name.as_deref()).collect();
             notes.push(match known.is_empty() {
@@ -181,7 +190,10 @@ async fn render_all<K: Credential>(
 
 /// One credential as `controller::core::sync` would write it, offline: its Secrets (none when
 /// it selects no known namespace, then its source is not read) and the source's notes.
-async fn render_one<K: Credential>(cr: &K, manifests: &Manifests) -> Result<(Vec<DesiredSecret>, Vec<String>), Error> {
+async fn render_one<K: Credential>(
+    cr: &K,
+    manifests: &Manifests,
+) -> Result<(Vec<DesiredSecret>, Vec<String>, Vec<RegistryAuth>), Error> {
     let parts = cr.parts();
     if let Some(key) = plan::reserved_template_key(parts.secret) {
         return Err(Error::ReservedKey { key: key.into() });
@@ -191,7 +203,7 @@ async fn render_one<K: Credential>(cr: &K, manifests: &Manifests) -> Result<(Vec
         Scope::Selection(selection) => (None, plan::select(selection, &manifests.namespaces)?),
     };
     if targets.is_empty() {
-        return Ok((Vec::new(), Vec::new()));
+        return Ok((Vec::new(), Vec::new(), Vec::new()));
     }
     let ctx = SourceContext {
         cluster_scoped: own_namespace.is_none(),
@@ -204,7 +216,7 @@ async fn render_one<K: Credential>(cr: &K, manifests: &Manifests) -> Result<(Vec
         .iter()
         .map(|namespace| desired_secret(&name, namespace, parts.secret, None, docker_config.clone(), None))
         .collect();
-    Ok((secrets, fetched.notes))
+    Ok((secrets, fetched.notes, fetched.auths))
 }
 
 #[cfg(test)]

@@ -180,13 +180,15 @@ fn rbac_is_least_privilege() {
         &["patch", "registrycredentials.regcred.dev", "--subresource=status", "-n", "team-a"],
         &["update", "registrycredentials.regcred.dev", "--subresource=finalizers", "-n", "team-a"],
         &["create", "events.events.k8s.io", "-n", "team-a"],
+        &["get", "configmaps", "-n", "team-a"],
         &["update", "leases.coordination.k8s.io/regcred-leader", "-n", NAMESPACE],
     ];
     let denied: &[&[&str]] = &[
         &["delete", "registrycredentials.regcred.dev", "-n", "team-a"],
         &["update", "registrycredentials.regcred.dev", "-n", "team-a"],
         &["create", "pods", "-n", "team-a"],
-        &["get", "configmaps", "-n", "team-a"],
+        &["list", "configmaps", "-n", "team-a"],
+        &["watch", "configmaps", "-n", "team-a"],
         &["update", "secrets", "-n", "team-a"],
         &["delete", "serviceaccounts", "-n", "team-a"],
         &["get", "serviceaccounts", "--subresource=token", "-n", "team-a"],

@@ -259,3 +259,43 @@ fn sigterm_stops_a_controller_that_cannot_reach_its_apiserver() {
 fn sigterm_stops_a_leader_candidate_that_cannot_reach_its_apiserver() {
     exits_on_sigterm_without_an_apiserver("leader", &["--leader-elect"], "(Connect)");
 }
+
+/// `render --verify`: the controller's registry check, offline, one line per registry, exit
+/// status 3 when one fails. Against a real registry (CNCF distribution with htpasswd).
+#[test]
+fn render_verify_checks_each_registry_like_the_controller() {
+    let registry = regcred_testenv::Registry::start(&[("puller", "right-password")]).unwrap();
+    let manifests = |password: &str| {
+        format!(
+            "apiVersion: v1\nkind: Secret\nmetadata: {{name: pass}}\nstringData: {{password: {password}}}\n---\n\
+             apiVersion: regcred.dev/v1alpha1\nkind: RegistryCredential\nmetadata: {{name: pull}}\n\
+             spec: {{registry: \"{}\", verify: {{insecure: true}}, source: {{basic: {{username: puller, passwordSecretRef: {{name: pass}}}}}}}}\n",
+            registry.host()
+        )
+    };
+    let run = |password: &str| {
+        let file =
+            Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("verify-{}-{password}.yaml", std::process::id()));
+        std::fs::write(&file, manifests(password)).unwrap();
+        let out =
+            Command::new(env!("CARGO_BIN_EXE_regcred")).args(["render", "--verify", "-f"]).arg(&file).output().unwrap();
+        std::fs::remove_file(&file).unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, stdout, stderr) = run("right-password");
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("kind: Secret"), "the Secret is still printed: {stdout}");
+    let line = format!(
+        "verify: RegistryCredential default/pull: {}: Verified: the registry accepted the login",
+        registry.host()
+    );
+    assert!(stderr.contains(&line), "{stderr}");
+    let (code, _, stderr) = run("wrong-password");
+    assert_eq!(code, Some(3), "{stderr}");
+    assert!(stderr.contains(&format!("{}: Unauthorized:", registry.host())), "{stderr}");
+    assert!(!stderr.contains("wrong-password"), "the password is never printed: {stderr}");
+}

@@ -132,10 +132,22 @@ impl Verifier {
     /// Checks every registry of the logins (once per host), within the rate and one at a
     /// time per host, and sums them up: verified when all are.
     pub async fn verify(&self, logins: &[RegistryAuth], options: &Options) -> Verification {
-        let client = match self.client(options.ca_bundle.as_deref()) {
-            Ok(client) => client,
-            Err(problem) => return Verification { reason: Reason::TlsError, message: problem, at: Timestamp::now() },
-        };
+        match self.check_each(logins, options).await {
+            Ok(findings) => summarize(&findings),
+            Err(problem) => {
+                Verification { reason: Reason::CaBundleUnavailable, message: problem, at: Timestamp::now() }
+            }
+        }
+    }
+
+    /// Each registry host's finding, in the logins' order; `Err` when the CA bundle is
+    /// unusable (nothing was asked of any registry).
+    pub async fn check_each(
+        &self,
+        logins: &[RegistryAuth],
+        options: &Options,
+    ) -> Result<Vec<(String, handshake::Finding)>, String> {
+        let client = self.client(options.ca_bundle.as_deref())?;
         let mut seen = BTreeSet::new();
         let mut findings = Vec::new();
         for login in logins {
@@ -156,7 +168,7 @@ impl Verifier {
             };
             findings.push((host.clone(), handshake::check(&client, &target).await));
         }
-        summarize(&findings)
+        Ok(findings)
     }
 
     /// Waits for the next start the global rate allows.

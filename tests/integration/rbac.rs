@@ -40,7 +40,8 @@ async fn the_controller_holds_only_the_packaged_permissions() {
     // …and nothing a cluster admin has.
     for (verb, group, resource) in [
         ("update", "", "secrets"),
-        ("get", "", "configmaps"),
+        ("list", "", "configmaps"),
+        ("watch", "", "configmaps"),
         ("create", "", "pods"),
         ("delete", "", "namespaces"),
         ("create", "rbac.authorization.k8s.io", "clusterrolebindings"),

@@ -42,6 +42,11 @@ ClusterRole, or in each of .Values.watchNamespaces through a Role.
   - apiGroups: [""]
     resources: [serviceaccounts]
     verbs: [get, list, watch, patch]
+  # get: a registry check's CA bundle (spec.verify.caBundle.configMap), read by name when a
+  # check runs. No list or watch.
+  - apiGroups: [""]
+    resources: [configmaps]
+    verbs: [get]
 {{- if .Values.irsa.enabled }}
   # IRSA: a TokenRequest for that ServiceAccount, exchanged at STS (AssumeRoleWithWebIdentity).
   # RBAC cannot limit the audience: the ValidatingAdmissionPolicy <fullname>-token-requests
