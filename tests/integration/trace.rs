@@ -1,6 +1,6 @@
 //! The leak scan at the most verbose level: a controller at `RUST_LOG=trace` (regcred and every
-//! dependency: kube, hyper, rustls, the AWS SDK) through every source kind, an ECR rotation,
-//! IRSA and a failure, then its whole log searched for every secret value, its base64 forms
+//! dependency: kube, hyper, rustls, the AWS SDK, reqwest) through every source kind, an ECR
+//! rotation, IRSA, a registry check and a failure, then its whole log searched for every secret value, its base64 forms
 //! (as a Secret's JSON carries them), any JWT (ServiceAccount tokens, the controller's own
 //! included) and any raw AWS response body.
 
@@ -65,12 +65,18 @@ async fn nothing_secret_is_logged_at_trace() {
     for (credential, spec) in credentials {
         create_credential_for(&client, &ns, credential, Some(&name), spec).await;
     }
+    // A registry check (Basic) against a real registry: the login goes out in a header.
+    let registry = regcred_testenv::Registry::start(&[("u", &password)]).expect("registry");
+    let checked = json!({"registry": registry.host(), "verify": {"insecure": true},
+                         "source": {"basic": {"username": "u", "passwordSecretRef": {"name": "pass"}}}});
+    create_credential_for(&client, &ns, "verified", Some(&name), checked).await;
     let broken = json!({"registry": "r.example.com", "source": {"basic": {"username": "u", "passwordSecretRef": {"name": "missing"}}}});
     create_credential_for(&client, &ns, "broken", Some(&name), broken).await;
     for credential in ["basic", "ghcr", "gcr", "keys", "irsa"] {
         wait_ready(&client, &ns, credential, "True", Some("Synced")).await;
     }
     wait_ready(&client, &ns, "broken", "False", Some("SourceSecretNotFound")).await;
+    crate::verify::wait_verified(&client, &ns, "verified", "True", "Verified").await;
 
     // A rotation: the Secret holds a second token from the emulator.
     let issued = |aws: &AwsEmulator| -> Vec<String> {
@@ -102,7 +108,7 @@ async fn nothing_secret_is_logged_at_trace() {
         .filter(|line| line["level"] == "TRACE")
         .filter_map(|line| line["target"].as_str().and_then(|t| t.split("::").next()).map(String::from))
         .collect();
-    for target in ["hyper_util", "kube_client", "kube_runtime", "tower", "rustls", "aws_runtime"] {
+    for target in ["hyper_util", "kube_client", "kube_runtime", "tower", "rustls", "aws_runtime", "reqwest"] {
         assert!(traced.contains(target), "no TRACE line of {target}: {traced:?}");
     }
     let used = used_secrets().lock().unwrap_or_else(|e| e.into_inner()).clone();
