@@ -69,3 +69,35 @@ async fn a_right_password_is_verified_and_a_wrong_one_is_unauthorized() {
     .await;
     assert_no_leaks(&client).await;
 }
+
+/// The standard proxy variables apply to registry checks: through a proxy that is down the
+/// registry is `Unreachable`; with the registry in `NO_PROXY` the same check passes.
+#[tokio::test]
+async fn checks_go_through_the_environments_proxy() {
+    let client = client().await;
+    let ns = namespace(&client, "verify-proxy").await;
+    let password = secret_value("puller", "proxy");
+    let registry = Registry::start(&[("puller", &password)]).unwrap();
+    create_secret(&client, &ns, "src", &[("password", password.as_bytes())]).await;
+    // Nothing listens on the proxy's port (a port just taken and released).
+    let dead_proxy = format!("http://127.0.0.1:{}", regcred_testenv::free_port());
+    let mut controllers = Vec::new();
+    for (tag, no_proxy) in [("proxied", ""), ("bypassed", "127.0.0.1")] {
+        let name = format!("{tag}-{}", &unique()[..6]);
+        let vars = [("HTTP_PROXY", dead_proxy.clone()), ("NO_PROXY", no_proxy.to_string())];
+        let controller =
+            spawn_controller(env().cp, &name, &format!("{CONTROLLER_LABEL}={name}"), &env().aws.endpoint(), &[], &vars);
+        create_credential_for(
+            &client,
+            &ns,
+            tag,
+            Some(&name),
+            basic(&registry.host(), "src", json!({"insecure": true})),
+        )
+        .await;
+        controllers.push(controller);
+    }
+    let message = wait_verified(&client, &ns, "proxied", "False", "Unreachable").await;
+    assert!(message.contains("could not be reached"), "{message}");
+    wait_verified(&client, &ns, "bypassed", "True", "Verified").await;
+}
