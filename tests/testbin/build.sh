@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Builds the binaries of the test environment (kube-apiserver,
-# kube-controller-manager, kubectl, etcd, registry, crane, helm, keyring-lookup) from the
-# published Go modules pinned in the go.mod/go.sum files beside this script, and caches them
+# Builds the binaries of the test environment (kube-apiserver, kube-controller-manager,
+# kubectl, etcd, registry, crane, helm, keyring-lookup, token-server) from the published
+# Go modules pinned in the go.mod/go.sum files beside this script, and caches them
 # in ${REGCRED_TESTBIN_CACHE:-$HOME/.cache/regcred/testbin}/<key>/, where <key>
 # hashes those files, this script and the Go version: a version bump rebuilds,
 # an unchanged tree returns at once.
@@ -20,7 +20,7 @@ set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 go=${GO:-$(command -v go || echo /usr/local/go/bin/go)}
-modules=(kubernetes etcd registry crane helm keyring)
+modules=(kubernetes etcd registry crane helm keyring tokenserver)
 export CGO_ENABLED=0
 
 # build_<module> DIR builds that module's binaries into the empty directory DIR and checks
@@ -76,6 +76,13 @@ build_helm() {
     -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$helm_version -X helm.sh/helm/v3/internal/version.gitTreeState=clean" \
     helm.sh/helm/v3/cmd/helm >&2
   "$out/helm" version --short | grep -q "^$helm_version"
+}
+
+# distribution's example token server, for registries with token auth. -h exits 0 with
+# the usage, which must name the flags testenv passes.
+build_tokenserver() {
+  "$go" -C "$here/tokenserver" build -trimpath -buildvcs=false -ldflags "-s -w" -o "$1/token-server" github.com/docker/distribution/contrib/token-server >&2
+  "$1/token-server" -h 2>&1 | grep -q -- '-passwd'
 }
 
 module_key() {
