@@ -24,7 +24,7 @@ pub use control_plane::{ControlPlane, ISSUER};
 /// [`ControlPlane::controller_kubeconfig_path`]).
 pub const CONTROLLER_USER: &str = "regcred-controller";
 pub use process::Process;
-pub use registry::{Registry, docker_config_json};
+pub use registry::{Registry, Request, docker_config_json};
 
 /// Directory holding the test binaries: `$REGCRED_TESTBIN` if set, else the
 /// last stdout line of `tests/testbin/build.sh` (which builds them once and
@@ -126,10 +126,22 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
 /// A minimal HTTP/1.0 GET over plain TCP, for health checks of local
 /// processes: returns the status code and the body.
 pub(crate) fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
+    http_get_with_headers(port, path, "")
+}
+
+/// [`http_get`] with basic auth, e.g. to see a plain HTTP [`Registry`] accept or refuse a
+/// password: the status code and the body.
+pub fn http_get_basic_auth(port: u16, path: &str, user: &str, pass: &str) -> Result<(u16, String)> {
+    use base64::Engine;
+    let credentials = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
+    http_get_with_headers(port, path, &format!("Authorization: Basic {credentials}\r\n"))
+}
+
+fn http_get_with_headers(port: u16, path: &str, headers: &str) -> Result<(u16, String)> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n\r\n")?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n{headers}\r\n")?;
     let mut resp = String::new();
     s.read_to_string(&mut resp)?;
     let status = resp.split_whitespace().nth(1).and_then(|c| c.parse().ok()).context("malformed HTTP response")?;

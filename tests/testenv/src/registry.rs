@@ -1,71 +1,108 @@
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use base64::Engine;
 
 use crate::process::{Process, temp_dir};
 use crate::{free_port, http_get, random_hex, testbin, wait_until};
 
-/// A CNCF distribution registry on `127.0.0.1:PORT`, plain HTTP (its htpasswd
-/// auth does not insist on TLS), with bcrypt htpasswd users. Drop stops it.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A CNCF distribution registry on `127.0.0.1:PORT`, plain HTTP (its htpasswd auth does
+/// not insist on TLS), with bcrypt htpasswd users. Its access log, one line per request,
+/// is in [`Registry::log_path`] (see [`Registry::requests_since`]). Drop stops it.
 pub struct Registry {
-    // Held for its Drop, which stops the registry.
-    _proc: Process,
+    // Field order is drop order: the registry stops before its files go.
+    proc: Option<Process>,
     port: u16,
-    // Dropped after `_proc`: the registry stops before its storage goes.
     dir: tempfile::TempDir,
+}
+
+/// One request in a registry's access log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Request {
+    pub method: String,
+    /// The request target as sent, query included (e.g. `/v2/team/app/manifests/v1`).
+    pub path: String,
+    pub status: u16,
 }
 
 impl Registry {
     pub fn start(users: &[(&str, &str)]) -> Result<Registry> {
         let dir = temp_dir("registry")?;
-        let port = free_port();
-        let mut htpasswd = String::new();
-        for (user, pass) in users {
-            // Lowest cost: these are test passwords, and each auth check pays it.
-            htpasswd += &format!("{user}:{}\n", bcrypt::hash(pass, 4)?);
-        }
-        std::fs::write(dir.path().join("htpasswd"), htpasswd)?;
+        let mut reg = Registry { proc: None, port: free_port(), dir };
+        reg.set_users(users)?;
+        let http = format!("  addr: 127.0.0.1:{}\n  secret: {}\n", reg.port, random_hex());
+        let auth = format!("  htpasswd:\n    realm: regcred-testenv\n    path: {}\n", reg.path("htpasswd").display());
+        // The access log goes to stdout, so into registry.log with the (warn and up) logs.
         let config = format!(
-            "version: 0.1
-log:
-  level: warn
-  accesslog:
-    disabled: true
-storage:
-  filesystem:
-    rootdirectory: {root}
-http:
-  addr: 127.0.0.1:{port}
-  secret: {secret}
-auth:
-  htpasswd:
-    realm: regcred-testenv
-    path: {htpasswd}
-",
-            root = dir.path().join("data").display(),
-            secret = random_hex(),
-            htpasswd = dir.path().join("htpasswd").display(),
+            "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: false\n\
+             storage:\n  filesystem:\n    rootdirectory: {root}\nhttp:\n{http}auth:\n{auth}",
+            root = reg.path("data").display(),
         );
-        let config_path = dir.path().join("config.yml");
-        std::fs::write(&config_path, config)?;
-
-        let mut cmd = Command::new(testbin("registry")?);
-        cmd.arg("serve")
-            .arg(&config_path)
-            // distribution v3 exports OpenTelemetry traces by default.
-            .env("OTEL_TRACES_EXPORTER", "none");
-        let mut proc = Process::spawn("registry", cmd, &dir.path().join("registry.log"))?;
-        // Any HTTP answer (401 without credentials) means it serves.
-        wait_until("registry", Duration::from_secs(30), || proc.check_alive(), || http_get(port, "/v2/").map(drop))?;
-        Ok(Registry { _proc: proc, port, dir })
+        std::fs::write(reg.path("config.yml"), config)?;
+        reg.spawn()?;
+        Ok(reg)
     }
 
     /// `127.0.0.1:PORT`, the key of this registry in a `.dockerconfigjson`.
     pub fn host(&self) -> String {
         format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Replaces the users. The registry rereads its htpasswd file when the file's
+    /// modification time changes, so this takes effect at the next request, without a
+    /// restart.
+    pub fn set_users(&self, users: &[(&str, &str)]) -> Result<()> {
+        let mut htpasswd = String::new();
+        for (user, pass) in users {
+            // Lowest cost: these are test passwords, and each auth check pays it.
+            htpasswd += &format!("{user}:{}\n", bcrypt::hash(pass, 4)?);
+        }
+        let path = self.path("htpasswd");
+        // A rewrite within the filesystem's timestamp granularity would keep the old
+        // modification time, and the old users with it: make sure it moves.
+        let previous = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
+        let mtime = match previous {
+            Some(t) => SystemTime::now().max(t + Duration::from_millis(1)),
+            None => SystemTime::now(),
+        };
+        // Renamed into place, so that a reader never sees half a file.
+        let tmp = self.path("htpasswd.tmp");
+        std::fs::write(&tmp, htpasswd)?;
+        std::fs::File::options().write(true).open(&tmp)?.set_modified(mtime)?;
+        std::fs::rename(&tmp, &path)?;
+        Ok(())
+    }
+
+    /// Stops the registry, so that connections are refused until
+    /// [`Registry::start_again`].
+    pub fn stop(&mut self) {
+        if let Some(mut proc) = self.proc.take() {
+            proc.stop();
+        }
+    }
+
+    /// Starts the stopped registry again on the same port, with the same storage and
+    /// users, and waits until it serves.
+    pub fn start_again(&mut self) -> Result<()> {
+        ensure!(self.proc.is_none(), "the registry is running");
+        self.spawn()
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        let mut cmd = Command::new(testbin("registry")?);
+        cmd.arg("serve")
+            .arg(self.path("config.yml"))
+            // distribution v3 exports OpenTelemetry traces by default.
+            .env("OTEL_TRACES_EXPORTER", "none");
+        let mut proc = Process::spawn("registry", cmd, &self.log_path())?;
+        // Any HTTP answer (401 without credentials) means it serves.
+        wait_until("registry", READY_TIMEOUT, || proc.check_alive(), || http_get(self.port, "/v2/").map(drop))?;
+        self.proc = Some(proc);
+        Ok(())
     }
 
     /// Builds a one-layer image (a single small file) and pushes it as
@@ -84,7 +121,7 @@ auth:
 
         let auth = docker_config_json(&self.host(), user, pass);
         let layer = layer.to_str().context("non-UTF-8 temp path")?;
-        crane(work.path(), &auth, &["append", "-f", layer, "-t", &image])
+        self.crane(work.path(), &auth, &["append", "-f", layer, "-t", &image])
             .with_context(|| format!("pushing {image}"))?;
         Ok(image)
     }
@@ -95,12 +132,54 @@ auth:
         let work = tempfile::tempdir()?;
         let out = work.path().join("image.tar");
         let out = out.to_str().context("non-UTF-8 temp path")?;
-        crane(work.path(), dockerconfigjson, &["pull", image, out])
+        self.crane(work.path(), dockerconfigjson, &["pull", image, out])
     }
 
-    /// The registry's log file.
-    pub fn log_path(&self) -> std::path::PathBuf {
-        self.dir.path().join("registry.log")
+    /// The registry's log file: its access log and its warnings, across restarts.
+    pub fn log_path(&self) -> PathBuf {
+        self.path("registry.log")
+    }
+
+    /// The log's length now: the offset from which [`Registry::requests_since`] reads what
+    /// happens next.
+    pub fn log_offset(&self) -> Result<u64> {
+        Ok(std::fs::metadata(self.log_path())?.len())
+    }
+
+    /// The requests the registry logged after `offset`, in order. A line is written as its
+    /// response ends, so a client may see a response a moment before its line: poll for
+    /// the requests a test expects.
+    pub fn requests_since(&self, offset: u64) -> Result<Vec<Request>> {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut file = std::fs::File::open(self.log_path())?;
+        file.seek(SeekFrom::Start(offset))?;
+        let mut log = String::new();
+        file.read_to_string(&mut log)?;
+        // A line still being written has no newline yet.
+        let complete = log.rsplit_once('\n').map_or("", |(lines, _)| lines);
+        Ok(complete.lines().filter_map(parse_access_log_line).collect())
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Runs crane with `config_json` as its whole docker config (so no ambient credentials
+    /// leak in), over plain HTTP.
+    fn crane(&self, work: &Path, config_json: &[u8], args: &[&str]) -> Result<()> {
+        let config_dir = work.join("docker");
+        std::fs::create_dir_all(&config_dir)?;
+        std::fs::write(config_dir.join("config.json"), config_json)?;
+        let out = Command::new(testbin("crane")?)
+            .arg("--insecure")
+            .args(args)
+            .env("DOCKER_CONFIG", &config_dir)
+            .output()
+            .context("running crane")?;
+        if !out.status.success() {
+            bail!("crane {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(())
     }
 }
 
@@ -110,20 +189,32 @@ pub fn docker_config_json(host: &str, user: &str, pass: &str) -> Vec<u8> {
     serde_json::json!({ "auths": { host: { "auth": auth } } }).to_string().into_bytes()
 }
 
-/// Runs crane with `config_json` as its whole docker config (so no ambient
-/// credentials leak in), over plain HTTP.
-fn crane(work: &Path, config_json: &[u8], args: &[&str]) -> Result<()> {
-    let config_dir = work.join("docker");
-    std::fs::create_dir_all(&config_dir)?;
-    std::fs::write(config_dir.join("config.json"), config_json)?;
-    let out = Command::new(testbin("crane")?)
-        .arg("--insecure")
-        .args(args)
-        .env("DOCKER_CONFIG", &config_dir)
-        .output()
-        .context("running crane")?;
-    if !out.status.success() {
-        bail!("crane {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+/// A line of the Combined Log Format the registry's access log uses,
+/// `HOST - USER [TIME] "METHOD TARGET PROTO" STATUS SIZE "REFERER" "AGENT"`; None for
+/// other lines (the registry's own log messages).
+fn parse_access_log_line(line: &str) -> Option<Request> {
+    let (_, rest) = line.split_once("] \"")?;
+    let (request, rest) = rest.split_once("\" ")?;
+    let mut request = request.split(' ');
+    let (method, path, proto) = (request.next()?, request.next()?, request.next()?);
+    if !proto.starts_with("HTTP/") {
+        return None;
     }
-    Ok(())
+    let status = rest.split(' ').next()?.parse().ok()?;
+    Some(Request { method: method.into(), path: path.into(), status })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn access_log_lines() {
+        let line = r#"127.0.0.1 - - [29/Nov/2025:18:30:00 +0000] "GET /v2/team/app/manifests/v1?x=1 HTTP/1.1" 200 528 "" "crane/v0.22.1""#;
+        assert_eq!(
+            parse_access_log_line(line),
+            Some(Request { method: "GET".into(), path: "/v2/team/app/manifests/v1?x=1".into(), status: 200 })
+        );
+        assert_eq!(parse_access_log_line(r#"time="2025-11-29T18:30:00Z" level=warning msg="x""#), None);
+    }
 }

@@ -1,12 +1,24 @@
-//! The registry enforces its htpasswd users, as seen through a
-//! `.dockerconfigjson` handed to crane.
+//! The test registry enforces its users, as seen through a `.dockerconfigjson` handed to
+//! crane and through plain HTTP requests; its users change while it runs, it stops and
+//! starts again, and its requests are counted.
+
+use std::time::Duration;
 
 use base64::Engine;
-use regcred_testenv::Registry;
+use regcred_testenv::{Registry, Request, http_get_basic_auth, wait_for};
 
 fn config_json(host: &str, user: &str, pass: &str) -> Vec<u8> {
     let auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
     format!(r#"{{"auths":{{"{host}":{{"auth":"{auth}"}}}}}}"#).into_bytes()
+}
+
+fn port(host: &str) -> u16 {
+    host.rsplit(':').next().unwrap().parse().unwrap()
+}
+
+/// The status of `GET /v2/` as `user`.
+fn v2_status(reg: &Registry, user: &str, pass: &str) -> u16 {
+    http_get_basic_auth(port(&reg.host()), "/v2/", user, pass).unwrap().0
 }
 
 #[test]
@@ -24,4 +36,65 @@ fn pull_needs_the_right_password() {
     // Credentials for another registry are no credentials here.
     reg.pull_with_auth_file(&image, &config_json("127.0.0.1:1", "alice", "s3cret")).unwrap_err();
     assert!(reg.push_test_image("team/app", "v2", "alice", "wrong").is_err());
+}
+
+#[test]
+fn set_users_takes_effect_while_it_runs() {
+    let reg = Registry::start(&[("alice", "old")]).unwrap();
+    assert_eq!(v2_status(&reg, "alice", "old"), 200);
+    assert_eq!(v2_status(&reg, "alice", "wrong"), 401);
+
+    reg.set_users(&[("alice", "new"), ("bob", "b")]).unwrap();
+    assert_eq!(v2_status(&reg, "alice", "old"), 401, "the old password is revoked");
+    assert_eq!(v2_status(&reg, "alice", "new"), 200);
+    assert_eq!(v2_status(&reg, "bob", "b"), 200);
+
+    // Twice in a row: with coarse file timestamps both rewrites could share one.
+    reg.set_users(&[("alice", "newer")]).unwrap();
+    reg.set_users(&[("alice", "newest")]).unwrap();
+    assert_eq!(v2_status(&reg, "alice", "newest"), 200);
+    assert_eq!(v2_status(&reg, "alice", "newer"), 401);
+    assert_eq!(v2_status(&reg, "bob", "b"), 401);
+}
+
+#[test]
+fn stopped_it_refuses_connections_and_starts_again_on_the_same_port() {
+    let mut reg = Registry::start(&[("alice", "s3cret")]).unwrap();
+    let host = reg.host();
+    let image = reg.push_test_image("team/app", "v1", "alice", "s3cret").unwrap();
+
+    reg.stop();
+    let err = std::net::TcpStream::connect(&host).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+    reg.pull_with_auth_file(&image, &config_json(&host, "alice", "s3cret")).unwrap_err();
+
+    reg.start_again().unwrap();
+    assert_eq!(reg.host(), host);
+    assert_eq!(http_get_basic_auth(port(&host), "/v2/", "alice", "s3cret").unwrap().0, 200);
+    // Same storage: the image pushed before is still there.
+    reg.pull_with_auth_file(&image, &config_json(&host, "alice", "s3cret")).unwrap();
+    assert!(reg.start_again().is_err(), "it is already running");
+}
+
+#[test]
+fn the_access_log_counts_requests() {
+    let reg = Registry::start(&[("alice", "s3cret")]).unwrap();
+    let image = reg.push_test_image("team/app", "v1", "alice", "s3cret").unwrap();
+
+    let offset = reg.log_offset().unwrap();
+    assert_eq!(v2_status(&reg, "alice", "wrong"), 401);
+    assert_eq!(v2_status(&reg, "alice", "s3cret"), 200);
+    reg.pull_with_auth_file(&image, &config_json(&reg.host(), "alice", "s3cret")).unwrap();
+
+    let get = |path: &str, status| Request { method: "GET".into(), path: path.into(), status };
+    let manifest = |r: &Request| *r == get("/v2/team/app/manifests/v1", 200);
+    let requests = wait_for("the pull in the access log", Duration::from_secs(10), || {
+        let requests = reg.requests_since(offset).unwrap();
+        requests.iter().any(manifest).then_some(requests)
+    })
+    .unwrap();
+    assert_eq!(requests[..2], [get("/v2/", 401), get("/v2/", 200)], "{requests:#?}");
+    assert_eq!(requests.iter().filter(|r| manifest(r)).count(), 1, "{requests:#?}");
+    // Nothing from before the offset: the push is not counted.
+    assert!(requests.iter().all(|r| r.method != "PUT"), "{requests:#?}");
 }
