@@ -1,6 +1,6 @@
 //! A real, local test environment for regcred: etcd + kube-apiserver +
 //! kube-controller-manager ([`ControlPlane`]) and a CNCF distribution registry
-//! with htpasswd auth ([`Registry`]). The binaries come from
+//! ([`Registry`]: htpasswd users, HTTP or HTTPS). The binaries come from
 //! `tests/testbin/build.sh` (see [`testbin_dir`]). Linux only.
 
 mod aws;
@@ -24,7 +24,7 @@ pub use control_plane::{ControlPlane, ISSUER};
 /// [`ControlPlane::controller_kubeconfig_path`]).
 pub const CONTROLLER_USER: &str = "regcred-controller";
 pub use process::Process;
-pub use registry::{Registry, Request, docker_config_json};
+pub use registry::{Registry, RegistryOptions, Request, docker_config_json};
 
 /// Directory holding the test binaries: `$REGCRED_TESTBIN` if set, else the
 /// last stdout line of `tests/testbin/build.sh` (which builds them once and

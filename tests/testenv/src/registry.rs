@@ -10,13 +10,22 @@ use crate::{free_port, http_get, random_hex, testbin, wait_until};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// A CNCF distribution registry on `127.0.0.1:PORT`, plain HTTP (its htpasswd auth does
-/// not insist on TLS), with bcrypt htpasswd users. Its access log, one line per request,
-/// is in [`Registry::log_path`] (see [`Registry::requests_since`]). Drop stops it.
+/// How a [`Registry`] serves. The default is plain HTTP.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RegistryOptions {
+    /// HTTPS, with a certificate for `127.0.0.1` and `localhost` from a fresh test CA
+    /// ([`Registry::ca_pem`]).
+    pub tls: bool,
+}
+
+/// A CNCF distribution registry on `127.0.0.1:PORT`, over HTTP or HTTPS, with bcrypt
+/// htpasswd users (basic auth). Its access log, one line per request, is in
+/// [`Registry::log_path`] (see [`Registry::requests_since`]). Drop stops it.
 pub struct Registry {
     // Field order is drop order: the registry stops before its files go.
     proc: Option<Process>,
     port: u16,
+    ca_pem: Option<String>,
     dir: tempfile::TempDir,
 }
 
@@ -30,11 +39,25 @@ pub struct Request {
 }
 
 impl Registry {
+    /// A plain HTTP registry with basic auth (its htpasswd auth does not insist on TLS).
     pub fn start(users: &[(&str, &str)]) -> Result<Registry> {
+        Registry::start_with(users, RegistryOptions::default())
+    }
+
+    /// A registry served as `options` say, with these users; it serves when this returns.
+    pub fn start_with(users: &[(&str, &str)], options: RegistryOptions) -> Result<Registry> {
         let dir = temp_dir("registry")?;
-        let mut reg = Registry { proc: None, port: free_port(), dir };
+        let mut reg = Registry { proc: None, port: free_port(), ca_pem: None, dir };
         reg.set_users(users)?;
-        let http = format!("  addr: 127.0.0.1:{}\n  secret: {}\n", reg.port, random_hex());
+        let mut http = format!("  addr: 127.0.0.1:{}\n  secret: {}\n", reg.port, random_hex());
+        if options.tls {
+            reg.write_tls_files()?;
+            http += &format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                reg.path("tls.crt").display(),
+                reg.path("tls.key").display()
+            );
+        }
         let auth = format!("  htpasswd:\n    realm: regcred-testenv\n    path: {}\n", reg.path("htpasswd").display());
         // The access log goes to stdout, so into registry.log with the (warn and up) logs.
         let config = format!(
@@ -50,6 +73,16 @@ impl Registry {
     /// `127.0.0.1:PORT`, the key of this registry in a `.dockerconfigjson`.
     pub fn host(&self) -> String {
         format!("127.0.0.1:{}", self.port)
+    }
+
+    /// `http://HOST` or `https://HOST`.
+    pub fn url(&self) -> String {
+        format!("{}://{}", self.scheme(), self.host())
+    }
+
+    /// The PEM of the CA behind the serving certificate, for TLS registries.
+    pub fn ca_pem(&self) -> Option<&str> {
+        self.ca_pem.as_deref()
     }
 
     /// Replaces the users. The registry rereads its htpasswd file when the file's
@@ -99,7 +132,8 @@ impl Registry {
             // distribution v3 exports OpenTelemetry traces by default.
             .env("OTEL_TRACES_EXPORTER", "none");
         let mut proc = Process::spawn("registry", cmd, &self.log_path())?;
-        // Any HTTP answer (401 without credentials) means it serves.
+        // Any HTTP answer means it serves: 401 without credentials, and over TLS the 400
+        // Go's server gives a plain HTTP request.
         wait_until("registry", READY_TIMEOUT, || proc.check_alive(), || http_get(self.port, "/v2/").map(drop))?;
         self.proc = Some(proc);
         Ok(())
@@ -160,22 +194,53 @@ impl Registry {
         Ok(complete.lines().filter_map(parse_access_log_line).collect())
     }
 
+    fn scheme(&self) -> &'static str {
+        if self.ca_pem.is_some() { "https" } else { "http" }
+    }
+
     fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
 
+    /// A fresh CA and a serving certificate for `127.0.0.1` and `localhost`, plus the CA as
+    /// the only trusted root for crane (`ca.crt`).
+    fn write_tls_files(&mut self) -> Result<()> {
+        use rcgen::{
+            BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+            KeyUsagePurpose,
+        };
+        let mut ca = CertificateParams::default();
+        ca.distinguished_name.push(DnType::CommonName, "regcred-testenv-registry-ca");
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
+        let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate()?)?;
+        let mut serving = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".into()])?;
+        serving.distinguished_name.push(DnType::CommonName, "registry");
+        serving.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let key = KeyPair::generate()?;
+        let serving = serving.signed_by(&key, &ca)?;
+        std::fs::write(self.path("tls.crt"), serving.pem())?;
+        std::fs::write(self.path("tls.key"), key.serialize_pem())?;
+        std::fs::write(self.path("ca.crt"), ca.pem())?;
+        self.ca_pem = Some(ca.pem());
+        Ok(())
+    }
+
     /// Runs crane with `config_json` as its whole docker config (so no ambient credentials
-    /// leak in), over plain HTTP.
+    /// leak in): over plain HTTP, or over TLS trusting only this registry's CA.
     fn crane(&self, work: &Path, config_json: &[u8], args: &[&str]) -> Result<()> {
         let config_dir = work.join("docker");
         std::fs::create_dir_all(&config_dir)?;
         std::fs::write(config_dir.join("config.json"), config_json)?;
-        let out = Command::new(testbin("crane")?)
-            .arg("--insecure")
-            .args(args)
-            .env("DOCKER_CONFIG", &config_dir)
-            .output()
-            .context("running crane")?;
+        let mut cmd = Command::new(testbin("crane")?);
+        cmd.env("DOCKER_CONFIG", &config_dir).env_remove("SSL_CERT_DIR");
+        if self.ca_pem.is_some() {
+            // Not --insecure: that would also skip certificate verification.
+            cmd.env("SSL_CERT_FILE", self.path("ca.crt"));
+        } else {
+            cmd.arg("--insecure");
+        }
+        let out = cmd.args(args).output().context("running crane")?;
         if !out.status.success() {
             bail!("crane {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
         }

@@ -1,11 +1,13 @@
-//! The test registry enforces its users, as seen through a `.dockerconfigjson` handed to
-//! crane and through plain HTTP requests; its users change while it runs, it stops and
-//! starts again, and its requests are counted.
+//! The test registries enforce their users, as seen through a `.dockerconfigjson` handed to
+//! crane and through plain HTTP requests: their users change while they run, they stop and
+//! start again, their requests are counted, and over TLS they are trusted with their test CA
+//! only.
 
+use std::process::Command;
 use std::time::Duration;
 
 use base64::Engine;
-use regcred_testenv::{Registry, Request, http_get_basic_auth, wait_for};
+use regcred_testenv::{Registry, RegistryOptions, Request, http_get_basic_auth, testbin, wait_for};
 
 fn config_json(host: &str, user: &str, pass: &str) -> Vec<u8> {
     let auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
@@ -97,4 +99,40 @@ fn the_access_log_counts_requests() {
     assert_eq!(requests.iter().filter(|r| manifest(r)).count(), 1, "{requests:#?}");
     // Nothing from before the offset: the push is not counted.
     assert!(requests.iter().all(|r| r.method != "PUT"), "{requests:#?}");
+}
+
+#[test]
+fn tls_registry_is_trusted_only_with_its_ca() {
+    let options = RegistryOptions { tls: true };
+    let reg = Registry::start_with(&[("alice", "s3cret")], options).unwrap();
+    assert_eq!(reg.url(), format!("https://{}", reg.host()));
+    let image = reg.push_test_image("team/app", "v1", "alice", "s3cret").unwrap();
+    reg.pull_with_auth_file(&image, &config_json(&reg.host(), "alice", "s3cret")).unwrap();
+
+    // crane by hand, trusting the CA from ca_pem() or only the system's roots.
+    let work = tempfile::tempdir().unwrap();
+    std::fs::write(work.path().join("config.json"), config_json(&reg.host(), "alice", "s3cret")).unwrap();
+    let ca = work.path().join("ca.pem");
+    std::fs::write(&ca, reg.ca_pem().unwrap()).unwrap();
+    let digest = |ca: Option<&std::path::Path>| {
+        let mut cmd = Command::new(testbin("crane").unwrap());
+        cmd.args(["digest", &image]).env("DOCKER_CONFIG", work.path()).env_remove("SSL_CERT_DIR");
+        match ca {
+            Some(ca) => cmd.env("SSL_CERT_FILE", ca),
+            None => cmd.env_remove("SSL_CERT_FILE"),
+        };
+        cmd.output().unwrap()
+    };
+    let with_ca = digest(Some(&ca));
+    assert!(with_ca.status.success(), "{}", String::from_utf8_lossy(&with_ca.stderr));
+    let without = digest(None);
+    let stderr = String::from_utf8_lossy(&without.stderr);
+    assert!(!without.status.success());
+    assert!(stderr.contains("certificate signed by unknown authority"), "{stderr}");
+
+    // Each TLS registry has a CA of its own, and its crane trusts only that one.
+    let other = Registry::start_with(&[("alice", "s3cret")], options).unwrap();
+    let other_image = other.push_test_image("team/app", "v1", "alice", "s3cret").unwrap();
+    let err = reg.pull_with_auth_file(&other_image, &config_json(&other.host(), "alice", "s3cret")).unwrap_err();
+    assert!(format!("{err:#}").contains("certificate signed by unknown authority"), "{err:#}");
 }
