@@ -1,6 +1,6 @@
 //! A real, local test environment for regcred: etcd + kube-apiserver +
 //! kube-controller-manager ([`ControlPlane`]) and a CNCF distribution registry
-//! ([`Registry`]: htpasswd users, HTTP or HTTPS). The binaries come from
+//! ([`Registry`]: htpasswd users, basic or token auth, HTTP or HTTPS). The binaries come from
 //! `tests/testbin/build.sh` (see [`testbin_dir`]). Linux only.
 
 mod aws;
@@ -129,8 +129,8 @@ pub(crate) fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
     http_get_with_headers(port, path, "")
 }
 
-/// [`http_get`] with basic auth, e.g. to see a plain HTTP [`Registry`] accept or refuse a
-/// password: the status code and the body.
+/// [`http_get`] with basic auth, e.g. to see a plain HTTP [`Registry`] or its token server
+/// accept or refuse a password: the status code and the body.
 pub fn http_get_basic_auth(port: u16, path: &str, user: &str, pass: &str) -> Result<(u16, String)> {
     use base64::Engine;
     let credentials = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));

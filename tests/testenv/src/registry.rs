@@ -9,22 +9,33 @@ use crate::process::{Process, temp_dir};
 use crate::{free_port, http_get, random_hex, testbin, wait_until};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// The `service` a token registry names in its challenges, and the audience of its tokens.
+const TOKEN_SERVICE: &str = "regcred-testenv";
+const TOKEN_ISSUER: &str = "regcred-testenv-token-server";
 
-/// How a [`Registry`] serves. The default is plain HTTP.
+/// How a [`Registry`] serves and authenticates. The default is plain HTTP with basic auth.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct RegistryOptions {
     /// HTTPS, with a certificate for `127.0.0.1` and `localhost` from a fresh test CA
     /// ([`Registry::ca_pem`]).
     pub tls: bool,
+    /// Bearer tokens (the Distribution token handshake) from a token server
+    /// ([`Registry::token_server_url`]) instead of basic auth. The token server checks the
+    /// users and grants each only the repositories under its own name: `team` gets
+    /// `team/app`, not `other/app`.
+    pub token_auth: bool,
 }
 
-/// A CNCF distribution registry on `127.0.0.1:PORT`, over HTTP or HTTPS, with bcrypt
-/// htpasswd users (basic auth). Its access log, one line per request, is in
-/// [`Registry::log_path`] (see [`Registry::requests_since`]). Drop stops it.
+/// A CNCF distribution registry on `127.0.0.1:PORT` whose users are bcrypt htpasswd
+/// entries, checked by the registry itself (basic auth) or by its token server. Its
+/// access log, one line per request, is in [`Registry::log_path`] (see
+/// [`Registry::requests_since`]). Drop stops it.
 pub struct Registry {
-    // Field order is drop order: the registry stops before its files go.
+    // Field order is drop order: the processes stop before their files go.
     proc: Option<Process>,
+    token_server: Option<Process>,
     port: u16,
+    token_port: Option<u16>,
     ca_pem: Option<String>,
     dir: tempfile::TempDir,
 }
@@ -47,7 +58,8 @@ impl Registry {
     /// A registry served as `options` say, with these users; it serves when this returns.
     pub fn start_with(users: &[(&str, &str)], options: RegistryOptions) -> Result<Registry> {
         let dir = temp_dir("registry")?;
-        let mut reg = Registry { proc: None, port: free_port(), ca_pem: None, dir };
+        let mut reg =
+            Registry { proc: None, token_server: None, port: free_port(), token_port: None, ca_pem: None, dir };
         reg.set_users(users)?;
         let mut http = format!("  addr: 127.0.0.1:{}\n  secret: {}\n", reg.port, random_hex());
         if options.tls {
@@ -58,7 +70,12 @@ impl Registry {
                 reg.path("tls.key").display()
             );
         }
-        let auth = format!("  htpasswd:\n    realm: regcred-testenv\n    path: {}\n", reg.path("htpasswd").display());
+        let auth = if options.token_auth {
+            let public_key = reg.start_token_server(options.tls)?;
+            reg.token_auth_config(public_key)?
+        } else {
+            format!("  htpasswd:\n    realm: regcred-testenv\n    path: {}\n", reg.path("htpasswd").display())
+        };
         // The access log goes to stdout, so into registry.log with the (warn and up) logs.
         let config = format!(
             "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: false\n\
@@ -85,9 +102,18 @@ impl Registry {
         self.ca_pem.as_deref()
     }
 
-    /// Replaces the users. The registry rereads its htpasswd file when the file's
-    /// modification time changes, so this takes effect at the next request, without a
-    /// restart.
+    /// The token endpoint (the `realm` of the registry's Bearer challenge), for token
+    /// auth registries: `http(s)://localhost:PORT/token/`, the token server listening on
+    /// 127.0.0.1. It answers 401 to a wrong password.
+    pub fn token_server_url(&self) -> Option<String> {
+        // Not 127.0.0.1: against SSRF, crane (go-containerregistry) refuses a realm at a
+        // loopback or private IP literal unless it is the registry's own host:port.
+        self.token_port.map(|port| format!("{}://localhost:{port}/token/", self.scheme()))
+    }
+
+    /// Replaces the users. Whoever checks them (the registry or its token server) rereads
+    /// the htpasswd file when its modification time changes, so this takes effect at the
+    /// next request, without a restart.
     pub fn set_users(&self, users: &[(&str, &str)]) -> Result<()> {
         let mut htpasswd = String::new();
         for (user, pass) in users {
@@ -110,7 +136,7 @@ impl Registry {
         Ok(())
     }
 
-    /// Stops the registry, so that connections are refused until
+    /// Stops the registry (not its token server), so that connections are refused until
     /// [`Registry::start_again`].
     pub fn stop(&mut self) {
         if let Some(mut proc) = self.proc.take() {
@@ -226,6 +252,64 @@ impl Registry {
         Ok(())
     }
 
+    /// Starts the token server with a fresh P-256 signing key and the users' htpasswd;
+    /// returns the public half of the key as a JWK, with the id libtrust computes for it
+    /// (the `kid` its tokens carry).
+    fn start_token_server(&mut self, tls: bool) -> Result<serde_json::Value> {
+        let key = rcgen::KeyPair::generate()?;
+        // libtrust reads EC keys as SEC1 PEM or as a JWK, not rcgen's PKCS#8: a JWK it is.
+        let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+        let (x, y) = p256_public_coordinates(key.public_key_raw())?;
+        let mut jwk = serde_json::json!({ "kty": "EC", "crv": "P-256", "x": b64(x), "y": b64(y) });
+        let mut private = jwk.clone();
+        private["d"] = b64(p256_private_scalar(&key.serialize_der())?).into();
+        // libtrust picks the format by the file name.
+        std::fs::write(self.path("token-key.json"), private.to_string())?;
+
+        let port = free_port();
+        let mut cmd = Command::new(testbin("token-server")?);
+        cmd.arg(format!("-addr=127.0.0.1:{port}"))
+            .arg(format!("-issuer={TOKEN_ISSUER}"))
+            .arg("-realm=regcred-testenv-token-server")
+            .arg(format!("-passwd={}", self.path("htpasswd").display()))
+            .arg(format!("-key={}", self.path("token-key.json").display()))
+            // Logs the key id, and why a scope was not granted.
+            .arg("-debug");
+        if tls {
+            cmd.arg(format!("-tlscert={}", self.path("tls.crt").display()))
+                .arg(format!("-tlskey={}", self.path("tls.key").display()));
+        }
+        let log = self.path("token-server.log");
+        let mut proc = Process::spawn("token-server", cmd, &log)?;
+        wait_until("token server", READY_TIMEOUT, || proc.check_alive(), || http_get(port, "/token/").map(drop))?;
+        self.token_server = Some(proc);
+        self.token_port = Some(port);
+
+        // It logs the id before it listens, so the line is there now.
+        let text = std::fs::read_to_string(&log)?;
+        let kid = text
+            .split("Loaded private key with id ")
+            .nth(1)
+            .and_then(|rest| rest.split(|c: char| c == '"' || c.is_whitespace()).next())
+            .filter(|kid| !kid.is_empty())
+            .with_context(|| format!("no key id in {}", log.display()))?;
+        jwk["kid"] = kid.into();
+        Ok(jwk)
+    }
+
+    /// The `auth:` section for token auth: the registry trusts exactly the token server's
+    /// key, under the `kid` the tokens name it by (they carry no certificate chain).
+    fn token_auth_config(&self, public_key: serde_json::Value) -> Result<String> {
+        let jwks = serde_json::json!({ "keys": [public_key] });
+        std::fs::write(self.path("token-jwks.json"), jwks.to_string())?;
+        Ok(format!(
+            "  token:\n    realm: {realm}\n    service: {TOKEN_SERVICE}\n    issuer: {TOKEN_ISSUER}\n    \
+             jwks: {jwks}\n    signingalgorithms: [ES256]\n",
+            realm = self.token_server_url().context("no token server")?,
+            jwks = self.path("token-jwks.json").display(),
+        ))
+    }
+
     /// Runs crane with `config_json` as its whole docker config (so no ambient credentials
     /// leak in): over plain HTTP, or over TLS trusting only this registry's CA.
     fn crane(&self, work: &Path, config_json: &[u8], args: &[&str]) -> Result<()> {
@@ -267,6 +351,41 @@ fn parse_access_log_line(line: &str) -> Option<Request> {
     }
     let status = rest.split(' ').next()?.parse().ok()?;
     Some(Request { method: method.into(), path: path.into(), status })
+}
+
+/// X and Y of an uncompressed P-256 point (`04 || X || Y`).
+fn p256_public_coordinates(point: &[u8]) -> Result<(&[u8], &[u8])> {
+    ensure!(point.len() == 65 && point[0] == 4, "not an uncompressed P-256 point");
+    Ok(point[1..].split_at(32))
+}
+
+/// The private scalar of a P-256 key in PKCS#8 DER: a PrivateKeyInfo (RFC 5208) whose
+/// privateKey is an ECPrivateKey (RFC 5915).
+fn p256_private_scalar(pkcs8: &[u8]) -> Result<&[u8]> {
+    const SEQUENCE: u8 = 0x30;
+    const INTEGER: u8 = 0x02;
+    const OCTET_STRING: u8 = 0x04;
+    // One DER element of the expected tag: its contents and what follows it.
+    fn element(der: &[u8], tag: u8) -> Result<(&[u8], &[u8])> {
+        let [t, len, rest @ ..] = der else { bail!("truncated DER") };
+        ensure!(*t == tag, "DER tag {t:#04x} where {tag:#04x} was expected");
+        let (len, rest) = match *len {
+            short @ 0..=0x7f => (short as usize, rest),
+            0x81 => (*rest.first().context("truncated DER")? as usize, &rest[1..]),
+            other => bail!("unexpected DER length byte {other:#04x}"),
+        };
+        ensure!(rest.len() >= len, "truncated DER");
+        Ok(rest.split_at(len))
+    }
+    let (info, _) = element(pkcs8, SEQUENCE)?;
+    let (_version, info) = element(info, INTEGER)?;
+    let (_algorithm, info) = element(info, SEQUENCE)?;
+    let (private_key, _) = element(info, OCTET_STRING)?;
+    let (ec, _) = element(private_key, SEQUENCE)?;
+    let (_version, ec) = element(ec, INTEGER)?;
+    let (scalar, _) = element(ec, OCTET_STRING)?;
+    ensure!(scalar.len() == 32, "a P-256 private key has 32 bytes, not {}", scalar.len());
+    Ok(scalar)
 }
 
 #[cfg(test)]

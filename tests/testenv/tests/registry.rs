@@ -1,7 +1,7 @@
 //! The test registries enforce their users, as seen through a `.dockerconfigjson` handed to
-//! crane and through plain HTTP requests: their users change while they run, they stop and
-//! start again, their requests are counted, and over TLS they are trusted with their test CA
-//! only.
+//! crane and through plain HTTP requests: basic auth (users changed while it runs, stopped
+//! and started again, its requests counted), TLS with a test CA, and token auth with a
+//! real token server that grants each user only its own repositories.
 
 use std::process::Command;
 use std::time::Duration;
@@ -14,8 +14,9 @@ fn config_json(host: &str, user: &str, pass: &str) -> Vec<u8> {
     format!(r#"{{"auths":{{"{host}":{{"auth":"{auth}"}}}}}}"#).into_bytes()
 }
 
-fn port(host: &str) -> u16 {
-    host.rsplit(':').next().unwrap().parse().unwrap()
+fn port(host_or_url: &str) -> u16 {
+    let after_colon = host_or_url.rsplit(':').next().unwrap();
+    after_colon.split('/').next().unwrap().parse().unwrap()
 }
 
 /// The status of `GET /v2/` as `user`.
@@ -103,7 +104,7 @@ fn the_access_log_counts_requests() {
 
 #[test]
 fn tls_registry_is_trusted_only_with_its_ca() {
-    let options = RegistryOptions { tls: true };
+    let options = RegistryOptions { tls: true, ..Default::default() };
     let reg = Registry::start_with(&[("alice", "s3cret")], options).unwrap();
     assert_eq!(reg.url(), format!("https://{}", reg.host()));
     let image = reg.push_test_image("team/app", "v1", "alice", "s3cret").unwrap();
@@ -135,4 +136,55 @@ fn tls_registry_is_trusted_only_with_its_ca() {
     let other_image = other.push_test_image("team/app", "v1", "alice", "s3cret").unwrap();
     let err = reg.pull_with_auth_file(&other_image, &config_json(&other.host(), "alice", "s3cret")).unwrap_err();
     assert!(format!("{err:#}").contains("certificate signed by unknown authority"), "{err:#}");
+}
+
+#[test]
+fn token_server_grants_each_user_only_its_own_repositories() {
+    let options = RegistryOptions { token_auth: true, ..Default::default() };
+    let reg = Registry::start_with(&[("team", "team-pw"), ("other", "other-pw")], options).unwrap();
+    let host = reg.host();
+    let realm = reg.token_server_url().unwrap();
+    assert_eq!(realm, format!("http://localhost:{}/token/", port(&realm)));
+    let team_app = reg.push_test_image("team/app", "v1", "team", "team-pw").unwrap();
+    let other_app = reg.push_test_image("other/app", "v1", "other", "other-pw").unwrap();
+
+    reg.pull_with_auth_file(&team_app, &config_json(&host, "team", "team-pw")).unwrap();
+    reg.pull_with_auth_file(&other_app, &config_json(&host, "other", "other-pw")).unwrap();
+    let offset = reg.log_offset().unwrap();
+    let err = reg.pull_with_auth_file(&other_app, &config_json(&host, "team", "team-pw")).unwrap_err();
+    assert!(format!("{err:#}").contains("UNAUTHORIZED"), "{err:#}");
+    // crane got a token and showed it: the registry itself refused it for other/app.
+    let refused = Request { method: "GET".into(), path: "/v2/other/app/manifests/v1".into(), status: 401 };
+    wait_for("the refused manifest GET in the access log", Duration::from_secs(10), || {
+        reg.requests_since(offset).unwrap().contains(&refused).then_some(())
+    })
+    .unwrap();
+    assert!(reg.push_test_image("other/app", "v2", "team", "team-pw").is_err());
+    reg.pull_with_auth_file(&team_app, &config_json(&host, "team", "wrong")).unwrap_err();
+
+    // The handshake by hand: the realm gives a token for the right password only, and the
+    // registry wants that token, not the password.
+    let token_path = "/token/?service=regcred-testenv&scope=repository:team/app:pull";
+    let (status, body) = http_get_basic_auth(port(&realm), token_path, "team", "team-pw").unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"access_token\""), "{body}");
+    assert_eq!(http_get_basic_auth(port(&realm), token_path, "team", "wrong").unwrap().0, 401);
+    assert_eq!(http_get_basic_auth(port(&realm), token_path, "nobody", "team-pw").unwrap().0, 401);
+    assert_eq!(v2_status(&reg, "team", "team-pw"), 401);
+
+    // The token server rereads its users too.
+    reg.set_users(&[("team", "rotated")]).unwrap();
+    assert_eq!(http_get_basic_auth(port(&realm), token_path, "team", "team-pw").unwrap().0, 401);
+    reg.pull_with_auth_file(&team_app, &config_json(&host, "team", "rotated")).unwrap();
+}
+
+#[test]
+fn token_auth_over_tls() {
+    let options = RegistryOptions { tls: true, token_auth: true };
+    let reg = Registry::start_with(&[("team", "team-pw")], options).unwrap();
+    assert!(reg.token_server_url().unwrap().starts_with("https://localhost:"));
+    let image = reg.push_test_image("team/app", "v1", "team", "team-pw").unwrap();
+    reg.pull_with_auth_file(&image, &config_json(&reg.host(), "team", "team-pw")).unwrap();
+    let err = reg.pull_with_auth_file(&image, &config_json(&reg.host(), "team", "wrong")).unwrap_err();
+    assert!(format!("{err:#}").contains("UNAUTHORIZED"), "{err:#}");
 }
