@@ -255,19 +255,19 @@ fn transport(what: &str, error: &reqwest::Error) -> Finding {
     Finding::new(Reason::Unreachable, format!("{what} could not be reached: {how}"))
 }
 
-/// The rustls error somewhere in the chain (tokio-rustls wraps it in an `io::Error`).
+/// The rustls error somewhere in the chain. tokio-rustls wraps it in an `io::Error`, which
+/// hyper-util wraps in another: `io::Error::source` skips the wrapped error itself, so
+/// wrappers are opened with `get_ref`.
 fn tls_error(error: &reqwest::Error) -> Option<String> {
     let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
     while let Some(current) = cause {
         if let Some(tls) = current.downcast_ref::<rustls::Error>() {
             return Some(tls.to_string());
         }
-        if let Some(io) = current.downcast_ref::<std::io::Error>()
-            && let Some(tls) = io.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>())
-        {
-            return Some(tls.to_string());
-        }
-        cause = current.source();
+        cause = match current.downcast_ref::<std::io::Error>().and_then(std::io::Error::get_ref) {
+            Some(wrapped) => Some(wrapped as &(dyn std::error::Error + 'static)),
+            None => current.source(),
+        };
     }
     None
 }

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use base64::{Engine, engine::general_purpose::STANDARD};
-use regcred_testenv::AwsEmulator;
+use regcred_testenv::{AwsEmulator, Registry};
 use serde_json::json;
 
 use crate::support::*;
@@ -66,10 +66,16 @@ async fn nothing_secret_is_logged_at_trace() {
         create_credential_for(&client, &ns, credential, Some(&name), spec).await;
     }
     // A registry check (Basic) against a real registry: the login goes out in a header.
-    let registry = regcred_testenv::Registry::start(&[("u", &password)]).expect("registry");
+    let registry = Registry::start(&[("u", &password)]).expect("registry");
     let checked = json!({"registry": registry.host(), "verify": {"insecure": true},
                          "source": {"basic": {"username": "u", "passwordSecretRef": {"name": "pass"}}}});
     create_credential_for(&client, &ns, "verified", Some(&name), checked).await;
+    // And one through a token server: its token (a JWT) must not be logged either.
+    let options = regcred_testenv::RegistryOptions { token_auth: true, ..Default::default() };
+    let token_registry = Registry::start_with(&[("u", &password)], options).expect("token registry");
+    let tokened = json!({"registry": token_registry.host(), "verify": {"insecure": true},
+                         "source": {"basic": {"username": "u", "passwordSecretRef": {"name": "pass"}}}});
+    create_credential_for(&client, &ns, "tokened", Some(&name), tokened).await;
     let broken = json!({"registry": "r.example.com", "source": {"basic": {"username": "u", "passwordSecretRef": {"name": "missing"}}}});
     create_credential_for(&client, &ns, "broken", Some(&name), broken).await;
     for credential in ["basic", "ghcr", "gcr", "keys", "irsa"] {
@@ -77,6 +83,7 @@ async fn nothing_secret_is_logged_at_trace() {
     }
     wait_ready(&client, &ns, "broken", "False", Some("SourceSecretNotFound")).await;
     crate::verify::wait_verified(&client, &ns, "verified", "True", "Verified").await;
+    crate::verify::wait_verified(&client, &ns, "tokened", "True", "Verified").await;
 
     // A rotation: the Secret holds a second token from the emulator.
     let issued = |aws: &AwsEmulator| -> Vec<String> {
@@ -114,12 +121,38 @@ async fn nothing_secret_is_logged_at_trace() {
     let used = used_secrets().lock().unwrap_or_else(|e| e.into_inner()).clone();
     let leaked: Vec<_> = used.iter().filter(|v| log.contains(v.as_str())).map(|v| &v[..6.min(v.len())]).collect();
     assert!(leaked.is_empty(), "{} secret values in the trace log (first characters: {leaked:?})", leaked.len());
-    // A JWT header (`{"alg":` in base64url): a ServiceAccount token, the controller's own or
-    // one minted for IRSA.
-    assert!(!log.contains("eyJhbGciOi"), "a JWT in the trace log");
+    // A JWT (base64url JSON header, then payload): a ServiceAccount token, the controller's
+    // own or one minted for IRSA, or a registry's bearer token.
+    assert!(!has_jwt(&log), "a JWT in the trace log");
     for field in
         ["authorizationToken", "SecretAccessKey>", "SessionToken>", "WebIdentityToken=", "x-amz-security-token:"]
     {
         assert!(!log.contains(field), "an AWS message body with {field} in the trace log");
     }
+}
+
+/// Whether `text` holds something shaped like a JWT: `eyJ…` (a base64url JSON object), a dot,
+/// and another `eyJ…`.
+fn has_jwt(text: &str) -> bool {
+    let segment = |s: &str| {
+        s.len() >= 10 && s.starts_with("eyJ") && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    };
+    text.match_indices("eyJ").any(|(at, _)| {
+        let rest = &text[at..];
+        let mut parts = rest.splitn(3, '.');
+        let header = parts.next().unwrap_or_default();
+        let payload: String = parts
+            .next()
+            .unwrap_or_default()
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
+            .collect();
+        segment(header) && segment(&payload)
+    })
+}
+
+#[test]
+fn jwt_shapes_are_recognised() {
+    assert!(has_jwt(r#"token":"eyJ0eXAiOiJKV1QiLCJhbGciOiJFUzI1NiJ9.eyJpc3MiOiJ0b2tlbiJ9.c2ln"}"#));
+    assert!(!has_jwt("eyJ alone, eyJhbGciOiJIUzI1NiJ9 without a payload"));
 }

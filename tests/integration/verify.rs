@@ -12,15 +12,27 @@ use serde_json::{Value, json};
 use crate::support::*;
 
 /// Waits until the credential's `Verified` condition has `status` and `reason`; returns its
-/// message.
+/// message. On timeout the panic shows the condition last seen.
 pub async fn wait_verified(client: &Client, ns: &str, name: &str, status: &str, reason: &str) -> String {
     let api = Api::<RegistryCredential>::namespaced(client.clone(), ns);
-    regcred_testenv::eventually(&format!("{ns}/{name} Verified={status} {reason}"), TIMEOUT, || async {
-        let cr = api.get(name).await.ok()?;
-        let verified = cr.status.as_ref()?.condition("Verified")?.clone();
-        (verified.status == status && verified.reason == reason).then_some(verified.message)
-    })
-    .await
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    let mut last = None;
+    loop {
+        if let Ok(cr) = api.get(name).await {
+            last = cr.status.as_ref().and_then(|s| s.condition("Verified")).cloned();
+            if let Some(verified) = &last
+                && verified.status == status
+                && verified.reason == reason
+            {
+                return verified.message.clone();
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{ns}/{name}: no Verified={status} {reason} in {TIMEOUT:?}; last: {last:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }
 
 fn basic(host: &str, secret: &str, verify: Value) -> Value {
@@ -100,4 +112,182 @@ async fn checks_go_through_the_environments_proxy() {
     let message = wait_verified(&client, &ns, "proxied", "False", "Unreachable").await;
     assert!(message.contains("could not be reached"), "{message}");
     wait_verified(&client, &ns, "bypassed", "True", "Verified").await;
+}
+
+/// A controller of the test's own with a short `--verify-interval`, for the periodic checks.
+fn periodic_controller(tag: &str) -> (TestController, String) {
+    let name = format!("{tag}-{}", &unique()[..6]);
+    let controller = spawn_controller(
+        env().cp,
+        &name,
+        &format!("{CONTROLLER_LABEL}={name}"),
+        &env().aws.endpoint(),
+        &["--verify-interval", "2s"],
+        &[],
+    );
+    (controller, name)
+}
+
+/// A revoked password turns `Unauthorized` at the next periodic check, a stopped registry
+/// `Unreachable`, and a restarted one `Verified` again, all without a controller restart.
+#[tokio::test]
+async fn revocation_and_outages_show_at_the_next_check_and_recovery_needs_no_restart() {
+    let client = client().await;
+    let (_controller, name) = periodic_controller("verify-periodic");
+    let ns = namespace(&client, "verify-periodic").await;
+    let password = secret_value("puller", "periodic");
+    let mut registry = Registry::start(&[("puller", &password)]).unwrap();
+    create_secret(&client, &ns, "src", &[("password", password.as_bytes())]).await;
+    create_credential_for(&client, &ns, "cred", Some(&name), basic(&registry.host(), "src", json!({"insecure": true})))
+        .await;
+    wait_verified(&client, &ns, "cred", "True", "Verified").await;
+
+    // Revoked at the registry: nothing changed in the cluster.
+    registry.set_users(&[("someone-else", "x")]).unwrap();
+    let message = wait_verified(&client, &ns, "cred", "False", "Unauthorized").await;
+    assert!(message.contains("401"), "{message}");
+    registry.set_users(&[("puller", &password)]).unwrap();
+    wait_verified(&client, &ns, "cred", "True", "Verified").await;
+
+    registry.stop();
+    let message = wait_verified(&client, &ns, "cred", "False", "Unreachable").await;
+    assert!(message.contains("could not be reached"), "{message}");
+    wait_event(&client, &ns, "RegistryCredential", "cred", "Warning", "Unreachable").await;
+    // Ready is untouched by an unreachable registry.
+    wait_ready(&client, &ns, "cred", "True", Some("Synced")).await;
+    registry.start_again().unwrap();
+    wait_verified(&client, &ns, "cred", "True", "Verified").await;
+}
+
+/// Token auth (a real token server): the login gets a token, and with `repository` the token's
+/// scope decides: `team` may pull `team/app`, not `other/app`.
+#[tokio::test]
+async fn token_auth_scopes_decide_verified_or_forbidden() {
+    env();
+    let client = client().await;
+    let ns = namespace(&client, "verify-token").await;
+    let (team, other) = (secret_value("team", "token"), secret_value("other", "token"));
+    let options = regcred_testenv::RegistryOptions { token_auth: true, ..Default::default() };
+    let registry = Registry::start_with(&[("team", &team), ("other", &other)], options).unwrap();
+    registry.push_test_image("team/app", "latest", "team", &team).unwrap();
+    registry.push_test_image("other/app", "latest", "other", &other).unwrap();
+    create_secret(&client, &ns, "team", &[("password", team.as_bytes())]).await;
+    let token = |repository: Option<&str>| {
+        let mut verify = json!({"insecure": true});
+        if let Some(repository) = repository {
+            verify["repository"] = json!(repository);
+        }
+        json!({"registry": registry.host(), "verify": verify,
+               "source": {"basic": {"username": "team", "passwordSecretRef": {"name": "team"}}}})
+    };
+    create_credential(&client, &ns, "login", token(None)).await;
+    create_credential(&client, &ns, "own", token(Some("team/app"))).await;
+    create_credential(&client, &ns, "foreign", token(Some("other/app"))).await;
+    let message = wait_verified(&client, &ns, "login", "True", "Verified").await;
+    assert!(message.contains("accepted the login"), "{message}");
+    let message = wait_verified(&client, &ns, "own", "True", "Verified").await;
+    assert!(message.contains("HEAD /v2/team/app/manifests/latest: 200"), "{message}");
+    let message = wait_verified(&client, &ns, "foreign", "False", "Forbidden").await;
+    assert!(message.contains("no pull on other/app"), "{message}");
+
+    // A wrong password gets no token from the realm.
+    let wrong = secret_value("team", "wrong-token");
+    create_secret(&client, &ns, "wrong", &[("password", wrong.as_bytes())]).await;
+    let spec = json!({"registry": registry.host(), "verify": {"insecure": true},
+                      "source": {"basic": {"username": "team", "passwordSecretRef": {"name": "wrong"}}}});
+    create_credential(&client, &ns, "wrong-login", spec).await;
+    let message = wait_verified(&client, &ns, "wrong-login", "False", "Unauthorized").await;
+    assert!(message.contains("token endpoint"), "{message}");
+    assert_no_leaks(&client).await;
+}
+
+/// A registry with a certificate from a private CA: `TLSError` without `caBundle`, verified
+/// with it (from a ConfigMap or a Secret).
+#[tokio::test]
+async fn a_private_ca_needs_its_ca_bundle() {
+    env();
+    let client = client().await;
+    let ns = namespace(&client, "verify-tls").await;
+    let password = secret_value("puller", "tls");
+    let options = regcred_testenv::RegistryOptions { tls: true, ..Default::default() };
+    let registry = Registry::start_with(&[("puller", &password)], options).unwrap();
+    let ca = registry.ca_pem().expect("a TLS registry has a CA").to_string();
+    create_secret(&client, &ns, "src", &[("password", password.as_bytes())]).await;
+    create_secret(&client, &ns, "ca-secret", &[("ca.crt", ca.as_bytes())]).await;
+    let map: k8s_openapi::api::core::v1::ConfigMap = serde_json::from_value(json!({
+        "metadata": {"name": "ca", "namespace": ns}, "data": {"bundle.pem": ca}
+    }))
+    .unwrap();
+    Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(client.clone(), &ns)
+        .create(&Default::default(), &map)
+        .await
+        .unwrap();
+    create_credential(&client, &ns, "untrusted", basic(&registry.host(), "src", json!({}))).await;
+    let from_map = json!({"caBundle": {"configMap": {"name": "ca", "key": "bundle.pem"}}});
+    create_credential(&client, &ns, "from-map", basic(&registry.host(), "src", from_map)).await;
+    let from_secret = json!({"caBundle": {"secret": {"name": "ca-secret"}}});
+    create_credential(&client, &ns, "from-secret", basic(&registry.host(), "src", from_secret)).await;
+    let missing = json!({"caBundle": {"configMap": {"name": "nowhere"}}});
+    create_credential(&client, &ns, "missing-ca", basic(&registry.host(), "src", missing)).await;
+
+    let message = wait_verified(&client, &ns, "untrusted", "False", "TLSError").await;
+    assert!(message.contains("UnknownIssuer"), "{message}");
+    wait_verified(&client, &ns, "from-map", "True", "Verified").await;
+    wait_verified(&client, &ns, "from-secret", "True", "Verified").await;
+    let message = wait_verified(&client, &ns, "missing-ca", "False", "CABundleUnavailable").await;
+    assert!(message.contains(&format!("ConfigMap {ns}/nowhere not found")), "{message}");
+}
+
+/// A ClusterRegistryCredential fanned out to 200 namespaces is checked once per registry per
+/// trigger, never per namespace: the registry sees one handshake on creation and one after a
+/// source change.
+#[tokio::test]
+async fn a_fan_out_is_checked_once_per_registry_not_per_namespace() {
+    env();
+    let client = client().await;
+    let tag = unique()[..8].to_string();
+    let source_ns = namespace(&client, "verify-fan-src").await;
+    let first = secret_value("puller", "fan");
+    let second = secret_value("puller", "fan2");
+    let registry = Registry::start(&[("puller", &first)]).unwrap();
+    create_secret(&client, &source_ns, "src", &[("password", first.as_bytes())]).await;
+    let label = [("regcred.dev/test-verify-fan", tag.as_str())];
+    for _ in 0..200 {
+        labelled_namespace(&client, "verify-fan", &label).await;
+    }
+    let offset = registry.log_offset().unwrap();
+    let name = format!("verify-fan-{tag}");
+    let spec = json!({"registry": registry.host(), "verify": {"insecure": true},
+        "namespaces": {"selector": {"matchLabels": {"regcred.dev/test-verify-fan": tag}}},
+        "source": {"basic": {"username": "puller", "passwordSecretRef": {"name": "src", "namespace": source_ns}}}});
+    create_cluster_credential(&client, &name, spec).await;
+    let verified = |status: &str, reason: &str| {
+        let (status, reason) = (status.to_string(), reason.to_string());
+        move |s: &regcred::crd::ClusterCredentialStatus| {
+            s.synced_namespaces == Some(200)
+                && s.credential.condition("Verified").is_some_and(|c| c.status == status && c.reason == reason)
+        }
+    };
+    wait_cluster(&client, &name, "200 namespaces, verified", verified("True", "Verified")).await;
+    let handshake = |requests: Vec<regcred_testenv::Request>| -> Vec<(String, String, u16)> {
+        requests.into_iter().map(|r| (r.method, r.path, r.status)).collect()
+    };
+    let one_check = vec![("GET".to_string(), "/v2/".to_string(), 401), ("GET".into(), "/v2/".into(), 200)];
+    let seen = regcred_testenv::wait_for("the check's requests in the access log", TIMEOUT, || {
+        let requests = handshake(registry.requests_since(offset).ok()?);
+        (requests.len() >= one_check.len()).then_some(requests)
+    })
+    .unwrap();
+    assert_eq!(seen, one_check, "one handshake for 200 namespaces");
+
+    // A source change: one more check (now refused: the registry still has the first password).
+    let offset = registry.log_offset().unwrap();
+    set_secret_key(&client, &source_ns, "src", "password", second.as_bytes()).await;
+    wait_cluster(&client, &name, "re-verified after the change", verified("False", "Unauthorized")).await;
+    let seen = regcred_testenv::wait_for("the second check's requests", TIMEOUT, || {
+        let requests = handshake(registry.requests_since(offset).ok()?);
+        (requests.len() >= 2).then_some(requests)
+    })
+    .unwrap();
+    assert_eq!(seen, vec![("GET".to_string(), "/v2/".to_string(), 401), ("GET".into(), "/v2/".into(), 401)]);
 }
