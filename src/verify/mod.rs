@@ -226,6 +226,8 @@ fn build_client(ca_bundle: Option<&[u8]>) -> Result<Client, String> {
         .with_no_client_auth();
     Client::builder()
         .use_preconfigured_tls(tls)
+        // A login is sent only where a challenge said; never on to where a redirect points.
+        .redirect(reqwest::redirect::Policy::none())
         .connect_timeout(Duration::from_secs(5))
         .user_agent(concat!("regcred/", env!("CARGO_PKG_VERSION")))
         .build()

@@ -64,6 +64,12 @@ async fn a_right_password_is_verified_and_a_wrong_one_is_unauthorized() {
     let cr = Api::<RegistryCredential>::namespaced(client.clone(), &ns).get("good").await.unwrap();
     assert!(cr.status.and_then(|s| s.verified_at).is_some(), "verifiedAt is reported");
 
+    // Something that is not a registry (the AWS emulator's web server) at that host.
+    let not_a_registry = env().aws.endpoint().trim_start_matches("http://").to_string();
+    create_credential(&client, &ns, "elsewhere", basic(&not_a_registry, "good-src", json!({"insecure": true}))).await;
+    let message = wait_verified(&client, &ns, "elsewhere", "False", "UnexpectedResponse").await;
+    assert!(message.ends_with("GET /v2/: 404 Not Found"), "{message}");
+
     // Fixing the source re-verifies at once (a change of the Secret's content).
     set_secret_key(&client, &ns, "bad-src", "password", password.as_bytes()).await;
     wait_verified(&client, &ns, "bad", "True", "Verified").await;
@@ -151,7 +157,7 @@ async fn revocation_and_outages_show_at_the_next_check_and_recovery_needs_no_res
 
     registry.stop();
     let message = wait_verified(&client, &ns, "cred", "False", "Unreachable").await;
-    assert!(message.contains("could not be reached"), "{message}");
+    assert!(message.contains("the registry could not be reached: Connection refused"), "{message}");
     wait_event(&client, &ns, "RegistryCredential", "cred", "Warning", "Unreachable").await;
     // Ready is untouched by an unreachable registry.
     wait_ready(&client, &ns, "cred", "True", Some("Synced")).await;
