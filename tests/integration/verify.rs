@@ -63,6 +63,12 @@ async fn a_right_password_is_verified_and_a_wrong_one_is_unauthorized() {
     assert!(warning.contains("registry check failed"), "{warning}");
     let cr = Api::<RegistryCredential>::namespaced(client.clone(), &ns).get("good").await.unwrap();
     assert!(cr.status.and_then(|s| s.verified_at).is_some(), "verifiedAt is reported");
+    // Checks are counted by result.
+    let metrics = env().controller.metrics();
+    for result in ["Verified", "Unauthorized"] {
+        let count = sample(&metrics, &format!("regcred_verifications_total{{result=\"{result}\"}}"));
+        assert!(count.is_some_and(|n| n >= 1.0), "no {result} check counted:\n{metrics}");
+    }
 
     // Something that is not a registry (the AWS emulator's web server) at that host.
     let not_a_registry = env().aws.endpoint().trim_start_matches("http://").to_string();
