@@ -296,6 +296,71 @@ mod tests {
         assert!(!summarize(&[]).verified());
     }
 
+    /// Connections open now, and the most open at once, across the registries sharing it.
+    #[derive(Clone, Default)]
+    struct Open(Arc<(std::sync::atomic::AtomicUsize, std::sync::atomic::AtomicUsize)>);
+
+    impl Open {
+        fn peak(&self) -> usize {
+            self.0.1.load(std::sync::atomic::Ordering::SeqCst)
+        }
+    }
+
+    /// A registry that answers `GET /v2/` with 200 after 100 ms, counting its connections in
+    /// `open`.
+    async fn slow_registry(open: Open) -> String {
+        use std::sync::atomic::Ordering;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let host = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut socket, _)) = listener.accept().await else { return };
+                let open = open.clone();
+                tokio::spawn(async move {
+                    let now = open.0.0.fetch_add(1, Ordering::SeqCst) + 1;
+                    open.0.1.fetch_max(now, Ordering::SeqCst);
+                    let mut request = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !request.ends_with(b"\r\n\r\n") {
+                        match socket.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => request.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    let _ =
+                        socket.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").await;
+                    open.0.0.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+        });
+        host
+    }
+
+    fn login(host: &str) -> RegistryAuth {
+        RegistryAuth { server: host.into(), username: "u".into(), password: "p".into() }
+    }
+
+    #[tokio::test]
+    async fn one_check_at_a_time_per_host_and_hosts_in_parallel() {
+        let verifier = Verifier::new(VerifySettings { qps: 1000.0, ..Default::default() });
+        let options = Options { reference: "latest".into(), plain_http: true, ..Default::default() };
+        let same = Open::default();
+        let host = slow_registry(same.clone()).await;
+        let (a, b) = ([login(&host)], [login(&host)]);
+        let (first, second) = tokio::join!(verifier.verify(&a, &options), verifier.verify(&b, &options));
+        assert!(first.verified() && second.verified(), "{first:?} {second:?}");
+        assert_eq!(same.peak(), 1, "two checks of one host overlapped");
+
+        let both = Open::default();
+        let (one, two) = (slow_registry(both.clone()).await, slow_registry(both.clone()).await);
+        let (x, y) = ([login(&one)], [login(&two)]);
+        let (first, second) = tokio::join!(verifier.verify(&x, &options), verifier.verify(&y, &options));
+        assert!(first.verified() && second.verified());
+        assert_eq!(both.peak(), 2, "checks of two hosts did not overlap");
+    }
+
     #[tokio::test(start_paused = true)]
     async fn the_rate_spaces_check_starts() {
         let verifier = Verifier::new(VerifySettings { qps: 2.0, ..Default::default() });
