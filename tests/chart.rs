@@ -282,3 +282,15 @@ fn least_privilege_variants_render_as_documented() {
     let old_cluster = render(&["--set", "irsa.admissionPolicy=false"]);
     assert!(!old_cluster.contains("kind: ValidatingAdmissionPolicy") && old_cluster.contains("serviceaccounts/token"));
 }
+
+#[test]
+fn verify_values_become_flags() {
+    let defaults = render(&[]);
+    assert!(defaults.contains("- --verify-interval=6h") && defaults.contains("- --verify-qps=5"));
+    assert!(!defaults.contains("--verify-default"));
+    // `--set` would pass 0.5 as a string (helm parses only integers): the schema wants a number.
+    let set = render(&["--set-json", r#"verify={"default":true,"interval":"30m","qps":0.5}"#]);
+    for flag in ["- --verify-default", "- --verify-interval=30m", "- --verify-qps=0.5"] {
+        assert!(set.contains(flag), "{flag} missing");
+    }
+}

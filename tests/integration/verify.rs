@@ -303,3 +303,30 @@ async fn a_fan_out_is_checked_once_per_registry_not_per_namespace() {
     .unwrap();
     assert_eq!(seen, vec![("GET".to_string(), "/v2/".to_string(), 401), ("GET".into(), "/v2/".into(), 401)]);
 }
+
+/// `--verify-default` checks credentials without `spec.verify` too, with the system's roots:
+/// here the test CA through `SSL_CERT_FILE`, which the native root store reads.
+#[tokio::test]
+async fn verify_default_checks_every_credential_with_the_system_roots() {
+    let client = client().await;
+    let ns = namespace(&client, "verify-default").await;
+    let password = secret_value("puller", "default");
+    let options = regcred_testenv::RegistryOptions { tls: true, ..Default::default() };
+    let registry = Registry::start_with(&[("puller", &password)], options).unwrap();
+    let ca_file = env().cp.dir().join(format!("ca-{}.pem", &unique()[..6]));
+    std::fs::write(&ca_file, registry.ca_pem().expect("CA")).unwrap();
+    let name = format!("verify-default-{}", &unique()[..6]);
+    let _controller = spawn_controller(
+        env().cp,
+        &name,
+        &format!("{CONTROLLER_LABEL}={name}"),
+        &env().aws.endpoint(),
+        &["--verify-default"],
+        &[("SSL_CERT_FILE", ca_file.display().to_string())],
+    );
+    create_secret(&client, &ns, "src", &[("password", password.as_bytes())]).await;
+    let spec = json!({"registry": registry.host(), "source": {"basic": {"username": "puller", "passwordSecretRef": {"name": "src"}}}});
+    create_credential_for(&client, &ns, "plain", Some(&name), spec).await;
+    let message = wait_verified(&client, &ns, "plain", "True", "Verified").await;
+    assert!(message.contains("accepted the login"), "{message}");
+}
