@@ -47,7 +47,7 @@ fn main() -> Result<()> {
     let local = format!(
         "apiVersion: v1\nkind: Secret\nmetadata: {{name: local-password}}\nstringData: {{password: {password}}}\n---\n\
          apiVersion: regcred.dev/v1alpha1\nkind: RegistryCredential\nmetadata: {{name: local}}\n\
-         spec:\n  registry: \"{}\"\n  source:\n    basic: {{username: demo, passwordSecretRef: {{name: local-password}}}}\n",
+         spec:\n  registry: \"{}\"\n  verify: {{insecure: true}}\n  source:\n    basic: {{username: demo, passwordSecretRef: {{name: local-password}}}}\n",
         registry.host()
     );
     let local_file = cp.dir().join("local.yaml");
@@ -75,6 +75,12 @@ fn main() -> Result<()> {
     let config = kubectl(&["get", "secret", "-n", NAMESPACE, "local", "-o", "jsonpath={.data.\\.dockerconfigjson}"])?;
     registry.pull_with_auth_file(&image, &base64_decode(&config)?)?;
     println!("pulled {image}: the Secret works as an image pull credential");
+    let verified = "jsonpath={.status.conditions[?(@.type==\"Verified\")]['status','reason','message']}";
+    kubectl(&["wait", "-n", NAMESPACE, "--for=condition=Verified", "registrycredential/local", "--timeout=30s"])?;
+    println!(
+        "and regcred proved it first (Verified): {}",
+        kubectl(&["get", "-n", NAMESPACE, "registrycredential/local", "-o", verified])?
+    );
 
     step("changing the registry password in the source Secret: regcred rewrites the pull Secret");
     kubectl(&[
@@ -92,6 +98,12 @@ fn main() -> Result<()> {
         (logins(&config).ok()?.first()?.2 == "rotated").then_some(())
     })?;
     println!("Secret {NAMESPACE}/local updated");
+    let refused = "--for=jsonpath={.status.conditions[?(@.type==\"Verified\")].reason}=Unauthorized";
+    kubectl(&["wait", "-n", NAMESPACE, refused, "registrycredential/local", "--timeout=30s"])?;
+    println!(
+        "the registry does not know that password, and regcred says so before any pod pulls: {}",
+        kubectl(&["get", "-n", NAMESPACE, "registrycredential/local", "-o", verified])?
+    );
 
     step("a ClusterRegistryCredential (examples/cluster.yaml): one Secret in each selected namespace");
     kubectl(&["create", "namespace", "build"])?;
