@@ -11,4 +11,5 @@ need go
 need cargo
 
 python3 -m pip install --quiet --disable-pip-version-check -r tests/aws/requirements.txt >&2 # AWS emulator (ECR tests)
+python3 -m pip install --quiet --disable-pip-version-check -r tests/gcp/requirements.txt >&2 # Google emulator (Artifact Registry tests)
 bash tests/testbin/build.sh
