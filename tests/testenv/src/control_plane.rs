@@ -221,6 +221,15 @@ impl ControlPlane {
         self.raw_get("/metrics")
     }
 
+    /// The keys the apiserver publishes for its ServiceAccount tokens, as an OIDC relying party
+    /// finds them: `/.well-known/openid-configuration` (whose issuer is [`ISSUER`]), then
+    /// `/openid/v1/jwks`. Read as admin: by default only ServiceAccounts may read them.
+    pub fn service_account_jwks(&self) -> Result<serde_json::Value> {
+        let discovery: serde_json::Value = serde_json::from_str(&self.raw_get("/.well-known/openid-configuration")?)?;
+        anyhow::ensure!(discovery["issuer"] == ISSUER, "the apiserver's issuer is {}", discovery["issuer"]);
+        Ok(serde_json::from_str(&self.raw_get("/openid/v1/jwks")?)?)
+    }
+
     /// Server-side applies every `*.yaml` in `dir` and waits until each
     /// CustomResourceDefinition among them is Established.
     pub fn install_crds(&self, dir: &Path) -> Result<()> {

@@ -24,7 +24,7 @@ pub use control_plane::{ControlPlane, ISSUER};
 /// [`ControlPlane::controller_kubeconfig_path`]).
 pub const CONTROLLER_USER: &str = "regcred-controller";
 pub use process::Process;
-pub use registry::{Registry, RegistryOptions, Request, docker_config_json};
+pub use registry::{Registry, RegistryOptions, Request, TokenRealm, docker_config_json};
 
 /// Directory holding the test binaries: `$REGCRED_TESTBIN` if set, else the
 /// last stdout line of `tests/testbin/build.sh` (which builds them once and
@@ -138,10 +138,21 @@ pub fn http_get_basic_auth(port: u16, path: &str, user: &str, pass: &str) -> Res
 }
 
 fn http_get_with_headers(port: u16, path: &str, headers: &str) -> Result<(u16, String)> {
+    http_request(port, "GET", path, headers, b"")
+}
+
+/// A minimal HTTP/1.0 request to `127.0.0.1:port` over plain TCP; `headers` are whole lines,
+/// each ending in `\r\n`. Returns the status code and the body.
+pub fn http_request(port: u16, method: &str, path: &str, headers: &str, body: &[u8]) -> Result<(u16, String)> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n{headers}\r\n")?;
+    write!(s, "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n{headers}")?;
+    if !body.is_empty() || method != "GET" {
+        write!(s, "Content-Length: {}\r\n", body.len())?;
+    }
+    s.write_all(b"\r\n")?;
+    s.write_all(body)?;
     let mut resp = String::new();
     s.read_to_string(&mut resp)?;
     let status = resp.split_whitespace().nth(1).and_then(|c| c.parse().ok()).context("malformed HTTP response")?;

@@ -26,6 +26,22 @@ pub struct RegistryOptions {
     pub token_auth: bool,
 }
 
+/// A token service outside testenv that a [`Registry`] sends its clients to and whose tokens
+/// it trusts, e.g. [`crate::GcpEmulator::token_realm`].
+#[derive(Clone, Debug)]
+pub struct TokenRealm {
+    /// The token endpoint, the `realm` of the registry's Bearer challenge.
+    pub realm: String,
+    /// The `service` of the challenge, which the tokens name as their audience.
+    pub service: String,
+    /// The `iss` of the tokens.
+    pub issuer: String,
+    /// A JWKS file with the public keys of the tokens, under the `kid`s they carry.
+    pub jwks: PathBuf,
+    /// The JWS `alg`s the registry accepts, e.g. `ES256`.
+    pub signing_algorithms: Vec<String>,
+}
+
 /// A CNCF distribution registry on `127.0.0.1:PORT` whose users are bcrypt htpasswd
 /// entries, checked by the registry itself (basic auth) or by its token server. Its
 /// access log, one line per request, is in [`Registry::log_path`] (see
@@ -57,6 +73,16 @@ impl Registry {
 
     /// A registry served as `options` say, with these users; it serves when this returns.
     pub fn start_with(users: &[(&str, &str)], options: RegistryOptions) -> Result<Registry> {
+        Registry::start_inner(users, options, None)
+    }
+
+    /// A plain HTTP registry that only takes bearer tokens from `realm`; it has no users of
+    /// its own, and serves when this returns.
+    pub fn start_with_token_realm(realm: &TokenRealm) -> Result<Registry> {
+        Registry::start_inner(&[], RegistryOptions::default(), Some(realm))
+    }
+
+    fn start_inner(users: &[(&str, &str)], options: RegistryOptions, realm: Option<&TokenRealm>) -> Result<Registry> {
         let dir = temp_dir("registry")?;
         let mut reg =
             Registry { proc: None, token_server: None, port: free_port(), token_port: None, ca_pem: None, dir };
@@ -70,9 +96,11 @@ impl Registry {
                 reg.path("tls.key").display()
             );
         }
-        let auth = if options.token_auth {
+        let auth = if let Some(realm) = realm {
+            token_auth_config(realm)
+        } else if options.token_auth {
             let public_key = reg.start_token_server(options.tls)?;
-            reg.token_auth_config(public_key)?
+            token_auth_config(&reg.token_server_realm(public_key)?)
         } else {
             format!("  htpasswd:\n    realm: regcred-testenv\n    path: {}\n", reg.path("htpasswd").display())
         };
@@ -297,17 +325,18 @@ impl Registry {
         Ok(jwk)
     }
 
-    /// The `auth:` section for token auth: the registry trusts exactly the token server's
-    /// key, under the `kid` the tokens name it by (they carry no certificate chain).
-    fn token_auth_config(&self, public_key: serde_json::Value) -> Result<String> {
+    /// The token server as the realm: the registry trusts exactly its key, under the `kid`
+    /// the tokens name it by (they carry no certificate chain).
+    fn token_server_realm(&self, public_key: serde_json::Value) -> Result<TokenRealm> {
         let jwks = serde_json::json!({ "keys": [public_key] });
         std::fs::write(self.path("token-jwks.json"), jwks.to_string())?;
-        Ok(format!(
-            "  token:\n    realm: {realm}\n    service: {TOKEN_SERVICE}\n    issuer: {TOKEN_ISSUER}\n    \
-             jwks: {jwks}\n    signingalgorithms: [ES256]\n",
-            realm = self.token_server_url().context("no token server")?,
-            jwks = self.path("token-jwks.json").display(),
-        ))
+        Ok(TokenRealm {
+            realm: self.token_server_url().context("no token server")?,
+            service: TOKEN_SERVICE.into(),
+            issuer: TOKEN_ISSUER.into(),
+            jwks: self.path("token-jwks.json"),
+            signing_algorithms: vec!["ES256".into()],
+        })
     }
 
     /// Runs crane with `config_json` as its whole docker config (so no ambient credentials
@@ -330,6 +359,18 @@ impl Registry {
         }
         Ok(())
     }
+}
+
+/// The `auth:` section for token auth from `realm`.
+fn token_auth_config(realm: &TokenRealm) -> String {
+    format!(
+        "  token:\n    realm: {}\n    service: {}\n    issuer: {}\n    jwks: {}\n    signingalgorithms: [{}]\n",
+        realm.realm,
+        realm.service,
+        realm.issuer,
+        realm.jwks.display(),
+        realm.signing_algorithms.join(", "),
+    )
 }
 
 /// A `.dockerconfigjson` payload with one `auths` entry for `host`.
