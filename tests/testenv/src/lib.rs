@@ -5,6 +5,7 @@
 
 mod aws;
 mod control_plane;
+mod gcp;
 mod process;
 mod registry;
 
@@ -19,6 +20,7 @@ use anyhow::{Context, Result, bail};
 
 pub use aws::AwsEmulator;
 pub use control_plane::{ControlPlane, ISSUER};
+pub use gcp::{AttributeCondition, GcpEmulator, ServiceAccountKey, WorkloadIdentityProvider};
 
 /// The user the controller under test authenticates as (see
 /// [`ControlPlane::controller_kubeconfig_path`]).
