@@ -4,6 +4,7 @@ mod basic;
 pub mod ecr;
 mod gcr;
 mod ghcr;
+pub mod token_cache;
 
 use std::future::Future;
 

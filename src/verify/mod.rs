@@ -126,7 +126,7 @@ impl Verifier {
     /// When to check again after a check that ended now: the interval minus up to 10 % of
     /// jitter, so credentials created together spread out.
     pub fn next_due(&self, now: Instant) -> Instant {
-        now + self.settings.interval.mul_f64(1.0 - 0.1 * crate::source::ecr::random_unit())
+        now + self.settings.interval.mul_f64(1.0 - 0.1 * crate::source::token_cache::random_unit())
     }
 
     /// Checks every registry of the logins (once per host), within the rate and one at a

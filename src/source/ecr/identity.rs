@@ -134,7 +134,7 @@ impl Identity {
                     .await
                     .map_err(|e| aws_failure("sts:AssumeRoleWithWebIdentity", &e));
                 provider.record("sts:AssumeRoleWithWebIdentity", &out);
-                let out = out.map_err(FetchError::Aws)?;
+                let out = out.map_err(FetchError::Provider)?;
                 SharedCredentialsProvider::new(sts_credentials(out.credentials(), "sts:AssumeRoleWithWebIdentity")?)
             }
         };
@@ -150,7 +150,7 @@ impl Identity {
             .await
             .map_err(|e| aws_failure("sts:AssumeRole", &e));
         provider.record("sts:AssumeRole", &out);
-        let out = out.map_err(FetchError::Aws)?;
+        let out = out.map_err(FetchError::Provider)?;
         Ok(SharedCredentialsProvider::new(sts_credentials(out.credentials(), "sts:AssumeRole")?))
     }
 }

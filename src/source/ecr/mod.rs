@@ -14,8 +14,8 @@ use std::sync::Arc;
 use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::OnceCell;
 
-pub(crate) use cache::random_unit;
-pub use cache::{CacheKey, Failure, FetchError, Token, TokenCache, refresh_time};
+pub use crate::source::token_cache::refresh_time;
+pub use cache::{CacheKey, Failure, FetchError, Token, TokenCache};
 
 pub use host::{EcrHost, parse_ecr_host};
 pub use identity::{Identity, ROLE_ARN_ANNOTATION, STS_AUDIENCE};
@@ -220,7 +220,7 @@ async fn get_authorization_token(
             })
         });
     provider.record("ecr:GetAuthorizationToken", &result);
-    result.map_err(FetchError::Aws)
+    result.map_err(FetchError::Provider)
 }
 
 /// Decodes GetAuthorizationToken's answer. A missing or already-past expiry is an error, not
