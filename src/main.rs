@@ -403,13 +403,7 @@ async fn verify_rendered(
     let verifier = Verifier::new(VerifySettings { qps: 1000.0, ..Default::default() });
     let mut all_verified = true;
     for (credential, auths, spec) in logins {
-        let spec = spec.clone().unwrap_or_default();
-        let options = Options {
-            repository: spec.repository,
-            reference: spec.reference.unwrap_or_else(|| "latest".into()),
-            plain_http: spec.insecure,
-            ca_bundle: ca_bundle.clone(),
-        };
+        let options = Options::from_spec(&spec.clone().unwrap_or_default(), ca_bundle.clone());
         match verifier.check_each(auths, &options).await {
             Ok(findings) => {
                 for (host, finding) in findings {

@@ -15,6 +15,7 @@ use super::{Context, core::FanOut, credential::Credential};
 use crate::{
     crd::{CaBundle, VerifySpec},
     metrics::VerifyLabels,
+    source::resolve_reference,
     verify::{self, Options, Reason, Verification},
 };
 
@@ -77,12 +78,7 @@ async fn options(ctx: &Context, spec: &VerifySpec, own_namespace: Option<&str>) 
         Some(bundle) => Some(read_ca_bundle(ctx, bundle, own_namespace).await?),
         None => None,
     };
-    Ok(Options {
-        repository: spec.repository.clone(),
-        reference: spec.reference.clone().unwrap_or_else(|| "latest".into()),
-        plain_http: spec.insecure,
-        ca_bundle,
-    })
+    Ok(Options::from_spec(spec, ca_bundle))
 }
 
 /// The PEM text of a CA bundle reference, from the credential's own namespace (a
@@ -94,14 +90,9 @@ async fn read_ca_bundle(ctx: &Context, bundle: &CaBundle, own_namespace: Option<
         (None, None) => return Err("spec.verify.caBundle names neither a ConfigMap nor a Secret".into()),
     };
     let key = key.unwrap_or(DEFAULT_CA_KEY);
-    let namespace = own_namespace
-        .or(explicit)
-        .ok_or_else(|| format!("spec.verify.caBundle: the {kind} {name} needs a namespace"))?;
-    if let Some(served) = &ctx.config.namespaces
-        && !served.contains(namespace)
-    {
-        return Err(format!("spec.verify.caBundle: namespace {namespace:?} is outside the controller's --namespaces"));
-    }
+    let namespace = resolve_reference(own_namespace, explicit, ctx.config.namespaces.as_ref())
+        .map_err(|e| format!("spec.verify.caBundle: {e}"))?;
+    let namespace = namespace.as_str();
     let missing = || format!("spec.verify.caBundle: {kind} {namespace}/{name} has no key {key:?}");
     let failed = |e: kube::Error| format!("spec.verify.caBundle: reading {kind} {namespace}/{name}: {e}");
     let bytes = match kind {

@@ -134,25 +134,32 @@ pub struct PreviousToken {
 }
 
 impl<R> SourceContext<'_, R> {
-    /// The namespace a reference resolves in. A namespaced credential only ever reads its
-    /// own namespace (tenant isolation); a cluster-scoped one must say where.
+    /// The namespace a reference resolves in: see [`resolve_reference`].
     pub fn resolve_namespace(&self, explicit: Option<&str>) -> Result<String, Error> {
-        let namespace = self.resolve_within_tenancy(explicit)?;
-        match self.served {
-            Some(served) if !served.contains(&namespace) => Err(Error::NamespaceOutOfScope { namespace }),
-            _ => Ok(namespace),
-        }
+        resolve_reference((!self.cluster_scoped).then_some(self.namespace), explicit, self.served)
     }
+}
 
-    fn resolve_within_tenancy(&self, explicit: Option<&str>) -> Result<String, Error> {
-        match (self.cluster_scoped, explicit) {
-            (true, Some(namespace)) => Ok(namespace.to_string()),
-            (true, None) => Err(Error::SourceNamespaceRequired),
-            (false, Some(namespace)) if namespace != self.namespace => {
-                Err(Error::CrossNamespaceReference { namespace: namespace.to_string() })
-            }
-            (false, _) => Ok(self.namespace.to_string()),
+/// The namespace a credential's reference (a source Secret, a ServiceAccount, a CA bundle)
+/// resolves in. A namespaced credential (`own`) only ever reads its own namespace (tenant
+/// isolation); a cluster-scoped one (`own` is `None`) must say where. With `--namespaces`
+/// (`served`), a namespace outside them fails with its own reason instead of a 403.
+pub fn resolve_reference(
+    own: Option<&str>,
+    explicit: Option<&str>,
+    served: Option<&std::collections::BTreeSet<String>>,
+) -> Result<String, Error> {
+    let namespace = match (own, explicit) {
+        (None, Some(namespace)) => namespace.to_string(),
+        (None, None) => return Err(Error::SourceNamespaceRequired),
+        (Some(own), Some(namespace)) if namespace != own => {
+            return Err(Error::CrossNamespaceReference { namespace: namespace.to_string() });
         }
+        (Some(own), _) => own.to_string(),
+    };
+    match served {
+        Some(served) if !served.contains(&namespace) => Err(Error::NamespaceOutOfScope { namespace }),
+        _ => Ok(namespace),
     }
 }
 

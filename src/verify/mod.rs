@@ -18,7 +18,7 @@ use sha2::{Digest, Sha256};
 
 pub use handshake::Reason;
 
-use crate::dockerconfig::RegistryAuth;
+use crate::{crd::VerifySpec, dockerconfig::RegistryAuth};
 
 /// How verification runs (flags `--verify-default`, `--verify-interval`, `--verify-qps`).
 #[derive(Clone, Debug)]
@@ -45,6 +45,19 @@ pub struct Options {
     pub plain_http: bool,
     /// PEM certificates to trust besides the system roots.
     pub ca_bundle: Option<Vec<u8>>,
+}
+
+impl Options {
+    /// What `spec.verify` asks for (reference default `latest`), with the CA bundle's PEM as
+    /// the caller read it.
+    pub fn from_spec(spec: &VerifySpec, ca_bundle: Option<Vec<u8>>) -> Self {
+        Self {
+            repository: spec.repository.clone(),
+            reference: spec.reference.clone().unwrap_or_else(|| "latest".into()),
+            plain_http: spec.insecure,
+            ca_bundle,
+        }
+    }
 }
 
 /// The result of one check of all of a credential's registries.

@@ -492,16 +492,7 @@ async fn steady_state_reads_no_service_account() {
 async fn foreground_deletion_releases_service_account_entries() {
     let client = client().await;
     let controller = format!("fg-{}", &unique()[..6]);
-    let spawn = || {
-        spawn_controller(
-            env().cp,
-            &controller,
-            &format!("{CONTROLLER_LABEL}={controller}"),
-            &env().aws.endpoint(),
-            &[],
-            &[],
-        )
-    };
+    let spawn = || spawn_labelled(&controller, &[], &[]);
     let mut running = spawn();
     let source_ns = namespace(&client, "fg-src").await;
     create_secret(&client, &source_ns, "src", &[("password", secret_value("u", "foreground").as_bytes())]).await;

@@ -414,14 +414,7 @@ async fn an_irsa_service_account_created_later_is_picked_up_at_once() {
     let client = client().await;
     let name = format!("irsa-late-{}", &unique()[..6]);
     // A long backoff: only an event can bring the retry forward.
-    let controller = spawn_controller(
-        env().cp,
-        &name,
-        &format!("{CONTROLLER_LABEL}={name}"),
-        &env().aws.endpoint(),
-        &["--max-backoff", "10m"],
-        &[],
-    );
+    let controller = spawn_labelled(&name, &["--max-backoff", "10m"], &[]);
     let ns = namespace(&client, "ecr-irsa-late").await;
     create_credential_for(&client, &ns, "irsa", Some(&name), ecr_spec(json!({"serviceAccountRef": {"name": "late"}})))
         .await;

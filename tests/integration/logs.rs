@@ -10,14 +10,7 @@ async fn json_logs_carry_the_object_and_no_secret() {
     let cp = env().cp;
     let client = client().await;
     let name = format!("jsonlogs-{}", &unique()[..6]);
-    let _controller = spawn_controller(
-        cp,
-        &name,
-        &format!("{CONTROLLER_LABEL}={name}"),
-        &env().aws.endpoint(),
-        &["--log-format", "json"],
-        &[],
-    );
+    let _controller = spawn_labelled(&name, &["--log-format", "json"], &[]);
     let ns = namespace(&client, "jsonlogs").await;
     let password = secret_value("u", "jsonlogs");
     create_secret(&client, &ns, "src", &[("password", password.as_bytes())]).await;

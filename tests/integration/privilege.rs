@@ -3,37 +3,13 @@
 //! kube-system and its own namespace), which the apiserver itself does not accept; and an
 //! install without IRSA has no token permission and says so in status.
 
-use k8s_openapi::api::{
-    authentication::v1::{TokenRequest, TokenRequestSpec},
-    core::v1::{Namespace, ServiceAccount},
-};
+use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
 use kube::{Api, Client, api::PostParams};
 use serde_json::json;
 
 use crate::support::*;
 
 const STS: &str = "sts.amazonaws.com";
-
-async fn request_token(
-    client: &Client,
-    ns: &str,
-    account: &str,
-    audiences: &[&str],
-    seconds: i64,
-) -> Result<String, kube::Error> {
-    let request = TokenRequest {
-        spec: TokenRequestSpec {
-            audiences: audiences.iter().map(|a| a.to_string()).collect(),
-            expiration_seconds: Some(seconds),
-            bound_object_ref: None,
-        },
-        ..Default::default()
-    };
-    let response = Api::<ServiceAccount>::namespaced(client.clone(), ns)
-        .create_token_request(account, &PostParams::default(), &request)
-        .await?;
-    Ok(response.status.map(|s| s.token).unwrap_or_default())
-}
 
 /// The refusal of a request, as (HTTP code, message); panics if it was admitted.
 fn refusal(result: Result<String, kube::Error>, what: &str) -> (u16, String) {

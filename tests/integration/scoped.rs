@@ -5,10 +5,7 @@
 
 use k8s_openapi::{
     ByteString,
-    api::{
-        authentication::v1::{TokenRequest, TokenRequestSpec},
-        core::v1::{Secret, ServiceAccount},
-    },
+    api::core::v1::{Secret, ServiceAccount},
 };
 use kube::{
     Api,
@@ -30,11 +27,8 @@ async fn a_namespace_scoped_controller_writes_its_namespaces_with_roles_alone() 
     let name = format!("scoped-{}", &tag[..6]);
     let (kubeconfig, user) = chart_identity(&name, &format!("watchNamespaces={{{a},{b}}}"));
     let offset = audit_offset();
-    let _controller = spawn_controller(
-        env().cp,
+    let _controller = spawn_labelled(
         &name,
-        &format!("{CONTROLLER_LABEL}={name}"),
-        &env().aws.endpoint(),
         &["--namespaces", &format!("{a},{b}")],
         &[("KUBECONFIG", kubeconfig.display().to_string())],
     );
@@ -156,15 +150,7 @@ async fn a_namespace_scoped_controller_writes_its_namespaces_with_roles_alone() 
     assert!(Api::<Secret>::namespaced(admin.clone(), &outside).get_opt(&fan).await.unwrap().is_none());
 
     // The identity cannot read, list or mint anything there, nor Secrets cluster-wide.
-    let own = kube::Client::try_from(
-        kube::Config::from_custom_kubeconfig(
-            kube::config::Kubeconfig::read_from(&kubeconfig).unwrap(),
-            &Default::default(),
-        )
-        .await
-        .unwrap(),
-    )
-    .unwrap();
+    let own = client_for(&kubeconfig, None).await;
     let forbidden = |result: Result<(), kube::Error>, what: &str| match result {
         Err(kube::Error::Api(status)) if status.code == 403 => {}
         other => panic!("{what}: not refused: {other:?}"),
@@ -176,16 +162,6 @@ async fn a_namespace_scoped_controller_writes_its_namespaces_with_roles_alone() 
         Api::<Secret>::all(own.clone()).list_metadata(&ListParams::default()).await.map(drop),
         "list all Secrets",
     );
-    let token = TokenRequest {
-        spec: TokenRequestSpec {
-            audiences: vec!["sts.amazonaws.com".into()],
-            expiration_seconds: Some(600),
-            bound_object_ref: None,
-        },
-        ..Default::default()
-    };
-    let minted = Api::<ServiceAccount>::namespaced(own.clone(), &outside)
-        .create_token_request("default", &PostParams::default(), &token)
-        .await;
+    let minted = request_token(&own, &outside, "default", &["sts.amazonaws.com"], 600).await;
     forbidden(minted.map(drop), "a token outside");
 }

@@ -162,10 +162,24 @@ pub fn spawn_controller(
 
 /// A client with the controllers' own identity (the packaged ServiceAccount's token).
 pub async fn controller_client() -> Client {
-    let kubeconfig =
-        kube::config::Kubeconfig::read_from(controller_kubeconfig(env().cp)).expect("controller kubeconfig");
-    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await.expect("loading it");
+    client_for(&controller_kubeconfig(env().cp), None).await
+}
+
+/// A client from `kubeconfig`, authenticating with `token` instead of its own when given.
+pub async fn client_for(kubeconfig: &std::path::Path, token: Option<&str>) -> Client {
+    let kubeconfig = kube::config::Kubeconfig::read_from(kubeconfig).expect("reading the kubeconfig");
+    let mut config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await.expect("loading it");
+    if let Some(token) = token {
+        config.auth_info.token = Some(token.to_string().into());
+    }
     Client::try_from(config).expect("building a client")
+}
+
+/// A controller `name` of the test's own for the credentials labelled for it, with the shared
+/// control plane and AWS emulator and the packaged identity (see [`spawn_controller`]).
+pub fn spawn_labelled(name: &str, args: &[&str], envs: &[(&str, String)]) -> TestController {
+    let selector = format!("{CONTROLLER_LABEL}={name}");
+    spawn_controller(env().cp, name, &selector, &env().aws.endpoint(), args, envs)
 }
 
 /// Where controllers log, and the prefix of this test process's log files: the run's
@@ -502,9 +516,7 @@ pub fn own_identity(name: &str, secret_verbs: Option<&[&str]>) -> (PathBuf, Stri
 /// [`own_identity`]), with `args` after the usual ones. Returns it and its user name.
 pub fn spawn_own_controller(name: &str, secret_verbs: Option<&[&str]>, args: &[&str]) -> (TestController, String) {
     let (kubeconfig, user) = own_identity(name, secret_verbs);
-    let selector = format!("{CONTROLLER_LABEL}={name}");
-    let vars = [("KUBECONFIG", kubeconfig.display().to_string())];
-    (spawn_controller(env().cp, name, &selector, &env().aws.endpoint(), args, &vars), user)
+    (spawn_labelled(name, args, &[("KUBECONFIG", kubeconfig.display().to_string())]), user)
 }
 
 /// The requests of `user` in the audit log after `offset`, as (verb, resource, namespace, name).
@@ -543,11 +555,33 @@ pub fn is_write(verb: &str) -> bool {
 
 /// A client of the test apiserver that authenticates with `token` (and nothing else).
 pub async fn client_with_token(token: &str) -> Client {
-    let kubeconfig =
-        kube::config::Kubeconfig::read_from(controller_kubeconfig(env().cp)).expect("controller kubeconfig");
-    let mut config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await.expect("loading it");
-    config.auth_info.token = Some(token.to_string().into());
-    Client::try_from(config).expect("building a client")
+    client_for(&controller_kubeconfig(env().cp), Some(token)).await
+}
+
+/// A TokenRequest for `ns/account` with these audiences and lifetime, as `client`; the token.
+pub async fn request_token(
+    client: &Client,
+    ns: &str,
+    account: &str,
+    audiences: &[&str],
+    seconds: i64,
+) -> Result<String, kube::Error> {
+    use k8s_openapi::api::{
+        authentication::v1::{TokenRequest, TokenRequestSpec},
+        core::v1::ServiceAccount,
+    };
+    let request = TokenRequest {
+        spec: TokenRequestSpec {
+            audiences: audiences.iter().map(|a| a.to_string()).collect(),
+            expiration_seconds: Some(seconds),
+            bound_object_ref: None,
+        },
+        ..Default::default()
+    };
+    let response = Api::<ServiceAccount>::namespaced(client.clone(), ns)
+        .create_token_request(account, &PostParams::default(), &request)
+        .await?;
+    Ok(response.status.map(|s| s.token).unwrap_or_default())
 }
 
 /// The chart rendered as release `name` in the controller's namespace with `--set values`,

@@ -109,8 +109,7 @@ async fn checks_go_through_the_environments_proxy() {
     for (tag, no_proxy) in [("proxied", ""), ("bypassed", "127.0.0.1")] {
         let name = format!("{tag}-{}", &unique()[..6]);
         let vars = [("HTTP_PROXY", dead_proxy.clone()), ("NO_PROXY", no_proxy.to_string())];
-        let controller =
-            spawn_controller(env().cp, &name, &format!("{CONTROLLER_LABEL}={name}"), &env().aws.endpoint(), &[], &vars);
+        let controller = spawn_labelled(&name, &[], &vars);
         create_credential_for(
             &client,
             &ns,
@@ -129,14 +128,7 @@ async fn checks_go_through_the_environments_proxy() {
 /// A controller of the test's own with a short `--verify-interval`, for the periodic checks.
 fn periodic_controller(tag: &str) -> (TestController, String) {
     let name = format!("{tag}-{}", &unique()[..6]);
-    let controller = spawn_controller(
-        env().cp,
-        &name,
-        &format!("{CONTROLLER_LABEL}={name}"),
-        &env().aws.endpoint(),
-        &["--verify-interval", "2s"],
-        &[],
-    );
+    let controller = spawn_labelled(&name, &["--verify-interval", "2s"], &[]);
     (controller, name)
 }
 
@@ -316,14 +308,7 @@ async fn verify_default_checks_every_credential_with_the_system_roots() {
     let ca_file = env().cp.dir().join(format!("ca-{}.pem", &unique()[..6]));
     std::fs::write(&ca_file, registry.ca_pem().expect("CA")).unwrap();
     let name = format!("verify-default-{}", &unique()[..6]);
-    let _controller = spawn_controller(
-        env().cp,
-        &name,
-        &format!("{CONTROLLER_LABEL}={name}"),
-        &env().aws.endpoint(),
-        &["--verify-default"],
-        &[("SSL_CERT_FILE", ca_file.display().to_string())],
-    );
+    let _controller = spawn_labelled(&name, &["--verify-default"], &[("SSL_CERT_FILE", ca_file.display().to_string())]);
     create_secret(&client, &ns, "src", &[("password", password.as_bytes())]).await;
     let spec = json!({"registry": registry.host(), "source": {"basic": {"username": "puller", "passwordSecretRef": {"name": "src"}}}});
     create_credential_for(&client, &ns, "plain", Some(&name), spec).await;

@@ -37,8 +37,7 @@ async fn load_200_credentials_times_50_namespaces_with_changing_sources() {
         create_secret(&client, &source, &format!("src-{i}"), &[("password", password.as_bytes())]).await;
         latest.insert(format!("{team}-{i}"), password);
     }
-    let controller =
-        spawn_controller(env().cp, &team, &format!("{CONTROLLER_LABEL}={team}"), &env().aws.endpoint(), &[], &[]);
+    let controller = spawn_labelled(&team, &[], &[]);
     let idle_rss = controller.rss_kib();
     let started = Instant::now();
     for i in 0..CREDENTIALS {
