@@ -84,9 +84,9 @@ const NO_VERIFY_NAMESPACE: &str = "!has(self.verify) || !has(self.verify.caBundl
 const VERIFY_NAMESPACE_SET: &str = "!has(self.verify) || !has(self.verify.caBundle) || ((!has(self.verify.caBundle.configMap) || has(self.verify.caBundle.configMap.__namespace__)) && (!has(self.verify.caBundle.secret) || has(self.verify.caBundle.secret.__namespace__)))";
 
 /// CEL: no reference in `source` names a namespace.
-const NO_SOURCE_NAMESPACE: &str = "(!has(self.source.basic) || !has(self.source.basic.passwordSecretRef.__namespace__)) && (!has(self.source.ghcr) || !has(self.source.ghcr.tokenSecretRef.__namespace__)) && (!has(self.source.gcr) || !has(self.source.gcr.jsonKeySecretRef.__namespace__)) && (!has(self.source.ecr) || !has(self.source.ecr.auth.secretRef) || !has(self.source.ecr.auth.secretRef.__namespace__)) && (!has(self.source.ecr) || !has(self.source.ecr.auth.serviceAccountRef) || !has(self.source.ecr.auth.serviceAccountRef.__namespace__))";
+const NO_SOURCE_NAMESPACE: &str = "(!has(self.source.basic) || !has(self.source.basic.passwordSecretRef.__namespace__)) && (!has(self.source.ghcr) || !has(self.source.ghcr.tokenSecretRef.__namespace__)) && (!has(self.source.gcr) || !has(self.source.gcr.jsonKeySecretRef) || !has(self.source.gcr.jsonKeySecretRef.__namespace__)) && (!has(self.source.gcr) || !has(self.source.gcr.workloadIdentity) || !has(self.source.gcr.workloadIdentity.serviceAccountRef.__namespace__)) && (!has(self.source.ecr) || !has(self.source.ecr.auth.secretRef) || !has(self.source.ecr.auth.secretRef.__namespace__)) && (!has(self.source.ecr) || !has(self.source.ecr.auth.serviceAccountRef) || !has(self.source.ecr.auth.serviceAccountRef.__namespace__))";
 /// CEL: every reference in `source` names a namespace.
-const SOURCE_NAMESPACE_SET: &str = "(!has(self.source.basic) || has(self.source.basic.passwordSecretRef.__namespace__)) && (!has(self.source.ghcr) || has(self.source.ghcr.tokenSecretRef.__namespace__)) && (!has(self.source.gcr) || has(self.source.gcr.jsonKeySecretRef.__namespace__)) && (!has(self.source.ecr) || !has(self.source.ecr.auth.secretRef) || has(self.source.ecr.auth.secretRef.__namespace__)) && (!has(self.source.ecr) || !has(self.source.ecr.auth.serviceAccountRef) || has(self.source.ecr.auth.serviceAccountRef.__namespace__))";
+const SOURCE_NAMESPACE_SET: &str = "(!has(self.source.basic) || has(self.source.basic.passwordSecretRef.__namespace__)) && (!has(self.source.ghcr) || has(self.source.ghcr.tokenSecretRef.__namespace__)) && (!has(self.source.gcr) || !has(self.source.gcr.jsonKeySecretRef) || has(self.source.gcr.jsonKeySecretRef.__namespace__)) && (!has(self.source.gcr) || !has(self.source.gcr.workloadIdentity) || has(self.source.gcr.workloadIdentity.serviceAccountRef.__namespace__)) && (!has(self.source.ecr) || !has(self.source.ecr.auth.secretRef) || has(self.source.ecr.auth.secretRef.__namespace__)) && (!has(self.source.ecr) || !has(self.source.ecr.auth.serviceAccountRef) || has(self.source.ecr.auth.serviceAccountRef.__namespace__))";
 
 /// Puts one pull Secret into every selected namespace, kept in sync with one source.
 #[allow(clippy::duplicated_attributes)]
@@ -265,8 +265,9 @@ pub enum CredentialSource {
     Basic(BasicSource),
     /// GitHub Container Registry: a GitHub username and a personal access token.
     Ghcr(GhcrSource),
-    /// Google Container Registry / Artifact Registry: a service-account JSON key, sent
-    /// as the password of the user `_json_key`.
+    /// Google Container Registry / Artifact Registry: a short-lived OAuth access token (from
+    /// a service-account key, Workload Identity Federation or the controller's own Google
+    /// identity), refreshed well before it expires; or a key sent as `_json_key`.
     Gcr(GcrSource),
     /// AWS Elastic Container Registry: a 12-hour token from GetAuthorizationToken, refreshed
     /// well before it expires.
@@ -293,11 +294,35 @@ impl CredentialSource {
         match self {
             CredentialSource::Basic(b) => vec![of(&b.password_secret_ref)],
             CredentialSource::Ghcr(g) => vec![of(&g.token_secret_ref)],
-            CredentialSource::Gcr(g) => vec![of(&g.json_key_secret_ref)],
+            CredentialSource::Gcr(g) => g.json_key_secret_ref.iter().map(of).collect(),
             CredentialSource::Ecr(e) => match &e.auth {
                 EcrAuth::SecretRef(keys) => vec![(keys.namespace.as_deref(), keys.name.as_str())],
                 _ => Vec::new(),
             },
+        }
+    }
+
+    /// The Kubernetes ServiceAccount whose tokens the source exchanges (ECR's IRSA, Google's
+    /// Workload Identity Federation), as (namespace, name).
+    pub fn token_service_account(&self) -> Option<(Option<&str>, &str)> {
+        match self {
+            CredentialSource::Ecr(EcrSource { auth: EcrAuth::ServiceAccountRef(sa), .. }) => {
+                Some((sa.namespace.as_deref(), sa.name.as_str()))
+            }
+            CredentialSource::Gcr(GcrSource { workload_identity: Some(wi), .. }) => {
+                Some((wi.service_account_ref.namespace.as_deref(), wi.service_account_ref.name.as_str()))
+            }
+            _ => None,
+        }
+    }
+
+    /// Whether the source hands out tokens that expire (and are refreshed): `Degraded`, the
+    /// expiry in status, and rotation apply to it.
+    pub fn expires(&self) -> bool {
+        match self {
+            CredentialSource::Ecr(_) => true,
+            CredentialSource::Gcr(gcr) => gcr.login != Some(KeyLogin::JsonKey),
+            CredentialSource::Basic(_) | CredentialSource::Ghcr(_) => false,
         }
     }
 }
@@ -324,13 +349,93 @@ pub struct GhcrSource {
     pub token_secret_ref: SecretKeyRef,
 }
 
-/// Google service-account key for GCR or Artifact Registry (`*-docker.pkg.dev`).
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+/// Where a GCR or Artifact Registry (`*-docker.pkg.dev`) login comes from: exactly one of
+/// `jsonKeySecretRef`, `workloadIdentity` or `ambient`. The Secret holds the user
+/// `oauth2accesstoken` and an access token of about an hour, refreshed well before it expires;
+/// only `login: JsonKey` writes the key itself.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("(has(self.jsonKeySecretRef) ? 1 : 0) + (has(self.workloadIdentity) ? 1 : 0) + (has(self.ambient) ? 1 : 0) == 1").message("set exactly one of jsonKeySecretRef, workloadIdentity or ambient"))]
+#[x_kube(validation = Rule::new("!has(self.login) || has(self.jsonKeySecretRef)").message("login applies to jsonKeySecretRef only"))]
+#[x_kube(validation = Rule::new("!has(self.impersonate) || !has(self.login) || self.login != 'JsonKey'").message("a JsonKey login sends the key itself and cannot impersonate"))]
 pub struct GcrSource {
-    /// Secret key holding the service-account key file (JSON, as downloaded from Google
-    /// Cloud; it must contain `client_email` and `private_key`).
-    pub json_key_secret_ref: SecretKeyRef,
+    /// Secret key holding a service-account key file (JSON, as downloaded from Google
+    /// Cloud; it must contain `client_email` and `private_key`). The key signs a JWT that its
+    /// `token_uri` exchanges for an access token; it never leaves the source Secret unless
+    /// `login` is `JsonKey`. Default key `key.json`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub json_key_secret_ref: Option<SecretKeyRef>,
+    /// What a key logs in with: `AccessToken` (default), or `JsonKey` to write the key
+    /// itself as the password of `_json_key` (a credential that never expires, in every
+    /// Secret: only where access tokens cannot be used).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub login: Option<KeyLogin>,
+    /// Workload Identity Federation for a Kubernetes ServiceAccount (the Google twin of
+    /// IRSA): its token, for the provider's audience, exchanged at Google STS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload_identity: Option<WorkloadIdentity>,
+    /// The controller's own Google identity (GKE Workload Identity, or the node's service
+    /// account) from the metadata server. Namespaced credentials may use it only when the
+    /// controller runs with `--allow-ambient-gcp-identity`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ambient: Option<AmbientAuth>,
+    /// A Google service account to impersonate with that identity (IAM Credentials
+    /// `generateAccessToken`): the token written is that account's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub impersonate: Option<Impersonate>,
+}
+
+/// What a service-account key logs in with.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum KeyLogin {
+    /// `oauth2accesstoken` and an access token the key obtains (about an hour).
+    AccessToken,
+    /// `_json_key` and the key file itself.
+    JsonKey,
+}
+
+/// A Workload Identity Federation provider that trusts this cluster's ServiceAccount tokens.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadIdentity {
+    /// The ServiceAccount whose token is exchanged: of the credential's own namespace, or the
+    /// given one for a ClusterRegistryCredential. Its principal is
+    /// `principal://iam.googleapis.com/projects/N/locations/global/workloadIdentityPools/P/subject/system:serviceaccount:NS:NAME`.
+    pub service_account_ref: AccountRef,
+    /// The provider, as STS's audience:
+    /// `//iam.googleapis.com/projects/N/locations/global/workloadIdentityPools/P/providers/X`.
+    /// The ServiceAccount token is requested for this audience too (the provider's default).
+    #[schemars(length(max = 300), regex(pattern = WIF_AUDIENCE_PATTERN))]
+    pub audience: String,
+}
+
+/// A workload identity pool provider's resource name with the `//iam.googleapis.com/` prefix.
+pub const WIF_AUDIENCE_PATTERN: &str = r"^//iam\.googleapis\.com/projects/[0-9]+/locations/global/workloadIdentityPools/[a-z0-9-]{4,32}/providers/[a-z0-9-]{4,32}$";
+
+/// A Kubernetes ServiceAccount: of the credential's own namespace, or the given one for a
+/// ClusterRegistryCredential.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AccountRef {
+    /// Name of the ServiceAccount.
+    #[schemars(length(min = 1, max = 253), regex(pattern = DNS_SUBDOMAIN_PATTERN))]
+    pub name: String,
+    /// Namespace of the ServiceAccount. Only for ClusterRegistryCredential, where it is
+    /// required; a RegistryCredential always uses its own namespace.
+    #[schemars(length(min = 1, max = 63), regex(pattern = DNS_LABEL_PATTERN))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+}
+
+/// A Google service account to impersonate.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Impersonate {
+    /// Its email, e.g. `puller@my-project.iam.gserviceaccount.com`. The identity needs
+    /// `roles/iam.workloadIdentityUser` (federated) or `roles/iam.serviceAccountTokenCreator`
+    /// (a service account) on it.
+    #[schemars(length(min = 3, max = 254), regex(pattern = r"^[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+$"))]
+    pub service_account: String,
 }
 
 /// Which ECR registries, and which AWS identity asks for their token.

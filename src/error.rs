@@ -34,13 +34,32 @@ pub enum Error {
     #[error("{operation} answered unusably: {problem}")]
     InvalidAwsAnswer { operation: &'static str, problem: String },
 
+    #[error("{operation} failed: {code}: {message}")]
+    Gcp { operation: &'static str, code: String, message: String },
+
+    #[error("{operation} answered unusably: {problem}")]
+    InvalidGcpAnswer { operation: &'static str, problem: String },
+
+    #[error(
+        "the key in Secret {namespace}/{name} names the token endpoint {uri:?}, which is not Google's (the controller asks others only when started with --gcp-token-uri)"
+    )]
+    TokenUriNotAllowed { namespace: String, name: String, uri: String },
+
+    #[error(
+        "namespaced credentials may not use the controller's Google identity (the controller runs without --allow-ambient-gcp-identity)"
+    )]
+    AmbientGcpIdentityNotAllowed,
+
+    #[error("gcr sources with access tokens need Google; they cannot be rendered offline (login: JsonKey can)")]
+    GcpUnavailable,
+
     #[error(
         "namespaced credentials may not use the controller's AWS identity (the controller runs without --allow-ambient-aws-identity)"
     )]
     AmbientIdentityNotAllowed,
 
     #[error(
-        "this regcred install may not request ServiceAccount tokens (chart value irsa.enabled=false, flag --disable-irsa): use accessKeys, or ask the cluster admin to enable IRSA"
+        "this regcred install may not request ServiceAccount tokens (chart value irsa.enabled=false, flag --disable-irsa), which IRSA and Workload Identity Federation need: use a key Secret, or ask the cluster admin to enable them"
     )]
     IrsaDisabled,
 
@@ -110,6 +129,11 @@ impl Error {
             Error::MissingObjectField(_) => "InvalidObject",
             Error::Aws { .. } => "AwsRequestFailed",
             Error::InvalidAwsAnswer { .. } => "InvalidAwsAnswer",
+            Error::Gcp { .. } => "GcpRequestFailed",
+            Error::InvalidGcpAnswer { .. } => "InvalidGcpAnswer",
+            Error::TokenUriNotAllowed { .. } => "TokenUriNotAllowed",
+            Error::AmbientGcpIdentityNotAllowed => "AmbientIdentityNotAllowed",
+            Error::GcpUnavailable => "GcpUnavailable",
             Error::AmbientIdentityNotAllowed => "AmbientIdentityNotAllowed",
             Error::AmbientIdentityMissing => "AmbientIdentityMissing",
             Error::IrsaDisabled => "IrsaDisabled",

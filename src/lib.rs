@@ -6,6 +6,7 @@ pub mod controller;
 pub mod crd;
 pub mod dockerconfig;
 mod error;
+pub mod http;
 pub mod index;
 pub mod leader;
 pub mod metrics;

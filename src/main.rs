@@ -108,6 +108,28 @@ struct RunArgs {
     /// AWS endpoint for ECR and STS (an emulator, a VPC endpoint). AWS_ENDPOINT_URL_* work too.
     #[arg(long, env = "REGCRED_AWS_ENDPOINT_URL")]
     aws_endpoint_url: Option<String>,
+    /// Let namespaced RegistryCredentials use the controller's own Google identity (GKE
+    /// Workload Identity or the node's service account; off: a tenant must not borrow it).
+    #[arg(long, env = "REGCRED_ALLOW_AMBIENT_GCP_IDENTITY")]
+    allow_ambient_gcp_identity: bool,
+    /// Refresh a Google access token when this share of its lifetime is left (0.25: ~45 min
+    /// into an hour).
+    #[arg(long, default_value_t = 0.25, value_parser = share, env = "REGCRED_GCP_REFRESH_SHARE")]
+    gcp_refresh_share: f64,
+    /// Google STS token endpoint (Workload Identity Federation).
+    #[arg(long, default_value = "https://sts.googleapis.com/v1/token", env = "REGCRED_GCP_STS_URL")]
+    gcp_sts_url: String,
+    /// IAM Credentials endpoint (impersonation).
+    #[arg(long, default_value = "https://iamcredentials.googleapis.com", env = "REGCRED_GCP_IAM_CREDENTIALS_URL")]
+    gcp_iam_credentials_url: String,
+    /// The metadata server, host[:port], for `gcr.ambient`.
+    #[arg(long, default_value = "metadata.google.internal", env = "GCE_METADATA_HOST")]
+    gcp_metadata_host: String,
+    /// A token endpoint a key's token_uri may name besides Google's (a private endpoint, an
+    /// emulator); repeatable or comma-separated. Others are refused: the controller would
+    /// post wherever a tenant's key file says.
+    #[arg(long, value_delimiter = ',', env = "REGCRED_GCP_TOKEN_URIS")]
+    gcp_token_uri: Vec<String>,
 }
 
 fn share(text: &str) -> Result<f64, String> {
@@ -232,6 +254,15 @@ async fn run(args: RunArgs, shutdown: Shutdown) -> anyhow::Result<()> {
             refresh_share_left: args.ecr_refresh_share,
             endpoint_url: args.aws_endpoint_url,
             irsa: !args.disable_irsa,
+        },
+        gcp: regcred::source::gcr::GcpSettings {
+            allow_ambient_for_namespaced: args.allow_ambient_gcp_identity,
+            refresh_share_left: args.gcp_refresh_share,
+            service_account_tokens: !args.disable_irsa,
+            sts_url: args.gcp_sts_url,
+            iam_credentials_url: args.gcp_iam_credentials_url,
+            metadata_host: args.gcp_metadata_host,
+            extra_token_uris: args.gcp_token_uri,
         },
         selector: args.selector,
         watch_secrets: !args.no_secret_watch,

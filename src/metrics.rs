@@ -111,6 +111,20 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Counts a call to a credential provider, named `service:Operation` (e.g.
+    /// `ecr:GetAuthorizationToken`, `sts:token`), and its failure code if it failed (`None`
+    /// when the answer was unusable).
+    pub fn provider_call(&self, operation: &str, failed: Option<Option<&str>>) {
+        let (provider, operation) = operation.split_once(':').unwrap_or(("", operation));
+        let labels = ProviderLabels { provider: provider.into(), operation: operation.into() };
+        self.provider_calls.get_or_create(&labels).inc();
+        if let Some(code) = failed {
+            let code = code.unwrap_or("InvalidAnswer").to_string();
+            let labels = ProviderFailureLabels { provider: labels.provider, operation: labels.operation, code };
+            self.provider_failures.get_or_create(&labels).inc();
+        }
+    }
+
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();

@@ -42,7 +42,7 @@ pub fn credential_status(
     synced: Option<&Synced>,
     error: Option<&Error>,
 ) -> CredentialStatus {
-    let has_expiry = matches!(source, CredentialSource::Ecr(_));
+    let has_expiry = source.expires();
     let mut next = previous.cloned().unwrap_or_default();
     next.observed_generation = generation;
     next.source = Some(source.kind().into());

@@ -173,6 +173,7 @@ async fn sync<K: Credential>(obj: &K, uid: &str, ctx: &Context) -> Result<FanOut
         registry: parts.registry,
         secrets: &reader,
         ecr: Some(&ctx.ecr),
+        gcp: Some(&ctx.gcp),
         cluster_scoped: own_namespace.is_none(),
         previous: previous_token.as_ref(),
         served: ctx.config.namespaces.as_ref(),

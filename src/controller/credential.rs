@@ -10,8 +10,8 @@ use serde_json::{Value, json};
 
 use crate::{
     crd::{
-        ClusterCredentialStatus, ClusterRegistryCredential, CredentialSource, EcrAuth, NamespaceSelection,
-        RegistryCredential, SecretTemplate, VerifySpec,
+        ClusterCredentialStatus, ClusterRegistryCredential, CredentialSource, NamespaceSelection, RegistryCredential,
+        SecretTemplate, VerifySpec,
     },
     index::{Key, Trigger},
 };
@@ -83,10 +83,8 @@ pub trait Credential:
         for (namespace, name) in parts.source.secret_refs() {
             keys.extend(resolve(namespace).map(|ns| Key::Secret(ns, name.into())));
         }
-        if let CredentialSource::Ecr(ecr) = parts.source
-            && let EcrAuth::ServiceAccountRef(account) = &ecr.auth
-        {
-            keys.extend(resolve(account.namespace.as_deref()).map(|ns| Key::Account(ns, account.name.clone())));
+        if let Some((namespace, name)) = parts.source.token_service_account() {
+            keys.extend(resolve(namespace).map(|ns| Key::Account(ns, name.into())));
         }
         for account in parts.service_accounts {
             keys.push(match own {

@@ -44,7 +44,10 @@ use crate::{
     crd::{ClusterRegistryCredential, CredentialStatus, RegistryCredential},
     index::{Index, Trigger},
     metrics::{FailureLabels, KindLabels, Metrics, ObjectLabels},
-    source::ecr::{EcrProvider, EcrSettings},
+    source::{
+        ecr::{EcrProvider, EcrSettings},
+        gcr::{GcpProvider, GcpSettings},
+    },
     state::States,
     status::READY,
     verify::{Verifier, VerifySettings},
@@ -67,6 +70,8 @@ pub struct ControllerConfig {
     pub instance: Option<String>,
     /// How ECR sources behave.
     pub ecr: EcrSettings,
+    /// How gcr sources with access tokens behave.
+    pub gcp: GcpSettings,
     /// Only credentials matching this label selector (sharding, canaries); all when `None`.
     pub selector: Option<String>,
     /// Watch Secrets (metadata only) to react to drift, deletion and source changes at once;
@@ -86,6 +91,7 @@ impl Default for ControllerConfig {
             concurrency: 8,
             instance: None,
             ecr: EcrSettings::default(),
+            gcp: GcpSettings::default(),
             selector: None,
             watch_secrets: true,
             namespaces: None,
@@ -102,6 +108,8 @@ pub struct Context {
     pub(crate) metrics: Arc<Metrics>,
     /// ECR settings, AWS configuration and the shared token cache (one cache for both kinds).
     pub(crate) ecr: EcrProvider,
+    /// Google settings, HTTP client and token cache.
+    pub(crate) gcp: GcpProvider,
     /// Per-credential memory, by UID.
     pub(crate) states: States,
     /// Which credentials an event concerns.
@@ -146,6 +154,7 @@ where
         recorder: Recorder::new(client.clone(), reporter),
         client: client.clone(),
         ecr: EcrProvider::new(client.clone(), config.ecr.clone(), admin.metrics.clone()),
+        gcp: GcpProvider::new(client.clone(), config.gcp.clone(), admin.metrics.clone()),
         metrics: admin.metrics.clone(),
         states: States::default(),
         index: Index::default(),

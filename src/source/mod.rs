@@ -2,7 +2,7 @@
 
 mod basic;
 pub mod ecr;
-mod gcr;
+pub mod gcr;
 mod ghcr;
 pub mod token_cache;
 
@@ -113,6 +113,8 @@ pub struct SourceContext<'a, R> {
     pub secrets: &'a R,
     /// ECR machinery; `None` offline (`regcred render`), where ECR sources fail.
     pub ecr: Option<&'a ecr::EcrProvider>,
+    /// Google machinery; `None` offline, where gcr sources with access tokens fail.
+    pub gcp: Option<&'a gcr::GcpProvider>,
     /// Whether the credential is cluster-scoped (a platform object, which may use the
     /// controller's own AWS identity).
     pub cluster_scoped: bool,
@@ -131,6 +133,24 @@ pub struct PreviousToken {
     pub auths: Vec<RegistryAuth>,
     pub expires_at: Timestamp,
     pub refresh_at: Timestamp,
+}
+
+impl PreviousToken {
+    /// The login of a live Secret that can be reused: one login, the same for every server,
+    /// for exactly `servers` (any single one when `servers` is empty: the identity's own
+    /// registry), and not due for refresh.
+    pub fn reusable(&self, servers: &[String]) -> Option<&RegistryAuth> {
+        let first = self.auths.first()?;
+        let same = self
+            .auths
+            .iter()
+            .all(|a| a.username == first.username && a.password.expose_secret() == first.password.expose_secret());
+        let serves = match servers {
+            [] => self.auths.len() == 1,
+            servers => servers.iter().map(String::as_str).eq(self.auths.iter().map(|a| a.server.as_str())),
+        };
+        (same && serves && self.refresh_at > Timestamp::now() && self.expires_at > self.refresh_at).then_some(first)
+    }
 }
 
 impl<R> SourceContext<'_, R> {
@@ -166,7 +186,7 @@ pub fn resolve_reference(
 impl<'a, R> SourceContext<'a, R> {
     /// A context for a namespaced credential without ECR (static sources, offline).
     pub fn offline(namespace: &'a str, registry: Option<&'a str>, secrets: &'a R) -> Self {
-        Self { namespace, registry, secrets, ecr: None, cluster_scoped: false, previous: None, served: None }
+        Self { namespace, registry, secrets, ecr: None, gcp: None, cluster_scoped: false, previous: None, served: None }
     }
 }
 
@@ -187,6 +207,38 @@ impl CredentialProvider for CredentialSource {
             CredentialSource::Ecr(s) => s.fetch(ctx).await,
         }
     }
+}
+
+/// A short-lived token for a tenant's ServiceAccount with the given audience, from the
+/// TokenRequest API: what IRSA and Workload Identity Federation exchange for cloud
+/// credentials. Used once, right away, so it asks for the shortest lifetime the apiserver
+/// grants.
+pub(crate) async fn service_account_token(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+    audience: &str,
+) -> Result<SecretString, Error> {
+    use k8s_openapi::api::{
+        authentication::v1::{TokenRequest, TokenRequestSpec},
+        core::v1::ServiceAccount,
+    };
+    let request = TokenRequest {
+        spec: TokenRequestSpec {
+            audiences: vec![audience.into()],
+            expiration_seconds: Some(600),
+            bound_object_ref: None,
+        },
+        ..Default::default()
+    };
+    let api = Api::<ServiceAccount>::namespaced(client.clone(), namespace);
+    let response = api.create_token_request(name, &kube::api::PostParams::default(), &request).await?;
+    response
+        .status
+        .map(|s| s.token)
+        .filter(|t| !t.is_empty())
+        .map(SecretString::from)
+        .ok_or(Error::MissingObjectField("TokenRequest status.token"))
 }
 
 /// Reads one key of a referenced Secret as text, with an error that names what is wrong

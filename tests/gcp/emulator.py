@@ -11,7 +11,7 @@ check and answers with their error shapes. One process serving, on --port:
 * POST /v1/projects/-/serviceAccounts/EMAIL:generateAccessToken
                        IAM Credentials: impersonation, allowed by IAM bindings;
 * GET  /v2/token       Artifact Registry's token realm: Basic oauth2accesstoken:<access
-                       token> (or _json_key:<key>) for a registry token that the CNCF
+                       or federated token> (or _json_key:<key>) for a registry token that the CNCF
                        distribution registry's token auth accepts;
 * /_emulator/*         configuration, faults, and a record of calls;
 
@@ -437,7 +437,9 @@ class Emulator:
         if auth.username == "oauth2accesstoken":
             with self.s.lock:
                 token = self.s.live_token(auth.password or "")
-                if token is None or token["kind"] != "access" or CLOUD_PLATFORM not in token["scopes"]:
+                # Federated tokens too: Artifact Registry grants a pool's principals access
+                # directly (roles on principal://...), without impersonation.
+                if token is None or CLOUD_PLATFORM not in token["scopes"]:
                     raise unauthorized
                 return token["identity"]
         if auth.username == "_json_key":

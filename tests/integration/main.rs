@@ -10,6 +10,7 @@ mod core;
 mod ecr;
 mod errors;
 mod fanout;
+mod gcr;
 mod leader;
 mod lifecycle;
 mod logs;

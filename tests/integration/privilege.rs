@@ -50,6 +50,16 @@ async fn the_controller_identity_can_mint_only_sts_tokens_the_apiserver_refuses(
         assert!(code == 403 && message.contains("kube-system or regcred-system"), "{namespace}: {code}: {message}");
     }
 
+    // A Workload Identity Federation provider's audience is admitted (what gcr.workloadIdentity
+    // needs); one that only looks like it is not.
+    let provider =
+        "//iam.googleapis.com/projects/123456789012/locations/global/workloadIdentityPools/pool/providers/kube";
+    let token = request_token(&controller, &ns, "app", &[provider], 600).await.expect("a WIF token is admitted");
+    record_secret(&token);
+    let lookalike = "//iam.googleapis.com.evil.example/projects/1/locations/global/workloadIdentityPools/p/providers/x";
+    let (code, _) = refusal(request_token(&controller, &ns, "app", &[lookalike], 600).await, "lookalike");
+    assert_eq!(code, 403);
+
     // What IRSA needs is admitted, and the token it gives is no Kubernetes credential.
     let token = request_token(&controller, &ns, "app", &[STS], 600).await.expect("an IRSA token is admitted");
     record_secret(&token);
@@ -128,10 +138,12 @@ async fn a_tenant_can_name_nothing_outside_its_namespace() {
         json!({"gcr": {"jsonKeySecretRef": {"name": "src", "namespace": other}}}),
         json!({"ecr": {"registry": "123456789012.dkr.ecr.eu-west-1.amazonaws.com", "auth": {"secretRef": {"name": "src", "namespace": other}}}}),
         json!({"ecr": {"registry": "123456789012.dkr.ecr.eu-west-1.amazonaws.com", "auth": {"serviceAccountRef": {"name": "default", "namespace": other}}}}),
+        json!({"gcr": {"workloadIdentity": {"serviceAccountRef": {"name": "default", "namespace": other},
+               "audience": "//iam.googleapis.com/projects/1/locations/global/workloadIdentityPools/pool/providers/kube"}}}),
     ];
     for (i, source) in refs.into_iter().enumerate() {
         let spec = json!({"registry": "r.example.com", "source": source});
-        let spec = if i >= 3 { json!({"source": spec["source"]}) } else { spec };
+        let spec = if (3..=4).contains(&i) { json!({"source": spec["source"]}) } else { spec };
         match create_raw(&tenant, Some(&ns), "RegistryCredential", &format!("cross-{i}"), spec).await {
             Err(kube::Error::Api(status)) if status.code == 422 => {
                 assert!(status.message.contains("reads its own namespace"), "{}", status.message)

@@ -100,7 +100,7 @@ async fn gcr_source_sends_the_key_file_verbatim() {
         &client,
         &ns,
         "gar",
-        json!({"registry": "europe-docker.pkg.dev", "source": {"gcr": {"jsonKeySecretRef": {"name": "gcp-sa"}}}}),
+        json!({"registry": "europe-docker.pkg.dev", "source": {"gcr": {"jsonKeySecretRef": {"name": "gcp-sa"}, "login": "JsonKey"}}}),
     )
     .await;
     let secret = wait_secret(&client, &ns, "gar", "exists", |_| true).await;

@@ -58,7 +58,10 @@ async fn nothing_secret_is_logged_at_trace() {
             json!({"registry": "r.example.com", "source": {"basic": {"username": "u", "passwordSecretRef": {"name": "pass"}}}}),
         ),
         ("ghcr", json!({"source": {"ghcr": {"username": "octocat", "tokenSecretRef": {"name": "pat"}}}})),
-        ("gcr", json!({"registry": "europe-docker.pkg.dev", "source": {"gcr": {"jsonKeySecretRef": {"name": "gcp"}}}})),
+        (
+            "gcr",
+            json!({"registry": "europe-docker.pkg.dev", "source": {"gcr": {"jsonKeySecretRef": {"name": "gcp"}, "login": "JsonKey"}}}),
+        ),
         ("keys", json!({"source": {"ecr": {"registry": REGISTRY, "auth": {"secretRef": {"name": "aws"}}}}})),
         ("irsa", json!({"source": {"ecr": {"registry": REGISTRY, "auth": {"serviceAccountRef": {"name": "puller"}}}}})),
     ];

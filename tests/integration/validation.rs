@@ -37,6 +37,30 @@ async fn invalid_specs_are_rejected_at_admission() {
             json!({"registry": "r.io", "source": {"basic": {"username": "u".repeat(5000), "passwordSecretRef": {"name": "s"}}}}),
             "username",
         ),
+        // gcr: one identity, `login` for keys only, no impersonation with the key itself.
+        ("gcr-none", json!({"source": {"gcr": {}}}), "exactly one of jsonKeySecretRef, workloadIdentity or ambient"),
+        (
+            "gcr-two",
+            json!({"source": {"gcr": {"jsonKeySecretRef": {"name": "k"}, "ambient": {}}}}),
+            "exactly one of jsonKeySecretRef, workloadIdentity or ambient",
+        ),
+        (
+            "gcr-login",
+            json!({"source": {"gcr": {"ambient": {}, "login": "JsonKey"}}}),
+            "login applies to jsonKeySecretRef",
+        ),
+        (
+            "gcr-json-key-impersonates",
+            json!({"source": {"gcr": {"jsonKeySecretRef": {"name": "k"}, "login": "JsonKey",
+                   "impersonate": {"serviceAccount": "a@p.iam.gserviceaccount.com"}}}}),
+            "cannot impersonate",
+        ),
+        (
+            "gcr-audience",
+            json!({"source": {"gcr": {"workloadIdentity": {"serviceAccountRef": {"name": "sa"},
+                   "audience": "https://iam.googleapis.com/projects/1/locations/global/workloadIdentityPools/pool/providers/kube"}}}}),
+            "audience",
+        ),
     ];
     for (name, spec, field) in cases {
         match create_raw(&client, Some(&ns), "RegistryCredential", name, spec).await {

@@ -5,19 +5,16 @@ use std::time::SystemTime;
 
 use aws_credential_types::{Credentials, provider::SharedCredentialsProvider};
 use aws_sdk_sts::config::Region;
-use k8s_openapi::api::{
-    authentication::v1::{TokenRequest, TokenRequestSpec},
-    core::v1::ServiceAccount,
-};
-use kube::{Api, api::PostParams};
-use secrecy::{ExposeSecret, SecretString};
+use k8s_openapi::api::core::v1::ServiceAccount;
+use kube::Api;
+use secrecy::ExposeSecret;
 use sha2::{Digest, Sha256};
 
 use super::{EcrProvider, FetchError, aws_failure};
 use crate::{
     Error,
     crd::{AssumeRole, EcrAuth, EcrSource, SecretKeyRef},
-    source::{SecretReader, SourceContext, read_password},
+    source::{SecretReader, SourceContext, read_password, service_account_token},
 };
 
 /// The annotation EKS puts the IRSA role on.
@@ -124,7 +121,7 @@ impl Identity {
             Identity::Keys(credentials) => SharedCredentialsProvider::new(credentials.clone()),
             Identity::Ambient => sdk.credentials_provider().ok_or(Error::AmbientIdentityMissing)?,
             Identity::WebIdentity { namespace, service_account, role_arn } => {
-                let token = service_account_token(provider, namespace, service_account).await?;
+                let token = service_account_token(&provider.client, namespace, service_account, STS_AUDIENCE).await?;
                 let out = sts_with(None)
                     .assume_role_with_web_identity()
                     .role_arn(role_arn)
@@ -153,27 +150,6 @@ impl Identity {
         let out = out.map_err(FetchError::Provider)?;
         Ok(SharedCredentialsProvider::new(sts_credentials(out.credentials(), "sts:AssumeRole")?))
     }
-}
-
-/// A short-lived token for the tenant's ServiceAccount, from the TokenRequest API.
-async fn service_account_token(provider: &EcrProvider, namespace: &str, name: &str) -> Result<SecretString, Error> {
-    let request = TokenRequest {
-        spec: TokenRequestSpec {
-            audiences: vec![STS_AUDIENCE.into()],
-            // The shortest lifetime the apiserver grants; it is used once, right away.
-            expiration_seconds: Some(600),
-            bound_object_ref: None,
-        },
-        ..Default::default()
-    };
-    let api = Api::<ServiceAccount>::namespaced(provider.client.clone(), namespace);
-    let response = api.create_token_request(name, &PostParams::default(), &request).await?;
-    response
-        .status
-        .map(|s| s.token)
-        .filter(|t| !t.is_empty())
-        .map(SecretString::from)
-        .ok_or(Error::MissingObjectField("TokenRequest status.token"))
 }
 
 fn sts_credentials(
@@ -248,9 +224,8 @@ mod tests {
             let response = http::Response::builder().status(201).header("content-type", "application/json").body(body);
             Ok::<_, std::convert::Infallible>(response.unwrap())
         });
-        let settings = crate::source::ecr::EcrSettings::default();
-        let provider = EcrProvider::new(kube::Client::new(service, "default"), settings, Default::default());
-        let token = service_account_token(&provider, "team", "puller").await.unwrap();
+        let client = kube::Client::new(service, "default");
+        let token = service_account_token(&client, "team", "puller", STS_AUDIENCE).await.unwrap();
         assert_eq!(token.expose_secret(), "hunter2-jwt");
         crate::test_support::assert_hidden(&format!("{token:?}"), "hunter2-jwt");
     }

@@ -21,12 +21,7 @@ pub use host::{EcrHost, parse_ecr_host};
 pub use identity::{Identity, ROLE_ARN_ANNOTATION, STS_AUDIENCE};
 
 use super::{CredentialProvider, Credentials, SecretReader, SourceContext};
-use crate::{
-    Error,
-    crd::EcrSource,
-    dockerconfig::RegistryAuth,
-    metrics::{Metrics, ProviderFailureLabels, ProviderLabels},
-};
+use crate::{Error, crd::EcrSource, dockerconfig::RegistryAuth, metrics::Metrics};
 
 /// A token must stay valid at least this long after it is written (real tokens live 12 h;
 /// this only rejects answers that are already stale).
@@ -70,14 +65,7 @@ impl EcrProvider {
 
     /// Counts an AWS call, and its failure code if it failed.
     fn record<T>(&self, operation: &str, result: &Result<T, Failure>) {
-        let (provider, operation) = operation.split_once(':').unwrap_or(("aws", operation));
-        let labels = ProviderLabels { provider: provider.into(), operation: operation.into() };
-        self.metrics.provider_calls.get_or_create(&labels).inc();
-        if let Err(failure) = result {
-            let code = failure.code.clone().unwrap_or_else(|| "InvalidAnswer".into());
-            let labels = ProviderFailureLabels { provider: labels.provider, operation: labels.operation, code };
-            self.metrics.provider_failures.get_or_create(&labels).inc();
-        }
+        self.metrics.provider_call(operation, result.as_ref().err().map(|f| f.code.as_deref()));
     }
 
     /// The AWS base configuration, loaded on first use (so a cluster without ECR sources never
@@ -165,28 +153,14 @@ impl CredentialProvider for EcrSource {
     }
 }
 
-/// The token a live Secret holds, if it serves exactly the registries wanted (one login, the
-/// same for every host) and is not due for refresh.
+/// The token a live Secret holds, if it serves exactly the registries wanted and is not due.
 fn reusable(previous: &super::PreviousToken, hosts: &[String]) -> Option<Token> {
-    let first = previous.auths.first()?;
-    let same = previous
-        .auths
-        .iter()
-        .all(|a| a.username == first.username && a.password.expose_secret() == first.password.expose_secret());
-    let servers: Vec<&str> = previous.auths.iter().map(|a| a.server.as_str()).collect();
-    let serves = match hosts {
-        // The identity's own registry: whatever single host the Secret holds.
-        [] => servers.len() == 1,
-        hosts => hosts.iter().map(String::as_str).eq(servers.iter().copied()),
-    };
-    (same && serves && previous.refresh_at > Timestamp::now() && previous.expires_at > previous.refresh_at).then(|| {
-        Token {
-            username: first.username.clone(),
-            password: first.password.clone(),
-            proxy_host: first.server.clone(),
-            expires_at: previous.expires_at,
-            refresh_at: previous.refresh_at,
-        }
+    previous.reusable(hosts).map(|login| Token {
+        username: login.username.clone(),
+        password: login.password.clone(),
+        proxy_host: login.server.clone(),
+        expires_at: previous.expires_at,
+        refresh_at: previous.refresh_at,
     })
 }
 

@@ -322,6 +322,12 @@ impl GcpEmulator {
         Ok(serde_json::from_value(self.get("/_emulator/counts")?)?)
     }
 
+    /// Every token issued so far, by token: `kind` (`access` or `federated`), `identity`,
+    /// `scopes`, `expires` (epoch seconds), `revoked`.
+    pub fn tokens(&self) -> Result<BTreeMap<String, Value>> {
+        Ok(serde_json::from_value(self.get("/_emulator/tokens")?)?)
+    }
+
     /// Clears [`Self::calls`] and [`Self::counts`], not the configuration or tokens.
     pub fn reset(&self) -> Result<()> {
         self.control("reset", json!({})).map(drop)
