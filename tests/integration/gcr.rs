@@ -477,3 +477,53 @@ async fn a_restart_asks_google_for_nothing_and_rewrites_nothing() {
     assert!(writes.is_empty(), "the restarted controller wrote: {writes:?}");
     assert_no_leaks(&client).await;
 }
+
+/// The figures for the closing note: token requests per rotation for 1, 10 and 100
+/// credentials on one key (`cargo test --test integration -- --ignored gcr::token_requests`).
+#[tokio::test]
+#[ignore = "a measurement: about 3 minutes"]
+async fn token_requests_per_rotation_for_1_10_and_100_credentials() {
+    let client = client().await;
+    for n in [1usize, 10, 100] {
+        // 40-second tokens: every credential's Secret is rotated once within a minute.
+        let Dedicated { gcp, ns, email, controller } = dedicated(&client, &format!("per-rotation-{n}"), 40).await;
+        let name = controller_label_of(&client, &ns).await;
+        for i in 1..n {
+            create_credential_for(&client, &ns, &format!("gar-{i}"), Some(&name), key_spec("europe-docker.pkg.dev"))
+                .await;
+        }
+        let names: Vec<String> = std::iter::once("gar".to_string()).chain((1..n).map(|i| format!("gar-{i}"))).collect();
+        let secrets = Api::<Secret>::namespaced(client.clone(), &ns);
+        let tokens = |secrets: Api<Secret>, names: Vec<String>| async move {
+            let mut held = BTreeSet::new();
+            for name in &names {
+                held.insert(logins(&secrets.get_opt(name).await.ok()??).remove(0).2);
+            }
+            Some(held)
+        };
+        let first = eventually("every Secret written", Duration::from_secs(60), || {
+            let (secrets, names) = (secrets.clone(), names.clone());
+            async move { tokens(secrets, names).await.filter(|t| t.len() == 1) }
+        })
+        .await;
+        let initial = successful_calls(&gcp, "oauth:token", &email);
+        let rotated = eventually("every Secret rotated", Duration::from_secs(90), || {
+            let (secrets, names, first) = (secrets.clone(), names.clone(), first.clone());
+            async move { tokens(secrets, names).await.filter(|t| t.len() == 1 && t.is_disjoint(&first)) }
+        })
+        .await;
+        let after = successful_calls(&gcp, "oauth:token", &email);
+        for token in first.iter().chain(&rotated) {
+            issued(&gcp, token);
+        }
+        println!("token requests: {n} credentials on one key: first sync {initial}, one rotation {}", after - initial);
+        assert_eq!((initial, after - initial), (1, 1), "{n} credentials");
+        drop(controller);
+    }
+}
+
+/// The controller label of the credentials in `ns` (set by [`dedicated`]).
+async fn controller_label_of(client: &Client, ns: &str) -> String {
+    let cr = Api::<RegistryCredential>::namespaced(client.clone(), ns).get("gar").await.unwrap();
+    cr.metadata.labels.unwrap()[CONTROLLER_LABEL].clone()
+}

@@ -1,13 +1,14 @@
 //! The leak scan at the most verbose level: a controller at `RUST_LOG=trace` (regcred and every
 //! dependency: kube, hyper, rustls, the AWS SDK, reqwest) through every source kind, an ECR
-//! rotation, IRSA, a registry check and a failure, then its whole log searched for every secret value, its base64 forms
+//! rotation, IRSA, Google access tokens from a key and through Workload Identity Federation, a
+//! registry check and a failure, then its whole log searched for every secret value, its base64 forms
 //! (as a Secret's JSON carries them), any JWT (ServiceAccount tokens, the controller's own
 //! included) and any raw AWS response body.
 
 use std::time::Duration;
 
 use base64::{Engine, engine::general_purpose::STANDARD};
-use regcred_testenv::{AwsEmulator, Registry};
+use regcred_testenv::{AttributeCondition, AwsEmulator, GcpEmulator, ISSUER, Registry, WorkloadIdentityProvider};
 use serde_json::json;
 
 use crate::support::*;
@@ -25,13 +26,24 @@ async fn nothing_secret_is_logged_at_trace() {
     let client = client().await;
     // 30-second ECR tokens: one rotation about 22 s in.
     let aws = AwsEmulator::start_with_lifetime(30).expect("AWS emulator");
+    let gcp = GcpEmulator::start().expect("Google emulator");
     let name = format!("trace-{}", &unique()[..6]);
+    let (sts, token_uri, google) = (gcp.sts_url(), gcp.token_uri(), gcp.url());
     let _controller = spawn_controller(
         env().cp,
         &name,
         &format!("{CONTROLLER_LABEL}={name}"),
         &aws.endpoint(),
-        &["--log-format", "json"],
+        &[
+            "--log-format",
+            "json",
+            "--gcp-sts-url",
+            &sts,
+            "--gcp-iam-credentials-url",
+            &google,
+            "--gcp-token-uri",
+            &token_uri,
+        ],
         &[("RUST_LOG", "trace".into())],
     );
     let ns = namespace(&client, "trace").await;
@@ -51,6 +63,22 @@ async fn nothing_secret_is_logged_at_trace() {
     create_secret(&client, &ns, "gcp", &[("key.json", key.as_bytes())]).await;
     create_aws_keys(&client, &ns, "aws", "trace").await;
     irsa_account(&client, &ns, "puller").await;
+    // Google: a real key (its assertion is a JWT) and Workload Identity Federation with
+    // impersonation (a ServiceAccount token, a federated token, an access token).
+    let google_key = gcp.create_service_account_key("trace@regcred-test.iam.gserviceaccount.com").unwrap();
+    for line in google_key.private_key.lines().filter(|l| !l.starts_with("-----")) {
+        record_secret(line);
+    }
+    create_secret(&client, &ns, "google-key", &[("key.json", google_key.json.as_bytes())]).await;
+    let jwks = env().cp.service_account_jwks().unwrap();
+    let mut provider =
+        WorkloadIdentityProvider::new("123456789012", "trace-pool", &format!("t-{}", &unique()[..8]), ISSUER, jwks);
+    provider.condition = AttributeCondition::SubjectPrefix(format!("system:serviceaccount:{ns}:"));
+    gcp.add_provider(&provider).unwrap();
+    let target = "trace-target@regcred-test.iam.gserviceaccount.com";
+    gcp.create_service_account_key(target).unwrap();
+    let principal = provider.principal(&format!("system:serviceaccount:{ns}:puller"));
+    gcp.bind(target, "roles/iam.workloadIdentityUser", &principal).unwrap();
 
     let credentials = [
         (
@@ -64,6 +92,16 @@ async fn nothing_secret_is_logged_at_trace() {
         ),
         ("keys", json!({"source": {"ecr": {"registry": REGISTRY, "auth": {"secretRef": {"name": "aws"}}}}})),
         ("irsa", json!({"source": {"ecr": {"registry": REGISTRY, "auth": {"serviceAccountRef": {"name": "puller"}}}}})),
+        (
+            "gar-key",
+            json!({"registry": "europe-docker.pkg.dev", "source": {"gcr": {"jsonKeySecretRef": {"name": "google-key"}}}}),
+        ),
+        (
+            "gar-wif",
+            json!({"registry": "europe-docker.pkg.dev", "source": {"gcr": {
+                "workloadIdentity": {"serviceAccountRef": {"name": "puller"}, "audience": provider.audience()},
+                "impersonate": {"serviceAccount": target}}}}),
+        ),
     ];
     for (credential, spec) in credentials {
         create_credential_for(&client, &ns, credential, Some(&name), spec).await;
@@ -81,8 +119,12 @@ async fn nothing_secret_is_logged_at_trace() {
     create_credential_for(&client, &ns, "tokened", Some(&name), tokened).await;
     let broken = json!({"registry": "r.example.com", "source": {"basic": {"username": "u", "passwordSecretRef": {"name": "missing"}}}});
     create_credential_for(&client, &ns, "broken", Some(&name), broken).await;
-    for credential in ["basic", "ghcr", "gcr", "keys", "irsa"] {
+    for credential in ["basic", "ghcr", "gcr", "keys", "irsa", "gar-key", "gar-wif"] {
         wait_ready(&client, &ns, credential, "True", Some("Synced")).await;
+    }
+    // Every token Google issued (access and federated).
+    for token in gcp.tokens().expect("Google tokens").keys() {
+        record_secret(token);
     }
     wait_ready(&client, &ns, "broken", "False", Some("SourceSecretNotFound")).await;
     crate::verify::wait_verified(&client, &ns, "verified", "True", "Verified").await;
@@ -131,6 +173,9 @@ async fn nothing_secret_is_logged_at_trace() {
         ["authorizationToken", "SecretAccessKey>", "SessionToken>", "WebIdentityToken=", "x-amz-security-token:"]
     {
         assert!(!log.contains(field), "an AWS message body with {field} in the trace log");
+    }
+    for field in ["access_token", "accessToken", "assertion=", "subject_token=", "ya29."] {
+        assert!(!log.contains(field), "a Google message body with {field} in the trace log");
     }
 }
 
