@@ -625,10 +625,10 @@ pub struct CredentialStatus {
     /// Kind of the source (`basic`, `ghcr`, `gcr`, `ecr`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
-    /// When the token in the Secret expires (ECR).
+    /// When the token in the Secret expires (ECR, gcr access tokens).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<Time>,
-    /// When the controller will fetch the next token (ECR).
+    /// When the controller will fetch the next token (ECR, gcr access tokens).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_refresh_at: Option<Time>,
     /// When the registry last answered the check behind the `Verified` condition.

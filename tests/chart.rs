@@ -261,6 +261,23 @@ fn least_privilege_variants_render_as_documented() {
     assert!(audiences.contains(r#"a in ["sts.amazonaws.com","example.com/pull"]"#) && audiences.contains("<= 1200"));
     kubectl_apply(cp, &audiences, &["--dry-run=server"]);
 
+    // Workload Identity Federation: pool providers' audiences, narrowed to given projects.
+    let pools = render(&["--set-json", r#"gcp.workloadIdentity.projectNumbers=["123","456"]"#]);
+    assert!(pools.contains("workloadIdentityPools/[a-z0-9-]+/providers/") && pools.contains("/projects/(123|456)/"));
+    kubectl_apply(cp, &pools, &["--dry-run=server"]);
+    let no_pools = render(&["--set", "gcp.workloadIdentity.enabled=false"]);
+    assert!(no_pools.contains("kind: ValidatingAdmissionPolicy") && !no_pools.contains("workloadIdentityPools"));
+    let google = render(&[
+        "--set",
+        "gcp.allowAmbientIdentity=true",
+        "--set-json",
+        r#"gcp.tokenUris=["https://t.example/token"]"#,
+    ]);
+    assert!(
+        google.contains("- --allow-ambient-gcp-identity")
+            && google.contains("- --gcp-token-uri=https://t.example/token")
+    );
+
     let scoped = documents(&render(&["--set", "watchNamespaces={default,kube-public}"]));
     let cluster_wide = resources(controller_role(&scoped));
     for resource in ["secrets", "serviceaccounts", "serviceaccounts/token"] {
