@@ -118,6 +118,38 @@ where
     }
 }
 
+/// The cloud whose call failed: it decides the failure's reason in status and Events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cloud {
+    Aws,
+    Google,
+}
+
+/// A failed provider call, remembered briefly so that the credentials waiting behind it, and
+/// the reconciles its own status write triggers, get the same answer instead of calling the
+/// provider again.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    pub cloud: Cloud,
+    /// `service:Operation`, e.g. `ecr:GetAuthorizationToken`, `sts:token`.
+    pub operation: &'static str,
+    /// The provider's error code; `None` when it answered but the answer was unusable.
+    pub code: Option<String>,
+    pub message: String,
+}
+
+impl From<Failure> for Error {
+    fn from(f: Failure) -> Self {
+        let Failure { cloud, operation, code, message } = f;
+        match (cloud, code) {
+            (Cloud::Aws, Some(code)) => Error::Aws { operation, code, message },
+            (Cloud::Aws, None) => Error::InvalidAwsAnswer { operation, problem: message },
+            (Cloud::Google, Some(code)) => Error::Gcp { operation, code, message },
+            (Cloud::Google, None) => Error::InvalidGcpAnswer { operation, problem: message },
+        }
+    }
+}
+
 /// Why a fetch failed: the provider's answer (shared with waiting callers) or anything else.
 pub enum FetchError<E> {
     Provider(E),
@@ -262,6 +294,20 @@ mod tests {
         assert_eq!(err.reason(), "InvalidAwsAnswer");
         let err = cache.get_or_fetch("a", || async { panic!("must not be called within the failure TTL") }).await;
         assert!(err.is_err());
+    }
+
+    /// A failure's reason in status names the cloud that failed, and whether it refused or
+    /// answered unusably.
+    #[test]
+    fn failures_map_to_their_clouds_reasons() {
+        let failure = |cloud, code: Option<&str>| {
+            Error::from(Failure { cloud, operation: "x:y", code: code.map(String::from), message: "m".into() })
+        };
+        assert_eq!(failure(Cloud::Aws, Some("AccessDenied")).reason(), "AwsRequestFailed");
+        assert_eq!(failure(Cloud::Aws, None).reason(), "InvalidAwsAnswer");
+        assert_eq!(failure(Cloud::Google, Some("invalid_grant")).reason(), "GcpRequestFailed");
+        assert_eq!(failure(Cloud::Google, None).reason(), "InvalidGcpAnswer");
+        assert_eq!(failure(Cloud::Google, Some("invalid_grant")).to_string(), "x:y failed: invalid_grant: m");
     }
 
     #[test]

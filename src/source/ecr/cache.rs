@@ -5,10 +5,11 @@ use k8s_openapi::jiff::Timestamp;
 use secrecy::SecretString;
 
 use crate::{
-    Error,
     crd::AssumeRole,
     source::token_cache::{self, Expiring},
 };
+
+pub use crate::source::token_cache::Failure;
 
 /// ECR tokens by identity.
 pub type TokenCache = token_cache::TokenCache<CacheKey, Token, Failure>;
@@ -59,25 +60,6 @@ impl CacheKey {
     }
 }
 
-/// A failed fetch, remembered briefly so that the credentials waiting behind it, and the
-/// reconciles its own status write triggers, get the same answer instead of calling AWS again.
-#[derive(Debug, Clone)]
-pub struct Failure {
-    pub operation: &'static str,
-    /// The AWS error code; `None` when AWS answered but the answer was unusable.
-    pub code: Option<String>,
-    pub message: String,
-}
-
-impl From<Failure> for Error {
-    fn from(f: Failure) -> Self {
-        match f.code {
-            Some(code) => Error::Aws { operation: f.operation, code, message: f.message },
-            None => Error::InvalidAwsAnswer { operation: f.operation, problem: f.message },
-        }
-    }
-}
-
 impl Expiring for Token {
     fn expires_at(&self) -> Timestamp {
         self.expires_at
@@ -114,12 +96,13 @@ mod tests {
     async fn an_aws_failure_is_the_credentials_error() {
         let cache = TokenCache::default();
         let failure = Failure {
+            cloud: crate::source::token_cache::Cloud::Aws,
             operation: "ecr:GetAuthorizationToken",
             code: Some("ThrottlingException".into()),
             message: "slow down".into(),
         };
         let err =
             cache.get_or_fetch(key("a"), || async { Err(FetchError::Provider(failure.clone())) }).await.unwrap_err();
-        assert!(matches!(err, Error::Aws { ref code, .. } if code == "ThrottlingException"));
+        assert!(matches!(err, crate::Error::Aws { ref code, .. } if code == "ThrottlingException"));
     }
 }

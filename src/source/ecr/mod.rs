@@ -20,7 +20,7 @@ pub use cache::{CacheKey, Failure, FetchError, Token, TokenCache};
 pub use host::{EcrHost, parse_ecr_host};
 pub use identity::{Identity, ROLE_ARN_ANNOTATION, STS_AUDIENCE};
 
-use super::{CredentialProvider, Credentials, SecretReader, SourceContext};
+use super::{CredentialProvider, Credentials, SecretReader, SourceContext, token_cache::Cloud};
 use crate::{Error, crd::EcrSource, dockerconfig::RegistryAuth, metrics::Metrics};
 
 /// A token must stay valid at least this long after it is written (real tokens live 12 h;
@@ -185,6 +185,7 @@ async fn get_authorization_token(
         .and_then(|out| {
             let now = Timestamp::now();
             token_from(out.authorization_data(), now, provider.settings.refresh_share_left).map_err(|e| Failure {
+                cloud: Cloud::Aws,
                 operation: "ecr:GetAuthorizationToken",
                 code: None,
                 message: match e {
@@ -236,7 +237,7 @@ fn aws_failure<E: ProvideErrorMetadata>(operation: &'static str, error: &E) -> F
         .message()
         .map(|m| m.chars().take(300).collect())
         .unwrap_or_else(|| "no answer from the AWS endpoint".into());
-    Failure { operation, code, message }
+    Failure { cloud: Cloud::Aws, operation, code, message }
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use reqwest::Client;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
-use super::Failure;
+use crate::source::token_cache::{Cloud, Failure};
 
 /// The scope every token is asked for; Artifact Registry accepts it for pulls.
 pub const CLOUD_PLATFORM: &str = "https://www.googleapis.com/auth/cloud-platform";
@@ -99,6 +99,7 @@ async fn send(
     operation: &'static str,
 ) -> Result<(reqwest::StatusCode, Vec<u8>), Failure> {
     let unreachable = |e: reqwest::Error| Failure {
+        cloud: Cloud::Google,
         operation,
         code: Some("Unreachable".into()),
         // Without the URL's query (there is none) and without any body: the transport's own words.
@@ -147,7 +148,7 @@ fn issued(
 }
 
 fn invalid(operation: &'static str, problem: &str) -> Failure {
-    Failure { operation, code: None, message: problem.into() }
+    Failure { cloud: Cloud::Google, operation, code: None, message: problem.into() }
 }
 
 /// Google's error answer as code and message: OAuth's `{"error", "error_description"}`, the
@@ -171,7 +172,7 @@ fn error_answer(operation: &'static str, status: reqwest::StatusCode, body: &[u8
         }
         Err(_) => (format!("HTTP {}", status.as_u16()), String::from_utf8_lossy(body).trim().to_string()),
     };
-    Failure { operation, code: Some(code), message: scrub(&message) }
+    Failure { cloud: Cloud::Google, operation, code: Some(code), message: scrub(&message) }
 }
 
 /// A message fit for status and Events: at most 300 characters, and any long token-like run

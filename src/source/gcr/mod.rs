@@ -16,7 +16,7 @@ use secrecy::SecretString;
 
 use super::{
     CredentialProvider, Credentials, SecretReader, SourceContext, read_key, service_account_token, single_login,
-    token_cache::{self, Expiring, refresh_time},
+    token_cache::{self, Cloud, Expiring, Failure, refresh_time},
 };
 use crate::{
     Error,
@@ -91,6 +91,7 @@ impl GcpProvider {
 
     fn http(&self) -> Result<&reqwest::Client, Failure> {
         self.http.as_ref().map_err(|e| Failure {
+            cloud: Cloud::Google,
             operation: "http",
             code: Some("ClientSetup".into()),
             message: e.clone(),
@@ -145,24 +146,6 @@ impl Expiring for Token {
     }
     fn refresh_at(&self) -> Timestamp {
         self.refresh_at
-    }
-}
-
-/// A failed Google call, remembered briefly for every credential of the identity.
-#[derive(Debug, Clone)]
-pub struct Failure {
-    pub operation: &'static str,
-    /// Google's error code; `None` when Google answered but the answer was unusable.
-    pub code: Option<String>,
-    pub message: String,
-}
-
-impl From<Failure> for Error {
-    fn from(f: Failure) -> Self {
-        match f.code {
-            Some(code) => Error::Gcp { operation: f.operation, code, message: f.message },
-            None => Error::InvalidGcpAnswer { operation: f.operation, problem: f.message },
-        }
     }
 }
 
