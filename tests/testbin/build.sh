@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the binaries of the test environment (kube-apiserver, kube-controller-manager,
-# kubectl, etcd, registry, crane, helm, keyring-lookup, token-server) from the published
+# kubectl, kubelet, kube-scheduler, testimage, etcd, registry, crane, helm, keyring-lookup,
+# token-server) from the published
 # Go modules pinned in the go.mod/go.sum files beside this script, and caches them
 # in ${REGCRED_TESTBIN_CACHE:-$HOME/.cache/regcred/testbin}/<key>/, where <key>
 # hashes those files, this script and the Go version: a version bump rebuilds,
@@ -20,7 +21,7 @@ set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 go=${GO:-$(command -v go || echo /usr/local/go/bin/go)}
-modules=(kubernetes etcd registry crane helm keyring tokenserver)
+modules=(kubernetes node testimage etcd registry crane helm keyring tokenserver)
 export CGO_ENABLED=0
 
 # build_<module> DIR builds that module's binaries into the empty directory DIR and checks
@@ -45,6 +46,32 @@ build_kubernetes() {
     k8s.io/kubernetes/cmd/kube-controller-manager \
     k8s.io/kubernetes/cmd/kubectl >&2
   "$out/kube-apiserver" --version | grep -qx "Kubernetes $k8s_version"
+}
+
+# The node (tests/testenv's Node): kubelet and kube-scheduler, built and stamped exactly like
+# the control plane above from the same k8s.io/kubernetes version, in a module of their own
+# (./node) so that adding them did not rebuild the control plane.
+build_node() {
+  local out=$1 k8s_version=v1.34.4
+  local build_date minor ldflags="-s -w" pkg
+  build_date=$("$go" -C "$here/node" list -m -f '{{.Time.UTC.Format "2006-01-02T15:04:05Z"}}' k8s.io/kubernetes)
+  minor=${k8s_version#v1.}
+  minor=${minor%%.*}
+  for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    ldflags+=" -X $pkg.gitVersion=$k8s_version -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
+    ldflags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=$build_date"
+  done
+  "$go" -C "$here/node" build -trimpath -buildvcs=false -tags selinux,notest,grpcnotrace -ldflags "$ldflags" -o "$out/" \
+    k8s.io/kubernetes/cmd/kubelet \
+    k8s.io/kubernetes/cmd/kube-scheduler >&2
+  "$out/kubelet" --version | grep -qx "Kubernetes $k8s_version"
+  "$out/kube-scheduler" --version | grep -qx "Kubernetes $k8s_version"
+}
+
+# The one program of the node tests' images (the pause image and the test images), static.
+build_testimage() {
+  "$go" -C "$here/testimage" build -trimpath -buildvcs=false -ldflags "-s -w" -o "$1/testimage" . >&2
+  "$1/testimage" hello there | grep -qx 'hello there'
 }
 
 # The kubelet's image-pull credential lookup (./keyring), for tests/keyring.rs. Same

@@ -1,0 +1,3 @@
+module regcred.test/testbin/testimage
+
+go 1.24.0
