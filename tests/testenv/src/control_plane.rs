@@ -31,6 +31,8 @@ pub struct ControlPlane {
     kubeconfig: PathBuf,
     /// The audit log as the apiserver first created it, with the largest length seen since.
     audit_log: Mutex<Option<LogFile>>,
+    /// The CA the apiserver trusts for client certificates and serves under.
+    ca: OnceLock<rcgen::CertifiedIssuer<'static, rcgen::KeyPair>>,
     dir: tempfile::TempDir,
 }
 
@@ -51,6 +53,7 @@ impl ControlPlane {
             api_port,
             kubeconfig: dir.path().join("admin.kubeconfig"),
             audit_log: Mutex::new(None),
+            ca: OnceLock::new(),
             dir,
         };
         cp.write_credentials()?;
@@ -349,7 +352,19 @@ impl ControlPlane {
                 format!("--tls-cert-file={}", p("apiserver.crt")),
                 format!("--tls-private-key-file={}", p("apiserver.key")),
                 format!("--token-auth-file={}", p("tokens.csv")),
-                "--authorization-mode=RBAC".into(),
+                // Client certificates from the test CA: the node's kubelet (`Node`) is
+                // `system:node:NAME` in `system:nodes`, as kubeadm makes it.
+                format!("--client-ca-file={}", p("ca.crt")),
+                // Node authorization and NodeRestriction: a kubelet reads only the Secrets of
+                // the Pods bound to it and writes only its own Node and their status.
+                "--authorization-mode=Node,RBAC".into(),
+                "--enable-admission-plugins=NodeRestriction".into(),
+                // For `kubectl logs` and exec: the apiserver reaches the kubelet at the
+                // node's InternalIP with a client certificate the kubelet's webhook
+                // authorization admits (system:masters).
+                "--kubelet-preferred-address-types=InternalIP".into(),
+                format!("--kubelet-client-certificate={}", p("apiserver-kubelet-client.crt")),
+                format!("--kubelet-client-key={}", p("apiserver-kubelet-client.key")),
                 format!("--service-account-issuer={ISSUER}"),
                 format!("--service-account-key-file={}", p("sa.pub")),
                 format!("--service-account-signing-key-file={}", p("sa.key")),
@@ -477,6 +492,7 @@ impl ControlPlane {
         ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
         let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate()?)?;
+        let ca = self.ca.get_or_init(|| ca);
 
         let mut serving = CertificateParams::new(vec![
             "127.0.0.1".to_string(),
@@ -487,7 +503,7 @@ impl ControlPlane {
         serving.distinguished_name.push(DnType::CommonName, "kube-apiserver");
         serving.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         let serving_key = KeyPair::generate()?;
-        let serving = serving.signed_by(&serving_key, &ca)?;
+        let serving = serving.signed_by(&serving_key, ca)?;
 
         let write =
             |name: &str, data: &str| std::fs::write(self.path(name), data).with_context(|| format!("writing {name}"));
@@ -504,6 +520,10 @@ impl ControlPlane {
         write("sa.key", &sa_key.serialize_pem())?;
         write("sa.pub", &sa_key.public_key_pem())?;
 
+        let (cert, key) = self.client_certificate("kube-apiserver-kubelet-client", "system:masters")?;
+        write("apiserver-kubelet-client.crt", &cert)?;
+        write("apiserver-kubelet-client.key", &key)?;
+
         let (admin, controller, kcm) = (random_hex(), random_hex(), random_hex());
         write(
             "tokens.csv",
@@ -517,6 +537,39 @@ impl ControlPlane {
         write("controller.kubeconfig", &self.kubeconfig_for(&controller))?;
         write("kcm.kubeconfig", &self.kubeconfig_for(&kcm))?;
         Ok(())
+    }
+
+    /// A fresh client certificate for user `cn` in `group` (the subject's O), signed by the
+    /// control plane's CA, which the apiserver accepts (`--client-ca-file`): PEMs of the
+    /// certificate and its key.
+    pub fn client_certificate(&self, cn: &str, group: &str) -> Result<(String, String)> {
+        use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, KeyPair, KeyUsagePurpose};
+        let ca = self.ca.get().context("the control plane has no CA yet")?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::CommonName, cn);
+        params.distinguished_name.push(DnType::OrganizationName, group);
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, ca)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+
+    /// A kubeconfig for this control plane authenticating with a client certificate and key
+    /// (files), e.g. from [`ControlPlane::client_certificate`].
+    pub fn kubeconfig_for_certificate(&self, cert: &Path, key: &Path) -> String {
+        serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "testenv", "cluster": {
+                "server": self.server,
+                "certificate-authority": self.path("ca.crt"),
+            }}],
+            "users": [{"name": "testenv", "user": {"client-certificate": cert, "client-key": key}}],
+            "contexts": [{"name": "testenv", "context": {"cluster": "testenv", "user": "testenv"}}],
+            "current-context": "testenv",
+        })
+        .to_string()
     }
 
     fn kubeconfig_for(&self, token: &str) -> String {

@@ -1,11 +1,13 @@
 //! A real, local test environment for regcred: etcd + kube-apiserver +
 //! kube-controller-manager ([`ControlPlane`]) and a CNCF distribution registry
-//! ([`Registry`]: htpasswd users, basic or token auth, HTTP or HTTPS). The binaries come from
+//! ([`Registry`]: htpasswd users, basic or token auth, HTTP or HTTPS), and a node ([`Node`]:
+//! containerd and a kubelet) that runs Pods. The binaries come from
 //! `tests/testbin/build.sh` (see [`testbin_dir`]). Linux only.
 
 mod aws;
 mod control_plane;
 mod gcp;
+mod node;
 mod process;
 mod registry;
 
@@ -21,6 +23,7 @@ use anyhow::{Context, Result, bail};
 pub use aws::AwsEmulator;
 pub use control_plane::{ControlPlane, ISSUER};
 pub use gcp::{AttributeCondition, GcpEmulator, ServiceAccountKey, WorkloadIdentityProvider};
+pub use node::{HostMapping, NODE_NAME, Node, PAUSE_IMAGE};
 
 /// The user the controller under test authenticates as (see
 /// [`ControlPlane::controller_kubeconfig_path`]).

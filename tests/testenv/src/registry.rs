@@ -214,6 +214,47 @@ impl Registry {
         Ok(image)
     }
 
+    /// Builds an image that runs `testimage` (the static program from `tests/testbin/testimage`,
+    /// alone in one layer as `/testimage`) with `args`, e.g. `["hello", "there"]` (prints
+    /// `hello there` and exits 0) or `["pause"]`, and pushes it as `HOST/repo:tag` with the
+    /// given credentials (`crane append`, then `crane mutate --entrypoint …
+    /// --set-platform=linux/amd64`, as a node needs a platform to run it); returns that
+    /// reference. Every such image has the same layer; tags differ by their config.
+    pub fn push_program_image(&self, repo: &str, tag: &str, user: &str, pass: &str, args: &[&str]) -> Result<String> {
+        let image = format!("{}/{repo}:{tag}", self.host());
+        let work = tempfile::tempdir()?;
+        let layer = work.path().join("layer.tar");
+        let mut tar = tar::Builder::new(std::fs::File::create(&layer)?);
+        let program = std::fs::read(testbin("testimage")?)?;
+        let mut header = tar::Header::new_gnu();
+        header.set_size(program.len() as u64);
+        header.set_mode(0o755);
+        header.set_mtime(0);
+        tar.append_data(&mut header, "testimage", program.as_slice())?;
+        tar.into_inner()?;
+
+        let auth = docker_config_json(&self.host(), user, pass);
+        let layer = layer.to_str().context("non-UTF-8 temp path")?;
+        self.crane(work.path(), &auth, &["append", "-f", layer, "-t", &image])
+            .with_context(|| format!("pushing {image}"))?;
+        let entrypoint = std::iter::once("/testimage").chain(args.iter().copied()).collect::<Vec<_>>().join(",");
+        self.crane(
+            work.path(),
+            &auth,
+            &["mutate", &image, "--entrypoint", &entrypoint, "--set-platform", "linux/amd64", "-t", &image],
+        )
+        .with_context(|| format!("setting the entrypoint of {image}"))?;
+        Ok(image)
+    }
+
+    /// Pulls `image` with the given credentials into a tarball at `path` (`crane pull`'s
+    /// default format, which `docker load` and `ctr images import` read).
+    pub fn save_image(&self, image: &str, user: &str, pass: &str, path: &Path) -> Result<()> {
+        let work = tempfile::tempdir()?;
+        let path = path.to_str().context("non-UTF-8 path")?;
+        self.crane(work.path(), &docker_config_json(&self.host(), user, pass), &["pull", image, path])
+    }
+
     /// Pulls `image` (manifest, config and layers) with `dockerconfigjson`
     /// as the only credentials; Err with crane's stderr if that fails.
     pub fn pull_with_auth_file(&self, image: &str, dockerconfigjson: &[u8]) -> Result<()> {

@@ -1,0 +1,644 @@
+//! A real node for the shared control plane: containerd (Debian's package, with its own root,
+//! state, socket and config) and a kubelet built from the same Kubernetes version as the
+//! apiserver, registered as `system:node:NAME` under Node authorization. Pods run with
+//! `hostNetwork` (there are no CNI plugins) and name the node in `spec.nodeName` (there is no
+//! scheduler).
+//!
+//! The kubelet changes machine-wide state (sysctls, cgroups under `kubepods`,
+//! `/var/lib/kubelet/device-plugins`, `/var/log/containers`), so there is one node per
+//! machine: a lock file serialises test processes, everything lives under one fixed directory
+//! (`$TMPDIR/regcred-node`), and the teardown (at the exit of the test process, or at the next
+//! start after a crash) kills the containers, unmounts their filesystems, removes what the
+//! node created outside that directory and restores the sysctls.
+
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use k8s_openapi::api::core::v1::Node as NodeObject;
+use kube::Api;
+
+use crate::process::Process;
+use crate::{ControlPlane, Registry, block_on, free_port, random_hex, testbin, wait_until};
+
+/// The name of the node (and of its kubelet's user, `system:node:NAME`).
+pub const NODE_NAME: &str = "regcred-test-node";
+/// The sandbox image containerd runs for every Pod, built from `testimage pause` and imported
+/// at start under this name (the machine has no access to registry.k8s.io).
+pub const PAUSE_IMAGE: &str = "registry.k8s.io/pause:3.10";
+/// Set to `1` to skip the node tests on purpose (they fail where a node cannot run).
+pub const SKIP_ENV: &str = "REGCRED_SKIP_NODE";
+const READY_TIMEOUT: Duration = Duration::from_secs(90);
+/// How long a second test process waits for the node of another one to go.
+const LOCK_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+/// The sysctls the kubelet sets at start (`setupKernelTunables` and the keyring limits):
+/// saved before it starts, restored at teardown.
+const SYSCTLS: [&str; 6] = [
+    "vm/overcommit_memory",
+    "vm/panic_on_oom",
+    "kernel/panic",
+    "kernel/panic_on_oops",
+    "kernel/keys/root_maxkeys",
+    "kernel/keys/root_maxbytes",
+];
+/// Paths outside the node's directory that containerd or the kubelet create; those missing
+/// before the node starts are removed at teardown.
+const MACHINE_PATHS: [&str; 4] = ["/var/lib/kubelet", "/var/log/containers", "/run/containerd", "/etc/cni"];
+
+/// containerd + kubelet, registered as [`NODE_NAME`] with the shared [`ControlPlane`].
+pub struct Node {
+    dir: PathBuf,
+    containerd: Mutex<Option<Process>>,
+    kubelet: Mutex<Option<Process>>,
+    /// Registry host names mapped to a local registry right now (see [`Node::map_registry`]).
+    mapped: Mutex<BTreeSet<String>>,
+    unmapped: Condvar,
+    torn_down: Mutex<bool>,
+    /// Held (flock) while the node lives.
+    _lock: File,
+}
+
+impl Node {
+    /// The node of this test process, started on first use for [`ControlPlane::shared`] and
+    /// torn down when the process exits. `None` when `REGCRED_SKIP_NODE=1` (saying so on
+    /// stderr). Panics, saying why, if this machine cannot run a node (not root, containerd
+    /// or runc missing) or the node does not start.
+    pub fn shared() -> Option<&'static Node> {
+        if std::env::var(SKIP_ENV).is_ok_and(|v| v == "1") {
+            let why = Node::cannot_run().unwrap_or_else(|| "this machine could run it".into());
+            eprintln!("testenv: {SKIP_ENV}=1: skipping a test that needs the node ({why})");
+            return None;
+        }
+        if let Some(why) = Node::cannot_run() {
+            panic!(
+                "this machine cannot run the test node: {why}. The node tests need root, containerd and runc \
+                 (scripts/setup.sh installs them with apt-get as root); set {SKIP_ENV}=1 to skip them on purpose"
+            );
+        }
+        static SHARED: OnceLock<Result<Node, String>> = OnceLock::new();
+        let node = SHARED.get_or_init(|| {
+            let node = Node::start(ControlPlane::shared()).map_err(|e| format!("{e:#}"))?;
+            extern "C" fn teardown_at_exit() {
+                if let Some(Ok(node)) = SHARED.get() {
+                    node.teardown();
+                }
+            }
+            // SAFETY: registers a plain function; it runs at exit(3), after the tests.
+            unsafe { libc::atexit(teardown_at_exit) };
+            Ok(node)
+        });
+        match node {
+            Ok(node) => Some(node),
+            Err(e) => panic!("cannot start the test node: {e}"),
+        }
+    }
+
+    /// Why this machine cannot run the node, if it cannot.
+    pub fn cannot_run() -> Option<String> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Some("the kubelet and containerd need root, and this is not root".into());
+        }
+        let missing: Vec<&str> = ["containerd", "containerd-shim-runc-v2", "runc", "ctr"]
+            .into_iter()
+            .filter(|b| which(b).is_none())
+            .collect();
+        if !missing.is_empty() {
+            return Some(format!("{} not installed (apt-get install containerd runc)", missing.join(", ")));
+        }
+        if !Path::new("/sys/fs/cgroup").is_dir() {
+            return Some("no /sys/fs/cgroup".into());
+        }
+        None
+    }
+
+    /// The Node's name, for a Pod's `spec.nodeName`.
+    pub fn name(&self) -> &str {
+        NODE_NAME
+    }
+
+    /// The directory holding containerd's and the kubelet's files and logs
+    /// (`containerd.log`, `kubelet.log`).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Makes containerd pull images named `host/...` (e.g. `ghcr.io`, `docker.io`,
+    /// `123456789012.dkr.ecr.eu-west-1.amazonaws.com`) from `registry` instead (a `hosts.toml`
+    /// whose server is the registry), while the kubelet still looks up the image's pull
+    /// credential under `host`. One mapping per host at a time: this waits while another test
+    /// maps the same host. The mapping lasts until the guard is dropped.
+    pub fn map_registry(&self, host: &str, registry: &Registry) -> Result<HostMapping<'_>> {
+        let mut mapped = self.mapped.lock().unwrap_or_else(|e| e.into_inner());
+        while mapped.contains(host) {
+            mapped = self.unmapped.wait(mapped).unwrap_or_else(|e| e.into_inner());
+        }
+        let dir = self.path("certs.d").join(host);
+        std::fs::create_dir_all(&dir)?;
+        // Written aside and renamed: containerd reads it at every pull.
+        let tmp = dir.join("hosts.toml.tmp");
+        // containerd 1.6 insists on a `host` table; the server (the fallback) is the registry
+        // too, so that no pull ever goes to the real host.
+        let url = registry.url();
+        std::fs::write(
+            &tmp,
+            format!("server = \"{url}\"\n\n[host.\"{url}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"),
+        )?;
+        std::fs::rename(&tmp, dir.join("hosts.toml"))?;
+        mapped.insert(host.to_string());
+        Ok(HostMapping { node: self, host: host.to_string() })
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    fn start(cp: &ControlPlane) -> Result<Node> {
+        let t0 = Instant::now();
+        let dir = std::env::temp_dir().join("regcred-node");
+        let lock = lock_machine(&std::env::temp_dir().join("regcred-node.lock"))?;
+        // A node of a process that died without its teardown: clean up after it first.
+        if dir.exists() {
+            eprintln!("testenv: cleaning up the node of an earlier test process in {}", dir.display());
+            cleanup(&dir);
+        }
+        std::fs::create_dir_all(&dir)?;
+        let node = Node {
+            dir,
+            containerd: Mutex::new(None),
+            kubelet: Mutex::new(None),
+            mapped: Mutex::new(BTreeSet::new()),
+            unmapped: Condvar::new(),
+            torn_down: Mutex::new(false),
+            _lock: lock,
+        };
+        let started = node.save_machine_state().and_then(|()| node.start_containerd()).and_then(|()| {
+            node.import_pause_image()?;
+            node.start_kubelet(cp)?;
+            node.wait_ready(cp)
+        });
+        if let Err(e) = started {
+            let logs = node.log_tails();
+            node.teardown();
+            return Err(e.context(logs));
+        }
+        eprintln!("testenv: node {NODE_NAME} ready in {:.1?} (files in {})", t0.elapsed(), node.dir.display());
+        Ok(node)
+    }
+
+    /// Records the sysctls and which machine paths exist, in the node's directory, so that
+    /// the teardown (or the next start, after a crash) can put them back.
+    fn save_machine_state(&self) -> Result<()> {
+        let mut saved = String::new();
+        for name in SYSCTLS {
+            if let Ok(value) = std::fs::read_to_string(Path::new("/proc/sys").join(name)) {
+                saved += &format!("{name}={}\n", value.trim());
+            }
+        }
+        std::fs::write(self.path("sysctls.saved"), saved)?;
+        let absent: Vec<String> = machine_paths().into_iter().filter(|p| !Path::new(p).exists()).collect();
+        std::fs::write(self.path("created-paths"), absent.join("\n"))?;
+        Ok(())
+    }
+
+    fn start_containerd(&self) -> Result<()> {
+        for d in ["root", "state", "certs.d", "cni/net.d", "cni/bin", "opt", "kubelet", "pod-logs"] {
+            std::fs::create_dir_all(self.path(d))?;
+        }
+        // No plugin binaries: enough for the CRI plugin to report the network ready, and
+        // hostNetwork Pods never call a plugin.
+        std::fs::write(
+            self.path("cni/net.d/10-regcred.conflist"),
+            r#"{"cniVersion": "1.0.0", "name": "regcred-test", "plugins": [{"type": "loopback"}]}"#,
+        )?;
+        let runc = which("runc").context("runc")?;
+        let p = |name: &str| self.path(name).display().to_string();
+        let config = format!(
+            r#"version = 2
+root = "{root}"
+state = "{state}"
+disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs",
+  "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper",
+  "io.containerd.tracing.processor.v1.otlp", "io.containerd.internal.v1.tracing"]
+
+[grpc]
+  address = "{socket}"
+
+[debug]
+  level = "info"
+
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{opt}"
+
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{PAUSE_IMAGE}"
+  # This VM drops CAP_SYS_RESOURCE: runc cannot lower the sandbox's oom_score_adj to -998.
+  restrict_oom_score_adj = true
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+        BinaryName = "{runc}"
+        SystemdCgroup = false
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "{cni_bin}"
+    conf_dir = "{cni_conf}"
+  [plugins."io.containerd.grpc.v1.cri".registry]
+    # hosts.toml per registry host, read at every pull (Node::map_registry).
+    config_path = "{certs}"
+"#,
+            root = p("root"),
+            state = p("state"),
+            socket = p("containerd.sock"),
+            opt = p("opt"),
+            runc = runc.display(),
+            cni_bin = p("cni/bin"),
+            cni_conf = p("cni/net.d"),
+            certs = p("certs.d"),
+        );
+        std::fs::write(self.path("containerd.toml"), config)?;
+        let mut cmd = Command::new(which("containerd").context("containerd")?);
+        cmd.arg("--config").arg(self.path("containerd.toml"));
+        let mut proc = Process::spawn("containerd", cmd, &self.path("containerd.log"))?;
+        let started =
+            wait_until("containerd", READY_TIMEOUT, || proc.check_alive(), || self.ctr(&["version"]).map(drop));
+        *self.containerd.lock().unwrap() = Some(proc);
+        started
+    }
+
+    /// `ctr` against this node's containerd, in the CRI plugin's namespace: its stdout.
+    fn ctr(&self, args: &[&str]) -> Result<String> {
+        let out = Command::new("ctr")
+            .arg("--address")
+            .arg(self.path("containerd.sock"))
+            .args(["--namespace", "k8s.io"])
+            .args(args)
+            .output()
+            .context("running ctr")?;
+        ensure!(out.status.success(), "ctr {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Builds the sandbox image (`testimage pause`) in a throwaway registry and imports it
+    /// into containerd under [`PAUSE_IMAGE`].
+    fn import_pause_image(&self) -> Result<()> {
+        let password = random_hex();
+        let registry = Registry::start(&[("node", &password)])?;
+        let image = registry.push_program_image("pause", "3.10", "node", &password, &["pause"])?;
+        let tarball = self.path("pause.tar");
+        registry.save_image(&image, "node", &password, &tarball)?;
+        self.ctr(&["images", "import", &tarball.display().to_string()])?;
+        self.ctr(&["images", "tag", "--force", &image, PAUSE_IMAGE])?;
+        self.ctr(&["images", "rm", &image])?;
+        Ok(())
+    }
+
+    fn start_kubelet(&self, cp: &ControlPlane) -> Result<()> {
+        let (cert, key) = cp.client_certificate(&format!("system:node:{NODE_NAME}"), "system:nodes")?;
+        std::fs::write(self.path("kubelet-client.crt"), cert)?;
+        std::fs::write(self.path("kubelet-client.key"), key)?;
+        std::fs::write(
+            self.path("kubelet.kubeconfig"),
+            cp.kubeconfig_for_certificate(&self.path("kubelet-client.crt"), &self.path("kubelet-client.key")),
+        )?;
+        std::fs::write(self.path("ca.crt"), std::fs::read(cp.dir().join("ca.crt"))?)?;
+        // The apiserver reaches the kubelet at the InternalIP (for `kubectl logs`); the kubelet
+        // refuses a loopback address there, so it is the address of the default route.
+        let ip = host_ip()?;
+        let (port, healthz) = (free_port(), free_port());
+        let p = |name: &str| self.path(name).display().to_string();
+        let config = serde_json::json!({
+            "apiVersion": "kubelet.config.k8s.io/v1beta1",
+            "kind": "KubeletConfiguration",
+            "containerRuntimeEndpoint": format!("unix://{}", p("containerd.sock")),
+            "address": ip,
+            "port": port,
+            "readOnlyPort": 0,
+            "healthzBindAddress": "127.0.0.1",
+            "healthzPort": healthz,
+            // Only the apiserver's client certificate (the test CA) and webhook-checked tokens.
+            "authentication": {"anonymous": {"enabled": false}, "webhook": {"enabled": true},
+                               "x509": {"clientCAFile": p("ca.crt")}},
+            "authorization": {"mode": "Webhook"},
+            // This machine: cgroup v1 without systemd, and swap is not refused.
+            "cgroupDriver": "cgroupfs",
+            "failCgroupV1": false,
+            "failSwapOn": false,
+            "podLogsDirectory": p("pod-logs"),
+            // Pulls of parallel tests do not wait for each other; no image is ever collected,
+            // and nothing is evicted for a full disk on a shared test machine.
+            "serializeImagePulls": false,
+            "imageGCHighThresholdPercent": 100,
+            "evictionHard": {"memory.available": "1Mi", "nodefs.available": "1%", "imagefs.available": "1%",
+                             "nodefs.inodesFree": "1%"},
+            "nodeStatusReportFrequency": "10s",
+            "syncFrequency": "5s",
+            "fileCheckFrequency": "5s",
+            "resolvConf": "/etc/resolv.conf",
+            "registerNode": true,
+        });
+        std::fs::write(self.path("kubelet.json"), config.to_string())?;
+        let mut cmd = Command::new(testbin("kubelet")?);
+        cmd.arg(format!("--config={}", p("kubelet.json")))
+            .arg(format!("--kubeconfig={}", p("kubelet.kubeconfig")))
+            .arg(format!("--root-dir={}", p("kubelet")))
+            .arg(format!("--hostname-override={NODE_NAME}"))
+            .arg(format!("--node-ip={ip}"))
+            .arg("--v=2");
+        let proc = Process::spawn("kubelet", cmd, &self.path("kubelet.log"))?;
+        *self.kubelet.lock().unwrap() = Some(proc);
+        Ok(())
+    }
+
+    /// Waits until the Node is Ready (registered, its runtime and network ready).
+    fn wait_ready(&self, cp: &ControlPlane) -> Result<()> {
+        let config = cp.kube_config();
+        wait_until(
+            &format!("Node {NODE_NAME} Ready"),
+            READY_TIMEOUT,
+            || self.check_alive(),
+            || {
+                let node = block_on(async {
+                    let nodes = Api::<NodeObject>::all(kube::Client::try_from(config.clone())?);
+                    anyhow::Ok(tokio::time::timeout(Duration::from_secs(10), nodes.get(NODE_NAME)).await??)
+                })?;
+                let ready =
+                    node.status.and_then(|s| s.conditions).unwrap_or_default().into_iter().find(|c| c.type_ == "Ready");
+                match ready {
+                    Some(c) if c.status == "True" => Ok(()),
+                    other => bail!("Node {NODE_NAME} is not Ready: {other:?}"),
+                }
+            },
+        )
+    }
+
+    fn check_alive(&self) -> Result<()> {
+        for slot in [&self.containerd, &self.kubelet] {
+            if let Some(p) = slot.lock().unwrap().as_mut() {
+                p.check_alive()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn log_tails(&self) -> String {
+        [&self.containerd, &self.kubelet]
+            .iter()
+            .filter_map(|slot| slot.lock().unwrap().as_ref().map(Process::log_tail))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Stops the kubelet, kills the containers, stops containerd, and puts the machine back
+    /// (see [`cleanup`]). Runs once.
+    fn teardown(&self) {
+        let mut done = self.torn_down.lock().unwrap_or_else(|e| e.into_inner());
+        if *done {
+            return;
+        }
+        *done = true;
+        if let Some(mut p) = self.kubelet.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            p.stop();
+        }
+        kill_shims(&self.dir);
+        if let Some(mut p) = self.containerd.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            p.stop();
+        }
+        // The logs outlive the node, for a look after a failed run.
+        let logs = std::env::temp_dir().join("regcred-node-logs");
+        let _ = std::fs::create_dir_all(&logs);
+        for name in ["kubelet.log", "containerd.log"] {
+            let _ = std::fs::copy(self.path(name), logs.join(name));
+        }
+        cleanup(&self.dir);
+    }
+}
+
+/// Registry host `host` mapped to a local registry (see [`Node::map_registry`]); drop
+/// removes the mapping.
+pub struct HostMapping<'a> {
+    node: &'a Node,
+    host: String,
+}
+
+impl Drop for HostMapping<'_> {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(self.node.path("certs.d").join(&self.host));
+        let mut mapped = self.node.mapped.lock().unwrap_or_else(|e| e.into_inner());
+        mapped.remove(&self.host);
+        self.node.unmapped.notify_all();
+    }
+}
+
+/// Takes the machine-wide node lock, waiting while another test process holds it.
+fn lock_machine(path: &Path) -> Result<File> {
+    use std::os::fd::AsRawFd;
+    let file = File::options().create(true).truncate(false).write(true).open(path)?;
+    let deadline = Instant::now() + LOCK_TIMEOUT;
+    let mut said = false;
+    loop {
+        // SAFETY: flock on a file descriptor we own.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Ok(file);
+        }
+        if Instant::now() >= deadline {
+            bail!("another test process kept the node ({}) for {LOCK_TIMEOUT:?}", path.display());
+        }
+        if !said {
+            eprintln!("testenv: waiting for another test process's node to go ({})", path.display());
+            said = true;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Puts the machine back after a node that used `dir`: kills its containers (a shim
+/// outlives containerd), unmounts what is mounted under `dir`, restores the sysctls and
+/// removes the paths it created, then `dir`. Safe to run on a half-started node.
+fn cleanup(dir: &Path) {
+    kill_shims(dir);
+    unmount_under(dir);
+    if let Ok(saved) = std::fs::read_to_string(dir.join("sysctls.saved")) {
+        for line in saved.lines() {
+            if let Some((name, value)) = line.split_once('=') {
+                let path = Path::new("/proc/sys").join(name);
+                if std::fs::read_to_string(&path).is_ok_and(|now| now.trim() != value) {
+                    let _ = std::fs::write(&path, value);
+                }
+            }
+        }
+    }
+    if let Ok(created) = std::fs::read_to_string(dir.join("created-paths")) {
+        for path in created.lines().filter(|l| !l.is_empty()) {
+            let path = Path::new(path);
+            if path.starts_with("/sys/fs/cgroup") {
+                remove_cgroup(path);
+            } else {
+                let _ = std::fs::remove_dir_all(path);
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// The machine paths to watch: [`MACHINE_PATHS`] and the `kubepods` cgroup of every v1
+/// hierarchy.
+fn machine_paths() -> Vec<String> {
+    let mut paths: Vec<String> = MACHINE_PATHS.iter().map(|p| p.to_string()).collect();
+    if let Ok(entries) = std::fs::read_dir("/sys/fs/cgroup") {
+        for e in entries.flatten() {
+            if e.path().is_dir() {
+                paths.push(e.path().join("kubepods").display().to_string());
+            }
+        }
+    }
+    paths
+}
+
+/// Removes a cgroup directory tree, children first (a cgroup goes with rmdir once empty).
+fn remove_cgroup(path: &Path) {
+    if let Ok(entries) = std::fs::read_dir(path) {
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_cgroup(&e.path());
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(path);
+}
+
+/// SIGKILLs every containerd shim whose command line names `dir` (its containerd's socket),
+/// and every process below it (the containers).
+fn kill_shims(dir: &Path) {
+    let dir = dir.display().to_string();
+    let procs = processes();
+    let shims: Vec<i32> = procs
+        .iter()
+        .filter(|(_, _, cmdline)| {
+            cmdline.first().is_some_and(|exe| exe.contains("containerd-shim"))
+                && cmdline.iter().any(|a| a.contains(&dir))
+        })
+        .map(|(pid, _, _)| *pid)
+        .collect();
+    for shim in shims {
+        let mut tree = vec![shim];
+        let mut i = 0;
+        while i < tree.len() {
+            let parent = tree[i];
+            tree.extend(procs.iter().filter(|(_, ppid, _)| *ppid == parent).map(|(pid, _, _)| *pid));
+            i += 1;
+        }
+        // Children first, so none is reparented to a dead shim's successor.
+        for pid in tree.iter().rev() {
+            // SAFETY: kill(2) on a pid found above.
+            unsafe { libc::kill(*pid, libc::SIGKILL) };
+        }
+    }
+    // Until they are gone (their mounts are busy until then).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline
+        && processes().iter().any(|(_, _, c)| {
+            c.first().is_some_and(|e| e.contains("containerd-shim")) && c.iter().any(|a| a.contains(&dir))
+        })
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// (pid, parent pid, command line) of every process.
+fn processes() -> Vec<(i32, i32, Vec<String>)> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else { return out };
+    for e in entries.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else { continue };
+        // pid (comm) state ppid ...; comm may hold spaces and parentheses.
+        let Some(ppid) = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse().ok())
+        else {
+            continue;
+        };
+        let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let cmdline = cmdline
+            .split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        out.push((pid, ppid, cmdline));
+    }
+    out
+}
+
+/// Unmounts (lazily) every mount point under `dir`, deepest first.
+fn unmount_under(dir: &Path) {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return };
+    let mut points: Vec<PathBuf> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| PathBuf::from(unescape_mountinfo(p)))
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
+    points.dedup();
+    for point in points {
+        if let Ok(c) = std::ffi::CString::new(point.as_os_str().as_encoded_bytes()) {
+            // SAFETY: umount2 with a valid C string.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+}
+
+/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
+fn unescape_mountinfo(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\' && i + 3 < bytes.len() && bytes[i + 1..i + 4].iter().all(|b| (b'0'..=b'7').contains(b)) {
+            out.push((bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The address this machine reaches other hosts from (the default route's source): the
+/// node's InternalIP. No packet is sent.
+fn host_ip() -> Result<std::net::IpAddr> {
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
+    socket.connect("8.8.8.8:53").context("no route off this machine")?;
+    let ip = socket.local_addr()?.ip();
+    ensure!(!ip.is_loopback() && !ip.is_unspecified(), "no address off loopback for the node ({ip})");
+    Ok(ip)
+}
+
+/// The full path of `name` in PATH (and the sbin directories, which a non-login root shell
+/// may lack).
+fn which(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/local/sbin", "/usr/sbin", "/sbin"].map(PathBuf::from))
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_escapes() {
+        assert_eq!(unescape_mountinfo(r"/tmp/a\040b\134c"), r"/tmp/a b\c");
+        assert_eq!(unescape_mountinfo("/plain"), "/plain");
+    }
+}
