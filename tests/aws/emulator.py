@@ -4,15 +4,22 @@
 * moto (ECR, STS, IAM, ...) on --port, wrapped to count requests, inject
   faults and record who called GetAuthorizationToken (/_emulator/*);
 * an IMDSv2 stub on --imds-port (EC2 instance role credentials);
-* an EKS Pod Identity agent stub on --pod-identity-port.
+* an EKS Pod Identity agent stub on --pod-identity-port;
+* on --port too, GET /registry/token: a token realm for a CNCF distribution registry with
+  token auth that stands in for an ECR registry: Basic AWS:<password> where the password is
+  one GetAuthorizationToken issued and that has not expired gets a registry token (ES256,
+  never outliving that password) for pull and push on any repository; anything else 401.
 
 Access key ids tell the credential sources apart: AKIAIMDS... (IMDS),
 AKIAPODID... (Pod Identity), ASIA... (moto's STS AssumeRole*).
-Writes the ports as JSON to STATE_DIR/ready once everything listens.
+Writes the ports as JSON to STATE_DIR/ready once everything listens, and the public key of
+the registry tokens as a JWKS to STATE_DIR/registry-jwks.json (the key itself is kept in
+STATE_DIR/registry-key.pem, so a restart keeps it and the registry's trust).
 """
 
 import argparse
 import base64
+import hashlib
 import io
 import json
 import os
@@ -24,6 +31,9 @@ import time
 from datetime import datetime, timedelta, timezone
 from urllib.parse import parse_qs
 
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from werkzeug.serving import make_server
 from werkzeug.wrappers import Request, Response
 
@@ -38,6 +48,10 @@ CALLS = []  # one dict per AWS API request, see Wrapper
 FAULTS = {}  # "service:Action" -> (error code, HTTP status)
 LIFETIME = [43200]  # seconds an ECR token is valid; a list so it can be set at runtime
 REQUEST = threading.local()  # the current request's CALLS entry, for the ECR patch
+ISSUED = {}  # ECR password -> expiresAt (epoch seconds), for the registry token realm
+REGISTRY_SERVICE = "regcred-testenv-ecr"
+REGISTRY_ISSUER = "regcred-testenv-ecr-realm"
+REGISTRY_TOKEN_SECONDS = 300
 
 # Authorization: AWS4-HMAC-SHA256 Credential=AKID/20250101/us-east-1/ecr/aws4_request, ...
 CREDENTIAL = re.compile(r"Credential=([^/,\s]+)/[^/]*/[^/]*/([^/]+)/")
@@ -69,6 +83,8 @@ def get_authorization_token(self):
     data = []
     for registry_id in registry_ids:
         password = f"{registry_id}-{secrets.token_urlsafe(24)}"
+        with LOCK:
+            ISSUED[password] = expires_at
         data.append(
             {
                 "authorizationToken": base64.b64encode(f"AWS:{password}".encode()).decode(),
@@ -118,12 +134,16 @@ def aws_error(environ, code, status):
 class Wrapper:
     """WSGI middleware in front of moto: control endpoints, counts, faults, calls."""
 
-    def __init__(self):
+    def __init__(self, registry_key, registry_kid):
         self.moto = DomainDispatcherApplication(create_backend_app)
+        self.registry_key = registry_key
+        self.registry_kid = registry_kid
 
     def __call__(self, environ, start_response):
         if environ.get("PATH_INFO", "").startswith("/_emulator/"):
             return self.control(Request(environ))(environ, start_response)
+        if environ.get("PATH_INFO", "") == "/registry/token":
+            return self.registry_token(Request(environ))(environ, start_response)
         # Read the body once, and hand moto a fresh copy of it.
         body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
         environ["wsgi.input"] = io.BytesIO(body)
@@ -150,6 +170,57 @@ class Wrapper:
             REQUEST.record = None
             with LOCK:  # only now, so /_emulator/calls never sees a half-filled record
                 CALLS.append(record)
+
+    def registry_token(self, req):
+        """The registry's token realm (Docker token protocol). Recorded in CALLS as
+        registry:Token with the expiresAt of the ECR password presented (null if unknown)."""
+        req.get_data()  # read the body even when refusing, so no client waits on it
+        count("registry:Token")
+        record = {"action": "registry:Token", "access_key_id": None, "time": time.time(), "status": None, "error": None}
+
+        def answer(status, body, error=None, headers=None):
+            record["status"], record["error"] = int(str(status).split()[0]), error
+            with LOCK:
+                CALLS.append(record)
+            return Response(json.dumps(body), status, headers=headers, content_type="application/json")
+
+        if req.method != "GET":  # containerd tries an OAuth POST first, then GET on a 404
+            return answer(404, {"errors": [{"code": "UNSUPPORTED", "message": "GET only"}]}, "method")
+        if req.args.get("service") != REGISTRY_SERVICE:
+            return answer(400, {"errors": [{"code": "DENIED", "message": "unknown service"}]}, "service")
+        auth = req.authorization
+        expires_at = None
+        if auth is not None and auth.type == "basic" and auth.username == "AWS":
+            with LOCK:
+                expires_at = ISSUED.get(auth.password or "")
+        record["expiresAt"] = expires_at
+        now = time.time()
+        if expires_at is None or expires_at <= now:
+            error = "unknown token" if expires_at is None else "expired token"
+            body = {"errors": [{"code": "UNAUTHORIZED", "message": f"authentication failed: {error}"}]}
+            # The reason phrase as Go servers (and registries) send it, not werkzeug's "UNAUTHORIZED".
+            return answer("401 Unauthorized", body, error, {"WWW-Authenticate": 'Basic realm="ECR"'})
+        access = []
+        for scope in req.args.getlist("scope"):
+            kind, _, rest = scope.partition(":")
+            repository, _, actions = rest.rpartition(":")
+            if kind == "repository" and repository:
+                granted = [a for a in actions.split(",") if a in ("pull", "push")]
+                access.append({"type": "repository", "name": repository, "actions": granted})
+        issued = int(now)
+        claims = {
+            "iss": REGISTRY_ISSUER,
+            "sub": "AWS",
+            "aud": REGISTRY_SERVICE,
+            "iat": issued,
+            "nbf": issued,
+            # Never valid longer than the ECR password it was granted for.
+            "exp": min(issued + REGISTRY_TOKEN_SECONDS, int(expires_at)),
+            "jti": secrets.token_hex(16),
+            "access": access,
+        }
+        token = jwt.encode(claims, self.registry_key, algorithm="ES256", headers={"kid": self.registry_kid})
+        return answer(200, {"token": token, "access_token": token, "expires_in": claims["exp"] - issued})
 
     def control(self, req):
         arg = req.args.get
@@ -262,8 +333,31 @@ def main():
     args = p.parse_args()
     LIFETIME[0] = args.token_lifetime
 
+    # The registry tokens' key survives a restart (same state dir), and so does the registry's trust.
+    key_path = f"{args.state_dir}/registry-key.pem"
+    if os.path.exists(key_path):
+        with open(key_path, "rb") as f:
+            registry_key = serialization.load_pem_private_key(f.read(), password=None)
+    else:
+        registry_key = ec.generate_private_key(ec.SECP256R1())
+        with open(key_path, "wb") as f:
+            f.write(
+                registry_key.private_bytes(
+                    serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+                )
+            )
+    public_der = registry_key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    registry_kid = "aws-emulator-" + hashlib.sha256(public_der).hexdigest()[:16]
+    jwk = jwt.algorithms.ECAlgorithm.to_jwk(registry_key.public_key(), as_dict=True)
+    jwk.update(kid=registry_kid, use="sig", alg="ES256")
+    with open(f"{args.state_dir}/registry-jwks.json.tmp", "w") as f:
+        json.dump({"keys": [jwk]}, f)
+    os.replace(f"{args.state_dir}/registry-jwks.json.tmp", f"{args.state_dir}/registry-jwks.json")
+
     apps = [
-        (args.port, Wrapper()),
+        (args.port, Wrapper(registry_key, registry_kid)),
         (args.imds_port, Imds(args.region)),
         (args.pod_identity_port, PodIdentity(args.pod_identity_token)),
     ]

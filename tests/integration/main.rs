@@ -14,6 +14,7 @@ mod gcr;
 mod leader;
 mod lifecycle;
 mod logs;
+mod node;
 mod privilege;
 mod quiet;
 mod rbac;

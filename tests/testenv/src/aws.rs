@@ -16,7 +16,8 @@ const DEFAULT_TOKEN_LIFETIME: u64 = 12 * 60 * 60;
 /// A local AWS (`tests/aws/emulator.py`, run by `python3` from PATH with
 /// `tests/aws/requirements.txt` installed): moto for ECR/STS/IAM with a
 /// realistic, rotating ECR GetAuthorizationToken, request counts, fault
-/// injection and a record of calls; plus IMDSv2 and EKS Pod Identity stubs.
+/// injection and a record of calls; plus IMDSv2 and EKS Pod Identity stubs, and the token
+/// realm of a registry standing in for ECR ([`AwsEmulator::token_realm`]).
 /// Credentials from IMDS have access key ids starting `AKIAIMDS`, from Pod
 /// Identity `AKIAPODID`, from STS AssumeRole* `ASIA`. Drop stops it.
 pub struct AwsEmulator {
@@ -105,6 +106,25 @@ impl AwsEmulator {
     /// SDK client's `endpoint_url`.
     pub fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The token realm of a registry that stands in for ECR, for
+    /// [`crate::Registry::start_with_token_realm`]: `GET /registry/token` on the emulator
+    /// grants pull and push on any repository to Basic `AWS:<password>` where the password is
+    /// one GetAuthorizationToken issued and that has not expired (tokens of a run before a
+    /// [`Self::restart`] are unknown after it), and never for longer than that password lives;
+    /// anything else gets 401. Its requests appear in [`Self::calls`] as `registry:Token`,
+    /// with the `expiresAt` of the password presented (null if unknown).
+    pub fn token_realm(&self) -> crate::TokenRealm {
+        crate::TokenRealm {
+            // Not 127.0.0.1: against SSRF, crane refuses a realm at a loopback IP literal
+            // other than the registry's own host.
+            realm: format!("http://localhost:{}/registry/token", self.port),
+            service: "regcred-testenv-ecr".into(),
+            issuer: "regcred-testenv-ecr-realm".into(),
+            jwks: self.dir.path().join("registry-jwks.json"),
+            signing_algorithms: vec!["ES256".into()],
+        }
     }
 
     /// For `AWS_EC2_METADATA_SERVICE_ENDPOINT`.

@@ -380,3 +380,38 @@ async fn stop_refuses_connections_and_restart_serves_again() {
     assert!((expires - (now() + 300)).abs() < 30, "the lifetime survives a restart");
     assert_eq!(aws.counts().unwrap(), BTreeMap::from([(GET_TOKEN.to_owned(), 1)]), "a restart starts afresh");
 }
+
+#[tokio::test]
+async fn the_registry_realm_takes_exactly_the_live_tokens_it_issued() {
+    use regcred_testenv::{Registry, docker_config_json, http_get_basic_auth, wait_for};
+    let aws = AwsEmulator::start_with_lifetime(6).unwrap();
+    let registry = Registry::start_with_token_realm(&aws.token_realm()).unwrap();
+    let host = registry.host();
+    let client = ecr(&aws, static_credentials());
+    let out = client.get_authorization_token().send().await.unwrap();
+    let live = password(out.authorization_data()[0].authorization_token().unwrap());
+    let image = registry.push_test_image("team/app", "v1", "AWS", &live).unwrap();
+    registry.pull_with_auth_file(&image, &docker_config_json(&host, "AWS", &live)).unwrap();
+
+    for (user, pass) in [("AWS", "123456789012-made-up"), ("someone", live.as_str())] {
+        let err = registry.pull_with_auth_file(&image, &docker_config_json(&host, user, pass)).unwrap_err();
+        assert!(format!("{err:#}").contains("UNAUTHORIZED"), "{user}: {err:#}");
+    }
+    let realm = aws.token_realm();
+    let port: u16 = aws.endpoint().rsplit(':').next().unwrap().parse().unwrap();
+    let path = format!("/registry/token?service={}&scope=repository:team/app:pull", realm.service);
+    wait_for("the token to expire", Duration::from_secs(20), || {
+        (http_get_basic_auth(port, &path, "AWS", &live).unwrap().0 == 401).then_some(())
+    })
+    .unwrap();
+    let err = registry.pull_with_auth_file(&image, &docker_config_json(&host, "AWS", &live)).unwrap_err();
+    assert!(format!("{err:#}").contains("UNAUTHORIZED"), "expired: {err:#}");
+
+    let calls: Vec<_> = aws.calls().unwrap().into_iter().filter(|c| c["action"] == "registry:Token").collect();
+    let expires = out.authorization_data()[0].expires_at().unwrap().secs() as f64;
+    // The SDK gives whole seconds.
+    let granted = |c: &serde_json::Value| c["expiresAt"].as_f64().is_some_and(|e| (e - expires).abs() < 1.0);
+    assert!(calls.iter().any(|c| c["status"] == 200 && granted(c)), "{calls:?}");
+    assert!(calls.iter().any(|c| c["status"] == 401 && c["error"] == "expired token"), "{calls:?}");
+    assert!(calls.iter().any(|c| c["status"] == 401 && c["error"] == "unknown token"), "{calls:?}");
+}

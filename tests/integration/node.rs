@@ -1,0 +1,433 @@
+//! Pods on a real node (testenv's `Node`: containerd and a kubelet) pull private images with
+//! the Secrets regcred writes: each test asserts the kubelet's own pull result in the Pod's
+//! Events (`Pulled`, or `Failed` with the registry's refusal) and that the container ran.
+//! Registries answer under the host names the sources are shaped for (ghcr.io, docker.io,
+//! gcr.io, an ECR host) through containerd's registry hosts config, while the kubelet looks
+//! the credential up under the image's own host. Where the machine cannot run a node these
+//! tests fail, saying why, unless `REGCRED_SKIP_NODE=1`.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use k8s_openapi::api::core::v1::{Pod, Secret, ServiceAccount};
+use kube::{
+    Api, Client,
+    api::{ObjectMeta, PostParams},
+};
+use regcred_testenv::{AwsEmulator, GcpEmulator, Node, Registry, eventually};
+use serde_json::{Value, json};
+
+use crate::support::*;
+
+/// Pulls, sandboxes and kubelet retries take longer than the controller's writes.
+const NODE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The shared node, or None (the test returns) with `REGCRED_SKIP_NODE=1`.
+fn node() -> Option<&'static Node> {
+    env();
+    Node::shared()
+}
+
+/// Creates a Pod on the node that runs `image` once (`imagePullPolicy: Always`, so every Pod
+/// pulls and shows its own pull result), with these pull Secrets and ServiceAccount. Retried
+/// while the namespace's ServiceAccount does not exist yet (admission refuses the Pod then).
+async fn create_pod(client: &Client, ns: &str, name: &str, image: &str, secrets: &[&str], sa: Option<&str>) -> Pod {
+    let mut spec = json!({
+        "nodeName": regcred_testenv::NODE_NAME,
+        "hostNetwork": true,
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": false,
+        "terminationGracePeriodSeconds": 0,
+        "containers": [{"name": "app", "image": image, "imagePullPolicy": "Always"}],
+    });
+    if !secrets.is_empty() {
+        spec["imagePullSecrets"] = secrets.iter().map(|s| json!({"name": s})).collect();
+    }
+    if let Some(sa) = sa {
+        spec["serviceAccountName"] = sa.into();
+    }
+    let pod: Pod = serde_json::from_value(json!({"metadata": {"name": name}, "spec": spec})).expect("a Pod");
+    let pods = Api::<Pod>::namespaced(client.clone(), ns);
+    eventually(&format!("creating Pod {ns}/{name}"), TIMEOUT, || async {
+        match pods.create(&PostParams::default(), &pod).await {
+            Ok(pod) => Some(pod),
+            Err(kube::Error::Api(e)) if e.message.contains("serviceaccount") => None,
+            Err(e) => panic!("creating Pod {ns}/{name}: {e}"),
+        }
+    })
+    .await
+}
+
+/// Waits for the kubelet's `Pulled` Event for the Pod; returns its note.
+async fn wait_pulled(client: &Client, ns: &str, pod: &str) -> String {
+    wait_pod_event(client, ns, pod, "Normal", "Pulled", "Successfully pulled image").await
+}
+
+/// Waits for the kubelet's `Failed` Event of a pull for the Pod; returns its note.
+async fn wait_pull_failed(client: &Client, ns: &str, pod: &str) -> String {
+    wait_pod_event(client, ns, pod, "Warning", "Failed", "Failed to pull image").await
+}
+
+async fn wait_pod_event(client: &Client, ns: &str, pod: &str, type_: &str, reason: &str, prefix: &str) -> String {
+    eventually(&format!("{type_} Event {reason} for Pod {ns}/{pod}"), NODE_TIMEOUT, || async {
+        events_for(client, ns, "Pod", pod)
+            .await
+            .into_iter()
+            .find(|(t, r, note)| t == type_ && r == reason && note.starts_with(prefix))
+            .map(|e| e.2)
+    })
+    .await
+}
+
+/// Waits until the Pod's container ran to completion (exit 0, phase Succeeded).
+async fn wait_ran(client: &Client, ns: &str, name: &str) -> Pod {
+    let pods = Api::<Pod>::namespaced(client.clone(), ns);
+    eventually(&format!("Pod {ns}/{name} to run and succeed"), NODE_TIMEOUT, || async {
+        let pod = pods.get(name).await.ok()?;
+        (pod.status.as_ref()?.phase.as_deref() == Some("Succeeded")).then_some(pod)
+    })
+    .await
+}
+
+/// Waits until the Pod's container waits on its image: ErrImagePull or ImagePullBackOff.
+async fn wait_image_pull_error(client: &Client, ns: &str, name: &str) -> String {
+    let pods = Api::<Pod>::namespaced(client.clone(), ns);
+    eventually(&format!("Pod {ns}/{name} waiting on its image"), NODE_TIMEOUT, || async {
+        let pod = pods.get(name).await.ok()?;
+        let status = pod.status?.container_statuses?.into_iter().next()?;
+        let reason = status.state?.waiting?.reason?;
+        ["ErrImagePull", "ImagePullBackOff"].contains(&reason.as_str()).then_some(reason)
+    })
+    .await
+}
+
+/// The Pod pulled `image` (the kubelet's `Pulled` Event names it), no pull of it failed,
+/// and its container ran.
+async fn assert_pulls_and_runs(client: &Client, ns: &str, pod: &str, image: &str) {
+    let pulled = wait_pulled(client, ns, pod).await;
+    assert!(pulled.contains(&format!("\"{image}\"")), "{pulled}");
+    wait_ran(client, ns, pod).await;
+    let events = events_for(client, ns, "Pod", pod).await;
+    assert!(!events.iter().any(|(_, reason, _)| reason == "Failed"), "{events:?}");
+}
+
+/// A plain HTTP registry with one user, and the image `team/app:v1` in it.
+fn registry_with_image(user: &str, password: &str, repo: &str) -> (Registry, String) {
+    let registry = Registry::start(&[(user, password)]).unwrap();
+    let image = registry.push_program_image(repo, "v1", user, password, &["hello", repo]).unwrap();
+    (registry, image)
+}
+
+#[tokio::test]
+async fn basic_source_with_colon_and_non_ascii_password_pulls_on_the_node() {
+    let Some(_node) = node() else { return };
+    let client = client().await;
+    let ns = namespace(&client, "node-basic").await;
+    let password = secret_value("puller", "pä:ss wörd");
+    let (registry, image) = registry_with_image("puller", &password, "team/app");
+    create_secret(&client, &ns, "reg-pass", &[("password", password.as_bytes())]).await;
+    create_credential(
+        &client,
+        &ns,
+        "private",
+        json!({"registry": registry.host(),
+               "source": {"basic": {"username": "puller", "passwordSecretRef": {"name": "reg-pass"}}}}),
+    )
+    .await;
+    wait_secret(&client, &ns, "private", "written", |_| true).await;
+
+    create_pod(&client, &ns, "app", &image, &["private"], None).await;
+    assert_pulls_and_runs(&client, &ns, "app", &image).await;
+    // The container's own output, through the apiserver and the kubelet.
+    let out = env().cp.kubectl(&["-n", &ns, "logs", "app"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "hello team/app", "{out:?}");
+    assert_no_leaks(&client).await;
+}
+
+#[tokio::test]
+async fn ghcr_source_pulls_from_ghcr_io() {
+    let Some(node) = node() else { return };
+    let client = client().await;
+    let ns = namespace(&client, "node-ghcr").await;
+    let token = secret_value("octocat", "ghp");
+    let (registry, _) = registry_with_image("octocat", &token, "octocat/app");
+    let _ghcr = node.map_registry("ghcr.io", &registry).unwrap();
+    create_secret(&client, &ns, "ghcr-pat", &[("token", token.as_bytes())]).await;
+    create_credential(
+        &client,
+        &ns,
+        "ghcr",
+        json!({"source": {"ghcr": {"username": "octocat", "tokenSecretRef": {"name": "ghcr-pat"}}}}),
+    )
+    .await;
+    wait_secret(&client, &ns, "ghcr", "written", |_| true).await;
+
+    create_pod(&client, &ns, "app", "ghcr.io/octocat/app:v1", &["ghcr"], None).await;
+    assert_pulls_and_runs(&client, &ns, "app", "ghcr.io/octocat/app:v1").await;
+}
+
+#[tokio::test]
+async fn docker_hub_source_pulls_images_named_the_docker_hub_way() {
+    let Some(node) = node() else { return };
+    let client = client().await;
+    let ns = namespace(&client, "node-hub").await;
+    let password = secret_value("me", "hub");
+    let (registry, _) = registry_with_image("me", &password, "me/app");
+    let _hub = node.map_registry("docker.io", &registry).unwrap();
+    create_secret(&client, &ns, "hub-pass", &[("pw", password.as_bytes())]).await;
+    create_credential(
+        &client,
+        &ns,
+        "hub",
+        json!({"registry": "docker.io",
+               "source": {"basic": {"username": "me", "passwordSecretRef": {"name": "hub-pass", "key": "pw"}}}}),
+    )
+    .await;
+    wait_secret(&client, &ns, "hub", "written", |_| true).await;
+
+    // As users write it: no host at all, and the full docker.io name.
+    for (pod, image) in [("short", "me/app:v1"), ("full", "docker.io/me/app:v1")] {
+        create_pod(&client, &ns, pod, image, &["hub"], None).await;
+        assert_pulls_and_runs(&client, &ns, pod, image).await;
+    }
+}
+
+#[tokio::test]
+async fn gcr_source_pulls_with_the_key_file_through_the_token_realm() {
+    let Some(node) = node() else { return };
+    let client = client().await;
+    let ns = namespace(&client, "node-gcr").await;
+    // Artifact Registry's realm: `_json_key` with a key the emulator issued; the account pulls
+    // under its own project (and may push here, to publish the image).
+    let gcp = GcpEmulator::start().unwrap();
+    let key = gcp.create_service_account_key("puller@regcred-test.iam.gserviceaccount.com").unwrap();
+    record_secret(&key.json);
+    record_secret(&key.private_key);
+    gcp.grant(&key.client_email, "regcred-test/app", &["pull", "push"]).unwrap();
+    let registry = Registry::start_with_token_realm(&gcp.token_realm()).unwrap();
+    registry.push_program_image("regcred-test/app", "v1", "_json_key", &key.json, &["hello", "gcr"]).unwrap();
+    let _gcr = node.map_registry("gcr.io", &registry).unwrap();
+    create_secret(&client, &ns, "gcp-sa", &[("key.json", key.json.as_bytes())]).await;
+    create_credential(
+        &client,
+        &ns,
+        "gcr",
+        json!({"registry": "gcr.io", "source": {"gcr": {"jsonKeySecretRef": {"name": "gcp-sa"}}}}),
+    )
+    .await;
+    wait_secret(&client, &ns, "gcr", "written", |_| true).await;
+
+    create_pod(&client, &ns, "app", "gcr.io/regcred-test/app:v1", &["gcr"], None).await;
+    assert_pulls_and_runs(&client, &ns, "app", "gcr.io/regcred-test/app:v1").await;
+    // The realm saw the key file, and granted its account.
+    let calls = gcp.calls().unwrap();
+    assert!(
+        calls
+            .iter()
+            .any(|c| c["endpoint"] == "registry:token" && c["status"] == 200 && c["identity"] == key.client_email),
+        "{calls:?}"
+    );
+    assert_no_leaks(&client).await;
+}
+
+#[tokio::test]
+async fn a_service_account_patched_by_regcred_gives_pods_the_secret() {
+    let Some(_node) = node() else { return };
+    let client = client().await;
+    let ns = namespace(&client, "node-sa").await;
+    let password = secret_value("puller", "sa");
+    let (registry, image) = registry_with_image("puller", &password, "team/app");
+    create_secret(&client, &ns, "reg-pass", &[("password", password.as_bytes())]).await;
+    let account = ServiceAccount {
+        metadata: ObjectMeta { name: Some("runner".into()), ..Default::default() },
+        ..Default::default()
+    };
+    Api::<ServiceAccount>::namespaced(client.clone(), &ns).create(&PostParams::default(), &account).await.unwrap();
+    create_credential(
+        &client,
+        &ns,
+        "private",
+        json!({"registry": registry.host(), "serviceAccounts": ["runner"],
+               "source": {"basic": {"username": "puller", "passwordSecretRef": {"name": "reg-pass"}}}}),
+    )
+    .await;
+    let accounts = Api::<ServiceAccount>::namespaced(client.clone(), &ns);
+    eventually("regcred to add its Secret to ServiceAccount runner", TIMEOUT, || async {
+        let sa = accounts.get("runner").await.ok()?;
+        sa.image_pull_secrets?.iter().any(|r| r.name == "private").then_some(())
+    })
+    .await;
+
+    // No imagePullSecrets in the Pod: admission copies the ServiceAccount's.
+    let pod = create_pod(&client, &ns, "app", &image, &[], Some("runner")).await;
+    let names: Vec<String> =
+        pod.spec.unwrap().image_pull_secrets.unwrap_or_default().into_iter().map(|r| r.name).collect();
+    assert_eq!(names, ["private"]);
+    assert_pulls_and_runs(&client, &ns, "app", &image).await;
+}
+
+#[tokio::test]
+async fn a_cluster_credential_fans_out_to_a_new_namespace_whose_pods_pull() {
+    let Some(_node) = node() else { return };
+    let client = client().await;
+    let team = format!("node-{}", &unique()[..6]);
+    let source_ns = namespace(&client, "node-fan-src").await;
+    let password = secret_value("robot", "node-fanout");
+    let (registry, image) = registry_with_image("robot", &password, "team/app");
+    create_secret(&client, &source_ns, "src", &[("password", password.as_bytes())]).await;
+    let name = format!("node-fan-{}", &unique()[..6]);
+    create_cluster_credential(
+        &client,
+        &name,
+        json!({
+            "registry": registry.host(),
+            "source": {"basic": {"username": "robot", "passwordSecretRef": {"name": "src", "namespace": source_ns}}},
+            "namespaces": {"selector": {"matchLabels": {"team": team}}},
+            "secret": {"name": "team-pull"},
+        }),
+    )
+    .await;
+    wait_cluster(&client, &name, "Ready", |s| s.credential.condition("Ready").is_some()).await;
+
+    // A namespace that appears after the credential.
+    let ns = labelled_namespace(&client, "node-fan", &[("team", &team)]).await;
+    wait_secret(&client, &ns, "team-pull", "fanned out", |_| true).await;
+    create_pod(&client, &ns, "app", &image, &["team-pull"], None).await;
+    assert_pulls_and_runs(&client, &ns, "app", &image).await;
+}
+
+#[tokio::test]
+async fn a_fixed_source_lets_the_same_pod_pull_on_the_kubelets_retry() {
+    let Some(_node) = node() else { return };
+    let client = client().await;
+    let ns = namespace(&client, "node-fix").await;
+    let password = secret_value("puller", "right");
+    let (registry, image) = registry_with_image("puller", &password, "team/app");
+    let wrong = secret_value("puller", "wrong");
+    create_secret(&client, &ns, "reg-pass", &[("password", wrong.as_bytes())]).await;
+    create_credential(
+        &client,
+        &ns,
+        "private",
+        json!({"registry": registry.host(),
+               "source": {"basic": {"username": "puller", "passwordSecretRef": {"name": "reg-pass"}}}}),
+    )
+    .await;
+    wait_secret(&client, &ns, "private", "the wrong password", |s| logins(s)[0].2 == wrong).await;
+
+    let pod = create_pod(&client, &ns, "app", &image, &["private"], None).await;
+    let uid = pod.metadata.uid.clone().unwrap();
+    let failed = wait_pull_failed(&client, &ns, "app").await;
+    assert!(failed.contains("401 Unauthorized"), "{failed}");
+    wait_image_pull_error(&client, &ns, "app").await;
+
+    // The source is fixed; regcred rewrites the Secret; the kubelet's next try pulls.
+    set_secret_key(&client, &ns, "reg-pass", "password", password.as_bytes()).await;
+    wait_secret(&client, &ns, "private", "the right password", |s| logins(s)[0].2 == password).await;
+    let pulled = wait_pulled(&client, &ns, "app").await;
+    assert!(pulled.contains(&format!("\"{image}\"")), "{pulled}");
+    let ran = wait_ran(&client, &ns, "app").await;
+    assert_eq!(ran.metadata.uid.as_deref(), Some(uid.as_str()), "the same Pod, not a new one");
+    assert_no_leaks(&client).await;
+}
+
+/// Seconds since the epoch, as the emulator records times.
+fn now() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs_f64()
+}
+
+/// When the ECR password `password` expires, from the emulator's record of the call that
+/// issued it.
+fn expiry_of(aws: &AwsEmulator, password: &str) -> f64 {
+    use base64::Engine;
+    let calls = aws.calls().unwrap();
+    let call = calls
+        .iter()
+        .filter(|c| c["action"] == "ecr:GetAuthorizationToken" && c["status"] == 200)
+        .find(|c| {
+            let token = c["authorizationData"][0]["authorizationToken"].as_str().unwrap_or_default();
+            let decoded = base64::engine::general_purpose::STANDARD.decode(token).unwrap_or_default();
+            decoded == format!("AWS:{password}").as_bytes()
+        })
+        .expect("the emulator issued the Secret's password");
+    call["expiresAt"].as_f64().unwrap()
+}
+
+/// The registry realm's answers since `since`: (status, expiresAt of the password presented).
+fn realm_calls(aws: &AwsEmulator, since: f64) -> Vec<(u64, Option<f64>)> {
+    aws.calls()
+        .unwrap()
+        .into_iter()
+        .filter(|c| c["action"] == "registry:Token" && c["time"].as_f64().unwrap() >= since)
+        .map(|c: Value| (c["status"].as_u64().unwrap(), c["expiresAt"].as_f64()))
+        .collect()
+}
+
+#[tokio::test]
+async fn ecr_tokens_pull_on_the_node_rotate_and_a_stale_one_is_refused() {
+    let Some(node) = node() else { return };
+    let client = client().await;
+    // 30-second tokens (refreshed about 22 s after issue), a registry that takes exactly the
+    // live tokens this emulator issued, under an ECR host of an account of this test's own.
+    let aws = AwsEmulator::start_with_lifetime(30).unwrap();
+    let registry = Registry::start_with_token_realm(&aws.token_realm()).unwrap();
+    let account = format!("{:012}", u64::from_str_radix(&unique()[..10], 16).unwrap() % 1_000_000_000_000);
+    let host = format!("{account}.dkr.ecr.eu-west-1.amazonaws.com");
+    let _ecr = node.map_registry(&host, &registry).unwrap();
+    let name = format!("node-ecr-{}", &unique()[..6]);
+    let mut controller =
+        spawn_controller(env().cp, &name, &format!("{CONTROLLER_LABEL}={name}"), &aws.endpoint(), &[], &[]);
+    let ns = namespace(&client, "node-ecr").await;
+    create_aws_keys(&client, &ns, "aws-keys", "node-ecr").await;
+    create_credential_for(
+        &client,
+        &ns,
+        "ecr",
+        Some(&name),
+        json!({"source": {"ecr": {"registry": host, "auth": {"secretRef": {"name": "aws-keys"}}}}}),
+    )
+    .await;
+    let secrets = Api::<Secret>::namespaced(client.clone(), &ns);
+    let first = logins(&wait_secret(&client, &ns, "ecr", "written", |_| true).await)[0].2.clone();
+    record_secret(&first);
+    registry.push_program_image("team/app", "v1", "AWS", &first, &["hello", "ecr"]).unwrap();
+    let image = format!("{host}/team/app:v1");
+
+    // 1. A Pod pulls with the token regcred wrote.
+    let since = now();
+    create_pod(&client, &ns, "first", &image, &["ecr"], None).await;
+    assert_pulls_and_runs(&client, &ns, "first", &image).await;
+    let first_expiry = expiry_of(&aws, &first);
+    assert!(realm_calls(&aws, since).contains(&(200, Some(first_expiry))), "the realm granted the first token");
+
+    // 2. regcred rotates the token before it expires; a new Pod pulls with the new one.
+    let rotated = eventually("regcred to write a new token", NODE_TIMEOUT, || async {
+        let secret = secrets.get("ecr").await.ok()?;
+        let password = logins(&secret)[0].2.clone();
+        (password != first).then_some(password)
+    })
+    .await;
+    record_secret(&rotated);
+    let rotated_expiry = expiry_of(&aws, &rotated);
+    assert!(rotated_expiry > first_expiry);
+    let since = now();
+    create_pod(&client, &ns, "rotated", &image, &["ecr"], None).await;
+    assert_pulls_and_runs(&client, &ns, "rotated", &image).await;
+    let granted = realm_calls(&aws, since);
+    assert!(granted.iter().any(|(status, expiry)| *status == 200 && *expiry >= Some(rotated_expiry)), "{granted:?}");
+
+    // 3. The controller stops; once the Secret's token expired, a new Pod is refused: 401.
+    controller.kill();
+    let stale = logins(&secrets.get("ecr").await.unwrap())[0].2.clone();
+    record_secret(&stale);
+    let expiry = expiry_of(&aws, &stale);
+    eventually("the Secret's token to expire", NODE_TIMEOUT, || async { (now() > expiry + 1.0).then_some(()) }).await;
+    assert_eq!(logins(&secrets.get("ecr").await.unwrap())[0].2, stale, "nobody refreshed the Secret");
+    let since = now();
+    create_pod(&client, &ns, "stale", &image, &["ecr"], None).await;
+    let failed = wait_pull_failed(&client, &ns, "stale").await;
+    assert!(failed.contains("401 Unauthorized"), "{failed}");
+    wait_image_pull_error(&client, &ns, "stale").await;
+    let refused = realm_calls(&aws, since);
+    assert!(refused.contains(&(401, Some(expiry))), "the realm refused the expired token: {refused:?}");
+    assert!(!refused.iter().any(|(status, _)| *status == 200), "{refused:?}");
+}
