@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The demo from a clean clone: builds the test control plane and regcred, then runs the
-# end-to-end demo (pass --keep to leave everything running).
+# end-to-end demo (pass --keep to leave everything running). Where the machine can run a node
+# (root, containerd and runc: scripts/setup.sh installs them as root) it runs a real Pod from a
+# private image with the Secret regcred wrote; elsewhere it says why it cannot.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REGCRED_TESTBIN="$(bash scripts/setup.sh | tail -n 1)"

@@ -157,7 +157,12 @@ impl Node {
         self.dir.join(name)
     }
 
-    fn start(cp: &ControlPlane) -> Result<Node> {
+    /// Starts a node for `cp` (the demo's; tests use [`Node::shared`]) and waits until it is
+    /// Ready. Drop tears it down. Fails, saying why, where [`Node::cannot_run`] says it cannot.
+    pub fn start(cp: &ControlPlane) -> Result<Node> {
+        if let Some(why) = Node::cannot_run() {
+            bail!("this machine cannot run the node: {why}");
+        }
         let t0 = Instant::now();
         let dir = std::env::temp_dir().join("regcred-node");
         let lock = lock_machine(&std::env::temp_dir().join("regcred-node.lock"))?;
@@ -419,6 +424,12 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             let _ = std::fs::copy(self.path(name), logs.join(name));
         }
         cleanup(&self.dir);
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.teardown();
     }
 }
 

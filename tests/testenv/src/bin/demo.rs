@@ -1,11 +1,13 @@
 //! The end-to-end demo: a local control plane, the regcred controller, the sample
 //! credentials in `examples/` plus one for a real local registry, the resulting Secrets, and
-//! a pull through that registry using one of them. Run it with `bash scripts/demo.sh`.
+//! a pull through that registry using one of them, and, where the machine can run a node
+//! (root, containerd and runc), a real Pod running from the private image with that Secret.
+//! Run it with `bash scripts/demo.sh`.
 
 use std::{path::PathBuf, process::Command, time::Duration};
 
 use anyhow::{Context, Result, bail};
-use regcred_testenv::{ControlPlane, Process, Registry, wait_for};
+use regcred_testenv::{ControlPlane, Node, Process, Registry, wait_for};
 
 const NAMESPACE: &str = "regcred-demo";
 
@@ -29,7 +31,13 @@ fn main() -> Result<()> {
     step("starting a registry with htpasswd auth and pushing demo/hello:v1");
     let password = "demo-registry-password";
     let registry = Registry::start(&[("demo", password)])?;
-    let image = registry.push_test_image("demo/hello", "v1", "demo", password)?;
+    let image = registry.push_program_image(
+        "demo/hello",
+        "v1",
+        "demo",
+        password,
+        &["hello", "from", "a", "private", "image"],
+    )?;
 
     step("starting the regcred controller");
     let log = cp.dir().join("regcred.log");
@@ -81,6 +89,9 @@ fn main() -> Result<()> {
         "and regcred proved it first (Verified): {}",
         kubectl(&["get", "-n", NAMESPACE, "registrycredential/local", "-o", verified])?
     );
+
+    // Kept until the end: dropping it stops the kubelet and containerd and puts the machine back.
+    let _node = run_pod_on_a_node(&cp, &kubectl, &image)?;
 
     step("changing the registry password in the source Secret: regcred rewrites the pull Secret");
     kubectl(&[
@@ -135,6 +146,42 @@ fn main() -> Result<()> {
     }
     step("done; stopping the control plane, the registry and the controller");
     Ok(())
+}
+
+/// Starts a node (containerd and a kubelet) and runs a Pod from the private `image` with
+/// regcred's Secret `local` as its only pull credential; says plainly why not where this
+/// machine cannot run a node.
+fn run_pod_on_a_node(
+    cp: &ControlPlane,
+    kubectl: &dyn Fn(&[&str]) -> Result<String>,
+    image: &str,
+) -> Result<Option<Node>> {
+    step("running a Pod from the private image on a real node (containerd and a kubelet)");
+    if let Some(why) = Node::cannot_run() {
+        println!("SKIPPED: this machine cannot run a node: {why}.");
+        println!("(As root, scripts/setup.sh installs containerd and runc with apt-get.)");
+        return Ok(None);
+    }
+    let node = Node::start(cp)?;
+    let pod = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: hello}}\nspec:\n  nodeName: {}\n  hostNetwork: true\n  \
+         restartPolicy: Never\n  automountServiceAccountToken: false\n  imagePullSecrets: [{{name: local}}]\n  \
+         containers: [{{name: hello, image: \"{image}\", imagePullPolicy: Always}}]\n",
+        node.name()
+    );
+    let pod_file = cp.dir().join("pod.yaml");
+    std::fs::write(&pod_file, &pod)?;
+    print!("{pod}");
+    print!("{}", kubectl(&["apply", "-n", NAMESPACE, "-f", pod_file.to_str().context("path")?])?);
+    kubectl(&["wait", "-n", NAMESPACE, "--for=jsonpath={.status.phase}=Succeeded", "pod/hello", "--timeout=60s"])?;
+    print!("{}", kubectl(&["get", "pod", "-n", NAMESPACE, "hello", "-o", "wide"])?);
+    let events = "custom-columns=TYPE:.type,REASON:.reason,MESSAGE:.message";
+    print!(
+        "{}",
+        kubectl(&["get", "events", "-n", NAMESPACE, "--field-selector", "involvedObject.name=hello", "-o", events])?
+    );
+    println!("kubectl logs hello: {}", kubectl(&["logs", "-n", NAMESPACE, "hello"])?.trim());
+    Ok(Some(node))
 }
 
 fn step(what: &str) {
