@@ -7,6 +7,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 REGCRED_TESTBIN="$(bash scripts/setup.sh | tail -n 1)"
 export REGCRED_TESTBIN
+# The static binary the controller image is built from (the node runs that image): the build
+# .ci/run made just before (the same flags, so cargo has nothing to do), or a build now.
+REGCRED_STATIC_BIN="$(CARGO_PROFILE_RELEASE_OPT_LEVEL=0 CARGO_PROFILE_RELEASE_DEBUG=false bash scripts/build-static.sh | tail -n 1)"
+export REGCRED_STATIC_BIN
 REGCRED_LEAK_DIR="$(mktemp -d -t regcred-leak-scan-XXXXXX)"
 export REGCRED_LEAK_DIR
 cargo test --workspace --locked "$@" 2>&1 | tee "$REGCRED_LEAK_DIR/cargo-test-output.log"

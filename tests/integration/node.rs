@@ -431,3 +431,87 @@ async fn ecr_tokens_pull_on_the_node_rotate_and_a_stale_one_is_refused() {
     assert!(refused.contains(&(401, Some(expiry))), "the realm refused the expired token: {refused:?}");
     assert!(!refused.iter().any(|(status, _)| *status == 200), "{refused:?}");
 }
+
+/// The static binary the image is built from (scripts/build-static.sh, as CI builds it):
+/// `$REGCRED_STATIC_BIN` (scripts/test.sh sets it), else built now into a target directory of
+/// its own (the running `cargo test` holds the lock of its own), which takes minutes once.
+fn static_binary() -> std::path::PathBuf {
+    if let Some(path) = std::env::var_os("REGCRED_STATIC_BIN") {
+        return path.into();
+    }
+    static BUILT: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+            let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), Into::into);
+            let out = std::process::Command::new("bash")
+                .arg(root.join("scripts/build-static.sh"))
+                .env("CARGO_TARGET_DIR", std::path::Path::new(&target).join("static-for-tests"))
+                // What .ci/run builds: the same code, without optimisation.
+                .env("CARGO_PROFILE_RELEASE_OPT_LEVEL", "0")
+                .env("CARGO_PROFILE_RELEASE_DEBUG", "false")
+                .current_dir(root)
+                .stderr(std::process::Stdio::inherit())
+                .output()
+                .expect("running scripts/build-static.sh");
+            assert!(out.status.success(), "scripts/build-static.sh failed");
+            String::from_utf8(out.stdout).unwrap().lines().last().expect("the binary's path").into()
+        })
+        .clone()
+}
+
+#[tokio::test]
+async fn the_controller_image_runs_on_the_node_as_the_chart_runs_it() {
+    let Some(_node) = node() else { return };
+    let binary = static_binary();
+    let client = client().await;
+    let ns = namespace(&client, "node-image").await;
+    let password = secret_value("ci", "image");
+    let registry = Registry::start(&[("ci", &password)]).unwrap();
+    let image = registry.push_controller_image(&binary, "regcred/regcred", "test", "ci", &password).unwrap();
+    let pull = Secret {
+        metadata: ObjectMeta { name: Some("pull".into()), ..Default::default() },
+        type_: Some("kubernetes.io/dockerconfigjson".into()),
+        data: Some(
+            [(
+                ".dockerconfigjson".to_string(),
+                k8s_openapi::ByteString(regcred_testenv::docker_config_json(&registry.host(), "ci", &password)),
+            )]
+            .into(),
+        ),
+        ..Default::default()
+    };
+    Api::<Secret>::namespaced(client.clone(), &ns).create(&PostParams::default(), &pull).await.unwrap();
+
+    // The chart's security settings (charts/regcred/templates/deployment.yaml), its image's
+    // entrypoint, and `--version` instead of `run` (no apiserver is reachable from a Pod here).
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "regcred"},
+        "spec": {
+            "nodeName": regcred_testenv::NODE_NAME, "hostNetwork": true, "restartPolicy": "Never",
+            "automountServiceAccountToken": false, "imagePullSecrets": [{"name": "pull"}],
+            "securityContext": {"runAsNonRoot": true, "runAsUser": 65532, "runAsGroup": 65532,
+                                "seccompProfile": {"type": "RuntimeDefault"}},
+            "containers": [{
+                "name": "regcred", "image": image, "imagePullPolicy": "Always", "args": ["--version"],
+                "securityContext": {"allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true,
+                                    "runAsNonRoot": true, "runAsUser": 65532,
+                                    "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}},
+            }],
+        },
+    }))
+    .unwrap();
+    let pods = Api::<Pod>::namespaced(client.clone(), &ns);
+    eventually("creating the Pod", TIMEOUT, || async {
+        match pods.create(&PostParams::default(), &pod).await {
+            Ok(_) => Some(()),
+            Err(kube::Error::Api(e)) if e.message.contains("serviceaccount") => None,
+            Err(e) => panic!("creating the Pod: {e}"),
+        }
+    })
+    .await;
+    assert_pulls_and_runs(&client, &ns, "regcred", &image).await;
+    let out = env().cp.kubectl(&["-n", &ns, "logs", "regcred"]);
+    let version = format!("regcred {}", env!("CARGO_PKG_VERSION"));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), version, "{out:?}");
+}

@@ -247,6 +247,89 @@ impl Registry {
         Ok(image)
     }
 
+    /// The controller's image as the Dockerfile's runtime stage makes it, from local parts:
+    /// one layer with the static `binary` (scripts/build-static.sh) at
+    /// `/usr/local/bin/regcred`, the machine's CA bundle at
+    /// `/etc/ssl/certs/ca-certificates.crt`, `/etc/passwd` and `/etc/group` naming `nonroot`
+    /// (65532) as distroless does, and `/tmp`; user 65532:65532, entrypoint
+    /// `/usr/local/bin/regcred`, command `run`, port 8080. Pushed as `HOST/repo:tag` with the
+    /// given credentials; returns that reference.
+    pub fn push_controller_image(
+        &self,
+        binary: &Path,
+        repo: &str,
+        tag: &str,
+        user: &str,
+        pass: &str,
+    ) -> Result<String> {
+        let image = format!("{}/{repo}:{tag}", self.host());
+        let work = tempfile::tempdir()?;
+        let layer = work.path().join("layer.tar");
+        let mut tar = tar::Builder::new(std::fs::File::create(&layer)?);
+        let mut dir = |path: &str, mode: u32| -> Result<()> {
+            let mut header = tar::Header::new_gnu();
+            header.set_entry_type(tar::EntryType::Directory);
+            header.set_size(0);
+            header.set_mode(mode);
+            header.set_mtime(0);
+            tar.append_data(&mut header, path, std::io::empty())?;
+            Ok(())
+        };
+        for (path, mode) in [("etc/", 0o755), ("etc/ssl/", 0o755), ("etc/ssl/certs/", 0o755), ("tmp/", 0o1777)] {
+            dir(path, mode)?;
+        }
+        for (path, mode) in [("home/", 0o755), ("home/nonroot/", 0o700), ("usr/", 0o755), ("usr/local/", 0o755)] {
+            dir(path, mode)?;
+        }
+        dir("usr/local/bin/", 0o755)?;
+        let ca_bundle = std::fs::read("/etc/ssl/certs/ca-certificates.crt").context("the machine's CA bundle")?;
+        let files: [(&str, Vec<u8>, u32); 4] = [
+            (
+                "etc/passwd",
+                b"root:x:0:0:root:/root:/sbin/nologin\nnonroot:x:65532:65532:nonroot:/home/nonroot:/sbin/nologin\n"
+                    .to_vec(),
+                0o644,
+            ),
+            ("etc/group", b"root:x:0:\nnonroot:x:65532:\n".to_vec(), 0o644),
+            ("etc/ssl/certs/ca-certificates.crt", ca_bundle, 0o644),
+            (
+                "usr/local/bin/regcred",
+                std::fs::read(binary).with_context(|| format!("reading {}", binary.display()))?,
+                0o755,
+            ),
+        ];
+        for (path, data, mode) in files {
+            let mut header = tar::Header::new_gnu();
+            header.set_size(data.len() as u64);
+            header.set_mode(mode);
+            header.set_mtime(0);
+            tar.append_data(&mut header, path, data.as_slice())?;
+        }
+        tar.into_inner()?;
+
+        let auth = docker_config_json(&self.host(), user, pass);
+        let layer = layer.to_str().context("non-UTF-8 temp path")?;
+        self.crane(work.path(), &auth, &["append", "-f", layer, "-t", &image])
+            .with_context(|| format!("pushing {image}"))?;
+        self.crane(
+            work.path(),
+            &auth,
+            &[
+                "mutate",
+                &image,
+                "--entrypoint=/usr/local/bin/regcred",
+                "--cmd=run",
+                "--user=65532:65532",
+                "--exposed-ports=8080",
+                "--set-platform=linux/amd64",
+                "-t",
+                &image,
+            ],
+        )
+        .with_context(|| format!("configuring {image}"))?;
+        Ok(image)
+    }
+
     /// Pulls `image` with the given credentials into a tarball at `path` (`crane pull`'s
     /// default format, which `docker load` and `ctr images import` read).
     pub fn save_image(&self, image: &str, user: &str, pass: &str, path: &Path) -> Result<()> {
