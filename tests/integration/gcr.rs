@@ -56,7 +56,7 @@ fn google() -> &'static Google {
 }
 
 /// A controller for the credentials labelled `name`, with Google's endpoints at `gcp`.
-fn spawn_google_controller(gcp: &GcpEmulator, name: &str, args: &[&str]) -> TestController {
+pub fn spawn_google_controller(gcp: &GcpEmulator, name: &str, args: &[&str]) -> TestController {
     spawn_google_controller_with(gcp, name, name, args, &[])
 }
 

@@ -192,12 +192,13 @@ async fn docker_hub_source_pulls_images_named_the_docker_hub_way() {
 }
 
 #[tokio::test]
-async fn gcr_source_pulls_with_the_key_file_through_the_token_realm() {
+async fn gcr_sources_pull_with_an_access_token_and_with_the_key_file_through_the_token_realm() {
     let Some(node) = node() else { return };
     let client = client().await;
     let ns = namespace(&client, "node-gcr").await;
-    // Artifact Registry's realm: `_json_key` with a key the emulator issued; the account pulls
-    // under its own project (and may push here, to publish the image).
+    // Artifact Registry's realm: `oauth2accesstoken` with a live token, or `_json_key` with a key
+    // the emulator issued; the account pulls under its own project (and may push here, to
+    // publish the image).
     let gcp = GcpEmulator::start().unwrap();
     let key = gcp.create_service_account_key("puller@regcred-test.iam.gserviceaccount.com").unwrap();
     record_secret(&key.json);
@@ -206,26 +207,32 @@ async fn gcr_source_pulls_with_the_key_file_through_the_token_realm() {
     let registry = Registry::start_with_token_realm(&gcp.token_realm()).unwrap();
     registry.push_program_image("regcred-test/app", "v1", "_json_key", &key.json, &["hello", "gcr"]).unwrap();
     let _gcr = node.map_registry("gcr.io", &registry).unwrap();
+    // A controller that asks this Google for tokens.
+    let label = format!("node-gcr-{}", &unique()[..6]);
+    let _controller = crate::gcr::spawn_google_controller(&gcp, &label, &[]);
     create_secret(&client, &ns, "gcp-sa", &[("key.json", key.json.as_bytes())]).await;
-    create_credential(
-        &client,
-        &ns,
-        "gcr",
-        json!({"registry": "gcr.io", "source": {"gcr": {"jsonKeySecretRef": {"name": "gcp-sa"}}}}),
-    )
-    .await;
-    wait_secret(&client, &ns, "gcr", "written", |_| true).await;
-
-    create_pod(&client, &ns, "app", "gcr.io/regcred-test/app:v1", &["gcr"], None).await;
-    assert_pulls_and_runs(&client, &ns, "app", "gcr.io/regcred-test/app:v1").await;
-    // The realm saw the key file, and granted its account.
-    let calls = gcp.calls().unwrap();
-    assert!(
-        calls
-            .iter()
-            .any(|c| c["endpoint"] == "registry:token" && c["status"] == 200 && c["identity"] == key.client_email),
-        "{calls:?}"
-    );
+    for (name, login) in [("gcr", "AccessToken"), ("gcr-json", "JsonKey")] {
+        let source = json!({"gcr": {"jsonKeySecretRef": {"name": "gcp-sa"}, "login": login}});
+        create_credential_for(&client, &ns, name, Some(&label), json!({"registry": "gcr.io", "source": source})).await;
+        let secret = wait_secret(&client, &ns, name, "written", |_| true).await;
+        if login == "AccessToken" {
+            let (_, user, token) = logins(&secret).remove(0);
+            assert_eq!(user, "oauth2accesstoken");
+            record_secret(&token);
+        }
+        gcp.reset().unwrap();
+        let pod = format!("app-{name}");
+        create_pod(&client, &ns, &pod, "gcr.io/regcred-test/app:v1", &[name], None).await;
+        assert_pulls_and_runs(&client, &ns, &pod, "gcr.io/regcred-test/app:v1").await;
+        // The realm saw the Secret's login, and granted the key's account.
+        let calls = gcp.calls().unwrap();
+        assert!(
+            calls
+                .iter()
+                .any(|c| c["endpoint"] == "registry:token" && c["status"] == 200 && c["identity"] == key.client_email),
+            "{name}: {calls:?}"
+        );
+    }
     assert_no_leaks(&client).await;
 }
 
