@@ -12,16 +12,19 @@ need() { command -v "$1" >/dev/null 2>&1 || { echo "setup: $1 is required but no
 need go
 need cargo
 
-# The test node runs Debian's containerd and runc. Only root can run a node, so only root installs
-# them; elsewhere the node tests say why they cannot run (or skip with REGCRED_SKIP_NODE=1).
-if ! command -v containerd >/dev/null 2>&1 || ! command -v runc >/dev/null 2>&1; then
+# The test node runs Debian's containerd and runc, and gives Pods an address with the CNI plugins
+# (containernetworking-plugins: bridge, host-local, loopback; the chart's Pods need them). Only
+# root can run a node, so only root installs them; elsewhere the node tests say why they cannot
+# run (or skip with REGCRED_SKIP_NODE=1).
+if ! command -v containerd >/dev/null 2>&1 || ! command -v runc >/dev/null 2>&1 || [ ! -x /usr/lib/cni/bridge ]; then
   if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "setup: installing containerd and runc with apt-get (for the test node)" >&2
+    echo "setup: installing containerd, runc and the CNI plugins with apt-get (for the test node)" >&2
     apt-get update -qq >&2
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends containerd runc >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+      containerd runc containernetworking-plugins >&2
   else
-    echo "setup: containerd or runc is missing and cannot be installed here (needs root and apt-get):" \
-      "the node tests will fail unless REGCRED_SKIP_NODE=1 is set" >&2
+    echo "setup: containerd, runc or the CNI plugins are missing and cannot be installed here (needs root" \
+      "and apt-get): the node tests will fail unless REGCRED_SKIP_NODE=1 is set" >&2
   fi
 fi
 

@@ -522,3 +522,257 @@ async fn the_controller_image_runs_on_the_node_as_the_chart_runs_it() {
     let version = format!("regcred {}", env!("CARGO_PKG_VERSION"));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), version, "{out:?}");
 }
+
+/// A GET of `path` on a Pod's admin port (8080) from this machine, over the node's bridge:
+/// the body, if it answered 200.
+fn pod_admin_get(ip: &str, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let addr = std::net::SocketAddr::new(ip.parse().ok()?, 8080);
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {ip}\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200")
+        .then(|| body.to_string())
+        .or_else(|| head.starts_with("HTTP/1.0 200").then(|| body.to_string()))
+}
+
+/// The release's Pods that are Ready: (name, IP).
+async fn ready_pods(client: &Client, ns: &str, release: &str) -> Vec<(String, String)> {
+    let pods = Api::<Pod>::namespaced(client.clone(), ns);
+    let list = pods
+        .list(&kube::api::ListParams::default().labels(&format!("app.kubernetes.io/instance={release}")))
+        .await
+        .unwrap();
+    list.items
+        .into_iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter(|p| {
+            p.status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+        })
+        .filter_map(|p| Some((p.metadata.name?, p.status?.pod_ip?)))
+        .collect()
+}
+
+/// Waits until exactly `n` Pods of the release are Ready, none other exists, and exactly one
+/// of them leads (its `regcred_leader` metric is 1 and the Lease names it); returns (leader,
+/// the Ready Pods).
+async fn wait_settled(client: &Client, ns: &str, release: &str, n: usize) -> (String, Vec<(String, String)>) {
+    let pods = Api::<Pod>::namespaced(client.clone(), ns);
+    let leases = Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(client.clone(), ns);
+    eventually(&format!("{n} Ready replicas of {release}, one leading"), Duration::from_secs(120), || async {
+        let ready = ready_pods(client, ns, release).await;
+        let all = pods
+            .list(&kube::api::ListParams::default().labels(&format!("app.kubernetes.io/instance={release}")))
+            .await
+            .ok()?;
+        if ready.len() != n || all.items.len() != n {
+            return None;
+        }
+        let leaders: Vec<&String> = ready
+            .iter()
+            .filter(|(_, ip)| pod_admin_get(ip, "/metrics").is_some_and(|m| m.lines().any(|l| l == "regcred_leader 1")))
+            .map(|(name, _)| name)
+            .collect();
+        let holder = leases.get(release).await.ok()?.spec?.holder_identity?;
+        (leaders.len() == 1 && *leaders[0] == holder).then(|| (holder, ready.clone()))
+    })
+    .await
+}
+
+/// Applies a source change every second while `during` runs (and 3 s after), each a new
+/// password `TAG-N`; returns the longest time from a change until the pull Secret held it or a
+/// later one, and how many changes were made.
+async fn longest_gap<F: std::future::Future<Output = ()>>(
+    client: &Client,
+    ns: &str,
+    tag: &str,
+    during: F,
+) -> (Duration, usize) {
+    let prefix = format!("{tag}-");
+    let secrets = Api::<Secret>::namespaced(client.clone(), ns);
+    let sent = std::sync::Arc::new(std::sync::Mutex::new(Vec::<std::time::Instant>::new()));
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let changer = {
+        let (client, ns, sent, done, prefix) =
+            (client.clone(), ns.to_string(), sent.clone(), done.clone(), prefix.clone());
+        tokio::spawn(async move {
+            let mut i = 0;
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                let at = std::time::Instant::now();
+                set_secret_key(&client, &ns, "src", "password", format!("{prefix}{i}").as_bytes()).await;
+                sent.lock().unwrap().push(at);
+                i += 1;
+                tokio::time::sleep_until(tokio::time::Instant::from_std(at + Duration::from_secs(1))).await;
+            }
+        })
+    };
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(usize, std::time::Instant)>::new()));
+    let watcher = {
+        let (secrets, seen, done, prefix) = (secrets.clone(), seen.clone(), done.clone(), prefix.clone());
+        tokio::spawn(async move {
+            let deadline_after_done = Duration::from_secs(30);
+            let mut finished_at = None;
+            loop {
+                let password = secrets.get("pull").await.ok().map(|secret| logins(&secret)[0].2.clone());
+                if let Some(i) = password.and_then(|p| p.strip_prefix(&prefix).and_then(|i| i.parse::<usize>().ok())) {
+                    let mut seen = seen.lock().unwrap();
+                    if seen.last().is_none_or(|(last, _)| *last != i) {
+                        seen.push((i, std::time::Instant::now()));
+                    }
+                }
+                if done.load(std::sync::atomic::Ordering::SeqCst) {
+                    let at = *finished_at.get_or_insert_with(std::time::Instant::now);
+                    if at.elapsed() > deadline_after_done {
+                        break;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    during.await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    changer.await.unwrap();
+    // The last change must be seen too.
+    let last = sent.lock().unwrap().len() - 1;
+    eventually("the last source change in the pull Secret", Duration::from_secs(30), || async {
+        seen.lock().unwrap().iter().any(|(i, _)| *i >= last).then_some(())
+    })
+    .await;
+    watcher.abort();
+    let sent = sent.lock().unwrap().clone();
+    let seen = seen.lock().unwrap().clone();
+    let longest = sent
+        .iter()
+        .enumerate()
+        .map(|(i, at)| {
+            let first = seen.iter().filter(|(j, _)| *j >= i).map(|(_, t)| *t).min().expect("every change was seen");
+            first.saturating_duration_since(*at)
+        })
+        .max()
+        .unwrap();
+    (longest, sent.len())
+}
+
+#[tokio::test]
+async fn the_chart_runs_two_replicas_on_the_node_that_roll_and_hand_over() {
+    let Some(node) = node() else { return };
+    assert!(
+        node.has_pod_network(),
+        "the chart's Pods need Pod networking: install the CNI plugins (apt-get install containernetworking-plugins; \
+         scripts/setup.sh does as root)"
+    );
+    let cp = env().cp;
+    cp.start_workload_controllers().unwrap();
+    node.start_scheduler(cp).unwrap();
+    let binary = static_binary();
+    let client = client().await;
+    let ns = namespace(&client, "node-chart").await;
+    let release = format!("regcred-{}", &unique()[..6]);
+    let password = secret_value("ci", "chart-image");
+    let registry = Registry::start(&[("ci", &password)]).unwrap();
+    let repo = format!("{}/regcred/regcred", registry.host());
+    for tag in ["v1", "v2"] {
+        registry.push_controller_image(&binary, "regcred/regcred", tag, "ci", &password).unwrap();
+    }
+    let pull = Secret {
+        metadata: ObjectMeta { name: Some("regcred-image".into()), ..Default::default() },
+        type_: Some("kubernetes.io/dockerconfigjson".into()),
+        data: Some(
+            [(
+                ".dockerconfigjson".to_string(),
+                k8s_openapi::ByteString(regcred_testenv::docker_config_json(&registry.host(), "ci", &password)),
+            )]
+            .into(),
+        ),
+        ..Default::default()
+    };
+    Api::<Secret>::namespaced(client.clone(), &ns).create(&PostParams::default(), &pull).await.unwrap();
+
+    // Pods reach the apiserver at the node's bridge address (forwarded to the apiserver): no
+    // kube-proxy here serves the `kubernetes` Service. Helm's post-renderer sets the address.
+    let post_renderer = cp.dir().join(format!("{release}-post-render.sh"));
+    std::fs::write(
+        &post_renderer,
+        format!(
+            "#!/bin/sh\nexec awk '/^ *- name: POD_NAME$/ {{ match($0, /^ */); i = substr($0, 1, RLENGTH); \
+             print i \"- name: KUBERNETES_SERVICE_HOST\"; print i \"  value: \\\"{}\\\"\"; \
+             print i \"- name: KUBERNETES_SERVICE_PORT\"; print i \"  value: \\\"{}\\\"\" }} {{ print }}'\n",
+            regcred_testenv::POD_GATEWAY,
+            cp.api_port()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&post_renderer, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let helm = |verb: &str, tag: &str| {
+        let set = format!(
+            "image.repository={repo},image.tag={tag},imagePullSecrets[0].name=regcred-image,watchNamespaces[0]={ns},\
+             leaderElection.lease={release},logFormat=text,logLevel=info,\
+             tolerations[0].key={},tolerations[0].operator=Exists,tolerations[0].effect=NoSchedule",
+            regcred_testenv::NODE_TAINT
+        );
+        let out = std::process::Command::new(regcred_testenv::testbin("helm").unwrap())
+            .args([verb, &release, "charts/regcred", "--namespace", &ns, "--set", &set])
+            .arg("--kubeconfig")
+            .arg(cp.kubeconfig_path())
+            .arg("--post-renderer")
+            .arg(&post_renderer)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "helm {verb}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+
+    // 1. Two replicas Ready, exactly one leading.
+    helm("install", "v1");
+    let (leader, first) = wait_settled(&client, &ns, &release, 2).await;
+    eprintln!("chart: {release} Ready on the node: {first:?}, leader {leader}");
+
+    // 2. Credentials reconcile in-cluster, as the chart's ServiceAccount. The label keeps the
+    // test's shared controller away from them.
+    let user = format!("system:serviceaccount:{ns}:{release}");
+    let offset = audit_offset();
+    create_secret(&client, &ns, "src", &[("password", b"gap-start")]).await;
+    create_credential_for(
+        &client,
+        &ns,
+        "chart",
+        Some(&release),
+        json!({"registry": "r.example.com", "secret": {"name": "pull"},
+               "source": {"basic": {"username": "u", "passwordSecretRef": {"name": "src"}}}}),
+    )
+    .await;
+    wait_secret(&client, &ns, "pull", "written in-cluster", |s| logins(s)[0].2 == "gap-start").await;
+    let writes = requests_of_since(&user, offset);
+    assert!(
+        writes.iter().any(|(verb, resource, _, name)| verb == "create" && resource == "secrets" && name == "pull"),
+        "{writes:?}"
+    );
+
+    // 3. An upgrade that changes the image tag rolls both replicas, a source change every second.
+    let (gap, changes) = longest_gap(&client, &ns, "upgrade", async {
+        helm("upgrade", "v2");
+        let (_, after) = wait_settled(&client, &ns, &release, 2).await;
+        assert!(after.iter().all(|(name, _)| !first.iter().any(|(old, _)| old == name)), "both replicas replaced");
+    })
+    .await;
+    eprintln!("chart: helm upgrade (image tag): longest reconciliation gap {gap:?} over {changes} source changes");
+
+    // 4. Deleting the leader's Pod hands over to the other replica.
+    let (leader, _) = wait_settled(&client, &ns, &release, 2).await;
+    let (handover_gap, changes) = longest_gap(&client, &ns, "handover", async {
+        Api::<Pod>::namespaced(client.clone(), &ns).delete(&leader, &Default::default()).await.unwrap();
+        let (new_leader, _) = wait_settled(&client, &ns, &release, 2).await;
+        assert_ne!(new_leader, leader);
+    })
+    .await;
+    eprintln!("chart: leader Pod deleted: longest reconciliation gap {handover_gap:?} over {changes} source changes");
+    assert!(gap < Duration::from_secs(30) && handover_gap < Duration::from_secs(30), "{gap:?} {handover_gap:?}");
+}

@@ -21,6 +21,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// process (`<dir>/<name>.log`). Drop stops everything and removes the dir.
 pub struct ControlPlane {
     // Field order is drop order: processes stop before the dir goes.
+    workload_kcm: Mutex<Option<Process>>,
     kcm: Mutex<Option<Process>>,
     apiserver: Mutex<Option<Process>>,
     etcd: Mutex<Option<Process>>,
@@ -44,6 +45,7 @@ impl ControlPlane {
         let dir = temp_dir("cp")?;
         let api_port = free_port();
         let cp = ControlPlane {
+            workload_kcm: Mutex::new(None),
             kcm: Mutex::new(None),
             apiserver: Mutex::new(None),
             etcd: Mutex::new(None),
@@ -85,6 +87,35 @@ impl ControlPlane {
     /// `https://127.0.0.1:PORT`
     pub fn server(&self) -> &str {
         &self.server
+    }
+
+    /// The apiserver's port on 127.0.0.1.
+    pub fn api_port(&self) -> u16 {
+        self.api_port
+    }
+
+    /// Starts a second kube-controller-manager with the Deployment and ReplicaSet controllers
+    /// (once; later calls do nothing), for workloads on a `Node`. Not by default: with them,
+    /// every Deployment a test applies (the packaged manifests have one) would make Pods.
+    pub fn start_workload_controllers(&self) -> Result<()> {
+        let mut slot = self.workload_kcm.lock().unwrap();
+        if slot.is_some() {
+            return Ok(());
+        }
+        let p = |name: &str| self.path(name).display().to_string();
+        let mut cmd = Command::new(testbin("kube-controller-manager")?);
+        cmd.args([
+            format!("--kubeconfig={}", p("kcm.kubeconfig")),
+            "--leader-elect=false".into(),
+            "--use-service-account-credentials=true".into(),
+            "--secure-port=0".into(),
+            "--controllers=deployment-controller,replicaset-controller".into(),
+            format!("--service-account-private-key-file={}", p("sa.key")),
+            format!("--root-ca-file={}", p("ca.crt")),
+            "--v=1".into(),
+        ]);
+        *slot = Some(Process::spawn("kube-controller-manager-workloads", cmd, &self.path("kcm-workloads.log"))?);
+        Ok(())
     }
 
     /// The admin kubeconfig (a token user in group `system:masters`).
@@ -496,6 +527,8 @@ impl ControlPlane {
 
         let mut serving = CertificateParams::new(vec![
             "127.0.0.1".to_string(),
+            // Where Pods on the node's bridge reach the apiserver (`Node`'s forwarder).
+            crate::node::POD_GATEWAY.into(),
             "localhost".into(),
             "kubernetes".into(),
             "kubernetes.default.svc".into(),
@@ -595,7 +628,7 @@ fn log_tail(slot: &Mutex<Option<Process>>) -> String {
 impl Drop for ControlPlane {
     fn drop(&mut self) {
         // SIGTERM to all at once, so their grace periods overlap.
-        let slots = [&self.kcm, &self.apiserver, &self.etcd];
+        let slots = [&self.workload_kcm, &self.kcm, &self.apiserver, &self.etcd];
         let mut procs: Vec<Process> = slots.iter().filter_map(|s| s.lock().unwrap().take()).collect();
         procs.iter_mut().for_each(Process::terminate);
         procs.iter_mut().for_each(Process::stop);

@@ -23,7 +23,7 @@ use anyhow::{Context, Result, bail};
 pub use aws::AwsEmulator;
 pub use control_plane::{ControlPlane, ISSUER};
 pub use gcp::{AttributeCondition, GcpEmulator, ServiceAccountKey, WorkloadIdentityProvider};
-pub use node::{HostMapping, NODE_NAME, Node, PAUSE_IMAGE};
+pub use node::{HostMapping, NODE_NAME, NODE_TAINT, Node, PAUSE_IMAGE, POD_GATEWAY};
 
 /// The user the controller under test authenticates as (see
 /// [`ControlPlane::controller_kubeconfig_path`]).

@@ -32,12 +32,25 @@ pub const NODE_NAME: &str = "regcred-test-node";
 pub const PAUSE_IMAGE: &str = "registry.k8s.io/pause:3.10";
 /// Set to `1` to skip the node tests on purpose (they fail where a node cannot run).
 pub const SKIP_ENV: &str = "REGCRED_SKIP_NODE";
+/// The node's taint (NoSchedule): the scheduler ([`Node::start_scheduler`]) places only Pods
+/// that tolerate it, not the Pods other tests create; Pods that name the node run anyway.
+pub const NODE_TAINT: &str = "regcred.dev/test-node";
+/// With the CNI plugins installed (Debian's `containernetworking-plugins`), Pods without
+/// `hostNetwork` get an address on the bridge `regcred0` (10.244.0.0/24), and reach the
+/// apiserver at this address (the bridge's, on the machine) and the apiserver's port, which
+/// the node forwards to the apiserver on 127.0.0.1. The apiserver's certificate names it.
+pub const POD_GATEWAY: &str = "10.244.0.1";
+const POD_SUBNET: &str = "10.244.0.0/24";
+const BRIDGE: &str = "regcred0";
+const CNI_PLUGINS: &str = "/usr/lib/cni";
 const READY_TIMEOUT: Duration = Duration::from_secs(90);
 /// How long a second test process waits for the node of another one to go.
 const LOCK_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 /// The sysctls the kubelet sets at start (`setupKernelTunables` and the keyring limits):
 /// saved before it starts, restored at teardown.
-const SYSCTLS: [&str; 6] = [
+const SYSCTLS: [&str; 7] = [
+    // The bridge plugin turns forwarding on for the gateway.
+    "net/ipv4/ip_forward",
     "vm/overcommit_memory",
     "vm/panic_on_oom",
     "kernel/panic",
@@ -47,13 +60,17 @@ const SYSCTLS: [&str; 6] = [
 ];
 /// Paths outside the node's directory that containerd or the kubelet create; those missing
 /// before the node starts are removed at teardown.
-const MACHINE_PATHS: [&str; 4] = ["/var/lib/kubelet", "/var/log/containers", "/run/containerd", "/etc/cni"];
+const MACHINE_PATHS: [&str; 5] =
+    ["/var/lib/kubelet", "/var/log/containers", "/run/containerd", "/etc/cni", "/run/netns"];
 
 /// containerd + kubelet, registered as [`NODE_NAME`] with the shared [`ControlPlane`].
 pub struct Node {
     dir: PathBuf,
     containerd: Mutex<Option<Process>>,
     kubelet: Mutex<Option<Process>>,
+    scheduler: Mutex<Option<Process>>,
+    /// Whether Pods without hostNetwork get an address (the CNI plugins are installed).
+    pod_network: bool,
     /// Registry host names mapped to a local registry right now (see [`Node::map_registry`]).
     mapped: Mutex<BTreeSet<String>>,
     unmapped: Condvar,
@@ -175,16 +192,19 @@ impl Node {
             cleanup(&dir);
         }
         std::fs::create_dir_all(&dir)?;
+        let pod_network = ["bridge", "host-local", "loopback"].iter().all(|p| Path::new(CNI_PLUGINS).join(p).is_file());
         let node = Node {
             dir,
             containerd: Mutex::new(None),
             kubelet: Mutex::new(None),
+            scheduler: Mutex::new(None),
+            pod_network,
             mapped: Mutex::new(BTreeSet::new()),
             unmapped: Condvar::new(),
             torn_down: Mutex::new(false),
             _lock: lock,
         };
-        let started = node.save_machine_state().and_then(|()| node.start_containerd()).and_then(|()| {
+        let started = node.save_machine_state().and_then(|()| node.start_containerd(cp)).and_then(|()| {
             node.import_pause_image()?;
             node.start_kubelet(cp)?;
             node.wait_ready(cp)
@@ -210,19 +230,37 @@ impl Node {
         std::fs::write(self.path("sysctls.saved"), saved)?;
         let absent: Vec<String> = machine_paths().into_iter().filter(|p| !Path::new(p).exists()).collect();
         std::fs::write(self.path("created-paths"), absent.join("\n"))?;
+        let netns: Vec<String> = std::fs::read_dir("/run/netns")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        std::fs::write(self.path("netns-before"), netns.join("\n"))?;
         Ok(())
     }
 
-    fn start_containerd(&self) -> Result<()> {
+    fn start_containerd(&self, cp: &ControlPlane) -> Result<()> {
         for d in ["root", "state", "certs.d", "cni/net.d", "cni/bin", "opt", "kubelet", "pod-logs"] {
             std::fs::create_dir_all(self.path(d))?;
         }
-        // No plugin binaries: enough for the CRI plugin to report the network ready, and
-        // hostNetwork Pods never call a plugin.
-        std::fs::write(
-            self.path("cni/net.d/10-regcred.conflist"),
-            r#"{"cniVersion": "1.0.0", "name": "regcred-test", "plugins": [{"type": "loopback"}]}"#,
-        )?;
+        let cni_bin = if self.pod_network {
+            self.start_pod_network(cp)?;
+            let ipam = serde_json::json!({"type": "host-local", "dataDir": self.path("cni/ipam"),
+                "ranges": [[{"subnet": POD_SUBNET, "gateway": POD_GATEWAY}]], "routes": [{"dst": "0.0.0.0/0"}]});
+            let conflist = serde_json::json!({"cniVersion": "1.0.0", "name": "regcred-test", "plugins": [
+                {"type": "bridge", "bridge": BRIDGE, "isGateway": true, "ipMasq": false, "ipam": ipam}]});
+            std::fs::write(self.path("cni/net.d/10-regcred.conflist"), conflist.to_string())?;
+            PathBuf::from(CNI_PLUGINS)
+        } else {
+            // No plugin binaries: enough for the CRI plugin to report the network ready, and
+            // hostNetwork Pods never call a plugin.
+            std::fs::write(
+                self.path("cni/net.d/10-regcred.conflist"),
+                r#"{"cniVersion": "1.0.0", "name": "regcred-test", "plugins": [{"type": "loopback"}]}"#,
+            )?;
+            self.path("cni/bin")
+        };
         let runc = which("runc").context("runc")?;
         let p = |name: &str| self.path(name).display().to_string();
         let config = format!(
@@ -268,7 +306,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             socket = p("containerd.sock"),
             opt = p("opt"),
             runc = runc.display(),
-            cni_bin = p("cni/bin"),
+            cni_bin = cni_bin.display(),
             cni_conf = p("cni/net.d"),
             certs = p("certs.d"),
         );
@@ -280,6 +318,70 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             wait_until("containerd", READY_TIMEOUT, || proc.check_alive(), || self.ctr(&["version"]).map(drop));
         *self.containerd.lock().unwrap() = Some(proc);
         started
+    }
+
+    /// The bridge with the gateway address (made here, before any Pod, so the forwarder can
+    /// listen on it; the bridge plugin takes it as it is), and the forwarder from
+    /// `POD_GATEWAY:PORT` to the apiserver on `127.0.0.1:PORT`.
+    fn start_pod_network(&self, cp: &ControlPlane) -> Result<()> {
+        std::fs::write(self.path("bridge"), BRIDGE)?;
+        let ip = |args: &[&str]| -> Result<()> {
+            let out = Command::new("ip").args(args).output().context("running ip (iproute2)")?;
+            ensure!(out.status.success(), "ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+            Ok(())
+        };
+        ip(&["link", "add", BRIDGE, "type", "bridge"])?;
+        ip(&["addr", "add", &format!("{POD_GATEWAY}/24"), "dev", BRIDGE])?;
+        ip(&["link", "set", BRIDGE, "up"])?;
+        let port = cp.api_port();
+        let listener = std::net::TcpListener::bind((POD_GATEWAY, port))
+            .with_context(|| format!("listening on {POD_GATEWAY}:{port} for Pods"))?;
+        std::thread::Builder::new().name("testenv-apiserver-forwarder".into()).spawn(move || {
+            for client in listener.incoming().flatten() {
+                let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", port)) else { continue };
+                let (Ok(client2), Ok(server2)) = (client.try_clone(), server.try_clone()) else { continue };
+                let pipe = |mut from: std::net::TcpStream, mut to: std::net::TcpStream| {
+                    move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Write);
+                    }
+                };
+                std::thread::spawn(pipe(client, server));
+                std::thread::spawn(pipe(server2, client2));
+            }
+        })?;
+        Ok(())
+    }
+
+    /// Whether Pods without `hostNetwork` can run here (see [`POD_GATEWAY`]).
+    pub fn has_pod_network(&self) -> bool {
+        self.pod_network
+    }
+
+    /// Starts kube-scheduler (once; later calls do nothing) as `system:kube-scheduler`, for
+    /// Pods that do not name the node. It places only Pods that tolerate [`NODE_TAINT`].
+    pub fn start_scheduler(&self, cp: &ControlPlane) -> Result<()> {
+        let mut slot = self.scheduler.lock().unwrap();
+        if slot.is_some() {
+            return Ok(());
+        }
+        let (cert, key) = cp.client_certificate("system:kube-scheduler", "system:kube-scheduler")?;
+        std::fs::write(self.path("scheduler.crt"), cert)?;
+        std::fs::write(self.path("scheduler.key"), key)?;
+        std::fs::write(
+            self.path("scheduler.kubeconfig"),
+            cp.kubeconfig_for_certificate(&self.path("scheduler.crt"), &self.path("scheduler.key")),
+        )?;
+        let mut cmd = Command::new(testbin("kube-scheduler")?);
+        cmd.arg(format!("--kubeconfig={}", self.path("scheduler.kubeconfig").display()))
+            .arg(format!("--authentication-kubeconfig={}", self.path("scheduler.kubeconfig").display()))
+            .arg(format!("--authorization-kubeconfig={}", self.path("scheduler.kubeconfig").display()))
+            .arg("--leader-elect=false")
+            .arg("--bind-address=127.0.0.1")
+            .arg(format!("--secure-port={}", free_port()))
+            .arg("--v=1");
+        *slot = Some(Process::spawn("kube-scheduler", cmd, &self.path("kube-scheduler.log"))?);
+        Ok(())
     }
 
     /// `ctr` against this node's containerd, in the CRI plugin's namespace: its stdout.
@@ -352,6 +454,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             "fileCheckFrequency": "5s",
             "resolvConf": "/etc/resolv.conf",
             "registerNode": true,
+            "registerWithTaints": [{"key": NODE_TAINT, "effect": "NoSchedule"}],
         });
         std::fs::write(self.path("kubelet.json"), config.to_string())?;
         let mut cmd = Command::new(testbin("kubelet")?);
@@ -385,11 +488,20 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
                     other => bail!("Node {NODE_NAME} is not Ready: {other:?}"),
                 }
             },
-        )
+        )?;
+        // The kubelet registers with `node.kubernetes.io/not-ready`, which kube-controller-manager's
+        // node lifecycle controller (not run here) removes once the node is Ready: done here.
+        let patch = serde_json::json!({"spec": {"taints": [{"key": NODE_TAINT, "effect": "NoSchedule"}]}});
+        block_on(async {
+            let nodes = Api::<NodeObject>::all(kube::Client::try_from(config.clone())?);
+            nodes.patch(NODE_NAME, &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch)).await?;
+            anyhow::Ok(())
+        })
+        .context("removing the not-ready taint")
     }
 
     fn check_alive(&self) -> Result<()> {
-        for slot in [&self.containerd, &self.kubelet] {
+        for slot in [&self.containerd, &self.kubelet, &self.scheduler] {
             if let Some(p) = slot.lock().unwrap().as_mut() {
                 p.check_alive()?;
             }
@@ -413,8 +525,10 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             return;
         }
         *done = true;
-        if let Some(mut p) = self.kubelet.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            p.stop();
+        for slot in [&self.scheduler, &self.kubelet] {
+            if let Some(mut p) = slot.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                p.stop();
+            }
         }
         kill_shims(&self.dir);
         if let Some(mut p) = self.containerd.lock().unwrap_or_else(|e| e.into_inner()).take() {
@@ -423,7 +537,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         // The logs outlive the node, for a look after a failed run.
         let logs = std::env::temp_dir().join("regcred-node-logs");
         let _ = std::fs::create_dir_all(&logs);
-        for name in ["kubelet.log", "containerd.log"] {
+        for name in ["kubelet.log", "containerd.log", "kube-scheduler.log"] {
             let _ = std::fs::copy(self.path(name), logs.join(name));
         }
         cleanup(&self.dir);
@@ -480,6 +594,21 @@ fn lock_machine(path: &Path) -> Result<File> {
 fn cleanup(dir: &Path) {
     kill_shims(dir);
     unmount_under(dir);
+    // The Pods' network namespaces (the CRI plugin pins them under /run/netns), then the
+    // bridge (their veths went with them).
+    if let Ok(before) = std::fs::read_to_string(dir.join("netns-before")) {
+        let before: BTreeSet<&str> = before.lines().collect();
+        for e in std::fs::read_dir("/run/netns").into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !before.contains(name.as_str()) {
+                unmount_under(&e.path());
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+    if let Ok(bridge) = std::fs::read_to_string(dir.join("bridge")) {
+        let _ = Command::new("ip").args(["link", "del", bridge.trim()]).output();
+    }
     if let Ok(saved) = std::fs::read_to_string(dir.join("sysctls.saved")) {
         for line in saved.lines() {
             if let Some((name, value)) = line.split_once('=') {
