@@ -1,10 +1,17 @@
 //! Leader election on a coordination.k8s.io Lease (kube-lease-manager): only the leader runs
 //! the controller, and it releases the Lease when it stops so a standby takes over at once.
+//! kube-lease-manager's standby sleeps until the holder's term would end; this module also
+//! watches the Lease and wakes the standby when the holder gives it up.
 
 use std::time::Duration;
 
-use kube::Client;
-use kube_lease_manager::{LeaseManagerBuilder, LeaseManagerError};
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::coordination::v1::Lease as LeaseObject;
+use kube::{
+    Api, Client,
+    runtime::{WatchStreamExt, watcher},
+};
+use kube_lease_manager::{LeaseManager, LeaseManagerBuilder, LeaseManagerError};
 use tokio::{sync::watch, task::JoinHandle};
 
 /// How long [`Lease::release`] waits for the apiserver: an unreachable one must not hold up
@@ -24,6 +31,67 @@ pub struct LeaseSettings {
     pub grace_secs: u64,
 }
 
+/// A lease manager that knows nothing of the Lease yet: its first step reads it.
+async fn new_manager(client: &Client, settings: &LeaseSettings) -> Result<LeaseManager, LeaseManagerError> {
+    LeaseManagerBuilder::new(client.clone(), &settings.name)
+        .with_namespace(&settings.namespace)
+        .with_identity(&settings.identity)
+        .with_duration(settings.duration_secs)
+        .with_grace(settings.grace_secs)
+        .with_field_manager(crate::secret::FIELD_MANAGER)
+        .build()
+        .await
+}
+
+/// An item each time the Lease is seen without a holder (given up by its leader).
+fn released(api: Api<LeaseObject>, name: &str) -> impl Stream<Item = ()> + Send + 'static {
+    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    watcher(api, config).default_backoff().applied_objects().filter_map(|lease| async move {
+        let holder = lease.ok()?.spec.and_then(|spec| spec.holder_identity).filter(|h| !h.is_empty());
+        holder.is_none().then_some(())
+    })
+}
+
+/// kube-lease-manager's own loop (`LeaseManager::watch`), with one change: a standby that
+/// sees the Lease given up stops waiting for the old term to end and competes at once (with a
+/// fresh manager: the old one would trust the term it read until it ends). Sends whether this
+/// replica leads; gives the Lease up when every receiver is gone.
+async fn compete(
+    mut manager: LeaseManager,
+    sender: watch::Sender<bool>,
+    released: impl Stream<Item = ()> + Send,
+    client: Client,
+    settings: LeaseSettings,
+) -> Result<LeaseManager, LeaseManagerError> {
+    let mut released = std::pin::pin!(released);
+    let mut pause = Duration::from_secs(1);
+    loop {
+        let leading = *sender.borrow();
+        tokio::select! {
+            biased;
+            _ = sender.closed() => return manager.release().await.map(|()| manager),
+            // Dropping `changed` while it waits is safe: a standby holds nothing to give up.
+            Some(()) = released.next(), if !leading => match new_manager(&client, &settings).await {
+                Ok(fresh) => manager = fresh,
+                Err(error) => tracing::warn!(%error, "leader election: cannot read the released Lease"),
+            },
+            result = manager.changed() => match result {
+                Ok(state) => {
+                    pause = Duration::from_secs(1);
+                    if sender.send(state).is_err() {
+                        return manager.release().await.map(|()| manager);
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%error, retry_in = ?pause, "leader election");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(MAX_START_BACKOFF);
+                }
+            },
+        }
+    }
+}
+
 /// A running lease manager.
 pub struct Lease {
     state: watch::Receiver<bool>,
@@ -33,15 +101,10 @@ pub struct Lease {
 impl Lease {
     /// Starts competing for the Lease.
     pub async fn start(client: Client, settings: &LeaseSettings) -> Result<Lease, LeaseManagerError> {
-        let manager = LeaseManagerBuilder::new(client, &settings.name)
-            .with_namespace(&settings.namespace)
-            .with_identity(&settings.identity)
-            .with_duration(settings.duration_secs)
-            .with_grace(settings.grace_secs)
-            .with_field_manager(crate::secret::FIELD_MANAGER)
-            .build()
-            .await?;
-        let (state, task) = manager.watch().await;
+        let manager = new_manager(&client, settings).await?;
+        let released = released(Api::namespaced(client.clone(), &settings.namespace), &settings.name);
+        let (sender, state) = watch::channel(false);
+        let task = tokio::spawn(compete(manager, sender, released, client, settings.clone()));
         Ok(Lease { state, task })
     }
 
