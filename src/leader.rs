@@ -46,10 +46,15 @@ async fn new_manager(client: &Client, settings: &LeaseSettings) -> Result<LeaseM
 /// An item each time the Lease is seen without a holder (given up by its leader).
 fn released(api: Api<LeaseObject>, name: &str) -> impl Stream<Item = ()> + Send + 'static {
     let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
-    watcher(api, config).default_backoff().applied_objects().filter_map(|lease| async move {
-        let holder = lease.ok()?.spec.and_then(|spec| spec.holder_identity).filter(|h| !h.is_empty());
-        holder.is_none().then_some(())
-    })
+    watcher(api, config)
+        .default_backoff()
+        .applied_objects()
+        .filter_map(|lease| async move { lease.ok().filter(is_released).map(drop) })
+}
+
+/// Whether nobody holds the Lease (its leader gave it up, or it was never taken).
+fn is_released(lease: &LeaseObject) -> bool {
+    lease.spec.as_ref().and_then(|spec| spec.holder_identity.as_deref()).is_none_or(str::is_empty)
 }
 
 /// kube-lease-manager's own loop (`LeaseManager::watch`), with one change: a standby that
@@ -151,5 +156,25 @@ impl Lease {
             Ok(Err(error)) => tracing::warn!(%error, "the Lease task failed"),
             Err(_) => tracing::warn!(limit = ?RELEASE_LIMIT, "the leader Lease was not released in time; it expires"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lease_without_a_holder_is_released() {
+        let lease = |holder: Option<&str>| LeaseObject {
+            spec: Some(k8s_openapi::api::coordination::v1::LeaseSpec {
+                holder_identity: holder.map(String::from),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert!(is_released(&lease(None)));
+        assert!(is_released(&lease(Some(""))), "an empty holder is no holder");
+        assert!(is_released(&LeaseObject::default()));
+        assert!(!is_released(&lease(Some("replica-a"))));
     }
 }
