@@ -774,5 +774,7 @@ async fn the_chart_runs_two_replicas_on_the_node_that_roll_and_hand_over() {
     })
     .await;
     eprintln!("chart: leader Pod deleted: longest reconciliation gap {handover_gap:?} over {changes} source changes");
-    assert!(gap < Duration::from_secs(30) && handover_gap < Duration::from_secs(30), "{gap:?} {handover_gap:?}");
+    // A standby watches the Lease and takes it as soon as it is released: before it did, a roll
+    // left 7.8-11.1 s without reconciliation (a standby slept out the old term of 15 s).
+    assert!(gap < Duration::from_secs(5) && handover_gap < Duration::from_secs(5), "{gap:?} {handover_gap:?}");
 }
