@@ -720,6 +720,9 @@ async fn the_chart_runs_two_replicas_on_the_node_that_roll_and_hand_over() {
         );
         let out = std::process::Command::new(regcred_testenv::testbin("helm").unwrap())
             .args([verb, &release, "charts/regcred", "--namespace", &ns, "--set", &set])
+            // Only this test's credentials: with watchNamespaces, ClusterRegistryCredentials are
+            // still watched cluster-wide, and other tests' must stay their controllers' alone.
+            .args(["--set-json", &format!("selector=\"{CONTROLLER_LABEL}={release}\"")])
             .arg("--kubeconfig")
             .arg(cp.kubeconfig_path())
             .arg("--post-renderer")
@@ -729,6 +732,21 @@ async fn the_chart_runs_two_replicas_on_the_node_that_roll_and_hand_over() {
             .unwrap();
         assert!(out.status.success(), "helm {verb}: {}", String::from_utf8_lossy(&out.stderr));
     };
+
+    // Another controller's ClusterRegistryCredential, there before the install: the chart's
+    // controller (watchNamespaces, so ClusterRegistryCredentials cluster-wide) must leave it
+    // alone with its selector. Without one it took over the shared controller's credentials
+    // and removed their finalizers.
+    let foreign = format!("foreign-{}", &unique()[..6]);
+    let foreign_source = json!({"basic": {"username": "u", "passwordSecretRef": {"name": "src", "namespace": ns}}});
+    create_cluster_credential_for(
+        &client,
+        &foreign,
+        Some(&format!("nobody-{release}")),
+        json!({"registry": "r.example.com", "namespaces": {"names": [ns]}, "source": foreign_source}),
+    )
+    .await;
+    let audit_from = audit_offset();
 
     // 1. Two replicas Ready, exactly one leading.
     helm("install", "v1");
@@ -777,4 +795,19 @@ async fn the_chart_runs_two_replicas_on_the_node_that_roll_and_hand_over() {
     // A standby watches the Lease and takes it as soon as it is released: before it did, a roll
     // left 7.8-11.1 s without reconciliation (a standby slept out the old term of 15 s).
     assert!(gap < Duration::from_secs(5) && handover_gap < Duration::from_secs(5), "{gap:?} {handover_gap:?}");
+
+    // Through all of it, the chart's controller wrote no credential but its own.
+    let foreign_writes: Vec<_> = requests_of_since(&user, audit_from)
+        .into_iter()
+        .filter(|(verb, resource, _, name)| {
+            is_write(verb) && resource.ends_with("registrycredentials") && name.as_str() != "chart"
+        })
+        .collect();
+    assert!(foreign_writes.is_empty(), "the chart's controller wrote other credentials: {foreign_writes:?}");
+    let untouched = Api::<regcred::crd::ClusterRegistryCredential>::all(client.clone()).get(&foreign).await.unwrap();
+    assert!(untouched.status.is_none() && untouched.metadata.finalizers.is_none(), "{untouched:?}");
+    Api::<regcred::crd::ClusterRegistryCredential>::all(client.clone())
+        .delete(&foreign, &Default::default())
+        .await
+        .unwrap();
 }
