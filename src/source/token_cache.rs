@@ -118,6 +118,24 @@ where
     }
 }
 
+/// SHA-256 of `parts`, each followed by a NUL (so `["ab", "c"]` and `["a", "bc"]` differ), in
+/// hex: what identifies key material in a cache key without holding it.
+pub fn digest(parts: &[&str]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut digest = Sha256::new();
+    for part in parts {
+        digest.update(part.as_bytes());
+        digest.update([0]);
+    }
+    format!("{:x}", digest.finalize())
+}
+
+/// The first 16 bytes of [`digest`]: the identity fingerprint recorded on a Secret
+/// (`regcred.dev/token-identity`), by which a restarted controller finds its token again.
+pub fn fingerprint(parts: &[&str]) -> String {
+    digest(parts)[..32].to_string()
+}
+
 /// The cloud whose call failed: it decides the failure's reason in status and Events.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Cloud {
@@ -298,6 +316,16 @@ mod tests {
 
     /// A failure's reason in status names the cloud that failed, and whether it refused or
     /// answered unusably.
+    /// Fingerprints recorded on Secrets by earlier releases must still match: the algorithm is
+    /// pinned (SHA-256 over NUL-terminated parts; a fingerprint is its first 16 bytes).
+    #[test]
+    fn digests_are_pinned_and_separate_their_parts() {
+        // `printf 'a\0b\0' | sha256sum`
+        assert_eq!(digest(&["a", "b"]), "8fb20ef63ced4145fc2e983ffe597d1dcff39154c3bf21f0fa9dde6a0c50fdc9");
+        assert_eq!(fingerprint(&["a", "b"]), "8fb20ef63ced4145fc2e983ffe597d1d");
+        assert_ne!(digest(&["ab", "c"]), digest(&["a", "bc"]));
+    }
+
     #[test]
     fn failures_map_to_their_clouds_reasons() {
         let failure = |cloud, code: Option<&str>| {

@@ -42,21 +42,15 @@ impl CacheKey {
     /// A stable fingerprint of the key, safe to record on a Secret (the identity part holds
     /// no key material, only a digest of it).
     pub fn fingerprint(&self) -> String {
-        use sha2::{Digest, Sha256};
-        let mut digest = Sha256::new();
         let role = self.assume_role.as_ref();
-        for part in [
+        token_cache::fingerprint(&[
             self.identity.as_str(),
             self.region.as_str(),
             if self.fips { "fips" } else { "" },
             role.map_or("", |r| r.role_arn.as_str()),
             role.and_then(|r| r.external_id.as_deref()).unwrap_or_default(),
             role.and_then(|r| r.session_name.as_deref()).unwrap_or_default(),
-        ] {
-            digest.update(part.as_bytes());
-            digest.update([0]);
-        }
-        digest.finalize().iter().take(16).map(|b| format!("{b:02x}")).collect()
+        ])
     }
 }
 

@@ -8,13 +8,12 @@ use aws_sdk_sts::config::Region;
 use k8s_openapi::api::core::v1::ServiceAccount;
 use kube::Api;
 use secrecy::ExposeSecret;
-use sha2::{Digest, Sha256};
 
 use super::{EcrProvider, FetchError, aws_failure};
 use crate::{
     Error,
     crd::{AssumeRole, EcrAuth, EcrSource, SecretKeyRef},
-    source::{SecretReader, SourceContext, read_password, service_account_token},
+    source::{SecretReader, SourceContext, read_password, service_account_token, token_cache},
 };
 
 /// The annotation EKS puts the IRSA role on.
@@ -54,12 +53,12 @@ impl Identity {
                     Err(other) => return Err(other),
                 };
                 // The cache key proves possession: only the same key material finds the token.
-                let mut digest = Sha256::new();
-                for part in [Some(&id), Some(&secret), token.as_ref()].into_iter().flatten() {
-                    digest.update(part.expose_secret().as_bytes());
-                    digest.update([0]);
-                }
-                let cache_key = format!("keys:{:x}", digest.finalize());
+                let parts: Vec<&str> = [Some(&id), Some(&secret), token.as_ref()]
+                    .into_iter()
+                    .flatten()
+                    .map(|p| p.expose_secret())
+                    .collect();
+                let cache_key = format!("keys:{}", token_cache::digest(&parts));
                 let credentials = Credentials::new(
                     id.expose_secret(),
                     secret.expose_secret(),

@@ -5,7 +5,6 @@ use std::collections::BTreeMap;
 
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, de::IgnoredAny};
-use sha2::{Digest, Sha256};
 
 use super::google::CLOUD_PLATFORM;
 
@@ -95,17 +94,13 @@ impl ServiceAccountKey {
     /// What identifies the key in the token cache: a digest that only the same key material
     /// (and endpoint) reproduces, so holding the key is what finds its token.
     pub fn cache_identity(&self) -> String {
-        let mut digest = Sha256::new();
-        for part in [
+        let digest = crate::source::token_cache::digest(&[
             self.client_email.as_str(),
             self.private_key_id.as_deref().unwrap_or_default(),
             self.private_key.expose_secret(),
             self.token_uri.as_str(),
-        ] {
-            digest.update(part.as_bytes());
-            digest.update([0]);
-        }
-        format!("key:{:x}", digest.finalize())
+        ]);
+        format!("key:{digest}")
     }
 }
 

@@ -79,18 +79,18 @@ pub struct GcpProvider {
     settings: GcpSettings,
     client: kube::Client,
     metrics: Arc<Metrics>,
-    http: Result<reqwest::Client, String>,
+    /// Built on first use: a cluster without token sources never loads the system roots for it.
+    http: std::sync::OnceLock<Result<reqwest::Client, String>>,
     pub tokens: TokenCache,
 }
 
 impl GcpProvider {
     pub fn new(client: kube::Client, settings: GcpSettings, metrics: Arc<Metrics>) -> Self {
-        let http = crate::http::client(None, "");
-        Self { settings, client, metrics, http, tokens: TokenCache::default() }
+        Self { settings, client, metrics, http: std::sync::OnceLock::new(), tokens: TokenCache::default() }
     }
 
     fn http(&self) -> Result<&reqwest::Client, Failure> {
-        self.http.as_ref().map_err(|e| Failure {
+        self.http.get_or_init(|| crate::http::client(None, "")).as_ref().map_err(|e| Failure {
             cloud: Cloud::Google,
             operation: "http",
             code: Some("ClientSetup".into()),
@@ -122,13 +122,7 @@ pub struct CacheKey {
 impl CacheKey {
     /// A stable fingerprint, safe to record on a Secret.
     fn fingerprint(&self) -> String {
-        use sha2::{Digest, Sha256};
-        let mut digest = Sha256::new();
-        for part in ["gcp", self.identity.as_str(), self.impersonate.as_deref().unwrap_or_default()] {
-            digest.update(part.as_bytes());
-            digest.update([0]);
-        }
-        digest.finalize().iter().take(16).map(|b| format!("{b:02x}")).collect()
+        token_cache::fingerprint(&["gcp", self.identity.as_str(), self.impersonate.as_deref().unwrap_or_default()])
     }
 }
 
@@ -175,7 +169,7 @@ impl Identity {
         provider: &GcpProvider,
     ) -> Result<(Identity, String), Error> {
         if let Some(key_ref) = &source.json_key_secret_ref {
-            let (key, namespace) = read_service_account_key(ctx, key_ref).await?;
+            let (key, namespace, _) = read_service_account_key(ctx, key_ref).await?;
             if !provider.token_uri_allowed(&key.token_uri) {
                 return Err(Error::TokenUriNotAllowed {
                     namespace,
@@ -243,11 +237,12 @@ impl Identity {
     }
 }
 
-/// Reads and checks a key file; the error names the Secret and key, never the content.
+/// Reads and checks a key file: the key, the namespace it was read in, and the file's text.
+/// The error names the Secret and key, never the content.
 async fn read_service_account_key<R: SecretReader>(
     ctx: &SourceContext<'_, R>,
     key_ref: &crate::crd::SecretKeyRef,
-) -> Result<(ServiceAccountKey, String), Error> {
+) -> Result<(ServiceAccountKey, String, SecretString), Error> {
     let text = read_key(ctx, key_ref, KEY_FILE).await?;
     let namespace = ctx.resolve_namespace(key_ref.namespace.as_deref())?;
     let key = ServiceAccountKey::parse(&text).map_err(|problem| Error::InvalidGcrKey {
@@ -256,7 +251,7 @@ async fn read_service_account_key<R: SecretReader>(
         key: key_ref.key_or(KEY_FILE).to_string(),
         problem,
     })?;
-    Ok((key, namespace))
+    Ok((key, namespace, text))
 }
 
 /// A token for the identity, after the optional impersonation.
@@ -288,9 +283,9 @@ impl CredentialProvider for GcrSource {
                 .json_key_secret_ref
                 .as_ref()
                 .ok_or(Error::MissingObjectField("spec.source.gcr.jsonKeySecretRef"))?;
-            read_service_account_key(ctx, key_ref).await?;
+            let (_, _, text) = read_service_account_key(ctx, key_ref).await?;
             // Verbatim: JSON does not mind a trailing newline, and the key is sent as it is.
-            return single_login(registry, JSON_KEY_USERNAME, read_key(ctx, key_ref, KEY_FILE).await?, Vec::new());
+            return single_login(registry, JSON_KEY_USERNAME, text, Vec::new());
         }
         let provider = ctx.gcp.ok_or(Error::GcpUnavailable)?;
         let servers = crate::registry::server_keys(registry)?;
