@@ -631,6 +631,12 @@ pub struct CredentialStatus {
     /// When the controller will fetch the next token (ECR, gcr access tokens).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_refresh_at: Option<Time>,
+    /// The SHA-256 digest (first 128 bits, hex) of the `.dockerconfigjson` the controller
+    /// last wrote with a token (ECR, gcr access tokens). After a restart or a leader change,
+    /// a live Secret's token is reused only when its bytes have this digest: a Secret edited
+    /// in a target namespace is repaired, never taken as the token. Not the token itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_digest: Option<String>,
     /// When the registry last answered the check behind the `Verified` condition.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verified_at: Option<Time>,

@@ -27,6 +27,9 @@ pub struct Synced {
     pub registries: Vec<String>,
     pub expires_at: Option<Timestamp>,
     pub refresh_at: Option<Timestamp>,
+    /// The digest of the config written, for sources with a token (see
+    /// `CredentialStatus::token_digest`).
+    pub token_digest: Option<String>,
     /// What the source corrected on the way (a trailing line break removed), for the message.
     pub notes: Vec<String>,
 }
@@ -51,6 +54,7 @@ pub fn credential_status(
         next.registries = synced.registries.clone();
         next.expires_at = synced.expires_at.map(Time);
         next.next_refresh_at = synced.refresh_at.map(Time);
+        next.token_digest = synced.token_digest.clone();
     }
     let refreshed = || condition(previous, DEGRADED, false, "Refreshed", "the token is current".into(), generation);
     next.conditions = match (error, synced) {
@@ -208,6 +212,7 @@ mod tests {
             registries: vec!["r".into()],
             expires_at: Some(Timestamp::now() + std::time::Duration::from_secs(3600)),
             refresh_at: Some(Timestamp::now() + std::time::Duration::from_secs(600)),
+            token_digest: None,
             notes: Vec::new(),
         };
         credential_status(None, Some(generation), &ecr(), Some(&synced), None)
@@ -226,6 +231,7 @@ mod tests {
             registries: vec!["r".into()],
             expires_at: previous.expires_at.as_ref().map(|t| t.0),
             refresh_at: None,
+            token_digest: None,
             notes: Vec::new(),
         };
         let conflict = Error::SecretConflict { namespace: "ns".into(), name: "taken".into() };

@@ -155,13 +155,14 @@ async fn sync<K: Credential>(obj: &K, uid: &str, ctx: &Context) -> Result<FanOut
     let secret_name = obj.secret_name();
     let status = ctx.states.recent_status(uid).or_else(|| obj.status_view());
     let previous_name = status.as_ref().and_then(|s| s.credential.secret_name.clone());
+    let seed = status.as_ref().and_then(|s| s.credential.token_digest.as_deref());
     let (own, sample) = match ctx.config.watch_secrets {
-        true => own_secrets(ctx, own_namespace, uid, &targets, &secret_name).await?,
+        true => own_secrets(ctx, own_namespace, uid, &targets, &secret_name, seed).await?,
         // Where RBAC withholds list on Secrets: read the ones this credential may have, by name.
         false => {
             let names: Vec<&str> =
                 [Some(secret_name.as_str()), previous_name.as_deref()].into_iter().flatten().collect();
-            own_secrets_by_name(ctx, uid, &targets, &names).await?
+            own_secrets_by_name(ctx, uid, &targets, &names, seed).await?
         }
     };
     let previous_token = sample.as_ref().and_then(|s| previous_token(s, status.as_ref(), obj.meta().generation));
@@ -320,6 +321,7 @@ async fn sync<K: Credential>(obj: &K, uid: &str, ctx: &Context) -> Result<FanOut
             registries: credentials.auths.iter().map(|a| a.server.clone()).collect(),
             expires_at: credentials.expires_at,
             refresh_at: credentials.refresh_at,
+            token_digest: credentials.expires_at.is_some().then(|| desired_hash.clone()),
             notes: credentials.notes,
         },
         logins: credentials.auths,

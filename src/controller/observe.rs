@@ -20,7 +20,7 @@ use super::Context;
 use crate::{
     Error, dockerconfig,
     plan::LiveSecret,
-    secret::{CREDENTIAL_UID_LABEL, ReadSecret, TOKEN_IDENTITY_ANNOTATION, data_hash, is_controlled_by},
+    secret::{CREDENTIAL_UID_LABEL, ReadSecret, TOKEN_IDENTITY_ANNOTATION, config_hash, data_hash, is_controlled_by},
     service_account::holds_exactly,
     source::PreviousToken,
 };
@@ -31,13 +31,16 @@ const READS_BEFORE_LIST: usize = 8;
 /// This credential's Secrets: listed as metadata by its uid label, kept only where its owner
 /// reference says they are its (a label proves nothing), with the data's hash where known
 /// without a read (the resourceVersion is the one last seen current) or read for the targets.
-/// Also returns one of them read in full, if any was (for the token it holds).
+/// Also returns one of them read in full whose config has the digest `seed` (the one the last
+/// status recorded), if any was read: the token regcred wrote, which a tenant's edit cannot
+/// fake (see [`previous_token`]).
 pub(super) async fn own_secrets(
     ctx: &Context,
     namespace: Option<&str>,
     uid: &str,
     targets: &[String],
     secret_name: &str,
+    seed: Option<&str>,
 ) -> Result<(Vec<LiveSecret>, Option<ReadSecret>), Error> {
     // A cluster credential's Secrets: one list across the cluster, or one per namespace served.
     let apis: Vec<Api<Secret>> = match (namespace, &ctx.config.namespaces) {
@@ -82,7 +85,8 @@ pub(super) async fn own_secrets(
         _ => read_each(ctx, unknown.iter().cloned()).await?,
     };
     // Only what was read at the listed resourceVersion counts; the sample is one of those, so
-    // it is a Secret this credential controls in a namespace it targets.
+    // it is a Secret this credential controls in a namespace it targets, holding exactly the
+    // bytes the last status recorded.
     let mut sample = None;
     for full in read {
         let (namespace, name) = (full.namespace().unwrap_or_default(), full.name_any());
@@ -93,8 +97,11 @@ pub(super) async fn own_secrets(
             continue;
         };
         if live.meta.resource_version == full.metadata.resource_version {
-            live.data_hash = Some(data_hash(&full));
-            sample.get_or_insert_with(|| ReadSecret::from(full));
+            let hash = data_hash(&full);
+            if sample.is_none() && seed == Some(hash.as_str()) {
+                sample = Some(ReadSecret::from(full));
+            }
+            live.data_hash = Some(hash);
         }
     }
     // Remember what was read, so the next reconcile needs no read while nothing changes.
@@ -117,6 +124,7 @@ pub(super) async fn own_secrets_by_name(
     uid: &str,
     targets: &[String],
     names: &[&str],
+    seed: Option<&str>,
 ) -> Result<(Vec<LiveSecret>, Option<ReadSecret>), Error> {
     let mut namespaces: BTreeSet<String> = targets.iter().cloned().collect();
     namespaces.extend(ctx.states.with(uid, |s| s.targets.clone()));
@@ -129,7 +137,8 @@ pub(super) async fn own_secrets_by_name(
             continue;
         }
         let hash = data_hash(&secret);
-        if sample.is_none() && secret.metadata.name.as_deref() == names.first().copied() {
+        if sample.is_none() && secret.metadata.name.as_deref() == names.first().copied() && seed == Some(hash.as_str())
+        {
             sample = Some(ReadSecret::from(secret.clone()));
         }
         own.push(LiveSecret { meta: secret.metadata, data_hash: Some(hash) });
@@ -139,8 +148,11 @@ pub(super) async fn own_secrets_by_name(
 }
 
 /// The token a live Secret holds, when the last status says it is current for this spec:
-/// Ready for this generation, and its expiry and refresh time known. The ECR source reuses it
-/// only for the same identity and registries (see `source::ecr`).
+/// Ready for this generation, its expiry and refresh time known, and the Secret's config
+/// exactly the bytes whose digest the status recorded when regcred wrote them. Anyone who can
+/// edit a target namespace's Secret can edit its data and annotations, but not the
+/// credential's status: without the digest, their token would be reused for every namespace.
+/// The sources reuse it only for the same identity and registries (see `source::ecr`).
 pub(super) fn previous_token(
     secret: &ReadSecret,
     status: Option<&crate::crd::ClusterCredentialStatus>,
@@ -151,10 +163,14 @@ pub(super) fn previous_token(
     if ready.status != "True" || ready.observed_generation != generation {
         return None;
     }
+    let config = secret.docker_config()?.expose_secret();
+    if status.token_digest.as_deref() != Some(config_hash(Some(config)).as_str()) {
+        return None;
+    }
     let identity = secret.metadata.annotations.as_ref()?.get(TOKEN_IDENTITY_ANNOTATION)?.clone();
     Some(PreviousToken {
         identity,
-        auths: dockerconfig::parse(secret.docker_config()?.expose_secret()).ok()?,
+        auths: dockerconfig::parse(config).ok()?,
         expires_at: status.expires_at.as_ref()?.0,
         refresh_at: status.next_refresh_at.as_ref()?.0,
     })
@@ -226,4 +242,56 @@ where
         objects.extend(object?);
     }
     Ok(objects)
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::{
+        ByteString,
+        apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time},
+        jiff::{SignedDuration, Timestamp},
+    };
+
+    use super::*;
+    use crate::crd::{ClusterCredentialStatus, CredentialStatus};
+
+    const GENUINE: &[u8] =
+        br#"{"auths":{"r.example.com":{"username":"AWS","password":"issued","auth":"QVdTOmlzc3VlZA=="}}}"#;
+    const FORGED: &[u8] =
+        br#"{"auths":{"r.example.com":{"username":"AWS","password":"forged","auth":"QVdTOmZvcmdlZA=="}}}"#;
+
+    fn secret(config: &[u8]) -> ReadSecret {
+        ReadSecret::from(Secret {
+            metadata: ObjectMeta {
+                annotations: Some([(TOKEN_IDENTITY_ANNOTATION.to_string(), "identity".to_string())].into()),
+                ..Default::default()
+            },
+            data: Some([(".dockerconfigjson".to_string(), ByteString(config.to_vec()))].into()),
+            ..Default::default()
+        })
+    }
+
+    fn status(digest: Option<&[u8]>) -> ClusterCredentialStatus {
+        let in_hours = |h: i64| Time(Timestamp::now() + SignedDuration::from_hours(h));
+        let ready = crate::status::condition(None, crate::status::READY, true, "Synced", String::new(), Some(1));
+        ClusterCredentialStatus {
+            credential: CredentialStatus {
+                conditions: vec![ready],
+                expires_at: Some(in_hours(12)),
+                next_refresh_at: Some(in_hours(9)),
+                token_digest: digest.map(|d| config_hash(Some(d))),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn only_the_bytes_the_status_recorded_are_reused() {
+        let reused = previous_token(&secret(GENUINE), Some(&status(Some(GENUINE))), Some(1)).expect("reused");
+        assert_eq!(reused.auths[0].password.expose_secret(), "issued");
+        assert!(previous_token(&secret(FORGED), Some(&status(Some(GENUINE))), Some(1)).is_none(), "edited bytes");
+        assert!(previous_token(&secret(GENUINE), Some(&status(None)), Some(1)).is_none(), "no digest recorded");
+        assert!(previous_token(&secret(GENUINE), Some(&status(Some(GENUINE))), Some(2)).is_none(), "other generation");
+    }
 }

@@ -3,8 +3,8 @@
 //! kube-system and its own namespace), which the apiserver itself does not accept; and an
 //! install without IRSA has no token permission and says so in status.
 
-use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
-use kube::{Api, Client, api::PostParams};
+use k8s_openapi::api::core::v1::Namespace;
+use kube::Api;
 use serde_json::json;
 
 use crate::support::*;
@@ -91,29 +91,6 @@ async fn irsa_disabled_reports_a_clear_condition_and_requests_no_token() {
         .filter(|(verb, res, _, _)| verb == "create" && res == "serviceaccounts")
         .collect();
     assert!(tokens.is_empty(), "TokenRequests made: {tokens:?}");
-}
-
-/// A namespace editor of `ns` (the built-in `edit` ClusterRole, which the chart's aggregated
-/// role extends to RegistryCredentials): a ServiceAccount there, and a client with its token.
-async fn tenant(admin: &Client, ns: &str) -> Client {
-    let account = ServiceAccount {
-        metadata: kube::api::ObjectMeta { name: Some("tenant".into()), ..Default::default() },
-        ..Default::default()
-    };
-    Api::<ServiceAccount>::namespaced(admin.clone(), ns).create(&PostParams::default(), &account).await.unwrap();
-    let binding: k8s_openapi::api::rbac::v1::RoleBinding = serde_json::from_value(json!({
-        "metadata": {"name": "tenant-edit", "namespace": ns},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "edit"},
-        "subjects": [{"kind": "ServiceAccount", "name": "tenant", "namespace": ns}],
-    }))
-    .unwrap();
-    Api::<k8s_openapi::api::rbac::v1::RoleBinding>::namespaced(admin.clone(), ns)
-        .create(&PostParams::default(), &binding)
-        .await
-        .unwrap();
-    let token = request_token(admin, ns, "tenant", &[], 3600).await.expect("a token for the tenant");
-    record_secret(&token);
-    client_with_token(&token).await
 }
 
 #[tokio::test]

@@ -14,7 +14,7 @@ use base64::Engine;
 use k8s_openapi::{
     ByteString,
     api::{
-        core::v1::{Namespace, Secret},
+        core::v1::{Namespace, Secret, ServiceAccount},
         events::v1::Event,
     },
 };
@@ -644,4 +644,27 @@ pub async fn create_raw(
     }))
     .expect("a DynamicObject");
     api.create(&PostParams::default(), &obj).await.map(drop)
+}
+
+/// A namespace editor of `ns` (the built-in `edit` ClusterRole, which the chart's aggregated
+/// role extends to RegistryCredentials): a ServiceAccount there, and a client with its token.
+pub async fn tenant(admin: &Client, ns: &str) -> Client {
+    let account = ServiceAccount {
+        metadata: ObjectMeta { name: Some("tenant".into()), ..Default::default() },
+        ..Default::default()
+    };
+    Api::<ServiceAccount>::namespaced(admin.clone(), ns).create(&PostParams::default(), &account).await.unwrap();
+    let binding: k8s_openapi::api::rbac::v1::RoleBinding = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "tenant-edit", "namespace": ns},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "edit"},
+        "subjects": [{"kind": "ServiceAccount", "name": "tenant", "namespace": ns}],
+    }))
+    .unwrap();
+    Api::<k8s_openapi::api::rbac::v1::RoleBinding>::namespaced(admin.clone(), ns)
+        .create(&PostParams::default(), &binding)
+        .await
+        .unwrap();
+    let token = request_token(admin, ns, "tenant", &[], 3600).await.expect("a token for the tenant");
+    record_secret(&token);
+    client_with_token(&token).await
 }
