@@ -26,20 +26,27 @@ import os
 import re
 import secrets
 import string
+import sys
 import threading
 import time
 from datetime import datetime, timedelta, timezone
 from urllib.parse import parse_qs
 
-import jwt
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from werkzeug.serving import make_server
-from werkzeug.wrappers import Request, Response
+try:
+    import jwt
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from werkzeug.serving import make_server
+    from werkzeug.wrappers import Request, Response
 
-from moto.core.responses import ActionResult
-from moto.ecr.responses import ECRResponse
-from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
+    from moto.core.responses import ActionResult
+    from moto.ecr.responses import ECRResponse
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
+except ImportError as error:
+    sys.exit(
+        f"aws/emulator.py: {error} under {sys.executable}: the AWS emulator needs tests/aws/requirements.txt; "
+        "scripts/setup.sh installs them into a virtual environment, which the tests use (REGCRED_PYTHON)"
+    )
 
 # Shared state, guarded by LOCK: werkzeug serves each request on its own thread.
 LOCK = threading.Lock()

@@ -28,15 +28,22 @@ import json
 import os
 import re
 import secrets
+import sys
 import threading
 import time
 from datetime import datetime, timezone
 
-import jwt
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from werkzeug.serving import make_server
-from werkzeug.wrappers import Request, Response
+try:
+    import jwt
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from werkzeug.serving import make_server
+    from werkzeug.wrappers import Request, Response
+except ImportError as error:
+    sys.exit(
+        f"gcp/emulator.py: {error} under {sys.executable}: the Google emulator needs tests/gcp/requirements.txt; "
+        "scripts/setup.sh installs them into a virtual environment, which the tests use (REGCRED_PYTHON)"
+    )
 
 CLOUD_PLATFORM = "https://www.googleapis.com/auth/cloud-platform"
 JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"

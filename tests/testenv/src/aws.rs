@@ -13,7 +13,8 @@ use crate::{free_port, http_get, random_hex, wait_until};
 /// ECR's own token lifetime: 12 hours.
 const DEFAULT_TOKEN_LIFETIME: u64 = 12 * 60 * 60;
 
-/// A local AWS (`tests/aws/emulator.py`, run by `python3` from PATH with
+/// A local AWS (`tests/aws/emulator.py`, run by `$REGCRED_PYTHON`, the virtual environment
+/// of `scripts/setup.sh` or `python3`, with
 /// `tests/aws/requirements.txt` installed): moto for ECR/STS/IAM with a
 /// realistic, rotating ECR GetAuthorizationToken, request counts, fault
 /// injection and a record of calls; plus IMDSv2 and EKS Pod Identity stubs, and the token
@@ -80,7 +81,7 @@ impl AwsEmulator {
         let ready = self.dir.path().join("ready");
         let _ = std::fs::remove_file(&ready);
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../aws/emulator.py");
-        let mut cmd = Command::new("python3");
+        let mut cmd = Command::new(&crate::python().path);
         cmd.arg(&script)
             .args(["--port", &self.port.to_string()])
             .args(["--imds-port", &self.imds_port.to_string()])
@@ -97,7 +98,7 @@ impl AwsEmulator {
             || proc.check_alive(),
             || Ok(std::fs::metadata(&ready)?),
         )
-        .context("is moto installed? (scripts/setup.sh, or pip install -r tests/aws/requirements.txt)")?;
+        .with_context(|| crate::python().hint("tests/aws/requirements.txt"))?;
         *self.proc.lock().unwrap() = Some(proc);
         Ok(())
     }

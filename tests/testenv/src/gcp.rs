@@ -18,7 +18,8 @@ pub const CLOUD_PLATFORM: &str = "https://www.googleapis.com/auth/cloud-platform
 const REGISTRY_SERVICE: &str = "regcred-testenv-gcp";
 const REGISTRY_ISSUER: &str = "regcred-testenv-gcp-realm";
 
-/// A local Google (`tests/gcp/emulator.py`, run by `python3` from PATH with
+/// A local Google (`tests/gcp/emulator.py`, run by `$REGCRED_PYTHON`, the virtual environment
+/// of `scripts/setup.sh` or `python3`, with
 /// `tests/gcp/requirements.txt` installed), strict where Google is: the OAuth token
 /// endpoint of service-account keys, STS for Workload Identity Federation, IAM
 /// Credentials' generateAccessToken, the metadata server, and Artifact Registry's token
@@ -162,7 +163,7 @@ impl GcpEmulator {
         let dir = temp_dir("gcp")?;
         let (port, metadata_port) = (free_port(), free_port());
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../gcp/emulator.py");
-        let mut cmd = Command::new("python3");
+        let mut cmd = Command::new(&crate::python().path);
         cmd.arg(&script)
             .args(["--port", &port.to_string()])
             .args(["--metadata-port", &metadata_port.to_string()])
@@ -178,9 +179,7 @@ impl GcpEmulator {
             || proc.check_alive(),
             || Ok(std::fs::metadata(&ready)?),
         )
-        .context(
-            "are PyJWT and cryptography installed? (scripts/setup.sh, or pip install -r tests/gcp/requirements.txt)",
-        )?;
+        .with_context(|| crate::python().hint("tests/gcp/requirements.txt"))?;
         Ok(GcpEmulator { proc: Mutex::new(Some(proc)), port, metadata_port, dir })
     }
 

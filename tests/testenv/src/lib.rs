@@ -65,6 +65,53 @@ pub fn testbin(name: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// The Python that runs the emulators (`tests/aws/emulator.py`, `tests/gcp/emulator.py`):
+/// `$REGCRED_PYTHON` if set (`scripts/test.sh` sets it from `scripts/setup.sh`), else the
+/// virtual environment `scripts/setup.sh` made for this tree and the `python3` on PATH
+/// (`scripts/python-venv.sh --find`), else that `python3` itself. Computed once per process.
+pub(crate) fn python() -> &'static Python {
+    static PYTHON: OnceLock<Python> = OnceLock::new();
+    PYTHON.get_or_init(find_python)
+}
+
+/// See [`python`].
+pub(crate) struct Python {
+    pub(crate) path: PathBuf,
+    /// Where [`Self::path`] came from, for error messages.
+    pub(crate) source: &'static str,
+}
+
+impl Python {
+    /// The context of an emulator that did not start: which Python ran it, and what to do
+    /// when its imports failed (the emulator's log, in the error, says so).
+    pub(crate) fn hint(&self, requirements: &str) -> String {
+        format!(
+            "the emulator ran with {} ({}); if its imports failed, run scripts/setup.sh (it makes a \
+             virtual environment with {requirements}) or set REGCRED_PYTHON to a python that has them",
+            self.path.display(),
+            self.source,
+        )
+    }
+}
+
+fn find_python() -> Python {
+    if let Some(path) = std::env::var_os("REGCRED_PYTHON").filter(|p| !p.is_empty()) {
+        return Python { path: path.into(), source: "$REGCRED_PYTHON" };
+    }
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/python-venv.sh");
+    let found = Command::new("bash").arg(&script).arg("--find").stderr(std::process::Stdio::null()).output();
+    if let Ok(out) = found
+        && out.status.success()
+        && let Some(line) = String::from_utf8_lossy(&out.stdout).lines().last()
+    {
+        return Python { path: line.trim().into(), source: "the virtual environment of scripts/setup.sh" };
+    }
+    Python {
+        path: "python3".into(),
+        source: "python3 from PATH: REGCRED_PYTHON is unset and scripts/setup.sh has made no virtual environment for it",
+    }
+}
+
 /// A TCP port on 127.0.0.1 that was free a moment ago.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("binding 127.0.0.1:0").port()
