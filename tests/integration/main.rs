@@ -11,6 +11,7 @@ mod ecr;
 mod errors;
 mod fanout;
 mod gcr;
+mod hostile;
 mod leader;
 mod lifecycle;
 mod logs;
