@@ -9,6 +9,7 @@ use reqwest::{Client, Response, StatusCode, header};
 use secrecy::{ExposeSecret, SecretString};
 
 use super::challenge::{self, Challenge};
+use crate::http::{BodyError, MAX_ANSWER_BYTES, read_capped, size};
 
 /// What a check found, and the condition reason that tells the user what to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,6 +26,8 @@ pub enum Reason {
     TlsError,
     /// Anything a registry should not answer.
     UnexpectedResponse,
+    /// The token endpoint answered with more than [`MAX_ANSWER_BYTES`]: cut off unread.
+    ResponseTooLarge,
     /// `spec.verify.caBundle` could not be read (nothing was asked of the registry).
     CaBundleUnavailable,
 }
@@ -38,6 +41,7 @@ impl Reason {
             Reason::Unreachable => "Unreachable",
             Reason::TlsError => "TLSError",
             Reason::UnexpectedResponse => "UnexpectedResponse",
+            Reason::ResponseTooLarge => "ResponseTooLarge",
             Reason::CaBundleUnavailable => "CABundleUnavailable",
         }
     }
@@ -191,7 +195,13 @@ async fn token(client: &Client, target: &Target<'_>, challenge: &Challenge) -> R
         }
         status => return Err(unexpected(&what, status)),
     }
-    let body = response.bytes().await.map_err(|e| transport(&what, &e))?;
+    let body = read_capped(response, MAX_ANSWER_BYTES).await.map_err(|e| match e {
+        BodyError::TooLarge { limit } => Finding::new(
+            Reason::ResponseTooLarge,
+            format!("{what} answered with more than {}, the most regcred reads of a token answer", size(limit)),
+        ),
+        BodyError::Transport(e) => transport(&what, &e),
+    })?;
     // The token is never parsed into anything printable: only the field that holds it.
     #[derive(serde::Deserialize)]
     struct TokenResponse {
@@ -270,4 +280,57 @@ fn tls_error(error: &reqwest::Error) -> Option<String> {
         };
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::http::test_server::{self, Answer};
+
+    /// A check of the registry at `host`, whose Bearer realm is the hostile server itself.
+    async fn check_at(host: &str) -> (Finding, Duration) {
+        let client = crate::http::client(None, "").unwrap();
+        let password = SecretString::from("p");
+        let target = Target {
+            host,
+            username: "u",
+            password: &password,
+            repository: None,
+            reference: "latest",
+            plain_http: true,
+        };
+        let started = Instant::now();
+        let finding = check(&client, &target).await;
+        (finding, started.elapsed())
+    }
+
+    /// A realm that streams without end: the check stops at the cap and says so, naming the
+    /// endpoint and the cap, never the body.
+    #[tokio::test]
+    async fn an_endless_token_answer_is_response_too_large() {
+        let server = test_server::start(Answer::Streamed { bytes: 64 << 20 }).await;
+        let (finding, took) = check_at(&server.host).await;
+        assert_eq!(finding.reason, Reason::ResponseTooLarge, "{}", finding.message);
+        let realm = format!("http://{}/token", server.host);
+        assert_eq!(
+            finding.message,
+            format!(
+                "the token endpoint {realm} answered with more than 64 KiB, the most regcred reads of a token answer"
+            )
+        );
+        assert!(took < Duration::from_secs(5), "took {took:?}");
+        assert!(server.sent() < 16 << 20, "the realm got {} bytes out", server.sent());
+    }
+
+    /// A realm that announces a 1 TiB answer is refused from its Content-Length at once.
+    #[tokio::test]
+    async fn an_announced_token_answer_over_the_cap_is_response_too_large() {
+        let server = test_server::start(Answer::Announced).await;
+        let (finding, took) = check_at(&server.host).await;
+        assert_eq!(finding.reason, Reason::ResponseTooLarge, "{}", finding.message);
+        assert!(finding.message.contains("64 KiB"), "{}", finding.message);
+        assert!(took < Duration::from_secs(2), "took {took:?}");
+    }
 }

@@ -114,12 +114,40 @@ pub fn host_of(server_key: &str) -> String {
     }
 }
 
+/// HTTP clients kept, one per distinct CA bundle (the system roots' included). Bundles are
+/// tenants' ConfigMaps and Secrets, so how many there are is theirs to choose: past this many,
+/// the least recently used client goes (built again, a few milliseconds, when its bundle is
+/// next checked). A cluster has a handful of private CAs, not 16.
+const MAX_CLIENTS: usize = 16;
+
 /// Shared by every check: HTTP clients per CA bundle, the rate, and one check per host.
 pub struct Verifier {
     settings: VerifySettings,
-    clients: Mutex<HashMap<Option<String>, Client>>,
+    /// By the CA bundle's digest (`None`: the system roots alone), with the use count when it
+    /// was last used; at most [`MAX_CLIENTS`].
+    clients: Mutex<HashMap<Option<String>, (Client, u64)>>,
+    /// Client look-ups so far: the clock by which the least recently used client is found.
+    uses: std::sync::atomic::AtomicU64,
+    /// A lock per registry host that a check holds or waits for; dropped with the last of
+    /// them ([`HostTurn`]), so hosts, which tenants name, do not pile up.
     hosts: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     next_start: tokio::sync::Mutex<tokio::time::Instant>,
+}
+
+/// A check's turn at a registry host: while it is held, no other check of that host runs.
+/// Ending it forgets the host's lock when no other check holds or waits for it.
+struct HostTurn<'a> {
+    hosts: &'a Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl Drop for HostTurn<'_> {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        // Every lock nobody holds or awaits: this one, and any a cancelled check left.
+        let mut hosts = self.hosts.lock().unwrap_or_else(PoisonError::into_inner);
+        hosts.retain(|_, lock| Arc::strong_count(lock) > 1);
+    }
 }
 
 impl Verifier {
@@ -127,6 +155,7 @@ impl Verifier {
         Self {
             settings,
             clients: Mutex::default(),
+            uses: Default::default(),
             hosts: Mutex::default(),
             next_start: tokio::sync::Mutex::new(tokio::time::Instant::now()),
         }
@@ -169,8 +198,7 @@ impl Verifier {
                 continue;
             }
             self.wait_turn().await;
-            let lock = self.host_lock(&host);
-            let _one_at_a_time = lock.lock().await;
+            let _one_at_a_time = self.host_turn(&host).await;
             let target = handshake::Target {
                 host: &host,
                 username: &login.username,
@@ -196,20 +224,34 @@ impl Verifier {
         tokio::time::sleep_until(start).await;
     }
 
-    fn host_lock(&self, host: &str) -> Arc<tokio::sync::Mutex<()>> {
-        let mut hosts = self.hosts.lock().unwrap_or_else(PoisonError::into_inner);
-        hosts.entry(host.to_string()).or_default().clone()
+    /// Waits until no other check of `host` runs.
+    async fn host_turn(&self, host: &str) -> HostTurn<'_> {
+        let lock = {
+            let mut hosts = self.hosts.lock().unwrap_or_else(PoisonError::into_inner);
+            hosts.entry(host.to_string()).or_default().clone()
+        };
+        let mut turn = HostTurn { hosts: &self.hosts, guard: None };
+        turn.guard = Some(lock.lock_owned().await);
+        turn
     }
 
-    /// A client trusting the system roots plus `ca_bundle`; one per distinct bundle.
+    /// A client trusting the system roots plus `ca_bundle`; one per distinct bundle, for the
+    /// [`MAX_CLIENTS`] bundles used last.
     fn client(&self, ca_bundle: Option<&[u8]>) -> Result<Client, String> {
         let key = ca_bundle.map(|pem| format!("{:x}", Sha256::digest(pem)));
+        let now = self.uses.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut clients = self.clients.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(client) = clients.get(&key) {
+        if let Some((client, used)) = clients.get_mut(&key) {
+            *used = now;
             return Ok(client.clone());
         }
         let client = build_client(ca_bundle)?;
-        clients.insert(key, client.clone());
+        if clients.len() >= MAX_CLIENTS
+            && let Some(oldest) = clients.iter().min_by_key(|(_, (_, used))| *used).map(|(key, _)| key.clone())
+        {
+            clients.remove(&oldest);
+        }
+        clients.insert(key, (client.clone(), now));
         Ok(client)
     }
 }
@@ -354,5 +396,51 @@ mod tests {
         }
         // The first at once, then one every 0.5 s.
         assert_eq!(start.elapsed(), Duration::from_secs(2));
+    }
+
+    /// Checks of 200 registry hosts (each refuses the connection: nothing listens on port 9
+    /// of 127.0.0.x) leave no per-host lock behind: the map holds only checks in flight.
+    #[tokio::test]
+    async fn host_locks_go_when_their_checks_end() {
+        let verifier = Verifier::new(VerifySettings { qps: 1000.0, ..Default::default() });
+        let options = Options { reference: "latest".into(), plain_http: true, ..Default::default() };
+        let logins: Vec<RegistryAuth> = (1..=200).map(|i| login(&format!("127.0.0.{i}:9"))).collect();
+        let findings = verifier.check_each(&logins, &options).await.unwrap();
+        assert_eq!(findings.len(), 200);
+        let left = verifier.hosts.lock().unwrap().len();
+        assert_eq!(left, 0, "{left} host locks left after every check ended");
+    }
+
+    /// A CA certificate of the system's, as PEM.
+    fn system_ca_pem() -> String {
+        use base64::Engine;
+        let roots = rustls_native_certs::load_native_certs().certs;
+        let der = roots.first().expect("the system has CA certificates");
+        let text = base64::engine::general_purpose::STANDARD.encode(der);
+        let lines: Vec<&str> = text.as_bytes().chunks(64).map(|l| std::str::from_utf8(l).unwrap()).collect();
+        format!("-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n", lines.join("\n"))
+    }
+
+    /// Every distinct CA bundle gets a client, but only the last `MAX_CLIENTS` used are kept:
+    /// 40 bundles (a tenant can write any number) leave at most that many, and the one in use
+    /// all along is among them.
+    #[tokio::test]
+    async fn clients_per_ca_bundle_are_bounded() {
+        let verifier = Verifier::new(VerifySettings { qps: 1000.0, ..Default::default() });
+        let pem = system_ca_pem();
+        async fn check(verifier: &Verifier, bundle: &str) {
+            let ca_bundle = Some(bundle.as_bytes().to_vec());
+            let options = Options { reference: "latest".into(), plain_http: true, ca_bundle, ..Default::default() };
+            verifier.check_each(&[login("127.0.0.1:9")], &options).await.unwrap();
+        }
+        let favourite = format!("favourite\n{pem}");
+        for i in 0..40 {
+            check(&verifier, &format!("bundle {i}\n{pem}")).await;
+            check(&verifier, &favourite).await;
+        }
+        let clients = verifier.clients.lock().unwrap();
+        assert!(clients.len() <= MAX_CLIENTS, "{} clients kept", clients.len());
+        let key = Some(format!("{:x}", Sha256::digest(favourite.as_bytes())));
+        assert!(clients.contains_key(&key), "the bundle used all along was dropped");
     }
 }

@@ -52,10 +52,14 @@ impl TestController {
         self.process.terminate();
     }
 
-    /// Resident and peak resident memory (VmRSS, VmHWM) in KiB (for the load test).
-    #[allow(dead_code)]
+    /// Resident and peak resident memory (VmRSS, VmHWM) in KiB.
     pub fn rss_kib(&self) -> (u64, u64) {
         self.process.rss_kib()
+    }
+
+    /// Err (with the end of its log) if the process has exited: crashed, or killed.
+    pub fn check_alive(&mut self) -> anyhow::Result<()> {
+        self.process.check_alive()
     }
 
     /// The admin endpoint's `/metrics` text (empty if it does not answer).

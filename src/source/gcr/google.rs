@@ -8,7 +8,10 @@ use reqwest::Client;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
-use crate::source::token_cache::{Cloud, Failure};
+use crate::{
+    http::{BodyError, MAX_ANSWER_BYTES, read_capped, size},
+    source::token_cache::{Cloud, Failure},
+};
 
 /// The scope every token is asked for; Artifact Registry accepts it for pulls.
 pub const CLOUD_PLATFORM: &str = "https://www.googleapis.com/auth/cloud-platform";
@@ -110,8 +113,19 @@ async fn send(
     };
     let response = request.send().await.map_err(unreachable)?;
     let status = response.status();
-    let body = response.bytes().await.map_err(unreachable)?;
-    Ok((status, body.to_vec()))
+    let body = read_capped(response, MAX_ANSWER_BYTES).await.map_err(|e| match e {
+        BodyError::TooLarge { limit } => Failure {
+            cloud: Cloud::Google,
+            operation,
+            code: Some("ResponseTooLarge".into()),
+            message: format!(
+                "the answer ({status}) is larger than {}, the most regcred reads of a Google answer",
+                size(limit)
+            ),
+        },
+        BodyError::Transport(e) => unreachable(e),
+    })?;
+    Ok((status, body))
 }
 
 /// Reads an OAuth-style answer: `access_token` and `expires_in`.
@@ -277,5 +291,21 @@ mod tests {
         let at = now + std::time::Duration::from_secs(3600);
         let issued = issued("iamcredentials:generateAccessToken", Some("t".into()), at, now).unwrap();
         assert_eq!(issued.expires_at, at);
+    }
+
+    /// An endless answer (here the metadata server's) is cut off at the cap: a failure with
+    /// code `ResponseTooLarge`, not a controller that reads until it runs out of memory.
+    #[tokio::test]
+    async fn an_endless_answer_is_response_too_large() {
+        use crate::http::test_server::{self, Answer};
+        let server = test_server::start(Answer::Streamed { bytes: 64 << 20 }).await;
+        let client = crate::http::client(None, "").unwrap();
+        let failure = metadata_token(&client, &server.host).await.unwrap_err();
+        assert_eq!((failure.operation, failure.code.as_deref()), ("metadata:token", Some("ResponseTooLarge")));
+        assert_eq!(
+            failure.message,
+            "the answer (200 OK) is larger than 64 KiB, the most regcred reads of a Google answer"
+        );
+        assert!(server.sent() < 16 << 20, "the server got {} bytes out", server.sent());
     }
 }
