@@ -13,8 +13,8 @@ use kube::{core::PartialObjectMeta, runtime::reflector::ObjectRef};
 
 use crate::{
     crd::{ClusterRegistryCredential, NamespaceSelection, RegistryCredential},
+    owned::controlling_credential,
     plan::{NamespaceMatcher, namespace_concerns},
-    secret::CREDENTIAL_UID_LABEL,
     service_account::recorded_uids,
 };
 
@@ -94,13 +94,14 @@ impl Index {
         }
     }
 
-    /// Credentials a Secret event concerns: those that read it or write a Secret of its name,
-    /// and the one its uid label names (checked by the reconcile, never trusted).
+    /// Credentials a Secret event concerns: those that read it or write a Secret of its name
+    /// in a namespace they target, and the one its controller owner reference names (a label
+    /// anyone can copy decides nothing).
     pub fn secret_event(&self, secret: &PartialObjectMeta<Secret>) -> Vec<Trigger> {
         let (Some(namespace), Some(name)) = (&secret.metadata.namespace, &secret.metadata.name) else {
             return Vec::new();
         };
-        let labelled = secret.metadata.labels.as_ref().and_then(|l| l.get(CREDENTIAL_UID_LABEL));
+        let owner = controlling_credential(&secret.metadata).map(str::to_string);
         // A Secret of a cluster credential's name matters only in a namespace it targets
         // (elsewhere, one of its own carries its uid label).
         let targeting: Vec<String> = {
@@ -111,7 +112,7 @@ impl Index {
                 .cloned()
                 .collect()
         };
-        self.lookup([Key::Secret(namespace.clone(), name.clone())], labelled.into_iter().cloned().chain(targeting))
+        self.lookup([Key::Secret(namespace.clone(), name.clone())], owner.into_iter().chain(targeting))
     }
 
     /// Credentials a ServiceAccount event concerns: those that patch or use it, and those its
@@ -214,16 +215,39 @@ mod tests {
 
     use super::*;
 
-    fn secret(namespace: &str, name: &str, uid_label: Option<&str>) -> PartialObjectMeta<Secret> {
+    /// A Secret whose controller owner reference names the credential `owner`, or that only
+    /// carries the uid label of `labelled` (anyone can copy a label).
+    fn secret_of(
+        namespace: &str,
+        name: &str,
+        owner: Option<&str>,
+        labelled: Option<&str>,
+    ) -> PartialObjectMeta<Secret> {
+        let owner_references = owner.map(|uid| {
+            vec![k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+                api_version: "regcred.dev/v1alpha1".into(),
+                kind: "RegistryCredential".into(),
+                name: "a".into(),
+                uid: uid.into(),
+                controller: Some(true),
+                ..Default::default()
+            }]
+        });
+        let label = crate::secret::CREDENTIAL_UID_LABEL.to_string();
         PartialObjectMeta {
             metadata: ObjectMeta {
                 namespace: Some(namespace.into()),
                 name: Some(name.into()),
-                labels: uid_label.map(|u| BTreeMap::from([(CREDENTIAL_UID_LABEL.to_string(), u.to_string())])),
+                labels: labelled.map(|u| BTreeMap::from([(label, u.to_string())])),
+                owner_references,
                 ..Default::default()
             },
             ..Default::default()
         }
+    }
+
+    fn secret(namespace: &str, name: &str, owner: Option<&str>) -> PartialObjectMeta<Secret> {
+        secret_of(namespace, name, owner, None)
     }
 
     fn namespaced(name: &str) -> Trigger {
@@ -245,6 +269,8 @@ mod tests {
         assert!(index.secret_event(&secret("other", "unrelated", None)).is_empty());
         assert_eq!(index.secret_event(&secret("other", "x", Some("u1"))), [namespaced("a")]);
         assert!(index.secret_event(&secret("other", "x", Some("unknown"))).is_empty());
+        // Issue 20, item 4: a copied uid label reaches nothing.
+        assert!(index.secret_event(&secret_of("other", "x", None, Some("u1"))).is_empty());
     }
 
     /// Deletion drops every key of the credential: no stale triggers, no growth.

@@ -10,6 +10,7 @@ pub mod http;
 pub mod index;
 pub mod leader;
 pub mod metrics;
+pub mod owned;
 pub mod plan;
 pub mod registry;
 pub mod render;

@@ -27,8 +27,12 @@ pub const RESERVED_LABEL_PREFIX: &str = "regcred.dev/";
 /// when known (remembered for this resourceVersion, or computed from a fresh read).
 #[derive(Clone, Debug)]
 pub struct LiveSecret {
+    /// Its metadata: in full when it was read, else only namespace, name and resourceVersion.
     pub meta: ObjectMeta,
     pub data_hash: Option<String>,
+    /// Seen current at this resourceVersion for desired metadata with this digest
+    /// (`secret::metadata_digest`): unchanged since, it needs no read to be known current.
+    pub current_for: Option<String>,
 }
 
 impl LiveSecret {
@@ -60,6 +64,8 @@ pub struct Observed<'a> {
     /// The Secret as it should be (metadata) and the hash of its data.
     pub desired: &'a ObjectMeta,
     pub desired_hash: &'a str,
+    /// `secret::metadata_digest` of `desired`.
+    pub desired_meta_digest: &'a str,
 }
 
 /// What to do about the Secret in one target namespace.
@@ -121,7 +127,7 @@ pub fn plan(observed: &Observed<'_>) -> Plan {
     let mut steps = Vec::with_capacity(observed.targets.len());
     for namespace in observed.targets {
         let secret = match own.remove(&(namespace.as_str(), observed.secret_name)) {
-            Some(live) if is_current(live, observed.desired, observed.desired_hash) => SecretStep::Unchanged,
+            Some(live) if is_current(live, observed) => SecretStep::Unchanged,
             Some(live) => {
                 SecretStep::Apply { resource_version: live.meta.resource_version.clone().unwrap_or_default() }
             }
@@ -155,8 +161,10 @@ pub fn plan(observed: &Observed<'_>) -> Plan {
 }
 
 /// Whether a live Secret already holds what regcred would write.
-fn is_current(live: &LiveSecret, desired: &ObjectMeta, desired_hash: &str) -> bool {
-    live.data_hash.as_deref() == Some(desired_hash) && metadata_matches(&live.meta, desired)
+fn is_current(live: &LiveSecret, observed: &Observed<'_>) -> bool {
+    live.data_hash.as_deref() == Some(observed.desired_hash)
+        && (live.current_for.as_deref() == Some(observed.desired_meta_digest)
+            || metadata_matches(&live.meta, observed.desired))
 }
 
 /// Keys a Secret template may not set, first one found.
@@ -270,7 +278,7 @@ mod tests {
         meta.namespace = Some(namespace.into());
         meta.name = Some(name.into());
         meta.resource_version = Some(format!("rv-{namespace}-{name}"));
-        LiveSecret { meta, data_hash: hash.map(String::from) }
+        LiveSecret { meta, data_hash: hash.map(String::from), current_for: None }
     }
 
     struct Case {
@@ -303,6 +311,7 @@ mod tests {
                 contested: &self.contested,
                 desired: &desired,
                 desired_hash: "h1",
+                desired_meta_digest: "m1",
             })
         }
     }
@@ -390,6 +399,21 @@ mod tests {
         let mut stale = live("a", "pull", Some("h1"));
         stale.meta.labels = Some(BTreeMap::new());
         case.own = vec![stale];
+        assert_eq!(case.plan().steps[0].secret, SecretStep::Apply { resource_version: "rv-a-pull".into() });
+    }
+
+    /// A Secret known only by its resourceVersion (not read) is current when it was seen
+    /// current for the same desired metadata; for other metadata it is written.
+    #[test]
+    fn a_secret_seen_current_needs_no_metadata_for_the_same_desired_metadata() {
+        let mut case = Case::new(&["a"]);
+        let mut known = live("a", "pull", Some("h1"));
+        known.meta.labels = None;
+        known.current_for = Some("m1".into());
+        case.own = vec![known.clone()];
+        assert_eq!(case.plan().steps[0].secret, SecretStep::Unchanged);
+        known.current_for = Some("m0".into());
+        case.own = vec![known];
         assert_eq!(case.plan().steps[0].secret, SecretStep::Apply { resource_version: "rv-a-pull".into() });
     }
 

@@ -122,6 +122,14 @@ pub fn config_hash(config: Option<&[u8]>) -> String {
     hasher.finalize().iter().take(16).map(|b| format!("{b:02x}")).collect()
 }
 
+/// A short digest of what regcred sets in a Secret's metadata (labels, annotations, controller
+/// owner), so a Secret seen current for it is known current while both stay the same.
+pub fn metadata_digest(desired: &ObjectMeta) -> String {
+    let controller = desired.owner_references.iter().flatten().find(|o| o.controller == Some(true)).map(|o| &o.uid);
+    let shape = serde_json::json!([desired.labels, desired.annotations, controller]);
+    config_hash(Some(shape.to_string().as_bytes()))
+}
+
 /// [`config_hash`] of a live Secret's `.dockerconfigjson`.
 pub fn data_hash(secret: &Secret) -> String {
     config_hash(secret.data.as_ref().and_then(|d| d.get(DOCKER_CONFIG_KEY)).map(|b| b.0.as_slice()))

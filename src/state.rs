@@ -10,6 +10,15 @@ use std::{
 
 use crate::{crd::ClusterCredentialStatus, metrics::ObjectLabels};
 
+/// A Secret seen holding what regcred wants: at this resourceVersion, data with this hash and
+/// the desired metadata whose `secret::metadata_digest` this is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SeenCurrent {
+    pub resource_version: String,
+    pub data_hash: String,
+    pub meta_digest: String,
+}
+
 /// Per-credential memory.
 #[derive(Default)]
 pub struct ObjectState {
@@ -20,9 +29,9 @@ pub struct ObjectState {
     pub failures: u32,
     /// Namespaces where a Secret of the wanted name belongs to someone else.
     pub contested: BTreeSet<String>,
-    /// (namespace, name) → (resourceVersion, data hash) of Secrets seen current: a Secret whose
-    /// resourceVersion is unchanged needs no read to know its content.
-    pub verified: HashMap<(String, String), (String, String)>,
+    /// (namespace, name) → Secrets seen current: one whose resourceVersion is unchanged needs
+    /// no read to know its content.
+    pub verified: HashMap<(String, String), SeenCurrent>,
     /// (namespace, name) → resourceVersion of ServiceAccounts read and found as this
     /// credential wants them: unchanged, they need no read.
     pub accounts_verified: HashMap<(String, String), String>,

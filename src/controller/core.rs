@@ -24,9 +24,11 @@ use crate::{
     plan::{self, NamespaceStep, Observed, Removal, Retire, SecretStep},
     secret::{
         Claim, DesiredSecret, Outcome, SecretChange, apply, config_hash, delete_seen, desired_secret, ensure_secret,
+        metadata_digest,
     },
     service_account::{has_finalizer, release, set_finalizer, sync_namespace},
     source::{ApiSecretReader, CredentialProvider, ReadOnce, SourceContext},
+    state::SeenCurrent,
     status::Synced,
 };
 
@@ -68,9 +70,10 @@ impl FanOut {
 pub(crate) async fn reconcile<K: Credential>(obj: Arc<K>, ctx: Arc<Context>) -> Result<Action, Error> {
     let uid = obj.uid().ok_or(Error::MissingObjectField("metadata.uid"))?;
     let api = K::api(ctx.client.clone(), obj.meta().namespace.as_deref());
-    if !ctx.namespaces_synced() || !ctx.accounts_synced() {
-        // Without the namespace list every Secret would look unselected, and without the
-        // ServiceAccount list every entry unrecorded.
+    if !ctx.namespaces_synced() || !ctx.accounts_synced() || !ctx.secrets_synced() {
+        // Without the namespace list every Secret would look unselected, without the
+        // ServiceAccount list every entry unrecorded, and without the Secret list every
+        // Secret missing.
         return Ok(Action::requeue(std::time::Duration::from_millis(500)));
     }
     if obj.meta().deletion_timestamp.is_some() {
@@ -190,6 +193,7 @@ async fn sync<K: Credential>(obj: &K, uid: &str, ctx: &Context) -> Result<FanOut
 
     let contested = ctx.states.with(uid, |s| s.contested.clone());
     let desired_meta = desired_in("").metadata;
+    let desired_meta_digest = metadata_digest(&desired_meta);
     let plan = plan::plan(&Observed {
         targets: &targets,
         terminating: &terminating,
@@ -199,7 +203,14 @@ async fn sync<K: Credential>(obj: &K, uid: &str, ctx: &Context) -> Result<FanOut
         contested: &contested,
         desired: &desired_meta,
         desired_hash: &desired_hash,
+        desired_meta_digest: &desired_meta_digest,
     });
+    // What is current stays known at its resourceVersion (from the watch, or after a write).
+    let live_versions: BTreeMap<&str, &str> = own
+        .iter()
+        .filter(|l| l.name() == secret_name)
+        .filter_map(|l| Some((l.namespace(), l.meta.resource_version.as_deref()?)))
+        .collect();
 
     let wanted = parts.service_accounts;
     let accounts = match !wanted.is_empty() || has_finalizer(obj.meta()) {
@@ -257,8 +268,17 @@ async fn sync<K: Credential>(obj: &K, uid: &str, ctx: &Context) -> Result<FanOut
                         SecretChange::Updated => updated += 1,
                         SecretChange::Unchanged => {}
                     }
-                    if let Some(rv) = outcome.resource_version {
-                        state.verified.insert(key, (rv, desired_hash.clone()));
+                    let rv = match outcome.change {
+                        SecretChange::Unchanged => live_versions.get(step.namespace.as_str()).map(|rv| rv.to_string()),
+                        _ => outcome.resource_version,
+                    };
+                    if let Some(resource_version) = rv {
+                        let seen = SeenCurrent {
+                            resource_version,
+                            data_hash: desired_hash.clone(),
+                            meta_digest: desired_meta_digest.clone(),
+                        };
+                        state.verified.insert(key, seen);
                     }
                 }
                 // Deleted or terminating since the list: nothing to keep there.

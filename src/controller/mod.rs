@@ -44,6 +44,7 @@ use crate::{
     crd::{ClusterRegistryCredential, CredentialStatus, RegistryCredential},
     index::{Index, Trigger},
     metrics::{FailureLabels, KindLabels, Metrics, ObjectLabels},
+    owned::OwnedSecrets,
     source::{
         ecr::{EcrProvider, EcrSettings},
         gcr::{GcpProvider, GcpSettings},
@@ -121,6 +122,9 @@ pub struct Context {
     /// only the ServiceAccounts that may need a change.
     pub(crate) accounts: Store<PartialObjectMeta<ServiceAccount>>,
     accounts_synced: AtomicBool,
+    /// The Secrets each credential controls, from the Secret watch.
+    pub(crate) owned: OwnedSecrets,
+    secrets_synced: AtomicBool,
     /// Registry checks: the HTTP clients, the rate, one check per host.
     pub(crate) verifier: Verifier,
     /// Reconciles a credential when its registry check has finished.
@@ -134,6 +138,11 @@ impl Context {
 
     fn accounts_synced(&self) -> bool {
         self.accounts_synced.load(Ordering::Acquire)
+    }
+
+    /// Whether the record of owned Secrets is complete (always, without a Secret watch).
+    fn secrets_synced(&self) -> bool {
+        self.secrets_synced.load(Ordering::Acquire)
     }
 }
 
@@ -162,6 +171,8 @@ where
         namespaces_synced: AtomicBool::new(false),
         accounts,
         accounts_synced: AtomicBool::new(false),
+        owned: OwnedSecrets::default(),
+        secrets_synced: AtomicBool::new(!config.watch_secrets),
         verifier: Verifier::new(config.verify.clone()),
         retrigger: triggers.clone(),
         config: config.clone(),
@@ -188,7 +199,7 @@ where
         move |ns| ctx.index.namespace_event(&ns)
     });
     let account_events = route(
-        cached_metadata(scope::watch(&client, scope, watcher::Config::default()), account_writer, {
+        cached_metadata(scope::watch(&client, scope, list_pages()), account_writer, {
             let ctx = ctx.clone();
             move |event| match event {
                 watcher::Event::Apply(account) | watcher::Event::InitApply(account) => {
@@ -207,8 +218,19 @@ where
     );
     let secret_events = match config.watch_secrets {
         true => route(
-            scope::watch::<PartialObjectMeta<Secret>>(&client, scope, watcher::Config::default())
+            scope::watch::<PartialObjectMeta<Secret>>(&client, scope, list_pages())
                 .backoff(WatchBackoff::new())
+                .inspect({
+                    let ctx = ctx.clone();
+                    move |event| {
+                        if let Ok(event) = event {
+                            ctx.owned.observe(event);
+                            if let watcher::Event::InitDone = event {
+                                ctx.secrets_synced.store(true, Ordering::Release);
+                            }
+                        }
+                    }
+                })
                 .touched_objects(),
             &triggers,
             {
@@ -224,7 +246,7 @@ where
     let ready_ctx = ctx.clone();
     tokio::spawn(async move {
         if wait_ready(&namespaced_store).await && wait_ready(&cluster_store).await {
-            while !ready_ctx.namespaces_synced() || !ready_ctx.accounts_synced() {
+            while !ready_ctx.namespaces_synced() || !ready_ctx.accounts_synced() || !ready_ctx.secrets_synced() {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             info!("caches synced; ready");
@@ -239,6 +261,15 @@ where
         _ = async { futures::join!(namespaced, cluster) } => {}
         _ = async { routers.await; std::future::pending::<()>().await } => {}
     }
+}
+
+/// Objects per page of a watch's (re)list: every object's metadata carries up to 256 KiB of
+/// annotations that anyone who can write it chooses, so a page holds at most 25 MiB of them.
+const LIST_PAGE: u32 = 100;
+
+/// The watch configuration for Secrets and ServiceAccounts: lists in pages of [`LIST_PAGE`].
+fn list_pages() -> watcher::Config {
+    watcher::Config::default().page_size(LIST_PAGE)
 }
 
 /// A metadata-only watch of `K`, without managedFields, kept in `writer`'s store; `observe`

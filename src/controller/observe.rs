@@ -12,28 +12,28 @@ use k8s_openapi::{
     NamespaceResourceScope,
     api::core::v1::{Secret, ServiceAccount},
 };
-use kube::{Api, Resource, ResourceExt, api::ListParams, runtime::reflector::ObjectRef};
+use kube::{Api, Resource, ResourceExt, api::ObjectMeta, runtime::reflector::ObjectRef};
 use secrecy::ExposeSecret;
 use serde::de::DeserializeOwned;
 
 use super::Context;
 use crate::{
     Error, dockerconfig,
+    owned::OwnedSecret,
     plan::LiveSecret,
-    secret::{CREDENTIAL_UID_LABEL, ReadSecret, TOKEN_IDENTITY_ANNOTATION, config_hash, data_hash, is_controlled_by},
+    secret::{ReadSecret, TOKEN_IDENTITY_ANNOTATION, config_hash, data_hash, is_controlled_by},
     service_account::holds_exactly,
     source::PreviousToken,
 };
 
-/// Above this many Secrets of unknown content, one list with data beats a read each.
-const READS_BEFORE_LIST: usize = 8;
-
-/// This credential's Secrets: listed as metadata by its uid label, kept only where its owner
-/// reference says they are its (a label proves nothing), with the data's hash where known
-/// without a read (the resourceVersion is the one last seen current) or read for the targets.
-/// Also returns one of them read in full whose config has the digest `seed` (the one the last
-/// status recorded), if any was read: the token regcred wrote, which a tenant's edit cannot
-/// fake (see [`previous_token`]).
+/// This credential's Secrets, from the record the Secret watch keeps of each Secret's
+/// controller owner (`owned`; no list, and no label decides anything). Those seen current at
+/// their resourceVersion need no read; the current name in a target is read (a GET each,
+/// `--concurrency` at a time, so memory is bounded whatever is in the namespace); the others
+/// (old names, untargeted namespaces) only need their resourceVersion for the delete.
+/// Also returns one of those read whose config has the digest `seed` (the one the last
+/// status recorded), if any: the token regcred wrote, which a tenant's edit cannot fake (see
+/// [`previous_token`]).
 pub(super) async fn own_secrets(
     ctx: &Context,
     namespace: Option<&str>,
@@ -42,78 +42,49 @@ pub(super) async fn own_secrets(
     secret_name: &str,
     seed: Option<&str>,
 ) -> Result<(Vec<LiveSecret>, Option<ReadSecret>), Error> {
-    // A cluster credential's Secrets: one list across the cluster, or one per namespace served.
-    let apis: Vec<Api<Secret>> = match (namespace, &ctx.config.namespaces) {
-        (Some(ns), _) => vec![Api::namespaced(ctx.client.clone(), ns)],
-        (None, None) => vec![Api::all(ctx.client.clone())],
-        (None, Some(served)) => served.iter().map(|ns| Api::namespaced(ctx.client.clone(), ns)).collect(),
-    };
-    let selector = ListParams::default().labels(&format!("{CREDENTIAL_UID_LABEL}={uid}"));
-    let mut listed = Vec::new();
-    for api in &apis {
-        listed.extend(api.list_metadata(&selector).await?.items);
-    }
     let verified = ctx.states.with(uid, |s| s.verified.clone());
-    let mut own: Vec<LiveSecret> = listed
-        .into_iter()
-        .filter(|s| is_controlled_by(&s.metadata, uid))
-        .map(|s| {
-            let key = (s.metadata.namespace.clone().unwrap_or_default(), s.metadata.name.clone().unwrap_or_default());
-            let data_hash = verified
-                .get(&key)
-                .filter(|(rv, _)| s.metadata.resource_version.as_deref() == Some(rv.as_str()))
-                .map(|(_, hash)| hash.clone());
-            LiveSecret { meta: s.metadata, data_hash }
-        })
-        .collect();
-    // Content is needed only where the planner compares it: the current name in a target.
     let targets: BTreeSet<&str> = targets.iter().map(String::as_str).collect();
-    let unknown: BTreeSet<(String, String)> = own
-        .iter()
-        .filter(|l| l.data_hash.is_none() && l.name() == secret_name && targets.contains(l.namespace()))
-        .map(|l| (l.namespace().to_string(), l.name().to_string()))
-        .collect();
-    let read = match unknown.len() {
-        0 => Vec::new(),
-        n if n > READS_BEFORE_LIST => {
-            let mut full = Vec::new();
-            for api in &apis {
-                full.extend(api.list(&selector).await?.items);
-            }
-            full
-        }
-        _ => read_each(ctx, unknown.iter().cloned()).await?,
-    };
-    // Only what was read at the listed resourceVersion counts; the sample is one of those, so
-    // it is a Secret this credential controls in a namespace it targets, holding exactly the
-    // bytes the last status recorded.
-    let mut sample = None;
-    for full in read {
-        let (namespace, name) = (full.namespace().unwrap_or_default(), full.name_any());
-        if !unknown.contains(&(namespace.clone(), name.clone())) {
-            continue;
-        }
-        let Some(live) = own.iter_mut().find(|l| l.namespace() == namespace && l.name() == name) else {
-            continue;
-        };
-        if live.meta.resource_version == full.metadata.resource_version {
-            let hash = data_hash(&full);
-            if sample.is_none() && seed == Some(hash.as_str()) {
-                sample = Some(ReadSecret::from(full));
-            }
-            live.data_hash = Some(hash);
+    let mut own = Vec::new();
+    let mut unknown = Vec::new();
+    // A namespaced credential's Secrets are in its namespace (an owner reference elsewhere
+    // is not its own).
+    let owned = ctx.owned.of(uid).into_iter().filter(|s| namespace.is_none_or(|ns| s.namespace == ns));
+    for secret in owned {
+        let key = (secret.namespace.clone(), secret.name.clone());
+        match verified.get(&key).filter(|seen| seen.resource_version == secret.resource_version) {
+            Some(seen) => own.push(LiveSecret {
+                meta: listed_meta(secret),
+                data_hash: Some(seen.data_hash.clone()),
+                current_for: Some(seen.meta_digest.clone()),
+            }),
+            None if secret.name == secret_name && targets.contains(secret.namespace.as_str()) => unknown.push(key),
+            None => own.push(LiveSecret { meta: listed_meta(secret), data_hash: None, current_for: None }),
         }
     }
-    // Remember what was read, so the next reconcile needs no read while nothing changes.
-    ctx.states.with(uid, |state| {
-        for live in own.iter().filter(|l| l.name() == secret_name) {
-            if let (Some(hash), Some(rv)) = (&live.data_hash, &live.meta.resource_version) {
-                let key = (live.namespace().to_string(), live.name().to_string());
-                state.verified.insert(key, (rv.clone(), hash.clone()));
-            }
+    let mut sample = None;
+    for full in read_each::<Secret>(ctx, unknown).await? {
+        // Read just now: it counts only if this credential still controls it.
+        if !is_controlled_by(&full.metadata, uid) {
+            continue;
         }
-    });
+        let hash = data_hash(&full);
+        if sample.is_none() && seed == Some(hash.as_str()) {
+            sample = Some(ReadSecret::from(full.clone()));
+        }
+        own.push(LiveSecret { meta: full.metadata, data_hash: Some(hash), current_for: None });
+    }
+    own.sort_by(|a, b| (a.namespace(), a.name()).cmp(&(b.namespace(), b.name())));
     Ok((own, sample))
+}
+
+/// The metadata of a Secret known from the watch alone.
+fn listed_meta(secret: OwnedSecret) -> ObjectMeta {
+    ObjectMeta {
+        namespace: Some(secret.namespace),
+        name: Some(secret.name),
+        resource_version: Some(secret.resource_version),
+        ..Default::default()
+    }
 }
 
 /// This credential's Secrets found by reading each name it may have written in each namespace
@@ -141,7 +112,7 @@ pub(super) async fn own_secrets_by_name(
         {
             sample = Some(ReadSecret::from(secret.clone()));
         }
-        own.push(LiveSecret { meta: secret.metadata, data_hash: Some(hash) });
+        own.push(LiveSecret { meta: secret.metadata, data_hash: Some(hash), current_for: None });
     }
     own.sort_by(|a, b| (a.namespace(), a.name()).cmp(&(b.namespace(), b.name())));
     Ok((own, sample))

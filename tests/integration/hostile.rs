@@ -294,3 +294,71 @@ async fn an_endless_token_answer_is_cut_off_at_the_cap_and_memory_stays_bounded(
     assert_eq!(admin_get(controller.admin_port, "/healthz").0, 200, "the controller still answers");
     drop(stop);
 }
+
+/// Items 3 and 4 of issue 20. The tenant plants 200 Secrets carrying a cluster credential's
+/// uid label (and regcred's managed-by label) with 100 KB annotations each, then flips a label
+/// on one of them 20 times. A label decides nothing: the controller lists no Secret and reads
+/// none of the look-alikes, however often the tenant flips them, and its memory stays flat.
+/// (Before, each flip made it list the credential's Secrets by that label, look-alikes and
+/// their annotations included.)
+#[tokio::test]
+async fn look_alike_secrets_and_label_flips_make_the_controller_read_nothing() {
+    use k8s_openapi::api::core::v1::Secret;
+    use kube::api::{ObjectMeta, PostParams};
+
+    let admin = client().await;
+    let name = format!("lookalike-{}", &unique()[..6]);
+    let (controller, user) = spawn_own_controller(&name, None, &[]);
+    let source_ns = namespace(&admin, "lookalike-src").await;
+    let password = secret_value("robot", "lookalike");
+    create_secret(&admin, &source_ns, "src", &[("password", password.as_bytes())]).await;
+    let tenant_ns = labelled_namespace(&admin, "lookalike-tenant", &[("lookalike", &name)]).await;
+    let tenant = tenant(&admin, &tenant_ns).await;
+    let spec = json!({
+        "registry": "registry.example.com",
+        "source": {"basic": {"username": "robot", "passwordSecretRef": {"name": "src", "namespace": source_ns}}},
+        "namespaces": {"selector": {"matchLabels": {"lookalike": name}}},
+    });
+    let uid = create_cluster_credential_for(&admin, &name, Some(&name), spec).await.metadata.uid.unwrap();
+    wait_cluster(&admin, &name, "synced", |s| s.synced_namespaces == Some(1)).await;
+
+    let secrets = Api::<Secret>::namespaced(tenant.clone(), &tenant_ns);
+    let filler = "x".repeat(100_000);
+    for i in 0..200 {
+        let secret = Secret {
+            metadata: ObjectMeta {
+                name: Some(format!("look-alike-{i}")),
+                labels: Some(
+                    [
+                        (regcred::secret::CREDENTIAL_UID_LABEL.to_string(), uid.clone()),
+                        ("app.kubernetes.io/managed-by".to_string(), "regcred".to_string()),
+                    ]
+                    .into(),
+                ),
+                annotations: Some([("filler".to_string(), filler.clone())].into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        secrets.create(&PostParams::default(), &secret).await.expect("an editor may create Secrets");
+    }
+    let offset = audit_offset();
+    for flip in 0..20 {
+        let patch = json!({"metadata": {"labels": {"flip": flip.to_string()}}});
+        secrets.patch("look-alike-0", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    }
+    // Something the controller must act on, after the flips: once it has, it saw them too.
+    let joined = labelled_namespace(&admin, "lookalike-joined", &[("lookalike", &name)]).await;
+    wait_secret(&admin, &joined, &name, "written", |_| true).await;
+    let reads: Vec<_> = requests_of_since(&user, offset)
+        .into_iter()
+        .filter(|(verb, resource, _, object)| {
+            resource == "secrets" && (verb == "list" || object.starts_with("look-alike-"))
+        })
+        .collect();
+    assert!(reads.is_empty(), "the controller read Secrets because of a label: {reads:?}");
+    let (_, peak_kib) = controller.rss_kib();
+    eprintln!("look-alikes: controller peak RSS {} MiB", peak_kib / 1024);
+    assert!(peak_kib < 64 * 1024, "peak RSS {peak_kib} KiB");
+    assert_no_leaks(&admin).await;
+}

@@ -43,10 +43,13 @@ async fn reconciles_without_changes_make_no_writes() {
             _ => secrets.patch("cred", &PatchParams::default(), &Patch::Merge(&touch)).await.map(drop),
         }
         .unwrap();
-        // A reconcile lists the credential's own Secrets (metadata) before deciding.
+        // A reconcile reads its source before deciding.
         eventually(&format!("a reconcile after touching the {step}"), TIMEOUT, || async {
             let reads = controller_requests_since(offset);
-            reads.iter().any(|(verb, res, n, _)| verb == "list" && res == "secrets" && *n == ns).then_some(())
+            let source_read = |(verb, res, n, name): &(String, String, String, String)| {
+                verb == "get" && res == "secrets" && *n == ns && name == "src"
+            };
+            reads.iter().any(source_read).then_some(())
         })
         .await;
     }
