@@ -103,26 +103,28 @@ impl Index {
         };
         let owner = controlling_credential(&secret.metadata).map(str::to_string);
         // A Secret of a cluster credential's name matters only in a namespace it targets
-        // (elsewhere, one of its own carries its uid label).
-        let targeting: Vec<String> = {
-            let inner = self.inner.read().unwrap_or_else(PoisonError::into_inner);
-            let by_name = inner.by_key.get(&Key::SecretName(name.clone())).into_iter().flatten();
-            by_name
-                .filter(|uid| inner.entries.get(*uid).is_some_and(|e| e.targets.contains(namespace)))
-                .cloned()
-                .collect()
-        };
+        // (elsewhere, one of its own names it as controller owner).
+        let targeting = self.targeting(&Key::SecretName(name.clone()), namespace);
         self.lookup([Key::Secret(namespace.clone(), name.clone())], owner.into_iter().chain(targeting))
     }
 
-    /// Credentials a ServiceAccount event concerns: those that patch or use it, and those its
-    /// annotation says added entries.
+    /// Credentials a ServiceAccount event concerns: those that patch or use it (a cluster
+    /// credential only in a namespace it targets), and those its annotation says added entries.
     pub fn account_event(&self, account: &PartialObjectMeta<ServiceAccount>) -> Vec<Trigger> {
         let (Some(namespace), Some(name)) = (&account.metadata.namespace, &account.metadata.name) else {
             return Vec::new();
         };
         let recorded = account.metadata.annotations.as_ref().map(recorded_uids).unwrap_or_default();
-        self.lookup([Key::Account(namespace.clone(), name.clone()), Key::AccountName(name.clone())], recorded)
+        let targeting = self.targeting(&Key::AccountName(name.clone()), namespace);
+        self.lookup([Key::Account(namespace.clone(), name.clone())], recorded.into_iter().chain(targeting))
+    }
+
+    /// The cluster credentials with `key` (a Secret or ServiceAccount name) that target
+    /// `namespace`.
+    fn targeting(&self, key: &Key, namespace: &str) -> Vec<String> {
+        let inner = self.inner.read().unwrap_or_else(PoisonError::into_inner);
+        let with_key = inner.by_key.get(key).into_iter().flatten();
+        with_key.filter(|uid| inner.entries.get(*uid).is_some_and(|e| e.targets.contains(namespace))).cloned().collect()
     }
 
     /// Keeps the record of which credentials added entries to a ServiceAccount (from its
@@ -302,6 +304,9 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(index.account_event(&account("team", "puller", None)), [namespaced("irsa")]);
+        // Issue 20, item 4: a cluster credential's ServiceAccount name only where it targets.
+        assert!(index.account_event(&account("any", "default", None)).is_empty(), "not a target of c");
+        index.set_targets("u2", &["any".into()]);
         assert_eq!(index.account_event(&account("any", "default", None)), [Trigger::Cluster(ObjectRef::new("c"))]);
         assert!(index.account_event(&account("team", "other", None)).is_empty());
         assert_eq!(index.account_event(&account("x", "other", Some("pull=u1"))), [namespaced("irsa")]);
