@@ -45,11 +45,24 @@ where
         .scan(merger, |merger, (i, event)| {
             let out: Vec<_> = match event {
                 Ok(event) => merger.apply(i, event).into_iter().map(Ok).collect(),
-                Err(error) => vec![Err(error)],
+                Err(error) => {
+                    let mut out: Vec<_> = match namespace_unreachable(&error) {
+                        true => merger.listed_empty(i).into_iter().map(Ok).collect(),
+                        false => Vec::new(),
+                    };
+                    out.push(Err(error));
+                    out
+                }
             };
             futures::future::ready(Some(futures::stream::iter(out)))
         })
         .flatten()
+}
+
+/// Whether a watch's first listing failed because its namespace cannot be read at all: gone
+/// (404), or its Role gone with it (403). Such a namespace holds nothing for the controller.
+fn namespace_unreachable(error: &watcher::Error) -> bool {
+    matches!(error, watcher::Error::InitialListFailed(kube::Error::Api(status)) if matches!(status.code, 403 | 404))
 }
 
 /// The state of [`merge`]: what each watch holds now, and what it is relisting.
@@ -68,6 +81,20 @@ impl<K: Resource + Clone> Merger<K> {
     fn new(count: usize) -> Self {
         let watches = (0..count).map(|_| Watch { known: HashMap::new(), relisting: None }).collect();
         Self { watches, listing: Some((0..count).collect()) }
+    }
+
+    /// Watch `i` could not list its namespace: until it can, it counts as having listed
+    /// nothing, so the other namespaces' first listing is not held up by it (its own watch
+    /// keeps retrying, and lists as a relist once it can).
+    fn listed_empty(&mut self, i: usize) -> Vec<watcher::Event<K>> {
+        match self.listing.as_ref().is_some_and(|l| l.contains(&i)) {
+            true => {
+                let mut out = self.apply(i, watcher::Event::Init);
+                out.extend(self.apply(i, watcher::Event::InitDone));
+                out
+            }
+            false => Vec::new(),
+        }
     }
 
     /// The merged events that watch `i`'s `event` makes.
@@ -196,6 +223,27 @@ mod tests {
         assert_eq!(shown(merger.apply(1, Event::Delete(object("b", "gone", "2")))), [("Delete", "b/gone@2".into())]);
         assert_eq!(shown(merger.apply(1, Event::Apply(object("b", "new", "4")))), [("Apply", "b/new@4".into())]);
         assert!(merger.apply(7, Event::Init).is_empty(), "an unknown watch is ignored");
+    }
+
+    /// Issue 20, item 9: a served namespace that is gone (its list refused) does not hold up
+    /// the first listing of the others; when it can list again, that is a relist.
+    #[test]
+    fn a_namespace_that_cannot_be_listed_counts_as_empty() {
+        let refused = |code: u16| {
+            let status = kube::core::Status::failure("refused", "Refused").with_code(code);
+            watcher::Error::InitialListFailed(kube::Error::Api(Box::new(status)))
+        };
+        assert!(namespace_unreachable(&refused(403)) && namespace_unreachable(&refused(404)));
+        assert!(!namespace_unreachable(&refused(500)), "a failing apiserver is no empty namespace");
+        let mut merger = Merger::new(2);
+        merger.apply(0, Event::Init);
+        merger.apply(0, Event::InitApply(object("a", "x", "1")));
+        assert!(merger.listed_empty(1).is_empty(), "the first namespace is still listing");
+        let listed = shown(merger.apply(0, Event::InitDone));
+        assert_eq!(listed, [("Init", String::new()), ("InitApply", "a/x@1".into()), ("InitDone", String::new())]);
+        assert!(merger.listed_empty(1).is_empty(), "counted once");
+        merger.apply(1, Event::Init);
+        assert_eq!(shown(merger.apply(1, Event::InitApply(object("gone", "y", "2")))), [("Apply", "gone/y@2".into())]);
     }
 
     #[tokio::test]

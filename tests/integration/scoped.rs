@@ -3,6 +3,8 @@
 //! Secret, ServiceAccount or token rule) does every kind of write in them, reports what it may
 //! not reach, and never touches, or can read, a third namespace.
 
+use std::time::Duration;
+
 use k8s_openapi::{
     ByteString,
     api::core::v1::{Secret, ServiceAccount},
@@ -164,4 +166,45 @@ async fn a_namespace_scoped_controller_writes_its_namespaces_with_roles_alone() 
     );
     let minted = request_token(&own, &outside, "default", &["sts.amazonaws.com"], 600).await;
     forbidden(minted.map(drop), "a token outside");
+}
+
+/// Issue 20, item 9: a served namespace that was deleted (its Roles with it) costs only that
+/// namespace. A controller started with it in `--namespaces` lists the others, becomes ready
+/// and serves them; before, its merged watch never finished its first listing.
+#[tokio::test]
+async fn a_deleted_served_namespace_costs_only_that_namespace() {
+    use k8s_openapi::api::core::v1::Namespace;
+
+    let admin = client().await;
+    let tag = unique()[..8].to_string();
+    let a = namespace(&admin, "scoped-live").await;
+    let gone = namespace(&admin, "scoped-gone").await;
+    let name = format!("scoped-gone-{}", &tag[..6]);
+    let (kubeconfig, _) = chart_identity(&name, &format!("watchNamespaces={{{a},{gone}}}"));
+    let namespaces = Api::<Namespace>::all(admin.clone());
+    namespaces.delete(&gone, &Default::default()).await.unwrap();
+    regcred_testenv::eventually("the namespace is gone", Duration::from_secs(60), || async {
+        namespaces.get_opt(&gone).await.ok()?.is_none().then_some(())
+    })
+    .await;
+    let _controller = spawn_labelled(
+        &name,
+        &["--namespaces", &format!("{a},{gone}")],
+        &[("KUBECONFIG", kubeconfig.display().to_string())],
+    );
+    let password = secret_value("u", "scoped-gone");
+    create_secret(&admin, &a, "src", &[("password", password.as_bytes())]).await;
+    let basic = json!({"registry": "r.example.com", "source": {"basic": {"username": "u", "passwordSecretRef": {"name": "src"}}}});
+    create_credential_for(&admin, &a, "web", Some(&name), basic).await;
+    wait_ready(&admin, &a, "web", "True", Some("Synced")).await;
+    assert_eq!(logins(&wait_secret(&admin, &a, "web", "written", |_| true).await)[0].2, password);
+    // A cluster credential reads nothing in the gone namespace (no list there to be refused).
+    let fan_out = json!({"registry": "r.example.com", "namespaces": {"names": [a]},
+                         "source": {"basic": {"username": "u", "passwordSecretRef": {"name": "src", "namespace": a}}}});
+    create_cluster_credential_for(&admin, &name, Some(&name), fan_out).await;
+    wait_cluster(&admin, &name, "Ready", |s| {
+        s.credential.condition("Ready").is_some_and(|c| c.status == "True") && s.synced_namespaces == Some(1)
+    })
+    .await;
+    wait_secret(&admin, &a, &name, "written", |_| true).await;
 }
