@@ -21,6 +21,15 @@ fn native_roots() -> &'static [rustls::pki_types::CertificateDer<'static>] {
 /// A client trusting the system roots plus `ca_bundle` (PEM; `bundle_name` names it in the
 /// error when it holds no certificate).
 pub fn client(ca_bundle: Option<&[u8]>, bundle_name: &str) -> Result<Client, String> {
+    client_resolving(ca_bundle, bundle_name, None)
+}
+
+/// [`client`], resolving names with `resolver` when one is given (the system's otherwise).
+pub fn client_resolving(
+    ca_bundle: Option<&[u8]>,
+    bundle_name: &str,
+    resolver: Option<Arc<dyn reqwest::dns::Resolve>>,
+) -> Result<Client, String> {
     use rustls::pki_types::{CertificateDer, pem::PemObject};
     let mut roots = rustls::RootCertStore::empty();
     roots.add_parsable_certificates(native_roots().iter().cloned());
@@ -37,7 +46,11 @@ pub fn client(ca_bundle: Option<&[u8]>, bundle_name: &str) -> Result<Client, Str
         .map_err(|e| format!("TLS setup: {e}"))?
         .with_root_certificates(roots)
         .with_no_client_auth();
-    Client::builder()
+    let builder = match resolver {
+        Some(resolver) => Client::builder().dns_resolver(resolver),
+        None => Client::builder(),
+    };
+    builder
         .use_preconfigured_tls(tls)
         .redirect(reqwest::redirect::Policy::none())
         .connect_timeout(Duration::from_secs(5))

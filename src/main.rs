@@ -105,6 +105,15 @@ struct RunArgs {
     /// Registry checks started per second, across all credentials.
     #[arg(long, default_value_t = 5.0, value_parser = positive, env = "REGCRED_VERIFY_QPS")]
     verify_qps: f64,
+    /// Registry host suffixes checks may connect to, registries and their token realms alike
+    /// (`azurecr.io` allows it and every host under it); empty: any host.
+    #[arg(long, value_delimiter = ',', env = "REGCRED_VERIFY_ALLOWED_HOSTS")]
+    verify_allowed_hosts: Vec<String>,
+    /// Let RegistryCredentials' checks reach private, loopback and link-local addresses and
+    /// speak plain HTTP (`spec.verify.insecure`); without it only ClusterRegistryCredentials'
+    /// checks may.
+    #[arg(long, env = "REGCRED_VERIFY_PRIVATE_NETWORKS")]
+    verify_private_networks: bool,
     /// AWS endpoint for ECR and STS (an emulator, a VPC endpoint). AWS_ENDPOINT_URL_* work too.
     #[arg(long, env = "REGCRED_AWS_ENDPOINT_URL")]
     aws_endpoint_url: Option<String>,
@@ -271,6 +280,8 @@ async fn run(args: RunArgs, shutdown: Shutdown) -> anyhow::Result<()> {
             default_on: args.verify_default,
             interval: args.verify_interval.into(),
             qps: args.verify_qps,
+            allowed_hosts: args.verify_allowed_hosts,
+            private_networks: args.verify_private_networks,
         },
     };
     tracing::info!(version = env!("CARGO_PKG_VERSION"), "starting controller");

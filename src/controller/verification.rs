@@ -78,7 +78,9 @@ async fn options(ctx: &Context, spec: &VerifySpec, own_namespace: Option<&str>) 
         Some(bundle) => Some(read_ca_bundle(ctx, bundle, own_namespace).await?),
         None => None,
     };
-    Ok(Options::from_spec(spec, ca_bundle))
+    // A RegistryCredential's check is a tenant's: it waits for that tenant's other checks, and
+    // reaches only what tenants may.
+    Ok(Options { tenant: own_namespace.map(str::to_string), ..Options::from_spec(spec, ca_bundle) })
 }
 
 /// The PEM text of a CA bundle reference, from the credential's own namespace (a

@@ -28,6 +28,8 @@ pub enum Reason {
     UnexpectedResponse,
     /// The token endpoint answered with more than [`MAX_ANSWER_BYTES`]: cut off unread.
     ResponseTooLarge,
+    /// The registry or its token realm is outside what checks may reach (nothing was sent).
+    NotAllowed,
     /// `spec.verify.caBundle` could not be read (nothing was asked of the registry).
     CaBundleUnavailable,
 }
@@ -43,6 +45,7 @@ impl Reason {
             Reason::UnexpectedResponse => "UnexpectedResponse",
             Reason::ResponseTooLarge => "ResponseTooLarge",
             Reason::CaBundleUnavailable => "CABundleUnavailable",
+            Reason::NotAllowed => "NotAllowed",
         }
     }
 }
@@ -72,6 +75,8 @@ pub struct Target<'a> {
     pub reference: &'a str,
     /// Plain HTTP (`spec.verify.insecure`).
     pub plain_http: bool,
+    /// Where the check may connect (the registry and its token realm).
+    pub reach: &'a super::reach::Reach,
 }
 
 /// The manifest media types a pull accepts (what containerd sends).
@@ -97,6 +102,9 @@ pub async fn check(client: &Client, target: &Target<'_>) -> Finding {
 
 async fn run(client: &Client, target: &Target<'_>) -> Result<Finding, Finding> {
     let scheme = if target.plain_http { "http" } else { "https" };
+    if let Some(refusal) = target.reach.refusal(scheme, target.host) {
+        return Err(Finding::new(Reason::NotAllowed, refusal));
+    }
     let base = format!("{scheme}://{}", target.host);
     let ping = format!("{base}/v2/");
     let first = send(client.get(&ping)).await?;
@@ -182,6 +190,15 @@ async fn token(client: &Client, target: &Target<'_>, challenge: &Challenge) -> R
     let realm_url = reqwest::Url::parse_with_params(realm, &query).map_err(|e| {
         Finding::new(Reason::UnexpectedResponse, format!("the Bearer realm {realm:?} is not a URL: {e}"))
     })?;
+    let realm_host = match (realm_url.host_str(), realm_url.port()) {
+        (Some(host), Some(port)) => format!("{host}:{port}"),
+        (Some(host), None) => host.to_string(),
+        (None, _) => String::new(),
+    };
+    // The realm is the registry's to name, so the tenant's: it is held to the same limits.
+    if let Some(refusal) = target.reach.refusal(realm_url.scheme(), &realm_host) {
+        return Err(Finding::new(Reason::NotAllowed, format!("the token endpoint {realm}: {refusal}")));
+    }
     let request = client.get(realm_url).basic_auth(target.username, Some(target.password.expose_secret()));
     let response = send(request).await?;
     let what = format!("the token endpoint {realm}");
@@ -300,6 +317,7 @@ mod tests {
             repository: None,
             reference: "latest",
             plain_http: true,
+            reach: &Default::default(),
         };
         let started = Instant::now();
         let finding = check(&client, &target).await;

@@ -5,6 +5,7 @@
 
 pub mod challenge;
 pub mod handshake;
+pub mod reach;
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -29,11 +30,22 @@ pub struct VerifySettings {
     pub interval: Duration,
     /// Checks started per second, across all credentials.
     pub qps: f64,
+    /// Registry host suffixes checks may reach (`--verify-allowed-hosts`); empty: any.
+    pub allowed_hosts: Vec<String>,
+    /// RegistryCredentials' checks may reach private addresses and speak plain HTTP
+    /// (`--verify-private-networks`).
+    pub private_networks: bool,
 }
 
 impl Default for VerifySettings {
     fn default() -> Self {
-        Self { default_on: false, interval: Duration::from_secs(6 * 3600), qps: 5.0 }
+        Self {
+            default_on: false,
+            interval: Duration::from_secs(6 * 3600),
+            qps: 5.0,
+            allowed_hosts: Vec::new(),
+            private_networks: false,
+        }
     }
 }
 
@@ -45,6 +57,10 @@ pub struct Options {
     pub plain_http: bool,
     /// PEM certificates to trust besides the system roots.
     pub ca_bundle: Option<Vec<u8>>,
+    /// The namespace of a RegistryCredential (a tenant's): its checks wait for one another,
+    /// and reach only public addresses over HTTPS unless private networks are allowed.
+    /// `None`: a ClusterRegistryCredential, or `regcred render --verify`.
+    pub tenant: Option<String>,
 }
 
 impl Options {
@@ -56,6 +72,7 @@ impl Options {
             reference: spec.reference.clone().unwrap_or_else(|| "latest".into()),
             plain_http: spec.insecure,
             ca_bundle,
+            tenant: None,
         }
     }
 }
@@ -120,33 +137,63 @@ pub fn host_of(server_key: &str) -> String {
 /// next checked). A cluster has a handful of private CAs, not 16.
 const MAX_CLIENTS: usize = 16;
 
+/// What a kept client is for: the CA bundle's digest (`None`: the system roots alone), and
+/// whether it resolves only public addresses (tenants' checks).
+type ClientKey = (Option<String>, bool);
+
 /// Shared by every check: HTTP clients per CA bundle, the rate, and one check per host.
 pub struct Verifier {
     settings: VerifySettings,
     /// By the CA bundle's digest (`None`: the system roots alone), with the use count when it
     /// was last used; at most [`MAX_CLIENTS`].
-    clients: Mutex<HashMap<Option<String>, (Client, u64)>>,
+    clients: Mutex<HashMap<ClientKey, (Client, u64)>>,
     /// Client look-ups so far: the clock by which the least recently used client is found.
     uses: std::sync::atomic::AtomicU64,
     /// A lock per registry host that a check holds or waits for; dropped with the last of
-    /// them ([`HostTurn`]), so hosts, which tenants name, do not pile up.
-    hosts: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// them ([`Turn`]), so hosts, which tenants name, do not pile up.
+    hosts: Turns,
+    /// Likewise per tenant namespace: one tenant's checks wait for one another, not for the
+    /// whole rate, so a tenant with many credentials cannot starve the others.
+    tenants: Turns,
     next_start: tokio::sync::Mutex<tokio::time::Instant>,
 }
 
-/// A check's turn at a registry host: while it is held, no other check of that host runs.
-/// Ending it forgets the host's lock when no other check holds or waits for it.
-struct HostTurn<'a> {
-    hosts: &'a Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+/// A lock per key (a registry host, a tenant namespace) that checks hold or wait for, kept
+/// only while one does.
+#[derive(Default)]
+struct Turns(Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>);
+
+impl Turns {
+    /// Waits until no other check holds `key`'s turn.
+    async fn take(&self, key: &str) -> Turn<'_> {
+        let lock = {
+            let mut locks = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+            locks.entry(key.to_string()).or_default().clone()
+        };
+        let mut turn = Turn { turns: self, guard: None };
+        turn.guard = Some(lock.lock_owned().await);
+        turn
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).len()
+    }
+}
+
+/// A check's turn at a key: while it is held, no other check of that key runs. Ending it
+/// forgets the key's lock when no other check holds or waits for it.
+struct Turn<'a> {
+    turns: &'a Turns,
     guard: Option<tokio::sync::OwnedMutexGuard<()>>,
 }
 
-impl Drop for HostTurn<'_> {
+impl Drop for Turn<'_> {
     fn drop(&mut self) {
         drop(self.guard.take());
         // Every lock nobody holds or awaits: this one, and any a cancelled check left.
-        let mut hosts = self.hosts.lock().unwrap_or_else(PoisonError::into_inner);
-        hosts.retain(|_, lock| Arc::strong_count(lock) > 1);
+        let mut locks = self.turns.0.lock().unwrap_or_else(PoisonError::into_inner);
+        locks.retain(|_, lock| Arc::strong_count(lock) > 1);
     }
 }
 
@@ -156,7 +203,8 @@ impl Verifier {
             settings,
             clients: Mutex::default(),
             uses: Default::default(),
-            hosts: Mutex::default(),
+            hosts: Turns::default(),
+            tenants: Turns::default(),
             next_start: tokio::sync::Mutex::new(tokio::time::Instant::now()),
         }
     }
@@ -189,7 +237,15 @@ impl Verifier {
         logins: &[RegistryAuth],
         options: &Options,
     ) -> Result<Vec<(String, handshake::Finding)>, String> {
-        let client = self.client(options.ca_bundle.as_deref())?;
+        let reach = reach::Reach {
+            allowed_hosts: self.settings.allowed_hosts.clone(),
+            public_only: options.tenant.is_some() && !self.settings.private_networks,
+        };
+        let client = self.client(options.ca_bundle.as_deref(), reach.public_only)?;
+        let _tenant_turn = match &options.tenant {
+            Some(namespace) => Some(self.tenants.take(namespace).await),
+            None => None,
+        };
         let mut seen = BTreeSet::new();
         let mut findings = Vec::new();
         for login in logins {
@@ -198,7 +254,7 @@ impl Verifier {
                 continue;
             }
             self.wait_turn().await;
-            let _one_at_a_time = self.host_turn(&host).await;
+            let _one_at_a_time = self.hosts.take(&host).await;
             let target = handshake::Target {
                 host: &host,
                 username: &login.username,
@@ -206,6 +262,7 @@ impl Verifier {
                 repository: options.repository.as_deref(),
                 reference: &options.reference,
                 plain_http: options.plain_http,
+                reach: &reach,
             };
             findings.push((host.clone(), handshake::check(&client, &target).await));
         }
@@ -224,28 +281,17 @@ impl Verifier {
         tokio::time::sleep_until(start).await;
     }
 
-    /// Waits until no other check of `host` runs.
-    async fn host_turn(&self, host: &str) -> HostTurn<'_> {
-        let lock = {
-            let mut hosts = self.hosts.lock().unwrap_or_else(PoisonError::into_inner);
-            hosts.entry(host.to_string()).or_default().clone()
-        };
-        let mut turn = HostTurn { hosts: &self.hosts, guard: None };
-        turn.guard = Some(lock.lock_owned().await);
-        turn
-    }
-
     /// A client trusting the system roots plus `ca_bundle`; one per distinct bundle, for the
     /// [`MAX_CLIENTS`] bundles used last.
-    fn client(&self, ca_bundle: Option<&[u8]>) -> Result<Client, String> {
-        let key = ca_bundle.map(|pem| format!("{:x}", Sha256::digest(pem)));
+    fn client(&self, ca_bundle: Option<&[u8]>, public_only: bool) -> Result<Client, String> {
+        let key = (ca_bundle.map(|pem| format!("{:x}", Sha256::digest(pem))), public_only);
         let now = self.uses.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut clients = self.clients.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some((client, used)) = clients.get_mut(&key) {
             *used = now;
             return Ok(client.clone());
         }
-        let client = build_client(ca_bundle)?;
+        let client = build_client(ca_bundle, public_only)?;
         if clients.len() >= MAX_CLIENTS
             && let Some(oldest) = clients.iter().min_by_key(|(_, (_, used))| *used).map(|(key, _)| key.clone())
         {
@@ -256,8 +302,9 @@ impl Verifier {
     }
 }
 
-fn build_client(ca_bundle: Option<&[u8]>) -> Result<Client, String> {
-    crate::http::client(ca_bundle, "spec.verify.caBundle")
+fn build_client(ca_bundle: Option<&[u8]>, public_only: bool) -> Result<Client, String> {
+    let resolver = reach::resolver(public_only).map(|r| r as Arc<dyn reqwest::dns::Resolve>);
+    crate::http::client_resolving(ca_bundle, "spec.verify.caBundle", resolver)
 }
 
 /// One result for a credential's registries: verified when all are, else the first failure's
@@ -387,6 +434,50 @@ mod tests {
         assert_eq!(both.peak(), 2, "checks of two hosts did not overlap");
     }
 
+    /// Issue 20, item 6: one tenant's checks wait for one another (two hosts, which alone
+    /// would overlap), and its turn goes with them; another tenant's check is not held up.
+    #[tokio::test]
+    async fn checks_of_one_tenant_take_turns() {
+        let settings = VerifySettings { qps: 1000.0, private_networks: true, ..Default::default() };
+        let verifier = Verifier::new(settings);
+        let tenant = |ns: &str| Options {
+            reference: "latest".into(),
+            plain_http: true,
+            tenant: Some(ns.into()),
+            ..Default::default()
+        };
+        let same = Open::default();
+        let (one, two) = (slow_registry(same.clone()).await, slow_registry(same.clone()).await);
+        let (x, y) = ([login(&one)], [login(&two)]);
+        let (a, b) = (tenant("team-a"), tenant("team-a"));
+        let (first, second) = tokio::join!(verifier.verify(&x, &a), verifier.verify(&y, &b));
+        assert!(first.verified() && second.verified());
+        assert_eq!(same.peak(), 1, "one tenant's checks overlapped");
+        assert_eq!(verifier.tenants.len(), 0, "a tenant's turn outlived its checks");
+        let others = Open::default();
+        let (three, four) = (slow_registry(others.clone()).await, slow_registry(others.clone()).await);
+        let (z, w) = ([login(&three)], [login(&four)]);
+        let (c, d) = (tenant("team-a"), tenant("team-b"));
+        let (third, fourth) = tokio::join!(verifier.verify(&z, &c), verifier.verify(&w, &d));
+        assert!(third.verified() && fourth.verified());
+        assert_eq!(others.peak(), 2, "another tenant's check waited");
+    }
+
+    /// Without `--verify-private-networks`, a tenant's check of a loopback registry is
+    /// refused before anything is sent; a cluster credential's is made.
+    #[tokio::test]
+    async fn a_tenants_check_of_a_private_address_sends_nothing() {
+        let verifier = Verifier::new(VerifySettings { qps: 1000.0, ..Default::default() });
+        let watched = Open::default();
+        let registry = slow_registry(watched.clone()).await;
+        let tenant = Options { reference: "latest".into(), tenant: Some("team".into()), ..Default::default() };
+        let refused = verifier.verify(&[login(&registry)], &tenant).await;
+        assert_eq!(refused.reason, Reason::NotAllowed, "{}", refused.message);
+        assert_eq!(watched.peak(), 0, "the tenant's check reached the registry");
+        let platform = Options { reference: "latest".into(), plain_http: true, ..Default::default() };
+        assert!(verifier.verify(&[login(&registry)], &platform).await.verified());
+    }
+
     #[tokio::test(start_paused = true)]
     async fn the_rate_spaces_check_starts() {
         let verifier = Verifier::new(VerifySettings { qps: 2.0, ..Default::default() });
@@ -407,7 +498,7 @@ mod tests {
         let logins: Vec<RegistryAuth> = (1..=200).map(|i| login(&format!("127.0.0.{i}:9"))).collect();
         let findings = verifier.check_each(&logins, &options).await.unwrap();
         assert_eq!(findings.len(), 200);
-        let left = verifier.hosts.lock().unwrap().len();
+        let left = verifier.hosts.len();
         assert_eq!(left, 0, "{left} host locks left after every check ended");
     }
 
@@ -440,7 +531,7 @@ mod tests {
         }
         let clients = verifier.clients.lock().unwrap();
         assert!(clients.len() <= MAX_CLIENTS, "{} clients kept", clients.len());
-        let key = Some(format!("{:x}", Sha256::digest(favourite.as_bytes())));
+        let key = (Some(format!("{:x}", Sha256::digest(favourite.as_bytes()))), false);
         assert!(clients.contains_key(&key), "the bundle used all along was dropped");
     }
 }

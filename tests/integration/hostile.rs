@@ -362,3 +362,75 @@ async fn look_alike_secrets_and_label_flips_make_the_controller_read_nothing() {
     assert!(peak_kib < 64 * 1024, "peak RSS {peak_kib} KiB");
     assert_no_leaks(&admin).await;
 }
+
+/// A server on 127.0.0.1 that answers nothing and counts the connections made to it.
+fn connection_counter() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::{Arc, atomic::AtomicUsize};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binding 127.0.0.1:0");
+    let host = listener.local_addr().expect("its address").to_string();
+    let count = Arc::new(AtomicUsize::new(0));
+    let counted = count.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            drop(stream);
+        }
+    });
+    (host, count)
+}
+
+/// Item 6 of issue 20. A tenant points `spec.verify` at an address inside the cluster network
+/// (here 127.0.0.1), over HTTPS and over plain HTTP (`insecure`): under a controller installed
+/// as by default, its check is refused before anything is sent (`Verified=False`,
+/// `NotAllowed`), so the Verified message cannot tell it what answers there. A
+/// ClusterRegistryCredential's check of the same address is made; with
+/// `--verify-allowed-hosts`, not even that one, as the host is not listed.
+#[tokio::test]
+async fn a_tenants_check_cannot_probe_the_cluster_network() {
+    use std::sync::atomic::Ordering;
+
+    let admin = client().await;
+    let name = format!("probe-{}", &unique()[..6]);
+    let selector = format!("{CONTROLLER_LABEL}={name}");
+    let _strict = spawn_strict_controller(env().cp, &name, &selector, &env().aws.endpoint(), &[], &[]);
+    let (target, connections) = connection_counter();
+    let ns = namespace(&admin, "probe").await;
+    let password = secret_value("robot", "probe");
+    create_secret(&admin, &ns, "src", &[("password", password.as_bytes())]).await;
+    for (credential, insecure) in [("https", false), ("plain", true)] {
+        let spec = json!({"registry": target, "verify": {"insecure": insecure},
+                          "source": {"basic": {"username": "robot", "passwordSecretRef": {"name": "src"}}}});
+        create_credential_for(&admin, &ns, credential, Some(&name), spec).await;
+        let message = crate::verify::wait_verified(&admin, &ns, credential, "False", "NotAllowed").await;
+        assert!(message.contains("127.0.0.1"), "{message}");
+    }
+    assert_eq!(connections.load(Ordering::SeqCst), 0, "a tenant's check reached the address");
+
+    // The platform's own credential may check it (the counter sees the connection).
+    let platform = json!({"registry": target, "verify": {"insecure": true}, "namespaces": {"names": [ns]},
+                          "secret": {"name": "platform"},
+                          "source": {"basic": {"username": "robot", "passwordSecretRef": {"name": "src", "namespace": ns}}}});
+    create_cluster_credential_for(&admin, &name, Some(&name), platform.clone()).await;
+    regcred_testenv::eventually("the cluster credential's check connects", TIMEOUT, || async {
+        (connections.load(Ordering::SeqCst) > 0).then_some(())
+    })
+    .await;
+
+    // With an allowlist, a host outside it is not reached by anyone.
+    let listed = format!("{name}-listed");
+    let listed_selector = format!("{CONTROLLER_LABEL}={listed}");
+    let allow = ["--verify-allowed-hosts", "registry.example.com"];
+    let _listed = spawn_strict_controller(env().cp, &listed, &listed_selector, &env().aws.endpoint(), &allow, &[]);
+    let before = connections.load(Ordering::SeqCst);
+    let mut spec = platform;
+    spec["secret"]["name"] = json!("listed");
+    create_cluster_credential_for(&admin, &listed, Some(&listed), spec).await;
+    let verified = wait_cluster(&admin, &listed, "Verified=False NotAllowed", |s| {
+        s.credential.condition("Verified").is_some_and(|c| c.status == "False" && c.reason == "NotAllowed")
+    })
+    .await;
+    let message = verified.status.unwrap().credential.condition("Verified").unwrap().message.clone();
+    assert!(message.contains("--verify-allowed-hosts"), "{message}");
+    assert_eq!(connections.load(Ordering::SeqCst), before, "a host outside the allowlist was reached");
+    assert_no_leaks(&admin).await;
+}

@@ -123,7 +123,23 @@ fn controller_kubeconfig(cp: &ControlPlane) -> PathBuf {
 
 /// Starts a controller process for the credentials matching `selector`, logging to
 /// `regcred-<name>.log` in the control plane's directory (the leak check reads them all).
+/// The test registries listen on loopback, so RegistryCredentials' checks may reach private
+/// addresses (`--verify-private-networks`); [`spawn_strict_controller`] holds them to the
+/// default.
 pub fn spawn_controller(
+    cp: &ControlPlane,
+    name: &str,
+    selector: &str,
+    aws_endpoint: &str,
+    args: &[&str],
+    envs: &[(&str, String)],
+) -> TestController {
+    let args: Vec<&str> = std::iter::once("--verify-private-networks").chain(args.iter().copied()).collect();
+    spawn_strict_controller(cp, name, selector, aws_endpoint, &args, envs)
+}
+
+/// [`spawn_controller`] without `--verify-private-networks`: as installed by default.
+pub fn spawn_strict_controller(
     cp: &ControlPlane,
     name: &str,
     selector: &str,
