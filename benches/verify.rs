@@ -139,7 +139,7 @@ async fn main() -> anyhow::Result<()> {
 
 fn spawn(cp: &ControlPlane, qps: Option<&str>) -> anyhow::Result<Process> {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_regcred"));
-    cmd.args(["run", "--admin-addr", "127.0.0.1:0"]);
+    cmd.args(["run", "--admin-addr", "127.0.0.1:0", "--verify-private-networks"]);
     if let Some(qps) = qps {
         cmd.args(["--verify-qps", qps]);
     }

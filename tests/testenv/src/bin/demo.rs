@@ -43,7 +43,10 @@ fn main() -> Result<()> {
     let log = cp.dir().join("regcred.log");
     let mut cmd = Command::new(&regcred);
     let admin = format!("127.0.0.1:{}", regcred_testenv::free_port());
-    cmd.args(["run", "--admin-addr", &admin]).env("KUBECONFIG", cp.controller_kubeconfig_path());
+    // The demo's registry listens on loopback, as a registry inside the cluster would: its
+    // RegistryCredential may be checked there only with --verify-private-networks.
+    cmd.args(["run", "--admin-addr", &admin, "--verify-private-networks"])
+        .env("KUBECONFIG", cp.controller_kubeconfig_path());
     let _controller = Process::spawn("regcred", cmd, &log)?;
 
     step("applying examples/ and a credential for the local registry");
