@@ -434,3 +434,38 @@ async fn a_tenants_check_cannot_probe_the_cluster_network() {
     assert_eq!(connections.load(Ordering::SeqCst), before, "a host outside the allowlist was reached");
     assert_no_leaks(&admin).await;
 }
+
+/// Item 7 of issue 20. A ClusterRegistryCredential's Events can only be in `default` (the
+/// apiserver refuses an Event about a cluster-scoped object in any other namespace: 422
+/// "involvedObject.namespace: does not match event.namespace"), where readers of `default`
+/// see them. So they carry counts and reasons, never the namespaces they write into: a tenant
+/// who can read `default` learns nothing of which other tenants a fan-out serves, nor of a
+/// tenant's Secret that blocks it.
+#[tokio::test]
+async fn a_fan_outs_events_name_no_tenant_namespace() {
+    let admin = client().await;
+    let tag = unique()[..8].to_string();
+    let name = format!("quiet-events-{tag}");
+    let source_ns = namespace(&admin, "events-src").await;
+    let password = secret_value("robot", "events");
+    create_secret(&admin, &source_ns, "src", &[("password", password.as_bytes())]).await;
+    let served = labelled_namespace(&admin, "events-served", &[("events", &tag)]).await;
+    let blocked = labelled_namespace(&admin, "events-blocked", &[("events", &tag)]).await;
+    // A tenant's own Secret of the fan-out's name: that namespace fails.
+    create_secret(&admin, &blocked, &name, &[("mine", b"not regcred's")]).await;
+    let spec = json!({
+        "registry": "registry.example.com",
+        "source": {"basic": {"username": "robot", "passwordSecretRef": {"name": "src", "namespace": source_ns}}},
+        "namespaces": {"selector": {"matchLabels": {"events": tag}}},
+    });
+    create_cluster_credential_for(&admin, &name, None, spec).await;
+    wait_secret(&admin, &served, &name, "written", |_| true).await;
+    wait_cluster(&admin, &name, "the blocked namespace failed", |s| s.failed_namespaces == Some(1)).await;
+    wait_event(&admin, "default", "ClusterRegistryCredential", &name, "Normal", "Synced").await;
+    let events = events_for(&admin, "default", "ClusterRegistryCredential", &name).await;
+    for (_, reason, note) in &events {
+        for namespace in [&served, &blocked] {
+            assert!(!note.contains(namespace.as_str()), "{reason} names {namespace}: {note}");
+        }
+    }
+}
