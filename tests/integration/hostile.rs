@@ -435,8 +435,8 @@ async fn a_tenants_check_cannot_probe_the_cluster_network() {
     assert_no_leaks(&admin).await;
 }
 
-/// Item 7 of issue 20. A ClusterRegistryCredential's Events can only be in `default` (the
-/// apiserver refuses an Event about a cluster-scoped object in any other namespace: 422
+/// Item 7 of issue 20. A ClusterRegistryCredential's Events are in `default` (the apiserver
+/// refused an Event about a cluster-scoped object in the controller's namespace: 422
 /// "involvedObject.namespace: does not match event.namespace"), where readers of `default`
 /// see them. So they carry counts and reasons, never the namespaces they write into: a tenant
 /// who can read `default` learns nothing of which other tenants a fan-out serves, nor of a
