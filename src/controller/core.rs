@@ -262,7 +262,7 @@ async fn sync<K: Credential>(obj: &K, uid: &str, ctx: &Context) -> Result<FanOut
                     }
                 }
                 // Deleted or terminating since the list: nothing to keep there.
-                Err(error) if namespace_gone(&error) => {}
+                Err(error) if namespace_gone(&error, &step.namespace) => {}
                 Err(error) => {
                     if matches!(error, Error::SecretConflict { .. }) {
                         state.contested.insert(step.namespace.clone());
@@ -273,7 +273,7 @@ async fn sync<K: Credential>(obj: &K, uid: &str, ctx: &Context) -> Result<FanOut
             }
             match retired {
                 Ok(n) => removed += n,
-                Err(error) if namespace_gone(&error) => {}
+                Err(error) if namespace_gone(&error, &step.namespace) => {}
                 Err(error) => failures.push((step.namespace, error)),
             }
         }
@@ -309,7 +309,7 @@ async fn sync<K: Credential>(obj: &K, uid: &str, ctx: &Context) -> Result<FanOut
     for (removal, result) in removals {
         match result {
             Ok(n) => removed += n,
-            Err(error) if namespace_gone(&error) => {}
+            Err(error) if namespace_gone(&error, &removal.namespace) => {}
             Err(error) => failures.push((removal.namespace, error)),
         }
     }
@@ -395,16 +395,29 @@ async fn release_everywhere(uid: &str, ctx: &Context) -> Result<(), Error> {
     Ok(())
 }
 
-/// Whether a write failed because its namespace is being deleted or is gone.
-fn namespace_gone(error: &Error) -> bool {
-    match error {
-        Error::Kube(kube::Error::Api(status)) => {
-            (status.code == 403 && status.message.contains("being terminated"))
-                || (status.code == 404 && status.message.contains("namespaces"))
-        }
+/// Whether a write into `namespace` failed because the namespace is gone or being deleted,
+/// as the apiserver's namespace lifecycle admission reports it: `404 NotFound` about the
+/// namespace itself (`details.kind` "namespaces", `details.name` the namespace), or
+/// `403 Forbidden` with a `NamespaceTerminating` cause. Decided by the Status's code, reason
+/// and details, never its message: a missing Secret named `namespaces-…` is not a gone
+/// namespace.
+fn namespace_gone(error: &Error, namespace: &str) -> bool {
+    let Error::Kube(kube::Error::Api(status)) = error else {
+        return false;
+    };
+    let Some(details) = status.details.as_ref() else {
+        return false;
+    };
+    match (status.code, status.reason.as_str()) {
+        (404, "NotFound") => details.kind == "namespaces" && details.group.is_empty() && details.name == namespace,
+        (403, "Forbidden") => details.causes.iter().any(|cause| cause.reason == NAMESPACE_TERMINATING),
         _ => false,
     }
 }
+
+/// The cause type (`StatusCause.reason` on the wire) of a write refused in a terminating
+/// namespace (`k8s.io/api/core/v1.NamespaceTerminatingCause`).
+const NAMESPACE_TERMINATING: &str = "NamespaceTerminating";
 
 impl Context {
     /// A reconcile that was running when its credential was deleted may have recorded state
@@ -430,6 +443,52 @@ impl Context {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An apiserver error, from the Status JSON it sends.
+    fn api_error(status: serde_json::Value) -> Error {
+        Error::Kube(kube::Error::Api(Box::new(serde_json::from_value(status).unwrap())))
+    }
+
+    /// Issue 20, item 11a: only the namespace lifecycle's refusals count as a gone namespace,
+    /// told by code, reason and details (the Statuses below are the ones kube-apiserver 1.34
+    /// sends), never by the message.
+    #[test]
+    fn a_gone_namespace_is_told_by_the_status_not_its_message() {
+        let gone = api_error(serde_json::json!({
+            "kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404, "reason": "NotFound",
+            "message": "namespaces \"team-a\" not found",
+            "details": {"name": "team-a", "kind": "namespaces"},
+        }));
+        assert!(namespace_gone(&gone, "team-a"));
+        assert!(!namespace_gone(&gone, "team-b"), "another namespace is gone, not this one");
+        let terminating = api_error(serde_json::json!({
+            "kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 403, "reason": "Forbidden",
+            "message": "secrets \"pull\" is forbidden: unable to create new content in namespace team-a because it is being terminated",
+            "details": {"name": "pull", "kind": "secrets", "causes": [{"reason": "NamespaceTerminating",
+                "message": "namespace team-a is being terminated", "field": "metadata.namespace"}]},
+        }));
+        assert!(namespace_gone(&terminating, "team-a"));
+
+        // A Secret named like a namespace's message is just a missing Secret.
+        let missing_secret = api_error(serde_json::json!({
+            "kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404, "reason": "NotFound",
+            "message": "secrets \"namespaces-pull\" not found",
+            "details": {"name": "namespaces-pull", "kind": "secrets"},
+        }));
+        assert!(!namespace_gone(&missing_secret, "team-a"));
+        // A refusal that only says so in its text (a webhook, RBAC) is a failure to report.
+        let webhook = api_error(serde_json::json!({
+            "kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 403, "reason": "Forbidden",
+            "message": "admission webhook \"x\" denied the request: namespaces being terminated are frozen",
+            "details": {"name": "pull", "kind": "secrets"},
+        }));
+        assert!(!namespace_gone(&webhook, "team-a"));
+        let no_details = api_error(serde_json::json!({
+            "status": "Failure", "code": 404, "reason": "NotFound", "message": "namespaces \"team-a\" not found",
+        }));
+        assert!(!namespace_gone(&no_details, "team-a"));
+        assert!(!namespace_gone(&Error::SecretConflict { namespace: "team-a".into(), name: "pull".into() }, "team-a"));
+    }
 
     #[test]
     fn status_counts_are_dropped_for_the_namespaced_kind() {
