@@ -131,3 +131,62 @@ async fn short_names_and_the_category_resolve_unambiguously() {
     let both = get(&["get", "regcred", "-A", "-o", "name"]);
     assert!(both.contains("registrycredential.regcred.dev/listed"), "{both}");
 }
+
+/// Issue 20, item 11b: `source.ecr.registry` is judged at admission exactly as the controller
+/// judges it (`parse_ecr_host`): each host below is admitted if and only if the controller
+/// would accept it, so a bad host is refused with 422 instead of failing after the fact.
+#[tokio::test]
+async fn ecr_registry_hosts_are_judged_at_admission_as_the_controller_judges_them() {
+    env();
+    let client = client().await;
+    let ns = namespace(&client, "invalid-ecr").await;
+    let hosts = [
+        // Accepted: each partition, FIPS, dual-stack, any letter case.
+        "123456789012.dkr.ecr.eu-west-1.amazonaws.com",
+        "123456789012.dkr.ecr.cn-north-1.amazonaws.com.cn",
+        "123456789012.dkr.ecr-fips.us-gov-west-1.amazonaws.com",
+        "123456789012.dkr-ecr.us-east-1.on.aws",
+        "123456789012.dkr.ecr.us-iso-east-1.c2s.ic.gov",
+        "123456789012.dkr.ecr.us-isob-east-1.sc2s.sgov.gov",
+        "123456789012.dkr.ecr.eu-isoe-west-1.cloud.adc-e.uk",
+        "123456789012.DKR.ECR.EU-WEST-1.AMAZONAWS.COM",
+        // Refused.
+        "ghcr.io",
+        "",
+        "12345678901.dkr.ecr.eu-west-1.amazonaws.com",
+        "1234567890123.dkr.ecr.eu-west-1.amazonaws.com",
+        "abcdefghijkl.dkr.ecr.eu-west-1.amazonaws.com",
+        "123456789012.dkr.ecs.eu-west-1.amazonaws.com",
+        "123456789012.dkr-ecr-fips.us-east-1.on.aws",
+        "123456789012.dkr.ecr.eu-west-1.evil.com",
+        "123456789012.dkr.ecr.eu_west.amazonaws.com",
+        "123456789012.dkr.ecr..amazonaws.com",
+        "123456789012.dkr.ecr.eu.west-1.amazonaws.com",
+        "123456789012.dkr.ecr.eu-west-1.amazonaws.com.evil.com",
+        "123456789012.dkr.ecr.eu-west-1.amazonaws.com:443",
+        "https://123456789012.dkr.ecr.eu-west-1.amazonaws.com",
+    ];
+    let mut refused = 0;
+    for (i, host) in hosts.into_iter().enumerate() {
+        let controller_accepts = regcred::source::ecr::parse_ecr_host(host).is_ok();
+        let spec = json!({"source": {"ecr": {"registry": host, "auth": {"secretRef": {"name": "keys"}}}}});
+        match (controller_accepts, create_raw(&client, Some(&ns), "RegistryCredential", &format!("h{i}"), spec).await) {
+            (true, Ok(())) => {}
+            (false, Err(kube::Error::Api(status))) => {
+                assert_eq!(status.code, 422, "{host:?}: {}", status.message);
+                assert!(status.message.contains("spec.source.ecr.registry"), "{host:?}: {}", status.message);
+                refused += 1;
+            }
+            (accepts, result) => panic!("{host:?}: the controller accepts it: {accepts}; admission: {result:?}"),
+        }
+    }
+    assert_eq!(refused, 14, "the refused hosts above");
+    // The cluster kind shares the rule.
+    let spec = json!({"source": {"ecr": {"registry": "123456789012.dkr.ecr.eu-west-1.evil.com",
+                                          "auth": {"ambient": {}}}}});
+    let name = format!("invalid-ecr-{}", &unique()[..8]);
+    match create_raw(&client, None, "ClusterRegistryCredential", &name, spec).await {
+        Err(kube::Error::Api(status)) => assert_eq!(status.code, 422, "{}", status.message),
+        other => panic!("a ClusterRegistryCredential with a bad ECR host: {other:?}"),
+    }
+}
