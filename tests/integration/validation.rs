@@ -190,3 +190,48 @@ async fn ecr_registry_hosts_are_judged_at_admission_as_the_controller_judges_the
         other => panic!("a ClusterRegistryCredential with a bad ECR host: {other:?}"),
     }
 }
+
+/// Issue 20, item 11c: a template's annotations are bounded at admission (at most 64, each
+/// value at most 3072 bytes of UTF-8), and whatever admission lets through fits the written
+/// Secret: 64 annotations with the longest keys and values become a Secret.
+#[tokio::test]
+async fn template_annotations_are_bounded_at_admission_and_what_passes_fits_the_secret() {
+    env();
+    let client = client().await;
+    let ns = namespace(&client, "invalid-annotations").await;
+    let spec = |annotations: serde_json::Value| {
+        json!({"registry": "r.io", "secret": {"annotations": annotations},
+               "source": {"basic": {"username": "u", "passwordSecretRef": {"name": "src"}}}})
+    };
+    let many = |n: usize, value: &str| -> serde_json::Value {
+        // Keys of the longest length admission allows: a 253-character prefix and a
+        // 63-character name.
+        let prefix = format!("{}.{}.{}.{}", "a".repeat(63), "b".repeat(63), "c".repeat(63), "d".repeat(61));
+        (0..n).map(|i| (format!("{prefix}/k{i:02}{}", "x".repeat(60)), json!(value))).collect()
+    };
+    let refused = [
+        ("long-value", json!({"note": "x".repeat(3073)})),
+        // 1,025 characters, but 3,075 bytes.
+        ("long-in-bytes", json!({"note": "€".repeat(1025)})),
+        ("too-many", many(65, "v")),
+    ];
+    for (name, annotations) in refused {
+        match create_raw(&client, Some(&ns), "RegistryCredential", name, spec(annotations)).await {
+            Err(kube::Error::Api(status)) => {
+                assert_eq!(status.code, 422, "{name}: {}", status.message);
+                assert!(status.message.contains("spec.secret.annotations"), "{name}: {}", status.message);
+            }
+            other => panic!("{name}: expected 422, got {other:?}"),
+        }
+    }
+
+    let password = secret_value("u", "annotations");
+    create_secret(&client, &ns, "src", &[("password", password.as_bytes())]).await;
+    create_raw(&client, Some(&ns), "RegistryCredential", "at-the-bound", spec(many(64, &"v".repeat(3072))))
+        .await
+        .expect("64 annotations of the longest keys and values are admitted");
+    wait_ready(&client, &ns, "at-the-bound", "True", Some("Synced")).await;
+    let secret = wait_secret(&client, &ns, "at-the-bound", "written", |_| true).await;
+    let annotations = secret.metadata.annotations.unwrap_or_default();
+    assert_eq!(annotations.values().filter(|v| v.len() == 3072).count(), 64);
+}
