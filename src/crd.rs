@@ -35,7 +35,7 @@ const USERNAME_PATTERN: &str = r"^[^:\x00-\x1f]+$";
     status = "CredentialStatus",
     shortname = "rcred",
     category = "regcred",
-    printcolumn(name = "Registry", type_ = "string", json_path = ".status.registries[*]"),
+    printcolumn(name = "Registry", type_ = "string", json_path = ".status.registries"),
     printcolumn(name = "Source", type_ = "string", json_path = ".status.source"),
     printcolumn(name = "Secret", type_ = "string", json_path = ".status.secretName"),
     printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
@@ -99,7 +99,7 @@ const SOURCE_NAMESPACE_SET: &str = "(!has(self.source.basic) || has(self.source.
     status = "ClusterCredentialStatus",
     shortname = "crcred",
     category = "regcred",
-    printcolumn(name = "Registry", type_ = "string", json_path = ".status.registries[*]"),
+    printcolumn(name = "Registry", type_ = "string", json_path = ".status.registries"),
     printcolumn(name = "Source", type_ = "string", json_path = ".status.source"),
     printcolumn(name = "Secret", type_ = "string", json_path = ".status.secretName"),
     printcolumn(name = "Targets", type_ = "integer", json_path = ".status.targetNamespaces"),
@@ -701,6 +701,17 @@ mod tests {
             let names = &crd.spec.names;
             assert_eq!(names.categories.as_deref(), Some(&["regcred".to_string()][..]));
             assert!(!names.short_names.iter().flatten().any(|s| s == "regcred"), "{names:?}");
+        }
+    }
+
+    /// Issue 20, item 11d: the Registry column prints the whole list of server keys (a printer
+    /// column shows only the first result of its JSONPath, so `registries[*]` showed one).
+    #[test]
+    fn the_registry_column_is_the_whole_list() {
+        for crd in crds() {
+            let columns = crd.spec.versions[0].additional_printer_columns.clone().unwrap_or_default();
+            let registry = columns.iter().find(|c| c.name == "Registry").expect("a Registry column");
+            assert_eq!(registry.json_path, ".status.registries", "{}", crd.spec.names.kind);
         }
     }
 

@@ -235,3 +235,25 @@ async fn template_annotations_are_bounded_at_admission_and_what_passes_fits_the_
     let annotations = secret.metadata.annotations.unwrap_or_default();
     assert_eq!(annotations.values().filter(|v| v.len() == 3072).count(), 64);
 }
+
+/// Issue 20, item 11d: `kubectl get` shows every server key in the Registry column: Docker
+/// Hub's two, not only the first.
+#[tokio::test]
+async fn the_registry_column_shows_every_server_key() {
+    let cp = env().cp;
+    let client = client().await;
+    let ns = namespace(&client, "column").await;
+    let password = secret_value("u", "column");
+    create_secret(&client, &ns, "src", &[("password", password.as_bytes())]).await;
+    let spec =
+        json!({"registry": "docker.io", "source": {"basic": {"username": "u", "passwordSecretRef": {"name": "src"}}}});
+    create_credential(&client, &ns, "hub", spec).await;
+    let status = wait_ready(&client, &ns, "hub", "True", Some("Synced")).await.status.unwrap();
+    assert_eq!(status.registries, ["https://index.docker.io/v1/", "registry-1.docker.io"]);
+    let out = cp.kubectl(&["get", "rcred", "hub", "-n", &ns]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for key in &status.registries {
+        assert!(table.contains(key.as_str()), "the Registry column lacks {key}:\n{table}");
+    }
+}
