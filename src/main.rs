@@ -80,7 +80,8 @@ struct RunArgs {
     ecr_refresh_share: f64,
     /// Reconcile only credentials of both kinds, RegistryCredentials and
     /// ClusterRegistryCredentials, matching this label selector (e.g. to shard or canary
-    /// controllers).
+    /// controllers). A credential relabelled out of the selection gets its ServiceAccount
+    /// entries and finalizer removed (its Secrets stay, owned by it).
     #[arg(long, env = "REGCRED_SELECTOR")]
     selector: Option<String>,
     /// Do not watch Secrets (where RBAC grants no cluster-wide list/watch on them): drift,

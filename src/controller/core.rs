@@ -8,7 +8,11 @@ use std::{
 
 use futures::{StreamExt, stream};
 use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
-use kube::{Api, ResourceExt, runtime::controller::Action};
+use kube::{
+    Api, ResourceExt,
+    api::ListParams,
+    runtime::{controller::Action, events::EventType},
+};
 use secrecy::ExposeSecret;
 use tracing::{info, warn};
 
@@ -16,6 +20,7 @@ use super::{
     Context,
     credential::{Credential, Scope},
     observe::{accounts_to_check, own_secrets, own_secrets_by_name, previous_token, read_accounts},
+    publish,
     report::report,
     retry_delay, verification,
 };
@@ -67,6 +72,14 @@ impl FanOut {
 #[tracing::instrument(skip_all, fields(kind = K::KIND, namespace = obj.meta().namespace.as_deref(), object = %obj.name_any()))]
 pub(crate) async fn reconcile<K: Credential>(obj: Arc<K>, ctx: Arc<Context>) -> Result<Action, Error> {
     let uid = obj.uid().ok_or(Error::MissingObjectField("metadata.uid"))?;
+    let busy = ctx.states.with(&uid, |s| s.busy.clone());
+    let _busy = busy.lock().await;
+    if !ctx.index.contains(&uid) {
+        // Deleted, or gone from this controller's `--selector`, since it was queued: its
+        // release (see `release_if_left`) is not to be undone.
+        ctx.forget(&uid);
+        return Ok(Action::await_change());
+    }
     let api = K::api(ctx.client.clone(), obj.meta().namespace.as_deref());
     if !ctx.namespaces_synced() || !ctx.accounts_synced() {
         // Without the namespace list every Secret would look unselected, and without the
@@ -393,6 +406,85 @@ async fn release_everywhere(uid: &str, ctx: &Context) -> Result<(), Error> {
         release(&api, &list, uid).await?;
     }
     Ok(())
+}
+
+/// A credential this controller's watch no longer shows: where it was, and its uid.
+pub(super) struct Gone {
+    pub(super) namespace: Option<String>,
+    pub(super) name: String,
+    pub(super) uid: String,
+}
+
+/// Attempts at releasing a credential that left the selector, a second apart and more.
+const RELEASE_ATTEMPTS: u32 = 6;
+
+/// Gives back what this controller added to a credential its label-selected watch no longer
+/// shows, if the credential still exists: it left `--selector` (relabelled), which the watch
+/// reports as a deletion. Its ServiceAccount entries are removed and its finalizer too, so
+/// that a credential no controller serves any more can be deleted (nothing would remove the
+/// finalizer), and one that another controller serves now is that one's alone (it adds
+/// them back). Its Secrets stay: the credential owns them, and the garbage collector removes
+/// them with it. Runs after any reconcile of it in flight (`busy`); retried with backoff.
+pub(super) async fn release_if_left<K: Credential>(ctx: Arc<Context>, gone: Gone, busy: Arc<tokio::sync::Mutex<()>>) {
+    let _busy = busy.lock().await;
+    for attempt in 1..=RELEASE_ATTEMPTS {
+        match released_if_left::<K>(&ctx, &gone).await {
+            Ok(false) => return,
+            Ok(true) => {
+                info!(
+                    kind = K::KIND,
+                    namespace = gone.namespace.as_deref(),
+                    name = gone.name,
+                    "released a credential that left --selector"
+                );
+                return;
+            }
+            Err(error) => {
+                let delay = super::backoff(attempt, std::time::Duration::from_secs(30));
+                warn!(
+                    kind = K::KIND,
+                    namespace = gone.namespace.as_deref(),
+                    name = gone.name,
+                    reason = error.reason(),
+                    %error,
+                    retry_in_secs = delay.as_secs_f32(),
+                    "could not release a credential that left --selector"
+                );
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}
+
+/// One attempt of [`release_if_left`]: whether it released anything.
+async fn released_if_left<K: Credential>(ctx: &Context, gone: &Gone) -> Result<bool, Error> {
+    let Some(selector) = ctx.config.selector.as_deref() else {
+        return Ok(false); // without a selector only a deletion hides a credential
+    };
+    let api = K::api(ctx.client.clone(), gone.namespace.as_deref());
+    let Some(current) = api.get_opt(&gone.name).await? else {
+        return Ok(false); // deleted
+    };
+    if current.uid().as_deref() != Some(gone.uid.as_str()) {
+        return Ok(false); // deleted, and another one made under its name
+    }
+    // Still (or again) selected: the watch will show it; nothing to give back.
+    let selected = ListParams::default().fields(&format!("metadata.name={}", gone.name)).labels(selector);
+    if api.list_metadata(&selected).await?.items.iter().any(|c| c.uid().as_deref() == Some(gone.uid.as_str())) {
+        return Ok(false);
+    }
+    let accounts = ctx.index.accounts_recording(&gone.uid);
+    if accounts.is_empty() && !has_finalizer(current.meta()) {
+        return Ok(false);
+    }
+    release_everywhere(&gone.uid, ctx).await?;
+    set_finalizer(&api, &current, false).await?;
+    let note = format!(
+        "no longer matches this controller's --selector {selector:?}: removed its entries from {} ServiceAccounts and its finalizer",
+        accounts.len()
+    );
+    publish(ctx, &current.object_ref(&()), EventType::Normal, "Released", note).await;
+    Ok(true)
 }
 
 /// Whether a write into `namespace` failed because the namespace is gone or being deleted,
