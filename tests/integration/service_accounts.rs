@@ -296,3 +296,55 @@ async fn a_credential_relabelled_away_from_its_controller_is_released_and_delete
     .await;
     wait_entries(&client, &ns, "builder", &["theirs"]).await;
 }
+
+/// Issue 20, item 11g: a tenant who deletes the annotation that records regcred's entries
+/// does not strand them. An entry named exactly like the Secret the credential controls, in a
+/// ServiceAccount the credential names, is regcred's: it is recorded again at once, and
+/// removed when the credential is deleted.
+#[tokio::test]
+async fn entries_whose_record_a_tenant_deleted_are_recorded_again_and_released() {
+    env();
+    let admin = client().await;
+    let ns = namespace(&admin, "sa-record").await;
+    create_secret(&admin, &ns, "src", &[("password", secret_value("u", "sa-record").as_bytes())]).await;
+    create_account(&admin, &ns, "builder", &["theirs"]).await;
+    let cr = create_credential(
+        &admin,
+        &ns,
+        "cred",
+        json!({"registry": "r.example.com", "source": {"basic": {"username": "u", "passwordSecretRef": {"name": "src"}}},
+               "serviceAccounts": ["builder"]}),
+    )
+    .await;
+    let uid = cr.metadata.uid.unwrap();
+    let record = format!("cred={uid}");
+    let recorded = |account: &ServiceAccount| {
+        account.metadata.annotations.as_ref().and_then(|a| a.get("regcred.dev/added-image-pull-secrets")).cloned()
+    };
+    let account = wait_entries(&admin, &ns, "builder", &["theirs", "cred"]).await;
+    assert_eq!(recorded(&account), Some(record.clone()));
+
+    // A namespace editor removes the record (entries stay as they are).
+    let tenant = tenant(&admin, &ns).await;
+    let forget = json!({"metadata": {"annotations": {"regcred.dev/added-image-pull-secrets": null}}});
+    Api::<ServiceAccount>::namespaced(tenant, &ns)
+        .patch("builder", &PatchParams::default(), &Patch::Merge(&forget))
+        .await
+        .unwrap();
+    let accounts = Api::<ServiceAccount>::namespaced(admin.clone(), &ns);
+    let account = eventually("the entry recorded again", TIMEOUT, || async {
+        accounts.get("builder").await.ok().filter(|a| recorded(a).as_deref() == Some(record.as_str()))
+    })
+    .await;
+    assert_eq!(entries(&account), ["theirs", "cred"], "recorded, not added twice");
+
+    // Deleted: the entry goes with it, and nothing else.
+    let credentials = Api::<RegistryCredential>::namespaced(admin.clone(), &ns);
+    credentials.delete("cred", &DeleteParams::default()).await.unwrap();
+    let account = wait_entries(&admin, &ns, "builder", &["theirs"]).await;
+    assert_eq!(recorded(&account), None);
+    eventually("the credential gone", TIMEOUT, || async {
+        credentials.get_opt("cred").await.ok()?.is_none().then_some(())
+    })
+    .await;
+}
