@@ -35,7 +35,7 @@ const USERNAME_PATTERN: &str = r"^[^:\x00-\x1f]+$";
     status = "CredentialStatus",
     shortname = "rcred",
     category = "regcred",
-    printcolumn(name = "Registry", type_ = "string", json_path = ".status.registries[*]"),
+    printcolumn(name = "Registry", type_ = "string", json_path = ".status.registries"),
     printcolumn(name = "Source", type_ = "string", json_path = ".status.source"),
     printcolumn(name = "Secret", type_ = "string", json_path = ".status.secretName"),
     printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
@@ -99,7 +99,7 @@ const SOURCE_NAMESPACE_SET: &str = "(!has(self.source.basic) || has(self.source.
     status = "ClusterCredentialStatus",
     shortname = "crcred",
     category = "regcred",
-    printcolumn(name = "Registry", type_ = "string", json_path = ".status.registries[*]"),
+    printcolumn(name = "Registry", type_ = "string", json_path = ".status.registries"),
     printcolumn(name = "Source", type_ = "string", json_path = ".status.source"),
     printcolumn(name = "Secret", type_ = "string", json_path = ".status.secretName"),
     printcolumn(name = "Targets", type_ = "integer", json_path = ".status.targetNamespaces"),
@@ -444,9 +444,10 @@ pub struct Impersonate {
 #[x_kube(validation = Rule::new("has(self.registry) != has(self.region)").message("set exactly one of registry or region"))]
 #[x_kube(validation = Rule::new("!has(self.registryIds) || has(self.region)").message("registryIds goes with region"))]
 pub struct EcrSource {
-    /// ECR registry host, `<account>.dkr.ecr.<region>.amazonaws.com` (also `.amazonaws.com.cn`
-    /// and `dkr.ecr-fips`); account and region are read from it.
-    #[schemars(length(max = 253))]
+    /// ECR registry host, `<account>.dkr.ecr.<region>.amazonaws.com` (also `.amazonaws.com.cn`,
+    /// `dkr.ecr-fips`, the dual-stack `<account>.dkr-ecr.<region>.on.aws`, and the other AWS
+    /// partitions' domains); account and region are read from it.
+    #[schemars(length(max = 253), regex(pattern = crate::source::ecr::ecr_host_pattern()))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub registry: Option<String>,
     /// AWS region, instead of `registry`; with `registryIds` for several accounts.
@@ -581,6 +582,7 @@ impl SecretKeyRef {
 #[x_kube(validation = Rule::new(NO_RESERVED_KEYS).message("labels and annotations under regcred.dev/ and app.kubernetes.io/managed-by are regcred's own"))]
 #[x_kube(validation = Rule::new(QUALIFIED_KEYS).message("label and annotation keys must be qualified names ([prefix/]name, as Kubernetes requires)"))]
 #[x_kube(validation = Rule::new(LABEL_VALUES).message("label values must be at most 63 characters: alphanumerics, '-', '_' or '.', starting and ending with an alphanumeric"))]
+#[x_kube(validation = Rule::new(annotation_values()).field_path(".annotations").message(format!("annotation values must be at most {MAX_ANNOTATION_VALUE_BYTES} bytes").as_str()))]
 pub struct SecretTemplate {
     /// Name of the Secret. Defaults to the credential's name.
     #[schemars(length(min = 1, max = 253), regex(pattern = DNS_SUBDOMAIN_PATTERN))]
@@ -591,8 +593,10 @@ pub struct SecretTemplate {
     #[schemars(extend("maxProperties" = 64, "additionalProperties" = {"type": "string", "maxLength": 63}))]
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
-    /// Extra annotations for the Secret, with the same reserved keys as labels.
-    #[schemars(extend("maxProperties" = 64))]
+    /// Extra annotations for the Secret, with the same reserved keys as labels. At most 64,
+    /// each value at most 3072 bytes (UTF-8): with keys of at most 317 characters they total
+    /// under 212 KiB, within the 256 KiB Kubernetes allows for a Secret's annotations.
+    #[schemars(extend("maxProperties" = 64, "additionalProperties" = {"type": "string", "maxLength": MAX_ANNOTATION_VALUE_BYTES}))]
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: BTreeMap<String, String>,
 }
@@ -602,6 +606,17 @@ const NO_RESERVED_KEYS: &str = "(!has(self.labels) || self.labels.all(k, !k.star
 /// CEL: keys are qualified names: an optional DNS-subdomain prefix and `/`, then a name of at
 /// most 63 characters.
 const QUALIFIED_KEYS: &str = "(!has(self.labels) || self.labels.all(k, size(k) <= 317 && k.matches('^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\\\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$'))) && (!has(self.annotations) || self.annotations.all(k, size(k) <= 317 && k.matches('^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\\\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$')))";
+/// The longest value of a template annotation, in bytes of UTF-8 (the schema's `maxLength`
+/// counts characters, so a CEL rule counts the bytes).
+pub const MAX_ANNOTATION_VALUE_BYTES: usize = 3072;
+
+/// CEL: no annotation value is longer than [`MAX_ANNOTATION_VALUE_BYTES`] bytes.
+fn annotation_values() -> String {
+    format!(
+        "!has(self.annotations) || self.annotations.all(k, size(bytes(self.annotations[k])) <= {MAX_ANNOTATION_VALUE_BYTES})"
+    )
+}
+
 /// CEL: label values as Kubernetes requires them.
 const LABEL_VALUES: &str = "!has(self.labels) || self.labels.all(k, self.labels[k].matches('^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$'))";
 
@@ -686,6 +701,17 @@ mod tests {
             let names = &crd.spec.names;
             assert_eq!(names.categories.as_deref(), Some(&["regcred".to_string()][..]));
             assert!(!names.short_names.iter().flatten().any(|s| s == "regcred"), "{names:?}");
+        }
+    }
+
+    /// Issue 20, item 11d: the Registry column prints the whole list of server keys (a printer
+    /// column shows only the first result of its JSONPath, so `registries[*]` showed one).
+    #[test]
+    fn the_registry_column_is_the_whole_list() {
+        for crd in crds() {
+            let columns = crd.spec.versions[0].additional_printer_columns.clone().unwrap_or_default();
+            let registry = columns.iter().find(|c| c.name == "Registry").expect("a Registry column");
+            assert_eq!(registry.json_path, ".status.registries", "{}", crd.spec.names.kind);
         }
     }
 

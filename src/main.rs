@@ -78,8 +78,10 @@ struct RunArgs {
     /// Refresh an ECR token when this share of its lifetime is left (0.25: ~9 h into 12 h).
     #[arg(long, default_value_t = 0.25, value_parser = share, env = "REGCRED_ECR_REFRESH_SHARE")]
     ecr_refresh_share: f64,
-    /// Reconcile only RegistryCredentials matching this label selector (e.g. to shard or
-    /// canary controllers).
+    /// Reconcile only credentials of both kinds, RegistryCredentials and
+    /// ClusterRegistryCredentials, matching this label selector (e.g. to shard or canary
+    /// controllers). A credential relabelled out of the selection gets its ServiceAccount
+    /// entries and finalizer removed (its Secrets stay, owned by it).
     #[arg(long, env = "REGCRED_SELECTOR")]
     selector: Option<String>,
     /// Do not watch Secrets (where RBAC grants no cluster-wide list/watch on them): drift,

@@ -205,12 +205,14 @@ fn plan(account: &ServiceAccount, secret: &str, wanted: bool, uid: &str) -> Opti
     let present = pull_secrets.iter().any(|r| r.name == secret);
     if wanted {
         match (present, added.get(secret)) {
-            // Recorded for this credential already (or someone else's entry: not ours to record).
+            // Recorded for this credential already.
             (true, Some(Some(by))) if by == uid => return None,
-            (true, None) => return None,
-            // Ours from before uids were recorded, or from a credential that held the Secret
-            // before: record this credential's uid.
-            (true, Some(_)) => {}
+            // Present without a record (the annotation was deleted or edited), ours from before
+            // uids were recorded, or from a credential that held the Secret before: the entry
+            // names the Secret this credential controls here (it is called only where that
+            // Secret is written), so it is this credential's. Record its uid, so the entry is
+            // released with it instead of stranded.
+            (true, _) => {}
             (false, _) => pull_secrets.push(LocalObjectReference { name: secret.into() }),
         }
         added.insert(secret.into(), Some(uid.into()));
@@ -262,10 +264,26 @@ mod tests {
     }
 
     #[test]
-    fn an_entry_someone_else_added_is_neither_added_again_nor_removed() {
-        let theirs = account(&["pull"], None);
-        assert_eq!(plan(&theirs, "pull", true, "u1"), None);
+    fn entries_of_other_names_are_never_touched() {
+        let theirs = account(&["a", "b"], None);
+        assert_eq!(names(&plan(&theirs, "pull", true, "u1").unwrap()), ["a", "b", "pull"]);
         assert_eq!(plan(&theirs, "pull", false, "u1"), None);
+    }
+
+    /// Issue 20, item 11g: an unrecorded entry named like the credential's Secret, where it is
+    /// wanted, is recorded for the credential (not added twice), so a deleted annotation
+    /// cannot strand it; where it is not wanted, an unrecorded entry is left alone.
+    #[test]
+    fn an_unrecorded_entry_of_the_secrets_name_is_recorded_where_wanted() {
+        let unrecorded = account(&["theirs", "pull"], None);
+        let adopted = plan(&unrecorded, "pull", true, "u1").unwrap();
+        assert_eq!(names(&adopted), ["theirs", "pull"]);
+        assert_eq!(adopted.added, recorded(&[("pull", Some("u1"))]));
+        assert_eq!(plan(&unrecorded, "pull", false, "u1"), None, "not wanted, not recorded: not ours to remove");
+        // Another credential's record is kept apart from this one's.
+        let edited = account(&["pull", "other"], Some("other=u2"));
+        let adopted = plan(&edited, "pull", true, "u1").unwrap();
+        assert_eq!(adopted.added, recorded(&[("other", Some("u2")), ("pull", Some("u1"))]));
     }
 
     #[test]

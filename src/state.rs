@@ -41,6 +41,10 @@ pub struct ObjectState {
     pub labels: Option<ObjectLabels>,
     /// Its registry checks (`spec.verify`).
     pub verification: crate::verify::VerifyState,
+    /// Held by a reconcile while it runs, and by the release of a credential that left the
+    /// controller's `--selector`, so the release starts only once a reconcile in flight has
+    /// made its last write.
+    pub busy: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 /// Longer than a watch event takes to arrive.

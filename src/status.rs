@@ -20,6 +20,16 @@ pub const DEGRADED: &str = "Degraded";
 /// The condition that says whether the registry accepts the credential (`spec.verify`).
 pub const VERIFIED: &str = "Verified";
 
+/// A time as status keeps it. `metav1.Time` goes over the wire in whole seconds, so the API
+/// serves a status back without the sub-second part it was built with: a status built with
+/// it would differ from the one read back at every reconcile, and be written again each time
+/// (a token's `expiresAt` and `nextRefreshAt`, `verifiedAt`, a condition's transition).
+/// Truncated, the status built equals the status written, and an unchanged outcome writes
+/// nothing.
+pub fn status_time(at: Timestamp) -> Time {
+    Time(Timestamp::from_second(at.as_second()).unwrap_or(at))
+}
+
 /// What a sync established about the credential itself (its Secret's content).
 #[derive(Debug, Clone)]
 pub struct Synced {
@@ -52,8 +62,8 @@ pub fn credential_status(
     if let Some(synced) = synced {
         next.secret_name = Some(synced.secret_name.clone());
         next.registries = synced.registries.clone();
-        next.expires_at = synced.expires_at.map(Time);
-        next.next_refresh_at = synced.refresh_at.map(Time);
+        next.expires_at = synced.expires_at.map(status_time);
+        next.next_refresh_at = synced.refresh_at.map(status_time);
         next.token_digest = synced.token_digest.clone();
     }
     let refreshed = || condition(previous, DEGRADED, false, "Refreshed", "the token is current".into(), generation);
@@ -125,7 +135,7 @@ pub fn condition(
         .and_then(|s| s.condition(type_))
         .filter(|c| c.status == status)
         .map(|c| c.last_transition_time.clone())
-        .unwrap_or_else(|| Time(Timestamp::now()));
+        .unwrap_or_else(|| status_time(Timestamp::now()));
     Condition {
         type_: type_.into(),
         status: status.into(),
@@ -162,7 +172,7 @@ pub fn apply_verification(
                 message,
                 generation,
             ));
-            next.verified_at = Some(Time(result.at));
+            next.verified_at = Some(status_time(result.at));
         }
         None => {
             let kept = previous.and_then(|p| p.condition(VERIFIED)).cloned();
@@ -281,6 +291,33 @@ mod tests {
         };
         assert!(conditions_changed(Some(&a), &c));
         assert!(conditions_changed(None, &a));
+    }
+
+    /// Issue 20, item 10: a status built from times with a sub-second part is the status the
+    /// API serves back (whole seconds), so the next reconcile finds no change to write.
+    #[test]
+    fn a_status_survives_the_round_trip_through_the_api_unchanged() {
+        use crate::verify::{Reason, Verification};
+        let now = Timestamp::now();
+        let sub_second = now.checked_add(k8s_openapi::jiff::SignedDuration::from_millis(1_234)).unwrap();
+        assert_ne!(sub_second.subsec_nanosecond(), 0);
+        let synced = Synced {
+            secret_name: "pull".into(),
+            registries: vec!["r".into()],
+            expires_at: Some(sub_second + std::time::Duration::from_secs(3600)),
+            refresh_at: Some(sub_second + std::time::Duration::from_secs(600)),
+            token_digest: Some("d".into()),
+            notes: Vec::new(),
+        };
+        let mut built = credential_status(None, Some(1), &ecr(), Some(&synced), None);
+        let check = Verification { reason: Reason::Verified, message: "r: accepted".into(), at: sub_second };
+        apply_verification(&mut built, None, true, Some(&check), Some(1));
+        let served: CredentialStatus = serde_json::from_value(serde_json::to_value(&built).unwrap()).unwrap();
+        assert_eq!(served, built, "the API serves back what was built");
+        // And the next reconcile, from the status served, builds it again unchanged.
+        let mut again = credential_status(Some(&served), Some(1), &ecr(), Some(&synced), None);
+        apply_verification(&mut again, Some(&served), true, Some(&check), Some(1));
+        assert_eq!(again, served);
     }
 
     #[test]

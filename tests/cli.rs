@@ -299,3 +299,14 @@ fn render_verify_checks_each_registry_like_the_controller() {
     assert!(stderr.contains(&format!("{}: Unauthorized:", registry.host())), "{stderr}");
     assert!(!stderr.contains("wrong-password"), "the password is never printed: {stderr}");
 }
+
+/// Issue 20, item 11e: `--selector` applies to both kinds, and its help says so.
+#[test]
+fn the_selector_help_names_both_kinds() {
+    let help = regcred(&["run", "--help"]);
+    let selector = help.split("--selector").nth(1).expect("--selector in `regcred run --help`");
+    let selector = &selector[..selector.find("\n  -").unwrap_or(selector.len())];
+    for kind in ["RegistryCredentials", "ClusterRegistryCredentials"] {
+        assert!(selector.contains(kind), "--selector's help does not name {kind}: {selector}");
+    }
+}

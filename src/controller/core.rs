@@ -8,7 +8,11 @@ use std::{
 
 use futures::{StreamExt, stream};
 use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
-use kube::{Api, ResourceExt, runtime::controller::Action};
+use kube::{
+    Api, ResourceExt,
+    api::ListParams,
+    runtime::{controller::Action, events::EventType},
+};
 use secrecy::ExposeSecret;
 use tracing::{info, warn};
 
@@ -16,6 +20,7 @@ use super::{
     Context,
     credential::{Credential, Scope},
     observe::{accounts_to_check, own_secrets, own_secrets_by_name, previous_token, read_accounts},
+    publish,
     report::report,
     retry_delay, verification,
 };
@@ -69,6 +74,14 @@ impl FanOut {
 #[tracing::instrument(skip_all, fields(kind = K::KIND, namespace = obj.meta().namespace.as_deref(), object = %obj.name_any()))]
 pub(crate) async fn reconcile<K: Credential>(obj: Arc<K>, ctx: Arc<Context>) -> Result<Action, Error> {
     let uid = obj.uid().ok_or(Error::MissingObjectField("metadata.uid"))?;
+    let busy = ctx.states.with(&uid, |s| s.busy.clone());
+    let _busy = busy.lock().await;
+    if !ctx.index.contains(&uid) {
+        // Deleted, or gone from this controller's `--selector`, since it was queued: its
+        // release (see `release_if_left`) is not to be undone.
+        ctx.forget(&uid);
+        return Ok(Action::await_change());
+    }
     let api = K::api(ctx.client.clone(), obj.meta().namespace.as_deref());
     if !ctx.namespaces_synced() || !ctx.accounts_synced() || !ctx.secrets_synced() {
         // Without the namespace list every Secret would look unselected, without the
@@ -282,7 +295,7 @@ async fn sync<K: Credential>(obj: &K, uid: &str, ctx: &Context) -> Result<FanOut
                     }
                 }
                 // Deleted or terminating since the list: nothing to keep there.
-                Err(error) if namespace_gone(&error) => {}
+                Err(error) if namespace_gone(&error, &step.namespace) => {}
                 Err(error) => {
                     if matches!(error, Error::SecretConflict { .. }) {
                         state.contested.insert(step.namespace.clone());
@@ -293,7 +306,7 @@ async fn sync<K: Credential>(obj: &K, uid: &str, ctx: &Context) -> Result<FanOut
             }
             match retired {
                 Ok(n) => removed += n,
-                Err(error) if namespace_gone(&error) => {}
+                Err(error) if namespace_gone(&error, &step.namespace) => {}
                 Err(error) => failures.push((step.namespace, error)),
             }
         }
@@ -329,7 +342,7 @@ async fn sync<K: Credential>(obj: &K, uid: &str, ctx: &Context) -> Result<FanOut
     for (removal, result) in removals {
         match result {
             Ok(n) => removed += n,
-            Err(error) if namespace_gone(&error) => {}
+            Err(error) if namespace_gone(&error, &removal.namespace) => {}
             Err(error) => failures.push((removal.namespace, error)),
         }
     }
@@ -415,16 +428,108 @@ async fn release_everywhere(uid: &str, ctx: &Context) -> Result<(), Error> {
     Ok(())
 }
 
-/// Whether a write failed because its namespace is being deleted or is gone.
-fn namespace_gone(error: &Error) -> bool {
-    match error {
-        Error::Kube(kube::Error::Api(status)) => {
-            (status.code == 403 && status.message.contains("being terminated"))
-                || (status.code == 404 && status.message.contains("namespaces"))
+/// A credential this controller's watch no longer shows: where it was, and its uid.
+pub(super) struct Gone {
+    pub(super) namespace: Option<String>,
+    pub(super) name: String,
+    pub(super) uid: String,
+}
+
+/// Attempts at releasing a credential that left the selector, a second apart and more.
+const RELEASE_ATTEMPTS: u32 = 6;
+
+/// Gives back what this controller added to a credential its label-selected watch no longer
+/// shows, if the credential still exists: it left `--selector` (relabelled), which the watch
+/// reports as a deletion. Its ServiceAccount entries are removed and its finalizer too, so
+/// that a credential no controller serves any more can be deleted (nothing would remove the
+/// finalizer), and one that another controller serves now is that one's alone (it adds
+/// them back). Its Secrets stay: the credential owns them, and the garbage collector removes
+/// them with it. Runs after any reconcile of it in flight (`busy`); retried with backoff.
+pub(super) async fn release_if_left<K: Credential>(ctx: Arc<Context>, gone: Gone, busy: Arc<tokio::sync::Mutex<()>>) {
+    let _busy = busy.lock().await;
+    for attempt in 1..=RELEASE_ATTEMPTS {
+        match released_if_left::<K>(&ctx, &gone).await {
+            Ok(false) => return,
+            Ok(true) => {
+                info!(
+                    kind = K::KIND,
+                    namespace = gone.namespace.as_deref(),
+                    name = gone.name,
+                    "released a credential that left --selector"
+                );
+                return;
+            }
+            Err(error) => {
+                let delay = super::backoff(attempt, std::time::Duration::from_secs(30));
+                warn!(
+                    kind = K::KIND,
+                    namespace = gone.namespace.as_deref(),
+                    name = gone.name,
+                    reason = error.reason(),
+                    %error,
+                    retry_in_secs = delay.as_secs_f32(),
+                    "could not release a credential that left --selector"
+                );
+                tokio::time::sleep(delay).await;
+            }
         }
+    }
+}
+
+/// One attempt of [`release_if_left`]: whether it released anything.
+async fn released_if_left<K: Credential>(ctx: &Context, gone: &Gone) -> Result<bool, Error> {
+    let Some(selector) = ctx.config.selector.as_deref() else {
+        return Ok(false); // without a selector only a deletion hides a credential
+    };
+    let api = K::api(ctx.client.clone(), gone.namespace.as_deref());
+    let Some(current) = api.get_opt(&gone.name).await? else {
+        return Ok(false); // deleted
+    };
+    if current.uid().as_deref() != Some(gone.uid.as_str()) {
+        return Ok(false); // deleted, and another one made under its name
+    }
+    // Still (or again) selected: the watch will show it; nothing to give back.
+    let selected = ListParams::default().fields(&format!("metadata.name={}", gone.name)).labels(selector);
+    if api.list_metadata(&selected).await?.items.iter().any(|c| c.uid().as_deref() == Some(gone.uid.as_str())) {
+        return Ok(false);
+    }
+    let accounts = ctx.index.accounts_recording(&gone.uid);
+    if accounts.is_empty() && !has_finalizer(current.meta()) {
+        return Ok(false);
+    }
+    release_everywhere(&gone.uid, ctx).await?;
+    set_finalizer(&api, &current, false).await?;
+    let note = format!(
+        "no longer matches this controller's --selector {selector:?}: removed its entries from {} ServiceAccounts and its finalizer",
+        accounts.len()
+    );
+    publish(ctx, &current.object_ref(&()), EventType::Normal, "Released", note).await;
+    Ok(true)
+}
+
+/// Whether a write into `namespace` failed because the namespace is gone or being deleted,
+/// as the apiserver's namespace lifecycle admission reports it: `404 NotFound` about the
+/// namespace itself (`details.kind` "namespaces", `details.name` the namespace), or
+/// `403 Forbidden` with a `NamespaceTerminating` cause. Decided by the Status's code, reason
+/// and details, never its message: a missing Secret named `namespaces-…` is not a gone
+/// namespace.
+fn namespace_gone(error: &Error, namespace: &str) -> bool {
+    let Error::Kube(kube::Error::Api(status)) = error else {
+        return false;
+    };
+    let Some(details) = status.details.as_ref() else {
+        return false;
+    };
+    match (status.code, status.reason.as_str()) {
+        (404, "NotFound") => details.kind == "namespaces" && details.group.is_empty() && details.name == namespace,
+        (403, "Forbidden") => details.causes.iter().any(|cause| cause.reason == NAMESPACE_TERMINATING),
         _ => false,
     }
 }
+
+/// The cause type (`StatusCause.reason` on the wire) of a write refused in a terminating
+/// namespace (`k8s.io/api/core/v1.NamespaceTerminatingCause`).
+const NAMESPACE_TERMINATING: &str = "NamespaceTerminating";
 
 impl Context {
     /// A reconcile that was running when its credential was deleted may have recorded state
@@ -450,6 +555,52 @@ impl Context {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An apiserver error, from the Status JSON it sends.
+    fn api_error(status: serde_json::Value) -> Error {
+        Error::Kube(kube::Error::Api(Box::new(serde_json::from_value(status).unwrap())))
+    }
+
+    /// Issue 20, item 11a: only the namespace lifecycle's refusals count as a gone namespace,
+    /// told by code, reason and details (the Statuses below are the ones kube-apiserver 1.34
+    /// sends), never by the message.
+    #[test]
+    fn a_gone_namespace_is_told_by_the_status_not_its_message() {
+        let gone = api_error(serde_json::json!({
+            "kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404, "reason": "NotFound",
+            "message": "namespaces \"team-a\" not found",
+            "details": {"name": "team-a", "kind": "namespaces"},
+        }));
+        assert!(namespace_gone(&gone, "team-a"));
+        assert!(!namespace_gone(&gone, "team-b"), "another namespace is gone, not this one");
+        let terminating = api_error(serde_json::json!({
+            "kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 403, "reason": "Forbidden",
+            "message": "secrets \"pull\" is forbidden: unable to create new content in namespace team-a because it is being terminated",
+            "details": {"name": "pull", "kind": "secrets", "causes": [{"reason": "NamespaceTerminating",
+                "message": "namespace team-a is being terminated", "field": "metadata.namespace"}]},
+        }));
+        assert!(namespace_gone(&terminating, "team-a"));
+
+        // A Secret named like a namespace's message is just a missing Secret.
+        let missing_secret = api_error(serde_json::json!({
+            "kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404, "reason": "NotFound",
+            "message": "secrets \"namespaces-pull\" not found",
+            "details": {"name": "namespaces-pull", "kind": "secrets"},
+        }));
+        assert!(!namespace_gone(&missing_secret, "team-a"));
+        // A refusal that only says so in its text (a webhook, RBAC) is a failure to report.
+        let webhook = api_error(serde_json::json!({
+            "kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 403, "reason": "Forbidden",
+            "message": "admission webhook \"x\" denied the request: namespaces being terminated are frozen",
+            "details": {"name": "pull", "kind": "secrets"},
+        }));
+        assert!(!namespace_gone(&webhook, "team-a"));
+        let no_details = api_error(serde_json::json!({
+            "status": "Failure", "code": 404, "reason": "NotFound", "message": "namespaces \"team-a\" not found",
+        }));
+        assert!(!namespace_gone(&no_details, "team-a"));
+        assert!(!namespace_gone(&Error::SecretConflict { namespace: "team-a".into(), name: "pull".into() }, "team-a"));
+    }
 
     #[test]
     fn status_counts_are_dropped_for_the_namespaced_kind() {

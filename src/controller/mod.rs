@@ -10,7 +10,7 @@ mod scope;
 mod verification;
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     sync::{
         Arc, Mutex, PoisonError,
         atomic::{AtomicBool, Ordering},
@@ -375,14 +375,19 @@ where
 /// Keeps the index and per-credential state in step with one kind's watch: entries are
 /// (re)written when an object is seen and dropped when it is deleted, including deletions a
 /// watch gap hid (found at the next relist).
+///
+/// With `--selector`, an object the watch stops showing may still exist: relabelled, it left
+/// the selection, which a label-selected watch reports as a deletion. Each such object is
+/// checked, and released if it left (`core::release_if_left`).
 #[derive(Default)]
 struct DeleteHooks {
-    known: HashSet<String>,
+    /// uid → (namespace, name) of every object seen.
+    known: HashMap<String, (Option<String>, String)>,
     relisted: Option<HashSet<String>>,
 }
 
 impl DeleteHooks {
-    fn observe<K: Credential>(&mut self, event: &watcher::Event<K>, ctx: &Context) {
+    fn observe<K: Credential>(&mut self, event: &watcher::Event<K>, ctx: &Arc<Context>) {
         match event {
             watcher::Event::Apply(object) => self.seen(object, ctx),
             watcher::Event::InitApply(object) => {
@@ -394,16 +399,18 @@ impl DeleteHooks {
             watcher::Event::Delete(object) => {
                 if let Some(uid) = object.uid() {
                     self.known.remove(&uid);
-                    ctx.forget(&uid);
+                    gone::<K>(ctx, uid, object.namespace(), object.name_any());
                 }
             }
             watcher::Event::Init => self.relisted = Some(HashSet::new()),
             watcher::Event::InitDone => {
                 let relisted = self.relisted.take().unwrap_or_default();
-                for uid in self.known.difference(&relisted) {
-                    ctx.forget(uid);
+                let (kept, missing) =
+                    std::mem::take(&mut self.known).into_iter().partition(|(uid, _)| relisted.contains(uid));
+                self.known = kept;
+                for (uid, (namespace, name)) in missing {
+                    gone::<K>(ctx, uid, namespace, name);
                 }
-                self.known = relisted;
             }
         }
     }
@@ -415,7 +422,17 @@ impl DeleteHooks {
             credential::Scope::Namespace(_) => None,
         };
         ctx.index.upsert(&uid, object.trigger(), object.index_keys(), selection);
-        self.known.insert(uid);
+        self.known.insert(uid, (object.namespace(), object.name_any()));
+    }
+}
+
+/// Forgets an object the watch no longer shows and, with `--selector`, checks in the
+/// background whether it left the selection rather than the cluster.
+fn gone<K: Credential>(ctx: &Arc<Context>, uid: String, namespace: Option<String>, name: String) {
+    let busy = ctx.states.with(&uid, |s| s.busy.clone());
+    ctx.forget(&uid);
+    if ctx.config.selector.is_some() {
+        tokio::spawn(core::release_if_left::<K>(ctx.clone(), core::Gone { namespace, name, uid }, busy));
     }
 }
 

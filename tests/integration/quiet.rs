@@ -6,7 +6,7 @@ use kube::{
     api::{Patch, PatchParams},
 };
 use regcred::crd::RegistryCredential;
-use regcred_testenv::eventually;
+use regcred_testenv::{Registry, eventually};
 use serde_json::json;
 
 use crate::support::*;
@@ -189,4 +189,62 @@ async fn restarts_and_leader_changes_make_no_writes_and_no_aws_calls() {
         assert_eq!(token_calls(&aws), calls, "after the {change} the controller asked AWS for a token");
         first = second;
     }
+}
+
+/// Reconciles of RegistryCredentials a controller has run, from its `/metrics`.
+fn reconciles(controller: &TestController) -> f64 {
+    sample(&controller.metrics(), "regcred_reconciles_total{kind=\"RegistryCredential\"}").unwrap_or(0.0)
+}
+
+/// Waits until the controller has run `more` reconciles after `from`; returns the count then.
+async fn reconciled(controller: &TestController, from: f64, more: f64) -> f64 {
+    eventually(&format!("{more} more reconciles after {from}"), TIMEOUT, || async {
+        let now = reconciles(controller);
+        (now >= from + more).then_some(now)
+    })
+    .await
+}
+
+/// Issue 20, item 10: a token source (ECR: `expiresAt`, `nextRefreshAt`) and a verified
+/// credential (`verifiedAt`) reconciled again and again without a change send no status
+/// patch. The API keeps whole seconds of a time; a status that kept the sub-second part it
+/// was built with differed from the one read back, and every reconcile patched it again.
+#[tokio::test]
+async fn token_sources_and_verified_credentials_patch_no_status_at_rest() {
+    env();
+    let client = client().await;
+    let name = format!("quiet-rest-{}", &unique()[..6]);
+    // A resync every second: each is a reconcile that finds nothing to change.
+    let (controller, user) = spawn_own_controller(&name, None, &["--resync-interval", "1s"]);
+    let ns = namespace(&client, "quiet-rest").await;
+    create_aws_keys(&client, &ns, "keys", "rest").await;
+    let ecr = json!({"ecr": {"registry": "123456789012.dkr.ecr.eu-west-1.amazonaws.com",
+                             "auth": {"secretRef": {"name": "keys"}}}});
+    create_credential_for(&client, &ns, "ecr", Some(&name), json!({"source": ecr})).await;
+    let password = secret_value("puller", "rest");
+    let registry = Registry::start(&[("puller", &password)]).unwrap();
+    create_secret(&client, &ns, "src", &[("password", password.as_bytes())]).await;
+    let verified = json!({"registry": registry.host(), "verify": {"insecure": true},
+                          "source": {"basic": {"username": "puller", "passwordSecretRef": {"name": "src"}}}});
+    create_credential_for(&client, &ns, "verified", Some(&name), verified).await;
+
+    let status = wait_ready(&client, &ns, "ecr", "True", Some("Synced")).await.status.unwrap();
+    assert!(status.expires_at.is_some() && status.next_refresh_at.is_some(), "{status:?}");
+    wait_ready(&client, &ns, "verified", "True", Some("Synced")).await;
+    crate::verify::wait_verified(&client, &ns, "verified", "True", "Verified").await;
+    // Two resyncs of each: the writes of the first sync and the check are behind us.
+    let settled = reconciled(&controller, reconciles(&controller), 4.0).await;
+
+    let offset = audit_offset();
+    // Ten resyncs of each, over about ten seconds: longer than the controller remembers its
+    // own last write (after which it compares with the status the API serves).
+    reconciled(&controller, settled, 20.0).await;
+    let patches = status_patches_of_since(&user, offset);
+    assert!(patches.is_empty(), "{} status patches at rest: {patches:?}", patches.len());
+    let writes: Vec<_> = requests_of_since(&user, offset)
+        .into_iter()
+        .filter(|(verb, resource, _, _)| is_write(verb) && resource != "events")
+        .collect();
+    assert!(writes.is_empty(), "the controller wrote at rest: {writes:?}");
+    assert_no_leaks(&client).await;
 }

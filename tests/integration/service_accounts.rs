@@ -233,3 +233,118 @@ async fn concurrent_service_account_edits_are_not_lost() {
     let others: Vec<String> = entries(&account).into_iter().filter(|e| e != "cred").collect();
     assert_eq!(others, added, "entries of others lost or reordered");
 }
+
+/// Issue 20, item 11f: a credential relabelled away from its controller's `--selector` (its
+/// label-selected watch sees it leave as a deletion) gets back what that controller added:
+/// the ServiceAccount entries and the finalizer, so deleting it later does not hang on a
+/// finalizer no controller removes. One relabelled to another controller is taken over by
+/// that one, which releases it when it is deleted.
+#[tokio::test]
+async fn a_credential_relabelled_away_from_its_controller_is_released_and_deletes() {
+    env();
+    let client = client().await;
+    let (from, to) = (format!("sa-from-{}", &unique()[..6]), format!("sa-to-{}", &unique()[..6]));
+    let _from = spawn_labelled(&from, &[], &[]);
+    let _to = spawn_labelled(&to, &[], &[]);
+    let ns = namespace(&client, "sa-relabel").await;
+    create_secret(&client, &ns, "src", &[("password", secret_value("u", "relabel").as_bytes())]).await;
+    create_account(&client, &ns, "builder", &["theirs"]).await;
+    let spec = json!({"registry": "r.example.com", "serviceAccounts": ["builder"],
+                      "source": {"basic": {"username": "u", "passwordSecretRef": {"name": "src"}}}});
+    for name in ["orphaned", "moved"] {
+        create_credential_for(&client, &ns, name, Some(&from), spec.clone()).await;
+    }
+    let credentials = Api::<RegistryCredential>::namespaced(client.clone(), &ns);
+    let accounts = Api::<ServiceAccount>::namespaced(client.clone(), &ns);
+    let has_finalizer =
+        |c: &RegistryCredential| c.metadata.finalizers.iter().flatten().any(|f| f == "regcred.dev/service-accounts");
+    // The ServiceAccount's entries, sorted, once the credentials' finalizers are as expected.
+    let settled = |expected: &'static [&'static str], finalizers: [(&'static str, bool); 2]| {
+        let (credentials, accounts) = (credentials.clone(), accounts.clone());
+        async move {
+            eventually(&format!("entries {expected:?} with finalizers {finalizers:?}"), TIMEOUT, || async {
+                for (name, present) in finalizers {
+                    (has_finalizer(&credentials.get(name).await.ok()?) == present).then_some(())?;
+                }
+                let mut found = entries(&accounts.get("builder").await.ok()?);
+                found.sort();
+                (found == expected).then_some(())
+            })
+            .await
+        }
+    };
+    settled(&["moved", "orphaned", "theirs"], [("orphaned", true), ("moved", true)]).await;
+
+    let relabel = |to: String| json!({"metadata": {"labels": {CONTROLLER_LABEL: to}}});
+    let nobody = format!("nobody-{}", &unique()[..6]);
+    credentials.patch("orphaned", &PatchParams::default(), &Patch::Merge(relabel(nobody))).await.unwrap();
+    credentials.patch("moved", &PatchParams::default(), &Patch::Merge(relabel(to.clone()))).await.unwrap();
+    // `from` released both; `to` took `moved` over (its entry and finalizer are back).
+    settled(&["moved", "theirs"], [("orphaned", false), ("moved", true)]).await;
+
+    for name in ["orphaned", "moved"] {
+        credentials.delete(name, &DeleteParams::default()).await.unwrap();
+    }
+    eventually("both credentials and their Secrets gone", TIMEOUT, || async {
+        let secrets = Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), &ns);
+        for name in ["orphaned", "moved"] {
+            credentials.get_opt(name).await.ok()?.is_none().then_some(())?;
+            secrets.get_opt(name).await.ok()?.is_none().then_some(())?;
+        }
+        Some(())
+    })
+    .await;
+    wait_entries(&client, &ns, "builder", &["theirs"]).await;
+}
+
+/// Issue 20, item 11g: a tenant who deletes the annotation that records regcred's entries
+/// does not strand them. An entry named exactly like the Secret the credential controls, in a
+/// ServiceAccount the credential names, is regcred's: it is recorded again at once, and
+/// removed when the credential is deleted.
+#[tokio::test]
+async fn entries_whose_record_a_tenant_deleted_are_recorded_again_and_released() {
+    env();
+    let admin = client().await;
+    let ns = namespace(&admin, "sa-record").await;
+    create_secret(&admin, &ns, "src", &[("password", secret_value("u", "sa-record").as_bytes())]).await;
+    create_account(&admin, &ns, "builder", &["theirs"]).await;
+    let cr = create_credential(
+        &admin,
+        &ns,
+        "cred",
+        json!({"registry": "r.example.com", "source": {"basic": {"username": "u", "passwordSecretRef": {"name": "src"}}},
+               "serviceAccounts": ["builder"]}),
+    )
+    .await;
+    let uid = cr.metadata.uid.unwrap();
+    let record = format!("cred={uid}");
+    let recorded = |account: &ServiceAccount| {
+        account.metadata.annotations.as_ref().and_then(|a| a.get("regcred.dev/added-image-pull-secrets")).cloned()
+    };
+    let account = wait_entries(&admin, &ns, "builder", &["theirs", "cred"]).await;
+    assert_eq!(recorded(&account), Some(record.clone()));
+
+    // A namespace editor removes the record (entries stay as they are).
+    let tenant = tenant(&admin, &ns).await;
+    let forget = json!({"metadata": {"annotations": {"regcred.dev/added-image-pull-secrets": null}}});
+    Api::<ServiceAccount>::namespaced(tenant, &ns)
+        .patch("builder", &PatchParams::default(), &Patch::Merge(&forget))
+        .await
+        .unwrap();
+    let accounts = Api::<ServiceAccount>::namespaced(admin.clone(), &ns);
+    let account = eventually("the entry recorded again", TIMEOUT, || async {
+        accounts.get("builder").await.ok().filter(|a| recorded(a).as_deref() == Some(record.as_str()))
+    })
+    .await;
+    assert_eq!(entries(&account), ["theirs", "cred"], "recorded, not added twice");
+
+    // Deleted: the entry goes with it, and nothing else.
+    let credentials = Api::<RegistryCredential>::namespaced(admin.clone(), &ns);
+    credentials.delete("cred", &DeleteParams::default()).await.unwrap();
+    let account = wait_entries(&admin, &ns, "builder", &["theirs"]).await;
+    assert_eq!(recorded(&account), None);
+    eventually("the credential gone", TIMEOUT, || async {
+        credentials.get_opt("cred").await.ok()?.is_none().then_some(())
+    })
+    .await;
+}

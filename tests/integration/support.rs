@@ -559,6 +559,27 @@ pub fn requests_of_since(user: &str, offset: u64) -> Vec<(String, String, String
         .collect()
 }
 
+/// The status patches (`<resource>/status`) `user` sent after `offset`, as (resource,
+/// namespace, name).
+pub fn status_patches_of_since(user: &str, offset: u64) -> Vec<(String, String, String)> {
+    let text = env().cp.read_audit_log(offset, None).expect("audit log");
+    let field = |v: &Value, path: &[&str]| {
+        path.iter().try_fold(v, |v, k| v.get(k)).and_then(Value::as_str).unwrap_or_default().to_string()
+    };
+    text.lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter(|e| field(e, &["user", "username"]) == user && is_write(&field(e, &["verb"])))
+        .filter(|e| field(e, &["objectRef", "subresource"]) == "status")
+        .map(|e| {
+            (
+                field(&e, &["objectRef", "resource"]),
+                field(&e, &["objectRef", "namespace"]),
+                field(&e, &["objectRef", "name"]),
+            )
+        })
+        .collect()
+}
+
 /// A Secret of AWS access keys (`accessKeyId`, `secretAccessKey`) with a key id unique to the
 /// caller, so emulator calls can be attributed to it; returns the key id.
 pub async fn create_aws_keys(client: &Client, ns: &str, name: &str, tag: &str) -> String {

@@ -131,3 +131,129 @@ async fn short_names_and_the_category_resolve_unambiguously() {
     let both = get(&["get", "regcred", "-A", "-o", "name"]);
     assert!(both.contains("registrycredential.regcred.dev/listed"), "{both}");
 }
+
+/// Issue 20, item 11b: `source.ecr.registry` is judged at admission exactly as the controller
+/// judges it (`parse_ecr_host`): each host below is admitted if and only if the controller
+/// would accept it, so a bad host is refused with 422 instead of failing after the fact.
+#[tokio::test]
+async fn ecr_registry_hosts_are_judged_at_admission_as_the_controller_judges_them() {
+    env();
+    let client = client().await;
+    let ns = namespace(&client, "invalid-ecr").await;
+    let hosts = [
+        // Accepted: each partition, FIPS, dual-stack, any letter case.
+        "123456789012.dkr.ecr.eu-west-1.amazonaws.com",
+        "123456789012.dkr.ecr.cn-north-1.amazonaws.com.cn",
+        "123456789012.dkr.ecr-fips.us-gov-west-1.amazonaws.com",
+        "123456789012.dkr-ecr.us-east-1.on.aws",
+        "123456789012.dkr.ecr.us-iso-east-1.c2s.ic.gov",
+        "123456789012.dkr.ecr.us-isob-east-1.sc2s.sgov.gov",
+        "123456789012.dkr.ecr.eu-isoe-west-1.cloud.adc-e.uk",
+        "123456789012.DKR.ECR.EU-WEST-1.AMAZONAWS.COM",
+        // Refused.
+        "ghcr.io",
+        "",
+        "12345678901.dkr.ecr.eu-west-1.amazonaws.com",
+        "1234567890123.dkr.ecr.eu-west-1.amazonaws.com",
+        "abcdefghijkl.dkr.ecr.eu-west-1.amazonaws.com",
+        "123456789012.dkr.ecs.eu-west-1.amazonaws.com",
+        "123456789012.dkr-ecr-fips.us-east-1.on.aws",
+        "123456789012.dkr.ecr.eu-west-1.evil.com",
+        "123456789012.dkr.ecr.eu_west.amazonaws.com",
+        "123456789012.dkr.ecr..amazonaws.com",
+        "123456789012.dkr.ecr.eu.west-1.amazonaws.com",
+        "123456789012.dkr.ecr.eu-west-1.amazonaws.com.evil.com",
+        "123456789012.dkr.ecr.eu-west-1.amazonaws.com:443",
+        "https://123456789012.dkr.ecr.eu-west-1.amazonaws.com",
+    ];
+    let mut refused = 0;
+    for (i, host) in hosts.into_iter().enumerate() {
+        let controller_accepts = regcred::source::ecr::parse_ecr_host(host).is_ok();
+        let spec = json!({"source": {"ecr": {"registry": host, "auth": {"secretRef": {"name": "keys"}}}}});
+        match (controller_accepts, create_raw(&client, Some(&ns), "RegistryCredential", &format!("h{i}"), spec).await) {
+            (true, Ok(())) => {}
+            (false, Err(kube::Error::Api(status))) => {
+                assert_eq!(status.code, 422, "{host:?}: {}", status.message);
+                assert!(status.message.contains("spec.source.ecr.registry"), "{host:?}: {}", status.message);
+                refused += 1;
+            }
+            (accepts, result) => panic!("{host:?}: the controller accepts it: {accepts}; admission: {result:?}"),
+        }
+    }
+    assert_eq!(refused, 14, "the refused hosts above");
+    // The cluster kind shares the rule.
+    let spec = json!({"source": {"ecr": {"registry": "123456789012.dkr.ecr.eu-west-1.evil.com",
+                                          "auth": {"ambient": {}}}}});
+    let name = format!("invalid-ecr-{}", &unique()[..8]);
+    match create_raw(&client, None, "ClusterRegistryCredential", &name, spec).await {
+        Err(kube::Error::Api(status)) => assert_eq!(status.code, 422, "{}", status.message),
+        other => panic!("a ClusterRegistryCredential with a bad ECR host: {other:?}"),
+    }
+}
+
+/// Issue 20, item 11c: a template's annotations are bounded at admission (at most 64, each
+/// value at most 3072 bytes of UTF-8), and whatever admission lets through fits the written
+/// Secret: 64 annotations with the longest keys and values become a Secret.
+#[tokio::test]
+async fn template_annotations_are_bounded_at_admission_and_what_passes_fits_the_secret() {
+    env();
+    let client = client().await;
+    let ns = namespace(&client, "invalid-annotations").await;
+    let spec = |annotations: serde_json::Value| {
+        json!({"registry": "r.io", "secret": {"annotations": annotations},
+               "source": {"basic": {"username": "u", "passwordSecretRef": {"name": "src"}}}})
+    };
+    let many = |n: usize, value: &str| -> serde_json::Value {
+        // Keys of the longest length admission allows: a 253-character prefix and a
+        // 63-character name.
+        let prefix = format!("{}.{}.{}.{}", "a".repeat(63), "b".repeat(63), "c".repeat(63), "d".repeat(61));
+        (0..n).map(|i| (format!("{prefix}/k{i:02}{}", "x".repeat(60)), json!(value))).collect()
+    };
+    let refused = [
+        ("long-value", json!({"note": "x".repeat(3073)})),
+        // 1,025 characters, but 3,075 bytes.
+        ("long-in-bytes", json!({"note": "€".repeat(1025)})),
+        ("too-many", many(65, "v")),
+    ];
+    for (name, annotations) in refused {
+        match create_raw(&client, Some(&ns), "RegistryCredential", name, spec(annotations)).await {
+            Err(kube::Error::Api(status)) => {
+                assert_eq!(status.code, 422, "{name}: {}", status.message);
+                assert!(status.message.contains("spec.secret.annotations"), "{name}: {}", status.message);
+            }
+            other => panic!("{name}: expected 422, got {other:?}"),
+        }
+    }
+
+    let password = secret_value("u", "annotations");
+    create_secret(&client, &ns, "src", &[("password", password.as_bytes())]).await;
+    create_raw(&client, Some(&ns), "RegistryCredential", "at-the-bound", spec(many(64, &"v".repeat(3072))))
+        .await
+        .expect("64 annotations of the longest keys and values are admitted");
+    wait_ready(&client, &ns, "at-the-bound", "True", Some("Synced")).await;
+    let secret = wait_secret(&client, &ns, "at-the-bound", "written", |_| true).await;
+    let annotations = secret.metadata.annotations.unwrap_or_default();
+    assert_eq!(annotations.values().filter(|v| v.len() == 3072).count(), 64);
+}
+
+/// Issue 20, item 11d: `kubectl get` shows every server key in the Registry column: Docker
+/// Hub's two, not only the first.
+#[tokio::test]
+async fn the_registry_column_shows_every_server_key() {
+    let cp = env().cp;
+    let client = client().await;
+    let ns = namespace(&client, "column").await;
+    let password = secret_value("u", "column");
+    create_secret(&client, &ns, "src", &[("password", password.as_bytes())]).await;
+    let spec =
+        json!({"registry": "docker.io", "source": {"basic": {"username": "u", "passwordSecretRef": {"name": "src"}}}});
+    create_credential(&client, &ns, "hub", spec).await;
+    let status = wait_ready(&client, &ns, "hub", "True", Some("Synced")).await.status.unwrap();
+    assert_eq!(status.registries, ["https://index.docker.io/v1/", "registry-1.docker.io"]);
+    let out = cp.kubectl(&["get", "rcred", "hub", "-n", &ns]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for key in &status.registries {
+        assert!(table.contains(key.as_str()), "the Registry column lacks {key}:\n{table}");
+    }
+}

@@ -12,6 +12,24 @@ pub struct EcrHost {
 const PARTITION_SUFFIXES: [&str; 6] =
     ["amazonaws.com", "amazonaws.com.cn", "on.aws", "c2s.ic.gov", "sc2s.sgov.gov", "cloud.adc-e.uk"];
 
+/// The schema pattern of `source.ecr.registry` (in the CRDs): exactly the hosts
+/// [`parse_ecr_host`] accepts, in any letter case as it does, so a host the controller would
+/// refuse is refused at admission instead. Built from the same partition suffixes.
+pub fn ecr_host_pattern() -> String {
+    let any_case = |word: &str| -> String {
+        word.chars()
+            .map(|c| match c {
+                'a'..='z' => format!("[{}{c}]", c.to_ascii_uppercase()),
+                '.' => r"\.".to_string(),
+                c => c.to_string(),
+            })
+            .collect()
+    };
+    let services = ["dkr.ecr", "dkr.ecr-fips", "dkr-ecr"].map(any_case).join("|");
+    let suffixes = PARTITION_SUFFIXES.map(any_case).join("|");
+    format!(r"^[0-9]{{12}}\.({services})\.[A-Za-z0-9-]+\.({suffixes})$")
+}
+
 /// Parses an ECR registry host, or says why it is not one.
 pub fn parse_ecr_host(host: &str) -> Result<EcrHost, String> {
     const SHAPE: &str = "expected <account>.dkr.ecr.<region>.amazonaws.com (or .amazonaws.com.cn, dkr.ecr-fips)";

@@ -17,7 +17,7 @@ use tokio::sync::OnceCell;
 pub use crate::source::token_cache::refresh_time;
 pub use cache::{CacheKey, Failure, FetchError, Token, TokenCache};
 
-pub use host::{EcrHost, parse_ecr_host};
+pub use host::{EcrHost, ecr_host_pattern, parse_ecr_host};
 pub use identity::{Identity, ROLE_ARN_ANNOTATION, STS_AUDIENCE};
 
 use super::{CredentialProvider, Credentials, SecretReader, SourceContext, token_cache::Cloud};
