@@ -447,7 +447,7 @@ pub struct EcrSource {
     /// ECR registry host, `<account>.dkr.ecr.<region>.amazonaws.com` (also `.amazonaws.com.cn`,
     /// `dkr.ecr-fips`, the dual-stack `<account>.dkr-ecr.<region>.on.aws`, and the other AWS
     /// partitions' domains); account and region are read from it.
-    #[schemars(length(max = 253), regex(pattern = crate::source::ecr::ecr_host_pattern()))]
+    #[schemars(length(max = 253), regex(pattern = crate::source::ecr::host::ecr_host_pattern()))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub registry: Option<String>,
     /// AWS region, instead of `registry`; with `registryIds` for several accounts.

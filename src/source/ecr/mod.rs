@@ -2,7 +2,7 @@
 //! credential of the same identity, refreshed when a share of its lifetime is left.
 
 mod cache;
-mod host;
+pub mod host;
 mod identity;
 
 use aws_sdk_ecr::{config::Region, error::ProvideErrorMetadata};
