@@ -135,7 +135,7 @@ impl Credential for RegistryCredential {
         scope: &Namespaces,
         config: watcher::Config,
     ) -> BoxStream<'static, Result<watcher::Event<Self>, watcher::Error>> {
-        super::scope::watch(client, scope, config)
+        super::scope::watch(client, scope, config, super::scope::without_managed_fields)
     }
 }
 

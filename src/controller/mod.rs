@@ -199,7 +199,7 @@ where
         move |ns| ctx.index.namespace_event(&ns)
     });
     let account_events = route(
-        cached_metadata(scope::watch(&client, scope, list_pages()), account_writer, {
+        cached_metadata(scope::watch(&client, scope, list_pages(), account_identity), account_writer, {
             let ctx = ctx.clone();
             move |event| match event {
                 watcher::Event::Apply(account) | watcher::Event::InitApply(account) => {
@@ -218,7 +218,7 @@ where
     );
     let secret_events = match config.watch_secrets {
         true => route(
-            scope::watch::<PartialObjectMeta<Secret>>(&client, scope, list_pages())
+            scope::watch::<PartialObjectMeta<Secret>>(&client, scope, list_pages(), secret_identity)
                 .backoff(WatchBackoff::new())
                 .inspect({
                     let ctx = ctx.clone();
@@ -263,9 +263,30 @@ where
     }
 }
 
+/// What the controller uses of a Secret's metadata (its namespace, name, resourceVersion and
+/// owner references): its labels and annotations, which whoever writes it chooses (up to 256
+/// KiB), are dropped as it arrives, so no Secret costs more than its name.
+fn secret_identity(secret: &mut PartialObjectMeta<Secret>) {
+    let meta = &mut secret.metadata;
+    (meta.managed_fields, meta.annotations, meta.labels) = (None, None, None);
+}
+
+/// What the controller uses of a ServiceAccount's metadata (kept in a store): its namespace,
+/// name, resourceVersion and regcred's own annotation; the rest, which whoever writes it
+/// chooses, is dropped as it arrives.
+fn account_identity(account: &mut PartialObjectMeta<ServiceAccount>) {
+    let meta = &mut account.metadata;
+    (meta.managed_fields, meta.labels) = (None, None);
+    if let Some(annotations) = meta.annotations.as_mut() {
+        annotations.retain(|key, _| key == crate::service_account::ADDED_ANNOTATION);
+    }
+}
+
 /// Objects per page of a watch's (re)list: every object's metadata carries up to 256 KiB of
-/// annotations that anyone who can write it chooses, so a page holds at most 25 MiB of them.
-const LIST_PAGE: u32 = 100;
+/// annotations that anyone who can write it chooses, and a page is read whole before they are
+/// dropped, so a page holds at most 6.25 MiB of them. (A restart beside 200 Secrets with 100 KB
+/// annotations peaked at 71 MiB with pages of 100, 42 MiB with 25.)
+const LIST_PAGE: u32 = 25;
 
 /// The watch configuration for Secrets and ServiceAccounts: lists in pages of [`LIST_PAGE`].
 fn list_pages() -> watcher::Config {

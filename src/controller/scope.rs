@@ -5,28 +5,39 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 
 use futures::{Stream, StreamExt, stream::BoxStream};
-use kube::{Api, Client, Resource, ResourceExt, runtime::watcher};
+use kube::{
+    Api, Client, Resource, ResourceExt,
+    runtime::{WatchStreamExt, watcher},
+};
 
 /// The namespaces the controller serves; `None`: all of them.
 pub type Namespaces = Option<BTreeSet<String>>;
 
-/// A watch of `K` in `scope`, with the event sequence of one watch (see [`merge`]).
+/// A watch of `K` in `scope`, with the event sequence of one watch (see [`merge`]). `prune`
+/// drops what the controller does not use from each object as it arrives, before anything
+/// (the merge included) keeps it.
 pub(super) fn watch<K>(
     client: &Client,
     scope: &Namespaces,
     config: watcher::Config,
+    prune: fn(&mut K),
 ) -> BoxStream<'static, Result<watcher::Event<K>, watcher::Error>>
 where
     K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
     K: Resource<Scope = kube::core::NamespaceResourceScope>,
 {
+    let one = |api: Api<K>| watcher(api, config.clone()).modify(prune);
     match scope {
-        None => watcher(Api::<K>::all(client.clone()), config).boxed(),
-        Some(namespaces) => merge(
-            namespaces.iter().map(|ns| watcher(Api::<K>::namespaced(client.clone(), ns), config.clone())).collect(),
-        )
-        .boxed(),
+        None => one(Api::all(client.clone())).boxed(),
+        Some(namespaces) => {
+            merge(namespaces.iter().map(|ns| one(Api::namespaced(client.clone(), ns))).collect()).boxed()
+        }
     }
+}
+
+/// What every watched object can lose: its managedFields.
+pub(super) fn without_managed_fields<K: Resource>(object: &mut K) {
+    object.meta_mut().managed_fields = None;
 }
 
 /// Merges several watches into the event sequence of one, which a reflector store and the

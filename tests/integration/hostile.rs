@@ -308,7 +308,9 @@ async fn look_alike_secrets_and_label_flips_make_the_controller_read_nothing() {
 
     let admin = client().await;
     let name = format!("lookalike-{}", &unique()[..6]);
-    let (controller, user) = spawn_own_controller(&name, None, &[]);
+    let (kubeconfig, user) = own_identity(&name, None);
+    let identity = [("KUBECONFIG", kubeconfig.display().to_string())];
+    let controller = spawn_labelled(&name, &[], &identity);
     let source_ns = namespace(&admin, "lookalike-src").await;
     let password = secret_value("robot", "lookalike");
     create_secret(&admin, &source_ns, "src", &[("password", password.as_bytes())]).await;
@@ -360,6 +362,27 @@ async fn look_alike_secrets_and_label_flips_make_the_controller_read_nothing() {
     let (_, peak_kib) = controller.rss_kib();
     eprintln!("look-alikes: controller peak RSS {} MiB", peak_kib / 1024);
     assert!(peak_kib < 64 * 1024, "peak RSS {peak_kib} KiB");
+
+    // A restart beside them: its first listing pages through them (their labels and
+    // annotations dropped as they arrive), and it reads none of them.
+    drop(controller);
+    let offset = audit_offset();
+    let selector = format!("{CONTROLLER_LABEL}={name}");
+    let restarted = spawn_controller(env().cp, &format!("{name}-2"), &selector, &env().aws.endpoint(), &[], &identity);
+    regcred_testenv::eventually("the restarted controller reconciled", TIMEOUT, || async {
+        sample(&restarted.metrics(), "regcred_reconciles_total").filter(|n| *n >= 1.0)
+    })
+    .await;
+    let reads: Vec<_> = requests_of_since(&user, offset)
+        .into_iter()
+        .filter(|(verb, resource, _, object)| {
+            resource == "secrets" && verb == "get" && object.starts_with("look-alike-")
+        })
+        .collect();
+    assert!(reads.is_empty(), "the restarted controller read look-alikes: {reads:?}");
+    let (_, restart_peak_kib) = restarted.rss_kib();
+    eprintln!("look-alikes: restarted controller peak RSS {} MiB", restart_peak_kib / 1024);
+    assert!(restart_peak_kib < 64 * 1024, "peak RSS after a restart {restart_peak_kib} KiB");
     assert_no_leaks(&admin).await;
 }
 
