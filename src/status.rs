@@ -35,14 +35,16 @@ pub struct Synced {
 }
 
 /// The next status of a credential, from the previous one and what the reconcile found:
-/// `synced` when the source gave logins, `error` when anything failed. A failing refresh
-/// leaves `Ready` True while the token in the Secret is still valid (only `Degraded` turns
-/// True); any other failure makes `Ready` False with the error's reason.
+/// `synced` when the source gave logins (with `refresh_failed` when those hold the still-valid
+/// token a failed refresh was to replace), `error` when anything else failed. A failing
+/// refresh leaves `Ready` True while the token in the Secret is still valid (only `Degraded`
+/// turns True); any other failure makes `Ready` False with the error's reason.
 pub fn credential_status(
     previous: Option<&CredentialStatus>,
     generation: Option<i64>,
     source: &CredentialSource,
     synced: Option<&Synced>,
+    refresh_failed: Option<&Error>,
     error: Option<&Error>,
 ) -> CredentialStatus {
     let has_expiry = source.expires();
@@ -56,7 +58,18 @@ pub fn credential_status(
         next.next_refresh_at = synced.refresh_at.map(Time);
         next.token_digest = synced.token_digest.clone();
     }
-    let refreshed = || condition(previous, DEGRADED, false, "Refreshed", "the token is current".into(), generation);
+    let degraded = |failure: &Error, valid_until: Option<Timestamp>| {
+        let mut message = failure.to_string();
+        if let Some(at) = valid_until.filter(|t| *t > Timestamp::now()) {
+            message.push_str(&format!("; the Secret keeps the current token, valid until {at}"));
+        }
+        condition(previous, DEGRADED, true, failure.reason(), message, generation)
+    };
+    // The logins are current, or hold the still-valid token of a failed refresh.
+    let refresh = |synced: Option<&Synced>| match refresh_failed {
+        Some(failure) => degraded(failure, synced.and_then(|s| s.expires_at)),
+        None => condition(previous, DEGRADED, false, "Refreshed", "the token is current".into(), generation),
+    };
     next.conditions = match (error, synced) {
         (None, synced) => {
             let message = synced.map_or_else(String::new, |s| {
@@ -69,13 +82,13 @@ pub fn credential_status(
                 message
             });
             let mut conditions = vec![condition(previous, READY, true, SYNCED, message, generation)];
-            conditions.extend(has_expiry.then(refreshed));
+            conditions.extend(has_expiry.then(|| refresh(synced)));
             conditions
         }
         // The logins are current; writing them somewhere failed.
-        (Some(error), Some(_)) => {
+        (Some(error), Some(synced)) => {
             let mut conditions = vec![condition(previous, READY, false, error.reason(), error.to_string(), generation)];
-            conditions.extend(has_expiry.then(refreshed));
+            conditions.extend(has_expiry.then(|| refresh(Some(synced))));
             conditions
         }
         (Some(error), None) => {
@@ -97,13 +110,7 @@ pub fn credential_status(
                 }
             };
             let mut conditions = vec![ready];
-            if has_expiry {
-                let mut message = error.to_string();
-                if let Some(at) = valid_until.filter(|_| still_valid) {
-                    message.push_str(&format!("; the Secret keeps the current token, valid until {at}"));
-                }
-                conditions.push(condition(previous, DEGRADED, true, error.reason(), message, generation));
-            }
+            conditions.extend(has_expiry.then(|| degraded(error, valid_until)));
             conditions
         }
     };
@@ -215,7 +222,7 @@ mod tests {
             token_digest: None,
             notes: Vec::new(),
         };
-        credential_status(None, Some(generation), &ecr(), Some(&synced), None)
+        credential_status(None, Some(generation), &ecr(), Some(&synced), None, None)
     }
 
     fn refresh_failed() -> Error {
@@ -235,7 +242,7 @@ mod tests {
             notes: Vec::new(),
         };
         let conflict = Error::SecretConflict { namespace: "ns".into(), name: "taken".into() };
-        let next = credential_status(Some(&previous), Some(2), &ecr(), Some(&synced), Some(&conflict));
+        let next = credential_status(Some(&previous), Some(2), &ecr(), Some(&synced), None, Some(&conflict));
         let ready = next.condition(READY).unwrap();
         assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "SecretConflict"));
         assert_eq!(next.condition(DEGRADED).unwrap().status, "False", "the refresh itself worked");
@@ -244,11 +251,55 @@ mod tests {
     #[test]
     fn a_failed_refresh_keeps_ready_only_for_the_same_generation() {
         let previous = ready_for(1);
-        let same = credential_status(Some(&previous), Some(1), &ecr(), None, Some(&refresh_failed()));
+        let same = credential_status(Some(&previous), Some(1), &ecr(), None, None, Some(&refresh_failed()));
         assert_eq!(same.condition(READY).unwrap().status, "True");
         assert_eq!(same.condition(DEGRADED).unwrap().status, "True");
-        let changed = credential_status(Some(&previous), Some(2), &ecr(), None, Some(&refresh_failed()));
+        let changed = credential_status(Some(&previous), Some(2), &ecr(), None, None, Some(&refresh_failed()));
         assert_eq!(changed.condition(READY).unwrap().status, "False", "the Secret holds the old spec's token");
+    }
+
+    /// Issue 20, item 8: the Secrets were written with the still-valid token of a failed
+    /// refresh. `Ready` says they hold the credential (for this generation: the Secrets were
+    /// written for it), `Degraded` why the token is not a new one and how long it lasts.
+    #[test]
+    fn secrets_written_with_the_token_of_a_failed_refresh_are_ready_and_degraded() {
+        let previous = ready_for(1);
+        let expires_at = previous.expires_at.as_ref().map(|t| t.0);
+        let synced = Synced {
+            secret_name: "pull".into(),
+            registries: vec!["r".into()],
+            expires_at,
+            refresh_at: Some(Timestamp::now() - std::time::Duration::from_secs(5)),
+            token_digest: None,
+            notes: Vec::new(),
+        };
+        for generation in [1, 2] {
+            let next = credential_status(
+                Some(&previous),
+                Some(generation),
+                &ecr(),
+                Some(&synced),
+                Some(&refresh_failed()),
+                None,
+            );
+            let ready = next.condition(READY).unwrap();
+            assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("True", SYNCED));
+            let degraded = next.condition(DEGRADED).unwrap();
+            assert_eq!((degraded.status.as_str(), degraded.reason.as_str()), ("True", "AwsRequestFailed"));
+            let until = format!("keeps the current token, valid until {}", expires_at.unwrap());
+            assert!(degraded.message.contains(&until), "{}", degraded.message);
+        }
+        let conflict = Error::SecretConflict { namespace: "ns".into(), name: "pull".into() };
+        let both = credential_status(
+            Some(&previous),
+            Some(1),
+            &ecr(),
+            Some(&synced),
+            Some(&refresh_failed()),
+            Some(&conflict),
+        );
+        assert_eq!(both.condition(READY).unwrap().reason, "SecretConflict");
+        assert_eq!(both.condition(DEGRADED).unwrap().reason, "AwsRequestFailed");
     }
 
     #[test]

@@ -41,6 +41,10 @@ pub(super) struct FanOut {
     pub(super) config_hash: String,
     pub(super) targets: Vec<String>,
     pub(super) failures: Vec<(String, Error)>,
+    /// The token refresh that failed when the logins hold the still-valid token it was to
+    /// replace: the fan-out went ahead with that token, and the reconcile is retried with
+    /// backoff.
+    pub(super) refresh_failed: Option<Error>,
     pub(super) created: usize,
     pub(super) updated: usize,
     pub(super) removed: usize,
@@ -91,16 +95,21 @@ pub(crate) async fn reconcile<K: Credential>(obj: Arc<K>, ctx: Arc<Context>) -> 
     let verify_in = outcome.as_ref().ok().and_then(|done| verification::schedule(obj.as_ref(), &uid, &ctx, done));
     let partial = outcome.as_mut().ok().and_then(|fan_out| fan_out.error(obj.as_ref()));
     let reported = report(obj.as_ref(), &uid, &ctx, &outcome, partial.as_ref()).await;
-    let error = outcome.as_ref().err().or(partial.as_ref()).or(reported.as_ref().err());
+    let refresh_failed = outcome.as_ref().ok().and_then(|done| done.refresh_failed.as_ref());
+    let error = outcome.as_ref().err().or(partial.as_ref()).or(refresh_failed).or(reported.as_ref().err());
     ctx.count_reconcile(K::KIND, started, error);
     ctx.forget_if_deleted(&uid);
     reported?;
-    let done = outcome?;
+    let mut done = outcome?;
     if let Some(error) = partial {
         return Err(error);
     }
     if obj.parts().service_accounts.is_empty() {
         set_finalizer(&api, obj.as_ref(), false).await?;
+    }
+    if let Some(error) = done.refresh_failed.take() {
+        // Every target got the still-valid token; the refresh is retried with backoff.
+        return Err(error);
     }
     ctx.states.with(&uid, |s| s.failures = 0);
     Ok(ctx.requeue_after(done.synced.refresh_at, verify_in))
@@ -179,7 +188,10 @@ async fn sync<K: Credential>(obj: &K, uid: &str, ctx: &Context) -> Result<FanOut
         previous: previous_token.as_ref(),
         served: ctx.config.namespaces.as_ref(),
     };
+    // After a failed refresh: the still-valid token it was to replace, which every target may
+    // have (new and repaired namespaces too); `Degraded` says why it is not a new one.
     let mut credentials = parts.source.fetch(&source_ctx).await?;
+    let refresh_failed = credentials.refresh_failed.take();
     credentials.notes.extend(plan::outside_scope_note(&outside_scope));
     let docker_config = dockerconfig::render(&credentials.auths);
     let desired_hash = config_hash(Some(docker_config.expose_secret()));
@@ -328,6 +340,7 @@ async fn sync<K: Credential>(obj: &K, uid: &str, ctx: &Context) -> Result<FanOut
         config_hash: desired_hash,
         targets,
         failures,
+        refresh_failed,
         created,
         updated,
         removed,

@@ -36,6 +36,7 @@ pub(super) async fn report<K: Credential>(
 ) -> Result<(), Error> {
     let previous = ctx.states.recent_status(uid).or_else(|| obj.status_view());
     let error = outcome.as_ref().err().or(partial);
+    let refresh_failed = outcome.as_ref().ok().and_then(|d| d.refresh_failed.as_ref());
     let parts = obj.parts();
     let mut next = previous.clone().unwrap_or_default();
     next.credential = credential_status(
@@ -43,6 +44,7 @@ pub(super) async fn report<K: Credential>(
         obj.meta().generation,
         parts.source,
         outcome.as_ref().ok().map(|d| &d.synced),
+        refresh_failed,
         error,
     );
     let verification = ctx.states.with(uid, |s| s.verification.result.clone());
@@ -80,14 +82,15 @@ pub(super) async fn report<K: Credential>(
     ctx.states.with(uid, |s| s.labels = Some(labels));
 
     let previous_credential = previous.as_ref().map(|p| &p.credential);
-    let event = match (outcome, error) {
-        (Ok(done), _) if done.created + done.updated + done.removed > 0 => Some(write_event(obj, done)),
-        (_, Some(error)) if conditions_changed(previous_credential, &next.credential) => {
-            Some((EventType::Warning, error.reason(), error.to_string()))
-        }
-        _ => None,
-    };
-    if let Some((type_, reason, note)) = event {
+    // A fan-out can write and fail in one reconcile (a refresh failed, the still-valid token
+    // went to a new namespace): both are told.
+    let written = outcome.as_ref().ok().filter(|done| done.created + done.updated + done.removed > 0);
+    let failed = error.or(refresh_failed).filter(|_| conditions_changed(previous_credential, &next.credential));
+    let events = [
+        written.map(|done| write_event(obj, done)),
+        failed.map(|error| (EventType::Warning, error.reason(), error.to_string())),
+    ];
+    for (type_, reason, note) in events.into_iter().flatten() {
         publish(ctx, &obj.object_ref(&()), type_, reason, note).await;
     }
     if verification_failed_anew(previous_credential, &next.credential)

@@ -17,7 +17,7 @@ use secrecy::{ExposeSecret, SecretSlice, SecretString};
 use crate::{Error, crd::CredentialSource, crd::SecretKeyRef, dockerconfig::RegistryAuth};
 
 /// The logins a source produced.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Credentials {
     pub auths: Vec<RegistryAuth>,
     /// When the logins stop working (tokens); `None` for static passwords.
@@ -30,6 +30,9 @@ pub struct Credentials {
     /// What regcred changed in what it read, for the user to know (e.g. the `Ready`
     /// condition's message). Names Secrets and keys, never values.
     pub notes: Vec<String>,
+    /// Why these logins are not fresh ones: the refresh of their token failed, and they hold
+    /// the token it was to replace, still valid (see `token_cache::Cached`).
+    pub refresh_failed: Option<Error>,
 }
 
 /// A Secret a source refers to, as read: only its data, each value in a type whose `Debug`
@@ -324,6 +327,7 @@ fn single_login(
         refresh_at: None,
         identity: None,
         notes,
+        refresh_failed: None,
     })
 }
 

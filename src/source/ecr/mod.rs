@@ -20,12 +20,15 @@ pub use cache::{CacheKey, Failure, FetchError, Token, TokenCache};
 pub use host::{EcrHost, parse_ecr_host};
 pub use identity::{Identity, ROLE_ARN_ANNOTATION, STS_AUDIENCE};
 
-use super::{CredentialProvider, Credentials, SecretReader, SourceContext, token_cache::Cloud};
+use super::{
+    CredentialProvider, Credentials, SecretReader, SourceContext,
+    token_cache::{Cached, Cloud},
+};
 use crate::{Error, crd::EcrSource, dockerconfig::RegistryAuth, metrics::Metrics};
 
-/// A token must stay valid at least this long after it is written (real tokens live 12 h;
-/// this only rejects answers that are already stale).
-const MIN_VALIDITY: std::time::Duration = std::time::Duration::from_secs(10);
+// A token must stay valid at least `MIN_VALIDITY` after it is written (real tokens live 12 h;
+// this only rejects answers that are already stale).
+use crate::source::token_cache::MIN_VALIDITY;
 
 /// How ECR sources behave, from the controller's flags.
 #[derive(Clone, Debug)]
@@ -133,7 +136,8 @@ impl CredentialProvider for EcrSource {
         {
             provider.tokens.seed(key.clone(), token);
         }
-        let token =
+        // After a failed refresh, the token it was to replace while that is still valid.
+        let Cached { token, refresh_failed } =
             provider.tokens.get_or_fetch(key, || get_authorization_token(provider, &identity, &target, self)).await?;
         let hosts = if target.hosts.is_empty() { vec![token.proxy_host.clone()] } else { target.hosts };
         Ok(Credentials {
@@ -149,6 +153,7 @@ impl CredentialProvider for EcrSource {
             refresh_at: Some(token.refresh_at),
             identity: Some(fingerprint),
             notes,
+            refresh_failed,
         })
     }
 }
@@ -298,7 +303,8 @@ mod tests {
         let cache = TokenCache::default();
         let key = CacheKey { identity: "ambient".into(), region: "eu-west-1".into(), fips: false, assume_role: None };
         assert!(cache.seed(key.clone(), token));
-        let cached = cache.get_or_fetch(key, || async { Err(FetchError::Other(Error::EcrUnavailable)) }).await.unwrap();
+        let cached =
+            cache.get_or_fetch(key, || async { Err(FetchError::Other(Error::EcrUnavailable)) }).await.unwrap().token;
         let login = RegistryAuth { server: "h".into(), username: "AWS".into(), password: cached.password.clone() };
         for shown in [format!("{cached:?}"), format!("{login:?}")] {
             crate::test_support::assert_hidden(&shown, "hunter2-ecr");
