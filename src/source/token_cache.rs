@@ -116,8 +116,9 @@ where
     }
 
     /// Puts a token found in a live Secret into an empty slot, so that a restarted controller
-    /// does not ask the provider (and rewrite every Secret) while that token is not due. A slot
-    /// that holds a token already keeps it.
+    /// does not ask the provider (and rewrite every Secret) while that token is not due, and
+    /// still has it to hand out when it is due and the refresh fails. A slot that holds a token
+    /// already keeps it; a token valid for less than [`MIN_VALIDITY`] is not taken.
     pub fn seed(&self, key: K, token: T) -> bool {
         let slot = {
             let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
@@ -126,7 +127,7 @@ where
         let Ok(mut slot) = slot.try_lock() else {
             return false;
         };
-        if slot.token.is_some() || token.refresh_at() <= Timestamp::now() {
+        if slot.token.is_some() || !still_valid(&token) {
             return false;
         }
         slot.token = Some(Arc::new(token));
@@ -300,6 +301,21 @@ mod tests {
         assert_eq!(failed.unwrap().refresh_failed.map(|e| e.reason()), Some("EcrUnavailable"));
     }
 
+    /// Issue 20, item 8, after a restart: a live Secret's token that is due but valid is
+    /// seeded; it is fetched again at once, and kept only while that fails.
+    #[tokio::test]
+    async fn a_seeded_due_token_is_refreshed_and_kept_only_when_that_fails() {
+        let cache = Cache::default();
+        assert!(cache.seed("a", expiring(-5, 3600)));
+        let kept = cache.get_or_fetch("a", || async { Err(FetchError::Provider(Throttled)) }).await.unwrap();
+        assert!(kept.refresh_failed.is_some(), "the failure comes with the seeded token");
+
+        let healthy = Cache::default();
+        assert!(healthy.seed("a", expiring(-5, 3600)));
+        let fresh = healthy.get_or_fetch("a", || async { Ok(token(600)) }).await.unwrap();
+        assert!(fresh.refresh_failed.is_none() && fresh.token.refresh_at > Timestamp::now(), "not refreshed");
+    }
+
     /// A token that expires within `MIN_VALIDITY` (or has expired) is never handed out after a
     /// failed refresh: the failure is the answer.
     #[tokio::test]
@@ -312,12 +328,12 @@ mod tests {
         assert_eq!(err.reason(), "InvalidAwsAnswer");
     }
 
-    /// A token found in a live Secret fills an empty slot only, and only while it is not due;
+    /// A token found in a live Secret fills an empty slot only, and only while it is valid;
     /// the next caller gets it without a fetch.
     #[tokio::test]
     async fn a_seeded_token_is_used_without_a_fetch() {
         let cache = Cache::default();
-        assert!(!cache.seed("a", token(-5)), "a token due for refresh is not seeded");
+        assert!(!cache.seed("a", expiring(-5, 5)), "a token about to expire is not seeded");
         assert!(cache.seed("a", token(600)));
         assert!(!cache.seed("a", token(900)), "a slot with a token keeps it");
         let got = cache.get_or_fetch("a", || async { Err(FetchError::Other(Error::EcrUnavailable)) }).await;

@@ -447,8 +447,10 @@ async fn an_irsa_service_account_created_later_is_picked_up_at_once() {
 /// answers 503) while the token it wrote is still valid for a while. A namespace that joins
 /// the fan-out then gets that still-valid token at once (by the Namespace watch, not by a
 /// retry: the controller's backoff is by then longer than the wait), the counts include it,
-/// `Degraded=True` says why no new token came, and `Ready` stays True. When AWS answers again,
-/// the next retry writes a new token everywhere.
+/// `Degraded=True` says why no new token came, and `Ready` stays True. A controller restarted
+/// during the outage takes the still-valid token from a live Secret (the one whose digest the
+/// status recorded) and gives it to the next joining namespace. When AWS answers again, the
+/// next retry writes a new token everywhere.
 #[tokio::test]
 async fn a_failing_refresh_still_gives_a_new_namespace_the_valid_token() {
     let admin = client().await;
@@ -457,8 +459,8 @@ async fn a_failing_refresh_still_gives_a_new_namespace_the_valid_token() {
     let aws = AwsEmulator::start_with_lifetime(120).unwrap();
     let name = format!("outage-fan-{}", &unique()[..6]);
     let args = ["--max-backoff", "300s", "--ecr-refresh-share", "0.9"];
-    let controller =
-        spawn_controller(env().cp, &name, &format!("{CONTROLLER_LABEL}={name}"), &aws.endpoint(), &args, &[]);
+    let selector = format!("{CONTROLLER_LABEL}={name}");
+    let mut controller = spawn_controller(env().cp, &name, &selector, &aws.endpoint(), &args, &[]);
     let platform = namespace(&admin, "outage-platform").await;
     let key_id = create_aws_keys(&admin, &platform, "aws-keys", "secretkey").await;
     let first = labelled_namespace(&admin, "outage-first", &[("outage", &name)]).await;
@@ -512,10 +514,24 @@ async fn a_failing_refresh_still_gives_a_new_namespace_the_valid_token() {
     let issued: BTreeSet<String> = token_calls(&aws, &key_id).iter().map(issued_password).collect();
     assert!(issued.contains(&valid), "the token is not one AWS issued");
 
-    // AWS answers again: the next retry writes a new token into both namespaces.
+    // The controller restarts, still during the outage: its memory holds no token.
+    controller.terminate();
+    drop(controller);
+    let restarted = spawn_controller(env().cp, &format!("{name}-2"), &selector, &aws.endpoint(), &args, &[]);
+    let third = labelled_namespace(&admin, "outage-third", &[("outage", &name)]).await;
+    let written = wait_secret(&admin, &third, &name, "written after the restart", |_| true).await;
+    assert_eq!(password_of(&written), valid, "the third namespace got another token than the valid one");
+    wait_cluster(&admin, &name, "three namespaces counted, Degraded, Ready", |s| {
+        s.synced_namespaces == Some(3)
+            && degraded(s)
+            && s.credential.condition("Ready").is_some_and(|c| c.status == "True")
+    })
+    .await;
+
+    // AWS answers again: the next retry writes a new token into every namespace.
     aws.fail("ecr:GetAuthorizationToken", None).unwrap();
     let recovered = |s: &regcred::crd::ClusterCredentialStatus| {
-        s.synced_namespaces == Some(2)
+        s.synced_namespaces == Some(3)
             && s.credential.condition("Degraded").is_some_and(|c| c.status == "False")
             && s.credential.condition("Ready").is_some_and(|c| c.status == "True")
     };
@@ -525,13 +541,12 @@ async fn a_failing_refresh_still_gives_a_new_namespace_the_valid_token() {
         recovered(&status).then_some(())
     })
     .await;
-    for ns in [&first, &joined] {
+    for ns in [&first, &joined, &third] {
         let secret = Api::<Secret>::namespaced(admin.clone(), ns).get(&name).await.unwrap();
         let password = password_of(&secret);
-        record_secret(&password);
         assert_ne!(password, valid, "{ns} still holds the old token");
     }
-    drop(controller);
+    drop(restarted);
     assert_no_leaks(&admin).await;
 }
 

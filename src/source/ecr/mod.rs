@@ -261,6 +261,10 @@ mod tests {
     }
 
     fn previous(servers: &[&str], refresh_in: i64) -> crate::source::PreviousToken {
+        previous_expiring(servers, refresh_in, 43200)
+    }
+
+    fn previous_expiring(servers: &[&str], refresh_in: i64, expires_in: i64) -> crate::source::PreviousToken {
         let now = Timestamp::now();
         crate::source::PreviousToken {
             identity: "f".into(),
@@ -268,18 +272,22 @@ mod tests {
                 .iter()
                 .map(|s| RegistryAuth { server: s.to_string(), username: "AWS".into(), password: "pw".into() })
                 .collect(),
-            expires_at: now + std::time::Duration::from_secs(43200),
+            expires_at: now.checked_add(k8s_openapi::jiff::SignedDuration::from_secs(expires_in)).unwrap(),
             refresh_at: now.checked_add(k8s_openapi::jiff::SignedDuration::from_secs(refresh_in)).unwrap(),
         }
     }
 
-    /// Item 6: only a token for exactly the wanted registries, not due, is reused.
+    /// Item 6: only a token for exactly the wanted registries, still valid, is reused (one due
+    /// for refresh too, since issue 20 item 8: it is asked for again at once, and kept only
+    /// while that fails).
     #[test]
-    fn a_live_token_is_reused_only_for_the_same_registries_while_not_due() {
+    fn a_live_token_is_reused_only_for_the_same_registries_while_valid() {
         let hosts = vec!["a.dkr.ecr.eu-west-1.amazonaws.com".to_string()];
         let token = reusable(&previous(&["a.dkr.ecr.eu-west-1.amazonaws.com"], 600), &hosts).unwrap();
         assert_eq!(token.password.expose_secret(), "pw");
-        assert!(reusable(&previous(&["a.dkr.ecr.eu-west-1.amazonaws.com"], -1), &hosts).is_none(), "due");
+        assert!(reusable(&previous(&["a.dkr.ecr.eu-west-1.amazonaws.com"], -1), &hosts).is_some(), "due, valid");
+        let expiring = previous_expiring(&["a.dkr.ecr.eu-west-1.amazonaws.com"], -10, 5);
+        assert!(reusable(&expiring, &hosts).is_none(), "valid for less than MIN_VALIDITY");
         assert!(reusable(&previous(&["b.dkr.ecr.eu-west-1.amazonaws.com"], 600), &hosts).is_none(), "other host");
         let two = ["a.dkr.ecr.eu-west-1.amazonaws.com", "b.dkr.ecr.eu-west-1.amazonaws.com"];
         assert!(reusable(&previous(&two, 600), &hosts).is_none(), "more hosts than wanted");
