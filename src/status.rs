@@ -19,6 +19,14 @@ pub const SYNCED: &str = "Synced";
 pub const DEGRADED: &str = "Degraded";
 /// The condition that says whether the registry accepts the credential (`spec.verify`).
 pub const VERIFIED: &str = "Verified";
+/// The condition of a ClusterRegistryCredential that says whether every target namespace
+/// holds its Secret; the namespaces that do not are its own business, not `Ready`'s, when
+/// they keep a Secret the credential may not take.
+pub const NAMESPACES_SYNCED: &str = "NamespacesSynced";
+/// Reason of `NamespacesSynced=False` when every namespace without the Secret keeps one of
+/// that name that is not the credential's to take (the same reason as the namespace's entry in
+/// `status.failures`).
+pub const SECRET_CONFLICT: &str = "SecretConflict";
 
 /// What a sync established about the credential itself (its Secret's content).
 #[derive(Debug, Clone)]
@@ -115,6 +123,49 @@ pub fn credential_status(
         }
     };
     next
+}
+
+/// A fan-out's `NamespacesSynced` condition, from the number of target namespaces and of
+/// those without the Secret: `conflicts` keep a Secret of its name that is not the
+/// credential's to take, `failed` failed otherwise.
+pub fn namespaces_synced(
+    previous: Option<&CredentialStatus>,
+    generation: Option<i64>,
+    secret_name: &str,
+    targets: usize,
+    conflicts: usize,
+    failed: usize,
+) -> Condition {
+    let taken = |n: usize| {
+        format!(
+            "Secret {secret_name} is not this credential's to take in {n} of {targets} target namespaces (a tenant's \
+             own, or an older credential's), and regcred leaves it alone there"
+        )
+    };
+    let (truth, reason, message) = match (conflicts, failed) {
+        (0, 0) if targets == 0 => (true, SYNCED, "no namespace is selected".to_string()),
+        (0, 0) => (true, SYNCED, format!("all {targets} target namespaces hold Secret {secret_name}")),
+        (conflicts, 0) => (false, SECRET_CONFLICT, format!("{} (status.failures names them)", taken(conflicts))),
+        (conflicts, failed) => {
+            let mut message = format!("{failed} of {targets} target namespaces did not get Secret {secret_name}");
+            if conflicts > 0 {
+                message.push_str(&format!("; {}", taken(conflicts)));
+            }
+            (false, "NamespacesFailed", format!("{message} (status.failures names them)"))
+        }
+    };
+    condition(previous, NAMESPACES_SYNCED, truth, reason, message, generation)
+}
+
+/// Puts a fan-out's `NamespacesSynced` condition into `next`, or keeps the previous one when
+/// the reconcile did not get as far as the namespaces (`None`).
+pub fn apply_namespaces_synced(
+    next: &mut CredentialStatus,
+    previous: Option<&CredentialStatus>,
+    now: Option<Condition>,
+) {
+    next.conditions.retain(|c| c.type_ != NAMESPACES_SYNCED);
+    next.conditions.extend(now.or_else(|| previous.and_then(|p| p.condition(NAMESPACES_SYNCED)).cloned()));
 }
 
 /// Builds a condition, keeping the previous transition time unless the status flips (so an
@@ -300,6 +351,37 @@ mod tests {
         );
         assert_eq!(both.condition(READY).unwrap().reason, "SecretConflict");
         assert_eq!(both.condition(DEGRADED).unwrap().reason, "AwsRequestFailed");
+    }
+
+    /// Issue 20, item 5: `NamespacesSynced` tells a fan-out's conflicts from its failures,
+    /// with counts.
+    #[test]
+    fn namespaces_synced_tells_conflicts_from_failures() {
+        let c = |targets, conflicts, failed| namespaces_synced(None, Some(1), "pull", targets, conflicts, failed);
+        let shown = |c: Condition| (c.status, c.reason, c.message);
+        let (status, reason, message) = shown(c(3, 0, 0));
+        assert_eq!((status.as_str(), reason.as_str()), ("True", SYNCED));
+        assert_eq!(message, "all 3 target namespaces hold Secret pull");
+        assert_eq!(shown(c(0, 0, 0)).2, "no namespace is selected");
+        let (status, reason, message) = shown(c(3, 1, 0));
+        assert_eq!((status.as_str(), reason.as_str()), ("False", SECRET_CONFLICT));
+        assert!(
+            message.starts_with("Secret pull is not this credential's to take in 1 of 3 target namespaces"),
+            "{message}"
+        );
+        let (status, reason, message) = shown(c(3, 1, 1));
+        assert_eq!((status.as_str(), reason.as_str()), ("False", "NamespacesFailed"));
+        assert!(
+            message.starts_with("1 of 3 target namespaces did not get Secret pull; ") && message.contains("in 1 of 3")
+        );
+
+        let mut next = CredentialStatus::default();
+        let previous = CredentialStatus { conditions: vec![c(3, 1, 0)], ..Default::default() };
+        apply_namespaces_synced(&mut next, Some(&previous), None);
+        assert_eq!(next.condition(NAMESPACES_SYNCED), previous.condition(NAMESPACES_SYNCED), "kept on a failed fetch");
+        apply_namespaces_synced(&mut next, Some(&previous), Some(c(3, 0, 0)));
+        assert_eq!(next.conditions.len(), 1);
+        assert_eq!(next.condition(NAMESPACES_SYNCED).unwrap().status, "True");
     }
 
     #[test]

@@ -20,7 +20,10 @@ use crate::{
     crd::NamespaceFailure,
     metrics::ObjectLabels,
     secret::FIELD_MANAGER,
-    status::{apply_verification, conditions_changed, credential_status, verification_failed_anew},
+    status::{
+        NAMESPACES_SYNCED, SECRET_CONFLICT, apply_namespaces_synced, apply_verification, conditions_changed,
+        credential_status, namespaces_synced, verification_failed_anew,
+    },
 };
 
 /// Failing namespaces listed in status; the counts cover the rest.
@@ -47,6 +50,19 @@ pub(super) async fn report<K: Credential>(
         refresh_failed,
         error,
     );
+    // A fan-out's namespaces that do not hold its Secret, in a condition of their own.
+    let namespaces = match (outcome, &parts.scope) {
+        (Ok(done), Scope::Selection(_)) => {
+            let (conflicts, failed) = done.target_failures();
+            let secret = &done.synced.secret_name;
+            let previous = previous.as_ref().map(|p| &p.credential);
+            Some(namespaces_synced(previous, obj.meta().generation, secret, done.targets.len(), conflicts, failed))
+        }
+        _ => None,
+    };
+    if matches!(parts.scope, Scope::Selection(_)) {
+        apply_namespaces_synced(&mut next.credential, previous.as_ref().map(|p| &p.credential), namespaces);
+    }
     let verification = ctx.states.with(uid, |s| s.verification.result.clone());
     apply_verification(
         &mut next.credential,
@@ -85,11 +101,15 @@ pub(super) async fn report<K: Credential>(
     // A fan-out can write and fail in one reconcile (a refresh failed, the still-valid token
     // went to a new namespace): both are told.
     let written = outcome.as_ref().ok().filter(|done| done.created + done.updated + done.removed > 0);
-    let failed = error.or(refresh_failed).filter(|_| conditions_changed(previous_credential, &next.credential));
-    let events = [
-        written.map(|done| write_event(obj, done)),
-        failed.map(|error| (EventType::Warning, error.reason(), error.to_string())),
-    ];
+    // The credential's failure, else the fan-out's conflicts (no failure of the credential).
+    let conflicts = next.credential.condition(NAMESPACES_SYNCED).filter(|c| c.reason == SECRET_CONFLICT);
+    let failed = match error.or(refresh_failed) {
+        Some(error) => Some((error.reason(), error.to_string())),
+        None => conflicts.map(|c| (SECRET_CONFLICT, c.message.clone())),
+    };
+    let failed = failed.filter(|_| conditions_changed(previous_credential, &next.credential));
+    let events =
+        [written.map(|done| write_event(obj, done)), failed.map(|(reason, note)| (EventType::Warning, reason, note))];
     for (type_, reason, note) in events.into_iter().flatten() {
         publish(ctx, &obj.object_ref(&()), type_, reason, note).await;
     }

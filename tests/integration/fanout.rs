@@ -1,6 +1,7 @@
 //! ClusterRegistryCredential: one credential, a Secret in every selected namespace, following
 //! namespaces as they come, go and change labels.
 
+use base64::Engine;
 use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::{
     Api,
@@ -262,4 +263,82 @@ async fn the_older_credential_keeps_a_contested_secret() {
     assert_eq!(secrets.get(PULL).await.unwrap().metadata.resource_version, before);
     let owners = secrets.get(PULL).await.unwrap().metadata.owner_references.unwrap();
     assert_eq!(owners.iter().map(|o| o.name.as_str()).collect::<Vec<_>>(), [older.as_str()]);
+}
+
+/// Issue 20, item 5: a tenant's own Secret with the fan-out's name holds one namespace, not
+/// the credential. That namespace is reported (`NamespacesSynced=False`, reason
+/// `SecretConflict`, in `status.failures`), `Ready` stays True, every other namespace is
+/// synced, and the tenant's Secret is never written. Once the tenant deletes it, regcred's
+/// Secret takes its place.
+#[tokio::test]
+async fn a_tenants_own_secret_is_reported_without_holding_ready_hostage() {
+    env();
+    let admin = client().await;
+    let team = format!("hostage-{}", &unique()[..6]);
+    let source_ns = namespace(&admin, "hostage-src").await;
+    let password = secret_value("robot", "hostage");
+    create_secret(&admin, &source_ns, "src", &[("password", password.as_bytes())]).await;
+    let free = [
+        labelled_namespace(&admin, "hostage-free", &[("team", &team)]).await,
+        labelled_namespace(&admin, "hostage-free", &[("team", &team)]).await,
+    ];
+    let held = labelled_namespace(&admin, "hostage-held", &[("team", &team)]).await;
+    // The tenant's own pull Secret, made with its `edit` role, under the fan-out's name.
+    let tenant = tenant(&admin, &held).await;
+    let theirs = secret_value("tenant", "own-pull");
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("tenant:{theirs}"));
+    let config = json!({"auths": {"registry.example.com": {"username": "tenant", "password": theirs, "auth": auth}}});
+    let own: Secret = serde_json::from_value(json!({
+        "metadata": {"name": PULL},
+        "type": "kubernetes.io/dockerconfigjson",
+        "stringData": {".dockerconfigjson": config.to_string()},
+    }))
+    .unwrap();
+    let tenant_secrets = Api::<Secret>::namespaced(tenant.clone(), &held);
+    let own = tenant_secrets.create(&Default::default(), &own).await.expect("an editor may create Secrets");
+
+    let name = format!("hostage-{}", &unique()[..6]);
+    create_cluster_credential(
+        &admin,
+        &name,
+        json!({
+            "registry": "registry.example.com",
+            "source": {"basic": {"username": "robot", "passwordSecretRef": {"name": "src", "namespace": source_ns}}},
+            "namespaces": {"selector": {"matchLabels": {"team": team}}},
+            "secret": {"name": PULL},
+        }),
+    )
+    .await;
+    let condition = |s: &regcred::crd::ClusterCredentialStatus, type_: &str| s.credential.condition(type_).cloned();
+    let crc = wait_cluster(&admin, &name, "Ready, the held namespace reported as a conflict", |s| {
+        s.target_namespaces == Some(3)
+            && s.synced_namespaces == Some(2)
+            && s.failed_namespaces == Some(1)
+            && condition(s, "Ready").is_some_and(|c| c.status == "True" && c.reason == "Synced")
+            && condition(s, "NamespacesSynced").is_some_and(|c| c.status == "False" && c.reason == "SecretConflict")
+    })
+    .await;
+    let status = crc.status.unwrap();
+    let failures: Vec<_> = status.failures.iter().map(|f| (f.namespace.as_str(), f.reason.as_str())).collect();
+    assert_eq!(failures, [(held.as_str(), "SecretConflict")]);
+    let message = condition(&status, "NamespacesSynced").unwrap().message;
+    assert!(message.contains("1 of 3"), "{message}");
+    for ns in &free {
+        wait_pull_secret(&admin, ns, Some(&password)).await;
+    }
+    wait_event(&admin, "default", "ClusterRegistryCredential", &name, "Warning", "SecretConflict").await;
+    let now = tenant_secrets.get(PULL).await.unwrap();
+    assert_eq!(now.metadata.resource_version, own.metadata.resource_version, "the tenant's Secret was written");
+    assert!(now.metadata.owner_references.is_none(), "the tenant's Secret was taken");
+
+    // The tenant gives the name up: regcred's Secret takes its place.
+    tenant_secrets.delete(PULL, &DeleteParams::default()).await.unwrap();
+    wait_pull_secret(&admin, &held, Some(&password)).await;
+    wait_cluster(&admin, &name, "every namespace synced", |s| {
+        s.synced_namespaces == Some(3)
+            && s.failures.is_empty()
+            && condition(s, "NamespacesSynced").is_some_and(|c| c.status == "True")
+    })
+    .await;
+    assert_no_leaks(&admin).await;
 }
