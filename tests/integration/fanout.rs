@@ -342,3 +342,113 @@ async fn a_tenants_own_secret_is_reported_without_holding_ready_hostage() {
     .await;
     assert_no_leaks(&admin).await;
 }
+
+/// Issue 20, item 5: `kubectl delete --cascade=orphan` of a ClusterRegistryCredential, then the
+/// same credential applied again (a GitOps re-sync), and of a RegistryCredential whose
+/// namespace the new one selects (a migration to the cluster kind). The garbage collector
+/// strips the deleted credentials' owner references from their Secrets; the new credential (a
+/// new uid) adopts them (the same Secret objects, now controlled by it) instead of reporting a
+/// SecretConflict in every namespace.
+#[tokio::test]
+async fn an_orphaned_fan_out_is_adopted_by_the_re_created_credential() {
+    env();
+    let client = client().await;
+    let team = format!("orphan-{}", &unique()[..6]);
+    let source_ns = namespace(&client, "orphan-src").await;
+    let password = secret_value("robot", "orphan");
+    create_secret(&client, &source_ns, "src", &[("password", password.as_bytes())]).await;
+    let mut targets = Vec::new();
+    for _ in 0..3 {
+        targets.push(labelled_namespace(&client, "orphan", &[("team", &team)]).await);
+    }
+    let name = format!("orphan-{}", &unique()[..6]);
+    let spec = json!({
+        "registry": "registry.example.com",
+        "source": {"basic": {"username": "robot", "passwordSecretRef": {"name": "src", "namespace": source_ns}}},
+        "namespaces": {"selector": {"matchLabels": {"team": team}}},
+        "secret": {"name": PULL},
+    });
+    // One more target, which the re-created credential will no longer select.
+    let leaving = labelled_namespace(&client, "orphan-leaving", &[("team", &team)]).await;
+    let first = create_cluster_credential(&client, &name, spec.clone()).await;
+    wait_cluster(&client, &name, "4 synced", |s| s.synced_namespaces == Some(4)).await;
+    // A namespace with a RegistryCredential of its own, to be migrated to the cluster kind.
+    let migrated = namespace(&client, "orphan-migrated").await;
+    create_secret(&client, &migrated, "src", &[("password", password.as_bytes())]).await;
+    create_credential(
+        &client,
+        &migrated,
+        "own",
+        json!({"registry": "registry.example.com", "secret": {"name": PULL},
+               "source": {"basic": {"username": "robot", "passwordSecretRef": {"name": "src"}}}}),
+    )
+    .await;
+    wait_ready(&client, &migrated, "own", "True", Some("Synced")).await;
+
+    let orphan =
+        || DeleteParams { propagation_policy: Some(kube::api::PropagationPolicy::Orphan), ..Default::default() };
+    let api = Api::<ClusterRegistryCredential>::all(client.clone());
+    api.delete(&name, &orphan()).await.unwrap();
+    let namespaced = Api::<regcred::crd::RegistryCredential>::namespaced(client.clone(), &migrated);
+    namespaced.delete("own", &orphan()).await.unwrap();
+    targets.push(migrated.clone());
+    let mut orphans = Vec::new();
+    for ns in &targets {
+        let secrets = Api::<Secret>::namespaced(client.clone(), ns);
+        orphans.push(
+            eventually(&format!("{ns}/{PULL} orphaned"), TIMEOUT, || async {
+                let secret = secrets.get_opt(PULL).await.ok()??;
+                secret.metadata.owner_references.as_ref().is_none_or(Vec::is_empty).then_some(secret)
+            })
+            .await,
+        );
+    }
+    eventually("both credentials gone", TIMEOUT, || async {
+        (api.get_opt(&name).await.ok()?.is_none() && namespaced.get_opt("own").await.ok()?.is_none()).then_some(())
+    })
+    .await;
+
+    let secrets = Api::<Secret>::namespaced(client.clone(), &leaving);
+    let left = eventually("the leaving namespace's Secret orphaned", TIMEOUT, || async {
+        let secret = secrets.get_opt(PULL).await.ok()??;
+        secret.metadata.owner_references.as_ref().is_none_or(Vec::is_empty).then_some(secret)
+    })
+    .await;
+
+    // Applied again, now also selecting the migrated namespace, and excluding the leaving one.
+    let relabel = json!({"metadata": {"labels": {"team": team}}});
+    Api::<Namespace>::all(client.clone())
+        .patch(&migrated, &PatchParams::default(), &Patch::Merge(&relabel))
+        .await
+        .unwrap();
+    let mut spec = spec;
+    spec["namespaces"]["exclude"] = json!([leaving]);
+    let second = create_cluster_credential(&client, &name, spec).await;
+    let new_uid = second.metadata.uid.clone().unwrap();
+    assert_ne!(first.metadata.uid, second.metadata.uid);
+    let crc = wait_cluster(&client, &name, "4 synced, Ready", |s| {
+        s.synced_namespaces == Some(4)
+            && s.failed_namespaces == Some(0)
+            && s.credential.condition("Ready").is_some_and(|c| c.status == "True")
+            && s.credential.condition("NamespacesSynced").is_some_and(|c| c.status == "True")
+    })
+    .await;
+    assert!(crc.status.unwrap().failures.is_empty(), "a conflict was reported");
+    for orphan in &orphans {
+        let ns = orphan.metadata.namespace.as_deref().unwrap();
+        let now = Api::<Secret>::namespaced(client.clone(), ns).get(PULL).await.unwrap();
+        assert_eq!(now.metadata.uid, orphan.metadata.uid, "{ns}: not adopted but replaced");
+        let owners = now.metadata.owner_references.clone().unwrap_or_default();
+        assert!(owners.iter().any(|o| o.controller == Some(true) && o.uid == new_uid), "{ns}: not adopted: {owners:?}");
+        assert_eq!(now.metadata.labels.as_ref().unwrap()["regcred.dev/credential-uid"], new_uid, "{ns}");
+        assert_eq!(logins(&now)[0].2, password);
+    }
+    let kept = secrets.get(PULL).await.unwrap();
+    assert_eq!(
+        kept.metadata.resource_version, left.metadata.resource_version,
+        "an orphan outside the targets was written"
+    );
+    let events = events_for(&client, "default", "ClusterRegistryCredential", &name).await;
+    assert!(!events.iter().any(|e| e.1 == "SecretConflict"), "{events:?}");
+    assert_no_leaks(&client).await;
+}
