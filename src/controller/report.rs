@@ -3,6 +3,7 @@
 
 use std::time::Instant;
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{
     ResourceExt,
     api::{Patch, PatchParams},
@@ -17,7 +18,7 @@ use super::{
 };
 use crate::{
     Error,
-    crd::NamespaceFailure,
+    crd::{CredentialStatus, NamespaceFailure},
     metrics::ObjectLabels,
     secret::FIELD_MANAGER,
     status::{
@@ -101,13 +102,18 @@ pub(super) async fn report<K: Credential>(
     // A fan-out can write and fail in one reconcile (a refresh failed, the still-valid token
     // went to a new namespace): both are told.
     let written = outcome.as_ref().ok().filter(|done| done.created + done.updated + done.removed > 0);
-    // The credential's failure, else the fan-out's conflicts (no failure of the credential).
+    // The credential's failure when its conditions changed, else the fan-out's conflicts (no
+    // failure of the credential) when they changed.
+    let shown = |c: &Condition| (c.status.clone(), c.reason.clone(), c.message.clone());
+    let namespaces = |s: Option<&CredentialStatus>| s.and_then(|s| s.condition(NAMESPACES_SYNCED)).map(shown);
     let conflicts = next.credential.condition(NAMESPACES_SYNCED).filter(|c| c.reason == SECRET_CONFLICT);
     let failed = match error.or(refresh_failed) {
-        Some(error) => Some((error.reason(), error.to_string())),
-        None => conflicts.map(|c| (SECRET_CONFLICT, c.message.clone())),
+        Some(error) => Some((error.reason(), error.to_string()))
+            .filter(|_| conditions_changed(previous_credential, &next.credential)),
+        None => conflicts
+            .filter(|_| namespaces(previous_credential) != namespaces(Some(&next.credential)))
+            .map(|c| (SECRET_CONFLICT, c.message.clone())),
     };
-    let failed = failed.filter(|_| conditions_changed(previous_credential, &next.credential));
     let events =
         [written.map(|done| write_event(obj, done)), failed.map(|(reason, note)| (EventType::Warning, reason, note))];
     for (type_, reason, note) in events.into_iter().flatten() {
