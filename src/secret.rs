@@ -94,6 +94,8 @@ pub fn desired_secret(
 pub struct ReadSecret {
     pub metadata: ObjectMeta,
     type_: Option<String>,
+    /// `immutable: true`: its data can never be written again.
+    immutable: bool,
     docker_config: Option<SecretSlice<u8>>,
 }
 
@@ -106,7 +108,8 @@ impl ReadSecret {
 impl From<Secret> for ReadSecret {
     fn from(secret: Secret) -> Self {
         let docker_config = secret.data.and_then(|mut data| data.remove(DOCKER_CONFIG_KEY)).map(|b| b.0.into());
-        ReadSecret { metadata: secret.metadata, type_: secret.type_, docker_config }
+        let immutable = secret.immutable == Some(true);
+        ReadSecret { metadata: secret.metadata, type_: secret.type_, immutable, docker_config }
     }
 }
 
@@ -221,14 +224,21 @@ async fn write_once(
         return Ok(Outcome { change: SecretChange::Created, resource_version });
     };
     if !is_controlled_by(&existing.metadata, &claim.owner.uid) {
-        if !yields_to(client, &existing.metadata, claim).await? {
-            return Err(Error::SecretConflict {
-                namespace: existing.metadata.namespace.unwrap_or_default(),
-                name: name.into(),
-            });
-        }
-        let taken = take_over(api, &existing.metadata, &claim.owner).await?;
-        let resource_version = apply(api, name, desired, taken).await?;
+        let resource_version = match taking(client, &existing, claim).await? {
+            Taking::Never => {
+                return Err(Error::SecretConflict {
+                    namespace: existing.metadata.namespace.unwrap_or_default(),
+                    name: name.into(),
+                });
+            }
+            Taking::TakeOver => {
+                let taken = take_over(api, &existing.metadata, &claim.owner).await?;
+                apply(api, name, desired, taken).await?
+            }
+            // One write, valid only against what was checked: the owner reference, the data,
+            // regcred's labels and annotations. It fails whole or not at all.
+            Taking::Adopt => apply(api, name, desired, existing.metadata.resource_version.clone()).await?,
+        };
         return Ok(Outcome { change: SecretChange::Updated, resource_version });
     }
     if is_up_to_date(&existing, desired) {
@@ -247,16 +257,55 @@ fn own_labels(desired: &DesiredSecret) -> BTreeMap<String, String> {
     labels
 }
 
-/// Whether a Secret controlled by someone else goes to `claim`: only when regcred wrote it for
-/// another regcred credential that is newer than the claimant, or that no longer exists.
-async fn yields_to(client: &Client, existing: &ObjectMeta, claim: &Claim) -> Result<bool, Error> {
-    let labels = existing.labels.as_ref();
-    if labels.and_then(|l| l.get(MANAGED_BY_LABEL)).map(String::as_str) != Some(MANAGED_BY_VALUE) {
-        return Ok(false);
+/// How a Secret the claimant does not control may become its own.
+#[derive(Debug, PartialEq, Eq)]
+enum Taking {
+    /// It is not regcred's to take: a conflict.
+    Never,
+    /// Its controller is another regcred credential that is newer, or gone: replace the owner
+    /// references, then apply.
+    TakeOver,
+    /// It has no owner at all but regcred's marks (what `kubectl delete --cascade=orphan` of a
+    /// credential leaves): one apply that also sets the owner reference.
+    Adopt,
+}
+
+/// Whether (and how) a Secret controlled by someone else goes to `claim`. Only a Secret that
+/// wears regcred's marks (its managed-by label; every mark is writable by whoever may edit
+/// Secrets in the namespace, so they prove nothing and decide nothing beyond it) and that can
+/// take what regcred writes without keeping anything that matters (type
+/// `kubernetes.io/dockerconfigjson`, not immutable: taking it replaces its pull config, its
+/// owner, and regcred's labels and annotations). Of those: one controlled by another regcred
+/// credential that is newer than the claimant or no longer exists (read by kind, name and uid),
+/// and one with no owner at all that carries the credential-uid label. A Secret without
+/// regcred's marks, of another type, immutable, or controlled (or co-owned, when it has no
+/// controller) by anything else is never taken.
+async fn taking(client: &Client, existing: &ReadSecret, claim: &Claim) -> Result<Taking, Error> {
+    let meta = &existing.metadata;
+    let labels = meta.labels.as_ref();
+    let marked = labels.and_then(|l| l.get(MANAGED_BY_LABEL)).map(String::as_str) == Some(MANAGED_BY_VALUE);
+    if !marked || existing.type_.as_deref() != Some(DOCKER_CONFIG_TYPE) || existing.immutable {
+        return Ok(Taking::Never);
     }
-    let Some(holder) = existing.owner_references.iter().flatten().find(|o| o.controller == Some(true)) else {
-        return Ok(false);
+    let owners = meta.owner_references.as_deref().unwrap_or_default();
+    let Some(holder) = owners.iter().find(|o| o.controller == Some(true)) else {
+        let orphan = owners.is_empty() && labels.is_some_and(|l| l.contains_key(CREDENTIAL_UID_LABEL));
+        return Ok(if orphan { Taking::Adopt } else { Taking::Never });
     };
+    Ok(match yields_to(client, meta, holder, claim).await? {
+        true => Taking::TakeOver,
+        false => Taking::Never,
+    })
+}
+
+/// Whether a Secret whose controller is `holder` goes to `claim`: only when `holder` is a
+/// regcred credential that is newer than the claimant, or that no longer exists.
+async fn yields_to(
+    client: &Client,
+    existing: &ObjectMeta,
+    holder: &OwnerReference,
+    claim: &Claim,
+) -> Result<bool, Error> {
     if !holder.api_version.starts_with(&format!("{GROUP}/")) {
         return Ok(false);
     }
@@ -544,6 +593,54 @@ mod tests {
         let claim = Claim { owner: owner(), created: None };
         let error = ensure_secret(&client, &desired(&[("team", "new")]), &claim, Some(Some(stale))).await.unwrap_err();
         assert!(matches!(error, Error::Kube(kube::Error::Api(ref s)) if s.code == 409), "{error}");
+    }
+
+    /// Issue 20, item 5: an ownerless Secret is adopted only with regcred's marks (its
+    /// managed-by and credential-uid labels), when it can take what regcred writes (type
+    /// dockerconfigjson, not immutable) and nobody else has a claim on it. None of these
+    /// decisions asks the apiserver.
+    #[tokio::test]
+    async fn only_an_ownerless_secret_with_regcred_marks_is_adopted() {
+        let (client, seen) = scripted(Vec::new());
+        let claim = Claim { owner: owner(), created: None };
+        let orphan = || {
+            let mut secret = desired(&[]).to_secret();
+            secret.metadata.owner_references = None;
+            secret.metadata.labels.as_mut().unwrap().insert(CREDENTIAL_UID_LABEL.into(), "gone-uid".into());
+            secret
+        };
+        let decide = |secret: Secret| {
+            let client = client.clone();
+            let claim = claim.clone();
+            async move { taking(&client, &ReadSecret::from(secret), &claim).await.unwrap() }
+        };
+        assert_eq!(decide(orphan()).await, Taking::Adopt);
+        let mut unmarked = orphan();
+        unmarked.metadata.labels.as_mut().unwrap().remove(MANAGED_BY_LABEL);
+        assert_eq!(decide(unmarked).await, Taking::Never, "without the managed-by label");
+        let mut no_uid = orphan();
+        no_uid.metadata.labels.as_mut().unwrap().remove(CREDENTIAL_UID_LABEL);
+        assert_eq!(decide(no_uid).await, Taking::Never, "without the credential-uid label");
+        let mut opaque = orphan();
+        opaque.type_ = Some("Opaque".into());
+        assert_eq!(decide(opaque).await, Taking::Never, "another type, which can never become regcred's");
+        let mut immutable = orphan();
+        immutable.immutable = Some(true);
+        assert_eq!(decide(immutable).await, Taking::Never, "immutable: its data can never be written");
+        let mut co_owned = orphan();
+        co_owned.metadata.owner_references =
+            Some(vec![OwnerReference { controller: Some(false), uid: "other".into(), ..Default::default() }]);
+        assert_eq!(decide(co_owned).await, Taking::Never, "someone else has a claim on it");
+        let mut foreign = orphan();
+        foreign.metadata.owner_references = Some(vec![OwnerReference {
+            api_version: "apps/v1".into(),
+            kind: "Deployment".into(),
+            controller: Some(true),
+            uid: "other".into(),
+            ..Default::default()
+        }]);
+        assert_eq!(decide(foreign).await, Taking::Never, "controlled by something else");
+        assert!(seen.lock().unwrap().is_empty());
     }
 
     #[test]

@@ -19,6 +19,14 @@ pub const SYNCED: &str = "Synced";
 pub const DEGRADED: &str = "Degraded";
 /// The condition that says whether the registry accepts the credential (`spec.verify`).
 pub const VERIFIED: &str = "Verified";
+/// The condition of a ClusterRegistryCredential that says whether every target namespace
+/// holds its Secret; the namespaces that do not are its own business, not `Ready`'s, when
+/// they keep a Secret the credential may not take.
+pub const NAMESPACES_SYNCED: &str = "NamespacesSynced";
+/// Reason of `NamespacesSynced=False` when every namespace without the Secret keeps one of
+/// that name that is not the credential's to take (the same reason as the namespace's entry in
+/// `status.failures`).
+pub const SECRET_CONFLICT: &str = "SecretConflict";
 
 /// A time as status keeps it. `metav1.Time` goes over the wire in whole seconds, so the API
 /// serves a status back without the sub-second part it was built with: a status built with
@@ -45,14 +53,16 @@ pub struct Synced {
 }
 
 /// The next status of a credential, from the previous one and what the reconcile found:
-/// `synced` when the source gave logins, `error` when anything failed. A failing refresh
-/// leaves `Ready` True while the token in the Secret is still valid (only `Degraded` turns
-/// True); any other failure makes `Ready` False with the error's reason.
+/// `synced` when the source gave logins (with `refresh_failed` when those hold the still-valid
+/// token a failed refresh was to replace), `error` when anything else failed. A failing
+/// refresh leaves `Ready` True while the token in the Secret is still valid (only `Degraded`
+/// turns True); any other failure makes `Ready` False with the error's reason.
 pub fn credential_status(
     previous: Option<&CredentialStatus>,
     generation: Option<i64>,
     source: &CredentialSource,
     synced: Option<&Synced>,
+    refresh_failed: Option<&Error>,
     error: Option<&Error>,
 ) -> CredentialStatus {
     let has_expiry = source.expires();
@@ -66,7 +76,18 @@ pub fn credential_status(
         next.next_refresh_at = synced.refresh_at.map(status_time);
         next.token_digest = synced.token_digest.clone();
     }
-    let refreshed = || condition(previous, DEGRADED, false, "Refreshed", "the token is current".into(), generation);
+    let degraded = |failure: &Error, valid_until: Option<Timestamp>| {
+        let mut message = failure.to_string();
+        if let Some(at) = valid_until.filter(|t| *t > Timestamp::now()) {
+            message.push_str(&format!("; the Secret keeps the current token, valid until {at}"));
+        }
+        condition(previous, DEGRADED, true, failure.reason(), message, generation)
+    };
+    // The logins are current, or hold the still-valid token of a failed refresh.
+    let refresh = |synced: Option<&Synced>| match refresh_failed {
+        Some(failure) => degraded(failure, synced.and_then(|s| s.expires_at)),
+        None => condition(previous, DEGRADED, false, "Refreshed", "the token is current".into(), generation),
+    };
     next.conditions = match (error, synced) {
         (None, synced) => {
             let message = synced.map_or_else(String::new, |s| {
@@ -79,13 +100,13 @@ pub fn credential_status(
                 message
             });
             let mut conditions = vec![condition(previous, READY, true, SYNCED, message, generation)];
-            conditions.extend(has_expiry.then(refreshed));
+            conditions.extend(has_expiry.then(|| refresh(synced)));
             conditions
         }
         // The logins are current; writing them somewhere failed.
-        (Some(error), Some(_)) => {
+        (Some(error), Some(synced)) => {
             let mut conditions = vec![condition(previous, READY, false, error.reason(), error.to_string(), generation)];
-            conditions.extend(has_expiry.then(refreshed));
+            conditions.extend(has_expiry.then(|| refresh(Some(synced))));
             conditions
         }
         (Some(error), None) => {
@@ -107,17 +128,54 @@ pub fn credential_status(
                 }
             };
             let mut conditions = vec![ready];
-            if has_expiry {
-                let mut message = error.to_string();
-                if let Some(at) = valid_until.filter(|_| still_valid) {
-                    message.push_str(&format!("; the Secret keeps the current token, valid until {at}"));
-                }
-                conditions.push(condition(previous, DEGRADED, true, error.reason(), message, generation));
-            }
+            conditions.extend(has_expiry.then(|| degraded(error, valid_until)));
             conditions
         }
     };
     next
+}
+
+/// A fan-out's `NamespacesSynced` condition, from the number of target namespaces and of
+/// those without the Secret: `conflicts` keep a Secret of its name that is not the
+/// credential's to take, `failed` failed otherwise.
+pub fn namespaces_synced(
+    previous: Option<&CredentialStatus>,
+    generation: Option<i64>,
+    secret_name: &str,
+    targets: usize,
+    conflicts: usize,
+    failed: usize,
+) -> Condition {
+    let taken = |n: usize| {
+        format!(
+            "Secret {secret_name} is not this credential's to take in {n} of {targets} target namespaces (a tenant's \
+             own, or an older credential's), and regcred leaves it alone there"
+        )
+    };
+    let (truth, reason, message) = match (conflicts, failed) {
+        (0, 0) if targets == 0 => (true, SYNCED, "no namespace is selected".to_string()),
+        (0, 0) => (true, SYNCED, format!("all {targets} target namespaces hold Secret {secret_name}")),
+        (conflicts, 0) => (false, SECRET_CONFLICT, format!("{} (status.failures names them)", taken(conflicts))),
+        (conflicts, failed) => {
+            let mut message = format!("{failed} of {targets} target namespaces did not get Secret {secret_name}");
+            if conflicts > 0 {
+                message.push_str(&format!("; {}", taken(conflicts)));
+            }
+            (false, "NamespacesFailed", format!("{message} (status.failures names them)"))
+        }
+    };
+    condition(previous, NAMESPACES_SYNCED, truth, reason, message, generation)
+}
+
+/// Puts a fan-out's `NamespacesSynced` condition into `next`, or keeps the previous one when
+/// the reconcile did not get as far as the namespaces (`None`).
+pub fn apply_namespaces_synced(
+    next: &mut CredentialStatus,
+    previous: Option<&CredentialStatus>,
+    now: Option<Condition>,
+) {
+    next.conditions.retain(|c| c.type_ != NAMESPACES_SYNCED);
+    next.conditions.extend(now.or_else(|| previous.and_then(|p| p.condition(NAMESPACES_SYNCED)).cloned()));
 }
 
 /// Builds a condition, keeping the previous transition time unless the status flips (so an
@@ -225,7 +283,7 @@ mod tests {
             token_digest: None,
             notes: Vec::new(),
         };
-        credential_status(None, Some(generation), &ecr(), Some(&synced), None)
+        credential_status(None, Some(generation), &ecr(), Some(&synced), None, None)
     }
 
     fn refresh_failed() -> Error {
@@ -245,7 +303,7 @@ mod tests {
             notes: Vec::new(),
         };
         let conflict = Error::SecretConflict { namespace: "ns".into(), name: "taken".into() };
-        let next = credential_status(Some(&previous), Some(2), &ecr(), Some(&synced), Some(&conflict));
+        let next = credential_status(Some(&previous), Some(2), &ecr(), Some(&synced), None, Some(&conflict));
         let ready = next.condition(READY).unwrap();
         assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "SecretConflict"));
         assert_eq!(next.condition(DEGRADED).unwrap().status, "False", "the refresh itself worked");
@@ -254,11 +312,86 @@ mod tests {
     #[test]
     fn a_failed_refresh_keeps_ready_only_for_the_same_generation() {
         let previous = ready_for(1);
-        let same = credential_status(Some(&previous), Some(1), &ecr(), None, Some(&refresh_failed()));
+        let same = credential_status(Some(&previous), Some(1), &ecr(), None, None, Some(&refresh_failed()));
         assert_eq!(same.condition(READY).unwrap().status, "True");
         assert_eq!(same.condition(DEGRADED).unwrap().status, "True");
-        let changed = credential_status(Some(&previous), Some(2), &ecr(), None, Some(&refresh_failed()));
+        let changed = credential_status(Some(&previous), Some(2), &ecr(), None, None, Some(&refresh_failed()));
         assert_eq!(changed.condition(READY).unwrap().status, "False", "the Secret holds the old spec's token");
+    }
+
+    /// Issue 20, item 8: the Secrets were written with the still-valid token of a failed
+    /// refresh. `Ready` says they hold the credential (for this generation: the Secrets were
+    /// written for it), `Degraded` why the token is not a new one and how long it lasts.
+    #[test]
+    fn secrets_written_with_the_token_of_a_failed_refresh_are_ready_and_degraded() {
+        let previous = ready_for(1);
+        let expires_at = previous.expires_at.as_ref().map(|t| t.0);
+        let synced = Synced {
+            secret_name: "pull".into(),
+            registries: vec!["r".into()],
+            expires_at,
+            refresh_at: Some(Timestamp::now() - std::time::Duration::from_secs(5)),
+            token_digest: None,
+            notes: Vec::new(),
+        };
+        for generation in [1, 2] {
+            let next = credential_status(
+                Some(&previous),
+                Some(generation),
+                &ecr(),
+                Some(&synced),
+                Some(&refresh_failed()),
+                None,
+            );
+            let ready = next.condition(READY).unwrap();
+            assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("True", SYNCED));
+            let degraded = next.condition(DEGRADED).unwrap();
+            assert_eq!((degraded.status.as_str(), degraded.reason.as_str()), ("True", "AwsRequestFailed"));
+            let until = format!("keeps the current token, valid until {}", expires_at.unwrap());
+            assert!(degraded.message.contains(&until), "{}", degraded.message);
+        }
+        let conflict = Error::SecretConflict { namespace: "ns".into(), name: "pull".into() };
+        let both = credential_status(
+            Some(&previous),
+            Some(1),
+            &ecr(),
+            Some(&synced),
+            Some(&refresh_failed()),
+            Some(&conflict),
+        );
+        assert_eq!(both.condition(READY).unwrap().reason, "SecretConflict");
+        assert_eq!(both.condition(DEGRADED).unwrap().reason, "AwsRequestFailed");
+    }
+
+    /// Issue 20, item 5: `NamespacesSynced` tells a fan-out's conflicts from its failures,
+    /// with counts.
+    #[test]
+    fn namespaces_synced_tells_conflicts_from_failures() {
+        let c = |targets, conflicts, failed| namespaces_synced(None, Some(1), "pull", targets, conflicts, failed);
+        let shown = |c: Condition| (c.status, c.reason, c.message);
+        let (status, reason, message) = shown(c(3, 0, 0));
+        assert_eq!((status.as_str(), reason.as_str()), ("True", SYNCED));
+        assert_eq!(message, "all 3 target namespaces hold Secret pull");
+        assert_eq!(shown(c(0, 0, 0)).2, "no namespace is selected");
+        let (status, reason, message) = shown(c(3, 1, 0));
+        assert_eq!((status.as_str(), reason.as_str()), ("False", SECRET_CONFLICT));
+        assert!(
+            message.starts_with("Secret pull is not this credential's to take in 1 of 3 target namespaces"),
+            "{message}"
+        );
+        let (status, reason, message) = shown(c(3, 1, 1));
+        assert_eq!((status.as_str(), reason.as_str()), ("False", "NamespacesFailed"));
+        assert!(
+            message.starts_with("1 of 3 target namespaces did not get Secret pull; ") && message.contains("in 1 of 3")
+        );
+
+        let mut next = CredentialStatus::default();
+        let previous = CredentialStatus { conditions: vec![c(3, 1, 0)], ..Default::default() };
+        apply_namespaces_synced(&mut next, Some(&previous), None);
+        assert_eq!(next.condition(NAMESPACES_SYNCED), previous.condition(NAMESPACES_SYNCED), "kept on a failed fetch");
+        apply_namespaces_synced(&mut next, Some(&previous), Some(c(3, 0, 0)));
+        assert_eq!(next.conditions.len(), 1);
+        assert_eq!(next.condition(NAMESPACES_SYNCED).unwrap().status, "True");
     }
 
     #[test]
@@ -309,13 +442,13 @@ mod tests {
             token_digest: Some("d".into()),
             notes: Vec::new(),
         };
-        let mut built = credential_status(None, Some(1), &ecr(), Some(&synced), None);
+        let mut built = credential_status(None, Some(1), &ecr(), Some(&synced), None, None);
         let check = Verification { reason: Reason::Verified, message: "r: accepted".into(), at: sub_second };
         apply_verification(&mut built, None, true, Some(&check), Some(1));
         let served: CredentialStatus = serde_json::from_value(serde_json::to_value(&built).unwrap()).unwrap();
         assert_eq!(served, built, "the API serves back what was built");
         // And the next reconcile, from the status served, builds it again unchanged.
-        let mut again = credential_status(Some(&served), Some(1), &ecr(), Some(&synced), None);
+        let mut again = credential_status(Some(&served), Some(1), &ecr(), Some(&synced), None, None);
         apply_verification(&mut again, Some(&served), true, Some(&check), Some(1));
         assert_eq!(again, served);
     }

@@ -48,6 +48,10 @@ pub(super) struct FanOut {
     pub(super) config_hash: String,
     pub(super) targets: Vec<String>,
     pub(super) failures: Vec<(String, Error)>,
+    /// The token refresh that failed when the logins hold the still-valid token it was to
+    /// replace: the fan-out went ahead with that token, and the reconcile is retried with
+    /// backoff.
+    pub(super) refresh_failed: Option<Error>,
     pub(super) created: usize,
     pub(super) updated: usize,
     pub(super) removed: usize,
@@ -55,20 +59,38 @@ pub(super) struct FanOut {
 
 impl FanOut {
     /// The error a reconcile with failing namespaces reports: the namespace's own error for a
-    /// credential with one target, a count for a fan-out.
+    /// credential with one target, a count for a fan-out. A fan-out's conflicts (a target
+    /// namespace keeps a Secret of that name that is not the credential's to take) are no
+    /// error of the credential: they are reported per namespace (`NamespacesSynced`), and one
+    /// tenant's Secret does not make the credential fail for everyone.
     fn error<K: Credential>(&mut self, obj: &K) -> Option<Error> {
         match obj.parts().scope {
             Scope::Namespace(_) if !self.failures.is_empty() => Some(self.failures.remove(0).1),
-            _ if !self.failures.is_empty() => {
-                let failed = self.failures.iter().filter(|(ns, _)| self.targets.contains(ns)).count();
-                Some(match failed {
-                    0 => Error::CleanupFailed { namespaces: self.failures.len() },
-                    _ => Error::NamespacesFailed { failed, targets: self.targets.len() },
-                })
+            _ => {
+                let in_targets = |ns: &String| self.targets.contains(ns);
+                let failed = self.failures.iter().filter(|(ns, e)| in_targets(ns) && !is_conflict(e)).count();
+                let cleanup = self.failures.iter().filter(|(ns, _)| !in_targets(ns)).count();
+                match (failed, cleanup) {
+                    (0, 0) => None,
+                    (0, namespaces) => Some(Error::CleanupFailed { namespaces }),
+                    (failed, _) => Some(Error::NamespacesFailed { failed, targets: self.targets.len() }),
+                }
             }
-            _ => None,
         }
     }
+
+    /// Target namespaces that do not hold the Secret: (conflicts, other failures).
+    pub(super) fn target_failures(&self) -> (usize, usize) {
+        let in_targets = self.failures.iter().filter(|(ns, _)| self.targets.contains(ns));
+        let conflicts = in_targets.clone().filter(|(_, e)| is_conflict(e)).count();
+        (conflicts, in_targets.count() - conflicts)
+    }
+}
+
+/// Whether a namespace failed only because a Secret of the name is not the credential's to
+/// take there (a tenant's own, or an older credential's).
+fn is_conflict(error: &Error) -> bool {
+    matches!(error, Error::SecretConflict { .. })
 }
 
 #[tracing::instrument(skip_all, fields(kind = K::KIND, namespace = obj.meta().namespace.as_deref(), object = %obj.name_any()))]
@@ -107,16 +129,21 @@ pub(crate) async fn reconcile<K: Credential>(obj: Arc<K>, ctx: Arc<Context>) -> 
     let verify_in = outcome.as_ref().ok().and_then(|done| verification::schedule(obj.as_ref(), &uid, &ctx, done));
     let partial = outcome.as_mut().ok().and_then(|fan_out| fan_out.error(obj.as_ref()));
     let reported = report(obj.as_ref(), &uid, &ctx, &outcome, partial.as_ref()).await;
-    let error = outcome.as_ref().err().or(partial.as_ref()).or(reported.as_ref().err());
+    let refresh_failed = outcome.as_ref().ok().and_then(|done| done.refresh_failed.as_ref());
+    let error = outcome.as_ref().err().or(partial.as_ref()).or(refresh_failed).or(reported.as_ref().err());
     ctx.count_reconcile(K::KIND, started, error);
     ctx.forget_if_deleted(&uid);
     reported?;
-    let done = outcome?;
+    let mut done = outcome?;
     if let Some(error) = partial {
         return Err(error);
     }
     if obj.parts().service_accounts.is_empty() {
         set_finalizer(&api, obj.as_ref(), false).await?;
+    }
+    if let Some(error) = done.refresh_failed.take() {
+        // Every target got the still-valid token; the refresh is retried with backoff.
+        return Err(error);
     }
     ctx.states.with(&uid, |s| s.failures = 0);
     Ok(ctx.requeue_after(done.synced.refresh_at, verify_in))
@@ -195,7 +222,10 @@ async fn sync<K: Credential>(obj: &K, uid: &str, ctx: &Context) -> Result<FanOut
         previous: previous_token.as_ref(),
         served: ctx.config.namespaces.as_ref(),
     };
+    // After a failed refresh: the still-valid token it was to replace, which every target may
+    // have (new and repaired namespaces too); `Degraded` says why it is not a new one.
     let mut credentials = parts.source.fetch(&source_ctx).await?;
+    let refresh_failed = credentials.refresh_failed.take();
     credentials.notes.extend(plan::outside_scope_note(&outside_scope));
     let docker_config = dockerconfig::render(&credentials.auths);
     let desired_hash = config_hash(Some(docker_config.expose_secret()));
@@ -361,6 +391,7 @@ async fn sync<K: Credential>(obj: &K, uid: &str, ctx: &Context) -> Result<FanOut
         config_hash: desired_hash,
         targets,
         failures,
+        refresh_failed,
         created,
         updated,
         removed,
@@ -600,6 +631,60 @@ mod tests {
         }));
         assert!(!namespace_gone(&no_details, "team-a"));
         assert!(!namespace_gone(&Error::SecretConflict { namespace: "team-a".into(), name: "pull".into() }, "team-a"));
+    }
+
+    fn fan_out(targets: &[&str], failures: Vec<(&str, Error)>) -> FanOut {
+        FanOut {
+            synced: Synced {
+                secret_name: "pull".into(),
+                registries: vec!["r.example.com".into()],
+                expires_at: None,
+                refresh_at: None,
+                token_digest: None,
+                notes: Vec::new(),
+            },
+            logins: Vec::new(),
+            config_hash: String::new(),
+            targets: targets.iter().map(|t| t.to_string()).collect(),
+            failures: failures.into_iter().map(|(ns, e)| (ns.to_string(), e)).collect(),
+            refresh_failed: None,
+            created: 0,
+            updated: 0,
+            removed: 0,
+        }
+    }
+
+    fn credential<K: serde::de::DeserializeOwned>(kind: &str, namespace: Option<&str>) -> K {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "regcred.dev/v1alpha1", "kind": kind,
+            "metadata": {"name": "c", "namespace": namespace, "uid": "u"},
+            "spec": {"registry": "r.example.com",
+                     "source": {"basic": {"username": "u", "passwordSecretRef": {"name": "s", "namespace": "p"}}}},
+        }))
+        .unwrap()
+    }
+
+    /// Issue 20, item 5: a fan-out's conflicts (a tenant's own Secret, an older credential's)
+    /// are not the credential's failure; other failures in targets and failed cleanups are.
+    /// A credential with one target still fails with its conflict.
+    #[test]
+    fn a_fan_outs_conflicts_are_no_failure_of_the_credential() {
+        let crc: crate::crd::ClusterRegistryCredential = credential("ClusterRegistryCredential", None);
+        let conflict = |ns: &str| Error::SecretConflict { namespace: ns.into(), name: "pull".into() };
+        let failure = || Error::ObjectContended { name: "x".into() };
+        let mut only_conflicts = fan_out(&["a", "b", "c"], vec![("b", conflict("b")), ("c", conflict("c"))]);
+        assert_eq!(only_conflicts.target_failures(), (2, 0));
+        assert!(only_conflicts.error(&crc).is_none());
+        let mut mixed = fan_out(&["a", "b", "c"], vec![("b", conflict("b")), ("c", failure())]);
+        assert_eq!(mixed.target_failures(), (1, 1));
+        let error = mixed.error(&crc).map(|e| (e.reason(), e.to_string()));
+        assert_eq!(error.unwrap().0, "NamespacesFailed");
+        let mut cleanup = fan_out(&["a", "b"], vec![("b", conflict("b")), ("gone", failure())]);
+        assert_eq!(cleanup.error(&crc).map(|e| e.reason()), Some("CleanupFailed"));
+
+        let rc: crate::crd::RegistryCredential = credential("RegistryCredential", Some("a"));
+        let mut single = fan_out(&["a"], vec![("a", conflict("a"))]);
+        assert_eq!(single.error(&rc).map(|e| e.reason()), Some("SecretConflict"));
     }
 
     #[test]

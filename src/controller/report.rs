@@ -3,6 +3,7 @@
 
 use std::time::Instant;
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{
     ResourceExt,
     api::{Patch, PatchParams},
@@ -17,10 +18,13 @@ use super::{
 };
 use crate::{
     Error,
-    crd::NamespaceFailure,
+    crd::{CredentialStatus, NamespaceFailure},
     metrics::ObjectLabels,
     secret::FIELD_MANAGER,
-    status::{apply_verification, conditions_changed, credential_status, verification_failed_anew},
+    status::{
+        NAMESPACES_SYNCED, SECRET_CONFLICT, apply_namespaces_synced, apply_verification, conditions_changed,
+        credential_status, namespaces_synced, verification_failed_anew,
+    },
 };
 
 /// Failing namespaces listed in status; the counts cover the rest.
@@ -36,6 +40,7 @@ pub(super) async fn report<K: Credential>(
 ) -> Result<(), Error> {
     let previous = ctx.states.recent_status(uid).or_else(|| obj.status_view());
     let error = outcome.as_ref().err().or(partial);
+    let refresh_failed = outcome.as_ref().ok().and_then(|d| d.refresh_failed.as_ref());
     let parts = obj.parts();
     let mut next = previous.clone().unwrap_or_default();
     next.credential = credential_status(
@@ -43,8 +48,22 @@ pub(super) async fn report<K: Credential>(
         obj.meta().generation,
         parts.source,
         outcome.as_ref().ok().map(|d| &d.synced),
+        refresh_failed,
         error,
     );
+    // A fan-out's namespaces that do not hold its Secret, in a condition of their own.
+    let namespaces = match (outcome, &parts.scope) {
+        (Ok(done), Scope::Selection(_)) => {
+            let (conflicts, failed) = done.target_failures();
+            let secret = &done.synced.secret_name;
+            let previous = previous.as_ref().map(|p| &p.credential);
+            Some(namespaces_synced(previous, obj.meta().generation, secret, done.targets.len(), conflicts, failed))
+        }
+        _ => None,
+    };
+    if matches!(parts.scope, Scope::Selection(_)) {
+        apply_namespaces_synced(&mut next.credential, previous.as_ref().map(|p| &p.credential), namespaces);
+    }
     let verification = ctx.states.with(uid, |s| s.verification.result.clone());
     apply_verification(
         &mut next.credential,
@@ -80,14 +99,24 @@ pub(super) async fn report<K: Credential>(
     ctx.states.with(uid, |s| s.labels = Some(labels));
 
     let previous_credential = previous.as_ref().map(|p| &p.credential);
-    let event = match (outcome, error) {
-        (Ok(done), _) if done.created + done.updated + done.removed > 0 => Some(write_event(obj, done)),
-        (_, Some(error)) if conditions_changed(previous_credential, &next.credential) => {
-            Some((EventType::Warning, error.reason(), error.to_string()))
-        }
-        _ => None,
+    // A fan-out can write and fail in one reconcile (a refresh failed, the still-valid token
+    // went to a new namespace): both are told.
+    let written = outcome.as_ref().ok().filter(|done| done.created + done.updated + done.removed > 0);
+    // The credential's failure when its conditions changed, else the fan-out's conflicts (no
+    // failure of the credential) when they changed.
+    let shown = |c: &Condition| (c.status.clone(), c.reason.clone(), c.message.clone());
+    let namespaces = |s: Option<&CredentialStatus>| s.and_then(|s| s.condition(NAMESPACES_SYNCED)).map(shown);
+    let conflicts = next.credential.condition(NAMESPACES_SYNCED).filter(|c| c.reason == SECRET_CONFLICT);
+    let failed = match error.or(refresh_failed) {
+        Some(error) => Some((error.reason(), error.to_string()))
+            .filter(|_| conditions_changed(previous_credential, &next.credential)),
+        None => conflicts
+            .filter(|_| namespaces(previous_credential) != namespaces(Some(&next.credential)))
+            .map(|c| (SECRET_CONFLICT, c.message.clone())),
     };
-    if let Some((type_, reason, note)) = event {
+    let events =
+        [written.map(|done| write_event(obj, done)), failed.map(|(reason, note)| (EventType::Warning, reason, note))];
+    for (type_, reason, note) in events.into_iter().flatten() {
         publish(ctx, &obj.object_ref(&()), type_, reason, note).await;
     }
     if verification_failed_anew(previous_credential, &next.credential)

@@ -17,7 +17,7 @@ use secrecy::{ExposeSecret, SecretSlice, SecretString};
 use crate::{Error, crd::CredentialSource, crd::SecretKeyRef, dockerconfig::RegistryAuth};
 
 /// The logins a source produced.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Credentials {
     pub auths: Vec<RegistryAuth>,
     /// When the logins stop working (tokens); `None` for static passwords.
@@ -30,6 +30,9 @@ pub struct Credentials {
     /// What regcred changed in what it read, for the user to know (e.g. the `Ready`
     /// condition's message). Names Secrets and keys, never values.
     pub notes: Vec<String>,
+    /// Why these logins are not fresh ones: the refresh of their token failed, and they hold
+    /// the token it was to replace, still valid (see `token_cache::Cached`).
+    pub refresh_failed: Option<Error>,
 }
 
 /// A Secret a source refers to, as read: only its data, each value in a type whose `Debug`
@@ -119,7 +122,8 @@ pub struct SourceContext<'a, R> {
     /// controller's own AWS identity).
     pub cluster_scoped: bool,
     /// The token a live Secret of this credential already holds, if it is still current by
-    /// the last status: reused after a restart or leader change instead of a new fetch.
+    /// the last status: reused after a restart or leader change instead of a new fetch (or,
+    /// past its refresh time, when the fetch fails).
     pub previous: Option<&'a PreviousToken>,
     /// The namespaces the controller serves (`--namespaces`); references elsewhere fail with
     /// a reason of their own instead of a 403. `None`: every namespace.
@@ -138,7 +142,8 @@ pub struct PreviousToken {
 impl PreviousToken {
     /// The login of a live Secret that can be reused: one login, the same for every server,
     /// for exactly `servers` (any single one when `servers` is empty: the identity's own
-    /// registry), and not due for refresh.
+    /// registry), and valid for at least `token_cache::MIN_VALIDITY`. One due for refresh
+    /// counts: it is asked for again at once, and kept only if that fails.
     pub fn reusable(&self, servers: &[String]) -> Option<&RegistryAuth> {
         let first = self.auths.first()?;
         let same = self
@@ -149,7 +154,8 @@ impl PreviousToken {
             [] => self.auths.len() == 1,
             servers => servers.iter().map(String::as_str).eq(self.auths.iter().map(|a| a.server.as_str())),
         };
-        (same && serves && self.refresh_at > Timestamp::now() && self.expires_at > self.refresh_at).then_some(first)
+        let valid = Timestamp::now() + token_cache::MIN_VALIDITY < self.expires_at;
+        (same && serves && valid && self.expires_at > self.refresh_at).then_some(first)
     }
 }
 
@@ -324,6 +330,7 @@ fn single_login(
         refresh_at: None,
         identity: None,
         notes,
+        refresh_failed: None,
     })
 }
 

@@ -1,6 +1,8 @@
 //! One token per identity, shared by every credential that resolves to it, with
 //! single-flight fetching: concurrent reconciles of the same identity wait for one call to the
-//! provider. Providers with expiring tokens (ECR) keep theirs here.
+//! provider. Providers with expiring tokens (ECR, Google) keep theirs here. When a refresh
+//! fails, the token it was to replace is still handed out while it stays valid for at least
+//! [`MIN_VALIDITY`], together with the failure (see [`Cached`]).
 
 use std::{
     collections::HashMap,
@@ -33,6 +35,19 @@ impl<T, E> Default for Slot<T, E> {
     }
 }
 
+/// The least validity a token must have left to be written: a fetched token with less is an
+/// invalid answer, and a token whose refresh failed is no longer handed out.
+pub const MIN_VALIDITY: Duration = Duration::from_secs(10);
+
+/// What the cache hands out: a token, and why it is not a fresh one when its refresh failed.
+#[derive(Debug)]
+pub struct Cached<T> {
+    pub token: Arc<T>,
+    /// The refresh of `token` was due and failed; `token` is the one it was to replace, still
+    /// valid for at least [`MIN_VALIDITY`].
+    pub refresh_failed: Option<Error>,
+}
+
 /// How long a provider's failure answers for every credential of the identity before the
 /// provider is asked again.
 const FAILURE_TTL: Duration = Duration::from_secs(2);
@@ -59,8 +74,10 @@ where
     E: Clone + Into<Error>,
 {
     /// The cached token while it is not due for refresh; otherwise `fetch`es one, once, however
-    /// many callers ask at the same time.
-    pub async fn get_or_fetch<F, Fut>(&self, key: K, fetch: F) -> Result<Arc<T>, Error>
+    /// many callers ask at the same time. When that fails (or failed within [`FAILURE_TTL`])
+    /// and the cached token is still valid for [`MIN_VALIDITY`], the cached token comes with
+    /// the failure; an expired one never comes back.
+    pub async fn get_or_fetch<F, Fut>(&self, key: K, fetch: F) -> Result<Cached<T>, Error>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<T, FetchError<E>>>,
@@ -73,30 +90,35 @@ where
         let mut slot = slot.lock().await;
         let now = Timestamp::now();
         if let Some(token) = slot.token.as_ref().filter(|t| now < t.refresh_at()) {
-            return Ok(token.clone());
+            return Ok(Cached { token: token.clone(), refresh_failed: None });
         }
+        let failed = |slot: &Slot<T, E>, error: Error| match slot.token.as_ref().filter(|t| still_valid(t.as_ref())) {
+            Some(token) => Ok(Cached { token: token.clone(), refresh_failed: Some(error) }),
+            None => Err(error),
+        };
         if let Some((at, failure)) = &slot.failure
             && at.elapsed() < FAILURE_TTL
         {
-            return Err(failure.clone().into());
+            return failed(&slot, failure.clone().into());
         }
         match fetch().await {
             Ok(token) => {
                 let token = Arc::new(token);
                 *slot = Slot { token: Some(token.clone()), failure: None };
-                Ok(token)
+                Ok(Cached { token, refresh_failed: None })
             }
             Err(FetchError::Provider(failure)) => {
                 slot.failure = Some((Instant::now(), failure.clone()));
-                Err(failure.into())
+                failed(&slot, failure.into())
             }
-            Err(FetchError::Other(error)) => Err(error),
+            Err(FetchError::Other(error)) => failed(&slot, error),
         }
     }
 
     /// Puts a token found in a live Secret into an empty slot, so that a restarted controller
-    /// does not ask the provider (and rewrite every Secret) while that token is not due. A slot
-    /// that holds a token already keeps it.
+    /// does not ask the provider (and rewrite every Secret) while that token is not due, and
+    /// still has it to hand out when it is due and the refresh fails. A slot that holds a token
+    /// already keeps it; a token valid for less than [`MIN_VALIDITY`] is not taken.
     pub fn seed(&self, key: K, token: T) -> bool {
         let slot = {
             let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
@@ -105,7 +127,7 @@ where
         let Ok(mut slot) = slot.try_lock() else {
             return false;
         };
-        if slot.token.is_some() || token.refresh_at() <= Timestamp::now() {
+        if slot.token.is_some() || !still_valid(&token) {
             return false;
         }
         slot.token = Some(Arc::new(token));
@@ -116,6 +138,11 @@ where
     fn len(&self) -> usize {
         self.slots.lock().unwrap_or_else(PoisonError::into_inner).len()
     }
+}
+
+/// Whether a token can still be written: valid for at least [`MIN_VALIDITY`] from now.
+fn still_valid<T: Expiring>(token: &T) -> bool {
+    Timestamp::now() + MIN_VALIDITY < token.expires_at()
 }
 
 /// SHA-256 of `parts`, each followed by a NUL (so `["ab", "c"]` and `["a", "bc"]` differ), in
@@ -245,19 +272,68 @@ mod tests {
     type Cache = TokenCache<&'static str, TestToken, Throttled>;
 
     fn token(refresh_in: i64) -> TestToken {
-        let now = Timestamp::now();
-        TestToken {
-            expires_at: now + Duration::from_secs(3600),
-            refresh_at: now.checked_add(k8s_openapi::jiff::SignedDuration::from_secs(refresh_in)).unwrap(),
-        }
+        expiring(refresh_in, 3600)
     }
 
-    /// A token found in a live Secret fills an empty slot only, and only while it is not due;
+    fn expiring(refresh_in: i64, expires_in: i64) -> TestToken {
+        let now = Timestamp::now();
+        let at = |secs| now.checked_add(k8s_openapi::jiff::SignedDuration::from_secs(secs)).unwrap();
+        TestToken { expires_at: at(expires_in), refresh_at: at(refresh_in) }
+    }
+
+    /// Issue 20, item 8: a refresh that fails leaves the token it was to replace in use while
+    /// that token is valid, with the failure beside it, for a provider's answer (also while
+    /// it is remembered) and for any other failure alike.
+    #[tokio::test]
+    async fn a_failed_refresh_hands_out_the_still_valid_token_with_its_failure() {
+        let cache = Cache::default();
+        let first = cache.get_or_fetch("a", || async { Ok(expiring(-1, 3600)) }).await.unwrap();
+        assert!(first.refresh_failed.is_none());
+        let due = cache.get_or_fetch("a", || async { Err(FetchError::Provider(Throttled)) }).await.unwrap();
+        assert!(Arc::ptr_eq(&due.token, &first.token), "not the cached token");
+        assert_eq!(due.refresh_failed.map(|e| e.reason()), Some("InvalidAwsAnswer"));
+        let remembered = cache.get_or_fetch("a", || async { panic!("asked within the failure TTL") }).await.unwrap();
+        assert!(Arc::ptr_eq(&remembered.token, &first.token) && remembered.refresh_failed.is_some());
+
+        let other = Cache::default();
+        other.get_or_fetch("b", || async { Ok(expiring(-1, 3600)) }).await.unwrap();
+        let failed = other.get_or_fetch("b", || async { Err(FetchError::Other(Error::EcrUnavailable)) }).await;
+        assert_eq!(failed.unwrap().refresh_failed.map(|e| e.reason()), Some("EcrUnavailable"));
+    }
+
+    /// Issue 20, item 8, after a restart: a live Secret's token that is due but valid is
+    /// seeded; it is fetched again at once, and kept only while that fails.
+    #[tokio::test]
+    async fn a_seeded_due_token_is_refreshed_and_kept_only_when_that_fails() {
+        let cache = Cache::default();
+        assert!(cache.seed("a", expiring(-5, 3600)));
+        let kept = cache.get_or_fetch("a", || async { Err(FetchError::Provider(Throttled)) }).await.unwrap();
+        assert!(kept.refresh_failed.is_some(), "the failure comes with the seeded token");
+
+        let healthy = Cache::default();
+        assert!(healthy.seed("a", expiring(-5, 3600)));
+        let fresh = healthy.get_or_fetch("a", || async { Ok(token(600)) }).await.unwrap();
+        assert!(fresh.refresh_failed.is_none() && fresh.token.refresh_at > Timestamp::now(), "not refreshed");
+    }
+
+    /// A token that expires within `MIN_VALIDITY` (or has expired) is never handed out after a
+    /// failed refresh: the failure is the answer.
+    #[tokio::test]
+    async fn an_expiring_token_is_not_handed_out_after_a_failed_refresh() {
+        let cache = Cache::default();
+        cache.get_or_fetch("a", || async { Ok(expiring(-5, 5)) }).await.unwrap();
+        let err = cache.get_or_fetch("a", || async { Err(FetchError::Provider(Throttled)) }).await.unwrap_err();
+        assert_eq!(err.reason(), "InvalidAwsAnswer");
+        let err = cache.get_or_fetch("a", || async { panic!("asked within the failure TTL") }).await.unwrap_err();
+        assert_eq!(err.reason(), "InvalidAwsAnswer");
+    }
+
+    /// A token found in a live Secret fills an empty slot only, and only while it is valid;
     /// the next caller gets it without a fetch.
     #[tokio::test]
     async fn a_seeded_token_is_used_without_a_fetch() {
         let cache = Cache::default();
-        assert!(!cache.seed("a", token(-5)), "a token due for refresh is not seeded");
+        assert!(!cache.seed("a", expiring(-5, 5)), "a token about to expire is not seeded");
         assert!(cache.seed("a", token(600)));
         assert!(!cache.seed("a", token(900)), "a slot with a token keeps it");
         let got = cache.get_or_fetch("a", || async { Err(FetchError::Other(Error::EcrUnavailable)) }).await;

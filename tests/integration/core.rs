@@ -58,8 +58,12 @@ async fn a_rename_keeps_the_old_secret_where_the_new_one_cannot_be_written() {
         s.failures.iter().any(|f| f.namespace == blocked && f.reason == "SecretConflict")
     })
     .await;
-    let ready = crc.status.unwrap().credential.conditions.into_iter().find(|c| c.type_ == "Ready").unwrap();
-    assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "NamespacesFailed"));
+    // A foreign Secret holds one namespace, not the credential (issue 20, item 5).
+    let status = crc.status.unwrap().credential;
+    let ready = status.condition("Ready").unwrap();
+    assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("True", "Synced"));
+    let namespaces = status.condition("NamespacesSynced").unwrap();
+    assert_eq!((namespaces.status.as_str(), namespaces.reason.as_str()), ("False", "SecretConflict"));
     wait_secret(&client, &free, "new-pull", "written", |s| logins(s)[0].2 == password).await;
     let old_in_free = Api::<Secret>::namespaced(client.clone(), &free);
     eventually("the old Secret replaced where the new one is written", TIMEOUT, || async {

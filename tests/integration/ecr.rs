@@ -442,3 +442,118 @@ async fn an_irsa_service_account_created_later_is_picked_up_at_once() {
     eprintln!("IRSA ServiceAccount picked up after {after:?}");
     assert!(after < Duration::from_secs(10), "picked up after {after:?}: by the backoff, not by the event");
 }
+
+/// Issue 20, item 8. A ClusterRegistryCredential's token refresh fails (GetAuthorizationToken
+/// answers 503) while the token it wrote is still valid for a while. A namespace that joins
+/// the fan-out then gets that still-valid token at once (by the Namespace watch, not by a
+/// retry: the controller's backoff is by then longer than the wait), the counts include it,
+/// `Degraded=True` says why no new token came, and `Ready` stays True. A controller restarted
+/// during the outage takes the still-valid token from a live Secret (the one whose digest the
+/// status recorded) and gives it to the next joining namespace. When AWS answers again, the
+/// next retry writes a new token everywhere.
+#[tokio::test]
+async fn a_failing_refresh_still_gives_a_new_namespace_the_valid_token() {
+    let admin = client().await;
+    // 120-second tokens, refreshed when 90 % of their life is left (6-12 s after issue): a
+    // refresh fails long before the token expires.
+    let aws = AwsEmulator::start_with_lifetime(120).unwrap();
+    let name = format!("outage-fan-{}", &unique()[..6]);
+    let args = ["--max-backoff", "300s", "--ecr-refresh-share", "0.9"];
+    let selector = format!("{CONTROLLER_LABEL}={name}");
+    let mut controller = spawn_controller(env().cp, &name, &selector, &aws.endpoint(), &args, &[]);
+    let platform = namespace(&admin, "outage-platform").await;
+    let key_id = create_aws_keys(&admin, &platform, "aws-keys", "secretkey").await;
+    let first = labelled_namespace(&admin, "outage-first", &[("outage", &name)]).await;
+    let spec = json!({
+        "source": {"ecr": {"registry": REGISTRY, "auth": {"secretRef": {"name": "aws-keys", "namespace": platform}}}},
+        "namespaces": {"selector": {"matchLabels": {"outage": name}}},
+    });
+    create_cluster_credential_for(&admin, &name, Some(&name), spec).await;
+    wait_cluster(&admin, &name, "the first namespace synced", |s| s.synced_namespaces == Some(1)).await;
+
+    // AWS fails every GetAuthorizationToken from now on.
+    aws.fail_with_status("ecr:GetAuthorizationToken", Some("ServiceUnavailableException"), 503).unwrap();
+    let degraded = |s: &regcred::crd::ClusterCredentialStatus| {
+        s.credential.condition("Degraded").is_some_and(|c| c.status == "True" && c.reason == "AwsRequestFailed")
+    };
+    wait_cluster(&admin, &name, "Degraded after the failed refresh", degraded).await;
+    // Five failed attempts in: the next retry is at least 16 s away.
+    let failures = "regcred_reconcile_failures_total{kind=\"ClusterRegistryCredential\",reason=\"AwsRequestFailed\"}";
+    regcred_testenv::wait_for("five failed refreshes", Duration::from_secs(90), || {
+        sample(&controller.metrics(), failures).filter(|n| *n >= 5.0)
+    })
+    .expect("the refresh kept failing");
+    let valid = password_of(&Api::<Secret>::namespaced(admin.clone(), &first).get(&name).await.unwrap());
+
+    // A namespace joins the fan-out during the outage.
+    let joined_at = std::time::Instant::now();
+    let joined = labelled_namespace(&admin, "outage-joined", &[("outage", &name)]).await;
+    let api = Api::<Secret>::namespaced(admin.clone(), &joined);
+    let written = eventually("the joined namespace's Secret", Duration::from_secs(10), || async {
+        api.get_opt(&name).await.ok().flatten()
+    })
+    .await;
+    eprintln!("the joined namespace got its Secret after {:?}", joined_at.elapsed());
+    assert_eq!(password_of(&written), valid, "the joined namespace got another token than the valid one");
+    let crc = wait_cluster(&admin, &name, "both namespaces counted, Degraded, Ready", |s| {
+        s.target_namespaces == Some(2)
+            && s.synced_namespaces == Some(2)
+            && s.failed_namespaces == Some(0)
+            && degraded(s)
+            && s.credential.condition("Ready").is_some_and(|c| c.status == "True")
+    })
+    .await;
+    let status = crc.status.unwrap().credential;
+    let message = &status.condition("Degraded").unwrap().message;
+    assert!(
+        message.contains("ServiceUnavailableException") && message.contains("keeps the current token"),
+        "{message}"
+    );
+    let expires = status.expires_at.expect("expiresAt").0;
+    assert!(expires > k8s_openapi::jiff::Timestamp::now(), "an expired token was reported as current");
+    let issued: BTreeSet<String> = token_calls(&aws, &key_id).iter().map(issued_password).collect();
+    assert!(issued.contains(&valid), "the token is not one AWS issued");
+
+    // The controller restarts, still during the outage: its memory holds no token.
+    controller.terminate();
+    drop(controller);
+    let restarted = spawn_controller(env().cp, &format!("{name}-2"), &selector, &aws.endpoint(), &args, &[]);
+    let third = labelled_namespace(&admin, "outage-third", &[("outage", &name)]).await;
+    let written = wait_secret(&admin, &third, &name, "written after the restart", |_| true).await;
+    assert_eq!(password_of(&written), valid, "the third namespace got another token than the valid one");
+    wait_cluster(&admin, &name, "three namespaces counted, Degraded, Ready", |s| {
+        s.synced_namespaces == Some(3)
+            && degraded(s)
+            && s.credential.condition("Ready").is_some_and(|c| c.status == "True")
+    })
+    .await;
+
+    // AWS answers again: the next retry writes a new token into every namespace.
+    aws.fail("ecr:GetAuthorizationToken", None).unwrap();
+    let recovered = |s: &regcred::crd::ClusterCredentialStatus| {
+        s.synced_namespaces == Some(3)
+            && s.credential.condition("Degraded").is_some_and(|c| c.status == "False")
+            && s.credential.condition("Ready").is_some_and(|c| c.status == "True")
+    };
+    let crcs = Api::<regcred::crd::ClusterRegistryCredential>::all(admin.clone());
+    eventually("a new token after recovery", Duration::from_secs(120), || async {
+        let status = crcs.get(&name).await.ok()?.status?;
+        recovered(&status).then_some(())
+    })
+    .await;
+    for ns in [&first, &joined, &third] {
+        let secret = Api::<Secret>::namespaced(admin.clone(), ns).get(&name).await.unwrap();
+        let password = password_of(&secret);
+        assert_ne!(password, valid, "{ns} still holds the old token");
+    }
+    drop(restarted);
+    assert_no_leaks(&admin).await;
+}
+
+/// The one password of a Secret's single login.
+fn password_of(secret: &Secret) -> String {
+    let logins = logins(secret);
+    assert_eq!(logins.len(), 1, "one login");
+    record_secret(&logins[0].2);
+    logins[0].2.clone()
+}

@@ -1,6 +1,7 @@
 //! ClusterRegistryCredential: one credential, a Secret in every selected namespace, following
 //! namespaces as they come, go and change labels.
 
+use base64::Engine;
 use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::{
     Api,
@@ -262,4 +263,192 @@ async fn the_older_credential_keeps_a_contested_secret() {
     assert_eq!(secrets.get(PULL).await.unwrap().metadata.resource_version, before);
     let owners = secrets.get(PULL).await.unwrap().metadata.owner_references.unwrap();
     assert_eq!(owners.iter().map(|o| o.name.as_str()).collect::<Vec<_>>(), [older.as_str()]);
+}
+
+/// Issue 20, item 5: a tenant's own Secret with the fan-out's name holds one namespace, not
+/// the credential. That namespace is reported (`NamespacesSynced=False`, reason
+/// `SecretConflict`, in `status.failures`), `Ready` stays True, every other namespace is
+/// synced, and the tenant's Secret is never written. Once the tenant deletes it, regcred's
+/// Secret takes its place.
+#[tokio::test]
+async fn a_tenants_own_secret_is_reported_without_holding_ready_hostage() {
+    env();
+    let admin = client().await;
+    let team = format!("hostage-{}", &unique()[..6]);
+    let source_ns = namespace(&admin, "hostage-src").await;
+    let password = secret_value("robot", "hostage");
+    create_secret(&admin, &source_ns, "src", &[("password", password.as_bytes())]).await;
+    let free = [
+        labelled_namespace(&admin, "hostage-free", &[("team", &team)]).await,
+        labelled_namespace(&admin, "hostage-free", &[("team", &team)]).await,
+    ];
+    let held = labelled_namespace(&admin, "hostage-held", &[("team", &team)]).await;
+    // The tenant's own pull Secret, made with its `edit` role, under the fan-out's name.
+    let tenant = tenant(&admin, &held).await;
+    let theirs = secret_value("tenant", "own-pull");
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("tenant:{theirs}"));
+    let config = json!({"auths": {"registry.example.com": {"username": "tenant", "password": theirs, "auth": auth}}});
+    let own: Secret = serde_json::from_value(json!({
+        "metadata": {"name": PULL},
+        "type": "kubernetes.io/dockerconfigjson",
+        "stringData": {".dockerconfigjson": config.to_string()},
+    }))
+    .unwrap();
+    let tenant_secrets = Api::<Secret>::namespaced(tenant.clone(), &held);
+    let own = tenant_secrets.create(&Default::default(), &own).await.expect("an editor may create Secrets");
+
+    let name = format!("hostage-{}", &unique()[..6]);
+    create_cluster_credential(
+        &admin,
+        &name,
+        json!({
+            "registry": "registry.example.com",
+            "source": {"basic": {"username": "robot", "passwordSecretRef": {"name": "src", "namespace": source_ns}}},
+            "namespaces": {"selector": {"matchLabels": {"team": team}}},
+            "secret": {"name": PULL},
+        }),
+    )
+    .await;
+    let condition = |s: &regcred::crd::ClusterCredentialStatus, type_: &str| s.credential.condition(type_).cloned();
+    let crc = wait_cluster(&admin, &name, "Ready, the held namespace reported as a conflict", |s| {
+        s.target_namespaces == Some(3)
+            && s.synced_namespaces == Some(2)
+            && s.failed_namespaces == Some(1)
+            && condition(s, "Ready").is_some_and(|c| c.status == "True" && c.reason == "Synced")
+            && condition(s, "NamespacesSynced").is_some_and(|c| c.status == "False" && c.reason == "SecretConflict")
+    })
+    .await;
+    let status = crc.status.unwrap();
+    let failures: Vec<_> = status.failures.iter().map(|f| (f.namespace.as_str(), f.reason.as_str())).collect();
+    assert_eq!(failures, [(held.as_str(), "SecretConflict")]);
+    let message = condition(&status, "NamespacesSynced").unwrap().message;
+    assert!(message.contains("1 of 3"), "{message}");
+    for ns in &free {
+        wait_pull_secret(&admin, ns, Some(&password)).await;
+    }
+    wait_event(&admin, "default", "ClusterRegistryCredential", &name, "Warning", "SecretConflict").await;
+    let now = tenant_secrets.get(PULL).await.unwrap();
+    assert_eq!(now.metadata.resource_version, own.metadata.resource_version, "the tenant's Secret was written");
+    assert!(now.metadata.owner_references.is_none(), "the tenant's Secret was taken");
+
+    // The tenant gives the name up: regcred's Secret takes its place.
+    tenant_secrets.delete(PULL, &DeleteParams::default()).await.unwrap();
+    wait_pull_secret(&admin, &held, Some(&password)).await;
+    wait_cluster(&admin, &name, "every namespace synced", |s| {
+        s.synced_namespaces == Some(3)
+            && s.failures.is_empty()
+            && condition(s, "NamespacesSynced").is_some_and(|c| c.status == "True")
+    })
+    .await;
+    assert_no_leaks(&admin).await;
+}
+
+/// Issue 20, item 5: `kubectl delete --cascade=orphan` of a ClusterRegistryCredential, then the
+/// same credential applied again (a GitOps re-sync), and of a RegistryCredential whose
+/// namespace the new one selects (a migration to the cluster kind). The garbage collector
+/// strips the deleted credentials' owner references from their Secrets; the new credential (a
+/// new uid) adopts them (the same Secret objects, now controlled by it) instead of reporting a
+/// SecretConflict in every namespace.
+#[tokio::test]
+async fn an_orphaned_fan_out_is_adopted_by_the_re_created_credential() {
+    env();
+    let client = client().await;
+    let team = format!("orphan-{}", &unique()[..6]);
+    let source_ns = namespace(&client, "orphan-src").await;
+    let password = secret_value("robot", "orphan");
+    create_secret(&client, &source_ns, "src", &[("password", password.as_bytes())]).await;
+    let mut targets = Vec::new();
+    for _ in 0..3 {
+        targets.push(labelled_namespace(&client, "orphan", &[("team", &team)]).await);
+    }
+    let name = format!("orphan-{}", &unique()[..6]);
+    let spec = json!({
+        "registry": "registry.example.com",
+        "source": {"basic": {"username": "robot", "passwordSecretRef": {"name": "src", "namespace": source_ns}}},
+        "namespaces": {"selector": {"matchLabels": {"team": team}}},
+        "secret": {"name": PULL},
+    });
+    // One more target, which the re-created credential will no longer select.
+    let leaving = labelled_namespace(&client, "orphan-leaving", &[("team", &team)]).await;
+    let first = create_cluster_credential(&client, &name, spec.clone()).await;
+    wait_cluster(&client, &name, "4 synced", |s| s.synced_namespaces == Some(4)).await;
+    // A namespace with a RegistryCredential of its own, to be migrated to the cluster kind.
+    let migrated = namespace(&client, "orphan-migrated").await;
+    create_secret(&client, &migrated, "src", &[("password", password.as_bytes())]).await;
+    create_credential(
+        &client,
+        &migrated,
+        "own",
+        json!({"registry": "registry.example.com", "secret": {"name": PULL},
+               "source": {"basic": {"username": "robot", "passwordSecretRef": {"name": "src"}}}}),
+    )
+    .await;
+    wait_ready(&client, &migrated, "own", "True", Some("Synced")).await;
+
+    let orphan =
+        || DeleteParams { propagation_policy: Some(kube::api::PropagationPolicy::Orphan), ..Default::default() };
+    let api = Api::<ClusterRegistryCredential>::all(client.clone());
+    api.delete(&name, &orphan()).await.unwrap();
+    let namespaced = Api::<regcred::crd::RegistryCredential>::namespaced(client.clone(), &migrated);
+    namespaced.delete("own", &orphan()).await.unwrap();
+    targets.push(migrated.clone());
+    let mut orphans = Vec::new();
+    for ns in &targets {
+        let secrets = Api::<Secret>::namespaced(client.clone(), ns);
+        orphans.push(
+            eventually(&format!("{ns}/{PULL} orphaned"), TIMEOUT, || async {
+                let secret = secrets.get_opt(PULL).await.ok()??;
+                secret.metadata.owner_references.as_ref().is_none_or(Vec::is_empty).then_some(secret)
+            })
+            .await,
+        );
+    }
+    eventually("both credentials gone", TIMEOUT, || async {
+        (api.get_opt(&name).await.ok()?.is_none() && namespaced.get_opt("own").await.ok()?.is_none()).then_some(())
+    })
+    .await;
+
+    let secrets = Api::<Secret>::namespaced(client.clone(), &leaving);
+    let left = eventually("the leaving namespace's Secret orphaned", TIMEOUT, || async {
+        let secret = secrets.get_opt(PULL).await.ok()??;
+        secret.metadata.owner_references.as_ref().is_none_or(Vec::is_empty).then_some(secret)
+    })
+    .await;
+
+    // Applied again, now also selecting the migrated namespace, and excluding the leaving one.
+    let relabel = json!({"metadata": {"labels": {"team": team}}});
+    Api::<Namespace>::all(client.clone())
+        .patch(&migrated, &PatchParams::default(), &Patch::Merge(&relabel))
+        .await
+        .unwrap();
+    let mut spec = spec;
+    spec["namespaces"]["exclude"] = json!([leaving]);
+    let second = create_cluster_credential(&client, &name, spec).await;
+    let new_uid = second.metadata.uid.clone().unwrap();
+    assert_ne!(first.metadata.uid, second.metadata.uid);
+    let crc = wait_cluster(&client, &name, "4 synced, Ready", |s| {
+        s.synced_namespaces == Some(4)
+            && s.failed_namespaces == Some(0)
+            && s.credential.condition("Ready").is_some_and(|c| c.status == "True")
+            && s.credential.condition("NamespacesSynced").is_some_and(|c| c.status == "True")
+    })
+    .await;
+    assert!(crc.status.unwrap().failures.is_empty(), "a conflict was reported");
+    for orphan in &orphans {
+        let ns = orphan.metadata.namespace.as_deref().unwrap();
+        let now = Api::<Secret>::namespaced(client.clone(), ns).get(PULL).await.unwrap();
+        assert_eq!(now.metadata.uid, orphan.metadata.uid, "{ns}: not adopted but replaced");
+        let owners = now.metadata.owner_references.clone().unwrap_or_default();
+        assert!(owners.iter().any(|o| o.controller == Some(true) && o.uid == new_uid), "{ns}: not adopted: {owners:?}");
+        assert_eq!(now.metadata.labels.as_ref().unwrap()["regcred.dev/credential-uid"], new_uid, "{ns}");
+        assert_eq!(logins(&now)[0].2, password);
+    }
+    let kept = secrets.get(PULL).await.unwrap();
+    assert_eq!(
+        kept.metadata.resource_version, left.metadata.resource_version,
+        "an orphan outside the targets was written"
+    );
+    let events = events_for(&client, "default", "ClusterRegistryCredential", &name).await;
+    assert!(!events.iter().any(|e| e.1 == "SecretConflict"), "{events:?}");
+    assert_no_leaks(&client).await;
 }

@@ -20,12 +20,15 @@ pub use cache::{CacheKey, Failure, FetchError, Token, TokenCache};
 pub use host::{EcrHost, ecr_host_pattern, parse_ecr_host};
 pub use identity::{Identity, ROLE_ARN_ANNOTATION, STS_AUDIENCE};
 
-use super::{CredentialProvider, Credentials, SecretReader, SourceContext, token_cache::Cloud};
+use super::{
+    CredentialProvider, Credentials, SecretReader, SourceContext,
+    token_cache::{Cached, Cloud},
+};
 use crate::{Error, crd::EcrSource, dockerconfig::RegistryAuth, metrics::Metrics};
 
-/// A token must stay valid at least this long after it is written (real tokens live 12 h;
-/// this only rejects answers that are already stale).
-const MIN_VALIDITY: std::time::Duration = std::time::Duration::from_secs(10);
+// A token must stay valid at least `MIN_VALIDITY` after it is written (real tokens live 12 h;
+// this only rejects answers that are already stale).
+use crate::source::token_cache::MIN_VALIDITY;
 
 /// How ECR sources behave, from the controller's flags.
 #[derive(Clone, Debug)]
@@ -133,7 +136,8 @@ impl CredentialProvider for EcrSource {
         {
             provider.tokens.seed(key.clone(), token);
         }
-        let token =
+        // After a failed refresh, the token it was to replace while that is still valid.
+        let Cached { token, refresh_failed } =
             provider.tokens.get_or_fetch(key, || get_authorization_token(provider, &identity, &target, self)).await?;
         let hosts = if target.hosts.is_empty() { vec![token.proxy_host.clone()] } else { target.hosts };
         Ok(Credentials {
@@ -149,6 +153,7 @@ impl CredentialProvider for EcrSource {
             refresh_at: Some(token.refresh_at),
             identity: Some(fingerprint),
             notes,
+            refresh_failed,
         })
     }
 }
@@ -256,6 +261,10 @@ mod tests {
     }
 
     fn previous(servers: &[&str], refresh_in: i64) -> crate::source::PreviousToken {
+        previous_expiring(servers, refresh_in, 43200)
+    }
+
+    fn previous_expiring(servers: &[&str], refresh_in: i64, expires_in: i64) -> crate::source::PreviousToken {
         let now = Timestamp::now();
         crate::source::PreviousToken {
             identity: "f".into(),
@@ -263,18 +272,22 @@ mod tests {
                 .iter()
                 .map(|s| RegistryAuth { server: s.to_string(), username: "AWS".into(), password: "pw".into() })
                 .collect(),
-            expires_at: now + std::time::Duration::from_secs(43200),
+            expires_at: now.checked_add(k8s_openapi::jiff::SignedDuration::from_secs(expires_in)).unwrap(),
             refresh_at: now.checked_add(k8s_openapi::jiff::SignedDuration::from_secs(refresh_in)).unwrap(),
         }
     }
 
-    /// Item 6: only a token for exactly the wanted registries, not due, is reused.
+    /// Item 6: only a token for exactly the wanted registries, still valid, is reused (one due
+    /// for refresh too, since issue 20 item 8: it is asked for again at once, and kept only
+    /// while that fails).
     #[test]
-    fn a_live_token_is_reused_only_for_the_same_registries_while_not_due() {
+    fn a_live_token_is_reused_only_for_the_same_registries_while_valid() {
         let hosts = vec!["a.dkr.ecr.eu-west-1.amazonaws.com".to_string()];
         let token = reusable(&previous(&["a.dkr.ecr.eu-west-1.amazonaws.com"], 600), &hosts).unwrap();
         assert_eq!(token.password.expose_secret(), "pw");
-        assert!(reusable(&previous(&["a.dkr.ecr.eu-west-1.amazonaws.com"], -1), &hosts).is_none(), "due");
+        assert!(reusable(&previous(&["a.dkr.ecr.eu-west-1.amazonaws.com"], -1), &hosts).is_some(), "due, valid");
+        let expiring = previous_expiring(&["a.dkr.ecr.eu-west-1.amazonaws.com"], -10, 5);
+        assert!(reusable(&expiring, &hosts).is_none(), "valid for less than MIN_VALIDITY");
         assert!(reusable(&previous(&["b.dkr.ecr.eu-west-1.amazonaws.com"], 600), &hosts).is_none(), "other host");
         let two = ["a.dkr.ecr.eu-west-1.amazonaws.com", "b.dkr.ecr.eu-west-1.amazonaws.com"];
         assert!(reusable(&previous(&two, 600), &hosts).is_none(), "more hosts than wanted");
@@ -298,7 +311,8 @@ mod tests {
         let cache = TokenCache::default();
         let key = CacheKey { identity: "ambient".into(), region: "eu-west-1".into(), fips: false, assume_role: None };
         assert!(cache.seed(key.clone(), token));
-        let cached = cache.get_or_fetch(key, || async { Err(FetchError::Other(Error::EcrUnavailable)) }).await.unwrap();
+        let cached =
+            cache.get_or_fetch(key, || async { Err(FetchError::Other(Error::EcrUnavailable)) }).await.unwrap().token;
         let login = RegistryAuth { server: "h".into(), username: "AWS".into(), password: cached.password.clone() };
         for shown in [format!("{cached:?}"), format!("{login:?}")] {
             crate::test_support::assert_hidden(&shown, "hunter2-ecr");

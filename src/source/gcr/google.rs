@@ -19,8 +19,8 @@ const JWT_BEARER: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
 const TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
 const ACCESS_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:access_token";
 const JWT_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:jwt";
-/// A token must stay valid at least this long to be written.
-pub const MIN_VALIDITY: std::time::Duration = std::time::Duration::from_secs(10);
+// A token must stay valid at least `MIN_VALIDITY` to be written.
+use crate::source::token_cache::MIN_VALIDITY;
 
 /// An access token and when it stops working.
 #[derive(Debug)]

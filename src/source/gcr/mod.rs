@@ -303,7 +303,8 @@ impl CredentialProvider for GcrSource {
             };
             provider.tokens.seed(key.clone(), token);
         }
-        let token =
+        // After a failed refresh, the token it was to replace while that is still valid.
+        let crate::source::token_cache::Cached { token, refresh_failed } =
             provider.tokens.get_or_fetch(key, || fetch_token(provider, &identity, impersonate.as_deref())).await?;
         Ok(Credentials {
             auths: servers
@@ -318,6 +319,7 @@ impl CredentialProvider for GcrSource {
             refresh_at: Some(token.refresh_at),
             identity: Some(fingerprint),
             notes: Vec::new(),
+            refresh_failed,
         })
     }
 }
