@@ -7,91 +7,41 @@ use std::{
 };
 
 use futures::{StreamExt, stream};
-use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
+use k8s_openapi::{
+    api::core::v1::{Secret, ServiceAccount},
+    apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference},
+};
 use kube::{
     Api, ResourceExt,
     api::ListParams,
     runtime::{controller::Action, events::EventType},
 };
-use secrecy::ExposeSecret;
+use secrecy::{ExposeSecret, SecretSlice};
 use tracing::{info, warn};
 
 use super::{
     Context,
     credential::{Credential, Scope},
+    fan_out::{FanOut, StepDone, Tally, is_conflict},
     observe::{accounts_to_check, own_secrets, own_secrets_by_name, previous_token, read_accounts},
     publish,
     report::report,
     retry_delay, verification,
 };
 use crate::{
-    Error, dockerconfig,
-    plan::{self, NamespaceStep, Observed, Removal, Retire, SecretStep},
+    Error,
+    crd::{ClusterCredentialStatus, SecretTemplate},
+    dockerconfig,
+    plan::{self, LiveSecret, NamespaceStep, Observed, Removal, Retire, SecretStep},
     secret::{
         Claim, DesiredSecret, Outcome, SecretChange, apply, config_hash, delete_seen, desired_secret, ensure_secret,
         metadata_digest,
     },
     service_account::{has_finalizer, release, set_finalizer, sync_namespace},
-    source::{ApiSecretReader, CredentialProvider, ReadOnce, SourceContext},
-    state::SeenCurrent,
+    source::{ApiSecretReader, CredentialProvider, Credentials, PreviousToken, ReadOnce, SourceContext},
+    state::{ObjectState, SeenCurrent},
     status::Synced,
 };
-
-/// One namespace's step, what writing its Secret gave, and how many old Secrets it retired.
-type StepResult = (NamespaceStep, Result<Outcome, Error>, Result<usize, Error>);
-
-/// What one reconcile did across its target namespaces.
-pub(super) struct FanOut {
-    pub(super) synced: Synced,
-    /// The logins written and the rendered config's hash, for the registry check.
-    pub(super) logins: Vec<crate::dockerconfig::RegistryAuth>,
-    pub(super) config_hash: String,
-    pub(super) targets: Vec<String>,
-    pub(super) failures: Vec<(String, Error)>,
-    /// The token refresh that failed when the logins hold the still-valid token it was to
-    /// replace: the fan-out went ahead with that token, and the reconcile is retried with
-    /// backoff.
-    pub(super) refresh_failed: Option<Error>,
-    pub(super) created: usize,
-    pub(super) updated: usize,
-    pub(super) removed: usize,
-}
-
-impl FanOut {
-    /// The error a reconcile with failing namespaces reports: the namespace's own error for a
-    /// credential with one target, a count for a fan-out. A fan-out's conflicts (a target
-    /// namespace keeps a Secret of that name that is not the credential's to take) are no
-    /// error of the credential: they are reported per namespace (`NamespacesSynced`), and one
-    /// tenant's Secret does not make the credential fail for everyone.
-    fn error<K: Credential>(&mut self, obj: &K) -> Option<Error> {
-        match obj.parts().scope {
-            Scope::Namespace(_) if !self.failures.is_empty() => Some(self.failures.remove(0).1),
-            _ => {
-                let in_targets = |ns: &String| self.targets.contains(ns);
-                let failed = self.failures.iter().filter(|(ns, e)| in_targets(ns) && !is_conflict(e)).count();
-                let cleanup = self.failures.iter().filter(|(ns, _)| !in_targets(ns)).count();
-                match (failed, cleanup) {
-                    (0, 0) => None,
-                    (0, namespaces) => Some(Error::CleanupFailed { namespaces }),
-                    (failed, _) => Some(Error::NamespacesFailed { failed, targets: self.targets.len() }),
-                }
-            }
-        }
-    }
-
-    /// Target namespaces that do not hold the Secret: (conflicts, other failures).
-    pub(super) fn target_failures(&self) -> (usize, usize) {
-        let in_targets = self.failures.iter().filter(|(ns, _)| self.targets.contains(ns));
-        let conflicts = in_targets.clone().filter(|(_, e)| is_conflict(e)).count();
-        (conflicts, in_targets.count() - conflicts)
-    }
-}
-
-/// Whether a namespace failed only because a Secret of the name is not the credential's to
-/// take there (a tenant's own, or an older credential's).
-fn is_conflict(error: &Error) -> bool {
-    matches!(error, Error::SecretConflict { .. })
-}
 
 #[tracing::instrument(skip_all, fields(kind = K::KIND, namespace = obj.meta().namespace.as_deref(), object = %obj.name_any()))]
 pub(crate) async fn reconcile<K: Credential>(obj: Arc<K>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -178,224 +128,328 @@ async fn sync<K: Credential>(obj: &K, uid: &str, ctx: &Context) -> Result<FanOut
         return Err(Error::ReservedKey { key: key.into() });
     }
     let owner = obj.controller_owner_ref(&()).ok_or(Error::MissingObjectField("metadata.uid"))?;
-    let mut outside_scope = Vec::new();
-    let (own_namespace, targets, terminating) = match parts.scope {
-        Scope::Namespace(ns) => (Some(ns), vec![ns.to_string()], BTreeSet::new()),
-        Scope::Selection(selection) => {
-            let namespaces = ctx.namespaces.state();
-            let selected = plan::select(selection, namespaces.iter().map(|n| &n.metadata))?;
-            let (targets, outside) = plan::within(selected, ctx.config.namespaces.as_ref());
-            outside_scope = outside;
-            let terminating = namespaces
-                .iter()
-                .filter(|n| n.metadata.deletion_timestamp.is_some())
-                .filter_map(|n| n.metadata.name.clone())
-                .collect();
-            (None, targets, terminating)
-        }
-    };
-    ctx.index.set_targets(uid, &targets);
+    let scope = targets_of(parts.scope, ctx)?;
+    ctx.index.set_targets(uid, &scope.targets);
     let secret_name = obj.secret_name();
     let status = ctx.states.recent_status(uid).or_else(|| obj.status_view());
-    let previous_name = status.as_ref().and_then(|s| s.credential.secret_name.clone());
-    let seed = status.as_ref().and_then(|s| s.credential.token_digest.as_deref());
-    let (own, sample) = match ctx.config.watch_secrets {
-        true => own_secrets(ctx, own_namespace, uid, &targets, &secret_name, seed).await?,
-        // Where RBAC withholds list on Secrets: read the ones this credential may have, by name.
-        false => {
-            let names: Vec<&str> =
-                [Some(secret_name.as_str()), previous_name.as_deref()].into_iter().flatten().collect();
-            own_secrets_by_name(ctx, uid, &targets, &names, seed).await?
-        }
-    };
-    let previous_token = sample.as_ref().and_then(|s| previous_token(s, status.as_ref(), obj.meta().generation));
+    let own = observe_own(ctx, uid, &scope, &secret_name, status.as_ref(), obj.meta().generation).await?;
 
-    // One fetch for every namespace (ECR tokens also come from the shared cache).
+    // One fetch for every namespace (tokens also come from the shared cache).
     let reader = ReadOnce::new(ApiSecretReader(ctx.client.clone()));
     let source_ctx = SourceContext {
-        namespace: own_namespace.unwrap_or_default(),
+        namespace: scope.own_namespace.unwrap_or_default(),
         registry: parts.registry,
         secrets: &reader,
         ecr: Some(&ctx.ecr),
         gcp: Some(&ctx.gcp),
-        cluster_scoped: own_namespace.is_none(),
-        previous: previous_token.as_ref(),
+        cluster_scoped: scope.own_namespace.is_none(),
+        previous: own.previous_token.as_ref(),
         served: ctx.config.namespaces.as_ref(),
     };
     // After a failed refresh: the still-valid token it was to replace, which every target may
     // have (new and repaired namespaces too); `Degraded` says why it is not a new one.
     let mut credentials = parts.source.fetch(&source_ctx).await?;
     let refresh_failed = credentials.refresh_failed.take();
-    credentials.notes.extend(plan::outside_scope_note(&outside_scope));
-    let docker_config = dockerconfig::render(&credentials.auths);
-    let desired_hash = config_hash(Some(docker_config.expose_secret()));
-    let identity = credentials.identity.as_deref();
-    let desired_in = |namespace: &str| {
-        desired_secret(&secret_name, namespace, parts.secret, Some(owner.clone()), docker_config.clone(), identity)
-    };
+    credentials.notes.extend(plan::outside_scope_note(&scope.outside_scope));
+    let desired = Desired::new(&secret_name, parts.secret, owner, &credentials);
 
     let contested = ctx.states.with(uid, |s| s.contested.clone());
-    let desired_meta = desired_in("").metadata;
-    let desired_meta_digest = metadata_digest(&desired_meta);
     let plan = plan::plan(&Observed {
-        targets: &targets,
-        terminating: &terminating,
+        targets: &scope.targets,
+        terminating: &scope.terminating,
         secret_name: &secret_name,
-        previous_name: previous_name.as_deref(),
-        own: &own,
+        previous_name: own.previous_name.as_deref(),
+        own: &own.live,
         contested: &contested,
-        desired: &desired_meta,
-        desired_hash: &desired_hash,
-        desired_meta_digest: &desired_meta_digest,
+        desired: &desired.meta,
+        desired_hash: &desired.hash,
+        desired_meta_digest: &desired.meta_digest,
     });
-    // What is current stays known at its resourceVersion (from the watch, or after a write).
-    let live_versions: BTreeMap<&str, &str> = own
-        .iter()
-        .filter(|l| l.name() == secret_name)
-        .filter_map(|l| Some((l.namespace(), l.meta.resource_version.as_deref()?)))
-        .collect();
-
     let wanted = parts.service_accounts;
     let accounts = match !wanted.is_empty() || has_finalizer(obj.meta()) {
-        true => accounts_to_check(ctx, uid, &targets, wanted, &secret_name).await?,
+        true => accounts_to_check(ctx, uid, &scope.targets, wanted, &secret_name).await?,
         false => BTreeMap::new(),
     };
-    let claim = Claim { owner: owner.clone(), created: obj.meta().creation_timestamp.as_ref().map(|t| t.0) };
-    let concurrency = usize::from(ctx.config.concurrency.max(1));
-    let accounts_ref = &accounts;
-    let results: Vec<StepResult> = stream::iter(plan.steps)
-        .map(|step| {
-            let desired = desired_in(&step.namespace);
-            let (claim, secret_name) = (&claim, &secret_name);
-            async move {
-                let written = write_secret(ctx, &step, &desired, claim).await;
-                let accounts = accounts_ref.get(&step.namespace).map(Vec::as_slice);
-                let after = match (&written, accounts) {
-                    (Ok(_), Some(list)) => {
-                        let api = Api::<ServiceAccount>::namespaced(ctx.client.clone(), &step.namespace);
-                        sync_namespace(&api, list, secret_name, wanted, uid).await.map(|_| ())
-                    }
-                    _ => Ok(()),
-                };
-                // The old name goes only once the new one is in place here.
-                let retired = match (&written, after) {
-                    (Ok(_), Ok(())) => retire_all(ctx, &step.namespace, &step.retire, accounts, uid).await,
-                    (Ok(_), Err(error)) => Err(error),
-                    (Err(_), _) => Ok(0),
-                };
-                (step, written, retired)
-            }
-        })
-        .buffer_unordered(concurrency)
-        .collect()
-        .await;
+    let claim = Claim { owner: desired.owner.clone(), created: obj.meta().creation_timestamp.as_ref().map(|t| t.0) };
+    let writing = Writing { ctx, uid, desired: &desired, claim: &claim, accounts: &accounts, wanted };
+    let done = writing.steps(plan.steps).await;
 
-    let (mut created, mut updated, mut removed, mut failures) = (0, 0, 0, Vec::new());
+    let mut tally = Tally::default();
     ctx.states.with(uid, |state| {
-        for (step, written, retired) in results {
-            if let (Ok(_), Ok(_), Some(list)) = (&written, &retired, accounts_ref.get(&step.namespace)) {
-                // Read and brought in line in this pass: unchanged, they need no read next time.
-                for account in list {
-                    let key = (step.namespace.clone(), account.name_any());
-                    if let Some(rv) = &account.metadata.resource_version {
-                        state.accounts_verified.insert(key, rv.clone());
-                    }
-                }
-            }
-            let key = (step.namespace.clone(), secret_name.clone());
-            match written {
-                Ok(outcome) => {
-                    state.contested.remove(&step.namespace);
-                    match outcome.change {
-                        SecretChange::Created => created += 1,
-                        SecretChange::Updated => updated += 1,
-                        SecretChange::Unchanged => {}
-                    }
-                    let rv = match outcome.change {
-                        SecretChange::Unchanged => live_versions.get(step.namespace.as_str()).map(|rv| rv.to_string()),
-                        _ => outcome.resource_version,
-                    };
-                    if let Some(resource_version) = rv {
-                        let seen = SeenCurrent {
-                            resource_version,
-                            data_hash: desired_hash.clone(),
-                            meta_digest: desired_meta_digest.clone(),
-                        };
-                        state.verified.insert(key, seen);
-                    }
-                }
-                // Deleted or terminating since the list: nothing to keep there.
-                Err(error) if namespace_gone(&error, &step.namespace) => {}
-                Err(error) => {
-                    if matches!(error, Error::SecretConflict { .. }) {
-                        state.contested.insert(step.namespace.clone());
-                    }
-                    state.verified.remove(&key);
-                    failures.push((step.namespace.clone(), error));
-                }
-            }
-            match retired {
-                Ok(n) => removed += n,
-                Err(error) if namespace_gone(&error, &step.namespace) => {}
-                Err(error) => failures.push((step.namespace, error)),
-            }
-        }
-        state.targets = targets.iter().cloned().collect();
-        // Remember only what this credential may still have.
-        let targets: BTreeSet<&str> = targets.iter().map(String::as_str).collect();
-        state.verified.retain(|(ns, name), _| targets.contains(ns.as_str()) && *name == secret_name);
-        state.accounts_verified.retain(|(ns, name), _| targets.contains(ns.as_str()) && wanted.contains(name));
-        state.contested.retain(|ns| targets.contains(ns.as_str()));
+        record_steps(state, done, &mut tally, &desired, &own.live, &accounts);
+        forget_untargeted(state, &scope.targets, &secret_name, wanted);
     });
+    // Secrets of this credential in namespaces it no longer targets.
+    for (removal, result) in writing.removals(plan.removals).await {
+        match result {
+            Ok(n) => tally.removed += n,
+            Err(error) if namespace_gone(&error, &removal.namespace) => {}
+            Err(error) => tally.failures.push((removal.namespace, error)),
+        }
+    }
+    tally.failures.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(FanOut {
+        synced: Synced {
+            secret_name: secret_name.clone(),
+            registries: credentials.auths.iter().map(|a| a.server.clone()).collect(),
+            expires_at: credentials.expires_at,
+            refresh_at: credentials.refresh_at,
+            token_digest: credentials.expires_at.is_some().then(|| desired.hash.clone()),
+            notes: credentials.notes,
+        },
+        logins: credentials.auths,
+        config_hash: desired.hash,
+        targets: scope.targets,
+        failures: tally.failures,
+        refresh_failed,
+        created: tally.created,
+        updated: tally.updated,
+        removed: tally.removed,
+    })
+}
 
-    // Secrets of this credential in namespaces it no longer targets. One failure does not
-    // discard what the others did.
-    let removals: Vec<(Removal, Result<usize, Error>)> = stream::iter(plan.removals)
-        .map(|removal| async move {
-            let accounts = accounts_ref.get(&removal.namespace).map(Vec::as_slice);
-            let result = match accounts {
+/// The namespaces a reconcile writes into.
+struct Targets<'a> {
+    /// A RegistryCredential's own namespace; `None` for a cluster credential.
+    own_namespace: Option<&'a str>,
+    targets: Vec<String>,
+    /// Selected namespaces being deleted: nothing is removed from them.
+    terminating: BTreeSet<String>,
+    /// Selected namespaces outside `--namespaces`, named in the Ready message.
+    outside_scope: Vec<String>,
+}
+
+fn targets_of<'a>(scope: Scope<'a>, ctx: &Context) -> Result<Targets<'a>, Error> {
+    match scope {
+        Scope::Namespace(ns) => Ok(Targets {
+            own_namespace: Some(ns),
+            targets: vec![ns.to_string()],
+            terminating: BTreeSet::new(),
+            outside_scope: Vec::new(),
+        }),
+        Scope::Selection(selection) => {
+            let namespaces = ctx.namespaces.state();
+            let selected = plan::select(selection, namespaces.iter().map(|n| &n.metadata))?;
+            let (targets, outside_scope) = plan::within(selected, ctx.config.namespaces.as_ref());
+            let terminating = namespaces
+                .iter()
+                .filter(|n| n.metadata.deletion_timestamp.is_some())
+                .filter_map(|n| n.metadata.name.clone())
+                .collect();
+            Ok(Targets { own_namespace: None, targets, terminating, outside_scope })
+        }
+    }
+}
+
+/// What a reconcile knows of the credential's own Secrets before it fetches.
+struct OwnSecrets {
+    live: Vec<LiveSecret>,
+    /// The token one of them holds, reusable after a restart (see `observe::previous_token`).
+    previous_token: Option<PreviousToken>,
+    /// The Secret name the last status reported (a rename retires it).
+    previous_name: Option<String>,
+}
+
+async fn observe_own(
+    ctx: &Context,
+    uid: &str,
+    scope: &Targets<'_>,
+    secret_name: &str,
+    status: Option<&ClusterCredentialStatus>,
+    generation: Option<i64>,
+) -> Result<OwnSecrets, Error> {
+    let previous_name = status.and_then(|s| s.credential.secret_name.clone());
+    let seed = status.and_then(|s| s.credential.token_digest.as_deref());
+    let targets = &scope.targets;
+    let (live, sample) = match ctx.config.watch_secrets {
+        true => own_secrets(ctx, scope.own_namespace, uid, targets, secret_name, seed).await?,
+        // Where RBAC withholds list on Secrets: read the ones this credential may have, by name.
+        false => {
+            let names: Vec<&str> = [Some(secret_name), previous_name.as_deref()].into_iter().flatten().collect();
+            own_secrets_by_name(ctx, uid, targets, &names, seed).await?
+        }
+    };
+    let previous_token = sample.as_ref().and_then(|s| previous_token(s, status, generation));
+    Ok(OwnSecrets { live, previous_token, previous_name })
+}
+
+/// The Secret a reconcile wants in every target namespace.
+struct Desired<'a> {
+    name: &'a str,
+    template: &'a SecretTemplate,
+    owner: OwnerReference,
+    config: SecretSlice<u8>,
+    identity: Option<String>,
+    /// `config_hash` of the config, and the metadata (as in any namespace) with its digest.
+    hash: String,
+    meta: ObjectMeta,
+    meta_digest: String,
+}
+
+impl<'a> Desired<'a> {
+    fn new(name: &'a str, template: &'a SecretTemplate, owner: OwnerReference, credentials: &Credentials) -> Self {
+        let config = dockerconfig::render(&credentials.auths);
+        let hash = config_hash(Some(config.expose_secret()));
+        let mut desired = Desired {
+            name,
+            template,
+            owner,
+            config,
+            identity: credentials.identity.clone(),
+            hash,
+            meta: ObjectMeta::default(),
+            meta_digest: String::new(),
+        };
+        desired.meta = desired.in_namespace("").metadata;
+        desired.meta_digest = metadata_digest(&desired.meta);
+        desired
+    }
+
+    fn in_namespace(&self, namespace: &str) -> DesiredSecret {
+        let (owner, config, identity) = (Some(self.owner.clone()), self.config.clone(), self.identity.as_deref());
+        desired_secret(self.name, namespace, self.template, owner, config, identity)
+    }
+}
+
+/// What the writes of one reconcile share.
+struct Writing<'a> {
+    ctx: &'a Context,
+    uid: &'a str,
+    desired: &'a Desired<'a>,
+    claim: &'a Claim,
+    /// The ServiceAccounts to bring in line, by namespace.
+    accounts: &'a BTreeMap<String, Vec<ServiceAccount>>,
+    wanted: &'a [String],
+}
+
+impl Writing<'_> {
+    /// Each namespace's step, `--concurrency` at a time: the Secret, then the named
+    /// ServiceAccounts, then, only if both succeeded, the old-name Secrets (so a rename never
+    /// leaves a namespace without a pull Secret).
+    async fn steps(&self, steps: Vec<NamespaceStep>) -> Vec<StepDone> {
+        stream::iter(steps).map(|step| self.step(step)).buffer_unordered(self.concurrency()).collect().await
+    }
+
+    async fn step(&self, step: NamespaceStep) -> StepDone {
+        let ctx = self.ctx;
+        let written = write_secret(ctx, &step, &self.desired.in_namespace(&step.namespace), self.claim).await;
+        let accounts = self.accounts.get(&step.namespace).map(Vec::as_slice);
+        let after = match (&written, accounts) {
+            (Ok(_), Some(list)) => {
+                let api = Api::<ServiceAccount>::namespaced(ctx.client.clone(), &step.namespace);
+                sync_namespace(&api, list, self.desired.name, self.wanted, self.uid).await.map(|_| ())
+            }
+            _ => Ok(()),
+        };
+        let retired = match (&written, after) {
+            (Ok(_), Ok(())) => retire_all(ctx, &step.namespace, &step.retire, accounts, self.uid).await,
+            (Ok(_), Err(error)) => Err(error),
+            (Err(_), _) => Ok(0),
+        };
+        StepDone { step, written, retired }
+    }
+
+    /// Takes the credential's Secrets out of namespaces it no longer targets (after releasing
+    /// their ServiceAccount entries). One failure does not discard what the others did.
+    async fn removals(&self, removals: Vec<Removal>) -> Vec<(Removal, Result<usize, Error>)> {
+        let remove = |removal: Removal| async move {
+            let (ctx, uid) = (self.ctx, self.uid);
+            let released = match self.accounts.get(&removal.namespace) {
                 Some(list) => {
                     let api = Api::<ServiceAccount>::namespaced(ctx.client.clone(), &removal.namespace);
                     release(&api, list, uid).await.map(|_| ())
                 }
                 None => Ok(()),
             };
-            let result = match result {
+            let result = match released {
                 Ok(()) => retire_all(ctx, &removal.namespace, std::slice::from_ref(&removal.retire), None, uid).await,
                 Err(error) => Err(error),
             };
             (removal, result)
-        })
-        .buffer_unordered(concurrency)
-        .collect()
-        .await;
-    for (removal, result) in removals {
-        match result {
-            Ok(n) => removed += n,
-            Err(error) if namespace_gone(&error, &removal.namespace) => {}
-            Err(error) => failures.push((removal.namespace, error)),
-        }
+        };
+        stream::iter(removals).map(remove).buffer_unordered(self.concurrency()).collect().await
     }
 
-    failures.sort_by(|a, b| a.0.cmp(&b.0));
-    Ok(FanOut {
-        synced: Synced {
-            secret_name,
-            registries: credentials.auths.iter().map(|a| a.server.clone()).collect(),
-            expires_at: credentials.expires_at,
-            refresh_at: credentials.refresh_at,
-            token_digest: credentials.expires_at.is_some().then(|| desired_hash.clone()),
-            notes: credentials.notes,
-        },
-        logins: credentials.auths,
-        config_hash: desired_hash,
-        targets,
-        failures,
-        refresh_failed,
-        created,
-        updated,
-        removed,
-    })
+    fn concurrency(&self) -> usize {
+        usize::from(self.ctx.config.concurrency.max(1))
+    }
+}
+
+/// Counts what the steps did, and remembers per namespace what is now known current (so the
+/// next reconcile reads nothing that did not change) and what was lost to another owner.
+fn record_steps(
+    state: &mut ObjectState,
+    done: Vec<StepDone>,
+    tally: &mut Tally,
+    desired: &Desired<'_>,
+    live: &[LiveSecret],
+    accounts: &BTreeMap<String, Vec<ServiceAccount>>,
+) {
+    // An unchanged Secret stays known at the resourceVersion it was observed at.
+    let observed: BTreeMap<&str, &str> = live
+        .iter()
+        .filter(|l| l.name() == desired.name)
+        .filter_map(|l| Some((l.namespace(), l.meta.resource_version.as_deref()?)))
+        .collect();
+    for StepDone { step, written, retired } in done {
+        if let (Ok(_), Ok(_), Some(list)) = (&written, &retired, accounts.get(&step.namespace)) {
+            // Read and brought in line in this pass: unchanged, they need no read next time.
+            for account in list {
+                if let Some(rv) = &account.metadata.resource_version {
+                    state.accounts_verified.insert((step.namespace.clone(), account.name_any()), rv.clone());
+                }
+            }
+        }
+        let key = (step.namespace.clone(), desired.name.to_string());
+        match written {
+            Ok(outcome) => {
+                state.contested.remove(&step.namespace);
+                let resource_version = match outcome.change {
+                    SecretChange::Created => {
+                        tally.created += 1;
+                        outcome.resource_version
+                    }
+                    SecretChange::Updated => {
+                        tally.updated += 1;
+                        outcome.resource_version
+                    }
+                    SecretChange::Unchanged => observed.get(step.namespace.as_str()).map(|rv| rv.to_string()),
+                };
+                if let Some(resource_version) = resource_version {
+                    let seen = SeenCurrent {
+                        resource_version,
+                        data_hash: desired.hash.clone(),
+                        meta_digest: desired.meta_digest.clone(),
+                    };
+                    state.verified.insert(key, seen);
+                }
+            }
+            // Deleted or terminating since the list: nothing to keep there.
+            Err(error) if namespace_gone(&error, &step.namespace) => {}
+            Err(error) => {
+                if is_conflict(&error) {
+                    state.contested.insert(step.namespace.clone());
+                }
+                state.verified.remove(&key);
+                tally.failures.push((step.namespace.clone(), error));
+            }
+        }
+        match retired {
+            Ok(n) => tally.removed += n,
+            Err(error) if namespace_gone(&error, &step.namespace) => {}
+            Err(error) => tally.failures.push((step.namespace, error)),
+        }
+    }
+}
+
+/// Keeps only what this credential may still have: its targets, its Secret name, the
+/// ServiceAccounts it names.
+fn forget_untargeted(state: &mut ObjectState, targets: &[String], secret_name: &str, wanted: &[String]) {
+    state.targets = targets.iter().cloned().collect();
+    let targets: BTreeSet<&str> = targets.iter().map(String::as_str).collect();
+    state.verified.retain(|(ns, name), _| targets.contains(ns.as_str()) && name == secret_name);
+    state.accounts_verified.retain(|(ns, name), _| targets.contains(ns.as_str()) && wanted.contains(name));
+    state.contested.retain(|ns| targets.contains(ns.as_str()));
 }
 
 /// Carries out one namespace's Secret step.

@@ -4,6 +4,7 @@
 
 mod core;
 mod credential;
+mod fan_out;
 mod observe;
 mod report;
 mod scope;

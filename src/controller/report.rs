@@ -12,8 +12,8 @@ use kube::{
 
 use super::{
     Context,
-    core::FanOut,
     credential::{Credential, Scope},
+    fan_out::FanOut,
     publish,
 };
 use crate::{

@@ -11,7 +11,7 @@ use std::{
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::{Api, ResourceExt};
 
-use super::{Context, core::FanOut, credential::Credential};
+use super::{Context, credential::Credential, fan_out::FanOut};
 use crate::{
     crd::{CaBundle, VerifySpec},
     metrics::VerifyLabels,
