@@ -36,20 +36,42 @@ struct Plan {
 /// The entries regcred added: Secret name → the uid of the credential that added it.
 type Added = BTreeMap<String, Option<String>>;
 
+/// A ServiceAccount as a pass left it: as the credential wants it at `resource_version`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InLine {
+    pub resource_version: String,
+    /// The resourceVersion regcred patched it from in that pass, if it did: a watch store that
+    /// still shows this one has not yet seen regcred's own patch.
+    pub patched_from: Option<String>,
+}
+
+impl InLine {
+    /// Whether a ServiceAccount seen at `resource_version` needs no read: it is the version
+    /// left in line, or the one regcred's own patch replaced.
+    pub fn covers(&self, resource_version: Option<&String>) -> bool {
+        resource_version.is_some_and(|rv| *rv == self.resource_version || Some(rv) == self.patched_from.as_ref())
+    }
+
+    fn read(account: &ServiceAccount) -> Option<InLine> {
+        let resource_version = account.metadata.resource_version.clone()?;
+        Some(InLine { resource_version, patched_from: None })
+    }
+}
+
 /// Makes `secret` present in (`wanted`) or absent from the ServiceAccount for the credential
-/// `uid`, returning whether it wrote. Absent means only the entry this credential added is
-/// removed.
+/// `uid`. Absent means only the entry this credential added is removed. Returns the patch it
+/// made, if any: the resourceVersion it left and the one it patched.
 pub async fn set_pull_secret(
     api: &Api<ServiceAccount>,
     account: &ServiceAccount,
     secret: &str,
     wanted: bool,
     uid: &str,
-) -> Result<bool, Error> {
+) -> Result<Option<InLine>, Error> {
     let mut current = account.clone();
     for _ in 0..ATTEMPTS {
         let Some(plan) = plan(&current, secret, wanted, uid) else {
-            return Ok(false);
+            return Ok(None);
         };
         let annotation = (!plan.added.is_empty()).then(|| format_added(&plan.added));
         let patch = json!({
@@ -61,13 +83,16 @@ pub async fn set_pull_secret(
         });
         let params = PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
         match api.patch(&current.name_any(), &params, &Patch::Merge(&patch)).await {
-            Ok(_) => return Ok(true),
+            Ok(patched) => {
+                let patched_from = current.metadata.resource_version;
+                return Ok(InLine::read(&patched).map(|left| InLine { patched_from, ..left }));
+            }
             Err(kube::Error::Api(status)) if status.code == 409 => match api.get_opt(&current.name_any()).await? {
                 Some(fresh) => current = fresh,
-                None => return Ok(false),
+                None => return Ok(None),
             },
             // Deleted meanwhile: nothing to add to or remove from.
-            Err(kube::Error::Api(status)) if status.code == 404 => return Ok(false),
+            Err(kube::Error::Api(status)) if status.code == 404 => return Ok(None),
             Err(error) => return Err(error.into()),
         }
     }
@@ -80,22 +105,26 @@ pub const FINALIZER: &str = "regcred.dev/service-accounts";
 
 /// Brings one namespace's ServiceAccounts in line for one Secret of the credential `uid`:
 /// present in those named in `wanted`, and removed (where this credential added it) from all
-/// others. Returns the writes made.
+/// others. Returns each ServiceAccount as it left it, by name.
 pub async fn sync_namespace(
     api: &Api<ServiceAccount>,
     accounts: &[ServiceAccount],
     secret: &str,
     wanted: &[String],
     uid: &str,
-) -> Result<usize, Error> {
-    let mut writes = 0;
+) -> Result<BTreeMap<String, InLine>, Error> {
+    let mut left = BTreeMap::new();
     for account in accounts {
         let want = wanted.contains(&account.name_any());
-        if want || added_by(account, secret, uid) {
-            writes += usize::from(set_pull_secret(api, account, secret, want, uid).await?);
+        let patched = match want || added_by(account, secret, uid) {
+            true => set_pull_secret(api, account, secret, want, uid).await?,
+            false => None,
+        };
+        if let Some(in_line) = patched.or_else(|| InLine::read(account)) {
+            left.insert(account.name_any(), in_line);
         }
     }
-    Ok(writes)
+    Ok(left)
 }
 
 /// Removes every entry the credential `uid` added to these ServiceAccounts (read from their
@@ -104,7 +133,7 @@ pub async fn release(api: &Api<ServiceAccount>, accounts: &[ServiceAccount], uid
     let mut writes = 0;
     for account in accounts {
         for secret in secrets_added_by(account.annotations(), uid) {
-            writes += usize::from(set_pull_secret(api, account, &secret, false, uid).await?);
+            writes += usize::from(set_pull_secret(api, account, &secret, false, uid).await?.is_some());
         }
     }
     Ok(writes)
@@ -234,6 +263,18 @@ mod tests {
     use kube::api::ObjectMeta;
 
     use super::*;
+
+    #[test]
+    fn a_store_behind_regcreds_own_patch_needs_no_read() {
+        let patched = InLine { resource_version: "12".into(), patched_from: Some("10".into()) };
+        let rv = |v: &str| Some(v.to_string());
+        assert!(patched.covers(rv("12").as_ref()), "the version regcred left");
+        assert!(patched.covers(rv("10").as_ref()), "the store has not seen regcred's patch yet");
+        assert!(!patched.covers(rv("13").as_ref()), "changed since: read it");
+        assert!(!patched.covers(None));
+        let read = InLine { resource_version: "10".into(), patched_from: None };
+        assert!(read.covers(rv("10").as_ref()) && !read.covers(rv("12").as_ref()));
+    }
 
     fn account(entries: &[&str], added: Option<&str>) -> ServiceAccount {
         ServiceAccount {

@@ -32,9 +32,9 @@ pub struct ObjectState {
     /// (namespace, name) → Secrets seen current: one whose resourceVersion is unchanged needs
     /// no read to know its content.
     pub verified: HashMap<(String, String), SeenCurrent>,
-    /// (namespace, name) → resourceVersion of ServiceAccounts read and found as this
-    /// credential wants them: unchanged, they need no read.
-    pub accounts_verified: HashMap<(String, String), String>,
+    /// (namespace, name) → ServiceAccounts read and left as this credential wants them:
+    /// unchanged since, they need no read.
+    pub accounts_verified: HashMap<(String, String), crate::service_account::InLine>,
     /// The namespaces it targeted in its last reconcile.
     pub targets: BTreeSet<String>,
     /// The metric series published for it, removed with it.

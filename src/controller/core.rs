@@ -176,7 +176,7 @@ async fn sync<K: Credential>(obj: &K, uid: &str, ctx: &Context) -> Result<FanOut
 
     let mut tally = Tally::default();
     ctx.states.with(uid, |state| {
-        record_steps(state, done, &mut tally, &desired, &own.live, &accounts);
+        record_steps(state, done, &mut tally, &desired, &own.live);
         forget_untargeted(state, &scope.targets, &secret_name, wanted);
     });
     // Secrets of this credential in namespaces it no longer targets.
@@ -337,16 +337,16 @@ impl Writing<'_> {
         let after = match (&written, accounts) {
             (Ok(_), Some(list)) => {
                 let api = Api::<ServiceAccount>::namespaced(ctx.client.clone(), &step.namespace);
-                sync_namespace(&api, list, self.desired.name, self.wanted, self.uid).await.map(|_| ())
+                sync_namespace(&api, list, self.desired.name, self.wanted, self.uid).await
             }
-            _ => Ok(()),
+            _ => Ok(BTreeMap::new()),
         };
-        let retired = match (&written, after) {
-            (Ok(_), Ok(())) => retire_all(ctx, &step.namespace, &step.retire, accounts, self.uid).await,
-            (Ok(_), Err(error)) => Err(error),
-            (Err(_), _) => Ok(0),
+        let (retired, accounts) = match (&written, after) {
+            (Ok(_), Ok(left)) => (retire_all(ctx, &step.namespace, &step.retire, accounts, self.uid).await, left),
+            (Ok(_), Err(error)) => (Err(error), BTreeMap::new()),
+            (Err(_), _) => (Ok(0), BTreeMap::new()),
         };
-        StepDone { step, written, retired }
+        StepDone { step, written, retired, accounts }
     }
 
     /// Takes the credential's Secrets out of namespaces it no longer targets (after releasing
@@ -383,7 +383,6 @@ fn record_steps(
     tally: &mut Tally,
     desired: &Desired<'_>,
     live: &[LiveSecret],
-    accounts: &BTreeMap<String, Vec<ServiceAccount>>,
 ) {
     // An unchanged Secret stays known at the resourceVersion it was observed at.
     let observed: BTreeMap<&str, &str> = live
@@ -391,13 +390,11 @@ fn record_steps(
         .filter(|l| l.name() == desired.name)
         .filter_map(|l| Some((l.namespace(), l.meta.resource_version.as_deref()?)))
         .collect();
-    for StepDone { step, written, retired } in done {
-        if let (Ok(_), Ok(_), Some(list)) = (&written, &retired, accounts.get(&step.namespace)) {
+    for StepDone { step, written, retired, accounts } in done {
+        if let (Ok(_), Ok(_)) = (&written, &retired) {
             // Read and brought in line in this pass: unchanged, they need no read next time.
-            for account in list {
-                if let Some(rv) = &account.metadata.resource_version {
-                    state.accounts_verified.insert((step.namespace.clone(), account.name_any()), rv.clone());
-                }
+            for (name, in_line) in accounts {
+                state.accounts_verified.insert((step.namespace.clone(), name), in_line);
             }
         }
         let key = (step.namespace.clone(), desired.name.to_string());

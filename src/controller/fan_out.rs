@@ -2,14 +2,19 @@
 //! Events and the registry check are built from; and the tally a reconcile keeps as its
 //! namespaces' writes come back.
 
+use std::collections::BTreeMap;
+
 use super::credential::{Credential, Scope};
-use crate::{Error, plan::NamespaceStep, secret::Outcome, status::Synced};
+use crate::{Error, plan::NamespaceStep, secret::Outcome, service_account::InLine, status::Synced};
 
 /// One namespace's step, what writing its Secret gave, and how many old Secrets it retired.
 pub(super) struct StepDone {
     pub(super) step: NamespaceStep,
     pub(super) written: Result<Outcome, Error>,
     pub(super) retired: Result<usize, Error>,
+    /// The namespace's ServiceAccounts as the step left them, by name (none if it did not
+    /// get to them).
+    pub(super) accounts: BTreeMap<String, InLine>,
 }
 
 /// Writes and failures counted across a reconcile's namespaces.

@@ -175,7 +175,9 @@ pub(super) async fn accounts_to_check(
             let wanted_here = targets.contains(namespace.as_str()) && wanted.contains(name);
             let empty = BTreeMap::new();
             let annotations = meta.metadata.annotations.as_ref().unwrap_or(&empty);
-            let checked = verified.get(&(namespace.clone(), name.clone())) == meta.metadata.resource_version.as_ref();
+            let checked = verified
+                .get(&(namespace.clone(), name.clone()))
+                .is_some_and(|known| known.covers(meta.metadata.resource_version.as_ref()));
             !(wanted_here && checked && holds_exactly(annotations, secret_name, uid))
         })
         .collect();
