@@ -7,7 +7,7 @@ use k8s_openapi::jiff::Timestamp;
 use k8s_openapi::{
     ByteString,
     api::core::v1::Secret,
-    apimachinery::pkg::apis::meta::v1::{ManagedFieldsEntry, OwnerReference},
+    apimachinery::pkg::apis::meta::v1::{FieldsV1, ManagedFieldsEntry, OwnerReference},
 };
 use kube::{
     Api, Client,
@@ -443,6 +443,60 @@ fn map_matches(
         && previously_ours.iter().all(|k| desired.contains_key(k) || !live.contains_key(k))
 }
 
+/// What [`metadata_matches`] needs of a live Secret's metadata, and no more: its name,
+/// resourceVersion and controller, and the labels and annotations regcred's field manager
+/// owns (values cut to one byte past the longest a template may set, so an inflated one still
+/// differs), with a managedFields entry naming just those. A reconcile that reads 10,000
+/// Secrets keeps this much of each, whatever else anyone put on them.
+pub fn kept_for_matching(live: ObjectMeta) -> ObjectMeta {
+    let ours = owned_metadata_keys(live.managed_fields.as_deref().unwrap_or_default());
+    let keep = |map: Option<BTreeMap<String, String>>, keys: &[String]| {
+        let kept: BTreeMap<String, String> = map
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|(k, _)| keys.contains(k))
+            .map(|(k, v)| (k, cut_value(v)))
+            .collect();
+        (!kept.is_empty()).then_some(kept)
+    };
+    let labels = keep(live.labels, &ours.labels);
+    let annotations = keep(live.annotations, &ours.annotations);
+    let fields = |map: &Option<BTreeMap<String, String>>| {
+        let keys = map.iter().flatten().map(|(k, _)| (format!("f:{k}"), serde_json::json!({})));
+        serde_json::Value::Object(keys.collect())
+    };
+    let entry = ManagedFieldsEntry {
+        manager: Some(FIELD_MANAGER.into()),
+        fields_type: Some("FieldsV1".into()),
+        fields_v1: Some(FieldsV1(serde_json::json!({
+            "f:metadata": {"f:labels": fields(&labels), "f:annotations": fields(&annotations)}
+        }))),
+        ..Default::default()
+    };
+    let controller = live.owner_references.into_iter().flatten().filter(|o| o.controller == Some(true)).take(1);
+    ObjectMeta {
+        namespace: live.namespace,
+        name: live.name,
+        resource_version: live.resource_version,
+        owner_references: Some(controller.collect()),
+        labels,
+        annotations,
+        managed_fields: Some(vec![entry]),
+        ..Default::default()
+    }
+}
+
+/// A value longer than any a template may set is cut to one byte (at most one character)
+/// past that: it still differs from every desired value.
+fn cut_value(mut value: String) -> String {
+    let limit = crate::crd::MAX_ANNOTATION_VALUE_BYTES + 1;
+    if value.len() > limit {
+        let end = (limit..=value.len()).find(|&i| value.is_char_boundary(i)).unwrap_or(value.len());
+        value.truncate(end);
+    }
+    value
+}
+
 #[derive(Default)]
 struct OwnedKeys {
     labels: Vec<String>,
@@ -467,8 +521,6 @@ fn owned_metadata_keys(entries: &[ManagedFieldsEntry]) -> OwnedKeys {
 
 #[cfg(test)]
 mod tests {
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::FieldsV1;
-
     use super::*;
 
     fn owner() -> OwnerReference {
@@ -530,6 +582,47 @@ mod tests {
         }]);
         assert!(!is_up_to_date(&live, &desired(&[])));
         assert!(is_up_to_date(&live, &desired(&[("team", "a")])));
+    }
+
+    /// Issue 20 (restart memory): what a reconcile keeps of a read Secret decides as the whole
+    /// metadata does, and holds none of what others put on it.
+    #[test]
+    fn kept_metadata_decides_as_the_whole_and_drops_the_rest() {
+        let mut live = desired(&[("team", "a")]).to_secret().metadata;
+        // As regcred's apply left it: its field manager owns every key it set.
+        let owned = |map: &Option<BTreeMap<String, String>>| {
+            serde_json::Value::Object(
+                map.iter().flatten().map(|(k, _)| (format!("f:{k}"), serde_json::json!({}))).collect(),
+            )
+        };
+        let mut labels = owned(&live.labels);
+        labels.as_object_mut().unwrap().insert("f:old".into(), serde_json::json!({}));
+        let fields = serde_json::json!({"f:metadata": {"f:labels": labels, "f:annotations": owned(&live.annotations)}});
+        live.managed_fields = Some(vec![ManagedFieldsEntry {
+            manager: Some(FIELD_MANAGER.into()),
+            fields_v1: Some(FieldsV1(fields)),
+            ..Default::default()
+        }]);
+        let ours = live.labels.as_ref().map_or(0, BTreeMap::len) + 1;
+        let labels = live.labels.get_or_insert_default();
+        labels.insert("old".into(), "left-over".into());
+        labels.insert("tenant".into(), "x".into());
+        live.annotations.get_or_insert_default().insert("tenant-blob".into(), "b".repeat(200_000));
+        let kept = kept_for_matching(live.clone());
+        let size = |m: &ObjectMeta| serde_json::to_vec(m).unwrap().len();
+        assert!(size(&kept) < 1_000, "kept {} bytes", size(&kept));
+        assert_eq!(kept.labels.as_ref().map(BTreeMap::len), Some(ours), "regcred's labels only: {:?}", kept.labels);
+        assert_eq!(kept.resource_version, live.resource_version);
+        for want in [desired(&[("team", "a")]), desired(&[("team", "a"), ("old", "left-over")]), desired(&[])] {
+            assert_eq!(metadata_matches(&kept, &want.metadata), metadata_matches(&live, &want.metadata));
+        }
+        // An inflated value of regcred's own key is cut, and still differs from any a
+        // template may set.
+        live.labels.get_or_insert_default().insert("team".into(), "é".repeat(100_000));
+        let kept = kept_for_matching(live);
+        let team = &kept.labels.as_ref().unwrap()["team"];
+        assert!(team.len() <= crate::crd::MAX_ANNOTATION_VALUE_BYTES + 2 && team.len() > 3072, "{}", team.len());
+        assert!(!metadata_matches(&kept, &desired(&[("team", "a")]).metadata));
     }
 
     /// An apiserver that answers a fixed script of (method, status, body) and records the

@@ -21,7 +21,7 @@ use crate::{
     Error, dockerconfig,
     owned::OwnedSecret,
     plan::LiveSecret,
-    secret::{ReadSecret, TOKEN_IDENTITY_ANNOTATION, config_hash, data_hash, is_controlled_by},
+    secret::{ReadSecret, TOKEN_IDENTITY_ANNOTATION, config_hash, data_hash, is_controlled_by, kept_for_matching},
     service_account::holds_exactly,
     source::PreviousToken,
 };
@@ -61,20 +61,43 @@ pub(super) async fn own_secrets(
             None => own.push(LiveSecret { meta: listed_meta(secret), data_hash: None, current_for: None }),
         }
     }
-    let mut sample = None;
-    for full in read_each::<Secret>(ctx, unknown).await? {
+    let mut kept = Kept::new(uid, seed, None);
+    for_each_read::<Secret>(ctx, unknown, |full| kept.add(full)).await?;
+    own.extend(kept.live);
+    own.sort_by(|a, b| (a.namespace(), a.name()).cmp(&(b.namespace(), b.name())));
+    Ok((own, kept.sample))
+}
+
+/// What a reconcile keeps of the Secrets it reads, one at a time as each arrives: the hash
+/// of its data and the metadata matching needs (`secret::kept_for_matching`), never the
+/// Secret itself, but for one sample whose config has the digest `seed`.
+struct Kept<'a> {
+    uid: &'a str,
+    seed: Option<&'a str>,
+    /// The name a sample must have, if any.
+    sample_name: Option<&'a str>,
+    live: Vec<LiveSecret>,
+    sample: Option<ReadSecret>,
+}
+
+impl<'a> Kept<'a> {
+    fn new(uid: &'a str, seed: Option<&'a str>, sample_name: Option<&'a str>) -> Self {
+        Kept { uid, seed, sample_name, live: Vec::new(), sample: None }
+    }
+
+    fn add(&mut self, full: Secret) {
         // Read just now: it counts only if this credential still controls it.
-        if !is_controlled_by(&full.metadata, uid) {
-            continue;
+        if !is_controlled_by(&full.metadata, self.uid) {
+            return;
         }
         let hash = data_hash(&full);
-        if sample.is_none() && seed == Some(hash.as_str()) {
-            sample = Some(ReadSecret::from(full.clone()));
+        let named = self.sample_name.is_none_or(|name| full.metadata.name.as_deref() == Some(name));
+        let meta = kept_for_matching(full.metadata.clone());
+        if self.sample.is_none() && named && self.seed == Some(hash.as_str()) {
+            self.sample = Some(ReadSecret::from(full));
         }
-        own.push(LiveSecret { meta: full.metadata, data_hash: Some(hash), current_for: None });
+        self.live.push(LiveSecret { meta, data_hash: Some(hash), current_for: None });
     }
-    own.sort_by(|a, b| (a.namespace(), a.name()).cmp(&(b.namespace(), b.name())));
-    Ok((own, sample))
 }
 
 /// The metadata of a Secret known from the watch alone.
@@ -101,21 +124,11 @@ pub(super) async fn own_secrets_by_name(
     namespaces.extend(ctx.states.with(uid, |s| s.targets.clone()));
     let reads: Vec<(String, String)> =
         namespaces.iter().flat_map(|ns| names.iter().map(move |name| (ns.clone(), name.to_string()))).collect();
-    let mut own = Vec::new();
-    let mut sample = None;
-    for secret in read_each::<Secret>(ctx, reads).await? {
-        if !is_controlled_by(&secret.metadata, uid) {
-            continue;
-        }
-        let hash = data_hash(&secret);
-        if sample.is_none() && secret.metadata.name.as_deref() == names.first().copied() && seed == Some(hash.as_str())
-        {
-            sample = Some(ReadSecret::from(secret.clone()));
-        }
-        own.push(LiveSecret { meta: secret.metadata, data_hash: Some(hash), current_for: None });
-    }
+    let mut kept = Kept::new(uid, seed, names.first().copied());
+    for_each_read::<Secret>(ctx, reads, |full| kept.add(full)).await?;
+    let mut own = kept.live;
     own.sort_by(|a, b| (a.namespace(), a.name()).cmp(&(b.namespace(), b.name())));
-    Ok((own, sample))
+    Ok((own, kept.sample))
 }
 
 /// The token a live Secret holds, when the last status says it is current for this spec:
@@ -190,31 +203,36 @@ pub(super) async fn read_accounts(
     reads: Vec<(String, String)>,
 ) -> Result<BTreeMap<String, Vec<ServiceAccount>>, Error> {
     let mut by_namespace: BTreeMap<String, Vec<ServiceAccount>> = BTreeMap::new();
-    for account in read_each::<ServiceAccount>(ctx, reads).await? {
+    for_each_read::<ServiceAccount>(ctx, reads, |account| {
         by_namespace.entry(account.namespace().unwrap_or_default()).or_default().push(account);
-    }
+    })
+    .await?;
     Ok(by_namespace)
 }
 
-/// Reads objects by (namespace, name), `--concurrency` at a time; those that are gone are left
-/// out.
-async fn read_each<K>(ctx: &Context, reads: impl IntoIterator<Item = (String, String)>) -> Result<Vec<K>, Error>
+/// Reads objects by (namespace, name), `--concurrency` at a time, and hands each to `take`
+/// as it arrives (so at most `--concurrency` are held in full); those that are gone are left
+/// out. The first failed read ends it.
+async fn for_each_read<K>(
+    ctx: &Context,
+    reads: impl IntoIterator<Item = (String, String)>,
+    mut take: impl FnMut(K),
+) -> Result<(), Error>
 where
     K: Resource<Scope = NamespaceResourceScope, DynamicType = ()> + Clone + DeserializeOwned + Debug,
 {
-    let found: Vec<Result<Option<K>, kube::Error>> =
+    let mut found =
         stream::iter(reads)
             .map(|(namespace, name)| async move {
                 Api::<K>::namespaced(ctx.client.clone(), &namespace).get_opt(&name).await
             })
-            .buffer_unordered(usize::from(ctx.config.concurrency.max(1)))
-            .collect()
-            .await;
-    let mut objects = Vec::new();
-    for object in found {
-        objects.extend(object?);
+            .buffer_unordered(usize::from(ctx.config.concurrency.max(1)));
+    while let Some(object) = found.next().await {
+        if let Some(object) = object? {
+            take(object);
+        }
     }
-    Ok(objects)
+    Ok(())
 }
 
 #[cfg(test)]
