@@ -30,13 +30,14 @@ import sys
 import threading
 import time
 from datetime import datetime, timedelta, timezone
+from email.utils import formatdate
 from urllib.parse import parse_qs
 
 try:
     import jwt
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
-    from werkzeug.serving import make_server
+    from werkzeug.serving import WSGIRequestHandler, make_server
     from werkzeug.wrappers import Request, Response
 
     from moto.core.responses import ActionResult
@@ -54,6 +55,7 @@ COUNTS = {}  # "service:Action" -> number of requests
 CALLS = []  # one dict per AWS API request, see Wrapper
 FAULTS = {}  # "service:Action" -> (error code, HTTP status)
 LIFETIME = [43200]  # seconds an ECR token is valid; a list so it can be set at runtime
+CLOCK_OFFSET = [0]  # seconds AWS's clock is ahead of this machine's (Date headers, expiries)
 REQUEST = threading.local()  # the current request's CALLS entry, for the ECR patch
 ISSUED = {}  # ECR password -> expiresAt (epoch seconds), for the registry token realm
 REGISTRY_SERVICE = "regcred-testenv-ecr"
@@ -76,6 +78,18 @@ def key_id(prefix):
     return prefix + "".join(secrets.choice(string.ascii_uppercase + string.digits) for _ in range(20 - len(prefix)))
 
 
+def aws_time():
+    """AWS's clock: this machine's, CLOCK_OFFSET ahead."""
+    return time.time() + CLOCK_OFFSET[0]
+
+
+class AwsClockHandler(WSGIRequestHandler):
+    """Sends AWS's clock (aws_time) as every answer's Date header, as AWS does."""
+
+    def date_time_string(self, timestamp=None):
+        return formatdate(aws_time(), usegmt=True)
+
+
 def iso8601(seconds_from_now):
     t = datetime.now(timezone.utc) + timedelta(seconds=seconds_from_now)
     return t.strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -86,7 +100,7 @@ def get_authorization_token(self):
     here every call mints a new password and expires LIFETIME seconds from now,
     like real ECR (12 h)."""
     registry_ids = self._get_param("registryIds") or [self.current_account]
-    expires_at = time.time() + LIFETIME[0]
+    expires_at = aws_time() + LIFETIME[0]
     data = []
     for registry_id in registry_ids:
         password = f"{registry_id}-{secrets.token_urlsafe(24)}"
@@ -201,7 +215,7 @@ class Wrapper:
             with LOCK:
                 expires_at = ISSUED.get(auth.password or "")
         record["expiresAt"] = expires_at
-        now = time.time()
+        now = aws_time()
         if expires_at is None or expires_at <= now:
             error = "unknown token" if expires_at is None else "expired token"
             body = {"errors": [{"code": "UNAUTHORIZED", "message": f"authentication failed: {error}"}]}
@@ -243,6 +257,8 @@ class Wrapper:
                 CALLS.clear()
             elif req.path == "/_emulator/token-lifetime":
                 LIFETIME[0] = int(arg("seconds"))
+            elif req.path == "/_emulator/clock-offset":
+                CLOCK_OFFSET[0] = int(arg("seconds"))
             elif req.path == "/_emulator/fail":
                 if arg("code"):
                     FAULTS[arg("action")] = (arg("code"), int(arg("status") or 400))
@@ -370,7 +386,9 @@ def main():
     ]
     # make_server binds (with SO_REUSEADDR, so a restart can take the same
     # ports back at once) before we announce readiness.
-    servers = [make_server("127.0.0.1", port, app, threaded=True) for port, app in apps]
+    servers = [
+        make_server("127.0.0.1", port, app, threaded=True, request_handler=AwsClockHandler) for port, app in apps
+    ]
     for server in servers:
         threading.Thread(target=server.serve_forever, daemon=True).start()
     ready = {"port": args.port, "imds_port": args.imds_port, "pod_identity_port": args.pod_identity_port}

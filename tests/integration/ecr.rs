@@ -557,3 +557,30 @@ fn password_of(secret: &Secret) -> String {
     record_secret(&logins[0].2);
     logins[0].2.clone()
 }
+
+/// Issue 20, item 11: ECR gives a token's expiry on AWS's clock. With the controller's clock
+/// 4 h behind AWS's, a 12 h token looked like a 16 h one, and its refresh (a quarter of the
+/// lifetime before the end) fell after the token had expired. The lifetime is now measured on
+/// AWS's clock (its `Date`), and Ready says the clocks differ.
+#[tokio::test]
+async fn a_clock_behind_aws_still_refreshes_before_the_token_expires() {
+    let client = client().await;
+    let aws = AwsEmulator::start().unwrap();
+    aws.set_clock_offset(4 * 3600).unwrap();
+    let name = format!("skew-{}", &unique()[..6]);
+    let _controller =
+        spawn_controller(env().cp, &name, &format!("{CONTROLLER_LABEL}={name}"), &aws.endpoint(), &[], &[]);
+    let ns = namespace(&client, "ecr-skew").await;
+    aws_keys(&client, &ns, "aws-keys").await;
+    let before = k8s_openapi::jiff::Timestamp::now().as_second();
+    create_credential_for(&client, &ns, "ecr", Some(&name), ecr_spec(json!({"secretRef": {"name": "aws-keys"}}))).await;
+    let status = wait_ready(&client, &ns, "ecr", "True", Some("Synced")).await.status.unwrap();
+    let after = k8s_openapi::jiff::Timestamp::now().as_second();
+    let expires = status.expires_at.as_ref().expect("expiresAt").0.as_second();
+    // 12 h on this machine's clock (not 16 h), never later than the real expiry.
+    assert!((before + 12 * 3600 - 2..=after + 12 * 3600).contains(&expires), "expires {} s from now", expires - before);
+    let refresh = status.next_refresh_at.as_ref().expect("nextRefreshAt").0.as_second();
+    assert!(refresh < expires - 2 * 3600, "refresh {} s before the expiry", expires - refresh);
+    let ready = status.condition("Ready").unwrap();
+    assert!(ready.message.contains("clock is 4h00m behind AWS's"), "{}", ready.message);
+}

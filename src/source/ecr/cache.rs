@@ -26,6 +26,9 @@ pub struct Token {
     pub proxy_host: String,
     pub expires_at: Timestamp,
     pub refresh_at: Timestamp,
+    /// What the status says while this token is in use when the controller's clock is off
+    /// AWS's (see `clock`).
+    pub clock_note: Option<String>,
 }
 
 /// What makes two credentials share a token: the same identity (never a raw secret: key

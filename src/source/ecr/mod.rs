@@ -2,12 +2,14 @@
 //! credential of the same identity, refreshed when a share of its lifetime is left.
 
 mod cache;
+mod clock;
 pub mod host;
 mod identity;
 
 use aws_sdk_ecr::{config::Region, error::ProvideErrorMetadata};
 use aws_smithy_http_client::tls;
 use base64::{Engine, engine::general_purpose::STANDARD};
+use clock::Exchange;
 use k8s_openapi::jiff::Timestamp;
 use std::sync::Arc;
 
@@ -152,7 +154,7 @@ impl CredentialProvider for EcrSource {
             expires_at: Some(token.expires_at),
             refresh_at: Some(token.refresh_at),
             identity: Some(fingerprint),
-            notes,
+            notes: notes.into_iter().chain(token.clock_note.clone()).collect(),
             refresh_failed,
         })
     }
@@ -166,6 +168,7 @@ fn reusable(previous: &super::PreviousToken, hosts: &[String]) -> Option<Token> 
         proxy_host: login.server.clone(),
         expires_at: previous.expires_at,
         refresh_at: previous.refresh_at,
+        clock_note: None,
     })
 }
 
@@ -182,14 +185,18 @@ async fn get_authorization_token(
         .use_fips(target.fips)
         .credentials_provider(credentials)
         .build();
+    let server_date = clock::ServerDate::default();
+    let sent_at = Timestamp::now();
     let result = aws_sdk_ecr::Client::from_conf(config)
         .get_authorization_token()
+        .customize()
+        .interceptor(server_date.clone())
         .send()
         .await
         .map_err(|e| aws_failure("ecr:GetAuthorizationToken", &e))
         .and_then(|out| {
-            let now = Timestamp::now();
-            token_from(out.authorization_data(), now, provider.settings.refresh_share_left).map_err(|e| Failure {
+            let call = Exchange { sent_at, received_at: Timestamp::now(), server_date: server_date.get() };
+            token_from(out.authorization_data(), &call, provider.settings.refresh_share_left).map_err(|e| Failure {
                 cloud: Cloud::Aws,
                 operation: "ecr:GetAuthorizationToken",
                 code: None,
@@ -203,9 +210,15 @@ async fn get_authorization_token(
     result.map_err(FetchError::Provider)
 }
 
-/// Decodes GetAuthorizationToken's answer. A missing or already-past expiry is an error, not
-/// a token: writing it would break pulls, and rotating it would loop.
-fn token_from(data: &[aws_sdk_ecr::types::AuthorizationData], now: Timestamp, share_left: f64) -> Result<Token, Error> {
+/// Decodes GetAuthorizationToken's answer to `call`: the expiry is laid on the local clock
+/// ([`clock::local_expiry`]). A missing or already-past expiry is an error, not a token:
+/// writing it would break pulls, and rotating it would loop.
+fn token_from(
+    data: &[aws_sdk_ecr::types::AuthorizationData],
+    call: &Exchange,
+    share_left: f64,
+) -> Result<Token, Error> {
+    let now = call.received_at;
     let invalid =
         |problem: &str| Error::InvalidAwsAnswer { operation: "ecr:GetAuthorizationToken", problem: problem.into() };
     let entry = data.first().ok_or_else(|| invalid("no authorization data"))?;
@@ -214,6 +227,7 @@ fn token_from(data: &[aws_sdk_ecr::types::AuthorizationData], now: Timestamp, sh
         .and_then(|t| std::time::SystemTime::try_from(*t).ok())
         .and_then(|t| Timestamp::try_from(t).ok())
         .ok_or_else(|| invalid("the token has no expiry"))?;
+    let clock::LocalExpiry { expires_at, skew } = clock::local_expiry(expires_at, call);
     if expires_at < now + MIN_VALIDITY {
         return Err(invalid(&format!("the token expires at {expires_at}, which is not in the future")));
     }
@@ -232,6 +246,7 @@ fn token_from(data: &[aws_sdk_ecr::types::AuthorizationData], now: Timestamp, sh
         proxy_host: endpoint.trim_start_matches("https://").trim_end_matches('/').to_string(),
         expires_at,
         refresh_at: refresh_time(now, expires_at, share_left),
+        clock_note: skew.and_then(clock::skew_note),
     })
 }
 
@@ -296,7 +311,7 @@ mod tests {
 
     #[test]
     fn decodes_user_password_and_the_proxy_host() {
-        let token = token_from(&[data("AWS:pa:ss", 43200)], Timestamp::now(), 0.25).unwrap();
+        let token = token_from(&[data("AWS:pa:ss", 43200)], &Exchange::at(Timestamp::now()), 0.25).unwrap();
         assert_eq!(token.proxy_host, "123456789012.dkr.ecr.eu-west-1.amazonaws.com");
         assert_eq!(token.username, "AWS");
         assert_eq!(token.password.expose_secret(), "pa:ss");
@@ -307,7 +322,7 @@ mod tests {
     /// in `Debug`, be it of the token, of what the cache hands out or of the logins made of it.
     #[tokio::test]
     async fn a_token_shows_no_password() {
-        let token = token_from(&[data("AWS:hunter2-ecr", 43200)], Timestamp::now(), 0.25).unwrap();
+        let token = token_from(&[data("AWS:hunter2-ecr", 43200)], &Exchange::at(Timestamp::now()), 0.25).unwrap();
         let cache = TokenCache::default();
         let key = CacheKey { identity: "ambient".into(), region: "eu-west-1".into(), fips: false, assume_role: None };
         assert!(cache.seed(key.clone(), token));
@@ -324,22 +339,22 @@ mod tests {
     fn expired_or_undated_tokens_are_errors() {
         let now = Timestamp::now();
         for bad in [data("AWS:x", -10), data("AWS:x", 5)] {
-            let err = token_from(&[bad], now, 0.25).unwrap_err();
+            let err = token_from(&[bad], &Exchange::at(now), 0.25).unwrap_err();
             assert!(err.to_string().contains("not in the future"), "{err}");
         }
         let undated = AuthorizationData::builder()
             .authorization_token(STANDARD.encode("AWS:x"))
             .proxy_endpoint("https://h")
             .build();
-        assert!(token_from(&[undated], now, 0.25).unwrap_err().to_string().contains("no expiry"));
+        assert!(token_from(&[undated], &Exchange::at(now), 0.25).unwrap_err().to_string().contains("no expiry"));
         let garbage = AuthorizationData::builder()
             .authorization_token("%%%")
             .proxy_endpoint("https://h")
             .expires_at(DateTime::from_secs(now.as_second() + 3600))
             .build();
-        let err = token_from(&[garbage], now, 0.25).unwrap_err().to_string();
+        let err = token_from(&[garbage], &Exchange::at(now), 0.25).unwrap_err().to_string();
         assert!(err.contains("not base64") && !err.contains("%%%"), "{err}");
-        assert!(token_from(&[], now, 0.25).is_err());
+        assert!(token_from(&[], &Exchange::at(now), 0.25).is_err());
     }
 
     proptest::proptest! {
@@ -348,7 +363,7 @@ mod tests {
         #[test]
         fn token_decoding_never_panics_or_quotes(token in "\\PC{0,80}", expires_in in -100i64..100_000) {
             let now = Timestamp::now();
-            match token_from(&[data(&token, expires_in)], now, 0.25) {
+            match token_from(&[data(&token, expires_in)], &Exchange::at(now), 0.25) {
                 Ok(decoded) => {
                     let (user, password) = token.split_once(':').unwrap();
                     proptest::prop_assert_eq!(decoded.username, user);

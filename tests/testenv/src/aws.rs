@@ -183,6 +183,12 @@ impl AwsEmulator {
         Ok(())
     }
 
+    /// Sets AWS's clock `secs` ahead of this machine's (negative: behind): its `Date`
+    /// headers, and the expiries of the ECR tokens it issues from now on.
+    pub fn set_clock_offset(&self, secs: i64) -> Result<()> {
+        self.post(&format!("/_emulator/clock-offset?seconds={secs}"))
+    }
+
     /// Makes every `action` (`service:Action`, as in [`Self::counts`]) fail
     /// with HTTP 400 and AWS error `code` (e.g. `AccessDeniedException`);
     /// `None` makes it succeed again.
