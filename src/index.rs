@@ -109,14 +109,23 @@ impl Index {
     }
 
     /// Credentials a ServiceAccount event concerns: those that patch or use it (a cluster
-    /// credential only in a namespace it targets), and those its annotation says added entries.
+    /// credential only in a namespace it targets), and those its annotation says added entries
+    /// in a namespace they target (elsewhere an entry is only released, when the credential's
+    /// Secret leaves that namespace or the credential goes: anyone can write the annotation).
     pub fn account_event(&self, account: &PartialObjectMeta<ServiceAccount>) -> Vec<Trigger> {
         let (Some(namespace), Some(name)) = (&account.metadata.namespace, &account.metadata.name) else {
             return Vec::new();
         };
         let recorded = account.metadata.annotations.as_ref().map(recorded_uids).unwrap_or_default();
+        let recorded = self.target(recorded, namespace);
         let targeting = self.targeting(&Key::AccountName(name.clone()), namespace);
         self.lookup([Key::Account(namespace.clone(), name.clone())], recorded.into_iter().chain(targeting))
+    }
+
+    /// Those of the credentials `uids` that target `namespace`.
+    fn target(&self, uids: Vec<String>, namespace: &str) -> Vec<String> {
+        let inner = self.inner.read().unwrap_or_else(PoisonError::into_inner);
+        uids.into_iter().filter(|uid| inner.entries.get(uid).is_some_and(|e| e.targets.contains(namespace))).collect()
     }
 
     /// The cluster credentials with `key` (a Secret or ServiceAccount name) that target
@@ -309,7 +318,10 @@ mod tests {
         index.set_targets("u2", &["any".into()]);
         assert_eq!(index.account_event(&account("any", "default", None)), [Trigger::Cluster(ObjectRef::new("c"))]);
         assert!(index.account_event(&account("team", "other", None)).is_empty());
-        assert_eq!(index.account_event(&account("x", "other", Some("pull=u1"))), [namespaced("irsa")]);
+        // An entry's record only where the credential targets: anyone can write it.
+        assert!(index.account_event(&account("x", "other", Some("pull=u1"))).is_empty(), "x is not u1's target");
+        index.set_targets("u1", &["team".into()]);
+        assert_eq!(index.account_event(&account("team", "other", Some("pull=u1"))), [namespaced("irsa")]);
     }
 
     #[test]

@@ -167,7 +167,10 @@ async fn sync<K: Credential>(obj: &K, uid: &str, ctx: &Context) -> Result<FanOut
     });
     let wanted = parts.service_accounts;
     let accounts = match !wanted.is_empty() || has_finalizer(obj.meta()) {
-        true => accounts_to_check(ctx, uid, &scope.targets, wanted, &secret_name).await?,
+        true => {
+            let leaving = plan.removals.iter().map(|r| r.namespace.as_str()).collect();
+            accounts_to_check(ctx, uid, &scope.targets, &leaving, wanted, &secret_name).await?
+        }
         false => BTreeMap::new(),
     };
     let claim = Claim { owner: desired.owner.clone(), created: obj.meta().creation_timestamp.as_ref().map(|t| t.0) };

@@ -163,22 +163,28 @@ pub(super) fn previous_token(
 /// The ServiceAccounts that may need a change, read in full and grouped by namespace: each
 /// named one in a target namespace unless the metadata store shows it holding exactly this
 /// credential's Secret at a resourceVersion already checked, and each one whose annotation
-/// records an entry of this credential. The others are not read at all.
+/// records an entry of this credential in a target or in a namespace it is `leaving` (where
+/// this reconcile removes its Secret). The others are not read at all: anyone can write the
+/// annotation, and elsewhere an entry is released only when the credential goes.
 pub(super) async fn accounts_to_check(
     ctx: &Context,
     uid: &str,
     targets: &[String],
+    leaving: &BTreeSet<&str>,
     wanted: &[String],
     secret_name: &str,
 ) -> Result<BTreeMap<String, Vec<ServiceAccount>>, Error> {
     let verified = ctx.states.with(uid, |s| s.accounts_verified.clone());
-    let mut candidates: BTreeSet<(String, String)> = ctx.index.accounts_recording(uid).into_iter().collect();
+    let target_set: BTreeSet<&str> = targets.iter().map(String::as_str).collect();
+    let concerned = |namespace: &str| leaving.contains(namespace) || target_set.contains(namespace);
+    let recorded = ctx.index.accounts_recording(uid).into_iter().filter(|(namespace, _)| concerned(namespace));
+    let mut candidates: BTreeSet<(String, String)> = recorded.collect();
     for namespace in targets {
         for name in wanted {
             candidates.insert((namespace.clone(), name.clone()));
         }
     }
-    let targets: BTreeSet<&str> = targets.iter().map(String::as_str).collect();
+    let targets = target_set;
     let reads: Vec<(String, String)> = candidates
         .into_iter()
         .filter(|(namespace, name)| {

@@ -492,3 +492,60 @@ async fn a_fan_outs_events_name_no_tenant_namespace() {
         }
     }
 }
+
+/// Issue 20, item 4: a tenant annotates ServiceAccounts in a namespace the cluster credential
+/// does not target as if it had added entries there, and keeps editing them. They can change
+/// nothing the credential does, so their events reach it no more, and it reads none of them.
+/// (Before, each was read at every reconcile, and each edit made one.)
+#[tokio::test]
+async fn service_accounts_a_tenant_marks_outside_the_targets_are_never_read() {
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    use kube::api::{ObjectMeta, PostParams};
+
+    let admin = client().await;
+    let name = format!("marked-{}", &unique()[..6]);
+    let (kubeconfig, user) = own_identity(&name, None);
+    let _controller = spawn_labelled(&name, &[], &[("KUBECONFIG", kubeconfig.display().to_string())]);
+    let source_ns = namespace(&admin, "marked-src").await;
+    let password = secret_value("robot", "marked");
+    create_secret(&admin, &source_ns, "src", &[("password", password.as_bytes())]).await;
+    let _target = labelled_namespace(&admin, "marked-target", &[("marked", &name)]).await;
+    let tenant_ns = namespace(&admin, "marked-tenant").await;
+    let tenant = tenant(&admin, &tenant_ns).await;
+    let spec = json!({
+        "registry": "registry.example.com",
+        "source": {"basic": {"username": "robot", "passwordSecretRef": {"name": "src", "namespace": source_ns}}},
+        "namespaces": {"selector": {"matchLabels": {"marked": name}}},
+        "secret": {"name": "pull"},
+        "serviceAccounts": ["default"],
+    });
+    let uid = create_cluster_credential_for(&admin, &name, Some(&name), spec).await.metadata.uid.unwrap();
+    wait_cluster(&admin, &name, "synced", |s| s.synced_namespaces == Some(1)).await;
+
+    let offset = audit_offset();
+    let accounts = Api::<ServiceAccount>::namespaced(tenant.clone(), &tenant_ns);
+    let marked = [(regcred::service_account::ADDED_ANNOTATION.to_string(), format!("pull={uid}"))];
+    for i in 0..20 {
+        let account = ServiceAccount {
+            metadata: ObjectMeta {
+                name: Some(format!("marked-{i}")),
+                annotations: Some(marked.clone().into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        accounts.create(&PostParams::default(), &account).await.expect("an editor may create ServiceAccounts");
+    }
+    for flip in 0..20 {
+        let patch = json!({"metadata": {"annotations": {"flip": flip.to_string()}}});
+        accounts.patch(&format!("marked-{}", flip % 5), &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    }
+    // Something the controller must act on, after the edits: once it has, it saw them too.
+    let joined = labelled_namespace(&admin, "marked-joined", &[("marked", &name)]).await;
+    wait_secret(&admin, &joined, "pull", "written", |_| true).await;
+    let touched: Vec<_> = requests_of_since(&user, offset)
+        .into_iter()
+        .filter(|(_, resource, namespace, _)| resource == "serviceaccounts" && *namespace == tenant_ns)
+        .collect();
+    assert!(touched.is_empty(), "the controller read or wrote the tenant's ServiceAccounts: {touched:?}");
+}
