@@ -11,6 +11,7 @@ pub mod index;
 pub mod leader;
 pub mod metrics;
 pub mod owned;
+pub mod pacing;
 pub mod plan;
 pub mod registry;
 pub mod render;

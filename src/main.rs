@@ -5,7 +5,9 @@ use std::{io::Write, path::PathBuf, sync::atomic::Ordering, time::Duration};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use regcred::{
-    admin, controller, crd, leader, render,
+    admin, controller, crd, leader,
+    pacing::{Pacing, kube_client},
+    render,
     shutdown::{self, Shutdown},
 };
 use tracing_subscriber::{EnvFilter, Layer, filter::FilterExt, fmt, layer::SubscriberExt, util::SubscriberInitExt};
@@ -104,6 +106,14 @@ struct RunArgs {
     /// after every change of its Secret's content.
     #[arg(long, default_value = "6h", env = "REGCRED_VERIFY_INTERVAL")]
     verify_interval: kube::core::Duration,
+    /// Writes (creates, applies, patches, deletes) sent to the apiserver per second, across
+    /// all credentials, so a rotation of many Secrets does not crowd out other clients; 0: as
+    /// fast as `--concurrency` allows. Reads and watches are not paced.
+    #[arg(long, default_value_t = 0.0, value_parser = not_negative, env = "REGCRED_WRITE_QPS")]
+    write_qps: f64,
+    /// Writes sent at once after a quiet spell, with `--write-qps`.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..), env = "REGCRED_WRITE_BURST")]
+    write_burst: u32,
     /// Registry checks started per second, across all credentials.
     #[arg(long, default_value_t = 5.0, value_parser = positive, env = "REGCRED_VERIFY_QPS")]
     verify_qps: f64,
@@ -147,6 +157,13 @@ fn share(text: &str) -> Result<f64, String> {
     match text.parse::<f64>() {
         Ok(v) if v > 0.0 && v < 1.0 => Ok(v),
         _ => Err("a number between 0 and 1 (exclusive)".into()),
+    }
+}
+
+fn not_negative(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(v) if v >= 0.0 && v.is_finite() => Ok(v),
+        _ => Err("a number, 0 or more".into()),
     }
 }
 
@@ -254,7 +271,8 @@ const DRAIN_LIMIT: Duration = Duration::from_secs(5);
 const STOP_LIMIT: Duration = Duration::from_secs(8);
 
 async fn run(args: RunArgs, shutdown: Shutdown) -> anyhow::Result<()> {
-    let client = kube::Client::try_default().await.context("no Kubernetes client configuration")?;
+    let pacing = (args.write_qps > 0.0).then_some(Pacing { per_second: args.write_qps, burst: args.write_burst });
+    let client = kube_client(pacing).await.context("no Kubernetes client configuration")?;
     let config = controller::ControllerConfig {
         resync_interval: args.resync_interval.into(),
         max_backoff: args.max_backoff.into(),

@@ -452,3 +452,55 @@ async fn an_orphaned_fan_out_is_adopted_by_the_re_created_credential() {
     assert!(!events.iter().any(|e| e.1 == "SecretConflict"), "{events:?}");
     assert_no_leaks(&client).await;
 }
+
+/// Issue 20, item 14: `--write-qps` paces the controller's writes. With 4 a second and a burst
+/// of 1, the 12 Secrets of a fan-out (and its status patch and Event) reach the apiserver at
+/// least a quarter of a second apart on average, as its audit log timestamps them; a Lease
+/// renewal is never paced.
+#[tokio::test]
+async fn write_qps_spreads_a_fan_outs_writes() {
+    let client = client().await;
+    let name = format!("paced-{}", &unique()[..6]);
+    let (_controller, user) = spawn_own_controller(&name, None, &["--write-qps", "4", "--write-burst", "1"]);
+    let source_ns = namespace(&client, "paced-src").await;
+    create_secret(&client, &source_ns, "src", &[("password", secret_value("u", "paced").as_bytes())]).await;
+    let mut targets = Vec::new();
+    for _ in 0..12 {
+        targets.push(labelled_namespace(&client, "paced", &[("paced", &name)]).await);
+    }
+    let offset = audit_offset();
+    create_cluster_credential_for(
+        &client,
+        &format!("{name}-c"),
+        Some(&name),
+        json!({
+            "registry": "r.example.com",
+            "source": {"basic": {"username": "u", "passwordSecretRef": {"name": "src", "namespace": source_ns}}},
+            "namespaces": {"selector": {"matchLabels": {"paced": name}}},
+            "secret": {"name": "pull"},
+        }),
+    )
+    .await;
+    for ns in &targets {
+        eventually("the Secret written", TIMEOUT, || async {
+            Api::<Secret>::namespaced(client.clone(), ns).get_opt("pull").await.ok()?.map(|_| ())
+        })
+        .await;
+    }
+    let log = env().cp.read_audit_log(offset, None).unwrap();
+    let writes: Vec<k8s_openapi::jiff::Timestamp> = log
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|e| e["user"]["username"] == user.as_str() && e["stage"] == "ResponseComplete")
+        .filter(|e| ["create", "patch", "update", "delete"].contains(&e["verb"].as_str().unwrap_or_default()))
+        .filter(|e| e["objectRef"]["resource"] != "leases")
+        .filter_map(|e| e["requestReceivedTimestamp"].as_str()?.parse().ok())
+        .collect();
+    assert!(writes.len() >= 12, "the Secrets' creates at least: {}", writes.len());
+    let (first, last) = (writes.iter().min().unwrap(), writes.iter().max().unwrap());
+    let span = last.duration_since(*first).as_secs_f64();
+    // n writes at 4 a second after a burst of 1 need (n - 1) / 4 s; 20 ms for the audit
+    // log's timestamps, which are taken when each request arrives.
+    let needed = (writes.len() - 1) as f64 / 4.0 - 0.02;
+    assert!(span >= needed, "{} writes in {span:.2} s; paced, they need {needed:.2} s", writes.len());
+}
