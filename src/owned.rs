@@ -7,11 +7,13 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    sync::{PoisonError, RwLock},
+    sync::{Arc, PoisonError, RwLock},
 };
 
 use k8s_openapi::{api::core::v1::Secret, apimachinery::pkg::apis::meta::v1::ObjectMeta};
 use kube::{core::PartialObjectMeta, runtime::watcher};
+
+use crate::state::Version;
 
 /// The API group of the credential kinds, as owner references spell it.
 const GROUP_PREFIX: &str = "regcred.dev/";
@@ -24,14 +26,23 @@ pub struct OwnedSecret {
     pub resource_version: String,
 }
 
-type Key = (String, String);
+/// `namespace/name` (a namespace has no `/`): one allocation, shared by both maps.
+type Key = Arc<str>;
 
+/// Who controls a Secret, and its resourceVersion.
+struct Owner {
+    /// Shared by every Secret of the credential.
+    uid: Arc<str>,
+    version: Version,
+}
+
+/// A 100,000-Secret cluster keeps 100,000 of these: one allocation (the key) each, the
+/// owner's uid shared, the resourceVersion inline.
 #[derive(Default)]
 struct Inner {
-    /// Credential uid → (namespace, name) → resourceVersion.
-    by_owner: HashMap<String, HashMap<Key, String>>,
-    /// (namespace, name) → the credential uid that controls it.
-    owner_of: HashMap<Key, String>,
+    owner_of: HashMap<Key, Owner>,
+    /// Credential uid → the keys of the Secrets it controls.
+    by_owner: HashMap<Arc<str>, HashSet<Key>>,
     /// During a relist: the Secrets it has shown so far.
     relisted: Option<HashSet<Key>>,
 }
@@ -55,14 +66,15 @@ impl OwnedSecrets {
         match event {
             watcher::Event::Init => inner.relisted = Some(HashSet::new()),
             watcher::Event::InitApply(secret) => {
-                if let Some(key) = key_of(&secret.metadata)
+                if let Some(key) = inner.apply(&secret.metadata)
                     && let Some(relisted) = inner.relisted.as_mut()
                 {
                     relisted.insert(key);
                 }
+            }
+            watcher::Event::Apply(secret) => {
                 inner.apply(&secret.metadata);
             }
-            watcher::Event::Apply(secret) => inner.apply(&secret.metadata),
             watcher::Event::Delete(secret) => {
                 if let Some(key) = key_of(&secret.metadata) {
                     inner.forget(&key);
@@ -87,10 +99,11 @@ impl OwnedSecrets {
             .get(uid)
             .into_iter()
             .flatten()
-            .map(|((namespace, name), rv)| OwnedSecret {
-                namespace: namespace.clone(),
-                name: name.clone(),
-                resource_version: rv.clone(),
+            .filter_map(|key| {
+                let (namespace, name) = key.split_once('/')?;
+                let owner = inner.owner_of.get(key)?;
+                let resource_version = owner.version.to_string();
+                Some(OwnedSecret { namespace: namespace.into(), name: name.into(), resource_version })
             })
             .collect();
         found.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
@@ -104,36 +117,48 @@ impl OwnedSecrets {
 }
 
 impl Inner {
-    fn apply(&mut self, meta: &ObjectMeta) {
-        let Some(key) = key_of(meta) else { return };
-        let owner = controlling_credential(meta).map(str::to_string);
-        let rv = meta.resource_version.clone().unwrap_or_default();
-        match owner {
-            // Its owner reference may have changed (a takeover): recorded under the new one only.
-            Some(uid) => {
-                if self.owner_of.get(&key) != Some(&uid) {
-                    self.forget(&key);
-                    self.owner_of.insert(key.clone(), uid.clone());
+    /// Records a Secret's owner (or that it has none); returns its key if it has one.
+    fn apply(&mut self, meta: &ObjectMeta) -> Option<Key> {
+        let key = key_of(meta)?;
+        let version = Version::of(meta.resource_version.as_deref().unwrap_or_default());
+        let Some(uid) = controlling_credential(meta) else {
+            self.forget(&key);
+            return None;
+        };
+        // Its owner reference may have changed (a takeover): recorded under the new one only.
+        match self.owner_of.get_key_value(key.as_ref()) {
+            Some((known, owner)) if *owner.uid == *uid => {
+                let known = known.clone();
+                if let Some(owner) = self.owner_of.get_mut(&known) {
+                    owner.version = version;
                 }
-                self.by_owner.entry(uid).or_default().insert(key, rv);
+                return Some(known);
             }
-            None => self.forget(&key),
+            Some(_) => self.forget(&key),
+            None => {}
         }
+        let uid: Arc<str> = match self.by_owner.get_key_value(uid) {
+            Some((shared, _)) => shared.clone(),
+            None => Arc::from(uid),
+        };
+        self.by_owner.entry(uid.clone()).or_default().insert(key.clone());
+        self.owner_of.insert(key.clone(), Owner { uid, version });
+        Some(key)
     }
 
-    fn forget(&mut self, key: &Key) {
-        let Some(uid) = self.owner_of.remove(key) else { return };
-        if let Some(secrets) = self.by_owner.get_mut(&uid) {
+    fn forget(&mut self, key: &str) {
+        let Some(owner) = self.owner_of.remove(key) else { return };
+        if let Some(secrets) = self.by_owner.get_mut(&owner.uid) {
             secrets.remove(key);
             if secrets.is_empty() {
-                self.by_owner.remove(&uid);
+                self.by_owner.remove(&owner.uid);
             }
         }
     }
 }
 
 fn key_of(meta: &ObjectMeta) -> Option<Key> {
-    Some((meta.namespace.clone()?, meta.name.clone()?))
+    Some(Arc::from(format!("{}/{}", meta.namespace.as_deref()?, meta.name.as_deref()?)))
 }
 
 #[cfg(test)]

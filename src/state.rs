@@ -4,19 +4,62 @@
 
 use std::{
     collections::{BTreeSet, HashMap},
-    sync::{Mutex, PoisonError},
+    sync::{Arc, Mutex, PoisonError},
     time::{Duration, Instant},
 };
 
 use crate::{crd::ClusterCredentialStatus, metrics::ObjectLabels};
 
-/// A Secret seen holding what regcred wants: at this resourceVersion, data with this hash and
-/// the desired metadata whose `secret::metadata_digest` this is.
+/// A resourceVersion, kept without an allocation when it is a plain number (etcd's are):
+/// 100,000 Secrets are remembered by theirs.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SeenCurrent {
-    pub resource_version: String,
+pub enum Version {
+    Number(u64),
+    Text(Box<str>),
+}
+
+impl Version {
+    pub fn of(resource_version: &str) -> Version {
+        match resource_version.parse::<u64>() {
+            // Only where it reads back the same ("007" stays text).
+            Ok(n) if n.to_string() == resource_version => Version::Number(n),
+            _ => Version::Text(resource_version.into()),
+        }
+    }
+
+    /// Whether this is `resource_version`.
+    pub fn is(&self, resource_version: &str) -> bool {
+        match self {
+            Version::Number(n) => {
+                resource_version.parse::<u64>().is_ok_and(|v| v == *n && v.to_string() == resource_version)
+            }
+            Version::Text(text) => **text == *resource_version,
+        }
+    }
+}
+
+impl std::fmt::Display for Version {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Version::Number(n) => write!(f, "{n}"),
+            Version::Text(text) => f.write_str(text),
+        }
+    }
+}
+
+/// What one reconcile wrote (or found) in every namespace: the hash of the data and the
+/// `secret::metadata_digest` of the desired metadata. Shared by all the namespaces it covers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Content {
     pub data_hash: String,
     pub meta_digest: String,
+}
+
+/// A Secret seen holding what regcred wants: at this resourceVersion, this content.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SeenCurrent {
+    pub resource_version: Version,
+    pub content: Arc<Content>,
 }
 
 /// Per-credential memory.
@@ -29,9 +72,11 @@ pub struct ObjectState {
     pub failures: u32,
     /// Namespaces where a Secret of the wanted name belongs to someone else.
     pub contested: BTreeSet<String>,
-    /// (namespace, name) → Secrets seen current: one whose resourceVersion is unchanged needs
-    /// no read to know its content.
-    pub verified: HashMap<(String, String), SeenCurrent>,
+    /// Namespace → its Secret of the name `verified_name`, seen current: one whose
+    /// resourceVersion is unchanged needs no read to know its content.
+    pub verified: HashMap<Box<str>, SeenCurrent>,
+    /// The Secret name `verified` is about (a rename forgets them all).
+    pub verified_name: String,
     /// (namespace, name) → ServiceAccounts read and left as this credential wants them:
     /// unchanged since, they need no read.
     pub accounts_verified: HashMap<(String, String), crate::service_account::InLine>,
@@ -106,5 +151,18 @@ mod tests {
         let gone = states.retain(&BTreeSet::from(["new".to_string()]));
         assert_eq!(gone.len(), 1);
         assert_eq!(states.len(), 1);
+    }
+
+    /// resourceVersions are opaque: a number is kept as one only where it reads back the same.
+    #[test]
+    fn versions_compare_as_the_strings_they_came_from() {
+        for rv in ["12345", "0", "007", "", "abc", "18446744073709551616"] {
+            let version = Version::of(rv);
+            assert!(version.is(rv), "{rv}");
+            assert_eq!(version.to_string(), rv);
+        }
+        assert_eq!(Version::of("12345"), Version::Number(12345));
+        assert!(!Version::of("12345").is("012345") && !Version::of("7").is("07") && !Version::of("07").is("7"));
+        assert!(!Version::of("1").is("2"));
     }
 }

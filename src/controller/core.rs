@@ -39,7 +39,7 @@ use crate::{
     },
     service_account::{has_finalizer, release, set_finalizer, sync_namespace},
     source::{ApiSecretReader, CredentialProvider, Credentials, PreviousToken, ReadOnce, SourceContext},
-    state::{ObjectState, SeenCurrent},
+    state::{Content, ObjectState, SeenCurrent, Version},
     status::Synced,
 };
 
@@ -393,6 +393,11 @@ fn record_steps(
         .filter(|l| l.name() == desired.name)
         .filter_map(|l| Some((l.namespace(), l.meta.resource_version.as_deref()?)))
         .collect();
+    if state.verified_name != desired.name {
+        state.verified.clear();
+        state.verified_name = desired.name.to_string();
+    }
+    let content = shared_content(state, desired);
     for StepDone { step, written, retired, accounts } in done {
         if let (Ok(_), Ok(_)) = (&written, &retired) {
             // Read and brought in line in this pass: unchanged, they need no read next time.
@@ -400,7 +405,7 @@ fn record_steps(
                 state.accounts_verified.insert((step.namespace.clone(), name), in_line);
             }
         }
-        let key = (step.namespace.clone(), desired.name.to_string());
+        let key: Box<str> = step.namespace.as_str().into();
         match written {
             Ok(outcome) => {
                 state.contested.remove(&step.namespace);
@@ -416,11 +421,8 @@ fn record_steps(
                     SecretChange::Unchanged => observed.get(step.namespace.as_str()).map(|rv| rv.to_string()),
                 };
                 if let Some(resource_version) = resource_version {
-                    let seen = SeenCurrent {
-                        resource_version,
-                        data_hash: desired.hash.clone(),
-                        meta_digest: desired.meta_digest.clone(),
-                    };
+                    let seen =
+                        SeenCurrent { resource_version: Version::of(&resource_version), content: content.clone() };
                     state.verified.insert(key, seen);
                 }
             }
@@ -442,12 +444,23 @@ fn record_steps(
     }
 }
 
+/// What this reconcile's Secrets hold, shared by all of them (and with those an earlier
+/// reconcile recorded with the same content).
+fn shared_content(state: &ObjectState, desired: &Desired<'_>) -> Arc<Content> {
+    let fresh = Content { data_hash: desired.hash.clone(), meta_digest: desired.meta_digest.clone() };
+    let known = state.verified.values().map(|seen| &seen.content).find(|content| ***content == fresh);
+    known.cloned().unwrap_or_else(|| Arc::new(fresh))
+}
+
 /// Keeps only what this credential may still have: its targets, its Secret name, the
 /// ServiceAccounts it names.
 fn forget_untargeted(state: &mut ObjectState, targets: &[String], secret_name: &str, wanted: &[String]) {
     state.targets = targets.iter().cloned().collect();
     let targets: BTreeSet<&str> = targets.iter().map(String::as_str).collect();
-    state.verified.retain(|(ns, name), _| targets.contains(ns.as_str()) && name == secret_name);
+    if state.verified_name != secret_name {
+        state.verified.clear();
+    }
+    state.verified.retain(|ns, _| targets.contains(ns.as_ref()));
     state.accounts_verified.retain(|(ns, name), _| targets.contains(ns.as_str()) && wanted.contains(name));
     state.contested.retain(|ns| targets.contains(ns.as_str()));
 }

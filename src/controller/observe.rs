@@ -42,25 +42,31 @@ pub(super) async fn own_secrets(
     secret_name: &str,
     seed: Option<&str>,
 ) -> Result<(Vec<LiveSecret>, Option<ReadSecret>), Error> {
-    let verified = ctx.states.with(uid, |s| s.verified.clone());
     let targets: BTreeSet<&str> = targets.iter().map(String::as_str).collect();
     let mut own = Vec::new();
     let mut unknown = Vec::new();
     // A namespaced credential's Secrets are in its namespace (an owner reference elsewhere
     // is not its own).
     let owned = ctx.owned.of(uid).into_iter().filter(|s| namespace.is_none_or(|ns| s.namespace == ns));
-    for secret in owned {
-        let key = (secret.namespace.clone(), secret.name.clone());
-        match verified.get(&key).filter(|seen| seen.resource_version == secret.resource_version) {
-            Some(seen) => own.push(LiveSecret {
-                meta: listed_meta(secret),
-                data_hash: Some(seen.data_hash.clone()),
-                current_for: Some(seen.meta_digest.clone()),
-            }),
-            None if secret.name == secret_name && targets.contains(secret.namespace.as_str()) => unknown.push(key),
-            None => own.push(LiveSecret { meta: listed_meta(secret), data_hash: None, current_for: None }),
+    // Looked up in place: the record of 10,000 Secrets is not copied.
+    ctx.states.with(uid, |state| {
+        for secret in owned {
+            let seen = state.verified.get(secret.namespace.as_str()).filter(|seen| {
+                secret.name == state.verified_name && seen.resource_version.is(&secret.resource_version)
+            });
+            match seen {
+                Some(seen) => own.push(LiveSecret {
+                    data_hash: Some(seen.content.data_hash.clone()),
+                    current_for: Some(seen.content.meta_digest.clone()),
+                    meta: listed_meta(secret),
+                }),
+                None if secret.name == secret_name && targets.contains(secret.namespace.as_str()) => {
+                    unknown.push((secret.namespace, secret.name))
+                }
+                None => own.push(LiveSecret { meta: listed_meta(secret), data_hash: None, current_for: None }),
+            }
         }
-    }
+    });
     let mut kept = Kept::new(uid, seed, None);
     for_each_read::<Secret>(ctx, unknown, |full| kept.add(full)).await?;
     own.extend(kept.live);
