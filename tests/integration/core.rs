@@ -432,7 +432,15 @@ async fn a_takeover_across_kinds_settles_after_one_write() {
 async fn steady_state_reads_no_service_account() {
     let client = client().await;
     let controller = format!("sa-quiet-{}", &unique()[..6]);
+    let spawned_from = audit_offset();
     let (_controller, user) = spawn_own_controller(&controller, None, &[]);
+    // Its ServiceAccount watch has made its first list (readiness waits for the credential
+    // caches only): what is counted below is the reconciles' reading, not the watch's start.
+    eventually("the ServiceAccount watch listed", TIMEOUT, || async {
+        let requests = requests_of_since(&user, spawned_from);
+        requests.iter().any(|(verb, res, _, _)| verb == "watch" && res == "serviceaccounts").then_some(())
+    })
+    .await;
     let source_ns = namespace(&client, "sa-quiet-src").await;
     create_secret(&client, &source_ns, "src", &[("password", secret_value("u", "sa-quiet").as_bytes())]).await;
     let team = format!("team-{}", &unique()[..6]);
