@@ -79,6 +79,17 @@ REGISTRY_TOKEN_SECONDS = 300
 # AWS refuses a signature dated more than 5 minutes from its clock ("Signature expired: ... - 5 min.").
 SKEW = 300
 STS_AUDIENCE = "sts.amazonaws.com"
+# The query-protocol actions of STS (the one endpoint serves IAM through moto too).
+STS_ACTIONS = {
+    "AssumeRole",
+    "AssumeRoleWithWebIdentity",
+    "AssumeRoleWithSAML",
+    "GetCallerIdentity",
+    "GetSessionToken",
+    "GetFederationToken",
+    "GetAccessKeyInfo",
+    "DecodeAuthorizationMessage",
+}
 # X-Amz-Target prefixes of JSON-protocol services.
 TARGET_SERVICES = {"AmazonEC2ContainerRegistry_V20150921": "ecr"}
 REGION = re.compile(r"^[a-z]{2}(-gov|-iso[a-z]?)?-[a-z]+-\d+$")
@@ -167,9 +178,12 @@ def identify(environ, body):
         environ.get("QUERY_STRING", ""), keep_blank_values=True
     )
     form = {k: v[0] for k, v in form.items()}
-    # The query protocol's services here: STS; moto serves the rest (IAM) with the scope's service.
+    action = form.get("Action", "?")
+    if action in STS_ACTIONS:  # the service is the one asked, whatever the signature's scope says
+        return "sts", action, form
+    # moto serves the rest (IAM) under the scope's service.
     scoped = re.search(r"Credential=[^/,\s]+/[^/]*/[^/]*/([^/]+)/", environ.get("HTTP_AUTHORIZATION", ""))
-    return (scoped.group(1) if scoped else "sts"), form.get("Action", "?"), form
+    return (scoped.group(1) if scoped else "sts"), action, form
 
 
 def header(environ, name):
