@@ -186,6 +186,8 @@ async fn ecr_rotation(
     namespace(client, &ns).await?;
     let secrets = Api::<Secret>::namespaced(client.clone(), &ns);
     let key_id = format!("AKIABENCH{n:011}");
+    // The emulator checks signatures: these keys are an IAM user's.
+    aws.add_access_key(&key_id, &key_id, "bench-secret")?;
     let mut keys = secret("aws-keys", b"accessKeyId", key_id.as_bytes());
     keys.data.as_mut().unwrap().insert("secretAccessKey".into(), ByteString(b"bench-secret".to_vec()));
     secrets.create(&PostParams::default(), &keys).await?;

@@ -64,6 +64,7 @@ const ECR_NAMESPACE: &str = "ecr-reads";
 const ECR_REGISTRY: &str = "123456789012.dkr.ecr.eu-west-1.amazonaws.com";
 /// One access key for every keys Secret: one identity, so one cached token for all.
 const ECR_KEY_ID: &str = "AKIABENCHREADS000001";
+const ECR_SECRET_KEY: &str = "bench-secret-key";
 /// The memory goal.
 const MEMORY_GOAL_KIB: u64 = 40 * 1024;
 
@@ -143,7 +144,12 @@ async fn main() -> anyhow::Result<()> {
     let cp = ControlPlane::start()?;
     cp.install_crds(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("crds"))?;
     let aws = match args.runs("ecr") {
-        true => Some(AwsEmulator::start_with_lifetime(args.ecr_token_secs)?),
+        true => {
+            let aws = AwsEmulator::start_with_lifetime(args.ecr_token_secs)?;
+            // The emulator checks signatures: the keys of keys_secret are an IAM user's.
+            aws.add_access_key("bench", ECR_KEY_ID, ECR_SECRET_KEY)?;
+            Some(aws)
+        }
         false => None,
     };
     let result = run(&cp, aws.as_ref(), &args).await;
@@ -723,7 +729,10 @@ impl fmt::Display for Reads {
 /// A Secret with AWS access keys (the same for every one; never printed).
 fn keys_secret(name: &str) -> Secret {
     let mut secret = opaque(name, "accessKeyId", ECR_KEY_ID.as_bytes());
-    secret.data.get_or_insert_default().insert("secretAccessKey".into(), ByteString(b"bench-secret-key".to_vec()));
+    secret
+        .data
+        .get_or_insert_default()
+        .insert("secretAccessKey".into(), ByteString(ECR_SECRET_KEY.as_bytes().to_vec()));
     secret
 }
 

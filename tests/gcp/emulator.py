@@ -33,12 +33,16 @@ import threading
 import time
 from datetime import datetime, timezone
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: oidc.py
+
 try:
     import jwt
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec, rsa
     from werkzeug.serving import make_server
     from werkzeug.wrappers import Request, Response
+
+    import oidc
 except ImportError as error:
     sys.exit(
         f"gcp/emulator.py: {error} under {sys.executable}: the Google emulator needs tests/gcp/requirements.txt; "
@@ -302,42 +306,9 @@ class Emulator:
             )
         subject_token = form.get("subject_token", "")
         try:
-            kid = jwt.get_unverified_header(subject_token).get("kid")
-            unverified = jwt.decode(subject_token, options={"verify_signature": False})
-        except jwt.PyJWTError:
-            raise oauth_error("invalid_grant", "The subject token is not a valid JWT.")
-        if unverified.get("iss") != provider["issuer"]:
-            raise oauth_error(
-                "invalid_grant",
-                f"The issuer in ID Token {unverified.get('iss')} does not match "
-                f"the expected issuer {provider['issuer']}.",
-            )
-        try:
-            key = provider["jwks"][kid]
-        except KeyError:
-            raise oauth_error("invalid_grant", f"The ID Token signing key {kid} was not found in the provider's JWKS.")
-        try:
-            claims = jwt.decode(
-                subject_token,
-                key.key,
-                # Only the key's own algorithm: an RS256 token under an EC key's kid is a forgery.
-                algorithms=[key.algorithm_name],
-                audience=provider["audiences"],
-                issuer=provider["issuer"],
-                leeway=SKEW,
-                options={"require": ["iss", "sub", "aud", "exp", "iat"]},
-            )
-        except (jwt.InvalidSignatureError, jwt.InvalidAlgorithmError):
-            raise oauth_error("invalid_grant", "Unable to verify the ID Token signature.")
-        except jwt.InvalidAudienceError:
-            raise oauth_error(
-                "invalid_grant",
-                f"The audience in ID Token {unverified.get('aud')} does not match the expected audience.",
-            )
-        except jwt.ExpiredSignatureError:
-            raise oauth_error("invalid_grant", "ID Token has expired.")
-        except jwt.PyJWTError as e:
-            raise oauth_error("invalid_grant", f"Invalid ID Token: {e}.")
+            claims = oidc.verify(subject_token, provider["issuer"], provider["jwks"], provider["audiences"], SKEW)
+        except oidc.Rejected as e:
+            raise sts_rejection(e, subject_token, provider)
         subject = claims["sub"]  # the attribute mapping google.subject = assertion.sub
         if len(subject.encode()) > MAX_SUBJECT_BYTES:
             raise oauth_error(
@@ -557,6 +528,31 @@ def verifies(token, public_key):
         return True
     except jwt.PyJWTError:
         return False
+
+
+def sts_rejection(rejected, token, provider):
+    """Google STS's answer to a subject token that oidc.verify refused."""
+    if rejected.kind == "malformed":
+        return oauth_error("invalid_grant", "The subject token is not a valid JWT.")
+    header, claims = oidc.unverified(token)
+    if rejected.kind == "issuer":
+        return oauth_error(
+            "invalid_grant",
+            f"The issuer in ID Token {claims.get('iss')} does not match the expected issuer {provider['issuer']}.",
+        )
+    if rejected.kind == "key":
+        return oauth_error(
+            "invalid_grant", f"The ID Token signing key {header.get('kid')} was not found in the provider's JWKS."
+        )
+    if rejected.kind == "signature":
+        return oauth_error("invalid_grant", "Unable to verify the ID Token signature.")
+    if rejected.kind == "audience":
+        return oauth_error(
+            "invalid_grant", f"The audience in ID Token {claims.get('aud')} does not match the expected audience."
+        )
+    if rejected.kind == "expired":
+        return oauth_error("invalid_grant", "ID Token has expired.")
+    return oauth_error("invalid_grant", f"Invalid ID Token: {rejected.detail}.")
 
 
 def condition_holds(condition, claims):

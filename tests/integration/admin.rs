@@ -18,6 +18,7 @@ async fn health_readiness_and_metrics_after_sync_and_failure() {
     create_credential(&client, &ns, "bad", basic("missing")).await;
     let aws_key = format!("AKIA{}", &unique()[..16].to_uppercase());
     let aws_secret = secret_value("aws", "metrics");
+    env().aws.add_access_key(&aws_key, &aws_key, &aws_secret).unwrap();
     create_secret(
         &client,
         &ns,

@@ -183,7 +183,7 @@ async fn ready_is_false_when_the_secret_cannot_be_written_after_a_good_fetch() {
     env();
     let client = client().await;
     let ns = namespace(&client, "ready-ecr").await;
-    create_aws_keys(&client, &ns, "keys", "ready").await;
+    create_aws_keys(&client, &env().aws, &ns, "keys", "ready").await;
     create_credential(
         &client,
         &ns,
@@ -208,7 +208,7 @@ async fn deletion_drops_the_credentials_metric_series() {
     let port = env().controller.admin_port;
     let client = client().await;
     let ns = namespace(&client, "forget").await;
-    create_aws_keys(&client, &ns, "keys", "forget").await;
+    create_aws_keys(&client, &env().aws, &ns, "keys", "forget").await;
     let spec = json!({"source": {"ecr": {"registry": ECR_REGISTRY, "auth": {"secretRef": {"name": "keys"}}}}});
     create_credential(&client, &ns, "ecr", spec).await;
     wait_ready(&client, &ns, "ecr", "True", Some("Synced")).await;

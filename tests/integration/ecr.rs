@@ -9,7 +9,7 @@ use kube::{
     Api, Client,
     api::{ObjectMeta, PostParams},
 };
-use regcred_testenv::{AwsEmulator, eventually};
+use regcred_testenv::{AwsEmulator, ISSUER, RoleTrust, eventually};
 use serde_json::{Value, json};
 
 use crate::support::*;
@@ -35,9 +35,29 @@ fn issued_password(call: &Value) -> String {
     password
 }
 
-/// Access keys in a Secret; the key id is unique so calls can be attributed to this test.
-async fn aws_keys(client: &Client, ns: &str, name: &str) -> String {
-    create_aws_keys(client, ns, name, "secretkey").await
+/// Access keys in a Secret, registered with `aws`; the key id is unique so calls can be
+/// attributed to this test.
+async fn aws_keys(client: &Client, aws: &AwsEmulator, ns: &str, name: &str) -> String {
+    create_aws_keys(client, aws, ns, name, "secretkey").await
+}
+
+/// The calls of `action` that STS or ECR answered for role `role_arn` (AssumeRole*: by the
+/// role asked for; others: signed by that role's sessions), oldest first.
+fn role_calls(aws: &AwsEmulator, action: &str, role_arn: &str) -> Vec<Value> {
+    let role = role_arn.rsplit('/').next().unwrap_or_default();
+    let session_prefix = format!("arn:aws:sts::{}:assumed-role/{role}/", regcred_testenv::AWS_ACCOUNT);
+    aws.calls()
+        .unwrap()
+        .into_iter()
+        .filter(|c| c["action"] == action)
+        .filter(|c| c["role_arn"] == role_arn || c["caller"].as_str().is_some_and(|a| a.starts_with(&session_prefix)))
+        .collect()
+}
+
+/// The reason and message of a credential's Ready condition once it is False.
+async fn refused(client: &Client, ns: &str, name: &str, reason: &str) -> String {
+    let cr = wait_ready(client, ns, name, "False", Some(reason)).await;
+    cr.status.unwrap().conditions[0].message.clone()
 }
 
 fn ecr_spec(auth: Value) -> Value {
@@ -60,7 +80,7 @@ async fn dedicated(client: &Client, prefix: &str, lifetime: u64, credential: &st
     let controller =
         spawn_controller(env().cp, &name, &format!("{CONTROLLER_LABEL}={name}"), &aws.endpoint(), &[], &[]);
     let ns = namespace(client, &format!("ecr-{prefix}")).await;
-    let key_id = aws_keys(client, &ns, "aws-keys").await;
+    let key_id = aws_keys(client, &aws, &ns, "aws-keys").await;
     create_credential_for(client, &ns, credential, Some(&name), ecr_spec(json!({"secretRef": {"name": "aws-keys"}})))
         .await;
     Dedicated { aws, name, ns, key_id, _controller: controller }
@@ -71,7 +91,7 @@ async fn key_mode_writes_the_token_for_the_registry_and_reports_expiry() {
     let aws = &env().aws;
     let client = client().await;
     let ns = namespace(&client, "ecr-keys").await;
-    let key_id = aws_keys(&client, &ns, "aws-keys").await;
+    let key_id = aws_keys(&client, aws, &ns, "aws-keys").await;
     create_credential(&client, &ns, "ecr", ecr_spec(json!({"secretRef": {"name": "aws-keys"}}))).await;
 
     let secret = wait_secret(&client, &ns, "ecr", "written", |_| true).await;
@@ -98,7 +118,7 @@ async fn several_registries_share_one_token_in_one_secret() {
     let aws = &env().aws;
     let client = client().await;
     let ns = namespace(&client, "ecr-multi").await;
-    let key_id = aws_keys(&client, &ns, "aws-keys").await;
+    let key_id = aws_keys(&client, aws, &ns, "aws-keys").await;
     let spec = json!({"source": {"ecr": {"region": "eu-west-1", "registryIds": ["222222222222", "111111111111"],
                                           "auth": {"secretRef": {"name": "aws-keys"}}}}});
     create_credential(&client, &ns, "multi", spec).await;
@@ -120,7 +140,7 @@ async fn fifty_credentials_with_one_identity_make_one_call() {
     let aws = &env().aws;
     let client = client().await;
     let ns = namespace(&client, "ecr-share").await;
-    let key_id = aws_keys(&client, &ns, "aws-keys").await;
+    let key_id = aws_keys(&client, aws, &ns, "aws-keys").await;
     for i in 0..50 {
         create_credential(&client, &ns, &format!("c{i}"), ecr_spec(json!({"secretRef": {"name": "aws-keys"}}))).await;
     }
@@ -134,24 +154,106 @@ async fn fifty_credentials_with_one_identity_make_one_call() {
     assert_eq!(logins(&secret)[0].2, password);
 }
 
+/// The role is assumed with the Secret's keys (the caller STS sees is their user), with the
+/// externalId and session name of the spec, and ECR is asked by that role's session. Calls are
+/// picked by this test's own role, so another test's AssumeRole cannot satisfy it. An
+/// externalId other than the one the role's trust policy requires, or none, is AWS's
+/// `AccessDenied`, reported on the credential.
 #[tokio::test]
 async fn assume_role_is_applied_on_top_of_the_keys() {
     let aws = &env().aws;
     let client = client().await;
     let ns = namespace(&client, "ecr-assume").await;
-    let key_id = aws_keys(&client, &ns, "aws-keys").await;
-    let spec = json!({"source": {"ecr": {"registry": REGISTRY, "auth": {"secretRef": {"name": "aws-keys"}},
-        "assumeRole": {"roleArn": "arn:aws:iam::123456789012:role/cross-account-puller", "externalId": "xid-1", "sessionName": "regcred-test"}}}});
-    create_credential(&client, &ns, "ecr", spec).await;
+    let key_id = aws_keys(&client, aws, &ns, "aws-keys").await;
+    let role = format!("arn:aws:iam::{}:role/{ns}.cross-account-puller", regcred_testenv::AWS_ACCOUNT);
+    aws.add_role(&role, &RoleTrust::principal(&aws_user(&key_id), Some("xid-1"))).unwrap();
+    let spec = |external_id: Option<&str>| {
+        let mut assume = json!({"roleArn": role, "sessionName": "regcred-test"});
+        if let Some(id) = external_id {
+            assume["externalId"] = id.into();
+        }
+        json!({"source": {"ecr": {"registry": REGISTRY, "auth": {"secretRef": {"name": "aws-keys"}}, "assumeRole": assume}}})
+    };
+    create_credential(&client, &ns, "ecr", spec(Some("xid-1"))).await;
     wait_ready(&client, &ns, "ecr", "True", Some("Synced")).await;
-    let calls = aws.calls().unwrap();
-    let assume = calls.iter().position(|c| c["action"] == "sts:AssumeRole" && c["access_key_id"] == key_id.as_str());
-    let assume = assume.expect("AssumeRole signed with the Secret's keys");
-    let token_call = calls[assume..].iter().find(|c| c["action"] == "ecr:GetAuthorizationToken").expect("token call");
-    let signer = token_call["access_key_id"].as_str().unwrap();
-    assert_ne!(signer, key_id, "GetAuthorizationToken must use the assumed role's credentials");
+    let assumed = role_calls(aws, "sts:AssumeRole", &role);
+    let [assume] = &assumed[..] else { panic!("one AssumeRole of {role}: {assumed:?}") };
+    assert_eq!(
+        (
+            &assume["status"],
+            &assume["caller"],
+            &assume["access_key_id"],
+            &assume["external_id"],
+            &assume["session_name"]
+        ),
+        (&json!(200), &json!(aws_user(&key_id)), &json!(key_id), &json!("xid-1"), &json!("regcred-test")),
+        "{assume}"
+    );
+    let token_calls_of_role = role_calls(aws, "ecr:GetAuthorizationToken", &role);
+    let [token_call] = &token_calls_of_role[..] else { panic!("one token call by the role: {token_calls_of_role:?}") };
+    let session = role.replace(":iam::", ":sts::").replace(":role/", ":assumed-role/") + "/regcred-test";
+    assert_eq!(token_call["caller"], session.as_str(), "GetAuthorizationToken must use the assumed role's credentials");
+    assert!(token_call["access_key_id"].as_str().is_some_and(|k| k.starts_with("ASIA")));
     assert!(token_calls(aws, &key_id).is_empty());
-    issued_password(token_call);
+    let secret = wait_secret(&client, &ns, "ecr", "written", |_| true).await;
+    assert_eq!(logins(&secret)[0].2, issued_password(token_call));
+
+    // The wrong externalId, and none: the role's trust policy refuses both.
+    create_credential(&client, &ns, "wrong-xid", spec(Some("xid-2"))).await;
+    create_credential(&client, &ns, "no-xid", spec(None)).await;
+    for name in ["wrong-xid", "no-xid"] {
+        let message = refused(&client, &ns, name, "AwsRequestFailed").await;
+        let denied =
+            format!("User: {} is not authorized to perform: sts:AssumeRole on resource: {role}", aws_user(&key_id));
+        assert!(message.contains("AccessDenied") && message.contains(&denied), "{name}: {message}");
+        let secrets = Api::<Secret>::namespaced(client.clone(), &ns);
+        assert!(secrets.get_opt(name).await.unwrap().is_none(), "{name}: a Secret was written");
+    }
+    let refusals: BTreeSet<_> = role_calls(aws, "sts:AssumeRole", &role)
+        .iter()
+        .filter(|c| c["status"] == 403 && c["error"] == "AccessDenied")
+        .map(|c| c["external_id"].as_str().unwrap_or("none").to_string())
+        .collect();
+    assert_eq!(refusals, BTreeSet::from(["xid-2".to_string(), "none".to_string()]));
+    assert_eq!(role_calls(aws, "ecr:GetAuthorizationToken", &role).len(), 1, "no token without the role");
+}
+
+/// A wrong secret key is refused by AWS's signature check, and the credential reports AWS's
+/// error: ECR's `InvalidSignatureException`, STS's `SignatureDoesNotMatch` (with assumeRole).
+#[tokio::test]
+async fn a_wrong_secret_key_is_refused_with_the_reason_aws_gives() {
+    let aws = &env().aws;
+    let client = client().await;
+    let ns = namespace(&client, "ecr-wrong-secret").await;
+    let key_id = format!("AKIA{}", &unique()[..16].to_uppercase());
+    aws.add_access_key(&key_id, &key_id, &secret_value("aws", "registered")).unwrap();
+    let wrong = secret_value("aws", "wrong");
+    create_secret(
+        &client,
+        &ns,
+        "aws-keys",
+        &[("accessKeyId", key_id.as_bytes()), ("secretAccessKey", wrong.as_bytes())],
+    )
+    .await;
+    create_credential(&client, &ns, "ecr", ecr_spec(json!({"secretRef": {"name": "aws-keys"}}))).await;
+    let assume = json!({"roleArn": format!("arn:aws:iam::{}:role/{ns}.any", regcred_testenv::AWS_ACCOUNT)});
+    let spec = json!({"source": {"ecr": {"registry": REGISTRY, "auth": {"secretRef": {"name": "aws-keys"}}, "assumeRole": assume}}});
+    create_credential(&client, &ns, "assume", spec).await;
+
+    let mismatch = "The request signature we calculated does not match the signature you provided";
+    let message = refused(&client, &ns, "ecr", "AwsRequestFailed").await;
+    assert!(message.contains("InvalidSignatureException") && message.contains(mismatch), "{message}");
+    let message = refused(&client, &ns, "assume", "AwsRequestFailed").await;
+    assert!(message.contains("SignatureDoesNotMatch") && message.contains(mismatch), "{message}");
+    let secrets = Api::<Secret>::namespaced(client.clone(), &ns);
+    assert!(secrets.get_opt("ecr").await.unwrap().is_none() && secrets.get_opt("assume").await.unwrap().is_none());
+    let ours: Vec<_> = aws.calls().unwrap().into_iter().filter(|c| c["access_key_id"] == key_id.as_str()).collect();
+    assert!(!ours.is_empty());
+    for call in &ours {
+        assert_eq!(call["status"], 403, "{call}");
+        assert!(call["caller"].is_null(), "a refused signature has no caller: {call}");
+    }
+    assert_no_leaks(&client).await;
 }
 
 #[tokio::test]
@@ -159,20 +261,8 @@ async fn irsa_uses_the_tenants_own_service_account() {
     let aws = &env().aws;
     let client = client().await;
     let ns = namespace(&client, "ecr-irsa").await;
-    let sa = ServiceAccount {
-        metadata: ObjectMeta {
-            name: Some("puller".into()),
-            annotations: Some(
-                [("eks.amazonaws.com/role-arn".to_string(), "arn:aws:iam::123456789012:role/puller".to_string())]
-                    .into(),
-            ),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    Api::<ServiceAccount>::namespaced(client.clone(), &ns).create(&PostParams::default(), &sa).await.unwrap();
+    let role = irsa_account(&client, aws, &ns, "puller").await;
     let offset = audit_offset();
-    let before = aws.calls().unwrap().len();
     create_credential(&client, &ns, "irsa", ecr_spec(json!({"serviceAccountRef": {"name": "puller"}}))).await;
     let secret = wait_secret(&client, &ns, "irsa", "written", |_| true).await;
 
@@ -183,10 +273,14 @@ async fn irsa_uses_the_tenants_own_service_account() {
             .any(|(verb, res, n, name)| verb == "create" && res == "serviceaccounts" && *n == ns && name == "puller"),
         "a TokenRequest for {ns}/puller: {requests:?}"
     );
-    let calls = aws.calls().unwrap().split_off(before);
-    let web =
-        calls.iter().position(|c| c["action"] == "sts:AssumeRoleWithWebIdentity").expect("AssumeRoleWithWebIdentity");
-    let token_call = calls[web..].iter().find(|c| c["action"] == "ecr:GetAuthorizationToken").expect("token call");
+    // STS got this ServiceAccount's own token (verified against the cluster's keys) for its role.
+    let exchanges = role_calls(aws, "sts:AssumeRoleWithWebIdentity", &role);
+    let [exchange] = &exchanges[..] else { panic!("one AssumeRoleWithWebIdentity for {role}: {exchanges:?}") };
+    let sub = format!("system:serviceaccount:{ns}:puller");
+    assert_eq!((&exchange["status"], &exchange["sub"]), (&json!(200), &json!(sub)), "{exchange}");
+    assert_eq!(exchange["session_name"], format!("regcred-{ns}-puller").as_str());
+    let token_calls_of_role = role_calls(aws, "ecr:GetAuthorizationToken", &role);
+    let [token_call] = &token_calls_of_role[..] else { panic!("one token call by the role: {token_calls_of_role:?}") };
     assert_eq!(logins(&secret)[0].2, issued_password(token_call));
 
     // No role annotation, or no such ServiceAccount: reported, nothing borrowed.
@@ -204,6 +298,46 @@ async fn irsa_uses_the_tenants_own_service_account() {
     create_credential(&client, &ns, "no-sa", ecr_spec(json!({"serviceAccountRef": {"name": "ghost"}}))).await;
     wait_ready(&client, &ns, "no-role", "False", Some("NoRoleArn")).await;
     wait_ready(&client, &ns, "no-sa", "False", Some("ServiceAccountNotFound")).await;
+}
+
+/// A role whose trust policy names one namespace's ServiceAccount cannot be assumed with
+/// another namespace's, even one of the same name annotated with that role: STS verifies the
+/// token's `sub` against the trust policy, and the credential reports AWS's `AccessDenied`.
+#[tokio::test]
+async fn another_namespaces_service_account_cannot_assume_a_role_trusted_for_this_one() {
+    let aws = &env().aws;
+    let client = client().await;
+    let ours = namespace(&client, "ecr-irsa-ours").await;
+    let theirs = namespace(&client, "ecr-irsa-theirs").await;
+    let role = irsa_account(&client, aws, &ours, "puller").await;
+    annotated_account(&client, &theirs, "puller", &role).await;
+    create_credential(&client, &theirs, "irsa", ecr_spec(json!({"serviceAccountRef": {"name": "puller"}}))).await;
+    let message = refused(&client, &theirs, "irsa", "AwsRequestFailed").await;
+    assert!(
+        message.contains("sts:AssumeRoleWithWebIdentity")
+            && message.contains("AccessDenied")
+            && message.contains("Not authorized to perform sts:AssumeRoleWithWebIdentity"),
+        "{message}"
+    );
+    let secrets = Api::<Secret>::namespaced(client.clone(), &theirs);
+    assert!(secrets.get_opt("irsa").await.unwrap().is_none(), "a Secret was written");
+    let exchanges = role_calls(aws, "sts:AssumeRoleWithWebIdentity", &role);
+    let theirs_sub = format!("system:serviceaccount:{theirs}:puller");
+    assert!(
+        !exchanges.is_empty() && exchanges.iter().all(|c| c["status"] == 403 && c["sub"] == theirs_sub.as_str()),
+        "{exchanges:?}"
+    );
+    assert!(role_calls(aws, "ecr:GetAuthorizationToken", &role).is_empty());
+
+    // The namespace the role trusts gets its token with the same role.
+    create_credential(&client, &ours, "irsa", ecr_spec(json!({"serviceAccountRef": {"name": "puller"}}))).await;
+    wait_ready(&client, &ours, "irsa", "True", Some("Synced")).await;
+    let granted: Vec<_> = role_calls(aws, "sts:AssumeRoleWithWebIdentity", &role)
+        .into_iter()
+        .filter(|c| c["status"] == 200)
+        .map(|c| c["sub"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(granted, [format!("system:serviceaccount:{ours}:puller")]);
 }
 
 #[tokio::test]
@@ -225,6 +359,16 @@ async fn ambient_identity_from_env_web_identity_imds_and_pod_identity() {
     let aws = AwsEmulator::start().unwrap();
     let env_key = format!("AKIAENV{}", &unique()[..13].to_uppercase());
     let env_secret = secret_value("env", "ambient");
+    aws.add_access_key("controller", &env_key, &env_secret).unwrap();
+    // IRSA for the controller itself: its ServiceAccount's token, a role trusting it.
+    trust_cluster_issuer(&aws);
+    let controller_role = format!("arn:aws:iam::{}:role/controller", regcred_testenv::AWS_ACCOUNT);
+    let (controller_ns, controller_sa) =
+        CONTROLLER_USER.rsplit_once(':').map(|(rest, sa)| (rest.rsplit(':').next().unwrap(), sa)).unwrap();
+    aws.add_role(&controller_role, &RoleTrust::service_account(ISSUER, controller_ns, controller_sa)).unwrap();
+    let token = cp.service_account_token(controller_ns, controller_sa, &[regcred_testenv::STS_AUDIENCE], 3600).unwrap();
+    record_secret(&token);
+    let token_file = aws.web_identity_token_file(&token).unwrap();
     let region = ("AWS_REGION", "eu-west-1".to_string());
     // (mode, the controller's environment, prefix of the access key it must sign with)
     type Mode<'a> = (&'a str, Vec<(&'a str, String)>, &'a str);
@@ -238,8 +382,8 @@ async fn ambient_identity_from_env_web_identity_imds_and_pod_identity() {
             "webidentity",
             vec![
                 region.clone(),
-                ("AWS_ROLE_ARN", "arn:aws:iam::123456789012:role/controller".into()),
-                ("AWS_WEB_IDENTITY_TOKEN_FILE", aws.web_identity_token_file().display().to_string()),
+                ("AWS_ROLE_ARN", controller_role.clone()),
+                ("AWS_WEB_IDENTITY_TOKEN_FILE", token_file.display().to_string()),
             ],
             "ASIA",
         ),
@@ -281,7 +425,8 @@ async fn ambient_identity_from_env_web_identity_imds_and_pod_identity() {
     for (mode, _, prefix) in &modes {
         assert_eq!(token_calls(&aws, prefix).len(), 1, "{mode}: one GetAuthorizationToken signed by a {prefix}… key");
     }
-    assert!(aws.counts().unwrap().get("sts:AssumeRoleWithWebIdentity").copied().unwrap_or(0) >= 1);
+    let exchanges = role_calls(&aws, "sts:AssumeRoleWithWebIdentity", &controller_role);
+    assert!(exchanges.iter().any(|c| c["status"] == 200 && c["sub"] == CONTROLLER_USER), "{exchanges:?}");
     drop(controllers);
     assert_no_leaks(&client).await;
 }
@@ -425,18 +570,11 @@ async fn an_irsa_service_account_created_later_is_picked_up_at_once() {
         sample(&controller.metrics(), failures).filter(|n| *n >= 5.0)
     })
     .expect("the credential kept failing");
-    let sa = ServiceAccount {
-        metadata: ObjectMeta {
-            name: Some("late".into()),
-            annotations: Some(
-                [("eks.amazonaws.com/role-arn".to_string(), "arn:aws:iam::123456789012:role/late".to_string())].into(),
-            ),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
+    let role = format!("arn:aws:iam::{}:role/{ns}.late", regcred_testenv::AWS_ACCOUNT);
+    trust_cluster_issuer(&env().aws);
+    env().aws.add_role(&role, &RoleTrust::service_account(ISSUER, &ns, "late")).unwrap();
     let created = std::time::Instant::now();
-    Api::<ServiceAccount>::namespaced(client.clone(), &ns).create(&PostParams::default(), &sa).await.unwrap();
+    annotated_account(&client, &ns, "late", &role).await;
     wait_secret(&client, &ns, "irsa", "written", |_| true).await;
     let after = created.elapsed();
     eprintln!("IRSA ServiceAccount picked up after {after:?}");
@@ -462,7 +600,7 @@ async fn a_failing_refresh_still_gives_a_new_namespace_the_valid_token() {
     let selector = format!("{CONTROLLER_LABEL}={name}");
     let mut controller = spawn_controller(env().cp, &name, &selector, &aws.endpoint(), &args, &[]);
     let platform = namespace(&admin, "outage-platform").await;
-    let key_id = create_aws_keys(&admin, &platform, "aws-keys", "secretkey").await;
+    let key_id = create_aws_keys(&admin, &aws, &platform, "aws-keys", "secretkey").await;
     let first = labelled_namespace(&admin, "outage-first", &[("outage", &name)]).await;
     let spec = json!({
         "source": {"ecr": {"registry": REGISTRY, "auth": {"secretRef": {"name": "aws-keys", "namespace": platform}}}},
@@ -571,7 +709,7 @@ async fn a_clock_behind_aws_still_refreshes_before_the_token_expires() {
     let _controller =
         spawn_controller(env().cp, &name, &format!("{CONTROLLER_LABEL}={name}"), &aws.endpoint(), &[], &[]);
     let ns = namespace(&client, "ecr-skew").await;
-    aws_keys(&client, &ns, "aws-keys").await;
+    aws_keys(&client, &aws, &ns, "aws-keys").await;
     let before = k8s_openapi::jiff::Timestamp::now().as_second();
     create_credential_for(&client, &ns, "ecr", Some(&name), ecr_spec(json!({"secretRef": {"name": "aws-keys"}}))).await;
     let status = wait_ready(&client, &ns, "ecr", "True", Some("Synced")).await.status.unwrap();

@@ -70,7 +70,7 @@ async fn a_token_forged_during_a_restart_reaches_no_other_namespace() {
     let selector = format!("{CONTROLLER_LABEL}={name}");
     let mut first = spawn_controller(env().cp, &name, &selector, &aws.endpoint(), &[], &[]);
     let platform = namespace(&admin, "forge-platform").await;
-    let key_id = create_aws_keys(&admin, &platform, "aws-keys", "secretkey").await;
+    let key_id = create_aws_keys(&admin, &aws, &platform, "aws-keys", "secretkey").await;
     let tenant_ns = labelled_namespace(&admin, "forge-tenant", &[("forge", &name)]).await;
     let tenant = tenant(&admin, &tenant_ns).await;
     create_cluster_credential_for(&admin, &name, Some(&name), fan_out_spec(&name, &platform)).await;
@@ -111,7 +111,7 @@ async fn a_forged_secret_is_repaired_from_the_genuine_token_without_a_provider_c
     let selector = format!("{CONTROLLER_LABEL}={name}");
     let mut first = spawn_controller(env().cp, &name, &selector, &aws.endpoint(), &[], &[]);
     let platform = namespace(&admin, "forge-platform").await;
-    let key_id = create_aws_keys(&admin, &platform, "aws-keys", "secretkey").await;
+    let key_id = create_aws_keys(&admin, &aws, &platform, "aws-keys", "secretkey").await;
     let tenant_ns = labelled_namespace(&admin, "forge-tenant", &[("forge", &name)]).await;
     let victim = labelled_namespace(&admin, "forge-victim", &[("forge", &name)]).await;
     let tenant = tenant(&admin, &tenant_ns).await;

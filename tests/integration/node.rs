@@ -384,7 +384,7 @@ async fn ecr_tokens_pull_on_the_node_rotate_and_a_stale_one_is_refused() {
     let mut controller =
         spawn_controller(env().cp, &name, &format!("{CONTROLLER_LABEL}={name}"), &aws.endpoint(), &[], &[]);
     let ns = namespace(&client, "node-ecr").await;
-    create_aws_keys(&client, &ns, "aws-keys", "node-ecr").await;
+    create_aws_keys(&client, &aws, &ns, "aws-keys", "node-ecr").await;
     create_credential_for(
         &client,
         &ns,

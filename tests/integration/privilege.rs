@@ -26,7 +26,7 @@ async fn the_controller_identity_can_mint_only_sts_tokens_the_apiserver_refuses(
     let admin = client().await;
     let controller = controller_client().await;
     let ns = namespace(&admin, "vap").await;
-    irsa_account(&admin, &ns, "app").await;
+    irsa_account(&admin, &env().aws, &ns, "app").await;
     // The policy is installed with the packaged manifests; the apiserver enforces it once its
     // informer has it: wait until the first refusal, then every case must hold.
     regcred_testenv::eventually("the ValidatingAdmissionPolicy in force", TIMEOUT, || async {
@@ -78,7 +78,7 @@ async fn irsa_disabled_reports_a_clear_condition_and_requests_no_token() {
     let client = client().await;
     let (_controller, user) = spawn_own_controller("noirsa", None, &["--disable-irsa"]);
     let ns = namespace(&client, "noirsa").await;
-    irsa_account(&client, &ns, "puller").await;
+    irsa_account(&client, &env().aws, &ns, "puller").await;
     let offset = audit_offset();
     let spec = json!({"source": {"ecr": {"registry": "123456789012.dkr.ecr.eu-west-1.amazonaws.com",
                                           "auth": {"serviceAccountRef": {"name": "puller"}}}}});

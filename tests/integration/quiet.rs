@@ -98,7 +98,7 @@ async fn restarts_and_leader_changes_make_no_writes_and_no_aws_calls() {
 
     // Both kinds, ECR: a RegistryCredential, and a ClusterRegistryCredential into two namespaces.
     let ns = namespace(&client, "quiet-ecr").await;
-    create_aws_keys(&client, &ns, "keys", "quiet").await;
+    create_aws_keys(&client, &aws, &ns, "keys", "quiet").await;
     let registry = "123456789012.dkr.ecr.eu-west-1.amazonaws.com";
     let source = json!({"ecr": {"registry": registry, "auth": {"secretRef": {"name": "keys"}}}});
     create_credential_for(&client, &ns, "ecr", Some(&name), json!({"source": source})).await;
@@ -217,7 +217,7 @@ async fn token_sources_and_verified_credentials_patch_no_status_at_rest() {
     // A resync every second: each is a reconcile that finds nothing to change.
     let (controller, user) = spawn_own_controller(&name, None, &["--resync-interval", "1s"]);
     let ns = namespace(&client, "quiet-rest").await;
-    create_aws_keys(&client, &ns, "keys", "rest").await;
+    create_aws_keys(&client, &env().aws, &ns, "keys", "rest").await;
     let ecr = json!({"ecr": {"registry": "123456789012.dkr.ecr.eu-west-1.amazonaws.com",
                              "auth": {"secretRef": {"name": "keys"}}}});
     create_credential_for(&client, &ns, "ecr", Some(&name), json!({"source": ecr})).await;

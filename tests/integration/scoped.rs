@@ -73,7 +73,7 @@ async fn a_namespace_scoped_controller_writes_its_namespaces_with_roles_alone() 
     .await;
 
     // Namespace b: IRSA (a TokenRequest under the Role, admitted by the chart's policy).
-    irsa_account(&admin, &b, "puller").await;
+    irsa_account(&admin, &env().aws, &b, "puller").await;
     let irsa = json!({"source": {"ecr": {"registry": "123456789012.dkr.ecr.eu-west-1.amazonaws.com",
                                           "auth": {"serviceAccountRef": {"name": "puller"}}}}});
     create_credential_for(&admin, &b, "irsa", Some(&name), irsa).await;

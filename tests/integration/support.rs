@@ -581,13 +581,27 @@ pub fn status_patches_of_since(user: &str, offset: u64) -> Vec<(String, String, 
 }
 
 /// A Secret of AWS access keys (`accessKeyId`, `secretAccessKey`) with a key id unique to the
-/// caller, so emulator calls can be attributed to it; returns the key id.
-pub async fn create_aws_keys(client: &Client, ns: &str, name: &str, tag: &str) -> String {
+/// caller, so emulator calls can be attributed to it, registered with `aws` as the key of IAM
+/// user [`aws_user`] (the key id); returns the key id.
+pub async fn create_aws_keys(client: &Client, aws: &AwsEmulator, ns: &str, name: &str, tag: &str) -> String {
     let key_id = format!("AKIA{}", &unique()[..16].to_uppercase());
     let secret_key = secret_value("aws", tag);
+    aws.add_access_key(&key_id, &key_id, &secret_key).expect("registering the access key");
     create_secret(client, ns, name, &[("accessKeyId", key_id.as_bytes()), ("secretAccessKey", secret_key.as_bytes())])
         .await;
     key_id
+}
+
+/// The ARN of the IAM user whose key [`create_aws_keys`] made.
+pub fn aws_user(key_id: &str) -> String {
+    format!("arn:aws:iam::{}:user/{key_id}", regcred_testenv::AWS_ACCOUNT)
+}
+
+/// Registers the test apiserver's ServiceAccount issuer with `aws` as an IAM OIDC provider
+/// (its JWKS inline), so STS verifies the ServiceAccount tokens it signs.
+pub fn trust_cluster_issuer(aws: &AwsEmulator) {
+    let jwks = env().cp.service_account_jwks().expect("the apiserver's JWKS");
+    aws.add_oidc_provider(regcred_testenv::ISSUER, &jwks).expect("registering the OIDC provider");
 }
 
 pub fn is_write(verb: &str) -> bool {
@@ -645,14 +659,24 @@ pub fn chart_identity(name: &str, values: &str) -> (PathBuf, String) {
     (kubeconfig, format!("system:serviceaccount:{CONTROLLER_NAMESPACE}:{name}"))
 }
 
-/// A ServiceAccount `name` in `ns` with the IRSA role annotation.
-pub async fn irsa_account(client: &Client, ns: &str, name: &str) {
+/// A ServiceAccount `name` in `ns` with the IRSA role annotation, naming a role of its own
+/// (`<ns>.<name>`) that `aws` has, trusting this ServiceAccount's tokens (as IRSA's trust
+/// policies do, with a condition on `sub`); returns the role's ARN.
+pub async fn irsa_account(client: &Client, aws: &AwsEmulator, ns: &str, name: &str) -> String {
+    let role = format!("arn:aws:iam::{}:role/{ns}.{name}", regcred_testenv::AWS_ACCOUNT);
+    trust_cluster_issuer(aws);
+    let trust = regcred_testenv::RoleTrust::service_account(regcred_testenv::ISSUER, ns, name);
+    aws.add_role(&role, &trust).expect("registering the role");
+    annotated_account(client, ns, name, &role).await;
+    role
+}
+
+/// A ServiceAccount `name` in `ns` annotated with IRSA role `role` (whatever that role trusts).
+pub async fn annotated_account(client: &Client, ns: &str, name: &str, role: &str) {
     let sa = k8s_openapi::api::core::v1::ServiceAccount {
         metadata: ObjectMeta {
             name: Some(name.into()),
-            annotations: Some(
-                [("eks.amazonaws.com/role-arn".to_string(), format!("arn:aws:iam::123456789012:role/{name}"))].into(),
-            ),
+            annotations: Some([("eks.amazonaws.com/role-arn".to_string(), role.to_string())].into()),
             ..Default::default()
         },
         ..Default::default()

@@ -61,8 +61,8 @@ async fn nothing_secret_is_logged_at_trace() {
     create_secret(&client, &ns, "pass", &[("password", password.as_bytes())]).await;
     create_secret(&client, &ns, "pat", &[("token", token.as_bytes())]).await;
     create_secret(&client, &ns, "gcp", &[("key.json", key.as_bytes())]).await;
-    create_aws_keys(&client, &ns, "aws", "trace").await;
-    irsa_account(&client, &ns, "puller").await;
+    create_aws_keys(&client, &aws, &ns, "aws", "trace").await;
+    irsa_account(&client, &aws, &ns, "puller").await;
     // Google: a real key (its assertion is a JWT) and Workload Identity Federation with
     // impersonation (a ServiceAccount token, a federated token, an access token).
     let google_key = gcp.create_service_account_key("trace@regcred-test.iam.gserviceaccount.com").unwrap();

@@ -6,21 +6,32 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
 
 use crate::process::{Process, temp_dir};
-use crate::{free_port, http_get, random_hex, wait_until};
+use crate::{free_port, http_get, http_request, random_hex, wait_until};
 
 /// ECR's own token lifetime: 12 hours.
 const DEFAULT_TOKEN_LIFETIME: u64 = 12 * 60 * 60;
 
+/// The account of the emulator's users and of the roles tests register by default.
+pub const ACCOUNT: &str = "123456789012";
+/// The audience STS requires of web identity tokens (IRSA's).
+pub const STS_AUDIENCE: &str = "sts.amazonaws.com";
+
 /// A local AWS (`tests/aws/emulator.py`, run by `$REGCRED_PYTHON`, the virtual environment
 /// of `scripts/setup.sh` or `python3`, with
-/// `tests/aws/requirements.txt` installed): moto for ECR/STS/IAM with a
-/// realistic, rotating ECR GetAuthorizationToken, request counts, fault
-/// injection and a record of calls; plus IMDSv2 and EKS Pod Identity stubs, and the token
-/// realm of a registry standing in for ECR ([`AwsEmulator::token_realm`]).
-/// Credentials from IMDS have access key ids starting `AKIAIMDS`, from Pod
-/// Identity `AKIAPODID`, from STS AssumeRole* `ASIA`. Drop stops it.
+/// `tests/aws/requirements.txt` installed), strict where AWS is: every request's SigV4
+/// signature is checked against the secret key (and session token) of its access key id, within
+/// 5 minutes of its clock; STS AssumeRole checks the role's trust in the caller and its
+/// ExternalId, AssumeRoleWithWebIdentity verifies the token against an OIDC provider's keys and
+/// the role's trust in its `sub`; temporary credentials expire. Only keys registered with
+/// [`Self::add_access_key`] (and the temporary ones it hands out) sign; only roles registered
+/// with [`Self::add_role`] can be assumed. moto serves ECR with a realistic, rotating
+/// GetAuthorizationToken; plus request counts, fault injection, a record of calls, IMDSv2 and
+/// EKS Pod Identity stubs, and the token realm of a registry standing in for ECR
+/// ([`AwsEmulator::token_realm`]). Credentials from IMDS have access key ids starting
+/// `AKIAIMDS`, from Pod Identity `AKIAPODID`, from STS AssumeRole* `ASIA`. Drop stops it.
 pub struct AwsEmulator {
     // Field order is drop order: the process stops before its dir goes.
     proc: Mutex<Option<Process>>,
@@ -29,7 +40,40 @@ pub struct AwsEmulator {
     pod_identity_port: u16,
     pod_identity_token: String,
     lifetime: AtomicU64,
+    sts_lifetime: AtomicU64,
+    /// What was registered (control path, JSON body), replayed after a restart: IAM's users,
+    /// roles and providers outlive an outage.
+    config: Mutex<Vec<(String, Value)>>,
     dir: tempfile::TempDir,
+}
+
+/// Whom a role trusts (its trust policy), for [`AwsEmulator::add_role`].
+#[derive(Clone, Debug, Default)]
+pub struct RoleTrust {
+    /// Principal ARNs allowed to `sts:AssumeRole` it (users: [`AwsEmulator::add_access_key`]'s).
+    pub principals: Vec<String>,
+    /// The `sts:ExternalId` AssumeRole must present, if any.
+    pub external_id: Option<String>,
+    /// `sts:AssumeRoleWithWebIdentity` for tokens of this OIDC issuer whose `sub` is one of
+    /// these (the `StringEquals` condition on `<issuer>:sub` of an IAM OIDC trust policy).
+    pub web_identity: Vec<(String, Vec<String>)>,
+}
+
+impl RoleTrust {
+    /// Trusts one Kubernetes ServiceAccount's tokens from `issuer` (IRSA's trust policy).
+    pub fn service_account(issuer: &str, namespace: &str, name: &str) -> RoleTrust {
+        let sub = format!("system:serviceaccount:{namespace}:{name}");
+        RoleTrust { web_identity: vec![(issuer.to_string(), vec![sub])], ..Default::default() }
+    }
+
+    /// Trusts one principal for AssumeRole, with an ExternalId condition or none.
+    pub fn principal(arn: &str, external_id: Option<&str>) -> RoleTrust {
+        RoleTrust {
+            principals: vec![arn.to_string()],
+            external_id: external_id.map(str::to_string),
+            ..Default::default()
+        }
+    }
 }
 
 impl AwsEmulator {
@@ -59,11 +103,6 @@ impl AwsEmulator {
         let dir = temp_dir("aws")?;
         let pod_identity_token = format!("pod-identity-{}", random_hex());
         std::fs::write(dir.path().join("pod-identity-token"), &pod_identity_token)?;
-        // Any JWT-shaped string will do: STS here does not verify it.
-        let jwt = ["{\"alg\":\"RS256\"}", "{\"sub\":\"system:serviceaccount:regcred:regcred\"}", "sig"]
-            .map(|part| base64_url(part.as_bytes()))
-            .join(".");
-        std::fs::write(dir.path().join("web-identity-token"), jwt)?;
         let aws = AwsEmulator {
             proc: Mutex::new(None),
             port: free_port(),
@@ -71,6 +110,8 @@ impl AwsEmulator {
             pod_identity_port: free_port(),
             pod_identity_token,
             lifetime: AtomicU64::new(secs),
+            sts_lifetime: AtomicU64::new(3600),
+            config: Mutex::new(Vec::new()),
             dir,
         };
         aws.spawn()?;
@@ -87,6 +128,7 @@ impl AwsEmulator {
             .args(["--imds-port", &self.imds_port.to_string()])
             .args(["--pod-identity-port", &self.pod_identity_port.to_string()])
             .args(["--token-lifetime", &self.lifetime.load(Ordering::SeqCst).to_string()])
+            .args(["--sts-lifetime", &self.sts_lifetime.load(Ordering::SeqCst).to_string()])
             .args(["--pod-identity-token", &self.pod_identity_token])
             .arg("--state-dir")
             .arg(self.dir.path())
@@ -100,6 +142,60 @@ impl AwsEmulator {
         )
         .with_context(|| crate::python().hint("tests/aws/requirements.txt"))?;
         *self.proc.lock().unwrap() = Some(proc);
+        let config = self.config.lock().unwrap().clone();
+        for (path, body) in &config {
+            self.post_json(path, body)?;
+        }
+        Ok(())
+    }
+
+    /// Registers an access key of IAM user `user` (of [`ACCOUNT`]), as IAM's CreateAccessKey:
+    /// requests signed with `secret_access_key` are its. Returns the user's ARN.
+    pub fn add_access_key(&self, user: &str, access_key_id: &str, secret_access_key: &str) -> Result<String> {
+        let body = json!({"user": user, "access_key_id": access_key_id, "secret_access_key": secret_access_key});
+        self.configure("/_emulator/access-keys", body)?;
+        Ok(format!("arn:aws:iam::{ACCOUNT}:user/{user}"))
+    }
+
+    /// Creates (or replaces) the role `arn` with this trust policy.
+    pub fn add_role(&self, arn: &str, trust: &RoleTrust) -> Result<()> {
+        let web_identity: Vec<Value> = trust
+            .web_identity
+            .iter()
+            .map(|(issuer, subjects)| json!({"issuer": issuer, "subjects": subjects}))
+            .collect();
+        let body = json!({"arn": arn, "principals": trust.principals, "external_id": trust.external_id,
+                          "web_identity": web_identity});
+        self.configure("/_emulator/roles", body)
+    }
+
+    /// Registers (or replaces) an IAM OpenID Connect provider: tokens of `issuer` verify against
+    /// `jwks` (given inline, e.g. [`crate::ControlPlane::service_account_jwks`]); their
+    /// audience must be `sts.amazonaws.com`.
+    pub fn add_oidc_provider(&self, issuer: &str, jwks: &Value) -> Result<()> {
+        self.configure("/_emulator/oidc-providers", json!({"issuer": issuer, "jwks": jwks}))
+    }
+
+    /// STS credentials issued from now on live at most `secs` (and are refused after).
+    pub fn set_sts_lifetime(&self, secs: u64) -> Result<()> {
+        self.post(&format!("/_emulator/sts-lifetime?seconds={secs}"))?;
+        self.sts_lifetime.store(secs, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn configure(&self, path: &str, body: Value) -> Result<()> {
+        self.post_json(path, &body)?;
+        self.config.lock().unwrap().push((path.to_string(), body));
+        Ok(())
+    }
+
+    fn post_json(&self, path: &str, body: &Value) -> Result<()> {
+        let headers = "Content-Type: application/json\r\n";
+        let (status, answer) = http_request(self.port, "POST", path, headers, body.to_string().as_bytes())
+            .with_context(|| format!("POST {path} on the AWS emulator"))?;
+        if status != 200 {
+            bail!("POST {path} on the AWS emulator: HTTP {status}: {answer}");
+        }
         Ok(())
     }
 
@@ -150,9 +246,13 @@ impl AwsEmulator {
         self.dir.path().join("pod-identity-token")
     }
 
-    /// A file holding a JWT-shaped token, for `AWS_WEB_IDENTITY_TOKEN_FILE`.
-    pub fn web_identity_token_file(&self) -> PathBuf {
-        self.dir.path().join("web-identity-token")
+    /// Writes `token` (a ServiceAccount token with the STS audience, e.g.
+    /// [`crate::ControlPlane::service_account_token`]) to a file for
+    /// `AWS_WEB_IDENTITY_TOKEN_FILE`, and returns its path.
+    pub fn web_identity_token_file(&self, token: &str) -> Result<PathBuf> {
+        let path = self.dir.path().join(format!("web-identity-token-{}", random_hex()));
+        std::fs::write(&path, token)?;
+        Ok(path)
     }
 
     /// Requests so far by `service:Action`, e.g. `ecr:GetAuthorizationToken`,
@@ -164,9 +264,11 @@ impl AwsEmulator {
     }
 
     /// The AWS API requests so far, oldest first: `action`, `access_key_id`
-    /// (that signed it; null if unsigned), `time` (epoch seconds), `status`,
-    /// `error` (injected error code or null), and for GetAuthorizationToken
-    /// `expiresAt` (epoch seconds) and the `authorizationData` returned.
+    /// (that signed it, also when refused; null if unsigned), `caller` (its principal's ARN once
+    /// the signature checked out), `time` (epoch seconds), `status`, `error` (the AWS error code,
+    /// injected or not, or null) and `message`; for STS AssumeRole* `role_arn`, `session_name`,
+    /// `external_id` and (web identity) `sub`, the verified token's subject; for
+    /// GetAuthorizationToken `expiresAt` (epoch seconds) and the `authorizationData` returned.
     pub fn calls(&self) -> Result<Vec<serde_json::Value>> {
         Ok(serde_json::from_str(&self.get("/_emulator/calls")?)?)
     }
@@ -211,8 +313,9 @@ impl AwsEmulator {
     }
 
     /// Stops and starts the emulator on the same ports and returns once it
-    /// serves again. It starts afresh: no counts, calls, faults or moto
-    /// state; the token lifetime is the last one set.
+    /// serves again. It starts afresh: no counts, calls, faults, temporary credentials or moto
+    /// state; the lifetimes are the last ones set, and the access keys, roles and OIDC providers
+    /// registered are registered again.
     pub fn restart(&self) -> Result<()> {
         self.stop();
         self.spawn()
@@ -254,9 +357,4 @@ fn query_escape(s: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
-}
-
-fn base64_url(bytes: &[u8]) -> String {
-    use base64::Engine;
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }

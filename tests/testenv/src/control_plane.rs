@@ -264,6 +264,51 @@ impl ControlPlane {
         Ok(serde_json::from_str(&self.raw_get("/openid/v1/jwks")?)?)
     }
 
+    /// A token of ServiceAccount `namespace/name` (both created if missing) for `audiences`,
+    /// valid `seconds`, from a TokenRequest as admin: what a Pod's projected token is.
+    pub fn service_account_token(
+        &self,
+        namespace: &str,
+        name: &str,
+        audiences: &[&str],
+        seconds: i64,
+    ) -> Result<String> {
+        use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+        use k8s_openapi::api::core::v1::Namespace;
+        use kube::api::{ObjectMeta, PostParams};
+        let request = TokenRequest {
+            spec: TokenRequestSpec {
+                audiences: audiences.iter().map(|a| a.to_string()).collect(),
+                expiration_seconds: Some(seconds),
+                bound_object_ref: None,
+            },
+            ..Default::default()
+        };
+        block_on(async {
+            let client = self.client().await;
+            let meta = |name: &str| ObjectMeta { name: Some(name.into()), ..Default::default() };
+            // Created unless there: another test may be creating the same one (409).
+            let exists = |e: &kube::Error| matches!(e, kube::Error::Api(s) if s.code == 409);
+            let namespaces = Api::<Namespace>::all(client.clone());
+            let ns = Namespace { metadata: meta(namespace), ..Default::default() };
+            if let Err(e) = namespaces.create(&PostParams::default(), &ns).await.map(drop)
+                && !exists(&e)
+            {
+                return Err(e.into());
+            }
+            let accounts = Api::<ServiceAccount>::namespaced(client, namespace);
+            let account = ServiceAccount { metadata: meta(name), ..Default::default() };
+            if let Err(e) = accounts.create(&PostParams::default(), &account).await.map(drop)
+                && !exists(&e)
+            {
+                return Err(e.into());
+            }
+            let answer = accounts.create_token_request(name, &PostParams::default(), &request).await?;
+            anyhow::Ok(answer.status.context("TokenRequest without status")?.token)
+        })
+        .with_context(|| format!("requesting a token for {namespace}/{name}"))
+    }
+
     /// Server-side applies every `*.yaml` in `dir` and waits until each
     /// CustomResourceDefinition among them is Established.
     pub fn install_crds(&self, dir: &Path) -> Result<()> {

@@ -1,6 +1,7 @@
 //! The AWS emulator as seen by the real AWS SDK for Rust: ECR tokens that
-//! expire and rotate like real ones, counts, injected faults, STS web
-//! identity, the IMDS and Pod Identity stubs, the default credentials chain
+//! expire and rotate like real ones, counts, injected faults, SigV4 checked like AWS, STS
+//! AssumeRole and web identity (real ServiceAccount tokens of the test apiserver) with trust
+//! policies, the IMDS and Pod Identity stubs, the default credentials chain
 //! configured only by environment variables (in child processes, so that
 //! no test mutates this process's environment), and stop/restart.
 
@@ -16,10 +17,14 @@ use aws_sdk_ecr::config::retry::RetryConfig;
 use aws_sdk_ecr::config::{Credentials, Region};
 use aws_sdk_ecr::error::{ProvideErrorMetadata, SdkError};
 use base64::Engine;
-use regcred_testenv::AwsEmulator;
+use regcred_testenv::{AwsEmulator, ControlPlane, ISSUER, RoleTrust, STS_AUDIENCE};
 
 const GET_TOKEN: &str = "ecr:GetAuthorizationToken";
 const STATIC_KEY: &str = "AKIASTATICTEST000001";
+const STATIC_SECRET: &str = "static-secret";
+const ROLE: &str = "arn:aws:iam::210987654321:role/regcred";
+/// The namespace of the ServiceAccounts whose tokens these tests present to STS.
+const NS: &str = "testenv-aws";
 
 /// The controller's HTTP client: rustls with ring.
 fn http() -> aws_smithy_runtime_api::client::http::SharedHttpClient {
@@ -42,8 +47,19 @@ fn ecr(aws: &AwsEmulator, credentials: impl ProvideCredentials + 'static) -> aws
     aws_sdk_ecr::Client::from_conf(ecr_config(aws, credentials).build())
 }
 
-fn static_credentials() -> Credentials {
-    Credentials::new(STATIC_KEY, "static-secret", None, None, "test")
+/// The static key, registered with the emulator as IAM user `static`.
+fn static_credentials(aws: &AwsEmulator) -> Credentials {
+    aws.add_access_key("static", STATIC_KEY, STATIC_SECRET).unwrap();
+    Credentials::new(STATIC_KEY, STATIC_SECRET, None, None, "test")
+}
+
+/// A real token of ServiceAccount `NS/name` for STS, the cluster's issuer registered with the
+/// emulator as an OIDC provider, and [`ROLE`] trusting that ServiceAccount.
+fn web_identity(aws: &AwsEmulator, name: &str) -> String {
+    let cp = ControlPlane::shared();
+    aws.add_oidc_provider(ISSUER, &cp.service_account_jwks().unwrap()).unwrap();
+    aws.add_role(ROLE, &RoleTrust::service_account(ISSUER, NS, name)).unwrap();
+    cp.service_account_token(NS, name, &[STS_AUDIENCE], 600).unwrap()
 }
 
 fn now() -> i64 {
@@ -69,7 +85,7 @@ async fn ecr_tokens_expire_like_real_ones_and_rotate() {
     let t = Instant::now();
     let aws = AwsEmulator::start().unwrap();
     eprintln!("AwsEmulator::start: {:?}", t.elapsed());
-    let client = ecr(&aws, static_credentials());
+    let client = ecr(&aws, static_credentials(&aws));
 
     let out = client.get_authorization_token().send().await.unwrap();
     let [data] = out.authorization_data() else { panic!("expected one entry: {out:?}") };
@@ -135,7 +151,7 @@ async fn ecr_tokens_expire_like_real_ones_and_rotate() {
 #[tokio::test]
 async fn token_lifetime_is_set_at_start() {
     let aws = AwsEmulator::start_with_lifetime(120).unwrap();
-    let out = ecr(&aws, static_credentials()).get_authorization_token().send().await.unwrap();
+    let out = ecr(&aws, static_credentials(&aws)).get_authorization_token().send().await.unwrap();
     let expires = out.authorization_data()[0].expires_at().unwrap().secs();
     assert!((expires - (now() + 120)).abs() < 30, "expiresAt {expires} is not 2 min from now");
 }
@@ -143,7 +159,7 @@ async fn token_lifetime_is_set_at_start() {
 #[tokio::test]
 async fn injected_faults_reach_the_sdk() {
     let aws = AwsEmulator::start().unwrap();
-    let client = ecr(&aws, static_credentials());
+    let client = ecr(&aws, static_credentials(&aws));
 
     aws.fail(GET_TOKEN, Some("AccessDeniedException")).unwrap();
     let err = client.get_authorization_token().send().await.unwrap_err();
@@ -160,7 +176,8 @@ async fn injected_faults_reach_the_sdk() {
     // A server error is retried by the SDK: each attempt counts.
     aws.fail_with_status(GET_TOKEN, Some("ServerException"), 500).unwrap();
     let retry = RetryConfig::standard().with_max_attempts(2).with_initial_backoff(Duration::from_millis(1));
-    let retrying = aws_sdk_ecr::Client::from_conf(ecr_config(&aws, static_credentials()).retry_config(retry).build());
+    let retrying =
+        aws_sdk_ecr::Client::from_conf(ecr_config(&aws, static_credentials(&aws)).retry_config(retry).build());
     let err = retrying.get_authorization_token().send().await.unwrap_err();
     assert_eq!(err.code(), Some("ServerException"), "{err:?}");
     assert_eq!(count(&aws, GET_TOKEN), 4);
@@ -169,7 +186,7 @@ async fn injected_faults_reach_the_sdk() {
     aws.fail("sts:AssumeRoleWithWebIdentity", Some("InvalidIdentityToken")).unwrap();
     let err = sts(&aws)
         .assume_role_with_web_identity()
-        .role_arn("arn:aws:iam::210987654321:role/regcred")
+        .role_arn(ROLE)
         .role_session_name("regcred")
         .web_identity_token("eyJhbGciOiJSUzI1NiJ9.e30.c2ln")
         .send()
@@ -193,10 +210,10 @@ fn sts(aws: &AwsEmulator) -> aws_sdk_sts::Client {
 #[tokio::test]
 async fn web_identity_credentials_sign_ecr_calls() {
     let aws = AwsEmulator::start().unwrap();
-    let jwt = std::fs::read_to_string(aws.web_identity_token_file()).unwrap();
+    let jwt = web_identity(&aws, "signer");
     let out = sts(&aws)
         .assume_role_with_web_identity()
-        .role_arn("arn:aws:iam::210987654321:role/regcred")
+        .role_arn(ROLE)
         .role_session_name("regcred")
         .web_identity_token(jwt)
         .send()
@@ -216,6 +233,9 @@ async fn web_identity_credentials_sign_ecr_calls() {
     let calls = aws.calls().unwrap();
     assert_eq!(calls[0]["action"], "sts:AssumeRoleWithWebIdentity");
     assert_eq!(calls[0]["access_key_id"], serde_json::Value::Null, "unsigned");
+    assert_eq!(calls[0]["sub"], format!("system:serviceaccount:{NS}:signer"));
+    assert_eq!(calls[0]["role_arn"], ROLE);
+    assert_eq!(token_calls(&aws)[0]["caller"], "arn:aws:sts::210987654321:assumed-role/regcred/regcred");
 }
 
 #[tokio::test]
@@ -316,18 +336,19 @@ fn default_chain_picks_each_ambient_source_from_env() {
     let region = ("AWS_REGION", s("eu-west-1"));
 
     // Static keys from the environment.
-    let env =
-        [("AWS_ACCESS_KEY_ID", s(STATIC_KEY)), ("AWS_SECRET_ACCESS_KEY", s("x")), region.clone(), endpoint.clone()];
-    assert_child_uses(&aws, &env, STATIC_KEY);
-
-    // IRSA: web identity token file + role, via STS at AWS_ENDPOINT_URL.
-    let token_file = aws.web_identity_token_file().display().to_string();
+    static_credentials(&aws);
     let env = [
-        ("AWS_ROLE_ARN", s("arn:aws:iam::210987654321:role/regcred")),
-        ("AWS_WEB_IDENTITY_TOKEN_FILE", token_file),
+        ("AWS_ACCESS_KEY_ID", s(STATIC_KEY)),
+        ("AWS_SECRET_ACCESS_KEY", s(STATIC_SECRET)),
         region.clone(),
         endpoint.clone(),
     ];
+    assert_child_uses(&aws, &env, STATIC_KEY);
+
+    // IRSA: web identity token file + role, via STS at AWS_ENDPOINT_URL.
+    let token_file = aws.web_identity_token_file(&web_identity(&aws, "chain")).unwrap().display().to_string();
+    let env =
+        [("AWS_ROLE_ARN", s(ROLE)), ("AWS_WEB_IDENTITY_TOKEN_FILE", token_file), region.clone(), endpoint.clone()];
     assert_child_uses(&aws, &env, "ASIA");
     assert_eq!(count(&aws, "sts:AssumeRoleWithWebIdentity"), 1);
 
@@ -358,7 +379,7 @@ async fn stop_refuses_connections_and_restart_serves_again() {
     let aws = AwsEmulator::start().unwrap();
     aws.set_token_lifetime(300).unwrap();
     let client = aws_sdk_ecr::Client::from_conf(
-        ecr_config(&aws, static_credentials()).retry_config(RetryConfig::disabled()).build(),
+        ecr_config(&aws, static_credentials(&aws)).retry_config(RetryConfig::disabled()).build(),
     );
     client.get_authorization_token().send().await.unwrap();
 
@@ -387,7 +408,7 @@ async fn the_registry_realm_takes_exactly_the_live_tokens_it_issued() {
     let aws = AwsEmulator::start_with_lifetime(6).unwrap();
     let registry = Registry::start_with_token_realm(&aws.token_realm()).unwrap();
     let host = registry.host();
-    let client = ecr(&aws, static_credentials());
+    let client = ecr(&aws, static_credentials(&aws));
     let out = client.get_authorization_token().send().await.unwrap();
     let live = password(out.authorization_data()[0].authorization_token().unwrap());
     let image = registry.push_test_image("team/app", "v1", "AWS", &live).unwrap();
@@ -414,4 +435,223 @@ async fn the_registry_realm_takes_exactly_the_live_tokens_it_issued() {
     assert!(calls.iter().any(|c| c["status"] == 200 && granted(c)), "{calls:?}");
     assert!(calls.iter().any(|c| c["status"] == 401 && c["error"] == "expired token"), "{calls:?}");
     assert!(calls.iter().any(|c| c["status"] == 401 && c["error"] == "unknown token"), "{calls:?}");
+}
+
+/// A clock `offset` away from this machine's, for signing requests as a skewed client would.
+#[derive(Debug)]
+struct SkewedClock(i64);
+
+impl aws_smithy_async::time::TimeSource for SkewedClock {
+    fn now(&self) -> SystemTime {
+        let now = SystemTime::now();
+        let by = Duration::from_secs(self.0.unsigned_abs());
+        if self.0 < 0 { now - by } else { now + by }
+    }
+}
+
+/// The AWS error code and message of a failed call.
+fn refusal<T: std::fmt::Debug, E: ProvideErrorMetadata + std::fmt::Debug, R: std::fmt::Debug>(
+    result: Result<T, SdkError<E, R>>,
+) -> (String, String) {
+    let err = result.expect_err("AWS accepted the request");
+    let code = err.code().unwrap_or_else(|| panic!("no AWS error code: {err:?}")).to_owned();
+    (code, err.message().unwrap_or_default().to_owned())
+}
+
+/// Issue 21 §1: requests are signed with the secret key of their access key id, scoped to the
+/// service, dated within 5 minutes, and temporary keys carry their session token; anything
+/// else gets the error AWS sends, in each protocol.
+#[tokio::test]
+async fn signatures_are_checked_like_aws() {
+    let aws = AwsEmulator::start().unwrap();
+    let no_retry = RetryConfig::disabled();
+    let ecr_with = |creds: Credentials| {
+        aws_sdk_ecr::Client::from_conf(ecr_config(&aws, creds).retry_config(no_retry.clone()).build())
+    };
+    ecr_with(static_credentials(&aws)).get_authorization_token().send().await.unwrap();
+
+    let wrong = Credentials::new(STATIC_KEY, "not-the-secret", None, None, "test");
+    let (code, message) = refusal(ecr_with(wrong.clone()).get_authorization_token().send().await);
+    assert_eq!(code, "InvalidSignatureException", "{message}");
+    assert!(message.starts_with("The request signature we calculated does not match"), "{message}");
+    let (code, _) = refusal(sts_signed(&aws, wrong).get_caller_identity().send().await);
+    assert_eq!(code, "SignatureDoesNotMatch");
+
+    let unknown = Credentials::new("AKIAUNKNOWN000000001", STATIC_SECRET, None, None, "test");
+    let (code, _) = refusal(ecr_with(unknown.clone()).get_authorization_token().send().await);
+    assert_eq!(code, "UnrecognizedClientException");
+    let (code, _) = refusal(sts_signed(&aws, unknown).get_caller_identity().send().await);
+    assert_eq!(code, "InvalidClientTokenId");
+
+    // Scoped to a region that is none.
+    let scoped = aws_sdk_ecr::Client::from_conf(
+        ecr_config(&aws, static_credentials(&aws)).retry_config(no_retry.clone()).build(),
+    );
+    let (code, message) = refusal(
+        scoped
+            .get_authorization_token()
+            .customize()
+            .config_override(aws_sdk_ecr::config::Config::builder().region(Region::new("mars")))
+            .send()
+            .await,
+    );
+    assert_eq!(
+        (code.as_str(), message.as_str()),
+        ("InvalidSignatureException", "Credential should be scoped to a valid region. ")
+    );
+
+    // A clock 10 minutes off either way.
+    for offset in [-600, 600] {
+        let skewed = aws_sdk_ecr::Client::from_conf(
+            ecr_config(&aws, static_credentials(&aws))
+                .retry_config(no_retry.clone())
+                .time_source(SkewedClock(offset))
+                .build(),
+        );
+        let (code, message) = refusal(skewed.get_authorization_token().send().await);
+        assert_eq!(code, "InvalidSignatureException", "{offset}: {message}");
+        assert!(
+            message.starts_with(if offset < 0 { "Signature expired" } else { "Signature not yet current" }),
+            "{message}"
+        );
+    }
+
+    // Temporary credentials: without their session token, or with another one, they are unknown.
+    let trust = RoleTrust::principal("arn:aws:iam::123456789012:user/static", None);
+    aws.add_role(ROLE, &trust).unwrap();
+    let out = sts_signed(&aws, static_credentials(&aws))
+        .assume_role()
+        .role_arn(ROLE)
+        .role_session_name("session")
+        .send()
+        .await
+        .unwrap();
+    let c = out.credentials().unwrap();
+    for token in [None, Some("another-token".to_string())] {
+        let creds = Credentials::new(c.access_key_id(), c.secret_access_key(), token, None, "sts");
+        let (code, _) = refusal(ecr_with(creds).get_authorization_token().send().await);
+        assert_eq!(code, "UnrecognizedClientException");
+    }
+    let calls = token_calls(&aws);
+    assert!(
+        calls.iter().all(|c| c["status"] == 200 || c["caller"].is_null()),
+        "a refused call has a caller: {calls:?}"
+    );
+}
+
+fn sts_signed(aws: &AwsEmulator, credentials: Credentials) -> aws_sdk_sts::Client {
+    aws_sdk_sts::Client::from_conf(
+        aws_sdk_sts::Config::builder()
+            .http_client(http())
+            .behavior_version(BehaviorVersion::latest())
+            .region(aws_sdk_sts::config::Region::new("eu-west-1"))
+            .endpoint_url(aws.endpoint())
+            .credentials_provider(credentials)
+            .retry_config(aws_sdk_sts::config::retry::RetryConfig::disabled())
+            .build(),
+    )
+}
+
+/// Issue 21 §1: AssumeRole only for principals the role trusts, with the ExternalId it
+/// requires; the credentials it hands out expire and are refused after.
+#[tokio::test]
+async fn assume_role_checks_trust_and_external_id_and_its_credentials_expire() {
+    let aws = AwsEmulator::start().unwrap();
+    let caller = static_credentials(&aws);
+    let other = aws.add_access_key("other", "AKIAOTHERUSER0000001", "other-secret").unwrap();
+    aws.add_role(ROLE, &RoleTrust::principal(&other, Some("xid-1"))).unwrap();
+    let assume = |external_id: Option<&str>| {
+        sts_signed(&aws, caller.clone())
+            .assume_role()
+            .role_arn(ROLE)
+            .role_session_name("regcred-test")
+            .set_external_id(external_id.map(str::to_string))
+            .send()
+    };
+    // Trusted: another user only.
+    let (code, message) = refusal(assume(Some("xid-1")).await);
+    assert_eq!(code, "AccessDenied");
+    assert_eq!(
+        message,
+        format!(
+            "User: arn:aws:iam::123456789012:user/static is not authorized to perform: sts:AssumeRole on resource: {ROLE}"
+        )
+    );
+    aws.add_role(ROLE, &RoleTrust::principal("arn:aws:iam::123456789012:user/static", Some("xid-1"))).unwrap();
+    for wrong in [None, Some("xid-2")] {
+        let (code, _) = refusal(assume(wrong).await);
+        assert_eq!(code, "AccessDenied", "{wrong:?}");
+    }
+    aws.set_sts_lifetime(3).unwrap();
+    let out = assume(Some("xid-1")).await.unwrap();
+    let c = out.credentials().unwrap();
+    assert!(c.access_key_id().starts_with("ASIA"));
+    let creds = Credentials::new(c.access_key_id(), c.secret_access_key(), Some(c.session_token().into()), None, "sts");
+    let client = aws_sdk_ecr::Client::from_conf(ecr_config(&aws, creds).retry_config(RetryConfig::disabled()).build());
+    let out = client.get_authorization_token().send().await.unwrap();
+    assert_eq!(
+        out.authorization_data()[0].proxy_endpoint(),
+        Some("https://210987654321.dkr.ecr.eu-west-1.amazonaws.com")
+    );
+    let expiry = SystemTime::try_from(*c.expiration()).unwrap();
+    tokio::time::sleep(expiry.duration_since(SystemTime::now()).unwrap_or_default() + Duration::from_secs(1)).await;
+    let (code, message) = refusal(client.get_authorization_token().send().await);
+    assert_eq!(
+        (code.as_str(), message.as_str()),
+        ("ExpiredTokenException", "The security token included in the request is expired")
+    );
+
+    let calls: Vec<_> = aws.calls().unwrap().into_iter().filter(|c| c["action"] == "sts:AssumeRole").collect();
+    let seen: Vec<_> = calls.iter().map(|c| (c["status"].as_u64().unwrap(), c["external_id"].as_str())).collect();
+    assert_eq!(seen, [(403, Some("xid-1")), (403, None), (403, Some("xid-2")), (200, Some("xid-1"))]);
+    assert!(calls.iter().all(|c| c["caller"] == "arn:aws:iam::123456789012:user/static" && c["role_arn"] == ROLE));
+    assert!(calls.iter().all(|c| c["session_name"] == "regcred-test"));
+}
+
+/// Issue 21 §1: AssumeRoleWithWebIdentity takes only tokens the cluster's issuer signed, for
+/// STS's audience, of a ServiceAccount the role trusts.
+#[tokio::test]
+async fn web_identity_tokens_are_verified_and_trusted_per_service_account() {
+    let aws = AwsEmulator::start().unwrap();
+    let trusted = web_identity(&aws, "trusted");
+    let cp = ControlPlane::shared();
+    let assume = |token: String| {
+        sts(&aws)
+            .assume_role_with_web_identity()
+            .role_arn(ROLE)
+            .role_session_name("regcred")
+            .web_identity_token(token)
+            .send()
+    };
+    assume(trusted.clone()).await.unwrap();
+
+    // Another ServiceAccount (here of another namespace) of the same cluster.
+    let other = cp.service_account_token("testenv-aws-other", "trusted", &[STS_AUDIENCE], 600).unwrap();
+    let (code, message) = refusal(assume(other).await);
+    assert_eq!(
+        (code.as_str(), message.as_str()),
+        ("AccessDenied", "Not authorized to perform sts:AssumeRoleWithWebIdentity")
+    );
+    // The apiserver's own audience.
+    let apiserver = cp.service_account_token(NS, "trusted", &[], 600).unwrap();
+    let (code, message) = refusal(assume(apiserver).await);
+    assert_eq!((code.as_str(), message.as_str()), ("InvalidIdentityToken", "Incorrect token audience"));
+    // The trusted token with its claims edited (so its signature no longer holds).
+    let mut parts: Vec<String> = trusted.split('.').map(str::to_string).collect();
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let mut claims: serde_json::Value = serde_json::from_slice(&b64.decode(&parts[1]).unwrap()).unwrap();
+    claims["exp"] = (now() + 86400).into();
+    parts[1] = b64.encode(claims.to_string());
+    let (code, _) = refusal(assume(parts.join(".")).await);
+    assert_eq!(code, "InvalidIdentityToken");
+    // Not a JWT at all.
+    let (code, _) = refusal(assume("eyJhbGciOiJSUzI1NiJ9.e30.c2ln".into()).await);
+    assert_eq!(code, "InvalidIdentityToken");
+
+    let calls: Vec<_> =
+        aws.calls().unwrap().into_iter().filter(|c| c["action"] == "sts:AssumeRoleWithWebIdentity").collect();
+    let subs: Vec<_> = calls.iter().map(|c| (c["status"].as_u64().unwrap(), c["sub"].as_str())).collect();
+    let (ours, theirs) =
+        (format!("system:serviceaccount:{NS}:trusted"), "system:serviceaccount:testenv-aws-other:trusted");
+    assert_eq!(subs, [(200, Some(ours.as_str())), (403, Some(theirs)), (400, None), (400, None), (400, None)]);
 }
