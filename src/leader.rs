@@ -1,9 +1,14 @@
 //! Leader election on a coordination.k8s.io Lease (kube-lease-manager): only the leader runs
 //! the controller, and it releases the Lease when it stops so a standby takes over at once.
 //! kube-lease-manager's standby sleeps until the holder's term would end; this module also
-//! watches the Lease and wakes the standby when the holder gives it up.
+//! watches the Lease and wakes the standby when the holder gives it up, and gates the
+//! controller's writes on the term the Lease records ([`WriteGate`]): a leader writes nothing
+//! once its term may have ended, before a standby may take the Lease.
 
-use std::time::Duration;
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime},
+};
 
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::coordination::v1::Lease as LeaseObject;
@@ -43,13 +48,10 @@ async fn new_manager(client: &Client, settings: &LeaseSettings) -> Result<LeaseM
         .await
 }
 
-/// An item each time the Lease is seen without a holder (given up by its leader).
-fn released(api: Api<LeaseObject>, name: &str) -> impl Stream<Item = ()> + Send + 'static {
+/// The Lease as each change of it is seen.
+fn lease_events(api: Api<LeaseObject>, name: &str) -> impl Stream<Item = LeaseObject> + Send + 'static {
     let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
-    watcher(api, config)
-        .default_backoff()
-        .applied_objects()
-        .filter_map(|lease| async move { lease.ok().filter(is_released).map(drop) })
+    watcher(api, config).default_backoff().applied_objects().filter_map(|lease| async move { lease.ok() })
 }
 
 /// Whether nobody holds the Lease (its leader gave it up, or it was never taken).
@@ -57,39 +59,205 @@ fn is_released(lease: &LeaseObject) -> bool {
     lease.spec.as_ref().and_then(|spec| spec.holder_identity.as_deref()).is_none_or(str::is_empty)
 }
 
-/// kube-lease-manager's own loop (`LeaseManager::watch`), with one change: a standby that
+/// Until when `identity` may write on the strength of `lease`: the end of the term its last
+/// renewal began (`renewTime` + `leaseDurationSeconds`, which is when a standby may take it),
+/// less `margin`. None when the Lease names another holder, or no term.
+fn held_until(lease: &LeaseObject, identity: &str, margin: Duration) -> Option<Instant> {
+    let spec = lease.spec.as_ref()?;
+    if spec.holder_identity.as_deref() != Some(identity) {
+        return None;
+    }
+    let renewed = SystemTime::from(spec.renew_time.as_ref()?.0);
+    let term = Duration::from_secs(u64::try_from(spec.lease_duration_seconds?).ok()?);
+    let left = (renewed + term).duration_since(SystemTime::now()).unwrap_or(Duration::ZERO).saturating_sub(margin);
+    Some(Instant::now() + left)
+}
+
+/// How long before its term ends a leader stops writing: half the renewal margin (`grace`), so
+/// a renewal on time never closes the gate, and a write let through reaches the apiserver
+/// before a standby may take the Lease.
+fn write_margin(settings: &LeaseSettings) -> Duration {
+    Duration::from_millis(settings.grace_secs.saturating_mul(500))
+}
+
+/// Until when this replica may write to the apiserver: open only while it holds the Lease for
+/// a term it has seen the apiserver record. Checked by [`Gated`] at every write request, so a
+/// leader that was stopped (SIGSTOP, a paused VM) or cut off past its term sends nothing when
+/// it runs again, whatever its reconciles were doing.
+#[derive(Clone, Debug, Default)]
+pub struct WriteGate(Arc<Mutex<Option<Instant>>>);
+
+impl WriteGate {
+    fn until(&self) -> Option<Instant> {
+        *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn set(&self, until: Option<Instant>) {
+        *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = until;
+    }
+
+    /// Whether a write may be sent now.
+    pub fn is_open(&self) -> bool {
+        self.until().is_some_and(|until| Instant::now() < until)
+    }
+
+    /// The tower layer for the controller's client.
+    pub fn layer(&self) -> GateLayer {
+        GateLayer(self.clone())
+    }
+}
+
+/// A write refused because this replica cannot be sure it still holds the Lease.
+#[derive(Debug, thiserror::Error)]
+#[error("not sent: this replica's leader Lease term has ended or is not confirmed")]
+pub struct NotLeading;
+
+/// Wraps a client's service in [`Gated`].
+#[derive(Clone, Debug)]
+pub struct GateLayer(WriteGate);
+
+impl<S> tower::Layer<S> for GateLayer {
+    type Service = Gated<S>;
+
+    fn layer(&self, inner: S) -> Gated<S> {
+        Gated { inner, gate: self.0.clone() }
+    }
+}
+
+/// Sends reads (GET, HEAD: gets, lists, watches) always and every other request only while
+/// the [`WriteGate`] is open; a refused request fails with [`NotLeading`] without being sent.
+#[derive(Clone, Debug)]
+pub struct Gated<S> {
+    inner: S,
+    gate: WriteGate,
+}
+
+impl<S, B> tower::Service<http::Request<B>> for Gated<S>
+where
+    S: tower::Service<http::Request<B>>,
+    S::Error: Into<tower::BoxError>,
+    S::Response: Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = tower::BoxError;
+    type Future = futures::future::BoxFuture<'static, Result<S::Response, tower::BoxError>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let read = matches!(*request.method(), http::Method::GET | http::Method::HEAD);
+        if !read && !self.gate.is_open() {
+            tracing::debug!(method = %request.method(), path = request.uri().path(), "write refused: not leading");
+            return Box::pin(futures::future::ready(Err(NotLeading.into())));
+        }
+        let call = self.inner.call(request);
+        Box::pin(async move { call.await.map_err(Into::into) })
+    }
+}
+
+/// How the Lease task ended.
+#[derive(Debug)]
+enum Ended {
+    /// Given up on request (SIGTERM), or never held.
+    Released,
+    /// The term ended without a renewal seen, or another holder was seen: nothing was written
+    /// to the Lease (it may be another replica's by now).
+    Lost,
+}
+
+/// kube-lease-manager's own loop (`LeaseManager::watch`), with these changes: a standby that
 /// sees the Lease given up stops waiting for the old term to end and competes at once (with a
-/// fresh manager: the old one would trust the term it read until it ends). Sends whether this
-/// replica leads; gives the Lease up when every receiver is gone.
+/// fresh manager: the old one would trust the term it read until it ends); this replica is
+/// announced as leading, and the [`WriteGate`] opened, only for a term the Lease watch shows
+/// it holding; the leadership ends when that term ends unrenewed or another holder is seen.
+/// Sends whether this replica leads; gives the Lease up when every receiver is gone, unless
+/// its term may be over.
 async fn compete(
     mut manager: LeaseManager,
     sender: watch::Sender<bool>,
-    released: impl Stream<Item = ()> + Send,
+    leases: impl Stream<Item = LeaseObject> + Send,
     client: Client,
     settings: LeaseSettings,
-) -> Result<LeaseManager, LeaseManagerError> {
-    let mut released = std::pin::pin!(released);
+    gate: WriteGate,
+) -> Result<Ended, LeaseManagerError> {
+    let mut leases = std::pin::pin!(leases);
+    let margin = write_margin(&settings);
     let mut pause = Duration::from_secs(1);
+    // After a failed step, when to try the next (waiting must not hold up the other branches:
+    // the end of the term, above all).
+    let mut retry_at: Option<Instant> = None;
+    // The manager says it holds the Lease; and until when the Lease watch last showed it so.
+    let mut acquired = false;
+    let mut held: Option<Instant> = None;
     loop {
         let leading = *sender.borrow();
+        let until = gate.until().unwrap_or_else(Instant::now);
+        let step = async {
+            if let Some(at) = retry_at {
+                tokio::time::sleep_until(at.into()).await;
+            }
+            manager.changed().await
+        };
         tokio::select! {
             biased;
-            _ = sender.closed() => return manager.release().await.map(|()| manager),
-            // Dropping `changed` while it waits is safe: a standby holds nothing to give up.
-            Some(()) = released.next(), if !leading => match new_manager(&client, &settings).await {
-                Ok(fresh) => manager = fresh,
-                Err(error) => tracing::warn!(%error, "leader election: cannot read the released Lease"),
-            },
-            result = manager.changed() => match result {
+            _ = sender.closed() => {
+                if leading && !gate.is_open() {
+                    return Ok(Ended::Lost);
+                }
+                return manager.release().await.map(|()| Ended::Released);
+            }
+            () = tokio::time::sleep_until(until.into()), if leading => {
+                tracing::warn!("leader election: the Lease was not renewed within its term; no more writes");
+                return Ok(lose(&gate, &sender));
+            }
+            Some(lease) = leases.next() => {
+                held = held_until(&lease, &settings.identity, margin);
+                match (leading, held) {
+                    (true, Some(until)) => gate.set(Some(until)),
+                    (true, None) => {
+                        tracing::warn!("leader election: the Lease names another holder; no more writes");
+                        return Ok(lose(&gate, &sender));
+                    }
+                    (false, Some(until)) if acquired => {
+                        gate.set(Some(until));
+                        if sender.send(true).is_err() {
+                            return manager.release().await.map(|()| Ended::Released);
+                        }
+                    }
+                    (false, _) if is_released(&lease) => match new_manager(&client, &settings).await {
+                        // Dropping `changed` while it waits is safe: a standby holds nothing.
+                        Ok(fresh) => {
+                            manager = fresh;
+                            acquired = false;
+                        }
+                        Err(error) => tracing::warn!(%error, "leader election: cannot read the released Lease"),
+                    },
+                    (false, _) => {}
+                }
+            }
+            result = step => match result {
                 Ok(state) => {
                     pause = Duration::from_secs(1);
-                    if sender.send(state).is_err() {
-                        return manager.release().await.map(|()| manager);
+                    retry_at = None;
+                    acquired = state;
+                    match (state, held) {
+                        (false, _) if leading => return Ok(lose(&gate, &sender)),
+                        // Announced once the Lease watch shows the term (at once if it has).
+                        (true, Some(until)) if !leading => {
+                            gate.set(Some(until));
+                            if sender.send(true).is_err() {
+                                return manager.release().await.map(|()| Ended::Released);
+                            }
+                        }
+                        _ => {}
                     }
                 }
                 Err(error) => {
                     tracing::warn!(%error, retry_in = ?pause, "leader election");
-                    tokio::time::sleep(pause).await;
+                    retry_at = Some(Instant::now() + pause);
                     pause = (pause * 2).min(MAX_START_BACKOFF);
                 }
             },
@@ -97,28 +265,36 @@ async fn compete(
     }
 }
 
+/// Closes the gate and tells the controller it no longer leads.
+fn lose(gate: &WriteGate, sender: &watch::Sender<bool>) -> Ended {
+    gate.set(None);
+    let _ = sender.send(false);
+    Ended::Lost
+}
+
 /// A running lease manager.
 pub struct Lease {
     state: watch::Receiver<bool>,
-    task: JoinHandle<Result<kube_lease_manager::LeaseManager, LeaseManagerError>>,
+    task: JoinHandle<Result<Ended, LeaseManagerError>>,
 }
 
 impl Lease {
-    /// Starts competing for the Lease.
-    pub async fn start(client: Client, settings: &LeaseSettings) -> Result<Lease, LeaseManagerError> {
+    /// Starts competing for the Lease; `gate` opens while this replica holds it. `client` is
+    /// the Lease's own, not gated by `gate`.
+    pub async fn start(client: Client, settings: &LeaseSettings, gate: WriteGate) -> Result<Lease, LeaseManagerError> {
         let manager = new_manager(&client, settings).await?;
-        let released = released(Api::namespaced(client.clone(), &settings.namespace), &settings.name);
+        let leases = lease_events(Api::namespaced(client.clone(), &settings.namespace), &settings.name);
         let (sender, state) = watch::channel(false);
-        let task = tokio::spawn(compete(manager, sender, released, client, settings.clone()));
+        let task = tokio::spawn(compete(manager, sender, leases, client, settings.clone(), gate));
         Ok(Lease { state, task })
     }
 
     /// Starts competing for the Lease, retrying (1 s, 2 s, 4 s … 30 s apart) while the
     /// apiserver cannot be reached, as the controller's watches do. Cancel it by dropping it.
-    pub async fn start_retrying(client: Client, settings: &LeaseSettings) -> Lease {
+    pub async fn start_retrying(client: Client, settings: &LeaseSettings, gate: WriteGate) -> Lease {
         let mut pause = Duration::from_secs(1);
         loop {
-            match Lease::start(client.clone(), settings).await {
+            match Lease::start(client.clone(), settings, gate.clone()).await {
                 Ok(lease) => return lease,
                 Err(error) => tracing::warn!(%error, retry_in = ?pause, "cannot start leader election"),
             }
@@ -146,12 +322,14 @@ impl Lease {
         }
     }
 
-    /// Gives the Lease up, so a standby need not wait for it to expire. Waits at most
+    /// Gives the Lease up, so a standby need not wait for it to expire, unless this replica's
+    /// term may be over (then the Lease may be another's: it is left alone). Waits at most
     /// [`RELEASE_LIMIT`].
     pub async fn release(self) {
         drop(self.state);
         match tokio::time::timeout(RELEASE_LIMIT, self.task).await {
-            Ok(Ok(Ok(_))) => tracing::info!("released the leader Lease"),
+            Ok(Ok(Ok(Ended::Released))) => tracing::info!("released the leader Lease"),
+            Ok(Ok(Ok(Ended::Lost))) => tracing::info!("the leader Lease was lost; left alone"),
             Ok(Ok(Err(error))) => tracing::warn!(%error, "could not release the leader Lease"),
             Ok(Err(error)) => tracing::warn!(%error, "the Lease task failed"),
             Err(_) => tracing::warn!(limit = ?RELEASE_LIMIT, "the leader Lease was not released in time; it expires"),

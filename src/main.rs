@@ -254,7 +254,17 @@ const DRAIN_LIMIT: Duration = Duration::from_secs(5);
 const STOP_LIMIT: Duration = Duration::from_secs(8);
 
 async fn run(args: RunArgs, shutdown: Shutdown) -> anyhow::Result<()> {
-    let client = kube::Client::try_default().await.context("no Kubernetes client configuration")?;
+    let kube_config = kube::Config::infer().await.context("no Kubernetes client configuration")?;
+    // The Lease's own client; the controller's writes go through the leader's write gate.
+    let lease_client = kube::Client::try_from(kube_config.clone()).context("building the Kubernetes client")?;
+    let gate = leader::WriteGate::default();
+    let client = match args.leader_elect {
+        true => kube::client::ClientBuilder::try_from(kube_config)
+            .context("building the Kubernetes client")?
+            .with_layer(&gate.layer())
+            .build(),
+        false => lease_client.clone(),
+    };
     let config = controller::ControllerConfig {
         resync_interval: args.resync_interval.into(),
         max_backoff: args.max_backoff.into(),
@@ -306,7 +316,7 @@ async fn run(args: RunArgs, shutdown: Shutdown) -> anyhow::Result<()> {
         grace_secs: (duration.as_secs() / 3).max(1),
     };
     let mut lease = tokio::select! {
-        lease = leader::Lease::start_retrying(client.clone(), &settings) => lease,
+        lease = leader::Lease::start_retrying(lease_client, &settings, gate) => lease,
         () = shutdown.clone().requested() => return Ok(()),
     };
     // A standby is ready: it serves its purpose by competing for the Lease. Were it
@@ -325,11 +335,18 @@ async fn run(args: RunArgs, shutdown: Shutdown) -> anyhow::Result<()> {
     // The leader is ready again once its caches have synced (controller::run says so).
     admin.ready.store(false, Ordering::Relaxed);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let leader_gauge = admin.metrics.leader.clone();
     let watcher = tokio::spawn(async move {
         let lost = tokio::select! {
             _ = lease.lost() => true,
             () = shutdown.requested() => false,
         };
+        if lost {
+            // Its writes stopped already (the write gate closed): it says so at once, not
+            // after the drain.
+            leader_gauge.set(0);
+            tracing::warn!("lost the leader Lease: no more writes; stopping");
+        }
         let _ = stop_tx.send(());
         (lost, lease)
     });

@@ -52,6 +52,16 @@ impl TestController {
         self.process.terminate();
     }
 
+    /// SIGSTOP: frozen, as a paused VM or a stalled node would be, until [`Self::resume`].
+    pub fn pause(&mut self) {
+        self.process.pause();
+    }
+
+    /// SIGCONT.
+    pub fn resume(&mut self) {
+        self.process.resume();
+    }
+
     /// Resident and peak resident memory (VmRSS, VmHWM) in KiB.
     pub fn rss_kib(&self) -> (u64, u64) {
         self.process.rss_kib()
