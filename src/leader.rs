@@ -193,76 +193,98 @@ async fn compete(
     let mut acquired = false;
     let mut held: Option<Instant> = None;
     loop {
-        let leading = *sender.borrow();
-        let until = gate.until().unwrap_or_else(Instant::now);
-        let step = async {
-            if let Some(at) = retry_at {
-                tokio::time::sleep_until(at.into()).await;
+        // One step of the manager, kept across Lease events: dropping it between its renewal
+        // and the read that follows would leave it with the old term, and it would renew again.
+        let (manager_now, wait) = (&manager, retry_at);
+        let next = {
+            let mut step = std::pin::pin!(async move {
+                if let Some(at) = wait {
+                    tokio::time::sleep_until(at.into()).await;
+                }
+                manager_now.changed().await
+            });
+            loop {
+                let leading = *sender.borrow();
+                let until = gate.until().unwrap_or_else(Instant::now);
+                tokio::select! {
+                    biased;
+                    _ = sender.closed() => break Next::Closed { leading },
+                    () = tokio::time::sleep_until(until.into()), if leading => {
+                        tracing::warn!("leader election: the Lease was not renewed within its term; no more writes");
+                        break Next::Lost;
+                    }
+                    Some(lease) = leases.next() => {
+                        held = held_until(&lease, &settings.identity, margin);
+                        match (leading, held) {
+                            (true, Some(until)) => gate.set(Some(until)),
+                            (true, None) => {
+                                tracing::warn!("leader election: the Lease names another holder; no more writes");
+                                break Next::Lost;
+                            }
+                            (false, Some(until)) if acquired => {
+                                gate.set(Some(until));
+                                let _ = sender.send(true);
+                            }
+                            // A standby competes at once for a Lease given up, with a fresh manager.
+                            (false, _) if is_released(&lease) => break Next::Released,
+                            (false, _) => {}
+                        }
+                    }
+                    result = &mut step => break Next::Stepped { result, leading },
+                }
             }
-            manager.changed().await
         };
-        tokio::select! {
-            biased;
-            _ = sender.closed() => {
+        match next {
+            Next::Closed { leading } => {
                 if leading && !gate.is_open() {
                     return Ok(Ended::Lost);
                 }
                 return manager.release().await.map(|()| Ended::Released);
             }
-            () = tokio::time::sleep_until(until.into()), if leading => {
-                tracing::warn!("leader election: the Lease was not renewed within its term; no more writes");
-                return Ok(lose(&gate, &sender));
-            }
-            Some(lease) = leases.next() => {
-                held = held_until(&lease, &settings.identity, margin);
-                match (leading, held) {
-                    (true, Some(until)) => gate.set(Some(until)),
-                    (true, None) => {
-                        tracing::warn!("leader election: the Lease names another holder; no more writes");
-                        return Ok(lose(&gate, &sender));
+            Next::Lost => return Ok(lose(&gate, &sender)),
+            Next::Released => {
+                // Dropping `changed` while it waits is safe: a standby holds nothing.
+                match new_manager(&client, &settings).await {
+                    Ok(fresh) => {
+                        manager = fresh;
+                        acquired = false;
                     }
-                    (false, Some(until)) if acquired => {
+                    Err(error) => tracing::warn!(%error, "leader election: cannot read the released Lease"),
+                }
+            }
+            Next::Stepped { result: Ok(state), leading } => {
+                pause = Duration::from_secs(1);
+                retry_at = None;
+                acquired = state;
+                match (state, held) {
+                    (false, _) if leading => return Ok(lose(&gate, &sender)),
+                    // Announced once the Lease watch shows the term (at once if it has).
+                    (true, Some(until)) if !leading => {
                         gate.set(Some(until));
-                        if sender.send(true).is_err() {
-                            return manager.release().await.map(|()| Ended::Released);
-                        }
+                        let _ = sender.send(true);
                     }
-                    (false, _) if is_released(&lease) => match new_manager(&client, &settings).await {
-                        // Dropping `changed` while it waits is safe: a standby holds nothing.
-                        Ok(fresh) => {
-                            manager = fresh;
-                            acquired = false;
-                        }
-                        Err(error) => tracing::warn!(%error, "leader election: cannot read the released Lease"),
-                    },
-                    (false, _) => {}
+                    _ => {}
                 }
             }
-            result = step => match result {
-                Ok(state) => {
-                    pause = Duration::from_secs(1);
-                    retry_at = None;
-                    acquired = state;
-                    match (state, held) {
-                        (false, _) if leading => return Ok(lose(&gate, &sender)),
-                        // Announced once the Lease watch shows the term (at once if it has).
-                        (true, Some(until)) if !leading => {
-                            gate.set(Some(until));
-                            if sender.send(true).is_err() {
-                                return manager.release().await.map(|()| Ended::Released);
-                            }
-                        }
-                        _ => {}
-                    }
-                }
-                Err(error) => {
-                    tracing::warn!(%error, retry_in = ?pause, "leader election");
-                    retry_at = Some(Instant::now() + pause);
-                    pause = (pause * 2).min(MAX_START_BACKOFF);
-                }
-            },
+            Next::Stepped { result: Err(error), .. } => {
+                tracing::warn!(%error, retry_in = ?pause, "leader election");
+                retry_at = Some(Instant::now() + pause);
+                pause = (pause * 2).min(MAX_START_BACKOFF);
+            }
         }
     }
+}
+
+/// What ended a turn of [`compete`]'s loop.
+enum Next {
+    /// Every receiver is gone (SIGTERM): give the Lease up if it is surely still ours.
+    Closed { leading: bool },
+    /// The term ended unrenewed, or another holder was seen.
+    Lost,
+    /// A standby saw the Lease given up.
+    Released,
+    /// The manager's step ended.
+    Stepped { result: Result<bool, LeaseManagerError>, leading: bool },
 }
 
 /// Closes the gate and tells the controller it no longer leads.
@@ -354,5 +376,72 @@ mod tests {
         assert!(is_released(&lease(Some(""))), "an empty holder is no holder");
         assert!(is_released(&LeaseObject::default()));
         assert!(!is_released(&lease(Some("replica-a"))));
+    }
+
+    fn held(holder: &str, renewed_secs_ago: u64, duration: i32) -> LeaseObject {
+        let renewed = SystemTime::now() - Duration::from_secs(renewed_secs_ago);
+        let renewed = k8s_openapi::jiff::Timestamp::try_from(renewed).expect("a timestamp");
+        LeaseObject {
+            spec: Some(k8s_openapi::api::coordination::v1::LeaseSpec {
+                holder_identity: Some(holder.into()),
+                renew_time: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(renewed)),
+                lease_duration_seconds: Some(duration),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_replica_may_write_until_its_recorded_term_ends_less_the_margin() {
+        let margin = Duration::from_secs(2);
+        let until = held_until(&held("a", 3, 15), "a", margin).expect("held by a");
+        let left = until.saturating_duration_since(Instant::now());
+        assert!(left <= Duration::from_secs(10) && left > Duration::from_secs(9), "{left:?}");
+        // Another holder, or a term already over, gives no time at all.
+        assert_eq!(held_until(&held("b", 0, 15), "a", margin), None);
+        let over = held_until(&held("a", 14, 15), "a", margin).expect("held by a");
+        assert!(over <= Instant::now());
+        assert_eq!(held_until(&LeaseObject::default(), "a", margin), None);
+    }
+
+    #[test]
+    fn the_gate_is_open_only_before_its_deadline() {
+        let gate = WriteGate::default();
+        assert!(!gate.is_open(), "closed until a term is seen");
+        gate.set(Some(Instant::now() + Duration::from_secs(60)));
+        assert!(gate.is_open());
+        gate.set(Some(Instant::now()));
+        assert!(!gate.is_open());
+        gate.set(None);
+        assert!(!gate.is_open());
+    }
+
+    #[tokio::test]
+    async fn a_closed_gate_sends_reads_and_refuses_writes_unsent() {
+        use tower::{Layer, Service, ServiceExt};
+        let sent = Arc::new(Mutex::new(Vec::new()));
+        let inner = tower::service_fn({
+            let sent = sent.clone();
+            move |request: http::Request<()>| {
+                sent.lock().unwrap().push(request.method().clone());
+                async { Ok::<_, std::convert::Infallible>(http::Response::new(())) }
+            }
+        });
+        let gate = WriteGate::default();
+        let mut service = gate.layer().layer(inner);
+        for method in [http::Method::GET, http::Method::PATCH, http::Method::POST, http::Method::DELETE] {
+            let request = http::Request::builder().method(method).body(()).unwrap();
+            let read = request.method() == http::Method::GET;
+            match service.ready().await.unwrap().call(request).await {
+                Ok(_) => assert!(read, "a write was sent through a closed gate"),
+                Err(error) => assert!(!read && error.is::<NotLeading>(), "{error}"),
+            }
+        }
+        assert_eq!(*sent.lock().unwrap(), [http::Method::GET], "only the read was sent");
+        gate.set(Some(Instant::now() + Duration::from_secs(60)));
+        let request = http::Request::builder().method(http::Method::PATCH).body(()).unwrap();
+        service.ready().await.unwrap().call(request).await.expect("sent while open");
+        assert_eq!(*sent.lock().unwrap(), [http::Method::GET, http::Method::PATCH]);
     }
 }
