@@ -73,11 +73,13 @@ fn held_until(lease: &LeaseObject, identity: &str, margin: Duration) -> Option<I
     Some(Instant::now() + left)
 }
 
-/// How long before its term ends a leader stops writing: half the renewal margin (`grace`), so
-/// a renewal on time never closes the gate, and a write let through reaches the apiserver
-/// before a standby may take the Lease.
+/// How long before its term ends a leader stops writing: a quarter of the renewal margin
+/// (`grace`; 1.25 s of a 15-second Lease). A write let through reaches the apiserver before a
+/// standby may take the Lease (with clocks apart by less than that); the other three quarters
+/// are the time a renewal on time has to be stored and seen before the gate would close (0.75 s
+/// with the tests' 3- and 4-second Leases, on a machine the whole suite shares).
 fn write_margin(settings: &LeaseSettings) -> Duration {
-    Duration::from_millis(settings.grace_secs.saturating_mul(500))
+    Duration::from_millis(settings.grace_secs.saturating_mul(250))
 }
 
 /// Until when this replica may write to the apiserver: open only while it holds the Lease for
