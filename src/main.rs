@@ -6,7 +6,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use regcred::{
     admin, controller, crd, leader,
-    pacing::{Pacing, kube_client},
+    pacing::{PaceLayer, Pacing},
     render,
     shutdown::{self, Shutdown},
 };
@@ -271,8 +271,22 @@ const DRAIN_LIMIT: Duration = Duration::from_secs(5);
 const STOP_LIMIT: Duration = Duration::from_secs(8);
 
 async fn run(args: RunArgs, shutdown: Shutdown) -> anyhow::Result<()> {
+    let kube_config = kube::Config::infer().await.context("no Kubernetes client configuration")?;
+    // The Lease's own client; the controller's writes go through the leader's write gate
+    // (checked as each is sent), after waiting for their slot with --write-qps.
+    let lease_client = kube::Client::try_from(kube_config.clone()).context("building the Kubernetes client")?;
+    let gate = leader::WriteGate::default();
+    let builder = kube::client::ClientBuilder::try_from(kube_config).context("building the Kubernetes client")?;
     let pacing = (args.write_qps > 0.0).then_some(Pacing { per_second: args.write_qps, burst: args.write_burst });
-    let client = kube_client(pacing).await.context("no Kubernetes client configuration")?;
+    let buffered = tower::buffer::BufferLayer::new(1024);
+    let client = match (args.leader_elect, pacing) {
+        (true, Some(pacing)) => {
+            builder.with_layer(&gate.layer()).with_layer(&buffered).with_layer(&PaceLayer::new(pacing)).build()
+        }
+        (true, None) => builder.with_layer(&gate.layer()).build(),
+        (false, Some(pacing)) => builder.with_layer(&buffered).with_layer(&PaceLayer::new(pacing)).build(),
+        (false, None) => lease_client.clone(),
+    };
     let config = controller::ControllerConfig {
         resync_interval: args.resync_interval.into(),
         max_backoff: args.max_backoff.into(),
@@ -324,7 +338,7 @@ async fn run(args: RunArgs, shutdown: Shutdown) -> anyhow::Result<()> {
         grace_secs: (duration.as_secs() / 3).max(1),
     };
     let mut lease = tokio::select! {
-        lease = leader::Lease::start_retrying(client.clone(), &settings) => lease,
+        lease = leader::Lease::start_retrying(lease_client, &settings, gate) => lease,
         () = shutdown.clone().requested() => return Ok(()),
     };
     // A standby is ready: it serves its purpose by competing for the Lease. Were it
@@ -343,11 +357,18 @@ async fn run(args: RunArgs, shutdown: Shutdown) -> anyhow::Result<()> {
     // The leader is ready again once its caches have synced (controller::run says so).
     admin.ready.store(false, Ordering::Relaxed);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let leader_gauge = admin.metrics.leader.clone();
     let watcher = tokio::spawn(async move {
         let lost = tokio::select! {
             _ = lease.lost() => true,
             () = shutdown.requested() => false,
         };
+        if lost {
+            // Its writes stopped already (the write gate closed): it says so at once, not
+            // after the drain.
+            leader_gauge.set(0);
+            tracing::warn!("lost the leader Lease: no more writes; stopping");
+        }
         let _ = stop_tx.send(());
         (lost, lease)
     });

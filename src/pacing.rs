@@ -114,19 +114,6 @@ where
     }
 }
 
-/// A Kubernetes client from the usual configuration, with its writes paced when `pacing`
-/// is given.
-pub async fn kube_client(pacing: Option<Pacing>) -> Result<kube::Client, kube::Error> {
-    let config = kube::Config::infer().await.map_err(kube::Error::InferConfig)?;
-    let builder = kube::client::ClientBuilder::try_from(config)?;
-    Ok(match pacing {
-        Some(pacing) => {
-            builder.with_layer(&tower::buffer::BufferLayer::new(1024)).with_layer(&PaceLayer::new(pacing)).build()
-        }
-        None => builder.build(),
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,10 +7,14 @@ use serde_json::json;
 
 use crate::support::*;
 
+/// Once the foreign Secret goes, the Secret watch brings the credential back at once, not its
+/// retry (a controller of its own with a long backoff, five failures in).
 #[tokio::test]
 async fn a_foreign_secret_is_left_alone_and_reported() {
     env();
     let client = client().await;
+    let controller_name = format!("conflict-{}", &unique()[..6]);
+    let controller = spawn_labelled(&controller_name, LONG_BACKOFF, &[]);
     let ns = namespace(&client, "conflict").await;
     let theirs = secret_value("x", "theirs");
     create_secret(&client, &ns, "pull", &[("other", theirs.as_bytes())]).await;
@@ -18,10 +22,11 @@ async fn a_foreign_secret_is_left_alone_and_reported() {
     let before = secrets.get("pull").await.unwrap();
     let ours = secret_value("u", "ours");
     create_secret(&client, &ns, "src", &[("password", ours.as_bytes())]).await;
-    create_credential(
+    create_credential_for(
         &client,
         &ns,
         "cred",
+        Some(&controller_name),
         json!({"registry": "r.example.com", "source": {"basic": {"username": "u", "passwordSecretRef": {"name": "src"}}},
                "secret": {"name": "pull"}}),
     )
@@ -36,9 +41,15 @@ async fn a_foreign_secret_is_left_alone_and_reported() {
     assert_eq!(after.data, before.data);
 
     // Once the owner removes theirs, regcred writes its own at once (the Secret watch
-    // notices the deletion; no backoff wait).
+    // notices the deletion; the next retry is 16 s away).
+    wait_failures(&controller, "RegistryCredential", "SecretConflict", 5.0).await;
+    let deleted = std::time::Instant::now();
     secrets.delete("pull", &DeleteParams::default()).await.unwrap();
-    let written = wait_secret(&client, &ns, "pull", "regcred's own", |s| s.metadata.owner_references.is_some()).await;
+    let written = wait_secret_within(EVENT_WAIT, &client, &ns, "pull", "regcred's own", |s| {
+        s.metadata.owner_references.is_some()
+    })
+    .await;
+    eprintln!("the conflict resolved {:?} after the foreign Secret was deleted", deleted.elapsed());
     assert_eq!(logins(&written)[0].2, ours);
     wait_ready(&client, &ns, "cred", "True", Some("Synced")).await;
     assert_no_leaks(&client).await;

@@ -273,14 +273,20 @@ async fn workload_identity_federation_exchanges_the_tenants_own_service_account_
     assert!(message.contains("iamcredentials:generateAccessToken failed: PERMISSION_DENIED"), "{message}");
     wait_event(&client, &ns, "RegistryCredential", "unbound", "Warning", "GcpRequestFailed").await;
 
-    // A missing ServiceAccount is named, and picked up once it exists.
-    create_credential_for(&client, &ns, "later", Some(GOOGLE), wif_spec(&host, "late", &audience, None)).await;
+    // A missing ServiceAccount is named, and picked up once it exists: by the ServiceAccount
+    // watch, not a retry (a controller of its own with a long backoff, five failures in).
+    let late = format!("gcr-late-{}", &unique()[..6]);
+    let late_controller = spawn_google_controller(&g.gcp, &late, LONG_BACKOFF);
+    create_credential_for(&client, &ns, "later", Some(&late), wif_spec(&host, "late", &audience, None)).await;
     wait_ready(&client, &ns, "later", "False", Some("ServiceAccountNotFound")).await;
-    service_account(&client, &ns, "late").await;
+    wait_failures(&late_controller, "RegistryCredential", "ServiceAccountNotFound", 5.0).await;
     g.gcp
         .grant(&provider.principal(&format!("system:serviceaccount:{ns}:late")), &format!("{PROJECT}/team"), &["pull"])
         .unwrap();
-    wait_ready(&client, &ns, "later", "True", Some("Synced")).await;
+    let created = Instant::now();
+    service_account(&client, &ns, "late").await;
+    wait_ready_within(EVENT_WAIT, &client, &ns, "later", "True", Some("Synced")).await;
+    eprintln!("the ServiceAccount picked up {:?} after it was created", created.elapsed());
     assert_no_leaks(&client).await;
 }
 

@@ -1,9 +1,11 @@
-//! Leader election: of two replicas exactly one reconciles; when it dies the other takes over.
+//! Leader election: of two replicas exactly one reconciles; when it dies the other takes over;
+//! a leader stopped or cut off past its term writes nothing once another took over, and exits.
 
 use std::time::{Duration, Instant};
 
+use k8s_openapi::api::coordination::v1::Lease;
 use kube::Api;
-use regcred_testenv::eventually;
+use regcred_testenv::{TcpProxy, eventually};
 use serde_json::json;
 
 use crate::support::*;
@@ -122,4 +124,197 @@ async fn replicas_lease(client: &kube::Client, lease_ns: &str, credential_ns: &s
     let leases = Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(client.clone(), lease_ns);
     assert!(leases.get_opt(&name).await.unwrap().is_some(), "no Lease {lease_ns}/{name}");
     name
+}
+
+/// A replica under an identity of its own (so the audit log tells its requests apart),
+/// competing for the Lease `name` as `replica-<which>`, reaching the apiserver through `proxy`
+/// when given. Returns it and its user name.
+fn own_replica(
+    name: &str,
+    which: &str,
+    lease: &str,
+    proxy: Option<&TcpProxy>,
+    extra: &[&str],
+) -> (TestController, String) {
+    let cp = env().cp;
+    let (mut kubeconfig, user) = own_identity(&format!("{name}-{which}"), None);
+    if let Some(proxy) = proxy {
+        let text = std::fs::read_to_string(&kubeconfig).expect("reading the kubeconfig");
+        let proxied = text.replace(cp.server(), &format!("https://127.0.0.1:{}", proxy.port()));
+        assert_ne!(text, proxied, "the kubeconfig does not name {}", cp.server());
+        kubeconfig = cp.dir().join(format!("{name}-{which}-proxied.kubeconfig"));
+        std::fs::write(&kubeconfig, proxied).expect("writing the kubeconfig");
+    }
+    let selector = format!("{CONTROLLER_LABEL}={name}");
+    let args: Vec<&str> = [
+        "--leader-elect",
+        "--leader-election-lease",
+        name,
+        "--leader-election-namespace",
+        CONTROLLER_NAMESPACE,
+        "--leader-election-duration",
+        lease,
+    ]
+    .into_iter()
+    .chain(extra.iter().copied())
+    .collect();
+    let envs = [("POD_NAME", format!("replica-{which}")), ("KUBECONFIG", kubeconfig.display().to_string())];
+    let replica = spawn_controller(cp, &format!("{name}-{which}"), &selector, &env().aws.endpoint(), &args, &envs);
+    (replica, user)
+}
+
+/// The holder of the Lease `name`.
+async fn holder(client: &kube::Client, name: &str) -> Option<String> {
+    let leases = Api::<Lease>::namespaced(client.clone(), CONTROLLER_NAMESPACE);
+    leases.get_opt(name).await.ok().flatten()?.spec?.holder_identity
+}
+
+/// Waits until `replica` leads with its caches synced (it writes from then on).
+async fn wait_leading(replica: &TestController, what: &str) {
+    eventually(what, TIMEOUT, || async {
+        let leads = sample(&replica.metrics(), "regcred_leader ") == Some(1.0);
+        (leads && admin_get(replica.admin_port, "/readyz").0 == 200).then_some(())
+    })
+    .await;
+}
+
+/// Waits (at most `limit`) until `replica` has exited; panics if it has not.
+async fn wait_exited(replica: &mut TestController, what: &str, limit: Duration) -> String {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Err(exit) = replica.check_alive() {
+            return exit.to_string();
+        }
+        assert!(Instant::now() < deadline, "{what}: still running {limit:?} later");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The writes `user` sent after `offset`, as (verb, resource, namespace, name).
+fn writes_of_since(user: &str, offset: u64) -> Vec<(String, String, String, String)> {
+    requests_of_since(user, offset).into_iter().filter(|(verb, ..)| is_write(verb)).collect()
+}
+
+#[tokio::test]
+async fn a_leader_paused_past_its_lease_writes_nothing_after_the_takeover_and_exits() {
+    let cp = env().cp;
+    let client = client().await;
+    let name = format!("paused-{}", &unique()[..6]);
+    let labels = [("regcred.dev/test-fan-out", name.as_str())];
+    let targets = futures::future::join_all((0..12).map(|_| labelled_namespace(&client, "paused", &labels))).await;
+    let source_ns = namespace(&client, "paused-src").await;
+    let first = secret_value("u", "paused");
+    create_secret(&client, &source_ns, "src", &[("password", first.as_bytes())]).await;
+
+    // The first replica leads, through a proxy that will slow it down; the second stands by.
+    let proxy = TcpProxy::start(([127, 0, 0, 1], cp.api_port()).into()).expect("starting the proxy");
+    // A 9-second Lease: its renewals still come through the slowed proxy in time.
+    let (mut old, old_user) = own_replica(&name, "a", "9s", Some(&proxy), &["--concurrency", "1"]);
+    wait_leading(&old, "replica-a leading").await;
+    let (standby, _) = own_replica(&name, "b", "9s", None, &["--concurrency", "1"]);
+    eventually("replica-b ready", TIMEOUT, || async {
+        (admin_get(standby.admin_port, "/readyz").0 == 200).then_some(())
+    })
+    .await;
+    assert_eq!(holder(&client, &name).await.as_deref(), Some("replica-a"));
+
+    // A fan-out to 12 namespaces, one write at a time, each held up 2 × 150 ms by the proxy:
+    // the leader is paused in the middle of it, with writes still to send.
+    proxy.set_delay(Duration::from_millis(150));
+    let start = audit_offset();
+    let spec = json!({
+        "registry": "r.example.com",
+        "source": {"basic": {"username": "u", "passwordSecretRef": {"name": "src", "namespace": source_ns}}},
+        "namespaces": {"selector": {"matchLabels": {"regcred.dev/test-fan-out": name}}},
+    });
+    create_cluster_credential_for(&client, &name, Some(&name), spec).await;
+    let created_by_old = || {
+        requests_of_since(&old_user, start)
+            .into_iter()
+            .filter(|(verb, resource, ns, _)| verb == "create" && resource == "secrets" && targets.contains(ns))
+            .count()
+    };
+    let deadline = Instant::now() + TIMEOUT;
+    while created_by_old() < 2 {
+        assert!(Instant::now() < deadline, "replica-a wrote fewer than 2 of the fan-out's Secrets in {TIMEOUT:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    old.pause();
+    let paused_after = created_by_old();
+    eprintln!("paused replica-a after {paused_after} of 12 Secrets");
+    assert!(paused_after < targets.len(), "the fan-out ended before replica-a was paused: nothing left to write");
+
+    // Past its term, the standby takes the Lease and finishes the fan-out.
+    eventually("replica-b holding the Lease", Duration::from_secs(9 + 15), || async {
+        (holder(&client, &name).await.as_deref() == Some("replica-b")).then_some(())
+    })
+    .await;
+    let takeover = audit_offset();
+    for ns in &targets {
+        wait_secret(&client, ns, &name, "written by replica-b", |s| logins(s)[0].2 == first).await;
+    }
+
+    // The old leader runs again: it must send nothing (its fan-out has writes left), and exit.
+    proxy.set_delay(Duration::ZERO);
+    old.resume();
+    let exit = wait_exited(&mut old, "replica-a after losing the Lease", TIMEOUT).await;
+    eprintln!("replica-a: {}", exit.lines().next().unwrap_or_default());
+    let late = writes_of_since(&old_user, takeover);
+    assert!(late.is_empty(), "replica-a wrote after replica-b took the Lease: {late:?}");
+    // Nor did it give the Lease up on its way out: it was no longer its to give.
+    assert_eq!(holder(&client, &name).await.as_deref(), Some("replica-b"));
+
+    // The new leader goes on alone.
+    let second = secret_value("u", "paused2");
+    set_secret_key(&client, &source_ns, "src", "password", second.as_bytes()).await;
+    wait_secret(&client, &targets[0], &name, "updated by replica-b", |s| logins(s)[0].2 == second).await;
+    let _ =
+        Api::<regcred::crd::ClusterRegistryCredential>::all(client.clone()).delete(&name, &Default::default()).await;
+}
+
+#[tokio::test]
+async fn a_leader_cut_off_past_its_lease_stops_writing_before_the_takeover_and_exits() {
+    let cp = env().cp;
+    let client = client().await;
+    let name = format!("cutoff-{}", &unique()[..6]);
+    let proxy = TcpProxy::start(([127, 0, 0, 1], cp.api_port()).into()).expect("starting the proxy");
+    let (mut old, old_user) = own_replica(&name, "a", "6s", Some(&proxy), &[]);
+    wait_leading(&old, "replica-a leading").await;
+    let (standby, _) = own_replica(&name, "b", "6s", None, &[]);
+    eventually("replica-b ready", TIMEOUT, || async {
+        (admin_get(standby.admin_port, "/readyz").0 == 200).then_some(())
+    })
+    .await;
+    let ns = namespace(&client, "cutoff").await;
+    let first = secret_value("u", "cutoff");
+    create_secret(&client, &ns, "src", &[("password", first.as_bytes())]).await;
+    let spec = json!({"registry": "r.example.com", "source": {"basic": {"username": "u", "passwordSecretRef": {"name": "src"}}}});
+    create_credential_for(&client, &ns, "cred", Some(&name), spec).await;
+    wait_secret(&client, &ns, "cred", "written by replica-a", |s| logins(s)[0].2 == first).await;
+    assert_eq!(holder(&client, &name).await.as_deref(), Some("replica-a"));
+
+    // replica-a loses the apiserver; past the term the standby takes over.
+    proxy.cut();
+    let cut = Instant::now();
+    eventually("replica-b holding the Lease", Duration::from_secs(6 + 15), || async {
+        (holder(&client, &name).await.as_deref() == Some("replica-b")).then_some(())
+    })
+    .await;
+    let takeover = audit_offset();
+    eprintln!("replica-b took the Lease {:?} after the cut (lease 6 s)", cut.elapsed());
+    // By then replica-a has stopped writing, and says so: it cannot know whether the
+    // Lease was renewed, so it stops before the term it last saw ends.
+    let still_leads = old.check_alive().is_ok() && sample(&old.metrics(), "regcred_leader ") == Some(1.0);
+    assert!(!still_leads, "split brain: replica-a, cut off, still leads while replica-b holds the Lease");
+
+    // Connected again, replica-a sends nothing and is gone; replica-b serves a change.
+    proxy.reconnect();
+    let second = secret_value("u", "cutoff2");
+    set_secret_key(&client, &ns, "src", "password", second.as_bytes()).await;
+    wait_secret(&client, &ns, "cred", "updated by replica-b", |s| logins(s)[0].2 == second).await;
+    let exit = wait_exited(&mut old, "replica-a after losing the Lease", TIMEOUT).await;
+    eprintln!("replica-a: {}", exit.lines().next().unwrap_or_default());
+    let late = writes_of_since(&old_user, takeover);
+    assert!(late.is_empty(), "replica-a wrote after replica-b took the Lease: {late:?}");
+    assert_eq!(holder(&client, &name).await.as_deref(), Some("replica-b"));
 }

@@ -52,6 +52,16 @@ impl TestController {
         self.process.terminate();
     }
 
+    /// SIGSTOP: frozen, as a paused VM or a stalled node would be, until [`Self::resume`].
+    pub fn pause(&mut self) {
+        self.process.pause();
+    }
+
+    /// SIGCONT.
+    pub fn resume(&mut self) {
+        self.process.resume();
+    }
+
     /// Resident and peak resident memory (VmRSS, VmHWM) in KiB.
     pub fn rss_kib(&self) -> (u64, u64) {
         self.process.rss_kib()
@@ -84,6 +94,25 @@ pub fn admin_get(port: u16, path: &str) -> (u16, String) {
 /// The value of the first sample whose name and labels start with `prefix`.
 pub fn sample(metrics: &str, prefix: &str) -> Option<f64> {
     metrics.lines().find(|l| l.starts_with(prefix)).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok())
+}
+
+/// Arguments of a test controller whose retries come far apart. Retries wait 1 s, 2 s, 4 s …
+/// (up to `--max-backoff`, 20 s for the others): once a credential has failed five times
+/// ([`wait_failures`]) its next retry is 16 s away, so a change it shows within
+/// [`EVENT_WAIT`] was brought by a watch event, not by a retry (nor by the 10-minute resync).
+pub const LONG_BACKOFF: &[&str] = &["--max-backoff", "10m"];
+/// How long a test waits for a change a watch event must bring; well below the 16 s retry
+/// that [`LONG_BACKOFF`] and [`wait_failures`] leave.
+pub const EVENT_WAIT: Duration = Duration::from_secs(8);
+
+/// Waits until `controller` (a test's own: its counters are the test's alone) has counted at
+/// least `n` failed reconciles of `kind` with `reason`.
+pub async fn wait_failures(controller: &TestController, kind: &str, reason: &str, n: f64) {
+    let series = format!("regcred_reconcile_failures_total{{kind=\"{kind}\",reason=\"{reason}\"}} ");
+    eventually(&format!("{n} failures {reason}"), Duration::from_secs(60), || async {
+        sample(&controller.metrics(), &series).filter(|count| *count >= n).map(drop)
+    })
+    .await;
 }
 
 /// Label that routes a credential to a test's own controller instead of the shared one.
@@ -404,8 +433,20 @@ pub async fn wait_ready(
     status: &str,
     reason: Option<&str>,
 ) -> RegistryCredential {
+    wait_ready_within(TIMEOUT, client, ns, name, status, reason).await
+}
+
+/// [`wait_ready`], waiting at most `limit`.
+pub async fn wait_ready_within(
+    limit: Duration,
+    client: &Client,
+    ns: &str,
+    name: &str,
+    status: &str,
+    reason: Option<&str>,
+) -> RegistryCredential {
     let api = Api::<RegistryCredential>::namespaced(client.clone(), ns);
-    eventually(&format!("{ns}/{name} Ready={status} {reason:?}"), TIMEOUT, || async {
+    eventually(&format!("{ns}/{name} Ready={status} {reason:?}"), limit, || async {
         let cr = api.get(name).await.ok()?;
         let st = cr.status.as_ref()?;
         let ready = st.condition("Ready")?;
@@ -421,8 +462,23 @@ pub async fn wait_secret<F>(client: &Client, ns: &str, name: &str, what: &str, c
 where
     F: Fn(&Secret) -> bool,
 {
+    wait_secret_within(TIMEOUT, client, ns, name, what, check).await
+}
+
+/// [`wait_secret`], waiting at most `limit`.
+pub async fn wait_secret_within<F>(
+    limit: Duration,
+    client: &Client,
+    ns: &str,
+    name: &str,
+    what: &str,
+    check: F,
+) -> Secret
+where
+    F: Fn(&Secret) -> bool,
+{
     let api = Api::<Secret>::namespaced(client.clone(), ns);
-    eventually(&format!("Secret {ns}/{name}: {what}"), TIMEOUT, || async {
+    eventually(&format!("Secret {ns}/{name}: {what}"), limit, || async {
         api.get_opt(name).await.ok().flatten().filter(|s| check(s))
     })
     .await

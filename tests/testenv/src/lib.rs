@@ -9,6 +9,7 @@ mod control_plane;
 mod gcp;
 mod node;
 mod process;
+mod proxy;
 mod registry;
 
 use std::future::Future;
@@ -29,6 +30,7 @@ pub use node::{HostMapping, NODE_NAME, NODE_TAINT, Node, PAUSE_IMAGE, POD_GATEWA
 /// [`ControlPlane::controller_kubeconfig_path`]).
 pub const CONTROLLER_USER: &str = "regcred-controller";
 pub use process::Process;
+pub use proxy::TcpProxy;
 pub use registry::{Registry, RegistryOptions, Request, TokenRealm, docker_config_json};
 
 /// Directory holding the test binaries: `$REGCRED_TESTBIN` if set, else the

@@ -119,9 +119,27 @@ impl Process {
         }
     }
 
+    /// SIGSTOP: frozen, as a paused VM or a stalled node would be; [`Process::resume`] ends it.
+    pub fn pause(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            // SAFETY: plain kill(2) on our own, not yet reaped, child.
+            unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGSTOP) };
+        }
+    }
+
+    /// SIGCONT.
+    pub fn resume(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            // SAFETY: as above.
+            unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGCONT) };
+        }
+    }
+
     /// SIGTERM, then SIGKILL if it has not exited within [`STOP_GRACE`].
     pub fn stop(&mut self) {
         self.terminate();
+        // A paused process would hear the SIGTERM only once continued.
+        self.resume();
         let deadline = Instant::now() + STOP_GRACE;
         while Instant::now() < deadline {
             if !matches!(self.child.try_wait(), Ok(None)) {
