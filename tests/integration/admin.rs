@@ -7,15 +7,19 @@ use crate::support::*;
 
 #[tokio::test]
 async fn health_readiness_and_metrics_after_sync_and_failure() {
-    let port = env().controller.admin_port;
+    // A controller of its own: its counters count this test's credentials only, so no other
+    // test's failure or ECR call can satisfy the assertions below.
+    let label = format!("metrics-{}", &unique()[..6]);
+    let controller = spawn_labelled(&label, &[], &[]);
+    let port = controller.admin_port;
     let get = admin_get;
     let client = client().await;
     let ns = namespace(&client, "metrics").await;
     let password = secret_value("u", "metrics");
     create_secret(&client, &ns, "src", &[("password", password.as_bytes())]).await;
     let basic = |secret: &str| json!({"registry": "r.example.com", "source": {"basic": {"username": "u", "passwordSecretRef": {"name": secret}}}});
-    create_credential(&client, &ns, "good", basic("src")).await;
-    create_credential(&client, &ns, "bad", basic("missing")).await;
+    create_credential_for(&client, &ns, "good", Some(&label), basic("src")).await;
+    create_credential_for(&client, &ns, "bad", Some(&label), basic("missing")).await;
     let aws_key = format!("AKIA{}", &unique()[..16].to_uppercase());
     let aws_secret = secret_value("aws", "metrics");
     env().aws.add_access_key(&aws_key, &aws_key, &aws_secret).unwrap();
@@ -26,7 +30,7 @@ async fn health_readiness_and_metrics_after_sync_and_failure() {
         &[("accessKeyId", aws_key.as_bytes()), ("secretAccessKey", aws_secret.as_bytes())],
     )
     .await;
-    create_credential(&client, &ns, "ecr", json!({"source": {"ecr": {"registry": "123456789012.dkr.ecr.eu-west-1.amazonaws.com", "auth": {"secretRef": {"name": "aws-keys"}}}}})).await;
+    create_credential_for(&client, &ns, "ecr", Some(&label), json!({"source": {"ecr": {"registry": "123456789012.dkr.ecr.eu-west-1.amazonaws.com", "auth": {"secretRef": {"name": "aws-keys"}}}}})).await;
     wait_ready(&client, &ns, "good", "True", None).await;
     wait_ready(&client, &ns, "bad", "False", Some("SourceSecretNotFound")).await;
     let ecr = wait_ready(&client, &ns, "ecr", "True", None).await;
@@ -49,9 +53,11 @@ async fn health_readiness_and_metrics_after_sync_and_failure() {
         sample(&metrics, "regcred_reconcile_duration_seconds_count{kind=\"RegistryCredential\"}")
             .is_some_and(|v| v >= 3.0)
     );
-    assert!(
-        sample(&metrics, "regcred_provider_calls_total{provider=\"ecr\",operation=\"GetAuthorizationToken\"}")
-            .is_some_and(|v| v >= 1.0)
+    // One ECR credential with 12-hour tokens: one call.
+    assert_eq!(
+        sample(&metrics, "regcred_provider_calls_total{provider=\"ecr\",operation=\"GetAuthorizationToken\"}"),
+        Some(1.0),
+        "{metrics}"
     );
     assert_eq!(sample(&metrics, "regcred_leader "), Some(1.0));
     for value in [&password, &aws_secret, &aws_key] {

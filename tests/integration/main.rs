@@ -24,5 +24,6 @@ mod scoped;
 mod service_accounts;
 mod sources;
 mod trace;
+mod upgrade;
 mod validation;
 mod verify;

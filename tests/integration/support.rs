@@ -76,6 +76,19 @@ impl TestController {
     pub fn metrics(&self) -> String {
         admin_get(self.admin_port, "/metrics").1
     }
+
+    /// A started controller process (with `--admin-addr 127.0.0.1:0`), once it logged the
+    /// port its admin endpoint listens on.
+    pub fn from_process(process: Process, log: &std::path::Path) -> TestController {
+        let admin_port = regcred_testenv::wait_for("the admin endpoint's address in the log", TIMEOUT, || {
+            let text = std::fs::read_to_string(log).ok()?;
+            let line = text.lines().find(|l| l.contains("admin endpoint listening"))?;
+            let after = &line[line.find("127.0.0.1:")? + "127.0.0.1:".len()..];
+            after.chars().take_while(char::is_ascii_digit).collect::<String>().parse().ok()
+        })
+        .expect("the controller did not start its admin endpoint");
+        TestController { admin_port, process }
+    }
 }
 
 /// GET on a controller's admin endpoint: (status code, body); (0, "") if it does not answer.
@@ -199,14 +212,7 @@ pub fn spawn_strict_controller(
     }
     let log = controller_log_path(cp, name);
     let process = Process::spawn(&format!("regcred-{name}"), cmd, &log).expect("starting regcred");
-    let admin_port = regcred_testenv::wait_for("the admin endpoint's address in the log", TIMEOUT, || {
-        let text = std::fs::read_to_string(&log).ok()?;
-        let line = text.lines().find(|l| l.contains("admin endpoint listening"))?;
-        let after = &line[line.find("127.0.0.1:")? + "127.0.0.1:".len()..];
-        after.chars().take_while(char::is_ascii_digit).collect::<String>().parse().ok()
-    })
-    .expect("the controller did not start its admin endpoint");
-    TestController { admin_port, process }
+    TestController::from_process(process, &log)
 }
 
 /// A client with the controllers' own identity (the packaged ServiceAccount's token).

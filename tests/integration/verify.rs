@@ -42,7 +42,9 @@ fn basic(host: &str, secret: &str, verify: Value) -> Value {
 
 #[tokio::test]
 async fn a_right_password_is_verified_and_a_wrong_one_is_unauthorized() {
-    env();
+    // A controller of its own: the check counters below count this test's checks only.
+    let label = format!("verify-{}", &unique()[..6]);
+    let controller = spawn_labelled(&label, &[], &[]);
     let client = client().await;
     let ns = namespace(&client, "verify").await;
     let password = secret_value("puller", "verify");
@@ -50,8 +52,22 @@ async fn a_right_password_is_verified_and_a_wrong_one_is_unauthorized() {
     create_secret(&client, &ns, "good-src", &[("password", password.as_bytes())]).await;
     let wrong = secret_value("puller", "wrong");
     create_secret(&client, &ns, "bad-src", &[("password", wrong.as_bytes())]).await;
-    create_credential(&client, &ns, "good", basic(&registry.host(), "good-src", json!({"insecure": true}))).await;
-    create_credential(&client, &ns, "bad", basic(&registry.host(), "bad-src", json!({"insecure": true}))).await;
+    create_credential_for(
+        &client,
+        &ns,
+        "good",
+        Some(&label),
+        basic(&registry.host(), "good-src", json!({"insecure": true})),
+    )
+    .await;
+    create_credential_for(
+        &client,
+        &ns,
+        "bad",
+        Some(&label),
+        basic(&registry.host(), "bad-src", json!({"insecure": true})),
+    )
+    .await;
 
     let message = wait_verified(&client, &ns, "good", "True", "Verified").await;
     assert!(message.contains("accepted the login"), "{message}");
@@ -64,7 +80,7 @@ async fn a_right_password_is_verified_and_a_wrong_one_is_unauthorized() {
     let cr = Api::<RegistryCredential>::namespaced(client.clone(), &ns).get("good").await.unwrap();
     assert!(cr.status.and_then(|s| s.verified_at).is_some(), "verifiedAt is reported");
     // Checks are counted by result.
-    let metrics = env().controller.metrics();
+    let metrics = controller.metrics();
     for result in ["Verified", "Unauthorized"] {
         let count = sample(&metrics, &format!("regcred_verifications_total{{result=\"{result}\"}}"));
         assert!(count.is_some_and(|n| n >= 1.0), "no {result} check counted:\n{metrics}");
@@ -72,7 +88,14 @@ async fn a_right_password_is_verified_and_a_wrong_one_is_unauthorized() {
 
     // Something that is not a registry (the AWS emulator's web server) at that host.
     let not_a_registry = env().aws.endpoint().trim_start_matches("http://").to_string();
-    create_credential(&client, &ns, "elsewhere", basic(&not_a_registry, "good-src", json!({"insecure": true}))).await;
+    create_credential_for(
+        &client,
+        &ns,
+        "elsewhere",
+        Some(&label),
+        basic(&not_a_registry, "good-src", json!({"insecure": true})),
+    )
+    .await;
     let message = wait_verified(&client, &ns, "elsewhere", "False", "UnexpectedResponse").await;
     assert!(message.ends_with("GET /v2/: 404 Not Found"), "{message}");
 

@@ -3,8 +3,8 @@
 //!
 //!   REGCRED_LOAD_SECS=180 cargo test --test reliability -- --ignored --nocapture load
 //!
-//! Checks that every Secret ends with its source's last password, that failures stay rare
-//! (no error storm) and reports the controller's memory at the start and the end.
+//! Checks that every Secret ends with its source's last password, that no reconcile fails
+//! (README: "0 failed") and reports the controller's memory at the start and the end.
 
 use std::{
     collections::BTreeMap,
@@ -112,6 +112,7 @@ async fn load_200_credentials_times_50_namespaces_with_changing_sources() {
         end_rss.0,
         end_rss.1
     );
-    assert!(failures <= reconciles * 0.01, "an error storm: {failures} of {reconciles} reconciles failed");
+    // README reports 0 failed reconciles under this load: no conflict, no timeout, no error.
+    assert_eq!(failures, 0.0, "{failures} of {reconciles} reconciles failed:\n{metrics}");
     assert!(end_rss.0 < synced_rss.0 * 3 / 2, "memory grew under load: {synced_rss:?} → {end_rss:?}");
 }

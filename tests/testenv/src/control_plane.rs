@@ -142,6 +142,12 @@ impl ControlPlane {
         if !out.status.success() {
             bail!("applying {path}: {}", String::from_utf8_lossy(&out.stderr));
         }
+        self.service_account_kubeconfig(namespace, name)
+    }
+
+    /// A kubeconfig with a (24-hour) token of the ServiceAccount `namespace/name`, which must
+    /// exist (e.g. installed with a manifest the caller applied itself).
+    pub fn service_account_kubeconfig(&self, namespace: &str, name: &str) -> Result<PathBuf> {
         let request = k8s_openapi::api::authentication::v1::TokenRequest {
             spec: k8s_openapi::api::authentication::v1::TokenRequestSpec {
                 expiration_seconds: Some(24 * 3600),
