@@ -683,18 +683,8 @@ pub async fn request_token(
     audiences: &[&str],
     seconds: i64,
 ) -> Result<String, kube::Error> {
-    use k8s_openapi::api::{
-        authentication::v1::{TokenRequest, TokenRequestSpec},
-        core::v1::ServiceAccount,
-    };
-    let request = TokenRequest {
-        spec: TokenRequestSpec {
-            audiences: audiences.iter().map(|a| a.to_string()).collect(),
-            expiration_seconds: Some(seconds),
-            bound_object_ref: None,
-        },
-        ..Default::default()
-    };
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    let request = regcred_testenv::token_request(audiences, seconds);
     let response = Api::<ServiceAccount>::namespaced(client.clone(), ns)
         .create_token_request(account, &PostParams::default(), &request)
         .await?;

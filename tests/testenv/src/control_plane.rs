@@ -279,17 +279,9 @@ impl ControlPlane {
         audiences: &[&str],
         seconds: i64,
     ) -> Result<String> {
-        use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
         use k8s_openapi::api::core::v1::Namespace;
         use kube::api::{ObjectMeta, PostParams};
-        let request = TokenRequest {
-            spec: TokenRequestSpec {
-                audiences: audiences.iter().map(|a| a.to_string()).collect(),
-                expiration_seconds: Some(seconds),
-                bound_object_ref: None,
-            },
-            ..Default::default()
-        };
+        let request = token_request(audiences, seconds);
         block_on(async {
             let client = self.client().await;
             let meta = |name: &str| ObjectMeta { name: Some(name.into()), ..Default::default() };
@@ -714,6 +706,19 @@ pub(crate) fn audit_log_rotation(before: &LogFile, now: &LogFile, siblings: &[St
         "the apiserver rotated its audit log ({trace}): events are missing from audit.log, so counts from it \
          cannot be trusted; raise --audit-log-maxsize in testenv's control_plane.rs"
     ))
+}
+
+/// A TokenRequest for these audiences, valid `seconds`, bound to no object.
+pub fn token_request(audiences: &[&str], seconds: i64) -> k8s_openapi::api::authentication::v1::TokenRequest {
+    use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+    TokenRequest {
+        spec: TokenRequestSpec {
+            audiences: audiences.iter().map(|a| a.to_string()).collect(),
+            expiration_seconds: Some(seconds),
+            bound_object_ref: None,
+        },
+        ..Default::default()
+    }
 }
 
 #[cfg(test)]

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 pub use aws::{ACCOUNT as AWS_ACCOUNT, AwsEmulator, RoleTrust, STS_AUDIENCE};
-pub use control_plane::{ControlPlane, ISSUER};
+pub use control_plane::{ControlPlane, ISSUER, token_request};
 pub use gcp::{AttributeCondition, GcpEmulator, ServiceAccountKey, WorkloadIdentityProvider};
 pub use node::{HostMapping, NODE_NAME, NODE_TAINT, Node, PAUSE_IMAGE, POD_GATEWAY};
 
