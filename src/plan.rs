@@ -16,32 +16,33 @@ use kube::{
 use crate::{
     Error,
     crd::{NamespaceSelection, SecretTemplate},
-    secret::metadata_matches,
 };
 
 /// Label keys regcred sets itself; a template may not set them (nor anything under
 /// `regcred.dev/`), or a tenant could make another credential list their Secret as its own.
 pub const RESERVED_LABEL_PREFIX: &str = "regcred.dev/";
 
-/// One of this credential's Secrets as seen in a metadata list, with the hash of its data
-/// when known (remembered for this resourceVersion, or computed from a fresh read).
+/// One of this credential's Secrets, as the Secret watch's record shows it (namespace, name,
+/// resourceVersion), and what is known of its content: remembered for this resourceVersion,
+/// or computed from a fresh read. Nothing else of it is kept.
 #[derive(Clone, Debug)]
 pub struct LiveSecret {
-    /// Its metadata: in full when it was read, else only namespace, name and resourceVersion.
-    pub meta: ObjectMeta,
+    pub namespace: String,
+    pub name: String,
+    pub resource_version: Option<String>,
     pub data_hash: Option<String>,
-    /// Seen current at this resourceVersion for desired metadata with this digest
-    /// (`secret::metadata_digest`): unchanged since, it needs no read to be known current.
+    /// The `secret::metadata_digest` of the metadata regcred owns on it: current when it is
+    /// the desired metadata's.
     pub current_for: Option<String>,
 }
 
 impl LiveSecret {
     pub fn namespace(&self) -> &str {
-        self.meta.namespace.as_deref().unwrap_or_default()
+        &self.namespace
     }
 
     pub fn name(&self) -> &str {
-        self.meta.name.as_deref().unwrap_or_default()
+        &self.name
     }
 }
 
@@ -56,15 +57,14 @@ pub struct Observed<'a> {
     /// A name written before (from the last status), for Secrets regcred wrote before it
     /// labelled them with the credential's uid.
     pub previous_name: Option<&'a str>,
-    /// Secrets listed by this credential's uid label and **controlled** by its uid: the label
-    /// alone proves nothing, anyone can set it.
+    /// The Secrets this credential **controls** (by their controller owner reference; a label
+    /// proves nothing, anyone can set it).
     pub own: &'a [LiveSecret],
     /// Namespaces where the last attempt found a Secret this credential may not take.
     pub contested: &'a BTreeSet<String>,
-    /// The Secret as it should be (metadata) and the hash of its data.
-    pub desired: &'a ObjectMeta,
+    /// The hash of the data the Secret should hold.
     pub desired_hash: &'a str,
-    /// `secret::metadata_digest` of `desired`.
+    /// `secret::metadata_digest` of the metadata it should have.
     pub desired_meta_digest: &'a str,
 }
 
@@ -128,16 +128,14 @@ pub fn plan(observed: &Observed<'_>) -> Plan {
     for namespace in observed.targets {
         let secret = match own.remove(&(namespace.as_str(), observed.secret_name)) {
             Some(live) if is_current(live, observed) => SecretStep::Unchanged,
-            Some(live) => {
-                SecretStep::Apply { resource_version: live.meta.resource_version.clone().unwrap_or_default() }
-            }
+            Some(live) => SecretStep::Apply { resource_version: live.resource_version.clone().unwrap_or_default() },
             None if observed.contested.contains(namespace) => SecretStep::Inspect,
             None => SecretStep::Create,
         };
         let mut retire: Vec<Retire> = own
             .iter()
             .filter(|((ns, _), _)| ns == namespace)
-            .map(|(_, live)| Retire { name: live.name().into(), resource_version: live.meta.resource_version.clone() })
+            .map(|(_, live)| Retire { name: live.name().into(), resource_version: live.resource_version.clone() })
             .collect();
         own.retain(|(ns, _), _| ns != namespace);
         // Written before Secrets carried the uid label: the list cannot show it.
@@ -154,7 +152,7 @@ pub fn plan(observed: &Observed<'_>) -> Plan {
         .filter(|((namespace, _), _)| !targets.contains(namespace) && !observed.terminating.contains(*namespace))
         .map(|((namespace, _), live)| Removal {
             namespace: namespace.into(),
-            retire: Retire { name: live.name().into(), resource_version: live.meta.resource_version.clone() },
+            retire: Retire { name: live.name().into(), resource_version: live.resource_version.clone() },
         })
         .collect();
     Plan { steps, removals }
@@ -163,8 +161,7 @@ pub fn plan(observed: &Observed<'_>) -> Plan {
 /// Whether a live Secret already holds what regcred would write.
 fn is_current(live: &LiveSecret, observed: &Observed<'_>) -> bool {
     live.data_hash.as_deref() == Some(observed.desired_hash)
-        && (live.current_for.as_deref() == Some(observed.desired_meta_digest)
-            || metadata_matches(&live.meta, observed.desired))
+        && live.current_for.as_deref() == Some(observed.desired_meta_digest)
 }
 
 /// Keys a Secret template may not set, first one found.
@@ -266,19 +263,14 @@ mod tests {
 
     use super::*;
 
-    fn meta(labels: &[(&str, &str)]) -> ObjectMeta {
-        ObjectMeta {
-            labels: Some(labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
-            ..Default::default()
-        }
-    }
-
     fn live(namespace: &str, name: &str, hash: Option<&str>) -> LiveSecret {
-        let mut meta = meta(&[("app.kubernetes.io/managed-by", "regcred")]);
-        meta.namespace = Some(namespace.into());
-        meta.name = Some(name.into());
-        meta.resource_version = Some(format!("rv-{namespace}-{name}"));
-        LiveSecret { meta, data_hash: hash.map(String::from), current_for: None }
+        LiveSecret {
+            namespace: namespace.into(),
+            name: name.into(),
+            resource_version: Some(format!("rv-{namespace}-{name}")),
+            data_hash: hash.map(String::from),
+            current_for: Some("m1".into()),
+        }
     }
 
     struct Case {
@@ -301,7 +293,6 @@ mod tests {
         }
 
         fn plan(&self) -> Plan {
-            let desired = meta(&[("app.kubernetes.io/managed-by", "regcred")]);
             plan(&Observed {
                 targets: &self.targets,
                 terminating: &self.terminating,
@@ -309,7 +300,6 @@ mod tests {
                 previous_name: self.previous,
                 own: &self.own,
                 contested: &self.contested,
-                desired: &desired,
                 desired_hash: "h1",
                 desired_meta_digest: "m1",
             })
@@ -397,7 +387,7 @@ mod tests {
     fn changed_template_metadata_needs_a_write() {
         let mut case = Case::new(&["a"]);
         let mut stale = live("a", "pull", Some("h1"));
-        stale.meta.labels = Some(BTreeMap::new());
+        stale.current_for = Some("m-before-the-template-changed".into());
         case.own = vec![stale];
         assert_eq!(case.plan().steps[0].secret, SecretStep::Apply { resource_version: "rv-a-pull".into() });
     }
@@ -408,7 +398,6 @@ mod tests {
     fn a_secret_seen_current_needs_no_metadata_for_the_same_desired_metadata() {
         let mut case = Case::new(&["a"]);
         let mut known = live("a", "pull", Some("h1"));
-        known.meta.labels = None;
         known.current_for = Some("m1".into());
         case.own = vec![known.clone()];
         assert_eq!(case.plan().steps[0].secret, SecretStep::Unchanged);

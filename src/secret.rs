@@ -7,7 +7,7 @@ use k8s_openapi::jiff::Timestamp;
 use k8s_openapi::{
     ByteString,
     api::core::v1::Secret,
-    apimachinery::pkg::apis::meta::v1::{FieldsV1, ManagedFieldsEntry, OwnerReference},
+    apimachinery::pkg::apis::meta::v1::{ManagedFieldsEntry, OwnerReference},
 };
 use kube::{
     Api, Client,
@@ -129,8 +129,20 @@ pub fn config_hash(config: Option<&[u8]>) -> String {
 /// owner), so a Secret seen current for it is known current while both stay the same.
 pub fn metadata_digest(desired: &ObjectMeta) -> String {
     let controller = desired.owner_references.iter().flatten().find(|o| o.controller == Some(true)).map(|o| &o.uid);
-    let shape = serde_json::json!([desired.labels, desired.annotations, controller]);
+    // No map and an empty one are the same metadata.
+    let empty = BTreeMap::new();
+    let labels = desired.labels.as_ref().unwrap_or(&empty);
+    let annotations = desired.annotations.as_ref().unwrap_or(&empty);
+    let shape = serde_json::json!([labels, annotations, controller]);
     config_hash(Some(shape.to_string().as_bytes()))
+}
+
+/// [`metadata_digest`] of what regcred's field manager owns on a live Secret
+/// ([`kept_for_matching`]): the desired metadata's digest exactly when the live metadata
+/// matches it ([`metadata_matches`], taking a key someone else set to the same value as not
+/// regcred's: one apply makes it regcred's).
+pub fn owned_metadata_digest(live: &ObjectMeta) -> String {
+    metadata_digest(&kept_for_matching(live))
 }
 
 /// [`config_hash`] of a live Secret's `.dockerconfigjson`.
@@ -443,58 +455,31 @@ fn map_matches(
         && previously_ours.iter().all(|k| desired.contains_key(k) || !live.contains_key(k))
 }
 
-/// What [`metadata_matches`] needs of a live Secret's metadata, and no more: its name,
-/// resourceVersion and controller, and the labels and annotations regcred's field manager
-/// owns (values cut to one byte past the longest a template may set, so an inflated one still
-/// differs), with a managedFields entry naming just those. A reconcile that reads 10,000
-/// Secrets keeps this much of each, whatever else anyone put on them.
-pub fn kept_for_matching(live: ObjectMeta) -> ObjectMeta {
+/// What regcred owns of a live Secret's metadata: its controller, and the labels and
+/// annotations regcred's field manager owns (values cut to one byte past the longest a
+/// template may set, so an inflated one still differs).
+pub fn kept_for_matching(live: &ObjectMeta) -> ObjectMeta {
     let ours = owned_metadata_keys(live.managed_fields.as_deref().unwrap_or_default());
-    let keep = |map: Option<BTreeMap<String, String>>, keys: &[String]| {
-        let kept: BTreeMap<String, String> = map
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|(k, _)| keys.contains(k))
-            .map(|(k, v)| (k, cut_value(v)))
-            .collect();
+    let keep = |map: &Option<BTreeMap<String, String>>, keys: &[String]| {
+        let kept: BTreeMap<String, String> =
+            map.iter().flatten().filter(|(k, _)| keys.contains(k)).map(|(k, v)| (k.clone(), cut_value(v))).collect();
         (!kept.is_empty()).then_some(kept)
     };
-    let labels = keep(live.labels, &ours.labels);
-    let annotations = keep(live.annotations, &ours.annotations);
-    let fields = |map: &Option<BTreeMap<String, String>>| {
-        let keys = map.iter().flatten().map(|(k, _)| (format!("f:{k}"), serde_json::json!({})));
-        serde_json::Value::Object(keys.collect())
-    };
-    let entry = ManagedFieldsEntry {
-        manager: Some(FIELD_MANAGER.into()),
-        fields_type: Some("FieldsV1".into()),
-        fields_v1: Some(FieldsV1(serde_json::json!({
-            "f:metadata": {"f:labels": fields(&labels), "f:annotations": fields(&annotations)}
-        }))),
-        ..Default::default()
-    };
-    let controller = live.owner_references.into_iter().flatten().filter(|o| o.controller == Some(true)).take(1);
+    let controller = live.owner_references.iter().flatten().filter(|o| o.controller == Some(true)).take(1);
     ObjectMeta {
-        namespace: live.namespace,
-        name: live.name,
-        resource_version: live.resource_version,
-        owner_references: Some(controller.collect()),
-        labels,
-        annotations,
-        managed_fields: Some(vec![entry]),
+        owner_references: Some(controller.cloned().collect()),
+        labels: keep(&live.labels, &ours.labels),
+        annotations: keep(&live.annotations, &ours.annotations),
         ..Default::default()
     }
 }
 
 /// A value longer than any a template may set is cut to one byte (at most one character)
 /// past that: it still differs from every desired value.
-fn cut_value(mut value: String) -> String {
+fn cut_value(value: &str) -> String {
     let limit = crate::crd::MAX_ANNOTATION_VALUE_BYTES + 1;
-    if value.len() > limit {
-        let end = (limit..=value.len()).find(|&i| value.is_char_boundary(i)).unwrap_or(value.len());
-        value.truncate(end);
-    }
-    value
+    let end = (limit..=value.len()).find(|&i| value.is_char_boundary(i)).unwrap_or(value.len());
+    value[..end].to_string()
 }
 
 #[derive(Default)]
@@ -521,6 +506,8 @@ fn owned_metadata_keys(entries: &[ManagedFieldsEntry]) -> OwnedKeys {
 
 #[cfg(test)]
 mod tests {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::FieldsV1;
+
     use super::*;
 
     fn owner() -> OwnerReference {
@@ -584,10 +571,11 @@ mod tests {
         assert!(is_up_to_date(&live, &desired(&[("team", "a")])));
     }
 
-    /// Issue 20 (restart memory): what a reconcile keeps of a read Secret decides as the whole
-    /// metadata does, and holds none of what others put on it.
+    /// Issue 20 (restart memory): a reconcile keeps of a read Secret only the digest of what
+    /// regcred owns on it, which is the desired metadata's exactly when the whole metadata
+    /// matches; what others put on it is not kept.
     #[test]
-    fn kept_metadata_decides_as_the_whole_and_drops_the_rest() {
+    fn the_owned_metadata_digest_decides_as_the_whole_metadata() {
         let mut live = desired(&[("team", "a")]).to_secret().metadata;
         // As regcred's apply left it: its field manager owns every key it set.
         let owned = |map: &Option<BTreeMap<String, String>>| {
@@ -603,26 +591,33 @@ mod tests {
             fields_v1: Some(FieldsV1(fields)),
             ..Default::default()
         }]);
-        let ours = live.labels.as_ref().map_or(0, BTreeMap::len) + 1;
-        let labels = live.labels.get_or_insert_default();
-        labels.insert("old".into(), "left-over".into());
-        labels.insert("tenant".into(), "x".into());
         live.annotations.get_or_insert_default().insert("tenant-blob".into(), "b".repeat(200_000));
-        let kept = kept_for_matching(live.clone());
-        let size = |m: &ObjectMeta| serde_json::to_vec(m).unwrap().len();
-        assert!(size(&kept) < 1_000, "kept {} bytes", size(&kept));
-        assert_eq!(kept.labels.as_ref().map(BTreeMap::len), Some(ours), "regcred's labels only: {:?}", kept.labels);
-        assert_eq!(kept.resource_version, live.resource_version);
-        for want in [desired(&[("team", "a")]), desired(&[("team", "a"), ("old", "left-over")]), desired(&[])] {
-            assert_eq!(metadata_matches(&kept, &want.metadata), metadata_matches(&live, &want.metadata));
+        live.labels.get_or_insert_default().insert("tenant".into(), "x".into());
+        let kept = kept_for_matching(&live);
+        assert!(serde_json::to_vec(&kept).unwrap().len() < 1_000, "the tenant's annotation is not kept");
+        let left_over = |live: &ObjectMeta| {
+            let mut live = live.clone();
+            live.labels.get_or_insert_default().insert("old".into(), "left-over".into());
+            live
+        };
+        for live in [live.clone(), left_over(&live)] {
+            for want in [desired(&[("team", "a")]), desired(&[("team", "a"), ("old", "left-over")]), desired(&[])] {
+                let digest_says = owned_metadata_digest(&live) == metadata_digest(&want.metadata);
+                assert_eq!(
+                    digest_says,
+                    metadata_matches(&live, &want.metadata),
+                    "{:?} against {:?}",
+                    live.labels,
+                    want.metadata.labels
+                );
+            }
         }
         // An inflated value of regcred's own key is cut, and still differs from any a
         // template may set.
         live.labels.get_or_insert_default().insert("team".into(), "é".repeat(100_000));
-        let kept = kept_for_matching(live);
-        let team = &kept.labels.as_ref().unwrap()["team"];
-        assert!(team.len() <= crate::crd::MAX_ANNOTATION_VALUE_BYTES + 2 && team.len() > 3072, "{}", team.len());
-        assert!(!metadata_matches(&kept, &desired(&[("team", "a")]).metadata));
+        let team = kept_for_matching(&live).labels.unwrap()["team"].len();
+        assert!((3073..=3074).contains(&team), "{team}");
+        assert_ne!(owned_metadata_digest(&live), metadata_digest(&desired(&[("team", "a")]).metadata));
     }
 
     /// An apiserver that answers a fixed script of (method, status, body) and records the

@@ -161,7 +161,6 @@ async fn sync<K: Credential>(obj: &K, uid: &str, ctx: &Context) -> Result<FanOut
         previous_name: own.previous_name.as_deref(),
         own: &own.live,
         contested: &contested,
-        desired: &desired.meta,
         desired_hash: &desired.hash,
         desired_meta_digest: &desired.meta_digest,
     });
@@ -391,7 +390,7 @@ fn record_steps(
     let observed: BTreeMap<&str, &str> = live
         .iter()
         .filter(|l| l.name() == desired.name)
-        .filter_map(|l| Some((l.namespace(), l.meta.resource_version.as_deref()?)))
+        .filter_map(|l| Some((l.namespace(), l.resource_version.as_deref()?)))
         .collect();
     if state.verified_name != desired.name {
         state.verified.clear();

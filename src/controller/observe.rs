@@ -12,7 +12,7 @@ use k8s_openapi::{
     NamespaceResourceScope,
     api::core::v1::{Secret, ServiceAccount},
 };
-use kube::{Api, Resource, ResourceExt, api::ObjectMeta, runtime::reflector::ObjectRef};
+use kube::{Api, Resource, ResourceExt, runtime::reflector::ObjectRef};
 use secrecy::ExposeSecret;
 use serde::de::DeserializeOwned;
 
@@ -21,7 +21,7 @@ use crate::{
     Error, dockerconfig,
     owned::OwnedSecret,
     plan::LiveSecret,
-    secret::{ReadSecret, TOKEN_IDENTITY_ANNOTATION, config_hash, data_hash, is_controlled_by, kept_for_matching},
+    secret::{ReadSecret, TOKEN_IDENTITY_ANNOTATION, config_hash, data_hash, is_controlled_by, owned_metadata_digest},
     service_account::holds_exactly,
     source::PreviousToken,
 };
@@ -58,12 +58,12 @@ pub(super) async fn own_secrets(
                 Some(seen) => own.push(LiveSecret {
                     data_hash: Some(seen.content.data_hash.clone()),
                     current_for: Some(seen.content.meta_digest.clone()),
-                    meta: listed_meta(secret),
+                    ..listed(secret)
                 }),
                 None if secret.name == secret_name && targets.contains(secret.namespace.as_str()) => {
                     unknown.push((secret.namespace, secret.name))
                 }
-                None => own.push(LiveSecret { meta: listed_meta(secret), data_hash: None, current_for: None }),
+                None => own.push(listed(secret)),
             }
         }
     });
@@ -98,21 +98,29 @@ impl<'a> Kept<'a> {
         }
         let hash = data_hash(&full);
         let named = self.sample_name.is_none_or(|name| full.metadata.name.as_deref() == Some(name));
-        let meta = kept_for_matching(full.metadata.clone());
+        let meta = &full.metadata;
+        let live = LiveSecret {
+            namespace: meta.namespace.clone().unwrap_or_default(),
+            name: meta.name.clone().unwrap_or_default(),
+            resource_version: meta.resource_version.clone(),
+            data_hash: Some(hash.clone()),
+            current_for: Some(owned_metadata_digest(meta)),
+        };
         if self.sample.is_none() && named && self.seed == Some(hash.as_str()) {
             self.sample = Some(ReadSecret::from(full));
         }
-        self.live.push(LiveSecret { meta, data_hash: Some(hash), current_for: None });
+        self.live.push(live);
     }
 }
 
-/// The metadata of a Secret known from the watch alone.
-fn listed_meta(secret: OwnedSecret) -> ObjectMeta {
-    ObjectMeta {
-        namespace: Some(secret.namespace),
-        name: Some(secret.name),
+/// A Secret known from the watch alone, its content unknown.
+fn listed(secret: OwnedSecret) -> LiveSecret {
+    LiveSecret {
+        namespace: secret.namespace,
+        name: secret.name,
         resource_version: Some(secret.resource_version),
-        ..Default::default()
+        data_hash: None,
+        current_for: None,
     }
 }
 
