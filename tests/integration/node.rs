@@ -101,29 +101,37 @@ async fn wait_image_pull_error(client: &Client, ns: &str, name: &str) -> String 
 }
 
 /// The Pod pulled `image` (the kubelet's `Pulled` Event names it), no pull of it failed,
-/// and its container ran.
+/// and its container ran. One exception, the kubelet's own: when its Secret cache had not
+/// synced within its one second (`FailedToRetrieveImagePullSecret`, seen on this machine
+/// under load), it pulls without the Secret once, fails, and retries with it; a failed pull
+/// is accepted only when the kubelet reported that, and the pull must still succeed.
 async fn assert_pulls_and_runs(client: &Client, ns: &str, pod: &str, image: &str) {
     let pulled = wait_pulled(client, ns, pod).await;
     assert!(pulled.contains(&format!("\"{image}\"")), "{pulled}");
     wait_ran(client, ns, pod).await;
     let events = events_for(client, ns, "Pod", pod).await;
-    assert!(!events.iter().any(|(_, reason, _)| reason == "Failed"), "{events:?}");
+    let cache_missed = events.iter().any(|(_, reason, _)| reason == "FailedToRetrieveImagePullSecret");
+    assert!(cache_missed || !events.iter().any(|(_, reason, _)| reason == "Failed"), "{events:?}");
 }
 
-/// A plain HTTP registry with one user, and the image `team/app:v1` in it.
+/// An HTTPS registry (a CA of its own, which the node trusts for the mapped host) with one
+/// user, and the image `team/app:v1` in it.
 fn registry_with_image(user: &str, password: &str, repo: &str) -> (Registry, String) {
-    let registry = Registry::start(&[(user, password)]).unwrap();
+    let options = regcred_testenv::RegistryOptions { tls: true, ..Default::default() };
+    let registry = Registry::start_with(&[(user, password)], options).unwrap();
     let image = registry.push_program_image(repo, "v1", user, password, &["hello", repo]).unwrap();
     (registry, image)
 }
 
 #[tokio::test]
 async fn basic_source_with_colon_and_non_ascii_password_pulls_on_the_node() {
-    let Some(_node) = node() else { return };
+    let Some(node) = node() else { return };
     let client = client().await;
     let ns = namespace(&client, "node-basic").await;
     let password = secret_value("puller", "pä:ss wörd");
     let (registry, image) = registry_with_image("puller", &password, "team/app");
+    // Pulled from its own address, over HTTPS with a CA the node trusts for it.
+    let _trusted = node.map_registry(&registry.host(), &registry).unwrap();
     create_secret(&client, &ns, "reg-pass", &[("password", password.as_bytes())]).await;
     create_credential(
         &client,
@@ -204,6 +212,7 @@ async fn gcr_sources_pull_with_an_access_token_and_with_the_key_file_through_the
     record_secret(&key.json);
     record_secret(&key.private_key);
     gcp.grant(&key.client_email, "regcred-test/app", &["pull", "push"]).unwrap();
+    // Plain HTTP: the emulator's token realm is HTTP, which clients refuse for an HTTPS registry.
     let registry = Registry::start_with_token_realm(&gcp.token_realm()).unwrap();
     registry.push_program_image("regcred-test/app", "v1", "_json_key", &key.json, &["hello", "gcr"]).unwrap();
     let _gcr = node.map_registry("gcr.io", &registry).unwrap();
@@ -238,11 +247,13 @@ async fn gcr_sources_pull_with_an_access_token_and_with_the_key_file_through_the
 
 #[tokio::test]
 async fn a_service_account_patched_by_regcred_gives_pods_the_secret() {
-    let Some(_node) = node() else { return };
+    let Some(node) = node() else { return };
     let client = client().await;
     let ns = namespace(&client, "node-sa").await;
     let password = secret_value("puller", "sa");
     let (registry, image) = registry_with_image("puller", &password, "team/app");
+    // Pulled from its own address, over HTTPS with a CA the node trusts for it.
+    let _trusted = node.map_registry(&registry.host(), &registry).unwrap();
     create_secret(&client, &ns, "reg-pass", &[("password", password.as_bytes())]).await;
     let account = ServiceAccount {
         metadata: ObjectMeta { name: Some("runner".into()), ..Default::default() },
@@ -274,12 +285,14 @@ async fn a_service_account_patched_by_regcred_gives_pods_the_secret() {
 
 #[tokio::test]
 async fn a_cluster_credential_fans_out_to_a_new_namespace_whose_pods_pull() {
-    let Some(_node) = node() else { return };
+    let Some(node) = node() else { return };
     let client = client().await;
     let team = format!("node-{}", &unique()[..6]);
     let source_ns = namespace(&client, "node-fan-src").await;
     let password = secret_value("robot", "node-fanout");
     let (registry, image) = registry_with_image("robot", &password, "team/app");
+    // Pulled from its own address, over HTTPS with a CA the node trusts for it.
+    let _trusted = node.map_registry(&registry.host(), &registry).unwrap();
     create_secret(&client, &source_ns, "src", &[("password", password.as_bytes())]).await;
     let name = format!("node-fan-{}", &unique()[..6]);
     create_cluster_credential(
@@ -304,11 +317,13 @@ async fn a_cluster_credential_fans_out_to_a_new_namespace_whose_pods_pull() {
 
 #[tokio::test]
 async fn a_fixed_source_lets_the_same_pod_pull_on_the_kubelets_retry() {
-    let Some(_node) = node() else { return };
+    let Some(node) = node() else { return };
     let client = client().await;
     let ns = namespace(&client, "node-fix").await;
     let password = secret_value("puller", "right");
     let (registry, image) = registry_with_image("puller", &password, "team/app");
+    // Pulled from its own address, over HTTPS with a CA the node trusts for it.
+    let _trusted = node.map_registry(&registry.host(), &registry).unwrap();
     let wrong = secret_value("puller", "wrong");
     create_secret(&client, &ns, "reg-pass", &[("password", wrong.as_bytes())]).await;
     create_credential(
@@ -376,6 +391,7 @@ async fn ecr_tokens_pull_on_the_node_rotate_and_a_stale_one_is_refused() {
     // 30-second tokens (refreshed about 22 s after issue), a registry that takes exactly the
     // live tokens this emulator issued, under an ECR host of an account of this test's own.
     let aws = AwsEmulator::start_with_lifetime(30).unwrap();
+    // Plain HTTP: the emulator's token realm is HTTP, which clients refuse for an HTTPS registry.
     let registry = Registry::start_with_token_realm(&aws.token_realm()).unwrap();
     let account = format!("{:012}", u64::from_str_radix(&unique()[..10], 16).unwrap() % 1_000_000_000_000);
     let host = format!("{account}.dkr.ecr.eu-west-1.amazonaws.com");

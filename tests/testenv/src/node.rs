@@ -149,7 +149,7 @@ impl Node {
 
     /// Makes containerd pull images named `host/...` (e.g. `ghcr.io`, `docker.io`,
     /// `123456789012.dkr.ecr.eu-west-1.amazonaws.com`) from `registry` instead (a `hosts.toml`
-    /// whose server is the registry), while the kubelet still looks up the image's pull
+    /// whose server is the registry, with its CA when it serves HTTPS), while the kubelet still looks up the image's pull
     /// credential under `host`. One mapping per host at a time: this waits while another test
     /// maps the same host. The mapping lasts until the guard is dropped.
     pub fn map_registry(&self, host: &str, registry: &Registry) -> Result<HostMapping<'_>> {
@@ -164,10 +164,15 @@ impl Node {
         // containerd 1.6 insists on a `host` table; the server (the fallback) is the registry
         // too, so that no pull ever goes to the real host.
         let url = registry.url();
-        std::fs::write(
-            &tmp,
-            format!("server = \"{url}\"\n\n[host.\"{url}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"),
-        )?;
+        let mut hosts = format!("server = \"{url}\"\n\n[host.\"{url}\"]\n  capabilities = [\"pull\", \"resolve\"]\n");
+        // An HTTPS registry: containerd trusts its CA for this host only, as a node trusts a
+        // private registry's CA in production.
+        if let Some(ca) = registry.ca_pem() {
+            let path = dir.join("ca.crt");
+            std::fs::write(&path, ca)?;
+            hosts.push_str(&format!("  ca = \"{}\"\n", path.display()));
+        }
+        std::fs::write(&tmp, hosts)?;
         std::fs::rename(&tmp, dir.join("hosts.toml"))?;
         mapped.insert(host.to_string());
         Ok(HostMapping { node: self, host: host.to_string() })
