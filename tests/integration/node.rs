@@ -114,11 +114,15 @@ async fn assert_pulls_and_runs(client: &Client, ns: &str, pod: &str, image: &str
     assert!(cache_missed || !events.iter().any(|(_, reason, _)| reason == "Failed"), "{events:?}");
 }
 
-/// An HTTPS registry (a CA of its own, which the node trusts for the mapped host) with one
-/// user, and the image `team/app:v1` in it.
+/// An HTTPS registry with a CA of its own (which the node trusts for a host mapped to it) and
+/// these users.
+fn tls_registry(users: &[(&str, &str)]) -> Registry {
+    Registry::start_with(users, regcred_testenv::RegistryOptions { tls: true, ..Default::default() }).unwrap()
+}
+
+/// [`tls_registry`] with one user, and the image `team/app:v1` in it.
 fn registry_with_image(user: &str, password: &str, repo: &str) -> (Registry, String) {
-    let options = regcred_testenv::RegistryOptions { tls: true, ..Default::default() };
-    let registry = Registry::start_with(&[(user, password)], options).unwrap();
+    let registry = tls_registry(&[(user, password)]);
     let image = registry.push_program_image(repo, "v1", user, password, &["hello", repo]).unwrap();
     (registry, image)
 }
@@ -485,12 +489,13 @@ fn static_binary() -> std::path::PathBuf {
 
 #[tokio::test]
 async fn the_controller_image_runs_on_the_node_as_the_chart_runs_it() {
-    let Some(_node) = node() else { return };
+    let Some(node) = node() else { return };
     let binary = static_binary();
     let client = client().await;
     let ns = namespace(&client, "node-image").await;
     let password = secret_value("ci", "image");
-    let registry = Registry::start(&[("ci", &password)]).unwrap();
+    let registry = tls_registry(&[("ci", &password)]);
+    let _trusted = node.map_registry(&registry.host(), &registry).unwrap();
     let image = registry.push_controller_image(&binary, "regcred/regcred", "test", "ci", &password).unwrap();
     let pull = Secret {
         metadata: ObjectMeta { name: Some("pull".into()), ..Default::default() },
@@ -693,7 +698,8 @@ async fn the_chart_runs_two_replicas_on_the_node_that_roll_and_hand_over() {
     let ns = namespace(&client, "node-chart").await;
     let release = format!("regcred-{}", &unique()[..6]);
     let password = secret_value("ci", "chart-image");
-    let registry = Registry::start(&[("ci", &password)]).unwrap();
+    let registry = tls_registry(&[("ci", &password)]);
+    let _trusted = node.map_registry(&registry.host(), &registry).unwrap();
     let repo = format!("{}/regcred/regcred", registry.host());
     for tag in ["v1", "v2"] {
         registry.push_controller_image(&binary, "regcred/regcred", tag, "ci", &password).unwrap();
