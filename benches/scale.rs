@@ -560,23 +560,7 @@ async fn settle_controller(cp: &ControlPlane, audit: &mut AuditWindow, controlle
 
 /// `wait_quiet`, with lease renewals (the controller's and the control plane's) aside.
 async fn wait_quiet_but_leases(cp: &ControlPlane) -> anyhow::Result<()> {
-    let writes = || -> anyhow::Result<u64> {
-        Ok(apiserver_writes(cp)?.iter().filter(|(k, _)| !k.contains("leases")).map(|(_, v)| v).sum())
-    };
-    let started = Instant::now();
-    let mut last = writes()?;
-    loop {
-        tokio::time::sleep(Duration::from_secs(3)).await;
-        let now = writes()?;
-        if now - last <= 2 {
-            return Ok(());
-        }
-        if started.elapsed() > Duration::from_secs(300) {
-            eprintln!("warning: the control plane still writes {} times in 3 s after 300 s; going on", now - last);
-            return Ok(());
-        }
-        last = now;
-    }
+    wait_quiet_counting(cp, |key| !key.contains("leases")).await
 }
 
 /// A plain client's write of Secret `direct-pull-XX` (XX in 0..c) in every namespace,

@@ -345,11 +345,19 @@ pub fn opaque(name: &str, key: &str, value: &[u8]) -> Secret {
 /// aftermath (kube-controller-manager filling new namespaces, the garbage collector, a
 /// controller's trailing reconcile) does not land in the next one's figures.
 pub async fn wait_quiet(cp: &ControlPlane) -> anyhow::Result<()> {
+    wait_quiet_counting(cp, |_| true).await
+}
+
+/// [`wait_quiet`], counting only the writes whose `verb resource` key passes `counted`.
+pub async fn wait_quiet_counting(cp: &ControlPlane, counted: impl Fn(&str) -> bool) -> anyhow::Result<()> {
+    let writes = || -> anyhow::Result<u64> {
+        Ok(apiserver_writes(cp)?.iter().filter(|(k, _)| counted(k.as_str())).map(|(_, v)| v).sum())
+    };
     let started = Instant::now();
-    let mut last: u64 = apiserver_writes(cp)?.values().sum();
+    let mut last = writes()?;
     loop {
         tokio::time::sleep(Duration::from_secs(3)).await;
-        let now: u64 = apiserver_writes(cp)?.values().sum();
+        let now = writes()?;
         if now - last <= 2 {
             return Ok(());
         }
