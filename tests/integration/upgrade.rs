@@ -1,11 +1,13 @@
 //! The upgrade README documents ("Upgrading"), from the release before the one-core change
 //! (796ef1e, kept in `tests/upgrade/796ef1e/`): its plain manifests installed with
-//! `kubectl apply --server-side`, the objects it left (Secrets without the uid label,
-//! ServiceAccount entries without uids, conditions stored before they were a map list), then
-//! today's `deploy/regcred.yaml` applied the same way and today's controller taking over.
+//! `kubectl apply --server-side`, or its chart with `helm install`; the objects it left
+//! (Secrets without the uid label, ServiceAccount entries without uids, conditions stored
+//! before they were a map list); then today's `deploy/regcred.yaml` applied the same way, or
+//! today's CRDs applied and `helm upgrade` to today's chart, and today's controller taking
+//! over.
 //!
-//! On a control plane of its own: CustomResourceDefinitions are cluster-wide, and the shared
-//! one serves today's.
+//! On a control plane of its own each: CustomResourceDefinitions are cluster-wide, and the
+//! shared one serves today's.
 
 use std::{
     collections::BTreeMap,
@@ -64,28 +66,115 @@ async fn an_upgrade_from_796ef1e_writes_each_object_at_most_once_and_keeps_every
     // 1. The old release, installed as README said then: its plain manifests, server-side.
     let old_deploy = root().join(OLD).join("deploy.yaml");
     kubectl_ok(&cp, &["apply", "--server-side", "-f", old_deploy.to_str().unwrap()]);
-    let crds = ["crd/registrycredentials.regcred.dev", "crd/clusterregistrycredentials.regcred.dev"];
-    kubectl_ok(&cp, &[&["wait", "--for=condition=Established", "--timeout=60s"][..], &crds[..]].concat());
-    let conditions_list_type = |cp: &ControlPlane| {
-        let crd: CustomResourceDefinition =
-            serde_json::from_str(&kubectl_ok(cp, &["get", "-o", "json", "crd/registrycredentials.regcred.dev"]))
-                .unwrap();
-        let schema = serde_json::to_value(&crd.spec.versions[0].schema).unwrap();
-        schema["openAPIV3Schema"]["properties"]["status"]["properties"]["conditions"]["x-kubernetes-list-type"].clone()
-    };
+    wait_established(&cp);
     assert_eq!(conditions_list_type(&cp), Value::Null, "the old CRDs' conditions are a plain list");
     create_old_objects(&client, &root().join(OLD).join("objects.yaml")).await;
 
     // 2. The upgrade, exactly as README's "Upgrading" has it for the plain manifests.
     let deploy = root().join("deploy/regcred.yaml");
     kubectl_ok(&cp, &["apply", "--server-side", "-f", deploy.to_str().unwrap()]);
-    kubectl_ok(&cp, &[&["wait", "--for=condition=Established", "--timeout=60s"][..], &crds[..]].concat());
+    wait_established(&cp);
     assert_eq!(conditions_list_type(&cp), json!("map"), "today's CRDs were not applied");
     let kubeconfig =
         cp.service_account_kubeconfig(CONTROLLER_NAMESPACE, "regcred").expect("a token of the packaged ServiceAccount");
 
-    // Existing credentials are still valid: read as today's types, and an update of each as
-    // stored passes today's schema and validation rules (server-side dry run).
+    let (uid, cluster_uid) = old_credentials_still_valid(&client).await;
+
+    // 3. Watch every pull Secret and ServiceAccount through the takeover: none may be deleted,
+    //    and every version must still give the Pods their login.
+    let watches = Watches::start(&client).await;
+
+    // 4. Today's controller takes over; 5. a restart after it writes nothing.
+    take_over(&cp, &client, watches, (&uid, &cluster_uid), &|name| spawn(&cp, &kubeconfig, name)).await;
+}
+
+/// The chart's path from 796ef1e, as README's and CHANGELOG.md's "Upgrading" have it: that
+/// commit's chart (kept in `tests/upgrade/796ef1e/chart/`) installed with `helm install` and
+/// its values file (`values.yaml` there), the objects its controller wrote, then
+/// `kubectl apply --server-side --force-conflicts -f crds/` (Helm never updates CRDs) and
+/// `helm upgrade` to today's chart with the same values file, with a watch on every pull
+/// Secret and ServiceAccount from before the first step.
+///
+/// Without a kubelet the Deployment's Pods do not run: today's controller runs as the
+/// upgraded Deployment says (the arguments and environment `helm get manifest` shows, the
+/// token of its ServiceAccount), the old one not at all (as in the test above).
+#[tokio::test]
+async fn a_helm_upgrade_from_796ef1e_writes_each_object_at_most_once_and_keeps_every_pull_secret() {
+    let cp = ControlPlane::start().expect("starting a control plane of the test's own");
+    let client = cp.client().await;
+    let values = root().join(OLD).join("values.yaml");
+    let values = values.to_str().unwrap();
+
+    // 1. The old chart, installed as README said then (its crds/ go in with the first install).
+    let old_chart = root().join(OLD).join("chart");
+    let install = ["install", RELEASE, old_chart.to_str().unwrap(), "--namespace", CONTROLLER_NAMESPACE];
+    helm_ok(&cp, &[&install[..], &["--create-namespace", "-f", values]].concat());
+    wait_established(&cp);
+    assert_eq!(conditions_list_type(&cp), Value::Null, "the old chart's CRDs' conditions are a plain list");
+    let old = deployed(&cp);
+    assert!(!old.args.iter().any(|a| a.starts_with("--gcp-refresh-share")), "not the old chart: {:?}", old.args);
+    create_old_objects(&client, &root().join(OLD).join("objects.yaml")).await;
+    let watches = Watches::start(&client).await;
+
+    // 2. The upgrade, exactly as README's "Upgrading" has it for the chart. The CRDs first:
+    //    Helm created them, so server-side apply stops at a conflict with field manager `helm`
+    //    unless told to take the fields over (README: `--force-conflicts`, once).
+    let crds = root().join("crds");
+    let crds = crds.to_str().unwrap();
+    let refused = cp.kubectl(&["apply", "--server-side", "-f", crds]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && stderr.contains("conflict") && stderr.contains("\"helm\""), "{stderr}");
+    kubectl_ok(&cp, &["apply", "--server-side", "--force-conflicts", "-f", crds]);
+    wait_established(&cp);
+    assert_eq!(conditions_list_type(&cp), json!("map"), "today's CRDs were not applied");
+    helm_ok(&cp, &["upgrade", RELEASE, "charts/regcred", "--namespace", CONTROLLER_NAMESPACE, "-f", values]);
+    let deployment = deployed(&cp);
+    assert!(
+        deployment.args.iter().any(|a| a == "--gcp-refresh-share=0.25"),
+        "not today's chart: {:?}",
+        deployment.args
+    );
+    assert_eq!(deployment.service_account, "regcred", "the audit log is read for another user");
+    let (uid, cluster_uid) = old_credentials_still_valid(&client).await;
+
+    // 3. Today's controller, as the upgraded Deployment runs it, takes over.
+    let kubeconfig = cp
+        .service_account_kubeconfig(CONTROLLER_NAMESPACE, &deployment.service_account)
+        .expect("a token of the chart's ServiceAccount");
+    take_over(&cp, &client, watches, (&uid, &cluster_uid), &|name| deployment.spawn(&cp, &kubeconfig, name)).await;
+}
+
+const RELEASE: &str = "regcred";
+
+fn helm_ok(cp: &ControlPlane, args: &[&str]) -> String {
+    let out = Command::new(regcred_testenv::testbin("helm").expect("helm"))
+        .args(args)
+        .arg("--kubeconfig")
+        .arg(cp.kubeconfig_path())
+        .current_dir(root())
+        .output()
+        .expect("running helm");
+    assert!(out.status.success(), "helm {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn wait_established(cp: &ControlPlane) {
+    let crds = ["crd/registrycredentials.regcred.dev", "crd/clusterregistrycredentials.regcred.dev"];
+    kubectl_ok(cp, &[&["wait", "--for=condition=Established", "--timeout=60s"][..], &crds[..]].concat());
+}
+
+/// `x-kubernetes-list-type` of the stored RegistryCredential CRD's status conditions (null
+/// before 4096e96, `map` since).
+fn conditions_list_type(cp: &ControlPlane) -> Value {
+    let crd: CustomResourceDefinition =
+        serde_json::from_str(&kubectl_ok(cp, &["get", "-o", "json", "crd/registrycredentials.regcred.dev"])).unwrap();
+    let schema = serde_json::to_value(&crd.spec.versions[0].schema).unwrap();
+    schema["openAPIV3Schema"]["properties"]["status"]["properties"]["conditions"]["x-kubernetes-list-type"].clone()
+}
+
+/// Existing credentials are still valid: they read as today's types, and an update of each as
+/// stored passes today's schema and validation rules (server-side dry run). Their uids.
+async fn old_credentials_still_valid(client: &Client) -> (String, String) {
     let creds = Api::<RegistryCredential>::namespaced(client.clone(), "upgrade-a");
     let cred = creds.get("dockerhub").await.expect("the old RegistryCredential reads as today's type");
     let dry = PostParams { dry_run: true, ..Default::default() };
@@ -93,59 +182,97 @@ async fn an_upgrade_from_796ef1e_writes_each_object_at_most_once_and_keeps_every
     let clusters = Api::<ClusterRegistryCredential>::all(client.clone());
     let cluster = clusters.get("shared").await.expect("the old ClusterRegistryCredential reads as today's type");
     clusters.replace("shared", &dry, &cluster).await.expect("the old ClusterRegistryCredential passes validation");
-    let (uid, cluster_uid) = (cred.uid().unwrap(), cluster.uid().unwrap());
+    (cred.uid().unwrap(), cluster.uid().unwrap())
+}
 
-    // 3. Watch every pull Secret and ServiceAccount through the takeover: none may be deleted,
-    //    and every version must still give the Pods their login.
-    let seen = Arc::new(Mutex::new(Vec::<String>::new()));
-    let broken = Arc::new(Mutex::new(Vec::<String>::new()));
-    let secrets = Api::<Secret>::all(client.clone());
-    let secrets_from = secrets.list(&ListParams::default()).await.unwrap().metadata.resource_version.unwrap();
-    let accounts = Api::<ServiceAccount>::all(client.clone());
-    let accounts_from = accounts.list(&ListParams::default()).await.unwrap().metadata.resource_version.unwrap();
-    let secret_watch = tokio::spawn(watch(secrets.clone(), secrets_from, seen.clone(), broken.clone(), check_secret));
-    let account_watch =
-        tokio::spawn(watch(accounts.clone(), accounts_from, seen.clone(), broken.clone(), check_account));
+/// Watches of every Secret and ServiceAccount from now on (see [`watch`]).
+struct Watches {
+    seen: Arc<Mutex<Vec<String>>>,
+    broken: Arc<Mutex<Vec<String>>>,
+    tasks: [tokio::task::JoinHandle<()>; 2],
+}
 
-    // 4. Today's controller takes over.
-    let start = cp.audit_log_len().unwrap();
-    let controller = spawn(&cp, &kubeconfig, "upgrade-1");
-    let migrated = |client: Client, uid: String, cluster_uid: String| async move {
-        for (ns, name, _, _) in PULL_SECRETS {
-            let secret = Api::<Secret>::namespaced(client.clone(), ns).get(name).await.ok()?;
-            let owner = if ns == "upgrade-a" { &uid } else { &cluster_uid };
-            (secret.labels().get(UID_LABEL) == Some(owner)).then_some(())?;
-            check_secret(&secret).ok()?;
-        }
-        for (ns, name, entry) in ACCOUNTS {
-            let account = Api::<ServiceAccount>::namespaced(client.clone(), ns).get(name).await.ok()?;
-            let owner = if ns == "upgrade-a" { &uid } else { &cluster_uid };
-            (account.annotations().get(ADDED) == Some(&format!("{entry}={owner}"))).then_some(())?;
-        }
-        let ready = |status: Option<&regcred::crd::CredentialStatus>, generation: Option<i64>| {
-            status
-                .and_then(|s| s.condition("Ready"))
-                .is_some_and(|c| c.status == "True" && c.reason == "Synced" && c.observed_generation == generation)
-        };
-        let cr = Api::<RegistryCredential>::namespaced(client.clone(), "upgrade-a").get("dockerhub").await.ok()?;
-        ready(cr.status.as_ref(), cr.metadata.generation).then_some(())?;
-        let crc = Api::<ClusterRegistryCredential>::all(client.clone()).get("shared").await.ok()?;
-        ready(crc.status.as_ref().map(|s| &s.credential), crc.metadata.generation).then_some(())?;
-        Some(())
+impl Watches {
+    async fn start(client: &Client) -> Watches {
+        let seen = Arc::new(Mutex::new(Vec::<String>::new()));
+        let broken = Arc::new(Mutex::new(Vec::<String>::new()));
+        let secrets = Api::<Secret>::all(client.clone());
+        let secrets_from = secrets.list(&ListParams::default()).await.unwrap().metadata.resource_version.unwrap();
+        let accounts = Api::<ServiceAccount>::all(client.clone());
+        let accounts_from = accounts.list(&ListParams::default()).await.unwrap().metadata.resource_version.unwrap();
+        let tasks = [
+            tokio::spawn(watch(secrets, secrets_from, seen.clone(), broken.clone(), check_secret)),
+            tokio::spawn(watch(accounts, accounts_from, seen.clone(), broken.clone(), check_account)),
+        ];
+        Watches { seen, broken, tasks }
+    }
+}
+
+/// Whether every fixture object is migrated: each pull Secret labelled with its credential's
+/// uid and still valid, each ServiceAccount entry with the uid, both credentials Ready for
+/// their generation.
+async fn migrated(client: Client, uid: String, cluster_uid: String) -> Option<()> {
+    for (ns, name, _, _) in PULL_SECRETS {
+        let secret = Api::<Secret>::namespaced(client.clone(), ns).get(name).await.ok()?;
+        let owner = if ns == "upgrade-a" { &uid } else { &cluster_uid };
+        (secret.labels().get(UID_LABEL) == Some(owner)).then_some(())?;
+        check_secret(&secret).ok()?;
+    }
+    for (ns, name, entry) in ACCOUNTS {
+        let account = Api::<ServiceAccount>::namespaced(client.clone(), ns).get(name).await.ok()?;
+        let owner = if ns == "upgrade-a" { &uid } else { &cluster_uid };
+        (account.annotations().get(ADDED) == Some(&format!("{entry}={owner}"))).then_some(())?;
+    }
+    let ready = |status: Option<&regcred::crd::CredentialStatus>, generation: Option<i64>| {
+        status
+            .and_then(|s| s.condition("Ready"))
+            .is_some_and(|c| c.status == "True" && c.reason == "Synced" && c.observed_generation == generation)
     };
+    let cr = Api::<RegistryCredential>::namespaced(client.clone(), "upgrade-a").get("dockerhub").await.ok()?;
+    ready(cr.status.as_ref(), cr.metadata.generation).then_some(())?;
+    let crc = Api::<ClusterRegistryCredential>::all(client.clone()).get("shared").await.ok()?;
+    ready(crc.status.as_ref().map(|s| &s.credential), crc.metadata.generation).then_some(())?;
+    Some(())
+}
+
+/// SIGTERM, as a rolling update sends, and its exit: a leader releases its Lease on the way
+/// out, so the next one starts at once.
+async fn stop(controller: &mut TestController) {
+    controller.terminate();
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while controller.check_alive().is_ok() {
+        assert!(std::time::Instant::now() < deadline, "the controller did not exit {TIMEOUT:?} after SIGTERM");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// Today's controller (started by `spawn` under a name) takes over the fixture: every object
+/// migrated, no version `watches` saw would have failed a Pod, at most one write per object
+/// and no delete; then a restart writes nothing (README: "After that, a restart makes no
+/// writes while nothing changed").
+async fn take_over(
+    cp: &ControlPlane,
+    client: &Client,
+    watches: Watches,
+    (uid, cluster_uid): (&str, &str),
+    spawn: &dyn Fn(&str) -> TestController,
+) {
+    let Watches { seen, broken, tasks } = watches;
+    let start = cp.audit_log_len().unwrap();
+    let mut controller = spawn("upgrade-1");
     eventually("today's controller migrated every object", TIMEOUT, || {
-        migrated(client.clone(), uid.clone(), cluster_uid.clone())
+        migrated(client.clone(), uid.to_string(), cluster_uid.to_string())
     })
     .await;
-    drop(controller);
+    stop(&mut controller).await;
     let end = cp.audit_log_len().unwrap();
 
-    // No version of a pull Secret or ServiceAccount the takeover left would have failed a Pod.
+    // No version of a pull Secret or ServiceAccount the upgrade left would have failed a Pod.
     let lost = broken.lock().unwrap().clone();
     assert!(lost.is_empty(), "a Pod could have lost its pull Secret: {lost:#?}\nevents: {:#?}", seen.lock().unwrap());
 
     // At most one write per object (the migration), and no delete.
-    let writes = writes_by_object(&cp, start, end);
+    let writes = writes_by_object(cp, start, end);
     eprintln!("upgrade: the takeover's writes: {writes:?}");
     let twice: Vec<_> = writes.iter().filter(|(_, verbs)| verbs.len() > 1).collect();
     assert!(twice.is_empty(), "objects written more than once by the takeover: {twice:?}\nall writes: {writes:#?}");
@@ -154,10 +281,8 @@ async fn an_upgrade_from_796ef1e_writes_each_object_at_most_once_and_keeps_every
     // Secrets had it and their content is today's: none.
     assert!(writes.contains_key("secrets upgrade-a/dockerhub-pull"), "no migration write? {writes:#?}");
 
-    // 5. A restart after the migration writes nothing (README: "After that, a restart makes
-    //    no writes while nothing changed").
     let restart = cp.audit_log_len().unwrap();
-    let controller = spawn(&cp, &kubeconfig, "upgrade-2");
+    let controller = spawn("upgrade-2");
     eventually("the restarted controller reconciled both credentials", TIMEOUT, || async {
         let reconciles: f64 = controller
             .metrics()
@@ -168,15 +293,16 @@ async fn an_upgrade_from_796ef1e_writes_each_object_at_most_once_and_keeps_every
         (reconciles >= 2.0).then_some(())
     })
     .await;
-    let after_restart = writes_by_object(&cp, restart, cp.audit_log_len().unwrap());
+    let after_restart = writes_by_object(cp, restart, cp.audit_log_len().unwrap());
     drop(controller);
     assert!(after_restart.is_empty(), "the restart after the migration wrote: {after_restart:#?}");
 
-    secret_watch.abort();
-    account_watch.abort();
+    for task in tasks {
+        task.abort();
+    }
     let broken = broken.lock().unwrap().clone();
     let seen = seen.lock().unwrap().clone();
-    eprintln!("upgrade: watched through the takeover: {seen:#?}");
+    eprintln!("upgrade: watched through the upgrade: {seen:#?}");
     assert!(broken.is_empty(), "a Pod could have lost its pull Secret: {broken:#?}\nevents: {seen:#?}");
     assert!(
         seen.iter().any(|e| e.starts_with("MODIFIED Secret upgrade-a/dockerhub-pull")),
@@ -408,4 +534,53 @@ fn spawn(cp: &ControlPlane, kubeconfig: &Path, name: &str) -> TestController {
     let log = controller_log_path(cp, name);
     let process = Process::spawn(&format!("regcred-{name}"), cmd, &log).expect("starting regcred");
     TestController::from_process(process, &log)
+}
+
+/// The controller container of the release's Deployment, as `helm get manifest` shows it.
+struct Deployed {
+    args: Vec<String>,
+    /// Environment variables with a value (the downward API's `POD_NAME` and `POD_NAMESPACE`
+    /// are filled in by [`Deployed::spawn`]).
+    env: Vec<(String, String)>,
+    service_account: String,
+}
+
+fn deployed(cp: &ControlPlane) -> Deployed {
+    let manifest = helm_ok(cp, &["get", "manifest", RELEASE, "--namespace", CONTROLLER_NAMESPACE]);
+    let docs: Vec<Value> = serde_saphyr::from_multiple(&manifest).expect("the release's manifest is YAML");
+    let deployment = docs.into_iter().find(|d| d["kind"] == "Deployment").expect("the release's Deployment");
+    let pod = &deployment["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    let strings = |v: &Value| v.as_array().into_iter().flatten().filter_map(|a| a.as_str().map(String::from)).collect();
+    let env = container["env"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| Some((e["name"].as_str()?.to_string(), e["value"].as_str()?.to_string())))
+        .collect();
+    assert!(container["command"].is_null(), "the image's entrypoint is regcred: {container}");
+    Deployed {
+        args: strings(&container["args"]),
+        env,
+        service_account: pod["serviceAccountName"].as_str().unwrap().into(),
+    }
+}
+
+impl Deployed {
+    /// Today's binary with the container's arguments and environment, as a Pod `name` of the
+    /// release's namespace with the token of its ServiceAccount (`kubeconfig`); its admin
+    /// endpoint on a free loopback port instead of 0.0.0.0:8080.
+    fn spawn(&self, cp: &ControlPlane, kubeconfig: &Path, name: &str) -> TestController {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_regcred"));
+        cmd.args(&self.args).args(["--admin-addr", "127.0.0.1:0"]).env_clear();
+        cmd.envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env("POD_NAME", name)
+            .env("POD_NAMESPACE", CONTROLLER_NAMESPACE)
+            .env("KUBECONFIG", kubeconfig)
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env("HOME", cp.dir());
+        let log = controller_log_path(cp, name);
+        let process = Process::spawn(&format!("regcred-{name}"), cmd, &log).expect("starting regcred");
+        TestController::from_process(process, &log)
+    }
 }
