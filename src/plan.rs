@@ -5,7 +5,10 @@
 //! Both kinds go through this one planner: a RegistryCredential is a fan-out to exactly its
 //! own namespace.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+};
 
 use k8s_openapi::api::core::v1::Namespace;
 use kube::{
@@ -16,6 +19,7 @@ use kube::{
 use crate::{
     Error,
     crd::{NamespaceSelection, SecretTemplate},
+    state::Content,
 };
 
 /// Label keys regcred sets itself; a template may not set them (nor anything under
@@ -30,10 +34,10 @@ pub struct LiveSecret {
     pub namespace: String,
     pub name: String,
     pub resource_version: Option<String>,
-    pub data_hash: Option<String>,
-    /// The `secret::metadata_digest` of the metadata regcred owns on it: current when it is
-    /// the desired metadata's.
-    pub current_for: Option<String>,
+    /// Its data hash and the `secret::owned_metadata_digest` of the metadata regcred owns on
+    /// it (current when they are the desired ones), shared with every Secret known to hold
+    /// the same; `None` when unknown.
+    pub content: Option<Arc<Content>>,
 }
 
 impl LiveSecret {
@@ -160,8 +164,9 @@ pub fn plan(observed: &Observed<'_>) -> Plan {
 
 /// Whether a live Secret already holds what regcred would write.
 fn is_current(live: &LiveSecret, observed: &Observed<'_>) -> bool {
-    live.data_hash.as_deref() == Some(observed.desired_hash)
-        && live.current_for.as_deref() == Some(observed.desired_meta_digest)
+    live.content
+        .as_ref()
+        .is_some_and(|c| c.data_hash == observed.desired_hash && c.meta_digest == observed.desired_meta_digest)
 }
 
 /// Keys a Secret template may not set, first one found.
@@ -268,9 +273,12 @@ mod tests {
             namespace: namespace.into(),
             name: name.into(),
             resource_version: Some(format!("rv-{namespace}-{name}")),
-            data_hash: hash.map(String::from),
-            current_for: Some("m1".into()),
+            content: hash.map(|hash| content(hash, "m1")),
         }
+    }
+
+    fn content(data_hash: &str, meta_digest: &str) -> Arc<Content> {
+        Arc::new(Content { data_hash: data_hash.into(), meta_digest: meta_digest.into() })
     }
 
     struct Case {
@@ -387,7 +395,7 @@ mod tests {
     fn changed_template_metadata_needs_a_write() {
         let mut case = Case::new(&["a"]);
         let mut stale = live("a", "pull", Some("h1"));
-        stale.current_for = Some("m-before-the-template-changed".into());
+        stale.content = Some(content("h1", "m-before-the-template-changed"));
         case.own = vec![stale];
         assert_eq!(case.plan().steps[0].secret, SecretStep::Apply { resource_version: "rv-a-pull".into() });
     }
@@ -398,10 +406,10 @@ mod tests {
     fn a_secret_seen_current_needs_no_metadata_for_the_same_desired_metadata() {
         let mut case = Case::new(&["a"]);
         let mut known = live("a", "pull", Some("h1"));
-        known.current_for = Some("m1".into());
+        known.content = Some(content("h1", "m1"));
         case.own = vec![known.clone()];
         assert_eq!(case.plan().steps[0].secret, SecretStep::Unchanged);
-        known.current_for = Some("m0".into());
+        known.content = Some(content("h1", "m0"));
         case.own = vec![known];
         assert_eq!(case.plan().steps[0].secret, SecretStep::Apply { resource_version: "rv-a-pull".into() });
     }

@@ -174,13 +174,11 @@ async fn sync<K: Credential>(obj: &K, uid: &str, ctx: &Context) -> Result<FanOut
     };
     let claim = Claim { owner: desired.owner.clone(), created: obj.meta().creation_timestamp.as_ref().map(|t| t.0) };
     let writing = Writing { ctx, uid, desired: &desired, claim: &claim, accounts: &accounts, wanted };
-    let done = writing.steps(plan.steps).await;
-
-    let mut tally = Tally::default();
-    ctx.states.with(uid, |state| {
-        record_steps(state, done, &mut tally, &desired, &own.live);
-        forget_untargeted(state, &scope.targets, &secret_name, wanted);
-    });
+    // Each step is recorded as it completes: nothing of 10,000 steps' results is kept at once.
+    let mut recorder = ctx.states.with(uid, |state| Recorder::new(state, &desired, &own.live));
+    writing.steps(plan.steps, |done| ctx.states.with(uid, |state| recorder.record(state, done))).await;
+    let mut tally = recorder.tally;
+    ctx.states.with(uid, |state| forget_untargeted(state, &scope.targets, &secret_name, wanted));
     // Secrets of this credential in namespaces it no longer targets.
     for (removal, result) in writing.removals(plan.removals).await {
         match result {
@@ -328,8 +326,11 @@ impl Writing<'_> {
     /// Each namespace's step, `--concurrency` at a time: the Secret, then the named
     /// ServiceAccounts, then, only if both succeeded, the old-name Secrets (so a rename never
     /// leaves a namespace without a pull Secret).
-    async fn steps(&self, steps: Vec<NamespaceStep>) -> Vec<StepDone> {
-        stream::iter(steps).map(|step| self.step(step)).buffer_unordered(self.concurrency()).collect().await
+    async fn steps(&self, steps: Vec<NamespaceStep>, mut each: impl FnMut(StepDone)) {
+        let mut done = stream::iter(steps).map(|step| self.step(step)).buffer_unordered(self.concurrency());
+        while let Some(step) = done.next().await {
+            each(step);
+        }
     }
 
     async fn step(&self, step: NamespaceStep) -> StepDone {
@@ -379,66 +380,72 @@ impl Writing<'_> {
 
 /// Counts what the steps did, and remembers per namespace what is now known current (so the
 /// next reconcile reads nothing that did not change) and what was lost to another owner.
-fn record_steps(
-    state: &mut ObjectState,
-    done: Vec<StepDone>,
-    tally: &mut Tally,
-    desired: &Desired<'_>,
-    live: &[LiveSecret],
-) {
-    // An unchanged Secret stays known at the resourceVersion it was observed at.
-    let observed: BTreeMap<&str, &str> = live
-        .iter()
-        .filter(|l| l.name() == desired.name)
-        .filter_map(|l| Some((l.namespace(), l.resource_version.as_deref()?)))
-        .collect();
-    if state.verified_name != desired.name {
-        state.verified.clear();
-        state.verified_name = desired.name.to_string();
+struct Recorder<'a> {
+    /// The resourceVersion each namespace's Secret was observed at: an unchanged Secret stays
+    /// known at it.
+    observed: BTreeMap<&'a str, &'a str>,
+    /// What the Secrets written or found current hold.
+    content: Arc<Content>,
+    tally: Tally,
+}
+
+impl<'a> Recorder<'a> {
+    fn new(state: &mut ObjectState, desired: &Desired<'_>, live: &'a [LiveSecret]) -> Self {
+        let observed = live
+            .iter()
+            .filter(|l| l.name() == desired.name)
+            .filter_map(|l| Some((l.namespace(), l.resource_version.as_deref()?)))
+            .collect();
+        if state.verified_name != desired.name {
+            state.verified.clear();
+            state.verified_name = desired.name.to_string();
+        }
+        Recorder { observed, content: shared_content(state, desired), tally: Tally::default() }
     }
-    let content = shared_content(state, desired);
-    for StepDone { step, written, retired, accounts } in done {
+
+    fn record(&mut self, state: &mut ObjectState, done: StepDone) {
+        let StepDone { step, written, retired, accounts } = done;
         if let (Ok(_), Ok(_)) = (&written, &retired) {
             // Read and brought in line in this pass: unchanged, they need no read next time.
             for (name, in_line) in accounts {
                 state.accounts_verified.insert((step.namespace.clone(), name), in_line);
             }
         }
-        let key: Box<str> = step.namespace.as_str().into();
         match written {
-            Ok(outcome) => {
-                state.contested.remove(&step.namespace);
-                let resource_version = match outcome.change {
-                    SecretChange::Created => {
-                        tally.created += 1;
-                        outcome.resource_version
-                    }
-                    SecretChange::Updated => {
-                        tally.updated += 1;
-                        outcome.resource_version
-                    }
-                    SecretChange::Unchanged => observed.get(step.namespace.as_str()).map(|rv| rv.to_string()),
-                };
-                if let Some(resource_version) = resource_version {
-                    let seen =
-                        SeenCurrent { resource_version: Version::of(&resource_version), content: content.clone() };
-                    state.verified.insert(key, seen);
-                }
-            }
+            Ok(outcome) => self.written(state, &step.namespace, outcome),
             // Deleted or terminating since the list: nothing to keep there.
             Err(error) if namespace_gone(&error, &step.namespace) => {}
             Err(error) => {
                 if is_conflict(&error) {
                     state.contested.insert(step.namespace.clone());
                 }
-                state.verified.remove(&key);
-                tally.failures.push((step.namespace.clone(), error));
+                state.verified.remove(step.namespace.as_str());
+                self.tally.failures.push((step.namespace.clone(), error));
             }
         }
         match retired {
-            Ok(n) => tally.removed += n,
+            Ok(n) => self.tally.removed += n,
             Err(error) if namespace_gone(&error, &step.namespace) => {}
-            Err(error) => tally.failures.push((step.namespace, error)),
+            Err(error) => self.tally.failures.push((step.namespace, error)),
+        }
+    }
+
+    fn written(&mut self, state: &mut ObjectState, namespace: &str, outcome: Outcome) {
+        state.contested.remove(namespace);
+        let resource_version = match outcome.change {
+            SecretChange::Created => {
+                self.tally.created += 1;
+                outcome.resource_version
+            }
+            SecretChange::Updated => {
+                self.tally.updated += 1;
+                outcome.resource_version
+            }
+            SecretChange::Unchanged => self.observed.get(namespace).map(|rv| rv.to_string()),
+        };
+        if let Some(resource_version) = resource_version {
+            let seen = SeenCurrent { resource_version: Version::of(&resource_version), content: self.content.clone() };
+            state.verified.insert(namespace.into(), seen);
         }
     }
 }

@@ -5,6 +5,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt::Debug,
+    sync::Arc,
 };
 
 use futures::{StreamExt, stream};
@@ -24,6 +25,7 @@ use crate::{
     secret::{ReadSecret, TOKEN_IDENTITY_ANNOTATION, config_hash, data_hash, is_controlled_by, owned_metadata_digest},
     service_account::holds_exactly,
     source::PreviousToken,
+    state::Content,
 };
 
 /// This credential's Secrets, from the record the Secret watch keeps of each Secret's
@@ -55,11 +57,7 @@ pub(super) async fn own_secrets(
                 secret.name == state.verified_name && seen.resource_version.is(&secret.resource_version)
             });
             match seen {
-                Some(seen) => own.push(LiveSecret {
-                    data_hash: Some(seen.content.data_hash.clone()),
-                    current_for: Some(seen.content.meta_digest.clone()),
-                    ..listed(secret)
-                }),
+                Some(seen) => own.push(LiveSecret { content: Some(seen.content.clone()), ..listed(secret) }),
                 None if secret.name == secret_name && targets.contains(secret.namespace.as_str()) => {
                     unknown.push((secret.namespace, secret.name))
                 }
@@ -103,8 +101,7 @@ impl<'a> Kept<'a> {
             namespace: meta.namespace.clone().unwrap_or_default(),
             name: meta.name.clone().unwrap_or_default(),
             resource_version: meta.resource_version.clone(),
-            data_hash: Some(hash.clone()),
-            current_for: Some(owned_metadata_digest(meta)),
+            content: Some(Arc::new(Content { data_hash: hash.clone(), meta_digest: owned_metadata_digest(meta) })),
         };
         if self.sample.is_none() && named && self.seed == Some(hash.as_str()) {
             self.sample = Some(ReadSecret::from(full));
@@ -119,8 +116,7 @@ fn listed(secret: OwnedSecret) -> LiveSecret {
         namespace: secret.namespace,
         name: secret.name,
         resource_version: Some(secret.resource_version),
-        data_hash: None,
-        current_for: None,
+        content: None,
     }
 }
 
