@@ -186,7 +186,8 @@ where
     // name, labels and annotations, never a Secret's data.
     let scope = &config.namespaces;
     // Namespaces are cluster-scoped and hold nothing secret: one watch in either mode.
-    let namespace_watch = watcher(Api::<PartialObjectMeta<Namespace>>::all(client.clone()), watcher::Config::default());
+    let namespace_watch = watcher(Api::<PartialObjectMeta<Namespace>>::all(client.clone()), watcher::Config::default())
+        .modify(namespace_identity);
     let namespace_events = cached_metadata(namespace_watch, namespace_writer, {
         let ctx = ctx.clone();
         move |event| {
@@ -283,6 +284,21 @@ fn account_identity(account: &mut PartialObjectMeta<ServiceAccount>) {
     }
 }
 
+/// What the controller uses of a Namespace's metadata (kept in a store): its name, labels
+/// and deletion timestamp; its annotations, which can be long, are dropped as it arrives.
+fn namespace_identity(namespace: &mut PartialObjectMeta<Namespace>) {
+    namespace.metadata.annotations = None;
+}
+
+/// Drops from a cached object what no reconcile reads: its managedFields, type, uid and
+/// the like. A store of 10,000 Namespaces and 10,000 ServiceAccounts keeps less per object.
+fn slim<K>(object: &mut PartialObjectMeta<K>) {
+    object.types = None;
+    let meta = &mut object.metadata;
+    (meta.managed_fields, meta.uid, meta.self_link, meta.generate_name) = (None, None, None, None);
+    (meta.creation_timestamp, meta.owner_references, meta.finalizers) = (None, None, None);
+}
+
 /// Objects per page of a watch's (re)list: every object's metadata carries up to 256 KiB of
 /// annotations that anyone who can write it chooses, and a page is read whole before they are
 /// dropped, so a page holds at most 6.25 MiB of them. (A restart beside 200 Secrets with 100 KB
@@ -294,7 +310,7 @@ fn list_pages() -> watcher::Config {
     watcher::Config::default().page_size(LIST_PAGE)
 }
 
-/// A metadata-only watch of `K`, without managedFields, kept in `writer`'s store; `observe`
+/// A metadata-only watch of `K`, [`slim`]med, kept in `writer`'s store; `observe`
 /// sees each event before the objects go on to be routed.
 fn cached_metadata<K>(
     watch: impl Stream<Item = Result<watcher::Event<PartialObjectMeta<K>>, watcher::Error>> + Send + 'static,
@@ -306,7 +322,7 @@ where
 {
     watch
         .backoff(WatchBackoff::new())
-        .modify(|object| object.managed_fields_mut().clear())
+        .modify(slim)
         .reflect(writer)
         .inspect(move |event| {
             if let Ok(event) = event {
