@@ -1,6 +1,7 @@
 //! A real, local test environment for regcred: etcd + kube-apiserver +
 //! kube-controller-manager ([`ControlPlane`]) and a CNCF distribution registry
-//! ([`Registry`]: htpasswd users, basic or token auth, HTTP or HTTPS), and a node ([`Node`]:
+//! ([`Registry`]: htpasswd users, basic or token auth, HTTP or HTTPS; or an ECR registry whose
+//! logins the AWS emulator decides), and a node ([`Node`]:
 //! containerd and a kubelet) that runs Pods. The binaries come from
 //! `tests/testbin/build.sh` (see [`testbin_dir`]). Linux only.
 
