@@ -31,7 +31,7 @@ pub use node::{HostMapping, NODE_NAME, NODE_TAINT, Node, PAUSE_IMAGE, POD_GATEWA
 /// [`ControlPlane::controller_kubeconfig_path`]).
 pub const CONTROLLER_USER: &str = "regcred-controller";
 pub use process::Process;
-pub use proxy::TcpProxy;
+pub use proxy::{ConnectProxy, TcpProxy};
 pub use registry::{Registry, RegistryOptions, Request, TokenRealm, docker_config_json};
 
 /// Directory holding the test binaries: `$REGCRED_TESTBIN` if set, else the

@@ -204,6 +204,11 @@ impl Registry {
         format!("127.0.0.1:{}", self.port)
     }
 
+    /// The loopback port of [`Registry::host`].
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
     /// `http://HOST` or `https://HOST`.
     pub fn url(&self) -> String {
         format!("{}://{}", self.scheme(), self.host())
