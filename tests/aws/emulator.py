@@ -7,17 +7,16 @@
   JWKS), to count requests, inject faults and record who asked for what (/_emulator/*);
 * an IMDSv2 stub on --imds-port (EC2 instance role credentials);
 * an EKS Pod Identity agent stub on --pod-identity-port;
-* on --port too, GET /registry/token: a token realm for a CNCF distribution registry with
-  token auth that stands in for an ECR registry: Basic AWS:<password> where the password is
-  one GetAuthorizationToken issued and that has not expired gets a registry token (ES256,
-  never outliving that password) for pull and push on any repository; anything else 401.
+* on --port too, POST /_emulator/registry-login: the check behind tests/aws/ecr_registry.py, the
+  HTTPS front that stands in for an ECR registry (with ECR's Basic challenge): Basic
+  AWS:<password> where the password is one GetAuthorizationToken issued and that has not
+  expired is let in where the registry lets its caller's account in; an expired one is denied
+  (403), anything else is not authorized (401). See Wrapper.registry_login.
 
 Only access keys the emulator knows sign: those registered (/_emulator/access-keys, as IAM's
 CreateAccessKey), and the temporary ones it hands out. Their ids tell the credential sources
 apart: AKIAIMDS... (IMDS), AKIAPODID... (Pod Identity), ASIA... (STS AssumeRole*).
-Writes the ports as JSON to STATE_DIR/ready once everything listens, and the public key of
-the registry tokens as a JWKS to STATE_DIR/registry-jwks.json (the key itself is kept in
-STATE_DIR/registry-key.pem, so a restart keeps it and the registry's trust).
+Writes the ports as JSON to STATE_DIR/ready once everything listens.
 """
 
 import argparse
@@ -42,8 +41,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 try:
     import jwt
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
     from werkzeug.serving import WSGIRequestHandler, make_server
     from werkzeug.wrappers import Request, Response
 
@@ -67,7 +64,8 @@ LIFETIME = [43200]  # seconds an ECR token is valid; a list so it can be set at 
 CLOCK_OFFSET = [0]  # seconds AWS's clock is ahead of this machine's (Date headers, expiries)
 STS_LIFETIME = [3600]  # seconds at most that STS credentials are valid (AWS: 1 h by default)
 REQUEST = threading.local()  # the current request's CALLS entry and account, for the ECR patch
-ISSUED = {}  # ECR password -> expiresAt (epoch seconds), for the registry token realm
+# ECR password -> (expiresAt (epoch seconds), the caller's ARN, its account), for registry logins
+ISSUED = {}
 # access key id -> {"secret", "arn", "account", "token" (None for long-term keys), "expires" (epoch or None)}
 KEYS = {}
 # role ARN -> {"principals": [ARN allowed to AssumeRole], "external_id": str or None,
@@ -75,9 +73,6 @@ KEYS = {}
 ROLES = {}
 PROVIDERS = {}  # OIDC issuer -> jwt.PyJWKSet (IAM's OpenID Connect providers, keys given inline)
 ACCOUNT = "123456789012"
-REGISTRY_SERVICE = "regcred-testenv-ecr"
-REGISTRY_ISSUER = "regcred-testenv-ecr-realm"
-REGISTRY_TOKEN_SECONDS = 300
 # AWS refuses a signature dated more than 5 minutes from its clock ("Signature expired: ... - 5 min.").
 SKEW = 300
 STS_AUDIENCE = "sts.amazonaws.com"
@@ -147,15 +142,18 @@ def mint(access_key_id, arn, account, lifetime):
 def get_authorization_token(self):
     """Replaces moto's, which returns a constant password that expired in 2015:
     here every call mints a new password and expires LIFETIME seconds from now,
-    like real ECR (12 h). The default registry is the signer's account."""
+    like real ECR (12 h). The default registry is the signer's account. As ECR's, a password
+    is the caller's: it opens every registry that lets the caller's account pull."""
     account = getattr(REQUEST, "account", None) or self.current_account
+    record = getattr(REQUEST, "record", None)
+    caller = (record or {}).get("caller") or f"arn:aws:iam::{account}:root"
     registry_ids = self._get_param("registryIds") or [account]
     expires_at = aws_time() + LIFETIME[0]
     data = []
     for registry_id in registry_ids:
         password = f"{registry_id}-{secrets.token_urlsafe(24)}"
         with LOCK:
-            ISSUED[password] = expires_at
+            ISSUED[password] = (expires_at, caller, account)
         data.append(
             {
                 "authorizationToken": base64.b64encode(f"AWS:{password}".encode()).decode(),
@@ -163,7 +161,6 @@ def get_authorization_token(self):
                 "proxyEndpoint": f"https://{registry_id}.dkr.ecr.{self.region}.amazonaws.com",
             }
         )
-    record = getattr(REQUEST, "record", None)
     if record is not None:
         record["expiresAt"] = expires_at
         record["authorizationData"] = data
@@ -480,16 +477,14 @@ def get_caller_identity(caller):
 class Wrapper:
     """WSGI middleware in front of moto: control endpoints, counts, faults, calls."""
 
-    def __init__(self, registry_key, registry_kid):
+    def __init__(self):
         self.moto = DomainDispatcherApplication(create_backend_app)
-        self.registry_key = registry_key
-        self.registry_kid = registry_kid
 
     def __call__(self, environ, start_response):
+        if environ.get("PATH_INFO", "") == "/_emulator/registry-login":
+            return self.registry_login(Request(environ))(environ, start_response)
         if environ.get("PATH_INFO", "").startswith("/_emulator/"):
             return self.control(Request(environ))(environ, start_response)
-        if environ.get("PATH_INFO", "") == "/registry/token":
-            return self.registry_token(Request(environ))(environ, start_response)
         # Read the body once, and hand moto a fresh copy of it.
         body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
         environ["wsgi.input"] = io.BytesIO(body)
@@ -554,56 +549,81 @@ class Wrapper:
             with LOCK:  # only now, so /_emulator/calls never sees a half-filled record
                 CALLS.append(record)
 
-    def registry_token(self, req):
-        """The registry's token realm (Docker token protocol). Recorded in CALLS as
-        registry:Token with the expiresAt of the ECR password presented (null if unknown)."""
-        req.get_data()  # read the body even when refusing, so no client waits on it
-        count("registry:Token")
-        record = {"action": "registry:Token", "access_key_id": None, "time": time.time(), "status": None, "error": None}
+    def registry_login(self, req):
+        """Whether an ECR registry lets a request in, as ECR's registry API decides it; for the
+        front that stands in for a registry (tests/aws/ecr_registry.py), not for clients. In:
+        the request's Authorization header (or null), method and path, and the registry's
+        account, region and the accounts whose principals it lets pull and push (its own, plus
+        those a repository policy names). Out: the HTTP status and ECR's message.
 
-        def answer(status, body, error=None, headers=None):
-            record["status"], record["error"] = int(str(status).split()[0]), error
-            with LOCK:
-                CALLS.append(record)
-            return Response(json.dumps(body), status, headers=headers, content_type="application/json")
-
-        if req.method != "GET":  # containerd tries an OAuth POST first, then GET on a 404
-            return answer(404, {"errors": [{"code": "UNSUPPORTED", "message": "GET only"}]}, "method")
-        if req.args.get("service") != REGISTRY_SERVICE:
-            return answer(400, {"errors": [{"code": "DENIED", "message": "unknown service"}]}, "service")
-        auth = req.authorization
-        expires_at = None
-        if auth is not None and auth.type == "basic" and auth.username == "AWS":
-            with LOCK:
-                expires_at = ISSUED.get(auth.password or "")
-        record["expiresAt"] = expires_at
-        now = aws_time()
-        if expires_at is None or expires_at <= now:
-            error = "unknown token" if expires_at is None else "expired token"
-            body = {"errors": [{"code": "UNAUTHORIZED", "message": f"authentication failed: {error}"}]}
-            # The reason phrase as Go servers (and registries) send it, not werkzeug's "UNAUTHORIZED".
-            return answer("401 Unauthorized", body, error, {"WWW-Authenticate": 'Basic realm="ECR"'})
-        access = []
-        for scope in req.args.getlist("scope"):
-            kind, _, rest = scope.partition(":")
-            repository, _, actions = rest.rpartition(":")
-            if kind == "repository" and repository:
-                granted = [a for a in actions.split(",") if a in ("pull", "push")]
-                access.append({"type": "repository", "name": repository, "actions": granted})
-        issued = int(now)
-        claims = {
-            "iss": REGISTRY_ISSUER,
-            "sub": "AWS",
-            "aud": REGISTRY_SERVICE,
-            "iat": issued,
-            "nbf": issued,
-            # Never valid longer than the ECR password it was granted for.
-            "exp": min(issued + REGISTRY_TOKEN_SECONDS, int(expires_at)),
-            "jti": secrets.token_hex(16),
-            "access": access,
+        ECR takes Basic AWS:<password> with a password GetAuthorizationToken issued: an
+        expired one is denied (403 DENIED, "Your authorization token has expired.
+        Reauthenticate and try again."); a live one of a principal whose account the registry
+        does not let in passes GET /v2/ (it authenticates) but is denied the repository (403
+        DENIED, "User: ... is not authorized to perform: ecr:... because no resource-based
+        policy allows the ecr:... action"); an unknown password, another user name, another
+        scheme or none gets the Basic challenge (401, "Not Authorized"). Recorded in CALLS as
+        registry:Login with registry, method, path, status, error, caller and the expiresAt of
+        the password presented (null if unknown)."""
+        body = req.get_json(silent=True) or {}
+        registry, region = str(body.get("registry") or ""), str(body.get("region") or "")
+        trusted = {registry, *(str(a) for a in body.get("trusted") or [])}
+        method, path = str(body.get("method") or ""), str(body.get("path") or "")
+        count("registry:Login")
+        record = {
+            "action": "registry:Login",
+            "access_key_id": None,
+            "time": time.time(),
+            "registry": registry,
+            "method": method,
+            "path": path,
+            "status": None,
+            "error": None,
+            "caller": None,
+            "expiresAt": None,
         }
-        token = jwt.encode(claims, self.registry_key, algorithm="ES256", headers={"kid": self.registry_kid})
-        return answer(200, {"token": token, "access_token": token, "expires_in": claims["exp"] - issued})
+        user, password = None, None
+        scheme, _, credentials = str(body.get("authorization") or "").partition(" ")
+        if scheme.lower() == "basic":
+            try:
+                user, _, password = base64.b64decode(credentials.strip(), validate=True).decode().partition(":")
+            except (ValueError, UnicodeDecodeError):
+                pass
+        with LOCK:
+            issued = ISSUED.get(password) if user == "AWS" and password else None
+        status, error, message = 200, None, None
+        if issued is None:
+            status, message = 401, "Not Authorized"
+            if password:
+                error = "unknown token" if user == "AWS" else "user name is not AWS"
+            else:
+                error = "no Basic credentials"
+        else:
+            expires_at, caller, account = issued
+            record["expiresAt"], record["caller"] = expires_at, caller
+            repository = re.match(r"^/v2/(.+)/(manifests|blobs|tags)/", path)
+            if expires_at <= aws_time():
+                status, error = 403, "expired token"
+                message = "Your authorization token has expired. Reauthenticate and try again."
+            elif account not in trusted and repository:
+                name, kind = repository.group(1), repository.group(2)
+                reading = method in ("GET", "HEAD")
+                if kind == "blobs":
+                    action = "ecr:GetDownloadUrlForLayer" if reading else "ecr:InitiateLayerUpload"
+                elif kind == "tags":
+                    action = "ecr:ListImages"
+                else:
+                    action = "ecr:BatchGetImage" if reading else "ecr:PutImage"
+                status, error = 403, "account not allowed"
+                message = (
+                    f"User: {caller} is not authorized to perform: {action} on resource: "
+                    f"arn:aws:ecr:{region}:{registry}:repository/{name} because no resource-based policy "
+                    f"allows the {action} action"
+                )
+        record["status"], record["error"] = status, error
+        with LOCK:
+            CALLS.append(record)
+        return Response(json.dumps({"status": status, "message": message}), content_type="application/json")
 
     def control(self, req):
         arg = req.args.get
@@ -742,31 +762,8 @@ def main():
     LIFETIME[0] = args.token_lifetime
     STS_LIFETIME[0] = args.sts_lifetime
 
-    # The registry tokens' key survives a restart (same state dir), and so does the registry's trust.
-    key_path = f"{args.state_dir}/registry-key.pem"
-    if os.path.exists(key_path):
-        with open(key_path, "rb") as f:
-            registry_key = serialization.load_pem_private_key(f.read(), password=None)
-    else:
-        registry_key = ec.generate_private_key(ec.SECP256R1())
-        with open(key_path, "wb") as f:
-            f.write(
-                registry_key.private_bytes(
-                    serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-                )
-            )
-    public_der = registry_key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    registry_kid = "aws-emulator-" + hashlib.sha256(public_der).hexdigest()[:16]
-    jwk = jwt.algorithms.ECAlgorithm.to_jwk(registry_key.public_key(), as_dict=True)
-    jwk.update(kid=registry_kid, use="sig", alg="ES256")
-    with open(f"{args.state_dir}/registry-jwks.json.tmp", "w") as f:
-        json.dump({"keys": [jwk]}, f)
-    os.replace(f"{args.state_dir}/registry-jwks.json.tmp", f"{args.state_dir}/registry-jwks.json")
-
     apps = [
-        (args.port, Wrapper(registry_key, registry_kid)),
+        (args.port, Wrapper()),
         (args.imds_port, Imds(args.region)),
         (args.pod_identity_port, PodIdentity(args.pod_identity_token)),
     ]

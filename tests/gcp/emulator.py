@@ -605,6 +605,9 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--metadata-port", type=int, required=True)
+    p.add_argument("--tls-port", type=int, help="serve the endpoints of --port over HTTPS here too")
+    p.add_argument("--tls-cert", help="the certificate (PEM) of --tls-port")
+    p.add_argument("--tls-key", help="its key (PEM)")
     p.add_argument("--state-dir", required=True)
     p.add_argument(
         "--config", help="JSON: service_accounts, providers, bindings, grants (as the control endpoints take them)"
@@ -639,9 +642,12 @@ def main():
     apps = [(args.port, Emulator(state)), (args.metadata_port, Metadata(state))]
     # make_server binds before we announce readiness.
     servers = [make_server("127.0.0.1", port, app, threaded=True) for port, app in apps]
+    if args.tls_port:
+        tls = (args.tls_cert, args.tls_key)
+        servers.append(make_server("127.0.0.1", args.tls_port, apps[0][1], threaded=True, ssl_context=tls))
     for server in servers:
         threading.Thread(target=server.serve_forever, daemon=True).start()
-    ready = {"port": args.port, "metadata_port": args.metadata_port}
+    ready = {"port": args.port, "metadata_port": args.metadata_port, "tls_port": args.tls_port}
     with open(f"{args.state_dir}/ready.tmp", "w") as f:
         json.dump(ready, f)
     # Renamed into place, so a reader never sees a half-written file.

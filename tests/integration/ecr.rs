@@ -722,3 +722,104 @@ async fn a_clock_behind_aws_still_refreshes_before_the_token_expires() {
     let ready = status.condition("Ready").unwrap();
     assert!(ready.message.contains("clock is 4h00m behind AWS's"), "{}", ready.message);
 }
+
+/// The registry checks of ECR credentials take ECR's flow, over HTTPS through the
+/// environment's proxy (the only way to an ECR host here): `GET /v2/`, ECR's Basic challenge,
+/// the token as `AWS:<password>`, then the repository's manifest. A registry that does not let
+/// the credential's account in denies the repository (`Forbidden`: 403), and a password ECR
+/// never issued gets the challenge again (`Unauthorized`: 401).
+#[tokio::test]
+async fn ecr_credentials_are_verified_through_ecrs_basic_challenge() {
+    use regcred_testenv::{ConnectProxy, Registry};
+    let client = client().await;
+    let aws = AwsEmulator::start().unwrap();
+    // The keys' account's own registry, and another account's that does not let it in.
+    let foreign_host = "210987654321.dkr.ecr.eu-west-1.amazonaws.com";
+    let own = Registry::start_ecr(&aws, REGISTRY, &[]).unwrap();
+    let foreign = Registry::start_ecr(&aws, foreign_host, &[]).unwrap();
+    let proxy = ConnectProxy::start().unwrap();
+    proxy.route(&format!("{REGISTRY}:443"), own.port());
+    proxy.route(&format!("{foreign_host}:443"), foreign.port());
+    // ECR's challenge, word for word, over HTTPS with the registry's CA.
+    let http = regcred::http::client(Some(own.ca_pem().unwrap().as_bytes()), "the registry's CA").unwrap();
+    let ping = http.get(format!("{}/v2/", own.url())).send().await.unwrap();
+    assert_eq!(ping.status(), 401);
+    let challenge = format!(r#"Basic realm="https://{REGISTRY}/",service="ecr.amazonaws.com""#);
+    assert_eq!(ping.headers()["www-authenticate"], challenge.as_str());
+    assert_eq!(ping.text().await.unwrap(), "Not Authorized\n");
+
+    let name = format!("ecr-verify-{}", &unique()[..6]);
+    // The apiserver and the AWS endpoint are on loopback, not behind the proxy. ALL_PROXY, not
+    // HTTPS_PROXY: kube's client reads HTTPS_PROXY too, and refuses to start without its
+    // `http-proxy` feature.
+    let envs = [("ALL_PROXY", proxy.url()), ("NO_PROXY", "127.0.0.1,localhost".to_string())];
+    let _controller =
+        spawn_controller(env().cp, &name, &format!("{CONTROLLER_LABEL}={name}"), &aws.endpoint(), &[], &envs);
+    let ns = namespace(&client, "ecr-verify").await;
+    aws_keys(&client, &aws, &ns, "aws-keys").await;
+    let bundle = format!("{}{}", own.ca_pem().unwrap(), foreign.ca_pem().unwrap());
+    create_secret(&client, &ns, "ca", &[("ca.crt", bundle.as_bytes())]).await;
+
+    // An image to check for, pushed with a token the controller got.
+    create_credential_for(&client, &ns, "pusher", Some(&name), ecr_spec(json!({"secretRef": {"name": "aws-keys"}})))
+        .await;
+    let pusher = logins(&wait_secret(&client, &ns, "pusher", "written", |_| true).await)[0].2.clone();
+    record_secret(&pusher);
+    own.push_test_image("team/app", "v1", "AWS", &pusher).unwrap();
+    let since = aws.calls().unwrap().len();
+
+    let verify = json!({"repository": "team/app", "reference": "v1", "caBundle": {"secret": {"name": "ca"}}});
+    let auth = json!({"secretRef": {"name": "aws-keys"}});
+    for (credential, host) in [("own", REGISTRY), ("foreign", foreign_host)] {
+        let spec = json!({"verify": verify, "source": {"ecr": {"registry": host, "auth": auth}}});
+        create_credential_for(&client, &ns, credential, Some(&name), spec).await;
+    }
+    let made_up = secret_value("AWS", "made-up-ecr");
+    create_secret(&client, &ns, "made-up", &[("password", made_up.as_bytes())]).await;
+    let spec = json!({"registry": REGISTRY, "verify": verify,
+                      "source": {"basic": {"username": "AWS", "passwordSecretRef": {"name": "made-up"}}}});
+    create_credential_for(&client, &ns, "made-up", Some(&name), spec).await;
+
+    let verified = crate::verify::wait_verified(&client, &ns, "own", "True", "Verified").await;
+    assert_eq!(verified, format!("{REGISTRY}: HEAD /v2/team/app/manifests/v1: 200 OK"));
+    let denied = crate::verify::wait_verified(&client, &ns, "foreign", "False", "Forbidden").await;
+    assert_eq!(
+        denied,
+        format!("{foreign_host}: the login has no pull on team/app: HEAD /v2/team/app/manifests/v1: 403 Forbidden")
+    );
+    let refused = crate::verify::wait_verified(&client, &ns, "made-up", "False", "Unauthorized").await;
+    assert_eq!(refused, format!("{REGISTRY}: the registry refused the login: GET /v2/: 401 Unauthorized"));
+
+    // ECR's flow, as the registries decided it: the challenge, then the live token.
+    let own_token = logins(&wait_secret(&client, &ns, "own", "written", |_| true).await)[0].2.clone();
+    let own_expiry = token_calls(&aws, "")
+        .into_iter()
+        .find(|c| issued_password(c) == own_token)
+        .expect("the emulator issued the Secret's token")["expiresAt"]
+        .as_f64();
+    let decisions: Vec<Value> =
+        aws.calls().unwrap().split_off(since).into_iter().filter(|c| c["action"] == "registry:Login").collect();
+    let seen = |registry: &str, method: &str, path: &str, status: u16, error: &str| {
+        decisions.iter().any(|d| {
+            d["registry"] == registry
+                && d["method"] == method
+                && d["path"] == path
+                && d["status"] == status
+                && d["error"] == error
+        })
+    };
+    let manifest = "/v2/team/app/manifests/v1";
+    assert!(seen("123456789012", "GET", "/v2/", 401, "no Basic credentials"), "no challenge: {decisions:?}");
+    assert!(
+        decisions.iter().any(|d| d["registry"] == "123456789012"
+            && d["path"] == manifest
+            && d["status"] == 200
+            && d["expiresAt"].as_f64() == own_expiry),
+        "{decisions:?}"
+    );
+    assert!(seen("123456789012", "GET", "/v2/", 401, "unknown token"), "{decisions:?}");
+    assert!(seen("210987654321", "HEAD", manifest, 403, "account not allowed"), "{decisions:?}");
+    let tunnels: BTreeSet<String> = proxy.tunnels().into_iter().collect();
+    assert_eq!(tunnels, BTreeSet::from([format!("{REGISTRY}:443"), format!("{foreign_host}:443")]));
+    assert_no_leaks(&client).await;
+}

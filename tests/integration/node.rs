@@ -216,8 +216,9 @@ async fn gcr_sources_pull_with_an_access_token_and_with_the_key_file_through_the
     record_secret(&key.json);
     record_secret(&key.private_key);
     gcp.grant(&key.client_email, "regcred-test/app", &["pull", "push"]).unwrap();
-    // Plain HTTP: the emulator's token realm is HTTP, which clients refuse for an HTTPS registry.
+    // HTTPS, as its realm: the node trusts the registry's CA and the realm's for gcr.io only.
     let registry = Registry::start_with_token_realm(&gcp.token_realm()).unwrap();
+    assert!(registry.url().starts_with("https://"), "{}", registry.url());
     registry.push_program_image("regcred-test/app", "v1", "_json_key", &key.json, &["hello", "gcr"]).unwrap();
     let _gcr = node.map_registry("gcr.io", &registry).unwrap();
     // A controller that asks this Google for tokens.
@@ -378,12 +379,13 @@ fn expiry_of(aws: &AwsEmulator, password: &str) -> f64 {
     call["expiresAt"].as_f64().unwrap()
 }
 
-/// The registry realm's answers since `since`: (status, expiresAt of the password presented).
-fn realm_calls(aws: &AwsEmulator, since: f64) -> Vec<(u64, Option<f64>)> {
+/// The ECR registry's decisions since `since`: (status, expiresAt of the password presented),
+/// one per request the kubelet sent it.
+fn registry_logins(aws: &AwsEmulator, since: f64) -> Vec<(u64, Option<f64>)> {
     aws.calls()
         .unwrap()
         .into_iter()
-        .filter(|c| c["action"] == "registry:Token" && c["time"].as_f64().unwrap() >= since)
+        .filter(|c| c["action"] == "registry:Login" && c["time"].as_f64().unwrap() >= since)
         .map(|c: Value| (c["status"].as_u64().unwrap(), c["expiresAt"].as_f64()))
         .collect()
 }
@@ -392,13 +394,13 @@ fn realm_calls(aws: &AwsEmulator, since: f64) -> Vec<(u64, Option<f64>)> {
 async fn ecr_tokens_pull_on_the_node_rotate_and_a_stale_one_is_refused() {
     let Some(node) = node() else { return };
     let client = client().await;
-    // 30-second tokens (refreshed about 22 s after issue), a registry that takes exactly the
-    // live tokens this emulator issued, under an ECR host of an account of this test's own.
+    // 30-second tokens (refreshed about 22 s after issue), and an ECR registry under a host of
+    // an account of this test's own that lets the keys' account pull (a repository policy):
+    // HTTPS, ECR's Basic challenge, exactly the live passwords this emulator issued.
     let aws = AwsEmulator::start_with_lifetime(30).unwrap();
-    // Plain HTTP: the emulator's token realm is HTTP, which clients refuse for an HTTPS registry.
-    let registry = Registry::start_with_token_realm(&aws.token_realm()).unwrap();
     let account = format!("{:012}", u64::from_str_radix(&unique()[..10], 16).unwrap() % 1_000_000_000_000);
     let host = format!("{account}.dkr.ecr.eu-west-1.amazonaws.com");
+    let registry = Registry::start_ecr(&aws, &host, &[regcred_testenv::AWS_ACCOUNT]).unwrap();
     let _ecr = node.map_registry(&host, &registry).unwrap();
     let name = format!("node-ecr-{}", &unique()[..6]);
     let mut controller =
@@ -424,7 +426,10 @@ async fn ecr_tokens_pull_on_the_node_rotate_and_a_stale_one_is_refused() {
     create_pod(&client, &ns, "first", &image, &["ecr"], None).await;
     assert_pulls_and_runs(&client, &ns, "first", &image).await;
     let first_expiry = expiry_of(&aws, &first);
-    assert!(realm_calls(&aws, since).contains(&(200, Some(first_expiry))), "the realm granted the first token");
+    let decided = registry_logins(&aws, since);
+    assert!(decided.contains(&(200, Some(first_expiry))), "the registry let the first token in: {decided:?}");
+    // The kubelet answered ECR's challenge: its first request came without the login.
+    assert!(decided.contains(&(401, None)), "no challenge: {decided:?}");
 
     // 2. regcred rotates the token before it expires; a new Pod pulls with the new one.
     let rotated = eventually("regcred to write a new token", NODE_TIMEOUT, || async {
@@ -439,10 +444,11 @@ async fn ecr_tokens_pull_on_the_node_rotate_and_a_stale_one_is_refused() {
     let since = now();
     create_pod(&client, &ns, "rotated", &image, &["ecr"], None).await;
     assert_pulls_and_runs(&client, &ns, "rotated", &image).await;
-    let granted = realm_calls(&aws, since);
+    let granted = registry_logins(&aws, since);
     assert!(granted.iter().any(|(status, expiry)| *status == 200 && *expiry >= Some(rotated_expiry)), "{granted:?}");
 
-    // 3. The controller stops; once the Secret's token expired, a new Pod is refused: 401.
+    // 3. The controller stops; once the Secret's token expired, a new Pod is refused as ECR
+    // refuses an expired token: 403 (DENIED, "Your authorization token has expired").
     controller.kill();
     let stale = logins(&secrets.get("ecr").await.unwrap())[0].2.clone();
     record_secret(&stale);
@@ -452,10 +458,10 @@ async fn ecr_tokens_pull_on_the_node_rotate_and_a_stale_one_is_refused() {
     let since = now();
     create_pod(&client, &ns, "stale", &image, &["ecr"], None).await;
     let failed = wait_pull_failed(&client, &ns, "stale").await;
-    assert!(failed.contains("401 Unauthorized"), "{failed}");
+    assert!(failed.contains("403 Forbidden"), "{failed}");
     wait_image_pull_error(&client, &ns, "stale").await;
-    let refused = realm_calls(&aws, since);
-    assert!(refused.contains(&(401, Some(expiry))), "the realm refused the expired token: {refused:?}");
+    let refused = registry_logins(&aws, since);
+    assert!(refused.contains(&(403, Some(expiry))), "the registry refused the expired token: {refused:?}");
     assert!(!refused.iter().any(|(status, _)| *status == 200), "{refused:?}");
 }
 

@@ -29,8 +29,9 @@ pub const STS_AUDIENCE: &str = "sts.amazonaws.com";
 /// [`Self::add_access_key`] (and the temporary ones it hands out) sign; only roles registered
 /// with [`Self::add_role`] can be assumed. moto serves ECR with a realistic, rotating
 /// GetAuthorizationToken; plus request counts, fault injection, a record of calls, IMDSv2 and
-/// EKS Pod Identity stubs, and the token realm of a registry standing in for ECR
-/// ([`AwsEmulator::token_realm`]). Credentials from IMDS have access key ids starting
+/// EKS Pod Identity stubs, and the login check of the registries that stand in for ECR
+/// ([`crate::Registry::start_ecr`]: ECR's Basic challenge, the passwords GetAuthorizationToken
+/// issued, live, of a principal the registry lets in). Credentials from IMDS have access key ids starting
 /// `AKIAIMDS`, from Pod Identity `AKIAPODID`, from STS AssumeRole* `ASIA`. Drop stops it.
 pub struct AwsEmulator {
     // Field order is drop order: the process stops before its dir goes.
@@ -205,25 +206,6 @@ impl AwsEmulator {
         format!("http://127.0.0.1:{}", self.port)
     }
 
-    /// The token realm of a registry that stands in for ECR, for
-    /// [`crate::Registry::start_with_token_realm`]: `GET /registry/token` on the emulator
-    /// grants pull and push on any repository to Basic `AWS:<password>` where the password is
-    /// one GetAuthorizationToken issued and that has not expired (tokens of a run before a
-    /// [`Self::restart`] are unknown after it), and never for longer than that password lives;
-    /// anything else gets 401. Its requests appear in [`Self::calls`] as `registry:Token`,
-    /// with the `expiresAt` of the password presented (null if unknown).
-    pub fn token_realm(&self) -> crate::TokenRealm {
-        crate::TokenRealm {
-            // Not 127.0.0.1: against SSRF, crane refuses a realm at a loopback IP literal
-            // other than the registry's own host.
-            realm: format!("http://localhost:{}/registry/token", self.port),
-            service: "regcred-testenv-ecr".into(),
-            issuer: "regcred-testenv-ecr-realm".into(),
-            jwks: self.dir.path().join("registry-jwks.json"),
-            signing_algorithms: vec!["ES256".into()],
-        }
-    }
-
     /// For `AWS_EC2_METADATA_SERVICE_ENDPOINT`.
     pub fn imds_endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.imds_port)
@@ -269,6 +251,10 @@ impl AwsEmulator {
     /// injected or not, or null) and `message`; for STS AssumeRole* `role_arn`, `session_name`,
     /// `external_id` and (web identity) `sub`, the verified token's subject; for
     /// GetAuthorizationToken `expiresAt` (epoch seconds) and the `authorizationData` returned.
+    /// Each request to a [`crate::Registry::start_ecr`] registry is a `registry:Login` call:
+    /// `registry` (its account), `method`, `path`, `status` (200: let in; 401, 403: what the
+    /// client got), `error` (why not), and of a password the emulator issued its `caller` and
+    /// `expiresAt`.
     pub fn calls(&self) -> Result<Vec<serde_json::Value>> {
         Ok(serde_json::from_str(&self.get("/_emulator/calls")?)?)
     }

@@ -31,6 +31,10 @@ pub struct GcpEmulator {
     proc: Mutex<Option<Process>>,
     port: u16,
     metadata_port: u16,
+    /// The endpoints of `port` over HTTPS, with a certificate for `localhost` and `127.0.0.1`
+    /// from a CA of the emulator's own (`ca_pem`).
+    tls_port: u16,
+    ca_pem: String,
     dir: tempfile::TempDir,
 }
 
@@ -161,12 +165,20 @@ impl GcpEmulator {
 
     fn start_once() -> Result<GcpEmulator> {
         let dir = temp_dir("gcp")?;
-        let (port, metadata_port) = (free_port(), free_port());
+        let (port, metadata_port, tls_port) = (free_port(), free_port(), free_port());
+        let tls = crate::registry::ServingTls::new("regcred-testenv-gcp-ca", &["localhost", "127.0.0.1"])?;
+        std::fs::write(dir.path().join("tls.crt"), &tls.cert_pem)?;
+        std::fs::write(dir.path().join("tls.key"), &tls.key_pem)?;
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../gcp/emulator.py");
         let mut cmd = Command::new(&crate::python().path);
         cmd.arg(&script)
             .args(["--port", &port.to_string()])
             .args(["--metadata-port", &metadata_port.to_string()])
+            .args(["--tls-port", &tls_port.to_string()])
+            .arg("--tls-cert")
+            .arg(dir.path().join("tls.crt"))
+            .arg("--tls-key")
+            .arg(dir.path().join("tls.key"))
             .args(["--registry-service", REGISTRY_SERVICE, "--registry-issuer", REGISTRY_ISSUER])
             .arg("--state-dir")
             .arg(dir.path())
@@ -180,7 +192,7 @@ impl GcpEmulator {
             || Ok(std::fs::metadata(&ready)?),
         )
         .with_context(|| crate::python().hint("tests/gcp/requirements.txt"))?;
-        Ok(GcpEmulator { proc: Mutex::new(Some(proc)), port, metadata_port, dir })
+        Ok(GcpEmulator { proc: Mutex::new(Some(proc)), port, metadata_port, tls_port, ca_pem: tls.ca_pem, dir })
     }
 
     /// `http://127.0.0.1:PORT`, where every endpoint but the metadata server's is.
@@ -221,16 +233,19 @@ impl GcpEmulator {
     }
 
     /// Artifact Registry's token realm, for [`crate::Registry::start_with_token_realm`]:
-    /// ES256 tokens whose key is in a JWKS file the emulator wrote at start.
+    /// ES256 tokens whose key is in a JWKS file the emulator wrote at start, served over
+    /// HTTPS (as Google's), with a certificate from the emulator's own CA (in the realm's
+    /// `ca_pem`), so the registry serves HTTPS too.
     pub fn token_realm(&self) -> TokenRealm {
         TokenRealm {
             // Not 127.0.0.1: against SSRF, crane refuses a realm at a loopback IP literal
             // other than the registry's own host.
-            realm: format!("http://localhost:{}/v2/token", self.port),
+            realm: format!("https://localhost:{}/v2/token", self.tls_port),
             service: REGISTRY_SERVICE.into(),
             issuer: REGISTRY_ISSUER.into(),
             jwks: self.dir.path().join("registry-jwks.json"),
             signing_algorithms: vec!["ES256".into()],
+            ca_pem: Some(self.ca_pem.clone()),
         }
     }
 

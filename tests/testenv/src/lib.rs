@@ -1,6 +1,7 @@
 //! A real, local test environment for regcred: etcd + kube-apiserver +
 //! kube-controller-manager ([`ControlPlane`]) and a CNCF distribution registry
-//! ([`Registry`]: htpasswd users, basic or token auth, HTTP or HTTPS), and a node ([`Node`]:
+//! ([`Registry`]: htpasswd users, basic or token auth, HTTP or HTTPS; or an ECR registry whose
+//! logins the AWS emulator decides), and a node ([`Node`]:
 //! containerd and a kubelet) that runs Pods. The binaries come from
 //! `tests/testbin/build.sh` (see [`testbin_dir`]). Linux only.
 
@@ -30,7 +31,7 @@ pub use node::{HostMapping, NODE_NAME, NODE_TAINT, Node, PAUSE_IMAGE, POD_GATEWA
 /// [`ControlPlane::controller_kubeconfig_path`]).
 pub const CONTROLLER_USER: &str = "regcred-controller";
 pub use process::Process;
-pub use proxy::TcpProxy;
+pub use proxy::{ConnectProxy, TcpProxy};
 pub use registry::{Registry, RegistryOptions, Request, TokenRealm, docker_config_json};
 
 /// Directory holding the test binaries: `$REGCRED_TESTBIN` if set, else the

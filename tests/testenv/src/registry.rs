@@ -40,17 +40,28 @@ pub struct TokenRealm {
     pub jwks: PathBuf,
     /// The JWS `alg`s the registry accepts, e.g. `ES256`.
     pub signing_algorithms: Vec<String>,
+    /// For a realm served over HTTPS: the PEM of the CA behind its certificate. A registry
+    /// with such a realm serves HTTPS too, and its clients trust both CAs
+    /// ([`Registry::ca_pem`]).
+    pub ca_pem: Option<String>,
 }
 
 /// A CNCF distribution registry on `127.0.0.1:PORT` whose users are bcrypt htpasswd
-/// entries, checked by the registry itself (basic auth) or by its token server. Its
+/// entries, checked by the registry itself (basic auth) or by its token server; or whose
+/// logins a token realm outside testenv checks ([`Registry::start_with_token_realm`]), or an
+/// ECR front ([`Registry::start_ecr`]). Its
 /// access log, one line per request, is in [`Registry::log_path`] (see
 /// [`Registry::requests_since`]). Drop stops it.
 pub struct Registry {
     // Field order is drop order: the processes stop before their files go.
+    /// The ECR front ([`Registry::start_ecr`]), before the registry behind it.
+    front: Option<Process>,
     proc: Option<Process>,
     token_server: Option<Process>,
+    /// Where clients connect: the registry, or the front before it.
     port: u16,
+    /// The registry's own port behind a front.
+    upstream_port: Option<u16>,
     token_port: Option<u16>,
     ca_pem: Option<String>,
     dir: tempfile::TempDir,
@@ -76,20 +87,93 @@ impl Registry {
         Registry::start_inner(users, options, None)
     }
 
-    /// A plain HTTP registry that only takes bearer tokens from `realm`; it has no users of
-    /// its own, and serves when this returns.
+    /// A registry that only takes bearer tokens from `realm`; it has no users of its own, and
+    /// serves when this returns. Over HTTPS when the realm is (its clients then trust the
+    /// realm's CA and the registry's, [`Registry::ca_pem`]), else plain HTTP: clients refuse
+    /// an HTTP realm for an HTTPS registry.
     pub fn start_with_token_realm(realm: &TokenRealm) -> Result<Registry> {
-        Registry::start_inner(&[], RegistryOptions::default(), Some(realm))
+        let options = RegistryOptions { tls: realm.ca_pem.is_some(), ..Default::default() };
+        Registry::start_inner(&[], options, Some(realm))
+    }
+
+    /// A registry that stands in for the ECR registry `host`
+    /// (`<account>.dkr.ecr.<region>.amazonaws.com`), authenticating as ECR does with the
+    /// passwords `aws` issues: `tests/aws/ecr_registry.py` (run by the emulators' Python) serves
+    /// HTTPS on [`Registry::host`] with a certificate for `host`, `127.0.0.1` and `localhost`
+    /// from a CA of its own ([`Registry::ca_pem`]), challenges
+    /// `Basic realm="https://HOST/",service="ecr.amazonaws.com"`, lets in `AWS:<password>` with
+    /// a live password of a principal of the host's account or of one of `trusted_accounts`
+    /// (a repository policy naming them), and forwards what it lets in to a registry without
+    /// auth of its own on another loopback port ([`Registry::requests_since`] lists what
+    /// reached it). The emulator decides each request and records it as `registry:Login`
+    /// ([`crate::AwsEmulator::calls`]). Serves when this returns.
+    pub fn start_ecr(aws: &crate::AwsEmulator, host: &str, trusted_accounts: &[&str]) -> Result<Registry> {
+        let dir = temp_dir("ecr-registry")?;
+        let upstream_port = free_port();
+        let mut reg = Registry {
+            front: None,
+            proc: None,
+            token_server: None,
+            port: free_port(),
+            upstream_port: Some(upstream_port),
+            token_port: None,
+            ca_pem: None,
+            dir,
+        };
+        // Relative URLs (upload locations): the registry does not know the front's address.
+        let config = format!(
+            "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: false\n\
+             storage:\n  filesystem:\n    rootdirectory: {root}\nhttp:\n  addr: 127.0.0.1:{upstream_port}\n  \
+             secret: {secret}\n  relativeurls: true\n",
+            root = reg.path("data").display(),
+            secret = random_hex(),
+        );
+        std::fs::write(reg.path("config.yml"), config)?;
+        reg.write_tls_files(&["127.0.0.1", "localhost", host])?;
+        reg.spawn()?;
+
+        let ready = reg.path("front-ready");
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../aws/ecr_registry.py");
+        let mut cmd = Command::new(&crate::python().path);
+        cmd.arg(&script)
+            .args(["--port", &reg.port.to_string(), "--host", host])
+            .args(["--upstream", &format!("http://127.0.0.1:{upstream_port}"), "--emulator", &aws.endpoint()])
+            .arg("--cert")
+            .arg(reg.path("tls.crt"))
+            .arg("--key")
+            .arg(reg.path("tls.key"))
+            .arg("--ready")
+            .arg(&ready)
+            .env("PYTHONUNBUFFERED", "1");
+        for account in trusted_accounts {
+            cmd.args(["--trust", account]);
+        }
+        let mut front = Process::spawn("ecr registry", cmd, &reg.path("front.log"))?;
+        wait_until("the ECR registry front", READY_TIMEOUT, || front.check_alive(), || Ok(std::fs::metadata(&ready)?))
+            .with_context(|| crate::python().hint("tests/aws/requirements.txt"))?;
+        reg.front = Some(front);
+        Ok(reg)
     }
 
     fn start_inner(users: &[(&str, &str)], options: RegistryOptions, realm: Option<&TokenRealm>) -> Result<Registry> {
         let dir = temp_dir("registry")?;
-        let mut reg =
-            Registry { proc: None, token_server: None, port: free_port(), token_port: None, ca_pem: None, dir };
+        let mut reg = Registry {
+            front: None,
+            proc: None,
+            token_server: None,
+            port: free_port(),
+            upstream_port: None,
+            token_port: None,
+            ca_pem: None,
+            dir,
+        };
         reg.set_users(users)?;
         let mut http = format!("  addr: 127.0.0.1:{}\n  secret: {}\n", reg.port, random_hex());
         if options.tls {
-            reg.write_tls_files()?;
+            reg.write_tls_files(&["127.0.0.1", "localhost"])?;
+            if let Some(realm_ca) = realm.and_then(|r| r.ca_pem.as_deref()) {
+                reg.trust_also(realm_ca)?;
+            }
             http += &format!(
                 "  tls:\n    certificate: {}\n    key: {}\n",
                 reg.path("tls.crt").display(),
@@ -120,12 +204,18 @@ impl Registry {
         format!("127.0.0.1:{}", self.port)
     }
 
+    /// The loopback port of [`Registry::host`].
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
     /// `http://HOST` or `https://HOST`.
     pub fn url(&self) -> String {
         format!("{}://{}", self.scheme(), self.host())
     }
 
-    /// The PEM of the CA behind the serving certificate, for TLS registries.
+    /// The PEM of the CA behind the serving certificate, for TLS registries; with an HTTPS
+    /// token realm, followed by the realm's CA (a bundle: clients need both).
     pub fn ca_pem(&self) -> Option<&str> {
         self.ca_pem.as_deref()
     }
@@ -188,7 +278,8 @@ impl Registry {
         let mut proc = Process::spawn("registry", cmd, &self.log_path())?;
         // Any HTTP answer means it serves: 401 without credentials, and over TLS the 400
         // Go's server gives a plain HTTP request.
-        wait_until("registry", READY_TIMEOUT, || proc.check_alive(), || http_get(self.port, "/v2/").map(drop))?;
+        let port = self.upstream_port.unwrap_or(self.port);
+        wait_until("registry", READY_TIMEOUT, || proc.check_alive(), || http_get(port, "/v2/").map(drop))?;
         self.proc = Some(proc);
         Ok(())
     }
@@ -380,27 +471,23 @@ impl Registry {
         self.dir.path().join(name)
     }
 
-    /// A fresh CA and a serving certificate for `127.0.0.1` and `localhost`, plus the CA as
-    /// the only trusted root for crane (`ca.crt`).
-    fn write_tls_files(&mut self) -> Result<()> {
-        use rcgen::{
-            BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-            KeyUsagePurpose,
-        };
-        let mut ca = CertificateParams::default();
-        ca.distinguished_name.push(DnType::CommonName, "regcred-testenv-registry-ca");
-        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
-        let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate()?)?;
-        let mut serving = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".into()])?;
-        serving.distinguished_name.push(DnType::CommonName, "registry");
-        serving.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        let key = KeyPair::generate()?;
-        let serving = serving.signed_by(&key, &ca)?;
-        std::fs::write(self.path("tls.crt"), serving.pem())?;
-        std::fs::write(self.path("tls.key"), key.serialize_pem())?;
-        std::fs::write(self.path("ca.crt"), ca.pem())?;
-        self.ca_pem = Some(ca.pem());
+    /// A fresh CA and a serving certificate for `names`, plus the CA as the only trusted root
+    /// for crane (`ca.crt`).
+    fn write_tls_files(&mut self, names: &[&str]) -> Result<()> {
+        let tls = ServingTls::new("regcred-testenv-registry-ca", names)?;
+        std::fs::write(self.path("tls.crt"), &tls.cert_pem)?;
+        std::fs::write(self.path("tls.key"), &tls.key_pem)?;
+        std::fs::write(self.path("ca.crt"), &tls.ca_pem)?;
+        self.ca_pem = Some(tls.ca_pem);
+        Ok(())
+    }
+
+    /// Adds `ca_pem` to the CAs this registry's clients trust (crane's `ca.crt`,
+    /// [`Registry::ca_pem`]).
+    fn trust_also(&mut self, ca_pem: &str) -> Result<()> {
+        let bundle = format!("{}{ca_pem}", self.ca_pem.as_deref().context("not a TLS registry")?);
+        std::fs::write(self.path("ca.crt"), &bundle)?;
+        self.ca_pem = Some(bundle);
         Ok(())
     }
 
@@ -460,6 +547,8 @@ impl Registry {
             issuer: TOKEN_ISSUER.into(),
             jwks: self.path("token-jwks.json"),
             signing_algorithms: vec!["ES256".into()],
+            // Its certificate is the registry's own.
+            ca_pem: None,
         })
     }
 
@@ -482,6 +571,34 @@ impl Registry {
             bail!("crane {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
         }
         Ok(())
+    }
+}
+
+/// A fresh CA and a serving certificate it signed, all PEM.
+pub(crate) struct ServingTls {
+    pub ca_pem: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl ServingTls {
+    /// A CA named `ca_name` and a server certificate for `names` (DNS names or IP literals).
+    pub(crate) fn new(ca_name: &str, names: &[&str]) -> Result<ServingTls> {
+        use rcgen::{
+            BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+            KeyUsagePurpose,
+        };
+        let mut ca = CertificateParams::default();
+        ca.distinguished_name.push(DnType::CommonName, ca_name);
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
+        let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate()?)?;
+        let mut serving = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())?;
+        serving.distinguished_name.push(DnType::CommonName, names.first().copied().unwrap_or("server"));
+        serving.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let key = KeyPair::generate()?;
+        let serving = serving.signed_by(&key, &ca)?;
+        Ok(ServingTls { ca_pem: ca.pem(), cert_pem: serving.pem(), key_pem: key.serialize_pem() })
     }
 }
 

@@ -402,39 +402,66 @@ async fn stop_refuses_connections_and_restart_serves_again() {
     assert_eq!(aws.counts().unwrap(), BTreeMap::from([(GET_TOKEN.to_owned(), 1)]), "a restart starts afresh");
 }
 
+/// The registries that stand in for ECR challenge and answer as ECR does, over HTTPS: only a
+/// live password GetAuthorizationToken issued, of a principal the registry lets in, reaches
+/// the registry behind the front; nothing refused does.
 #[tokio::test]
-async fn the_registry_realm_takes_exactly_the_live_tokens_it_issued() {
-    use regcred_testenv::{Registry, docker_config_json, http_get_basic_auth, wait_for};
+async fn an_ecr_registry_takes_exactly_the_live_passwords_of_the_principals_it_lets_in() {
+    use regcred_testenv::{Registry, docker_config_json, wait_for};
     let aws = AwsEmulator::start_with_lifetime(6).unwrap();
-    let registry = Registry::start_with_token_realm(&aws.token_realm()).unwrap();
+    // The static key's user is of account 123456789012: its own registry, and another
+    // account's that lets no other account in.
+    let registry = Registry::start_ecr(&aws, "123456789012.dkr.ecr.eu-west-1.amazonaws.com", &[]).unwrap();
+    let foreign = Registry::start_ecr(&aws, "210987654321.dkr.ecr.eu-west-1.amazonaws.com", &[]).unwrap();
+    assert!(registry.url().starts_with("https://"), "{}", registry.url());
     let host = registry.host();
     let client = ecr(&aws, static_credentials(&aws));
     let out = client.get_authorization_token().send().await.unwrap();
     let live = password(out.authorization_data()[0].authorization_token().unwrap());
+    let expires = out.authorization_data()[0].expires_at().unwrap().secs();
     let image = registry.push_test_image("team/app", "v1", "AWS", &live).unwrap();
     registry.pull_with_auth_file(&image, &docker_config_json(&host, "AWS", &live)).unwrap();
 
+    let before = registry.log_offset().unwrap();
+    // A password the emulator never issued, or the live one under another user name: ECR's
+    // challenge again (crane shows the status and ECR's body).
     for (user, pass) in [("AWS", "123456789012-made-up"), ("someone", live.as_str())] {
         let err = registry.pull_with_auth_file(&image, &docker_config_json(&host, user, pass)).unwrap_err();
-        assert!(format!("{err:#}").contains("UNAUTHORIZED"), "{user}: {err:#}");
+        assert!(format!("{err:#}").contains("401 Unauthorized"), "{user}: {err:#}");
     }
-    let realm = aws.token_realm();
-    let port: u16 = aws.endpoint().rsplit(':').next().unwrap().parse().unwrap();
-    let path = format!("/registry/token?service={}&scope=repository:team/app:pull", realm.service);
-    wait_for("the token to expire", Duration::from_secs(20), || {
-        (http_get_basic_auth(port, &path, "AWS", &live).unwrap().0 == 401).then_some(())
-    })
-    .unwrap();
+    // The live password at a registry that does not let its account in: denied, in ECR's words.
+    let elsewhere = format!("{}/team/app:v1", foreign.host());
+    let err = foreign.pull_with_auth_file(&elsewhere, &docker_config_json(&foreign.host(), "AWS", &live)).unwrap_err();
+    assert!(format!("{err:#}").contains("is not authorized to perform: ecr:"), "foreign: {err:#}");
+    assert!(format!("{err:#}").contains("because no resource-based policy allows"), "foreign: {err:#}");
+    // Expired: denied, in ECR's words.
+    wait_for("the password to expire", Duration::from_secs(20), || (now() > expires).then_some(())).unwrap();
     let err = registry.pull_with_auth_file(&image, &docker_config_json(&host, "AWS", &live)).unwrap_err();
-    assert!(format!("{err:#}").contains("UNAUTHORIZED"), "expired: {err:#}");
+    assert!(format!("{err:#}").contains("Your authorization token has expired"), "expired: {err:#}");
+    // None of these reached the registry behind the front; at the foreign registry only the
+    // `GET /v2/` that the password authenticates (its account has no access to repositories).
+    assert_eq!(registry.requests_since(before).unwrap(), [], "refused requests reached the registry");
+    let reached = foreign.requests_since(0).unwrap();
+    assert!(reached.iter().all(|r| r.path == "/v2/"), "refused requests reached the foreign registry: {reached:?}");
 
-    let calls: Vec<_> = aws.calls().unwrap().into_iter().filter(|c| c["action"] == "registry:Token").collect();
-    let expires = out.authorization_data()[0].expires_at().unwrap().secs() as f64;
+    let calls: Vec<_> = aws.calls().unwrap().into_iter().filter(|c| c["action"] == "registry:Login").collect();
     // The SDK gives whole seconds.
-    let granted = |c: &serde_json::Value| c["expiresAt"].as_f64().is_some_and(|e| (e - expires).abs() < 1.0);
-    assert!(calls.iter().any(|c| c["status"] == 200 && granted(c)), "{calls:?}");
-    assert!(calls.iter().any(|c| c["status"] == 401 && c["error"] == "expired token"), "{calls:?}");
-    assert!(calls.iter().any(|c| c["status"] == 401 && c["error"] == "unknown token"), "{calls:?}");
+    let of_live = |c: &serde_json::Value| c["expiresAt"].as_f64().is_some_and(|e| (e - expires as f64).abs() < 1.0);
+    let seen = |status: u16, error: &str| {
+        calls
+            .iter()
+            .any(|c| c["status"] == status && (c["error"] == error || (error.is_empty() && c["error"].is_null())))
+    };
+    assert!(calls.iter().any(|c| c["status"] == 200 && of_live(c)), "{calls:?}");
+    assert!(calls.iter().any(|c| c["status"] == 403 && c["error"] == "expired token" && of_live(c)), "{calls:?}");
+    for (status, error) in [
+        (401, "no Basic credentials"),
+        (401, "unknown token"),
+        (401, "user name is not AWS"),
+        (403, "account not allowed"),
+    ] {
+        assert!(seen(status, error), "no {status} {error}: {calls:?}");
+    }
 }
 
 /// A clock `offset` away from this machine's, for signing requests as a skewed client would.

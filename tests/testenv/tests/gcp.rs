@@ -352,6 +352,9 @@ fn realm_status(gcp: &GcpEmulator, repository: &str, token: &str) -> u16 {
 fn crane_pulls_through_the_realm_with_live_access_tokens_only() {
     let gcp = GcpEmulator::start().unwrap();
     let reg = Registry::start_with_token_realm(&gcp.token_realm()).unwrap();
+    // The realm is HTTPS, and so is the registry: crane trusts both CAs and nothing else.
+    assert!(gcp.token_realm().realm.starts_with("https://localhost:"), "{}", gcp.token_realm().realm);
+    assert!(reg.url().starts_with("https://"), "{}", reg.url());
     let host = reg.host();
     let pusher = gcp.create_service_account_key(PUSHER).unwrap();
     gcp.grant(PUSHER, "regcred-test/team", &["pull", "push"]).unwrap();
