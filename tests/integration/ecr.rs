@@ -749,10 +749,9 @@ async fn ecr_credentials_are_verified_through_ecrs_basic_challenge() {
     assert_eq!(ping.text().await.unwrap(), "Not Authorized\n");
 
     let name = format!("ecr-verify-{}", &unique()[..6]);
-    // The apiserver and the AWS endpoint are on loopback, not behind the proxy. ALL_PROXY, not
-    // HTTPS_PROXY: kube's client reads HTTPS_PROXY too, and refuses to start without its
-    // `http-proxy` feature.
-    let envs = [("ALL_PROXY", proxy.url()), ("NO_PROXY", "127.0.0.1,localhost".to_string())];
+    // As README says a cluster behind a proxy runs it: HTTPS_PROXY, with the apiserver and the
+    // AWS endpoint (on loopback here) in NO_PROXY. kube's client reads both too.
+    let envs = [("HTTPS_PROXY", proxy.url()), ("NO_PROXY", "127.0.0.1,localhost".to_string())];
     let _controller =
         spawn_controller(env().cp, &name, &format!("{CONTROLLER_LABEL}={name}"), &aws.endpoint(), &[], &envs);
     let ns = namespace(&client, "ecr-verify").await;
