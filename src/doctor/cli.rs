@@ -23,6 +23,9 @@ pub struct DoctorArgs {
     /// credential's spec.verify.insecure says so).
     #[arg(long, global = true)]
     pub plain_http: bool,
+    /// With --verify: PEM CA certificates to trust besides the system's.
+    #[arg(long, value_name = "FILE", global = true)]
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -88,7 +91,17 @@ pub async fn main(args: DoctorArgs) -> i32 {
         }
     };
     let namespace = args.namespace.unwrap_or_else(|| client.default_namespace().to_string());
-    let verify = args.verify.then_some(ProbeOptions { plain_http: args.plain_http });
+    let ca_bundle = match &args.ca_file {
+        Some(path) => match std::fs::read(path) {
+            Ok(pem) => Some(pem),
+            Err(e) => {
+                eprintln!("error: reading {}: {e}", path.display());
+                return EXIT_ERROR;
+            }
+        },
+        None => None,
+    };
+    let verify = args.verify.then_some(ProbeOptions { plain_http: args.plain_http, ca_bundle });
     let request = Request { namespace, target: args.what.target(), verify };
     match super::run(&client, &request).await {
         Ok(report) => {

@@ -264,6 +264,11 @@ fn matched_verdict(
     if let Some(check) = check.filter(|c| c.reason != "Verified") {
         return check_failed(facts, image, check, credential);
     }
+    if check.is_none()
+        && let Some(refused) = credential.and_then(|c| refused_by_registry(c, first))
+    {
+        return check_failed(facts, image, &refused, credential);
+    }
     let mut summary = format!("Secret {} entry {} matches {}", first.secret, first.server, image.repository());
     match check {
         Some(_) => summary.push_str("; the registry accepts it: can pull now"),
@@ -277,6 +282,18 @@ fn matched_verdict(
         }
     }
     Verdict { ok: true, cause: Cause::Ok, summary, fixes: vec![] }
+}
+
+/// The credential's own last registry check, when it says the registry refuses the login:
+/// what `--verify` would find, without sending it.
+fn refused_by_registry(c: &CredentialReport, first: &Match) -> Option<Check> {
+    let verified = c.verified.as_ref().filter(|v| v.status == "False")?;
+    ["Unauthorized", "Forbidden"].contains(&verified.reason.as_str()).then(|| Check {
+        secret: first.secret.clone(),
+        server: first.server.clone(),
+        reason: verified.reason.clone(),
+        message: format!("the credential's Verified condition: {}", verified.message),
+    })
 }
 
 fn describe(facts: &Facts, kind: &str, name: &str) -> String {
@@ -444,6 +461,7 @@ fn covering_fixes(facts: &Facts, image: &ImageRef) -> Vec<String> {
                 facts.namespace, image.domain, facts.service_account.name
             ),
             format!("or add imagePullSecrets: [{{name: <its Secret>}}] to {template}"),
+            "or nothing, if the image is public (anyone may pull it)".into(),
         ];
     };
     let secret = c.secret_name.clone().unwrap_or_else(|| c.name.clone());

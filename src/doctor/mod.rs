@@ -33,7 +33,7 @@ pub async fn run(client: &kube::Client, request: &Request) -> Result<Report, Err
     let mut facts = observe::observe(client, &request.namespace, &request.target).await?;
     let report = diagnose::diagnose(&facts);
     let Some(options) = &request.verify else { return Ok(report) };
-    let http = crate::http::client(None, "").map_err(Error::HttpClient)?;
+    let http = crate::http::client(options.ca_bundle.as_deref(), "--ca-file").map_err(Error::HttpClient)?;
     probe::probe_all(&http, &mut facts, &report, options).await;
     Ok(diagnose::diagnose(&facts))
 }

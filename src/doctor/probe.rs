@@ -17,6 +17,8 @@ pub struct ProbeOptions {
     /// Speak plain HTTP to every registry (else only where the managing credential's
     /// `spec.verify.insecure` says so).
     pub plain_http: bool,
+    /// PEM CA certificates to trust besides the system's (`--ca-file`).
+    pub ca_bundle: Option<Vec<u8>>,
 }
 
 /// Runs the handshake for the first matching entry of each image in `report`, and records the

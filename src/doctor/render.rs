@@ -23,7 +23,7 @@ pub fn text(report: &Report) -> String {
     }
     for image in &report.images {
         out.push('\n');
-        image_text(&mut out, image);
+        image_text(&mut out, image, &report.subject, &report.service_account);
     }
     let verdict =
         if report.ok { "OK: every image has a matching pull credential" } else { "FAILING: see the fixes above" };
@@ -31,7 +31,7 @@ pub fn text(report: &Report) -> String {
     out
 }
 
-fn image_text(out: &mut String, image: &ImageReport) {
+fn image_text(out: &mut String, image: &ImageReport, subject: &str, account: &str) {
     let who =
         if image.container.is_empty() { image.role.clone() } else { format!("{} {}", image.role, image.container) };
     let _ = writeln!(out, "{who}: {}", image.image);
@@ -42,7 +42,11 @@ fn image_text(out: &mut String, image: &ImageReport) {
         let _ = writeln!(out, "  pull Secrets: none");
     }
     for secret in &image.secrets {
-        secret_text(out, secret);
+        let from = match secret.from.as_str() {
+            "serviceAccount" => format!("added by ServiceAccount {account}"),
+            _ => format!("listed by {subject}"),
+        };
+        secret_text(out, secret, &from);
     }
     for event in &image.events {
         let _ = writeln!(out, "  event:     {} (x{}): {}", event.reason, event.count, event.message);
@@ -59,9 +63,9 @@ fn image_text(out: &mut String, image: &ImageReport) {
     }
 }
 
-fn secret_text(out: &mut String, secret: &SecretReport) {
+fn secret_text(out: &mut String, secret: &SecretReport, from: &str) {
     let type_ = secret.type_.as_deref().map(|t| format!(", {t}")).unwrap_or_default();
-    let _ = writeln!(out, "  Secret {} (from the {}): {}{type_}", secret.name, secret.from, secret.state);
+    let _ = writeln!(out, "  Secret {} ({from}): {}{type_}", secret.name, secret.state);
     if let Some(problem) = &secret.problem {
         let _ = writeln!(out, "    {problem}");
     }
@@ -78,7 +82,7 @@ fn secret_text(out: &mut String, secret: &SecretReport) {
 fn credential_text(c: &CredentialReport) -> String {
     let condition = |name: &str, c: &Option<super::facts::Condition>| match c {
         Some(c) => format!("{name}={} {}", c.status, c.reason),
-        None => format!("{name}=unknown"),
+        None => format!("no {name} condition"),
     };
     let mut text =
         format!("{} {}: {}, {}", c.kind, c.name, condition("Ready", &c.ready), condition("Verified", &c.verified));

@@ -184,3 +184,16 @@ fn kubelet_messages_are_classified() {
     assert_eq!(event_cause("tls: failed to verify certificate: x509: unknown authority"), Some("tls"));
     assert_eq!(event_cause("Back-off pulling image"), None);
 }
+
+#[test]
+fn a_credential_whose_check_was_refused_is_unauthorized_without_verify() {
+    let mut f = facts(&["ghcr-pull"], true);
+    f.secrets.insert("ghcr-pull".into(), pull_secret(&["ghcr.io"], Some("ghcr")));
+    let mut c = credential("ghcr", &["ghcr.io"], true);
+    c.verified =
+        Some(Condition { status: "False".into(), reason: "Unauthorized".into(), message: "GET /v2/: 401".into() });
+    f.credentials = Listing::Read(vec![c]);
+    let v = verdict_of(&f);
+    assert_eq!(v.cause, Cause::Unauthorized);
+    assert!(v.summary.contains("Verified condition"), "{}", v.summary);
+}
