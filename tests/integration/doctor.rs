@@ -21,24 +21,24 @@ use crate::support::*;
 
 /// One run of `regcred doctor`: its exit status, its `-o json` report, and the same check as
 /// text (printed, so `--nocapture` shows the transcripts).
-struct Doctor {
-    status: i32,
-    report: Value,
-    text: String,
+pub struct Doctor {
+    pub status: i32,
+    pub report: Value,
+    pub text: String,
 }
 
 impl Doctor {
-    fn image(&self) -> &Value {
+    pub fn image(&self) -> &Value {
         &self.report["images"][0]
     }
-    fn cause(&self) -> &str {
+    pub fn cause(&self) -> &str {
         self.image()["verdict"]["cause"].as_str().unwrap_or_default()
     }
-    fn fixes(&self) -> Vec<String> {
+    pub fn fixes(&self) -> Vec<String> {
         let fixes = self.image()["verdict"]["fixes"].as_array().cloned().unwrap_or_default();
         fixes.iter().filter_map(|f| f.as_str().map(str::to_string)).collect()
     }
-    fn summary(&self) -> &str {
+    pub fn summary(&self) -> &str {
         self.image()["verdict"]["summary"].as_str().unwrap_or_default()
     }
 }
@@ -71,7 +71,7 @@ async fn doctor_as(kubeconfig: &Path, ns: &str, args: &[&str]) -> Doctor {
 }
 
 /// `regcred doctor` as the cluster admin.
-async fn doctor(ns: &str, args: &[&str]) -> Doctor {
+pub async fn doctor(ns: &str, args: &[&str]) -> Doctor {
     doctor_as(env().cp.kubeconfig_path(), ns, args).await
 }
 

@@ -356,6 +356,50 @@ async fn a_fixed_source_lets_the_same_pod_pull_on_the_kubelets_retry() {
     assert_no_leaks(&client).await;
 }
 
+/// `regcred doctor` on a Pod the kubelet failed to pull for: the kubelet's 401 in the Pod's
+/// Events and `--verify`'s 401 name the cause; once the source is fixed as the doctor says,
+/// the same Pod pulls and runs, and the doctor reports it fine.
+#[tokio::test]
+async fn the_doctor_explains_a_401_the_kubelet_saw_and_passes_once_the_pod_runs() {
+    let Some(node) = node() else { return };
+    let client = client().await;
+    let ns = namespace(&client, "node-doctor").await;
+    let password = secret_value("puller", "right");
+    let (registry, image) = registry_with_image("puller", &password, "team/app");
+    let _trusted = node.map_registry(&registry.host(), &registry).unwrap();
+    let ca = env().cp.dir().join(format!("doctor-ca-{ns}.pem"));
+    std::fs::write(&ca, registry.ca_pem().expect("a TLS registry")).unwrap();
+    let wrong = secret_value("puller", "wrong");
+    create_secret(&client, &ns, "reg-pass", &[("password", wrong.as_bytes())]).await;
+    create_credential(
+        &client,
+        &ns,
+        "private",
+        json!({"registry": registry.host(),
+               "source": {"basic": {"username": "puller", "passwordSecretRef": {"name": "reg-pass"}}}}),
+    )
+    .await;
+    wait_secret(&client, &ns, "private", "the wrong password", |s| logins(s)[0].2 == wrong).await;
+    create_pod(&client, &ns, "app", &image, &["private"], None).await;
+    wait_pull_failed(&client, &ns, "app").await;
+
+    let ca = ca.to_string_lossy().into_owned();
+    let args = ["pod", "app", "--verify", "--ca-file", ca.as_str()];
+    let d = crate::doctor::doctor(&ns, &args).await;
+    assert_eq!(d.status, 1, "{}", d.text);
+    assert_eq!(d.cause(), "unauthorized", "{}", d.text);
+    let events = d.image()["events"].as_array().cloned().unwrap_or_default();
+    assert!(events.iter().any(|e| e["cause"] == "unauthorized"), "the kubelet's 401: {}", d.text);
+    assert!(d.fixes()[0].contains("RegistryCredential private"), "{}", d.text);
+
+    set_secret_key(&client, &ns, "reg-pass", "password", password.as_bytes()).await;
+    wait_secret(&client, &ns, "private", "the right password", |s| logins(s)[0].2 == password).await;
+    wait_ran(&client, &ns, "app").await;
+    let d = crate::doctor::doctor(&ns, &args).await;
+    assert_eq!((d.status, d.cause()), (0, "ok"), "{}", d.text);
+    assert!(d.text.contains("can pull now"), "{}", d.text);
+}
+
 /// Seconds since the epoch, as the emulator records times.
 fn now() -> f64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs_f64()
