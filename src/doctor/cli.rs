@@ -46,6 +46,7 @@ pub enum What {
     /// --service-account.
     Image {
         image: String,
+        /// The ServiceAccount the Pod would run as.
         #[arg(long, default_value = "default")]
         service_account: String,
     },
