@@ -314,9 +314,13 @@ fn check_failed(facts: &Facts, image: &ImageRef, check: &Check, credential: Opti
         "Secret {} entry {} matches, but {}: {}: {}",
         check.secret, check.server, what, check.reason, check.message
     );
-    let source = match credential {
-        Some(c) => format!("fix the source of {} {} (its password, token or grant)", c.kind, c.name),
-        None => format!("fix the login for {} in Secret {}", check.server, check.secret),
+    let login = match credential {
+        Some(c) => format!("the login of {} {}", c.kind, c.name),
+        None => format!("the login for {} in Secret {}", check.server, check.secret),
+    };
+    let source = match cause {
+        Cause::Forbidden => format!("grant {login} pull on {} at the registry, or use a login that has it", image.path),
+        _ => format!("fix {login}: the password or token in its source"),
     };
     let mut fixes = vec![source];
     if cause == Cause::NotFound {

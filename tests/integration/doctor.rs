@@ -321,3 +321,39 @@ async fn viewer_kubeconfig(client: &Client, ns: &str) -> PathBuf {
     let ns = ns.to_string();
     tokio::task::spawn_blocking(move || env().cp.service_account_kubeconfig(&ns, "viewer").unwrap()).await.unwrap()
 }
+
+#[tokio::test]
+async fn a_repository_the_token_server_does_not_grant_is_forbidden() {
+    env();
+    let client = client().await;
+    let ns = namespace(&client, "doctor-403").await;
+    service_account(&client, &ns).await;
+    let (team, other) = (secret_value("team", "doctor-token"), secret_value("other", "doctor-token"));
+    let options = regcred_testenv::RegistryOptions { token_auth: true, ..Default::default() };
+    let registry = Registry::start_with(&[("team", &team), ("other", &other)], options).unwrap();
+    registry.push_test_image("team/app", "v1", "team", &team).unwrap();
+    let image = registry.push_test_image("other/app", "v1", "other", &other).unwrap();
+    create_secret(&client, &ns, "pass", &[("password", team.as_bytes())]).await;
+    let spec = json!({"registry": registry.host(), "serviceAccounts": ["app"],
+                      "source": {"basic": {"username": "team", "passwordSecretRef": {"name": "pass"}}}});
+    create_credential(&client, &ns, "private", spec).await;
+    wait_listed(&client, &ns, "private").await;
+
+    // Plain HTTP by the flag (the credential has no spec.verify).
+    let args = ["image", image.as_str(), "--service-account", "app", "--verify", "--plain-http"];
+    let d = doctor(&ns, &args).await;
+    assert_eq!(d.status, 1, "{}", d.text);
+    assert_eq!(d.cause(), "forbidden", "{}", d.text);
+    assert!(d.summary().contains("no pull access to this repository"), "{}", d.text);
+    assert!(d.fixes()[0].starts_with("grant the login of RegistryCredential private pull on other/app"), "{}", d.text);
+
+    // The fix: a login the token server grants other/app.
+    set_secret_key(&client, &ns, "pass", "password", other.as_bytes()).await;
+    let patch = json!({"spec": {"source": {"basic": {"username": "other"}}}});
+    let credentials = Api::<RegistryCredential>::namespaced(client.clone(), &ns);
+    credentials.patch("private", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    wait_secret(&client, &ns, "private", "other's login", |s| logins(s)[0].2 == other).await;
+    let d = doctor(&ns, &args).await;
+    assert_ok(&d);
+    assert!(d.text.contains("can pull now"), "{}", d.text);
+}
