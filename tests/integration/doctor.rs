@@ -267,11 +267,12 @@ async fn a_wrong_password_is_refused_with_401_by_verify_and_the_right_one_can_pu
     // The Secret's password is not the registry's; the registry speaks plain HTTP
     // (spec.verify.insecure, which --verify follows).
     let extra = json!({"serviceAccounts": ["app"], "verify": {"insecure": true}});
-    basic_credential(&client, &ns, "private", &registry.host(), extra).await;
+    let wrong = basic_credential(&client, &ns, "private", &registry.host(), extra).await;
     wait_listed(&client, &ns, "private").await;
 
     let args = ["image", image.as_str(), "--service-account", "app", "--verify"];
     let d = doctor(&ns, &args).await;
+    assert_shows_no_value(&d, &wrong);
     assert_eq!(d.status, 1, "{}", d.text);
     assert_eq!(d.cause(), "unauthorized", "{}", d.text);
     assert_eq!(d.image()["check"]["reason"], "Unauthorized", "{}", d.text);
@@ -283,8 +284,15 @@ async fn a_wrong_password_is_refused_with_401_by_verify_and_the_right_one_can_pu
     assert_ok(&d);
     assert_eq!(d.image()["check"]["reason"], "Verified", "{}", d.text);
     assert!(d.text.contains("can pull now"), "{}", d.text);
-    for (_, text) in [("json", d.report.to_string()), ("text", d.text.clone())] {
-        assert!(!text.contains(&password), "a password is shown");
+    assert_shows_no_value(&d, &password);
+}
+
+/// Neither output shows `value`, as text or in base64 (the `auth` field's form).
+fn assert_shows_no_value(d: &Doctor, value: &str) {
+    use base64::Engine;
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("puller:{value}"));
+    for text in [d.report.to_string(), d.text.clone()] {
+        assert!(!text.contains(value) && !text.contains(&auth), "a password is shown: {text}");
     }
 }
 
@@ -298,8 +306,15 @@ async fn without_permission_to_read_secrets_the_credentials_status_answers() {
     wait_listed(&client, &ns, "ghcr").await;
     let viewer = viewer_kubeconfig(&client, &ns).await;
 
+    let offset = audit_offset();
     let d = doctor_as(&viewer, &ns, &["image", "ghcr.io/org/app:v1", "--service-account", "app"]).await;
     assert_ok(&d);
+    // Only the user's own identity, and only reads (the Secret's get refused, 403).
+    let requests = requests_of_since(&format!("system:serviceaccount:{ns}:viewer"), offset);
+    assert!(requests.iter().any(
+        |(verb, resource, _, name)| (verb.as_str(), resource.as_str(), name.as_str()) == ("get", "secrets", "ghcr")
+    ));
+    assert!(!requests.iter().any(|(verb, ..)| is_write(verb)), "{requests:?}");
     let secret = &d.image()["secrets"][0];
     assert_eq!(secret["state"], "forbidden", "{}", d.text);
     assert_eq!(secret["entries"][0]["source"], "credential status", "{}", d.text);
