@@ -210,7 +210,9 @@ fn event_report(event: &PullEvent) -> EventReport {
 /// What a kubelet pull failure's message says, as containerd words it.
 pub fn event_cause(message: &str) -> Option<&'static str> {
     let m = message.to_ascii_lowercase();
-    if m.contains("401") || m.contains("unauthorized") {
+    if m.contains("unable to retrieve some image pull secrets") {
+        Some("secret-missing")
+    } else if m.contains("401") || m.contains("unauthorized") {
         Some("unauthorized")
     } else if m.contains("403") || m.contains("forbidden") || m.contains("denied") {
         Some("forbidden")
@@ -429,6 +431,9 @@ fn host_name(key: &str) -> String {
 }
 
 fn secret_missing(facts: &Facts, image: &ImageRef, missing: &[&str]) -> Verdict {
+    if let Some(v) = not_written_yet(facts, missing) {
+        return v;
+    }
     let summary = format!("pull Secret(s) {} do not exist in namespace {}", missing.join(", "), facts.namespace);
     let mut fixes = Vec::new();
     if let Some(c) = covering(facts, image).first()
@@ -441,6 +446,22 @@ fn secret_missing(facts: &Facts, image: &ImageRef, missing: &[&str]) -> Verdict 
         facts.namespace, image.domain, missing[0]
     ));
     failed(Cause::SecretMissing, summary, fixes)
+}
+
+/// A missing Secret that a credential is to write, but has not: that credential's failure.
+fn not_written_yet(facts: &Facts, missing: &[&str]) -> Option<Verdict> {
+    let c = credentials(facts).iter().find(|c| missing.contains(&c.writes.as_str()))?;
+    let (reason, message) = match &c.ready {
+        Some(ready) if ready.status != "True" => (ready.reason.clone(), ready.message.clone()),
+        Some(_) => ("Ready".to_string(), "Ready, but its Secret is not in this namespace".to_string()),
+        None => ("NotReconciled".to_string(), "no status yet: is the controller running?".to_string()),
+    };
+    let summary = format!(
+        "Secret {} does not exist: {} {}, which writes it, has not ({reason}: {message})",
+        c.writes, c.kind, c.name
+    );
+    let fixes = vec![format!("fix {} {}: {message}", c.kind, c.name), describe(facts, &c.kind, &c.name)];
+    Some(failed(Cause::CredentialNotReady, summary, fixes))
 }
 
 /// The credentials whose Secret holds an entry the kubelet would send for the image.
@@ -465,7 +486,7 @@ fn covering_fixes(facts: &Facts, image: &ImageRef) -> Vec<String> {
                 facts.namespace, image.domain, facts.service_account.name
             ),
             format!("or add imagePullSecrets: [{{name: <its Secret>}}] to {template}"),
-            "or nothing, if the image is public (anyone may pull it)".into(),
+            "or nothing, if the image is public or the node has its own credentials for it (a kubelet credential provider)".into(),
         ];
     };
     let secret = c.secret_name.clone().unwrap_or_else(|| c.name.clone());

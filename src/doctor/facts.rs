@@ -109,6 +109,9 @@ pub struct CredentialFacts {
     /// The registry host the spec names (`spec.registry`), if any.
     pub registry: Option<String>,
     pub secret_name: Option<String>,
+    /// The Secret its spec says it writes (`spec.secret.name`, else its name), whether or not
+    /// it has yet.
+    pub writes: String,
     /// `status.registries`: the server keys its Secret holds.
     pub registries: Vec<String>,
     pub ready: Option<Condition>,

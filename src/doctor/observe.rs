@@ -224,13 +224,22 @@ async fn credentials(client: &Client, namespace: &str) -> Listing<Vec<Credential
 
 fn namespaced_facts(c: &RegistryCredential) -> CredentialFacts {
     let insecure = c.spec.verify.as_ref().is_some_and(|v| v.insecure);
-    status_facts("RegistryCredential", c.metadata.name.clone(), c.spec.registry.clone(), insecure, c.status.as_ref())
+    let facts = status_facts(
+        "RegistryCredential",
+        c.metadata.name.clone(),
+        c.spec.registry.clone(),
+        insecure,
+        c.status.as_ref(),
+    );
+    CredentialFacts { writes: c.spec.secret.name.clone().unwrap_or_else(|| facts.name.clone()), ..facts }
 }
 
 fn cluster_facts(c: &ClusterRegistryCredential) -> CredentialFacts {
     let insecure = c.spec.verify.as_ref().is_some_and(|v| v.insecure);
     let status = c.status.as_ref().map(|s| &s.credential);
-    status_facts("ClusterRegistryCredential", c.metadata.name.clone(), c.spec.registry.clone(), insecure, status)
+    let facts =
+        status_facts("ClusterRegistryCredential", c.metadata.name.clone(), c.spec.registry.clone(), insecure, status);
+    CredentialFacts { writes: c.spec.secret.name.clone().unwrap_or_else(|| facts.name.clone()), ..facts }
 }
 
 fn status_facts(
@@ -257,6 +266,7 @@ fn status_facts(
         verified: condition("Verified"),
         expires_at: status.and_then(|s| s.expires_at.as_ref()).map(|t| t.0.to_string()),
         plain_http,
+        writes: String::new(),
     }
 }
 

@@ -256,6 +256,30 @@ async fn a_credential_not_ready_is_the_cause_until_its_source_is_back() {
 }
 
 #[tokio::test]
+async fn a_secret_its_credential_never_wrote_is_that_credentials_failure() {
+    env();
+    let client = client().await;
+    let ns = namespace(&client, "doctor-unwritten").await;
+    service_account(&client, &ns).await;
+    let spec = json!({"registry": "ghcr.io",
+                      "source": {"basic": {"username": "puller", "passwordSecretRef": {"name": "pass"}}}});
+    create_credential(&client, &ns, "ghcr", spec).await;
+    wait_ready(&client, &ns, "ghcr", "False", Some("SourceSecretNotFound")).await;
+    pod(&client, &ns, "web", "ghcr.io/org/app:v1", &["ghcr"]).await;
+
+    let d = doctor(&ns, &["pod", "web"]).await;
+    assert_eq!(d.status, 1, "{}", d.text);
+    assert_eq!(d.cause(), "credential-not-ready", "{}", d.text);
+    assert!(d.summary().contains("RegistryCredential ghcr, which writes it, has not"), "{}", d.text);
+    assert!(d.fixes()[0].contains(&format!("Secret {ns}/pass not found")), "{}", d.text);
+
+    let password = secret_value("puller", "doctor");
+    create_secret(&client, &ns, "pass", &[("password", password.as_bytes())]).await;
+    wait_ready(&client, &ns, "ghcr", "True", Some("Synced")).await;
+    assert_ok(&doctor(&ns, &["pod", "web"]).await);
+}
+
+#[tokio::test]
 async fn a_wrong_password_is_refused_with_401_by_verify_and_the_right_one_can_pull() {
     env();
     let client = client().await;

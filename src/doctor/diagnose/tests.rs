@@ -34,6 +34,7 @@ fn credential(name: &str, registries: &[&str], ready: bool) -> CredentialFacts {
         kind: "RegistryCredential".into(),
         name: name.into(),
         secret_name: Some(format!("{name}-pull")),
+        writes: format!("{name}-pull"),
         registries: registries.iter().map(|s| s.to_string()).collect(),
         ready: Some(Condition {
             status: if ready { "True" } else { "False" }.into(),
@@ -196,4 +197,23 @@ fn a_credential_whose_check_was_refused_is_unauthorized_without_verify() {
     let v = verdict_of(&f);
     assert_eq!(v.cause, Cause::Unauthorized);
     assert!(v.summary.contains("Verified condition"), "{}", v.summary);
+}
+
+#[test]
+fn a_missing_secret_its_credential_has_not_written_is_that_credentials_failure() {
+    let mut f = facts(&["ghcr-pull"], true);
+    f.secrets.insert("ghcr-pull".into(), SecretFacts::Missing);
+    let mut c = credential("ghcr", &[], false);
+    c.secret_name = None;
+    f.credentials = Listing::Read(vec![c]);
+    let v = verdict_of(&f);
+    assert_eq!(v.cause, Cause::CredentialNotReady);
+    assert!(v.summary.contains("RegistryCredential ghcr, which writes it, has not"), "{}", v.summary);
+    assert!(v.fixes[0].contains("Secret team/pass not found"), "{:?}", v.fixes);
+}
+
+#[test]
+fn the_kubelets_missing_secret_warning_is_classified() {
+    let warning = "Unable to retrieve some image pull secrets (ghcr); attempting to pull the image may not succeed.";
+    assert_eq!(event_cause(warning), Some("secret-missing"));
 }
