@@ -29,17 +29,6 @@ pub fn diagnose(facts: &Facts) -> Report {
     }
 }
 
-/// The Secrets a pull of this subject sends, with where each comes from: a Pod's own list
-/// (admission already added its ServiceAccount's), or for a template or image without a list of
-/// its own, the ServiceAccount's (admission adds them only to a Pod that names none).
-pub fn pull_secrets(facts: &Facts) -> Vec<(String, &'static str)> {
-    if facts.is_pod || !facts.pull_secrets.is_empty() {
-        return facts.pull_secrets.iter().map(|s| (s.clone(), "pod")).collect();
-    }
-    let account = facts.service_account.pull_secrets.iter().flatten();
-    account.map(|s| (s.clone(), "serviceAccount")).collect()
-}
-
 fn image_report(facts: &Facts, use_: &ImageUse) -> ImageReport {
     let events: Vec<EventReport> = use_.events.iter().map(event_report).collect();
     let image = match keyring::parse_image(&use_.image) {
@@ -50,7 +39,7 @@ fn image_report(facts: &Facts, use_: &ImageUse) -> ImageReport {
         }
     };
     let repository = image.repository();
-    let listed = pull_secrets(facts);
+    let listed = facts.secrets_sent();
     let secrets: Vec<SecretReport> = listed.iter().map(|(name, from)| secret_report(facts, name, from)).collect();
     let entries: Vec<Entry> =
         secrets.iter().flat_map(|s| s.entries.iter().map(|e| Entry { secret: &s.name, server: &e.server })).collect();

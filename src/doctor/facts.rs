@@ -29,6 +29,20 @@ pub struct Facts {
     pub probes: BTreeMap<(String, String, String), Probe>,
 }
 
+impl Facts {
+    /// The Secrets a pull of this subject sends, with where each comes from: a Pod's own list
+    /// (admission already added its ServiceAccount's when it was created), or for a template or
+    /// image without a list of its own, the ServiceAccount's (admission adds them only to a Pod
+    /// that names none).
+    pub fn secrets_sent(&self) -> Vec<(String, &'static str)> {
+        if self.is_pod || !self.pull_secrets.is_empty() {
+            return self.pull_secrets.iter().map(|s| (s.clone(), "pod")).collect();
+        }
+        let account = self.service_account.pull_secrets.iter().flatten();
+        account.map(|s| (s.clone(), "serviceAccount")).collect()
+    }
+}
+
 /// The ServiceAccount the Pod runs as.
 #[derive(Debug, Default, Clone)]
 pub struct Account {

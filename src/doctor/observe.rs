@@ -68,8 +68,8 @@ pub async fn observe(client: &Client, namespace: &str, target: &Target) -> Resul
     };
     facts.namespace = namespace.to_string();
     facts.service_account = account(client, namespace, &facts.service_account.name).await;
-    let mut names: Vec<String> = facts.pull_secrets.clone();
-    names.extend(facts.service_account.pull_secrets.iter().flatten().cloned());
+    // Only the Secrets the pull sends are read.
+    let mut names: Vec<String> = facts.secrets_sent().into_iter().map(|(name, _)| name).collect();
     names.sort();
     names.dedup();
     for name in names {
