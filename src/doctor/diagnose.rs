@@ -485,6 +485,13 @@ fn covering_fixes(facts: &Facts, image: &ImageRef) -> Vec<String> {
             "or list ServiceAccount {} in spec.serviceAccounts of RegistryCredential {} (new Pods get the Secret)",
             facts.service_account.name, c.name
         ));
+    } else {
+        // Whether its selection includes this namespace takes the Namespace's labels, which a
+        // tenant may not read: the fix says what to check.
+        fixes[0].push_str(&format!(
+            " (ClusterRegistryCredential {} writes it only into the namespaces it selects: kubectl get secret {secret} -n {})",
+            c.name, facts.namespace
+        ));
     }
     fixes
 }

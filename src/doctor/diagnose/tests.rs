@@ -217,3 +217,18 @@ fn the_kubelets_missing_secret_warning_is_classified() {
     let warning = "Unable to retrieve some image pull secrets (ghcr); attempting to pull the image may not succeed.";
     assert_eq!(event_cause(warning), Some("secret-missing"));
 }
+
+#[test]
+fn a_cluster_credential_is_offered_with_what_to_check() {
+    let mut f = facts(&[], false);
+    let mut c = credential("company", &["ghcr.io"], true);
+    c.kind = "ClusterRegistryCredential".into();
+    f.credentials = Listing::Read(vec![c]);
+    let v = verdict_of(&f);
+    assert_eq!(v.cause, Cause::NoPullSecrets);
+    assert!(
+        v.fixes[0].contains("{name: company-pull}") && v.fixes[0].contains("kubectl get secret company-pull -n team"),
+        "{:?}",
+        v.fixes
+    );
+}
