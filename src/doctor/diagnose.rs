@@ -264,10 +264,11 @@ fn matched_verdict(
     match check {
         Some(_) => summary.push_str("; the registry accepts it: can pull now"),
         None => {
-            if let Some(e) = events.iter().find(|e| e.cause.is_some()) {
+            // The newest pull result (not a back-off), when it was a failure.
+            let last = events.iter().find(|e| e.reason == "Failed" || e.reason == "Pulled");
+            if let Some(cause) = last.and_then(|e| e.cause.as_deref()) {
                 summary.push_str(&format!(
-                    "; the kubelet's last pull Event says {}: if it is newer than the Secret, run with --verify",
-                    e.cause.as_deref().unwrap_or_default()
+                    "; the kubelet's last pull Event says {cause}: if it is newer than the Secret, run with --verify"
                 ));
             }
         }

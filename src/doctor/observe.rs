@@ -9,6 +9,7 @@ use k8s_openapi::api::{
     batch::v1::{CronJob, Job},
     core::v1::{Event, Pod, PodSpec, PodTemplateSpec, Secret, ServiceAccount},
 };
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::{Api, Client, Resource, api::ListParams};
 use serde::de::DeserializeOwned;
 
@@ -106,19 +107,58 @@ async fn pod_facts(client: &Client, namespace: &str, name: &str) -> Result<Facts
 }
 
 async fn workload_facts(client: &Client, namespace: &str, kind: WorkloadKind, name: &str) -> Result<Facts, Error> {
-    let template: Option<PodTemplateSpec> = match kind {
-        WorkloadKind::Deployment => get::<Deployment>(client, namespace, name).await?.spec.map(|s| s.template),
-        WorkloadKind::StatefulSet => get::<StatefulSet>(client, namespace, name).await?.spec.map(|s| s.template),
-        WorkloadKind::DaemonSet => get::<DaemonSet>(client, namespace, name).await?.spec.map(|s| s.template),
-        WorkloadKind::Job => get::<Job>(client, namespace, name).await?.spec.map(|s| s.template),
+    let (template, selector): (Option<PodTemplateSpec>, Option<Option<LabelSelector>>) = match kind {
+        WorkloadKind::Deployment => {
+            get::<Deployment>(client, namespace, name).await?.spec.map(|s| (s.template, Some(s.selector))).unzip()
+        }
+        WorkloadKind::StatefulSet => {
+            get::<StatefulSet>(client, namespace, name).await?.spec.map(|s| (s.template, Some(s.selector))).unzip()
+        }
+        WorkloadKind::DaemonSet => {
+            get::<DaemonSet>(client, namespace, name).await?.spec.map(|s| (s.template, Some(s.selector))).unzip()
+        }
+        WorkloadKind::Job => get::<Job>(client, namespace, name).await?.spec.map(|s| (s.template, s.selector)).unzip(),
         WorkloadKind::CronJob => {
             let cron: CronJob = get(client, namespace, name).await?;
-            cron.spec.and_then(|s| s.job_template.spec).map(|s| s.template)
+            (cron.spec.and_then(|s| s.job_template.spec).map(|s| s.template), None)
         }
     };
     let subject = format!("{}/{name}", kind.as_str());
     let spec = template.and_then(|t| t.spec).ok_or_else(|| Error::NoContainers(subject.clone()))?;
-    Ok(spec_facts(subject, &spec))
+    let mut facts = spec_facts(subject, &spec);
+    if let Some(labels) = selector.flatten().as_ref().and_then(match_labels) {
+        let events = workload_events(client, namespace, &labels).await;
+        for image in &mut facts.images {
+            image.events = events_for(&events, image);
+        }
+    }
+    Ok(facts)
+}
+
+/// A selector's `matchLabels` as a label selector (`app=web,tier=front`); `None` without any.
+/// Its `matchExpressions` are left out: the Pods found are those to read Events of, not a
+/// decision.
+pub fn match_labels(selector: &LabelSelector) -> Option<String> {
+    let labels = selector.match_labels.as_ref().filter(|l| !l.is_empty())?;
+    Some(labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(","))
+}
+
+/// How many of a workload's Pods, newest first, the Events are read of.
+const WORKLOAD_PODS: usize = 3;
+
+/// The pull Events of the workload's newest Pods (those its selector's labels pick).
+async fn workload_events(client: &Client, namespace: &str, labels: &str) -> Vec<Event> {
+    let params = ListParams::default().labels(labels).limit(LIST_LIMIT);
+    let Ok(list) = Api::<Pod>::namespaced(client.clone(), namespace).list(&params).await else { return vec![] };
+    let mut pods = list.items;
+    pods.sort_by_key(|p| std::cmp::Reverse(p.metadata.creation_timestamp.clone().map(|t| t.0)));
+    let mut events = Vec::new();
+    for pod in pods.iter().take(WORKLOAD_PODS) {
+        if let Some(name) = &pod.metadata.name {
+            events.extend(pod_events(client, namespace, name).await);
+        }
+    }
+    events
 }
 
 fn image_facts(image: &str, service_account: &str) -> Facts {

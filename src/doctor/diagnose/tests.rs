@@ -232,3 +232,18 @@ fn a_cluster_credential_is_offered_with_what_to_check() {
         v.fixes
     );
 }
+
+#[test]
+fn a_matching_entry_mentions_the_kubelets_last_failed_pull_unless_a_pull_came_after() {
+    let failed =
+        PullEvent { reason: "Failed".into(), message: "Failed to pull image: 401 Unauthorized".into(), count: 2 };
+    let pulled = PullEvent { reason: "Pulled".into(), message: "Successfully pulled image".into(), count: 1 };
+    let mut f = facts(&["ghcr"], true);
+    f.secrets.insert("ghcr".into(), pull_secret(&["ghcr.io"], None));
+    f.images[0].events = vec![failed.clone()];
+    let v = verdict_of(&f);
+    assert!(v.ok && v.summary.contains("last pull Event says unauthorized"), "{v:?}");
+    f.images[0].events = vec![pulled, failed];
+    let v = verdict_of(&f);
+    assert!(v.ok && !v.summary.contains("last pull Event"), "{v:?}");
+}
