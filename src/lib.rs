@@ -5,6 +5,7 @@ pub mod admin;
 pub mod controller;
 pub mod crd;
 pub mod dockerconfig;
+pub mod doctor;
 mod error;
 pub mod http;
 pub mod index;

@@ -1,4 +1,4 @@
-//! The regcred binary: CLI parsing, logging, and the three subcommands.
+//! The regcred binary: CLI parsing, logging, and the subcommands (`doctor` lives in the library, `regcred::doctor::cli`).
 
 use std::{io::Write, path::PathBuf, sync::atomic::Ordering, time::Duration};
 
@@ -41,6 +41,9 @@ enum Command {
     /// Print the Secrets that RegistryCredential and ClusterRegistryCredential manifests would
     /// produce, without a cluster.
     Render(RenderArgs),
+    /// Why can't a Pod pull? Checks a Pod, a workload's Pod template or an image against its
+    /// pull Secrets by the kubelet's rules, with the user's kubeconfig.
+    Doctor(regcred::doctor::cli::DoctorArgs),
 }
 
 #[derive(clap::Args)]
@@ -244,7 +247,7 @@ fn limit_malloc_arenas() {
 }
 
 async fn cli_main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    let cli = parse_cli();
     init_logging(cli.log_format);
     match cli.command {
         Command::Run(args) => {
@@ -261,7 +264,22 @@ async fn cli_main() -> anyhow::Result<()> {
         }
         Command::Crdgen { dir } => crdgen(dir),
         Command::Render(args) => render_manifests(args).await,
+        Command::Doctor(args) => {
+            let status = regcred::doctor::cli::main(args).await;
+            std::io::stdout().flush()?;
+            std::process::exit(status)
+        }
     }
+}
+
+/// The command line; as `kubectl-regcred` (a kubectl plugin: `ln -s regcred kubectl-regcred`
+/// somewhere on PATH), help and errors name it `kubectl regcred`.
+fn parse_cli() -> Cli {
+    use clap::{CommandFactory, FromArgMatches};
+    let argv0 = std::env::args_os().next().unwrap_or_default();
+    let plugin = std::path::Path::new(&argv0).file_name().is_some_and(|name| name == "kubectl-regcred");
+    let command = if plugin { Cli::command().bin_name("kubectl regcred") } else { Cli::command() };
+    Cli::from_arg_matches(&command.get_matches()).unwrap_or_else(|e| e.exit())
 }
 
 /// How long the reconciles in flight may take to finish once the controller is told to stop.

@@ -310,3 +310,32 @@ fn the_selector_help_names_both_kinds() {
         assert!(selector.contains(kind), "--selector's help does not name {kind}: {selector}");
     }
 }
+
+/// As a kubectl plugin (`ln -s regcred kubectl-regcred` on PATH, then `kubectl regcred …`) the
+/// binary is the same CLI, named `kubectl regcred` in help and errors; `doctor` without any
+/// cluster configuration says so with exit status 2 (1 is for images that cannot pull).
+#[test]
+fn as_kubectl_regcred_it_is_the_same_cli_named_as_a_plugin() {
+    let dir = std::env::temp_dir().join(format!("regcred-plugin-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let plugin = dir.join("kubectl-regcred");
+    let _ = std::fs::remove_file(&plugin);
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_regcred"), &plugin).unwrap();
+    let help = Command::new(&plugin).args(["doctor", "--help"]).output().unwrap();
+    let text = String::from_utf8_lossy(&help.stdout);
+    assert!(help.status.success() && text.contains("Usage: kubectl regcred doctor"), "{text}");
+    for what in ["pod", "deployment", "statefulset", "daemonset", "job", "cronjob", "image"] {
+        assert!(text.contains(&format!("\n  {what} ")), "{what} in {text}");
+    }
+    let out = Command::new(&plugin)
+        .args(["doctor", "pod", "web"])
+        .env("KUBECONFIG", dir.join("missing-kubeconfig"))
+        .env("HOME", &dir)
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("no Kubernetes client configuration"), "{stderr}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -95,3 +95,62 @@ async fn another_registry_is_not_docker_hub() {
     assert!(!answers[1].found, "{:?}", answers[1]);
     assert!(!answers[2].found, "{:?}", answers[2]);
 }
+
+/// `regcred doctor`'s port of the keyring (`regcred::doctor::keyring`) normalises every image
+/// as the kubelet does and sends the same entries, in the same order, for each.
+#[test]
+fn the_doctors_lookup_is_the_kubelets() {
+    use regcred::doctor::keyring;
+    let servers = [
+        "ghcr.io",
+        "ghcr.io:443",
+        "https://index.docker.io/v1/",
+        "docker.io",
+        "quay.io/org",
+        "quay.io",
+        "*.example.com",
+        "http://reg.local:5000/v2/",
+        "registry-1.docker.io",
+        "localhost:5000",
+        "Registry.Example.org",
+        "ghcr.io:abc",
+    ];
+    let images = [
+        "nginx",
+        "library/nginx:1.27",
+        "docker.io/org/app",
+        "index.docker.io/org/app",
+        "registry-1.docker.io/org/app",
+        "ghcr.io/org/app:v1",
+        "ghcr.io:443/org/app",
+        "quay.io/org/app",
+        "quay.io/organisation/app",
+        "quay.io/other/app",
+        "a.example.com/x",
+        "a.b.example.com/x",
+        "example.com/x",
+        "reg.local:5000/app",
+        "reg.local/app",
+        "localhost:5000/app",
+        "localhost/app",
+        "Registry.Example.org/app",
+        "registry.example.org/app",
+        "gcr.io/p/app@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+    ];
+    let auths: serde_json::Map<String, serde_json::Value> = servers
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.to_string(), json!({"username": format!("u{i}"), "password": "p"})))
+        .collect();
+    let config = serde_json::to_vec(&json!({ "auths": auths })).unwrap();
+    let entries: Vec<keyring::Entry> = servers.iter().map(|server| keyring::Entry { secret: "s", server }).collect();
+    for answer in lookup(&config, &images) {
+        let image = keyring::parse_image(&answer.image).expect("an image the kubelet parses");
+        assert_eq!(image.repository(), answer.repository, "{}", answer.image);
+        let ours: Vec<String> = keyring::lookup(&entries, &answer.repository)
+            .iter()
+            .map(|e| format!("u{}", servers.iter().position(|s| s == &e.server).unwrap()))
+            .collect();
+        assert_eq!(ours, answer.usernames, "{} ({})", answer.image, answer.repository);
+    }
+}

@@ -7,6 +7,7 @@ mod support;
 mod admin;
 mod conflict;
 mod core;
+mod doctor;
 mod ecr;
 mod errors;
 mod fanout;

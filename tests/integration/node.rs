@@ -357,6 +357,105 @@ async fn a_fixed_source_lets_the_same_pod_pull_on_the_kubelets_retry() {
     assert_no_leaks(&client).await;
 }
 
+/// `regcred doctor` on a Pod the kubelet failed to pull for: the kubelet's 401 in the Pod's
+/// Events and `--verify`'s 401 name the cause; once the source is fixed as the doctor says,
+/// the same Pod pulls and runs, and the doctor reports it fine.
+#[tokio::test]
+async fn the_doctor_explains_a_401_the_kubelet_saw_and_passes_once_the_pod_runs() {
+    let Some(node) = node() else { return };
+    let client = client().await;
+    let ns = namespace(&client, "node-doctor").await;
+    let password = secret_value("puller", "right");
+    let (registry, image) = registry_with_image("puller", &password, "team/app");
+    let _trusted = node.map_registry(&registry.host(), &registry).unwrap();
+    let ca = env().cp.dir().join(format!("doctor-ca-{ns}.pem"));
+    std::fs::write(&ca, registry.ca_pem().expect("a TLS registry")).unwrap();
+    let wrong = secret_value("puller", "wrong");
+    create_secret(&client, &ns, "reg-pass", &[("password", wrong.as_bytes())]).await;
+    create_credential(
+        &client,
+        &ns,
+        "private",
+        json!({"registry": registry.host(),
+               "source": {"basic": {"username": "puller", "passwordSecretRef": {"name": "reg-pass"}}}}),
+    )
+    .await;
+    wait_secret(&client, &ns, "private", "the wrong password", |s| logins(s)[0].2 == wrong).await;
+    create_pod(&client, &ns, "app", &image, &["private"], None).await;
+    wait_pull_failed(&client, &ns, "app").await;
+
+    let ca = ca.to_string_lossy().into_owned();
+    let args = ["pod", "app", "--verify", "--ca-file", ca.as_str()];
+    let d = crate::doctor::doctor(&ns, &args).await;
+    assert_eq!(d.status, 1, "{}", d.text);
+    assert_eq!(d.cause(), "unauthorized", "{}", d.text);
+    let events = d.image()["events"].as_array().cloned().unwrap_or_default();
+    assert!(events.iter().any(|e| e["cause"] == "unauthorized"), "the kubelet's 401: {}", d.text);
+    assert!(d.fixes()[0].contains("RegistryCredential private"), "{}", d.text);
+
+    set_secret_key(&client, &ns, "reg-pass", "password", password.as_bytes()).await;
+    wait_secret(&client, &ns, "private", "the right password", |s| logins(s)[0].2 == password).await;
+    wait_ran(&client, &ns, "app").await;
+    let d = crate::doctor::doctor(&ns, &args).await;
+    assert_eq!((d.status, d.cause()), (0, "ok"), "{}", d.text);
+    assert!(d.text.contains("can pull now"), "{}", d.text);
+}
+
+/// `regcred doctor deployment` shows the kubelet's pull Events of the Deployment's Pods (the
+/// Pods its selector picks), with the cause they name.
+#[tokio::test]
+async fn the_doctor_shows_the_pull_events_of_a_deployments_pods() {
+    let Some(node) = node() else { return };
+    env().cp.start_workload_controllers().unwrap();
+    let client = client().await;
+    let ns = namespace(&client, "node-doctor-deploy").await;
+    let password = secret_value("puller", "right");
+    let (registry, image) = registry_with_image("puller", &password, "team/app");
+    let _trusted = node.map_registry(&registry.host(), &registry).unwrap();
+    let wrong = secret_value("puller", "wrong");
+    create_secret(&client, &ns, "reg-pass", &[("password", wrong.as_bytes())]).await;
+    create_credential(
+        &client,
+        &ns,
+        "private",
+        json!({"registry": registry.host(),
+               "source": {"basic": {"username": "puller", "passwordSecretRef": {"name": "reg-pass"}}}}),
+    )
+    .await;
+    wait_secret(&client, &ns, "private", "the wrong password", |s| logins(s)[0].2 == wrong).await;
+    let deployment: k8s_openapi::api::apps::v1::Deployment = serde_json::from_value(json!({
+        "metadata": {"name": "web"},
+        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "web"}},
+                 "template": {"metadata": {"labels": {"app": "web"}},
+                              "spec": {"nodeName": regcred_testenv::NODE_NAME, "hostNetwork": true,
+                                       "automountServiceAccountToken": false, "terminationGracePeriodSeconds": 0,
+                                       "imagePullSecrets": [{"name": "private"}],
+                                       "containers": [{"name": "app", "image": image, "imagePullPolicy": "Always"}]}}},
+    }))
+    .unwrap();
+    let deployments = Api::<k8s_openapi::api::apps::v1::Deployment>::namespaced(client.clone(), &ns);
+    deployments.create(&PostParams::default(), &deployment).await.unwrap();
+    let pods = Api::<Pod>::namespaced(client.clone(), &ns);
+    let labels = kube::api::ListParams::default().labels("app=web");
+    let pod = eventually("the Deployment's Pod", NODE_TIMEOUT, || async {
+        pods.list(&labels).await.ok()?.items.into_iter().next()?.metadata.name
+    })
+    .await;
+    wait_pull_failed(&client, &ns, &pod).await;
+
+    // The entry matches (exit status 0: the Secret covers the image); the Events say the pull
+    // failed, and the verdict points to --verify.
+    let d = crate::doctor::doctor(&ns, &["deployment", "web"]).await;
+    assert_eq!(d.status, 0, "{}", d.text);
+    let events = d.image()["events"].as_array().cloned().unwrap_or_default();
+    assert!(events.iter().any(|e| e["cause"] == "unauthorized"), "the kubelet's 401 in: {}", d.text);
+    // Without --verify, the entry matches: the Events are what says the pull failed.
+    assert!(d.summary().contains("the kubelet's last pull Event says unauthorized"), "{}", d.text);
+
+    deployments.delete("web", &Default::default()).await.unwrap();
+    pods.delete_collection(&Default::default(), &labels).await.unwrap();
+}
+
 /// Seconds since the epoch, as the emulator records times.
 fn now() -> f64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs_f64()
