@@ -283,7 +283,7 @@ async fn take_over(
 
     let restart = cp.audit_log_len().unwrap();
     let controller = spawn("upgrade-2");
-    eventually("the restarted controller reconciled both credentials", TIMEOUT, || async {
+    let reconciled = regcred_testenv::wait_for("the restarted controller reconciled both credentials", TIMEOUT, || {
         let reconciles: f64 = controller
             .metrics()
             .lines()
@@ -291,8 +291,12 @@ async fn take_over(
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum();
         (reconciles >= 2.0).then_some(())
-    })
-    .await;
+    });
+    if let Err(error) = reconciled {
+        let log = std::fs::read_to_string(controller_log_path(cp, "upgrade-2")).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(80).collect::<Vec<_>>().into_iter().rev().collect();
+        panic!("{error:#}\nmetrics:\n{}\nthe controller's log, last lines:\n{}", controller.metrics(), tail.join("\n"));
+    }
     let after_restart = writes_by_object(cp, restart, cp.audit_log_len().unwrap());
     drop(controller);
     assert!(after_restart.is_empty(), "the restart after the migration wrote: {after_restart:#?}");
