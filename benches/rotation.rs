@@ -26,7 +26,8 @@
 //!
 //! For each rotation, from the apiserver's audit log (the controller's user, creates and patches
 //! of Secrets, `requestReceivedTimestamp`): the writes, their span, writes/s overall and the
-//! most in any 1-s window (goals, paced: at most Q + B in any second, overall within 10 % of Q);
+//! most in any 1-s window (goals, paced: at most Q + B in any second, overall within 10 % of Q
+//! when N ≥ 10·B);
 //! and the latency (p50, p99, max) of another client, a different user under RBAC, that GETs
 //! and merge-patches one ConfigMap in a loop (a 50 ms pause between rounds) during the rotation,
 //! against the same client at rest just before it. After each rotation, one list checks that all
@@ -215,7 +216,8 @@ async fn run(cp: &ControlPlane, aws: &AwsEmulator, args: &Args) -> anyhow::Resul
         paced.span(),
         rate / q,
         RATE_TOLERANCE * 100.0,
-        met((rate / q - 1.0).abs() <= RATE_TOLERANCE),
+        // With N not well above B the burst is most of the rotation: no rate to hold to Q.
+        if n as f64 >= 10.0 * b { met((rate / q - 1.0).abs() <= RATE_TOLERANCE) } else { "n/a, N < 10·B" },
         q * n as f64 / (n as f64 - b).max(1.0),
         q + b,
         met(max as f64 <= q + b)
@@ -452,8 +454,18 @@ async fn phase(
     flags.extend(extra.iter().cloned());
     let endpoint = aws.endpoint();
     let start_offset = cp.audit_log_len()?;
+    let start_calls = token_calls(aws)?;
     let mut controller = Controller::start(cp, &log_name(label), &flags, &[("AWS_ENDPOINT_URL", &endpoint)])?;
     let ready_in = controller.wait_ready().await?;
+    // The controller's writes, GetAuthorizationToken calls and reconciles from its start on.
+    let counts = |end: u64, controller: &Controller| -> anyhow::Result<String> {
+        Ok(format!(
+            "controller writes {}, {} GetAuthorizationToken, {} reconciles",
+            show(&controller_writes(cp, start_offset, end)?),
+            token_calls(aws)? - start_calls,
+            controller.reconciles()?
+        ))
+    };
     let startup = if credentials.get_opt(CREDENTIAL).await?.is_none() {
         let started = Instant::now();
         credentials.create(&PostParams::default(), &ecr_credential()?).await?;
@@ -474,10 +486,10 @@ async fn phase(
         let end = settle(cp, start_offset).await?;
         format!(
             "the credential's initial sync: {n} synced {:.2} s after its creation (controller ready {:.1} s after \
-             spawn); controller writes {}",
+             spawn); {}",
             synced.as_secs_f64(),
             ready_in.as_secs_f64(),
-            show(&controller_writes(cp, start_offset, end)?)
+            counts(end, &controller)?
         )
     } else {
         // The credential exists: the new controller reconciles it once and should write nothing.
@@ -488,9 +500,9 @@ async fn phase(
         }
         let end = settle(cp, start_offset).await?;
         format!(
-            "taking over (ready {:.1} s after spawn): controller writes {} (the live token is reused)",
+            "taking over (ready {:.1} s after spawn): {} (none of either: the live token is reused)",
             ready_in.as_secs_f64(),
-            show(&controller_writes(cp, start_offset, end)?)
+            counts(end, &controller)?
         )
     };
     let status = credentials.get(CREDENTIAL).await?.status.context("no status")?;
