@@ -808,12 +808,3 @@ fn chart_memory_limit_kib() -> anyhow::Result<u64> {
         _ => bail!("memory limit {memory}: unit not understood"),
     })
 }
-
-/// CPUs and load average now: the timings share the machine with the control plane and with
-/// whatever else runs; memory and request counts do not depend on it.
-fn machine() -> String {
-    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let load: Vec<&str> = load.split_whitespace().take(3).collect();
-    format!("{cpus} CPUs, load average {} (1/5/15 min)", load.join(" "))
-}

@@ -510,3 +510,12 @@ pub fn mib(kib: u64) -> String {
 pub fn kib(value: u64) -> String {
     format!("{value} KiB ({:.1} MiB)", value as f64 / 1024.0)
 }
+
+/// CPUs and load average now: the timings share the machine with the control plane and with
+/// whatever else runs; memory and request counts do not depend on it.
+pub fn machine() -> String {
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load: Vec<&str> = load.split_whitespace().take(3).collect();
+    format!("{cpus} CPUs, load average {} (1/5/15 min)", load.join(" "))
+}
