@@ -1,8 +1,7 @@
 //! The apiserver reads behind `regcred doctor`, with the user's own client: the Pod (or a
 //! workload's Pod template), its ServiceAccount, the pull Secrets, the credentials and the
 //! kubelet's Events. Only the subject itself must be readable; whatever else the user may not
-//! read is recorded as such in the facts. Lists are paged at [`LIST_LIMIT`] and only the first
-//! page is read.
+//! read is recorded as such in the facts. Lists are read in pages of [`LIST_LIMIT`], every page.
 
 use k8s_openapi::api::{
     apps::v1::{DaemonSet, Deployment, StatefulSet},
@@ -24,8 +23,25 @@ use crate::{
     dockerconfig,
 };
 
-/// At most this many credentials or Events are read (one page).
+/// Objects per page of a list.
 pub const LIST_LIMIT: u32 = 500;
+
+/// Every object `params` selects, read page by page.
+async fn list_all<K>(api: &Api<K>, params: &ListParams) -> kube::Result<Vec<K>>
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
+{
+    let mut params = params.clone().limit(LIST_LIMIT);
+    let mut items = Vec::new();
+    loop {
+        let page = api.list(&params).await?;
+        items.extend(page.items);
+        match page.metadata.continue_.filter(|token| !token.is_empty()) {
+            Some(token) => params = params.continue_token(&token),
+            None => return Ok(items),
+        }
+    }
+}
 
 /// What to look at.
 #[derive(Debug, Clone)]
@@ -148,9 +164,10 @@ const WORKLOAD_PODS: usize = 3;
 
 /// The pull Events of the workload's newest Pods (those its selector's labels pick).
 async fn workload_events(client: &Client, namespace: &str, labels: &str) -> Vec<Event> {
-    let params = ListParams::default().labels(labels).limit(LIST_LIMIT);
-    let Ok(list) = Api::<Pod>::namespaced(client.clone(), namespace).list(&params).await else { return vec![] };
-    let mut pods = list.items;
+    let params = ListParams::default().labels(labels);
+    let Ok(mut pods) = list_all(&Api::<Pod>::namespaced(client.clone(), namespace), &params).await else {
+        return vec![];
+    };
     pods.sort_by_key(|p| std::cmp::Reverse(p.metadata.creation_timestamp.clone().map(|t| t.0)));
     let mut events = Vec::new();
     for pod in pods.iter().take(WORKLOAD_PODS) {
@@ -249,15 +266,15 @@ fn parse_dockercfg(bytes: &[u8]) -> Result<Vec<Login>, String> {
 }
 
 async fn credentials(client: &Client, namespace: &str) -> Listing<Vec<CredentialFacts>> {
-    let params = ListParams::default().limit(LIST_LIMIT);
-    let namespaced = Api::<RegistryCredential>::namespaced(client.clone(), namespace).list(&params).await;
+    let params = ListParams::default();
+    let namespaced = list_all(&Api::<RegistryCredential>::namespaced(client.clone(), namespace), &params).await;
     let mut list: Vec<CredentialFacts> = match namespaced {
-        Ok(list) => list.items.iter().map(namespaced_facts).collect(),
+        Ok(items) => items.iter().map(namespaced_facts).collect(),
         Err(e) => return Listing::Unavailable(format!("RegistryCredentials in {namespace}: {e}")),
     };
     // Tenants commonly may not list cluster credentials: the namespace's own still count.
-    if let Ok(cluster) = Api::<ClusterRegistryCredential>::all(client.clone()).list(&params).await {
-        list.extend(cluster.items.iter().map(cluster_facts));
+    if let Ok(cluster) = list_all(&Api::<ClusterRegistryCredential>::all(client.clone()), &params).await {
+        list.extend(cluster.iter().map(cluster_facts));
     }
     Listing::Read(list)
 }
@@ -312,10 +329,9 @@ fn status_facts(
 
 /// The Pod's Events, newest first; none when they may not be read.
 async fn pod_events(client: &Client, namespace: &str, pod: &str) -> Vec<Event> {
-    let params =
-        ListParams::default().fields(&format!("involvedObject.kind=Pod,involvedObject.name={pod}")).limit(LIST_LIMIT);
-    let mut events = match Api::<Event>::namespaced(client.clone(), namespace).list(&params).await {
-        Ok(list) => list.items,
+    let params = ListParams::default().fields(&format!("involvedObject.kind=Pod,involvedObject.name={pod}"));
+    let mut events = match list_all(&Api::<Event>::namespaced(client.clone(), namespace), &params).await {
+        Ok(items) => items,
         Err(_) => return vec![],
     };
     events.sort_by_key(|e| {

@@ -396,3 +396,33 @@ async fn a_repository_the_token_server_does_not_grant_is_forbidden() {
     assert_ok(&d);
     assert!(d.text.contains("can pull now"), "{}", d.text);
 }
+
+/// The doctor reads every page of a list: with 500 other credentials ahead of it (by name),
+/// the credential that writes the missing Secret is on the second page of 500, and is still
+/// named as the cause. (None of them carries the test controller's label: none is reconciled.)
+#[tokio::test]
+async fn the_credential_on_a_second_page_is_still_found() {
+    env();
+    let client = client().await;
+    let ns = namespace(&client, "doctor-pages").await;
+    service_account(&client, &ns).await;
+    let credentials = Api::<RegistryCredential>::namespaced(client.clone(), &ns);
+    let credential = |name: String, secret: &str| -> RegistryCredential {
+        serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "spec": {"registry": "quay.io", "secret": {"name": secret},
+                     "source": {"basic": {"username": "u", "passwordSecretRef": {"name": "pass"}}}},
+        }))
+        .unwrap()
+    };
+    for i in 0..500 {
+        let decoy = credential(format!("a-{i:03}"), &format!("other-{i:03}"));
+        credentials.create(&PostParams::default(), &decoy).await.unwrap();
+    }
+    credentials.create(&PostParams::default(), &credential("z-writer".into(), "ghcr-pull")).await.unwrap();
+    pod(&client, &ns, "web", "quay.io/org/app:v1", &["ghcr-pull"]).await;
+
+    let d = doctor(&ns, &["pod", "web"]).await;
+    assert_eq!(d.status, 1, "{}", d.text);
+    assert!(d.summary().contains("RegistryCredential z-writer, which writes it"), "{}", d.text);
+}
