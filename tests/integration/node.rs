@@ -121,6 +121,32 @@ fn tls_registry(users: &[(&str, &str)]) -> Registry {
 }
 
 /// [`tls_registry`] with one user, and the image `team/app:v1` in it.
+/// A registry serving `team/app` to `puller`, and RegistryCredential `private` in `ns` whose
+/// source (Secret `reg-pass`) holds a wrong password, its Secret written: a Pod's pull gets a
+/// 401 until `reg-pass` holds `password`.
+struct WrongPassword {
+    registry: Registry,
+    image: String,
+    password: String,
+}
+
+async fn wrong_password_credential(client: &Client, ns: &str) -> WrongPassword {
+    let password = secret_value("puller", "right");
+    let (registry, image) = registry_with_image("puller", &password, "team/app");
+    let wrong = secret_value("puller", "wrong");
+    create_secret(client, ns, "reg-pass", &[("password", wrong.as_bytes())]).await;
+    create_credential(
+        client,
+        ns,
+        "private",
+        json!({"registry": registry.host(),
+               "source": {"basic": {"username": "puller", "passwordSecretRef": {"name": "reg-pass"}}}}),
+    )
+    .await;
+    wait_secret(client, ns, "private", "the wrong password", |s| logins(s)[0].2 == wrong).await;
+    WrongPassword { registry, image, password }
+}
+
 fn registry_with_image(user: &str, password: &str, repo: &str) -> (Registry, String) {
     let registry = tls_registry(&[(user, password)]);
     let image = registry.push_program_image(repo, "v1", user, password, &["hello", repo]).unwrap();
@@ -325,21 +351,9 @@ async fn a_fixed_source_lets_the_same_pod_pull_on_the_kubelets_retry() {
     let Some(node) = node() else { return };
     let client = client().await;
     let ns = namespace(&client, "node-fix").await;
-    let password = secret_value("puller", "right");
-    let (registry, image) = registry_with_image("puller", &password, "team/app");
+    let WrongPassword { registry, image, password } = wrong_password_credential(&client, &ns).await;
     // Pulled from its own address, over HTTPS with a CA the node trusts for it.
     let _trusted = node.map_registry(&registry.host(), &registry).unwrap();
-    let wrong = secret_value("puller", "wrong");
-    create_secret(&client, &ns, "reg-pass", &[("password", wrong.as_bytes())]).await;
-    create_credential(
-        &client,
-        &ns,
-        "private",
-        json!({"registry": registry.host(),
-               "source": {"basic": {"username": "puller", "passwordSecretRef": {"name": "reg-pass"}}}}),
-    )
-    .await;
-    wait_secret(&client, &ns, "private", "the wrong password", |s| logins(s)[0].2 == wrong).await;
 
     let pod = create_pod(&client, &ns, "app", &image, &["private"], None).await;
     let uid = pod.metadata.uid.clone().unwrap();
@@ -365,22 +379,10 @@ async fn the_doctor_explains_a_401_the_kubelet_saw_and_passes_once_the_pod_runs(
     let Some(node) = node() else { return };
     let client = client().await;
     let ns = namespace(&client, "node-doctor").await;
-    let password = secret_value("puller", "right");
-    let (registry, image) = registry_with_image("puller", &password, "team/app");
+    let WrongPassword { registry, image, password } = wrong_password_credential(&client, &ns).await;
     let _trusted = node.map_registry(&registry.host(), &registry).unwrap();
     let ca = env().cp.dir().join(format!("doctor-ca-{ns}.pem"));
     std::fs::write(&ca, registry.ca_pem().expect("a TLS registry")).unwrap();
-    let wrong = secret_value("puller", "wrong");
-    create_secret(&client, &ns, "reg-pass", &[("password", wrong.as_bytes())]).await;
-    create_credential(
-        &client,
-        &ns,
-        "private",
-        json!({"registry": registry.host(),
-               "source": {"basic": {"username": "puller", "passwordSecretRef": {"name": "reg-pass"}}}}),
-    )
-    .await;
-    wait_secret(&client, &ns, "private", "the wrong password", |s| logins(s)[0].2 == wrong).await;
     create_pod(&client, &ns, "app", &image, &["private"], None).await;
     wait_pull_failed(&client, &ns, "app").await;
 
@@ -409,20 +411,8 @@ async fn the_doctor_shows_the_pull_events_of_a_deployments_pods() {
     env().cp.start_workload_controllers().unwrap();
     let client = client().await;
     let ns = namespace(&client, "node-doctor-deploy").await;
-    let password = secret_value("puller", "right");
-    let (registry, image) = registry_with_image("puller", &password, "team/app");
+    let WrongPassword { registry, image, .. } = wrong_password_credential(&client, &ns).await;
     let _trusted = node.map_registry(&registry.host(), &registry).unwrap();
-    let wrong = secret_value("puller", "wrong");
-    create_secret(&client, &ns, "reg-pass", &[("password", wrong.as_bytes())]).await;
-    create_credential(
-        &client,
-        &ns,
-        "private",
-        json!({"registry": registry.host(),
-               "source": {"basic": {"username": "puller", "passwordSecretRef": {"name": "reg-pass"}}}}),
-    )
-    .await;
-    wait_secret(&client, &ns, "private", "the wrong password", |s| logins(s)[0].2 == wrong).await;
     let deployment: k8s_openapi::api::apps::v1::Deployment = serde_json::from_value(json!({
         "metadata": {"name": "web"},
         "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "web"}},
