@@ -210,7 +210,7 @@ pub fn spawn_strict_controller(
     for (key, value) in envs {
         cmd.env(key, value);
     }
-    let log = controller_log_path(cp, name);
+    let log = new_controller_log(cp, name);
     let process = Process::spawn(&format!("regcred-{name}"), cmd, &log).expect("starting regcred");
     TestController::from_process(process, &log)
 }
@@ -245,6 +245,19 @@ fn log_dir_and_prefix(cp: &ControlPlane) -> (PathBuf, String) {
         Some(dir) => (PathBuf::from(dir), format!("regcred-{}-", std::process::id())),
         None => (cp.dir().to_path_buf(), "regcred-".into()),
     }
+}
+
+/// The log file for a new controller named `name`. Under `REGCRED_LEAK_DIR` every controller
+/// of this test process logs into one directory, so a name used twice (two tests running at
+/// once, each with a control plane of its own) would share a file, and the second controller
+/// would be taken to listen on the first one's admin port: refused here.
+pub fn new_controller_log(cp: &ControlPlane, name: &str) -> PathBuf {
+    static USED: std::sync::Mutex<std::collections::BTreeSet<PathBuf>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let path = controller_log_path(cp, name);
+    let fresh = USED.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(path.clone());
+    assert!(fresh, "controller name {name} is already used by another controller of this test process");
+    path
 }
 
 /// The log file of the controller named `name`.

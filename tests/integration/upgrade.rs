@@ -85,7 +85,8 @@ async fn an_upgrade_from_796ef1e_writes_each_object_at_most_once_and_keeps_every
     let watches = Watches::start(&client).await;
 
     // 4. Today's controller takes over; 5. a restart after it writes nothing.
-    take_over(&cp, &client, watches, (&uid, &cluster_uid), &|name| spawn(&cp, &kubeconfig, name)).await;
+    take_over(&cp, &client, watches, (&uid, &cluster_uid), "upgrade-manifests", &|name| spawn(&cp, &kubeconfig, name))
+        .await;
 }
 
 /// The chart's path from 796ef1e, as README's and CHANGELOG.md's "Upgrading" have it: that
@@ -141,7 +142,10 @@ async fn a_helm_upgrade_from_796ef1e_writes_each_object_at_most_once_and_keeps_e
     let kubeconfig = cp
         .service_account_kubeconfig(CONTROLLER_NAMESPACE, &deployment.service_account)
         .expect("a token of the chart's ServiceAccount");
-    take_over(&cp, &client, watches, (&uid, &cluster_uid), &|name| deployment.spawn(&cp, &kubeconfig, name)).await;
+    take_over(&cp, &client, watches, (&uid, &cluster_uid), "upgrade-helm", &|name| {
+        deployment.spawn(&cp, &kubeconfig, name)
+    })
+    .await;
 }
 
 const RELEASE: &str = "regcred";
@@ -255,11 +259,12 @@ async fn take_over(
     client: &Client,
     watches: Watches,
     (uid, cluster_uid): (&str, &str),
+    names: &str,
     spawn: &dyn Fn(&str) -> TestController,
 ) {
     let Watches { seen, broken, tasks } = watches;
     let start = cp.audit_log_len().unwrap();
-    let mut controller = spawn("upgrade-1");
+    let mut controller = spawn(&format!("{names}-1"));
     eventually("today's controller migrated every object", TIMEOUT, || {
         migrated(client.clone(), uid.to_string(), cluster_uid.to_string())
     })
@@ -282,7 +287,7 @@ async fn take_over(
     assert!(writes.contains_key("secrets upgrade-a/dockerhub-pull"), "no migration write? {writes:#?}");
 
     let restart = cp.audit_log_len().unwrap();
-    let controller = spawn("upgrade-2");
+    let controller = spawn(&format!("{names}-2"));
     let reconciled = regcred_testenv::wait_for("the restarted controller reconciled both credentials", TIMEOUT, || {
         let reconciles: f64 = controller
             .metrics()
@@ -293,7 +298,7 @@ async fn take_over(
         (reconciles >= 2.0).then_some(())
     });
     if let Err(error) = reconciled {
-        let log = std::fs::read_to_string(controller_log_path(cp, "upgrade-2")).unwrap_or_default();
+        let log = std::fs::read_to_string(controller_log_path(cp, &format!("{names}-2"))).unwrap_or_default();
         let tail: Vec<&str> = log.lines().rev().take(80).collect::<Vec<_>>().into_iter().rev().collect();
         panic!("{error:#}\nmetrics:\n{}\nthe controller's log, last lines:\n{}", controller.metrics(), tail.join("\n"));
     }
@@ -535,7 +540,7 @@ fn spawn(cp: &ControlPlane, kubeconfig: &Path, name: &str) -> TestController {
         .env("RUST_LOG", "debug,hyper=info,tower=info,rustls=info,aws_smithy_runtime=info,aws_config=info")
         .env("AWS_EC2_METADATA_DISABLED", "true")
         .env("HOME", cp.dir());
-    let log = controller_log_path(cp, name);
+    let log = new_controller_log(cp, name);
     let process = Process::spawn(&format!("regcred-{name}"), cmd, &log).expect("starting regcred");
     TestController::from_process(process, &log)
 }
@@ -583,7 +588,7 @@ impl Deployed {
             .env("KUBECONFIG", kubeconfig)
             .env("AWS_EC2_METADATA_DISABLED", "true")
             .env("HOME", cp.dir());
-        let log = controller_log_path(cp, name);
+        let log = new_controller_log(cp, name);
         let process = Process::spawn(&format!("regcred-{name}"), cmd, &log).expect("starting regcred");
         TestController::from_process(process, &log)
     }
