@@ -77,11 +77,21 @@ impl TestController {
         admin_get(self.admin_port, "/metrics").1
     }
 
+    /// Starts `cmd` (with `--admin-addr 127.0.0.1:0`) as controller `name`, logging to `log`,
+    /// and waits until it logged the port its admin endpoint listens on. A controller started
+    /// again under its name appends to the same log: only what this process wrote counts.
+    pub fn spawn(name: &str, cmd: Command, log: &std::path::Path) -> TestController {
+        let before = std::fs::metadata(log).map_or(0, |m| m.len());
+        let process = Process::spawn(&format!("regcred-{name}"), cmd, log).expect("starting regcred");
+        TestController::from_process(process, log, before)
+    }
+
     /// A started controller process (with `--admin-addr 127.0.0.1:0`), once it logged the
-    /// port its admin endpoint listens on.
-    pub fn from_process(process: Process, log: &std::path::Path) -> TestController {
+    /// port its admin endpoint listens on, in `log` past byte `from`.
+    fn from_process(process: Process, log: &std::path::Path, from: u64) -> TestController {
         let admin_port = regcred_testenv::wait_for("the admin endpoint's address in the log", TIMEOUT, || {
-            let text = std::fs::read_to_string(log).ok()?;
+            let text = std::fs::read(log).ok()?;
+            let text = String::from_utf8_lossy(text.get(usize::try_from(from).ok()?..)?);
             let line = text.lines().find(|l| l.contains("admin endpoint listening"))?;
             let after = &line[line.find("127.0.0.1:")? + "127.0.0.1:".len()..];
             after.chars().take_while(char::is_ascii_digit).collect::<String>().parse().ok()
@@ -210,9 +220,7 @@ pub fn spawn_strict_controller(
     for (key, value) in envs {
         cmd.env(key, value);
     }
-    let log = new_controller_log(cp, name);
-    let process = Process::spawn(&format!("regcred-{name}"), cmd, &log).expect("starting regcred");
-    TestController::from_process(process, &log)
+    TestController::spawn(name, cmd, &controller_log_path(cp, name))
 }
 
 /// A client with the controllers' own identity (the packaged ServiceAccount's token).
@@ -245,19 +253,6 @@ fn log_dir_and_prefix(cp: &ControlPlane) -> (PathBuf, String) {
         Some(dir) => (PathBuf::from(dir), format!("regcred-{}-", std::process::id())),
         None => (cp.dir().to_path_buf(), "regcred-".into()),
     }
-}
-
-/// The log file for a new controller named `name`. Under `REGCRED_LEAK_DIR` every controller
-/// of this test process logs into one directory, so a name used twice (two tests running at
-/// once, each with a control plane of its own) would share a file, and the second controller
-/// would be taken to listen on the first one's admin port: refused here.
-pub fn new_controller_log(cp: &ControlPlane, name: &str) -> PathBuf {
-    static USED: std::sync::Mutex<std::collections::BTreeSet<PathBuf>> =
-        std::sync::Mutex::new(std::collections::BTreeSet::new());
-    let path = controller_log_path(cp, name);
-    let fresh = USED.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(path.clone());
-    assert!(fresh, "controller name {name} is already used by another controller of this test process");
-    path
 }
 
 /// The log file of the controller named `name`.

@@ -27,7 +27,7 @@ use kube::{
     api::{ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams},
 };
 use regcred::crd::{ClusterRegistryCredential, RegistryCredential};
-use regcred_testenv::{ControlPlane, Process, eventually};
+use regcred_testenv::{ControlPlane, eventually};
 use serde_json::{Value, json};
 
 use crate::support::*;
@@ -540,9 +540,7 @@ fn spawn(cp: &ControlPlane, kubeconfig: &Path, name: &str) -> TestController {
         .env("RUST_LOG", "debug,hyper=info,tower=info,rustls=info,aws_smithy_runtime=info,aws_config=info")
         .env("AWS_EC2_METADATA_DISABLED", "true")
         .env("HOME", cp.dir());
-    let log = new_controller_log(cp, name);
-    let process = Process::spawn(&format!("regcred-{name}"), cmd, &log).expect("starting regcred");
-    TestController::from_process(process, &log)
+    TestController::spawn(name, cmd, &controller_log_path(cp, name))
 }
 
 /// The controller container of the release's Deployment, as `helm get manifest` shows it.
@@ -588,8 +586,6 @@ impl Deployed {
             .env("KUBECONFIG", kubeconfig)
             .env("AWS_EC2_METADATA_DISABLED", "true")
             .env("HOME", cp.dir());
-        let log = new_controller_log(cp, name);
-        let process = Process::spawn(&format!("regcred-{name}"), cmd, &log).expect("starting regcred");
-        TestController::from_process(process, &log)
+        TestController::spawn(name, cmd, &controller_log_path(cp, name))
     }
 }
