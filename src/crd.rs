@@ -652,6 +652,12 @@ pub struct CredentialStatus {
     /// in a target namespace is repaired, never taken as the token. Not the token itself.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_digest: Option<String>,
+    /// The fingerprint (SHA-256, first 128 bits, hex) of the identity the token in the Secret
+    /// was issued to (ECR, gcr access tokens): after a restart a token is reused only for the
+    /// same identity. Kept here, not on the Secret, where a target namespace's editor cannot
+    /// change it. Not the identity itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_identity: Option<String>,
     /// When the registry last answered the check behind the `Verified` condition.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verified_at: Option<Time>,

@@ -214,7 +214,7 @@ async fn render_one<K: Credential>(
     let name = cr.secret_name();
     let secrets = targets
         .iter()
-        .map(|namespace| desired_secret(&name, namespace, parts.secret, None, docker_config.clone(), None))
+        .map(|namespace| desired_secret(&name, namespace, parts.secret, None, docker_config.clone()))
         .collect();
     Ok((secrets, fetched.notes, fetched.auths))
 }

@@ -29,9 +29,6 @@ pub const MANAGED_BY_VALUE: &str = "regcred";
 /// Label with the uid of the credential a Secret was written for, so one list finds all of its
 /// Secrets.
 pub const CREDENTIAL_UID_LABEL: &str = "regcred.dev/credential-uid";
-/// Annotation with the fingerprint of the AWS identity an ECR token in the Secret was issued
-/// to: a restarted controller reuses the token only for the same identity.
-pub const TOKEN_IDENTITY_ANNOTATION: &str = "regcred.dev/token-identity";
 
 /// The Secret that should exist, its `.dockerconfigjson` kept where `Debug` does not show it
 /// until [`DesiredSecret::to_secret`] builds the object to send.
@@ -64,17 +61,13 @@ pub fn desired_secret(
     template: &SecretTemplate,
     owner: Option<OwnerReference>,
     docker_config: SecretSlice<u8>,
-    token_identity: Option<&str>,
 ) -> DesiredSecret {
     let mut labels = template.labels.clone();
     labels.insert(MANAGED_BY_LABEL.into(), MANAGED_BY_VALUE.into());
     if let Some(owner) = &owner {
         labels.insert(CREDENTIAL_UID_LABEL.into(), owner.uid.clone());
     }
-    let mut annotations = template.annotations.clone();
-    if let Some(identity) = token_identity {
-        annotations.insert(TOKEN_IDENTITY_ANNOTATION.into(), identity.into());
-    }
+    let annotations = template.annotations.clone();
     DesiredSecret {
         metadata: ObjectMeta {
             name: Some(name.into()),
@@ -519,7 +512,7 @@ mod tests {
             labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             ..Default::default()
         };
-        desired_secret("pull", "ns", &template, Some(owner()), b"{}".to_vec().into(), None)
+        desired_secret("pull", "ns", &template, Some(owner()), b"{}".to_vec().into())
     }
 
     /// The pull config, on its way to the request and as read back, shows no password in
@@ -529,7 +522,7 @@ mod tests {
         use crate::dockerconfig::RegistryAuth;
         let auths = [RegistryAuth { server: "r.io".into(), username: "bob".into(), password: "hunter2-pw".into() }];
         let config = crate::dockerconfig::render(&auths);
-        let desired = desired_secret("pull", "ns", &SecretTemplate::default(), Some(owner()), config.clone(), None);
+        let desired = desired_secret("pull", "ns", &SecretTemplate::default(), Some(owner()), config.clone());
         let live = ReadSecret::from(desired.to_secret());
         for shown in [format!("{config:?}"), format!("{desired:?}"), format!("{live:?}")] {
             crate::test_support::assert_hidden(&shown, "hunter2-pw");

@@ -48,6 +48,9 @@ pub struct Synced {
     /// The digest of the config written, for sources with a token (see
     /// `CredentialStatus::token_digest`).
     pub token_digest: Option<String>,
+    /// The fingerprint of the identity the token was issued to (see
+    /// `CredentialStatus::token_identity`).
+    pub token_identity: Option<String>,
     /// What the source corrected on the way (a trailing line break removed), for the message.
     pub notes: Vec<String>,
 }
@@ -75,6 +78,7 @@ pub fn credential_status(
         next.expires_at = synced.expires_at.map(status_time);
         next.next_refresh_at = synced.refresh_at.map(status_time);
         next.token_digest = synced.token_digest.clone();
+        next.token_identity = synced.token_identity.clone();
     }
     let degraded = |failure: &Error, valid_until: Option<Timestamp>| {
         let mut message = failure.to_string();
@@ -281,6 +285,7 @@ mod tests {
             expires_at: Some(Timestamp::now() + std::time::Duration::from_secs(3600)),
             refresh_at: Some(Timestamp::now() + std::time::Duration::from_secs(600)),
             token_digest: None,
+            token_identity: None,
             notes: Vec::new(),
         };
         credential_status(None, Some(generation), &ecr(), Some(&synced), None, None)
@@ -300,6 +305,7 @@ mod tests {
             expires_at: previous.expires_at.as_ref().map(|t| t.0),
             refresh_at: None,
             token_digest: None,
+            token_identity: None,
             notes: Vec::new(),
         };
         let conflict = Error::SecretConflict { namespace: "ns".into(), name: "taken".into() };
@@ -332,6 +338,7 @@ mod tests {
             expires_at,
             refresh_at: Some(Timestamp::now() - std::time::Duration::from_secs(5)),
             token_digest: None,
+            token_identity: None,
             notes: Vec::new(),
         };
         for generation in [1, 2] {
@@ -440,6 +447,7 @@ mod tests {
             expires_at: Some(sub_second + std::time::Duration::from_secs(3600)),
             refresh_at: Some(sub_second + std::time::Duration::from_secs(600)),
             token_digest: Some("d".into()),
+            token_identity: Some("i".into()),
             notes: Vec::new(),
         };
         let mut built = credential_status(None, Some(1), &ecr(), Some(&synced), None, None);

@@ -195,6 +195,7 @@ async fn sync<K: Credential>(obj: &K, uid: &str, ctx: &Context) -> Result<FanOut
             expires_at: credentials.expires_at,
             refresh_at: credentials.refresh_at,
             token_digest: credentials.expires_at.is_some().then(|| desired.hash.clone()),
+            token_identity: credentials.expires_at.and(credentials.identity.clone()),
             notes: credentials.notes,
         },
         logins: credentials.auths,
@@ -279,7 +280,6 @@ struct Desired<'a> {
     template: &'a SecretTemplate,
     owner: OwnerReference,
     config: SecretSlice<u8>,
-    identity: Option<String>,
     /// `config_hash` of the config, and the metadata (as in any namespace) with its digest.
     hash: String,
     meta: ObjectMeta,
@@ -290,24 +290,15 @@ impl<'a> Desired<'a> {
     fn new(name: &'a str, template: &'a SecretTemplate, owner: OwnerReference, credentials: &Credentials) -> Self {
         let config = dockerconfig::render(&credentials.auths);
         let hash = config_hash(Some(config.expose_secret()));
-        let mut desired = Desired {
-            name,
-            template,
-            owner,
-            config,
-            identity: credentials.identity.clone(),
-            hash,
-            meta: ObjectMeta::default(),
-            meta_digest: String::new(),
-        };
+        let mut desired =
+            Desired { name, template, owner, config, hash, meta: ObjectMeta::default(), meta_digest: String::new() };
         desired.meta = desired.in_namespace("").metadata;
         desired.meta_digest = metadata_digest(&desired.meta);
         desired
     }
 
     fn in_namespace(&self, namespace: &str) -> DesiredSecret {
-        let (owner, config, identity) = (Some(self.owner.clone()), self.config.clone(), self.identity.as_deref());
-        desired_secret(self.name, namespace, self.template, owner, config, identity)
+        desired_secret(self.name, namespace, self.template, Some(self.owner.clone()), self.config.clone())
     }
 }
 
@@ -714,6 +705,7 @@ mod tests {
                 expires_at: None,
                 refresh_at: None,
                 token_digest: None,
+                token_identity: None,
                 notes: Vec::new(),
             },
             logins: Vec::new(),

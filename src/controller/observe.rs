@@ -22,7 +22,7 @@ use crate::{
     Error, dockerconfig,
     owned::OwnedSecret,
     plan::LiveSecret,
-    secret::{ReadSecret, TOKEN_IDENTITY_ANNOTATION, config_hash, data_hash, is_controlled_by, owned_metadata_digest},
+    secret::{ReadSecret, config_hash, data_hash, is_controlled_by, owned_metadata_digest},
     service_account::holds_exactly,
     source::PreviousToken,
     state::Content,
@@ -161,7 +161,7 @@ pub(super) fn previous_token(
     if status.token_digest.as_deref() != Some(config_hash(Some(config)).as_str()) {
         return None;
     }
-    let identity = secret.metadata.annotations.as_ref()?.get(TOKEN_IDENTITY_ANNOTATION)?.clone();
+    let identity = status.token_identity.clone()?;
     Some(PreviousToken {
         identity,
         auths: dockerconfig::parse(config).ok()?,
@@ -255,7 +255,7 @@ where
 mod tests {
     use k8s_openapi::{
         ByteString,
-        apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time},
+        apimachinery::pkg::apis::meta::v1::Time,
         jiff::{SignedDuration, Timestamp},
     };
 
@@ -269,10 +269,6 @@ mod tests {
 
     fn secret(config: &[u8]) -> ReadSecret {
         ReadSecret::from(Secret {
-            metadata: ObjectMeta {
-                annotations: Some([(TOKEN_IDENTITY_ANNOTATION.to_string(), "identity".to_string())].into()),
-                ..Default::default()
-            },
             data: Some([(".dockerconfigjson".to_string(), ByteString(config.to_vec()))].into()),
             ..Default::default()
         })
@@ -287,6 +283,7 @@ mod tests {
                 expires_at: Some(in_hours(12)),
                 next_refresh_at: Some(in_hours(9)),
                 token_digest: digest.map(|d| config_hash(Some(d))),
+                token_identity: Some("identity".into()),
                 ..Default::default()
             },
             ..Default::default()
@@ -297,8 +294,13 @@ mod tests {
     fn only_the_bytes_the_status_recorded_are_reused() {
         let reused = previous_token(&secret(GENUINE), Some(&status(Some(GENUINE))), Some(1)).expect("reused");
         assert_eq!(reused.auths[0].password.expose_secret(), "issued");
+        assert_eq!(reused.identity, "identity", "the identity the status recorded");
         assert!(previous_token(&secret(FORGED), Some(&status(Some(GENUINE))), Some(1)).is_none(), "edited bytes");
         assert!(previous_token(&secret(GENUINE), Some(&status(None)), Some(1)).is_none(), "no digest recorded");
         assert!(previous_token(&secret(GENUINE), Some(&status(Some(GENUINE))), Some(2)).is_none(), "other generation");
+        // A status written before `tokenIdentity` was recorded (an upgrade): no reuse.
+        let mut without_identity = status(Some(GENUINE));
+        without_identity.credential.token_identity = None;
+        assert!(previous_token(&secret(GENUINE), Some(&without_identity), Some(1)).is_none(), "no identity recorded");
     }
 }

@@ -24,8 +24,9 @@ pub struct Credentials {
     pub expires_at: Option<Timestamp>,
     /// When to fetch new logins; `None` for static passwords.
     pub refresh_at: Option<Timestamp>,
-    /// A fingerprint of the identity a token was issued to (never key material), recorded on
-    /// the Secret so that a restarted controller can reuse the token it holds.
+    /// A fingerprint of the identity a token was issued to (never key material), recorded in
+    /// the credential's status (`tokenIdentity`) so that a restarted controller can reuse the
+    /// token its Secrets hold.
     pub identity: Option<String>,
     /// What regcred changed in what it read, for the user to know (e.g. the `Ready`
     /// condition's message). Names Secrets and keys, never values.
@@ -132,7 +133,7 @@ pub struct SourceContext<'a, R> {
 
 /// A token found in a live Secret of the credential, with what the status said about it.
 pub struct PreviousToken {
-    /// The identity fingerprint recorded on the Secret.
+    /// The identity fingerprint the status recorded (`tokenIdentity`).
     pub identity: String,
     pub auths: Vec<RegistryAuth>,
     pub expires_at: Timestamp,

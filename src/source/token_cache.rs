@@ -157,8 +157,8 @@ pub fn digest(parts: &[&str]) -> String {
     format!("{:x}", digest.finalize())
 }
 
-/// The first 16 bytes of [`digest`]: the identity fingerprint recorded on a Secret
-/// (`regcred.dev/token-identity`), by which a restarted controller finds its token again.
+/// The first 16 bytes of [`digest`]: the identity fingerprint recorded in a credential's status
+/// (`tokenIdentity`), by which a restarted controller finds its token again.
 pub fn fingerprint(parts: &[&str]) -> String {
     digest(parts)[..32].to_string()
 }

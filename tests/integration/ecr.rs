@@ -828,7 +828,6 @@ async fn ecr_credentials_are_verified_through_ecrs_basic_challenge() {
 /// and write none (the rotation bench saw 1,000 creates and then 1,000 patches of the same
 /// token at 1,000 namespaces).
 #[tokio::test]
-#[ignore = "known defect, not fixed yet: a create then an apply per Secret (the token identity annotation goes in the apply)"]
 async fn an_ecr_fan_out_writes_each_secret_once() {
     const TARGETS: usize = 12;
     let admin = client().await;

@@ -464,12 +464,21 @@ async fn a_restart_asks_google_for_nothing_and_rewrites_nothing() {
     let ns = namespace(&client, "gcr-restart").await;
     let key = new_key(&gcp, "restart");
     key_secret(&client, &ns, &key).await;
+    let created_at = cp.audit_log_len().unwrap();
     create_credential_for(&client, &ns, "gar", Some(&name), key_spec("europe-docker.pkg.dev")).await;
     wait_ready(&client, &ns, "gar", "True", Some("Synced")).await;
     let secret = wait_secret(&client, &ns, "gar", "written", |_| true).await;
     issued(&gcp, &logins(&secret).remove(0).2);
     first.terminate();
     drop(first);
+    // The Secret was created with one write: no apply after the create (the token's identity
+    // is in the status, not on the Secret).
+    let secret_writes: Vec<_> = requests_of_since(&user, created_at)
+        .into_iter()
+        .filter(|(verb, resource, namespace, _)| is_write(verb) && resource == "secrets" && *namespace == ns)
+        .map(|(verb, ..)| verb)
+        .collect();
+    assert_eq!(secret_writes, ["create"], "the first controller's Secret writes");
 
     let offset = cp.audit_log_len().unwrap();
     let second = spawn_google_controller_with(&gcp, &format!("{name}-2"), &name, &[], &env_kubeconfig);
