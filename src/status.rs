@@ -20,9 +20,12 @@ pub const DEGRADED: &str = "Degraded";
 /// The condition that says whether the registry accepts the credential (`spec.verify`).
 pub const VERIFIED: &str = "Verified";
 /// The condition of a ClusterRegistryCredential that says whether every target namespace
-/// holds its Secret; the namespaces that do not are its own business, not `Ready`'s, when
-/// they keep a Secret the credential may not take.
+/// holds its Secret; the namespaces that do not are their own business, not `Ready`'s, unless
+/// every target failed.
 pub const NAMESPACES_SYNCED: &str = "NamespacesSynced";
+/// Reason of `NamespacesSynced=False` when some target namespaces failed other than by a
+/// conflict (and of `Ready=False` when every target failed).
+pub const NAMESPACES_FAILED: &str = "NamespacesFailed";
 /// Reason of `NamespacesSynced=False` when every namespace without the Secret keeps one of
 /// that name that is not the credential's to take (the same reason as the namespace's entry in
 /// `status.failures`).
@@ -165,7 +168,7 @@ pub fn namespaces_synced(
             if conflicts > 0 {
                 message.push_str(&format!("; {}", taken(conflicts)));
             }
-            (false, "NamespacesFailed", format!("{message} (status.failures names them)"))
+            (false, NAMESPACES_FAILED, format!("{message} (status.failures names them)"))
         }
     };
     condition(previous, NAMESPACES_SYNCED, truth, reason, message, generation)

@@ -80,12 +80,14 @@ pub(crate) async fn reconcile<K: Credential>(obj: Arc<K>, ctx: Arc<Context>) -> 
     let partial = outcome.as_mut().ok().and_then(|fan_out| fan_out.error(obj.as_ref()));
     let reported = report(obj.as_ref(), &uid, &ctx, &outcome, partial.as_ref()).await;
     let refresh_failed = outcome.as_ref().ok().and_then(|done| done.refresh_failed.as_ref());
-    let error = outcome.as_ref().err().or(partial.as_ref()).or(refresh_failed).or(reported.as_ref().err());
+    let retry = outcome.as_ref().ok().and_then(FanOut::retry);
+    let error = outcome.as_ref().err().or(partial.as_ref()).or(retry.as_ref()).or(refresh_failed);
+    let error = error.or(reported.as_ref().err());
     ctx.count_reconcile(K::KIND, started, error);
     ctx.forget_if_deleted(&uid);
     reported?;
     let mut done = outcome?;
-    if let Some(error) = partial {
+    if let Some(error) = partial.or(retry) {
         return Err(error);
     }
     if obj.parts().service_accounts.is_empty() {
@@ -730,22 +732,29 @@ mod tests {
     }
 
     /// Issue 20, item 5: a fan-out's conflicts (a tenant's own Secret, an older credential's)
-    /// are not the credential's failure; other failures in targets and failed cleanups are.
-    /// A credential with one target still fails with its conflict.
+    /// and failures in some of its targets (a tenant's filled Secret quota) are not the
+    /// credential's failure, though those failures are retried; a failure in every target and
+    /// a failed cleanup are. A credential with one target still fails with its conflict.
     #[test]
-    fn a_fan_outs_conflicts_are_no_failure_of_the_credential() {
+    fn a_fan_outs_conflicts_and_partial_failures_are_no_failure_of_the_credential() {
         let crc: crate::crd::ClusterRegistryCredential = credential("ClusterRegistryCredential", None);
         let conflict = |ns: &str| Error::SecretConflict { namespace: ns.into(), name: "pull".into() };
         let failure = || Error::ObjectContended { name: "x".into() };
         let mut only_conflicts = fan_out(&["a", "b", "c"], vec![("b", conflict("b")), ("c", conflict("c"))]);
         assert_eq!(only_conflicts.target_failures(), (2, 0));
         assert!(only_conflicts.error(&crc).is_none());
+        assert!(only_conflicts.retry().is_none(), "a conflict waits for its Secret's owner");
         let mut mixed = fan_out(&["a", "b", "c"], vec![("b", conflict("b")), ("c", failure())]);
         assert_eq!(mixed.target_failures(), (1, 1));
-        let error = mixed.error(&crc).map(|e| (e.reason(), e.to_string()));
+        assert!(mixed.error(&crc).is_none(), "one namespace's failure is not the credential's");
+        assert_eq!(mixed.retry().map(|e| e.reason()), Some("NamespacesFailed"));
+        let mut everywhere = fan_out(&["a", "b"], vec![("a", failure()), ("b", failure())]);
+        let error = everywhere.error(&crc).map(|e| (e.reason(), e.to_string()));
         assert_eq!(error.unwrap().0, "NamespacesFailed");
         let mut cleanup = fan_out(&["a", "b"], vec![("b", conflict("b")), ("gone", failure())]);
         assert_eq!(cleanup.error(&crc).map(|e| e.reason()), Some("CleanupFailed"));
+        let mut no_targets = fan_out(&[], vec![("gone", failure())]);
+        assert_eq!(no_targets.error(&crc).map(|e| e.reason()), Some("CleanupFailed"));
 
         let rc: crate::crd::RegistryCredential = credential("RegistryCredential", Some("a"));
         let mut single = fan_out(&["a"], vec![("a", conflict("a"))]);

@@ -45,25 +45,38 @@ pub(super) struct FanOut {
 }
 
 impl FanOut {
-    /// The error a reconcile with failing namespaces reports: the namespace's own error for a
-    /// credential with one target, a count for a fan-out. A fan-out's conflicts (a target
-    /// namespace keeps a Secret of that name that is not the credential's to take) are no
-    /// error of the credential: they are reported per namespace (`NamespacesSynced`), and one
-    /// tenant's Secret does not make the credential fail for everyone.
+    /// The error of the credential itself, which makes `Ready` False: the namespace's own
+    /// error for a credential with one target; for a fan-out, a failure in every target
+    /// namespace (the credential cannot write anywhere: its RBAC, the apiserver) or a failed
+    /// cleanup. A fan-out's failures in some of its targets are no error of the credential:
+    /// anyone who can edit one namespace can make writes there fail (a Secret of that name
+    /// that is not the credential's to take, a Secret quota filled), and one tenant must not
+    /// make the credential fail for everyone. Those are reported per namespace
+    /// (`NamespacesSynced`) and retried ([`FanOut::retry`]).
     pub(super) fn error<K: Credential>(&mut self, obj: &K) -> Option<Error> {
         match obj.parts().scope {
             Scope::Namespace(_) if !self.failures.is_empty() => Some(self.failures.remove(0).1),
             _ => {
-                let in_targets = |ns: &String| self.targets.contains(ns);
-                let failed = self.failures.iter().filter(|(ns, e)| in_targets(ns) && !is_conflict(e)).count();
-                let cleanup = self.failures.iter().filter(|(ns, _)| !in_targets(ns)).count();
+                let (_, failed) = self.target_failures();
+                let cleanup = self.failures.iter().filter(|(ns, _)| !self.targets.contains(ns)).count();
                 match (failed, cleanup) {
                     (0, 0) => None,
-                    (0, namespaces) => Some(Error::CleanupFailed { namespaces }),
-                    (failed, _) => Some(Error::NamespacesFailed { failed, targets: self.targets.len() }),
+                    (failed, _) if failed > 0 && failed == self.targets.len() => {
+                        Some(Error::NamespacesFailed { failed, targets: self.targets.len() })
+                    }
+                    (_, 0) => None,
+                    (_, namespaces) => Some(Error::CleanupFailed { namespaces }),
                 }
             }
         }
+    }
+
+    /// Why a fan-out whose credential did not fail is retried with backoff: some target
+    /// namespaces failed other than by a conflict (a conflict waits for its Secret's owner,
+    /// whose changes trigger a reconcile).
+    pub(super) fn retry(&self) -> Option<Error> {
+        let (_, failed) = self.target_failures();
+        (failed > 0).then(|| Error::NamespacesFailed { failed, targets: self.targets.len() })
     }
 
     /// Target namespaces that do not hold the Secret: (conflicts, other failures).

@@ -22,8 +22,8 @@ use crate::{
     metrics::ObjectLabels,
     secret::FIELD_MANAGER,
     status::{
-        NAMESPACES_SYNCED, SECRET_CONFLICT, apply_namespaces_synced, apply_verification, conditions_changed,
-        credential_status, namespaces_synced, verification_failed_anew,
+        NAMESPACES_FAILED, NAMESPACES_SYNCED, SECRET_CONFLICT, apply_namespaces_synced, apply_verification,
+        conditions_changed, credential_status, namespaces_synced, verification_failed_anew,
     },
 };
 
@@ -102,17 +102,19 @@ pub(super) async fn report<K: Credential>(
     // A fan-out can write and fail in one reconcile (a refresh failed, the still-valid token
     // went to a new namespace): both are told.
     let written = outcome.as_ref().ok().filter(|done| done.created + done.updated + done.removed > 0);
-    // The credential's failure when its conditions changed, else the fan-out's conflicts (no
-    // failure of the credential) when they changed.
+    // The credential's failure when its conditions changed, else the fan-out's failing namespaces
+    // (conflicts and failures in some targets: no failure of the credential) when they changed.
     let shown = |c: &Condition| (c.status.clone(), c.reason.clone(), c.message.clone());
     let namespaces = |s: Option<&CredentialStatus>| s.and_then(|s| s.condition(NAMESPACES_SYNCED)).map(shown);
-    let conflicts = next.credential.condition(NAMESPACES_SYNCED).filter(|c| c.reason == SECRET_CONFLICT);
+    let namespaces_failing = next.credential.condition(NAMESPACES_SYNCED).filter(|c| c.status == "False");
     let failed = match error.or(refresh_failed) {
         Some(error) => Some((error.reason(), error.to_string()))
             .filter(|_| conditions_changed(previous_credential, &next.credential)),
-        None => conflicts
-            .filter(|_| namespaces(previous_credential) != namespaces(Some(&next.credential)))
-            .map(|c| (SECRET_CONFLICT, c.message.clone())),
+        None => {
+            namespaces_failing.filter(|_| namespaces(previous_credential) != namespaces(Some(&next.credential))).map(
+                |c| (if c.reason == SECRET_CONFLICT { SECRET_CONFLICT } else { NAMESPACES_FAILED }, c.message.clone()),
+            )
+        }
     };
     let events =
         [written.map(|done| write_event(obj, done)), failed.map(|(reason, note)| (EventType::Warning, reason, note))];

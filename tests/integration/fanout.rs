@@ -504,3 +504,72 @@ async fn write_qps_spreads_a_fan_outs_writes() {
     let needed = (writes.len() - 1) as f64 / 4.0 - 0.02;
     assert!(span >= needed, "{} writes in {span:.2} s; paced, they need {needed:.2} s", writes.len());
 }
+
+/// Issue 20, item 5: a tenant who fills their namespace's Secret quota (the platform's
+/// ResourceQuota; their `edit` role creates Secrets up to it) makes regcred's write there fail
+/// (403, exceeded quota). That is their namespace's failure, not the credential's: `Ready`
+/// stays True for every other namespace's sake, `NamespacesSynced` and `status.failures` name
+/// the namespace with a Warning Event, and the write is retried until the tenant frees the
+/// quota.
+#[tokio::test]
+async fn a_tenant_who_fills_their_secret_quota_holds_no_ready_hostage() {
+    env();
+    let admin = client().await;
+    let team = format!("quota-{}", &unique()[..6]);
+    let source_ns = namespace(&admin, "quota-src").await;
+    let password = secret_value("robot", "quota");
+    create_secret(&admin, &source_ns, "src", &[("password", password.as_bytes())]).await;
+    let free = labelled_namespace(&admin, "quota-free", &[("team", &team)]).await;
+    let held = labelled_namespace(&admin, "quota-held", &[("team", &team)]).await;
+    let quota: k8s_openapi::api::core::v1::ResourceQuota = serde_json::from_value(json!({
+        "metadata": {"name": "secrets"},
+        "spec": {"hard": {"count/secrets": "1"}},
+    }))
+    .unwrap();
+    let quotas = Api::<k8s_openapi::api::core::v1::ResourceQuota>::namespaced(admin.clone(), &held);
+    quotas.create(&Default::default(), &quota).await.unwrap();
+    // This control plane runs no resourcequota controller: the admin writes the usage it would
+    // compute (quota admission itself counts each create into it).
+    let usage = |used: &str| json!({"status": {"hard": {"count/secrets": "1"}, "used": {"count/secrets": used}}});
+    quotas.patch_status("secrets", &PatchParams::default(), &Patch::Merge(usage("0"))).await.unwrap();
+    let tenant = tenant(&admin, &held).await;
+    let tenant_secrets = Api::<Secret>::namespaced(tenant, &held);
+    let filler: Secret =
+        serde_json::from_value(json!({"metadata": {"name": "filler"}, "stringData": {"k": "v"}})).unwrap();
+    tenant_secrets.create(&Default::default(), &filler).await.expect("an editor may create Secrets up to the quota");
+
+    let name = format!("quota-{}", &unique()[..6]);
+    create_cluster_credential(
+        &admin,
+        &name,
+        json!({
+            "registry": "registry.example.com",
+            "source": {"basic": {"username": "robot", "passwordSecretRef": {"name": "src", "namespace": source_ns}}},
+            "namespaces": {"selector": {"matchLabels": {"team": team}}},
+            "secret": {"name": PULL},
+        }),
+    )
+    .await;
+    let condition = |s: &regcred::crd::ClusterCredentialStatus, type_: &str| s.credential.condition(type_).cloned();
+    let crc = wait_cluster(&admin, &name, "Ready, the held namespace reported as failing", |s| {
+        s.target_namespaces == Some(2)
+            && s.synced_namespaces == Some(1)
+            && condition(s, "Ready").is_some_and(|c| c.status == "True" && c.reason == "Synced")
+            && condition(s, "NamespacesSynced").is_some_and(|c| c.status == "False" && c.reason == "NamespacesFailed")
+    })
+    .await;
+    let failures: Vec<_> = crc.status.unwrap().failures.into_iter().map(|f| (f.namespace, f.reason)).collect();
+    assert_eq!(failures, [(held.clone(), "KubernetesApiError".to_string())]);
+    wait_pull_secret(&admin, &free, Some(&password)).await;
+    wait_event(&admin, "default", "ClusterRegistryCredential", &name, "Warning", "NamespacesFailed").await;
+
+    // The tenant frees the quota: the retry writes the Secret there.
+    tenant_secrets.delete("filler", &Default::default()).await.unwrap();
+    quotas.patch_status("secrets", &PatchParams::default(), &Patch::Merge(usage("0"))).await.unwrap();
+    wait_pull_secret(&admin, &held, Some(&password)).await;
+    wait_cluster(&admin, &name, "every namespace synced", |s| {
+        s.synced_namespaces == Some(2) && condition(s, "NamespacesSynced").is_some_and(|c| c.status == "True")
+    })
+    .await;
+    assert_no_leaks(&admin).await;
+}
