@@ -13,7 +13,7 @@ use kube::{
     api::{Patch, PatchParams},
 };
 use regcred::crd::RegistryCredential;
-use regcred_testenv::AwsEmulator;
+use regcred_testenv::{AwsEmulator, eventually};
 use serde_json::{Value, json};
 
 use crate::support::*;
@@ -58,17 +58,61 @@ fn fan_out_spec(name: &str, platform: &str) -> Value {
     })
 }
 
+/// How the controller is interrupted while the tenant forges its Secret.
+#[derive(Clone, Copy)]
+enum Interruption {
+    /// SIGTERM to the only controller, then a new process.
+    Restart,
+    /// SIGKILL to the leader; the standby, which watched throughout, takes over.
+    Failover,
+}
+
+/// The controllers the forging tests run, the first leading: one, or a leader and then a
+/// standby on a Lease of their own.
+async fn forge_controllers(
+    name: &str,
+    selector: &str,
+    aws: &AwsEmulator,
+    interruption: Interruption,
+) -> Vec<TestController> {
+    let cp = env().cp;
+    let replicas = match interruption {
+        Interruption::Restart => vec![""],
+        Interruption::Failover => vec!["-a", "-b"],
+    };
+    let mut controllers = Vec::new();
+    for which in replicas {
+        let lease = ["--leader-elect", "--leader-election-lease", name, "--leader-election-duration", "4s"];
+        let args = match which {
+            "" => Vec::new(),
+            _ => [&lease[..], &["--leader-election-namespace", CONTROLLER_NAMESPACE]].concat(),
+        };
+        let envs = [("POD_NAME", format!("{name}{which}"))];
+        let controller = spawn_controller(cp, &format!("{name}{which}"), selector, &aws.endpoint(), &args, &envs);
+        if controllers.is_empty() {
+            eventually("the first controller leads", TIMEOUT, || async { leads(&controller).then_some(()) }).await;
+        }
+        controllers.push(controller);
+    }
+    controllers
+}
+
+/// Whether `controller` leads (always, without leader election) with its caches synced.
+fn leads(controller: &TestController) -> bool {
+    sample(&controller.metrics(), "regcred_leader ") == Some(1.0)
+        && admin_get(controller.admin_port, "/readyz").0 == 200
+}
+
 /// Item 1 of issue 20. The tenant edits the fan-out's Secret in its namespace while the
-/// controller is down. After the restart the controller must not take the tenant's bytes as
-/// the token it wrote: a namespace that joins the fan-out gets a token AWS issued, and the
-/// tenant's Secret is repaired.
-#[tokio::test]
-async fn a_token_forged_during_a_restart_reaches_no_other_namespace() {
+/// controller is down, or while the leader is gone and before the standby takes over. After
+/// that the controller must not take the tenant's bytes as the token it wrote: a namespace that
+/// joins the fan-out gets a token AWS issued, and the tenant's Secret is repaired.
+async fn a_token_forged_during(interruption: Interruption) {
     let admin = client().await;
     let aws = AwsEmulator::start().unwrap();
     let name = format!("forge-{}", &unique()[..6]);
     let selector = format!("{CONTROLLER_LABEL}={name}");
-    let mut first = spawn_controller(env().cp, &name, &selector, &aws.endpoint(), &[], &[]);
+    let mut controllers = forge_controllers(&name, &selector, &aws, interruption).await;
     let platform = namespace(&admin, "forge-platform").await;
     let key_id = create_aws_keys(&admin, &aws, &platform, "aws-keys", "secretkey").await;
     let tenant_ns = labelled_namespace(&admin, "forge-tenant", &[("forge", &name)]).await;
@@ -77,7 +121,11 @@ async fn a_token_forged_during_a_restart_reaches_no_other_namespace() {
     let genuine = password(&wait_secret(&admin, &tenant_ns, &name, "written", |_| true).await);
     assert_eq!(issued_passwords(&aws, &key_id), BTreeSet::from([genuine.clone()]));
     wait_cluster(&admin, &name, "the digest of what it wrote recorded", |s| s.credential.token_digest.is_some()).await;
-    first.terminate();
+    let mut first = controllers.remove(0);
+    match interruption {
+        Interruption::Restart => first.terminate(),
+        Interruption::Failover => first.kill(),
+    }
     drop(first);
 
     // The tenant writes its own token into the Secret regcred wrote in its namespace.
@@ -88,9 +136,14 @@ async fn a_token_forged_during_a_restart_reaches_no_other_namespace() {
         .await
         .expect("an editor may patch Secrets in its namespace");
 
-    let _second = spawn_controller(env().cp, &format!("{name}-2"), &selector, &aws.endpoint(), &[], &[]);
+    let mut next = match interruption {
+        Interruption::Restart => spawn_controller(env().cp, &format!("{name}-2"), &selector, &aws.endpoint(), &[], &[]),
+        Interruption::Failover => controllers.remove(0),
+    };
     let joined = labelled_namespace(&admin, "forge-joined", &[("forge", &name)]).await;
     let written = wait_secret(&admin, &joined, &name, "written", |_| true).await;
+    // `next` wrote it: the first controller is gone (SIGTERM and waited for, or SIGKILL).
+    next.check_alive().expect("the next controller runs");
     assert_ne!(password(&written), FORGED, "the tenant's token was written into another namespace");
     let repaired = wait_secret(&admin, &tenant_ns, &name, "repaired", |s| password(s) != FORGED).await;
     let issued = issued_passwords(&aws, &key_id);
@@ -98,6 +151,16 @@ async fn a_token_forged_during_a_restart_reaches_no_other_namespace() {
         assert!(issued.contains(&password(secret)), "{ns} holds a token AWS did not issue");
     }
     assert_no_leaks(&admin).await;
+}
+
+#[tokio::test]
+async fn a_token_forged_during_a_restart_reaches_no_other_namespace() {
+    a_token_forged_during(Interruption::Restart).await;
+}
+
+#[tokio::test]
+async fn a_token_forged_during_a_leader_failover_reaches_no_other_namespace() {
+    a_token_forged_during(Interruption::Failover).await;
 }
 
 /// With a genuine Secret beside the forged one, the restarted controller seeds its token
@@ -261,10 +324,9 @@ async fn an_endless_token_answer_is_cut_off_at_the_cap_and_memory_stays_bounded(
     };
     let mut results = Vec::new();
     for (cred, host) in [("endless", &endless), ("lying", &lying)] {
-        let result = regcred_testenv::eventually(&format!("{cred}: Verified=False"), TIMEOUT, || async {
-            verified(&api.get(cred).await.ok()?)
-        })
-        .await;
+        let result =
+            eventually(&format!("{cred}: Verified=False"), TIMEOUT, || async { verified(&api.get(cred).await.ok()?) })
+                .await;
         results.push((cred, host, result));
     }
     let (rss, peak) = controller.rss_kib();
