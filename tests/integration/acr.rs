@@ -569,3 +569,54 @@ async fn acr_credentials_are_verified_through_acrs_bearer_challenge() {
     issued(&a.azure, &logins(&secret)[0].2);
     assert_no_leaks(&client).await;
 }
+
+/// IMDS's user-assigned identities, by client id and by resource id (cluster credentials), and
+/// the Azure Resource Manager scope (`scope: ResourceManager`, as msi-acrpull asks), which the
+/// exchange takes as it takes ACR's own.
+#[tokio::test]
+async fn user_assigned_identities_and_the_resource_manager_scope() {
+    let a = azure();
+    let client = client().await;
+    let ns = namespace(&client, "acr-uai").await;
+    let (by_client, by_resource) = (client_id(), client_id());
+    let resource_id = format!(
+        "/subscriptions/{}/resourceGroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/puller-{}",
+        client_id(),
+        &unique()[..6]
+    );
+    a.azure.add_managed_identity(TENANT, &by_client, None, false).unwrap();
+    a.azure.add_managed_identity(TENANT, &by_resource, Some(&resource_id), false).unwrap();
+    for id in [&by_client, &by_resource] {
+        a.azure.assign_role(id, REGISTRY, "AcrPull").unwrap();
+    }
+    for (secret, ambient, identity) in [
+        ("by-client", json!({"clientId": by_client}), &by_client),
+        ("by-resource", json!({"resourceId": resource_id}), &by_resource),
+    ] {
+        let name = format!("acr-uai-{secret}-{}", &unique()[..6]);
+        let spec = json!({"namespaces": {"names": [ns]}, "secret": {"name": secret},
+                          "source": {"acr": {"registry": REGISTRY, "ambient": ambient}}});
+        create_cluster_credential_for(&client, &name, Some(AZURE), spec).await;
+        let written = wait_secret(&client, &ns, secret, "written", |_| true).await;
+        let token = issued(&a.azure, &logins(&written)[0].2);
+        assert_eq!(token["identity"].as_str(), Some(identity.as_str()), "{secret}");
+        a.azure.pull(&a.image, &dockerconfigjson(&written)).unwrap();
+        assert_eq!(successful_calls(&a.azure, "imds:token", identity), 1, "{secret}");
+    }
+
+    let (id, identity) = service_principal(&client, &a.azure, &ns).await;
+    let mut spec = acr_spec(&a.azure, identity);
+    spec["source"]["acr"]["scope"] = json!("ResourceManager");
+    create_credential_for(&client, &ns, "arm", Some(AZURE), spec).await;
+    pulls_with_refresh_token_of(a, &client, &ns, "arm", &id).await;
+    let resources: BTreeSet<String> = a
+        .azure
+        .tokens()
+        .unwrap()
+        .values()
+        .filter(|t| t["kind"] == "entra" && t["identity"] == id.as_str())
+        .filter_map(|t| t["resource"].as_str().map(String::from))
+        .collect();
+    assert_eq!(resources, BTreeSet::from(["https://management.azure.com".to_string()]));
+    assert_no_leaks(&client).await;
+}
