@@ -314,7 +314,8 @@ class Entra:
                         return json_response(400, {"error": f"unknown role {body['role']}"})
                     s.roles.append((body["client_id"], body["registry"], body["role"]))
                 elif path == "registries":
-                    s.registries[body["host"]] = {"upstream": urlsplit(body["upstream"]), "auth": body.get("auth")}
+                    s.registries[body["host"]] = {"upstream": urlsplit(body["upstream"]), "auth": body.get("auth"),
+                                                  "realm": body.get("realm"), "loopback": bool(body.get("loopback"))}
                 elif path == "revoke":
                     if body["token"] not in s.tokens:
                         return json_response(404, {"error": "no such token"})
@@ -397,6 +398,14 @@ class Acr:
         req = Request(environ)
         host = (req.host or "").split(":")[0].lower()
         with self.s.lock:
+            if host not in self.s.registries and host in ("localhost", "127.0.0.1"):
+                # A node's mirror of a registry (containerd's hosts.toml) asks by address: the
+                # registry the realm request names (service), else the one marked as the node's.
+                service = req.args.get("service") or (req.form.get("service") if req.method == "POST" else None)
+                if service in self.s.registries:
+                    host = service
+                else:
+                    host = next((h for h, r in self.s.registries.items() if r.get("loopback")), host)
             registry = self.s.registries.get(host)
         if registry is None:
             return json_response(404, {"errors": [{"code": "NAME_UNKNOWN", "message": f"no registry {host}"}]})(
@@ -478,7 +487,10 @@ class Acr:
         return {"access_token": token}
 
     def registry(self, req, host, registry, environ, start_response):
-        challenge = f'Bearer realm="https://{host}/oauth2/token",service="{host}"'
+        # ACR's realm is the registry's own /oauth2/token; a registry served to a node that
+        # cannot resolve its name names a realm on loopback instead (the same handler).
+        realm = registry.get("realm") or f"https://{host}/oauth2/token"
+        challenge = f'Bearer realm="{realm}",service="{host}"'
         parts = req.path.split("/")
         # /v2/<name...>/(manifests|blobs|tags)/...: the repository and the action asked.
         repository, action = None, None

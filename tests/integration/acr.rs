@@ -59,7 +59,7 @@ fn azure() -> &'static Azure {
 /// A controller for the credentials labelled `name`, as process `process`, with Azure's
 /// endpoints at `azure`: the emulator's authority allowed, its IMDS, and the registry hosts
 /// through its proxy with its CA trusted.
-fn spawn_azure_controller(
+pub(crate) fn spawn_azure_controller(
     azure: &AzureEmulator,
     process: &str,
     name: &str,
@@ -94,7 +94,7 @@ fn issued(azure: &AzureEmulator, token: &str) -> Value {
 }
 
 /// Calls to `endpoint` the emulator answered with 200 for `identity`.
-fn successful_calls(azure: &AzureEmulator, endpoint: &str, identity: &str) -> usize {
+pub(crate) fn successful_calls(azure: &AzureEmulator, endpoint: &str, identity: &str) -> usize {
     azure
         .calls()
         .unwrap()
@@ -122,10 +122,21 @@ fn acr_spec(azure: &AzureEmulator, identity: Value) -> Value {
 
 /// A service principal with AcrPull on REGISTRY and its secret in Secret `sp` of `ns`.
 async fn service_principal(client: &Client, azure: &AzureEmulator, ns: &str) -> (String, Value) {
+    service_principal_on(client, azure, ns, REGISTRY).await
+}
+
+/// A service principal with AcrPull on `registry` and its secret in Secret `sp` of `ns`: its
+/// client id, and the source's `servicePrincipal`.
+pub(crate) async fn service_principal_on(
+    client: &Client,
+    azure: &AzureEmulator,
+    ns: &str,
+    registry: &str,
+) -> (String, Value) {
     let id = client_id();
     let secret = secret_value(&id, "client-secret");
     azure.add_app(TENANT, &id, Some(&secret)).unwrap();
-    azure.assign_role(&id, REGISTRY, "AcrPull").unwrap();
+    azure.assign_role(&id, registry, "AcrPull").unwrap();
     create_secret(client, ns, "sp", &[("clientSecret", secret.as_bytes())]).await;
     let identity = json!({"servicePrincipal": {"tenantId": TENANT, "clientId": id, "clientSecretRef": {"name": "sp"}}});
     (id, identity)

@@ -130,6 +130,26 @@ impl AzureEmulator {
         Ok(())
     }
 
+    /// As [`Self::add_registry`], for a node that cannot resolve `host`: the node maps `host`
+    /// to [`Self::registry_url`] (containerd's `hosts.toml`, trusting [`Self::ca_pem`]), whose
+    /// requests come by address and go to this registry, and the challenge names the realm at
+    /// `https://localhost:PORT/oauth2/token` (the same realm, reached by a name the node
+    /// resolves) instead of `https://<host>/oauth2/token`. One such registry per emulator.
+    pub fn add_registry_for_node(&self, host: &str, upstream: &Registry, user: &str, password: &str) -> Result<()> {
+        let body = json!({ "host": host, "upstream": format!("http://{}", upstream.host()),
+                           "auth": format!("{user}:{password}"), "loopback": true,
+                           "realm": format!("https://localhost:{}/oauth2/token", self.acr_port) });
+        self.control("registries", body)?;
+        self.proxy.route(&format!("{host}:443"), self.acr_port);
+        Ok(())
+    }
+
+    /// `https://127.0.0.1:PORT`, where the registries are served (by `Host`, or by address for
+    /// the one of [`Self::add_registry_for_node`]).
+    pub fn registry_url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.acr_port)
+    }
+
     /// Registers an application (service principal) `client_id` in `tenant` (a GUID; also
     /// reachable by `domains`), with an optional client secret.
     pub fn add_app(&self, tenant: &str, client_id: &str, secret: Option<&str>) -> Result<()> {
