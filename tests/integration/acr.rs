@@ -631,3 +631,145 @@ async fn user_assigned_identities_and_the_resource_manager_scope() {
     assert_eq!(resources, BTreeSet::from(["https://management.azure.com".to_string()]));
     assert_no_leaks(&client).await;
 }
+
+/// The emulator is strict where Azure is, asked directly: Entra refuses unknown tenants and
+/// applications, a request without a credential, a scope of no resource, a ServiceAccount token
+/// for another audience, of another subject or with a tampered signature; IMDS refuses a
+/// request without `Metadata: true` or through a proxy; the exchange refuses made-up tokens,
+/// identities without a role on the registry, another tenant and another service; the realm
+/// refuses another user and revoked refresh tokens; the registry challenges as ACR does.
+#[tokio::test]
+async fn the_emulator_is_strict_where_azure_is() {
+    let a = azure();
+    let admin = client().await;
+    let ns = namespace(&admin, "acr-strict").await;
+    service_account(&admin, &ns, "app", &[]).await;
+    service_account(&admin, &ns, "other", &[]).await;
+    let (app, unassigned) = (client_id(), client_id());
+    a.azure.add_app(TENANT, &app, None).unwrap();
+    a.azure.add_federated_credential(TENANT, &app, ISSUER, &format!("system:serviceaccount:{ns}:app")).unwrap();
+    a.azure.assign_role(&app, REGISTRY, "AcrPull").unwrap();
+    let secret = secret_value(&unassigned, "strict-secret");
+    a.azure.add_app(TENANT, &unassigned, Some(&secret)).unwrap();
+
+    let http = regcred::http::client(Some(a.azure.ca_pem().unwrap().as_bytes()), "the emulator's CA").unwrap();
+    let scope = "https://containerregistry.azure.net/.default";
+    let token_url = |tenant: &str| format!("{}/{tenant}/oauth2/v2.0/token", a.azure.authority());
+    let entra = |tenant: String, fields: Vec<(&'static str, String)>| {
+        let http = http.clone();
+        async move {
+            let answer = http.post(token_url(&tenant)).form(&fields).send().await.unwrap();
+            let status = answer.status().as_u16();
+            (status, serde_json::from_str::<Value>(&answer.text().await.unwrap()).unwrap())
+        }
+    };
+    let assertion = |token: String| {
+        vec![
+            ("grant_type", "client_credentials".to_string()),
+            ("client_id", app.clone()),
+            ("scope", scope.to_string()),
+            ("client_assertion_type", "urn:ietf:params:oauth:client-assertion-type:jwt-bearer".to_string()),
+            ("client_assertion", token),
+        ]
+    };
+    let refused = |(status, body): (u16, Value), code: &str| {
+        assert!(status >= 400, "{status}: {body}");
+        let description = body["error_description"].as_str().unwrap_or_default().to_string();
+        assert!(description.starts_with(&format!("AADSTS{code}:")), "expected AADSTS{code}: {status}: {body}");
+    };
+    let good = request_token(&admin, &ns, "app", &["api://AzureADTokenExchange"], 600).await.unwrap();
+    record_secret(&good);
+    let (status, body) = entra(TENANT.into(), assertion(good.clone())).await;
+    assert_eq!(status, 200, "{body}");
+    let access = body["access_token"].as_str().unwrap().to_string();
+    record_secret(&access);
+
+    refused(entra("00000000-1111-4222-8333-444444444444".into(), assertion(good.clone())).await, "90002");
+    let mut unknown = assertion(good.clone());
+    unknown[1].1 = client_id();
+    refused(entra(TENANT.into(), unknown).await, "700016");
+    refused(entra(TENANT.into(), assertion(good.clone())[..3].to_vec()).await, "7000216");
+    let mut no_resource = assertion(good.clone());
+    no_resource[2].1 = "https://example.com/.default".into();
+    refused(entra(TENANT.into(), no_resource).await, "1002012");
+    let other_audience = request_token(&admin, &ns, "app", &["https://example.com"], 600).await.unwrap();
+    record_secret(&other_audience);
+    refused(entra(TENANT.into(), assertion(other_audience)).await, "70021");
+    let other_subject = request_token(&admin, &ns, "other", &["api://AzureADTokenExchange"], 600).await.unwrap();
+    record_secret(&other_subject);
+    refused(entra(TENANT.into(), assertion(other_subject)).await, "70021");
+    // The apiserver's token with a payload of our own: its signature no longer holds.
+    let parts: Vec<&str> = good.split('.').collect();
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let mut claims: Value = serde_json::from_slice(&base64::Engine::decode(&b64, parts[1]).unwrap()).unwrap();
+    claims["exp"] = json!(claims["exp"].as_i64().unwrap() + 86400);
+    let tampered = format!("{}.{}.{}", parts[0], base64::Engine::encode(&b64, claims.to_string()), parts[2]);
+    refused(entra(TENANT.into(), assertion(tampered)).await, "5002727");
+
+    // IMDS: only with Metadata: true, and not through a proxy.
+    let imds = format!(
+        "{}/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https://containerregistry.azure.net/",
+        a.azure.imds_endpoint()
+    );
+    assert_eq!(http.get(&imds).send().await.unwrap().status().as_u16(), 400);
+    let proxied = http.get(&imds).header("Metadata", "true").header("X-Forwarded-For", "10.0.0.1").send().await;
+    assert_eq!(proxied.unwrap().status().as_u16(), 400);
+    assert_eq!(http.get(&imds).header("Metadata", "true").send().await.unwrap().status().as_u16(), 200);
+
+    // The registry's endpoints, by its name (the Host header) at the emulator's address.
+    let acr = |path: &str| http.post(format!("{}{path}", a.azure.registry_url())).header("Host", REGISTRY);
+    let exchange = |access: &str, tenant: &str, service: &str| {
+        acr("/oauth2/exchange").form(&[
+            ("grant_type", "access_token"),
+            ("service", service),
+            ("tenant", tenant),
+            ("access_token", access),
+        ])
+    };
+    assert_eq!(exchange("eyJmadeup.eyJmadeup.sig", TENANT, REGISTRY).send().await.unwrap().status().as_u16(), 401);
+    assert_eq!(exchange(&access, "contoso.onmicrosoft.com", REGISTRY).send().await.unwrap().status().as_u16(), 401);
+    assert_eq!(exchange(&access, TENANT, "other.azurecr.io").send().await.unwrap().status().as_u16(), 400);
+    let (code, body) = entra(
+        TENANT.into(),
+        vec![
+            ("grant_type", "client_credentials".to_string()),
+            ("client_id", unassigned.clone()),
+            ("scope", scope.to_string()),
+            ("client_secret", secret.clone()),
+        ],
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    let no_role = body["access_token"].as_str().unwrap().to_string();
+    record_secret(&no_role);
+    let answer = exchange(&no_role, TENANT, REGISTRY).send().await.unwrap();
+    assert_eq!(answer.status().as_u16(), 401);
+    assert!(answer.text().await.unwrap().contains("has no role assignment"));
+    let answer = exchange(&access, TENANT, REGISTRY).send().await.unwrap();
+    assert_eq!(answer.status().as_u16(), 200);
+    let refresh = serde_json::from_str::<Value>(&answer.text().await.unwrap()).unwrap()["refresh_token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    record_secret(&refresh);
+
+    // The realm: the ACR user and a live refresh token of this registry.
+    let realm = |user: &str, password: &str| {
+        http.get(format!("{}/oauth2/token?service={REGISTRY}&scope=repository:team/app:pull", a.azure.registry_url()))
+            .header("Host", REGISTRY)
+            .basic_auth(user, Some(password))
+    };
+    assert_eq!(realm("someone", &refresh).send().await.unwrap().status().as_u16(), 401);
+    assert_eq!(realm(ACR_USER, &refresh).send().await.unwrap().status().as_u16(), 200);
+    a.azure.revoke(&refresh).unwrap();
+    assert_eq!(realm(ACR_USER, &refresh).send().await.unwrap().status().as_u16(), 401);
+
+    // The registry's challenge, word for word.
+    let ping = http.get(format!("{}/v2/", a.azure.registry_url())).header("Host", REGISTRY).send().await.unwrap();
+    assert_eq!(ping.status().as_u16(), 401);
+    assert_eq!(
+        ping.headers()["www-authenticate"],
+        format!(r#"Bearer realm="https://{REGISTRY}/oauth2/token",service="{REGISTRY}""#).as_str()
+    );
+    assert_no_leaks(&admin).await;
+}
