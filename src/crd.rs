@@ -44,6 +44,7 @@ const USERNAME_PATTERN: &str = r"^[^:\x00-\x1f]+$";
 )]
 #[x_kube(validation = Rule::new("has(self.registry) || !has(self.source.basic)").message("spec.registry is required for a basic source"))]
 #[x_kube(validation = Rule::new("!has(self.registry) || !has(self.source.ecr)").message("spec.registry does not apply to an ecr source: set source.ecr.registry"))]
+#[x_kube(validation = Rule::new("!has(self.registry) || !has(self.source.acr)").message("spec.registry does not apply to an acr source: set source.acr.registry"))]
 #[x_kube(validation = Rule::new(NO_SOURCE_NAMESPACE).message("a RegistryCredential reads its own namespace: references in source take no namespace"))]
 #[x_kube(validation = Rule::new(NO_VERIFY_NAMESPACE).message("a RegistryCredential reads its own namespace: verify.caBundle takes no namespace"))]
 #[serde(rename_all = "camelCase")]
@@ -59,7 +60,7 @@ pub struct RegistryCredentialSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub registry: Option<String>,
 
-    /// Where the credential comes from. Exactly one of `basic`, `ghcr`, `gcr` or `ecr`.
+    /// Where the credential comes from. Exactly one of `basic`, `ghcr`, `gcr`, `ecr` or `acr`.
     pub source: CredentialSource,
 
     /// The Secret to write (in this namespace).
@@ -84,9 +85,9 @@ const NO_VERIFY_NAMESPACE: &str = "!has(self.verify) || !has(self.verify.caBundl
 const VERIFY_NAMESPACE_SET: &str = "!has(self.verify) || !has(self.verify.caBundle) || ((!has(self.verify.caBundle.configMap) || has(self.verify.caBundle.configMap.__namespace__)) && (!has(self.verify.caBundle.secret) || has(self.verify.caBundle.secret.__namespace__)))";
 
 /// CEL: no reference in `source` names a namespace.
-const NO_SOURCE_NAMESPACE: &str = "(!has(self.source.basic) || !has(self.source.basic.passwordSecretRef.__namespace__)) && (!has(self.source.ghcr) || !has(self.source.ghcr.tokenSecretRef.__namespace__)) && (!has(self.source.gcr) || !has(self.source.gcr.jsonKeySecretRef) || !has(self.source.gcr.jsonKeySecretRef.__namespace__)) && (!has(self.source.gcr) || !has(self.source.gcr.workloadIdentity) || !has(self.source.gcr.workloadIdentity.serviceAccountRef.__namespace__)) && (!has(self.source.ecr) || !has(self.source.ecr.auth.secretRef) || !has(self.source.ecr.auth.secretRef.__namespace__)) && (!has(self.source.ecr) || !has(self.source.ecr.auth.serviceAccountRef) || !has(self.source.ecr.auth.serviceAccountRef.__namespace__))";
+const NO_SOURCE_NAMESPACE: &str = "(!has(self.source.basic) || !has(self.source.basic.passwordSecretRef.__namespace__)) && (!has(self.source.ghcr) || !has(self.source.ghcr.tokenSecretRef.__namespace__)) && (!has(self.source.gcr) || !has(self.source.gcr.jsonKeySecretRef) || !has(self.source.gcr.jsonKeySecretRef.__namespace__)) && (!has(self.source.gcr) || !has(self.source.gcr.workloadIdentity) || !has(self.source.gcr.workloadIdentity.serviceAccountRef.__namespace__)) && (!has(self.source.ecr) || !has(self.source.ecr.auth.secretRef) || !has(self.source.ecr.auth.secretRef.__namespace__)) && (!has(self.source.ecr) || !has(self.source.ecr.auth.serviceAccountRef) || !has(self.source.ecr.auth.serviceAccountRef.__namespace__)) && (!has(self.source.acr) || !has(self.source.acr.workloadIdentity) || !has(self.source.acr.workloadIdentity.serviceAccountRef.__namespace__)) && (!has(self.source.acr) || !has(self.source.acr.servicePrincipal) || !has(self.source.acr.servicePrincipal.clientSecretRef.__namespace__))";
 /// CEL: every reference in `source` names a namespace.
-const SOURCE_NAMESPACE_SET: &str = "(!has(self.source.basic) || has(self.source.basic.passwordSecretRef.__namespace__)) && (!has(self.source.ghcr) || has(self.source.ghcr.tokenSecretRef.__namespace__)) && (!has(self.source.gcr) || !has(self.source.gcr.jsonKeySecretRef) || has(self.source.gcr.jsonKeySecretRef.__namespace__)) && (!has(self.source.gcr) || !has(self.source.gcr.workloadIdentity) || has(self.source.gcr.workloadIdentity.serviceAccountRef.__namespace__)) && (!has(self.source.ecr) || !has(self.source.ecr.auth.secretRef) || has(self.source.ecr.auth.secretRef.__namespace__)) && (!has(self.source.ecr) || !has(self.source.ecr.auth.serviceAccountRef) || has(self.source.ecr.auth.serviceAccountRef.__namespace__))";
+const SOURCE_NAMESPACE_SET: &str = "(!has(self.source.basic) || has(self.source.basic.passwordSecretRef.__namespace__)) && (!has(self.source.ghcr) || has(self.source.ghcr.tokenSecretRef.__namespace__)) && (!has(self.source.gcr) || !has(self.source.gcr.jsonKeySecretRef) || has(self.source.gcr.jsonKeySecretRef.__namespace__)) && (!has(self.source.gcr) || !has(self.source.gcr.workloadIdentity) || has(self.source.gcr.workloadIdentity.serviceAccountRef.__namespace__)) && (!has(self.source.ecr) || !has(self.source.ecr.auth.secretRef) || has(self.source.ecr.auth.secretRef.__namespace__)) && (!has(self.source.ecr) || !has(self.source.ecr.auth.serviceAccountRef) || has(self.source.ecr.auth.serviceAccountRef.__namespace__)) && (!has(self.source.acr) || !has(self.source.acr.workloadIdentity) || has(self.source.acr.workloadIdentity.serviceAccountRef.__namespace__)) && (!has(self.source.acr) || !has(self.source.acr.servicePrincipal) || has(self.source.acr.servicePrincipal.clientSecretRef.__namespace__))";
 
 /// Puts one pull Secret into every selected namespace, kept in sync with one source.
 #[allow(clippy::duplicated_attributes)]
@@ -111,6 +112,7 @@ const SOURCE_NAMESPACE_SET: &str = "(!has(self.source.basic) || has(self.source.
 )]
 #[x_kube(validation = Rule::new("has(self.registry) || !has(self.source.basic)").message("spec.registry is required for a basic source"))]
 #[x_kube(validation = Rule::new("!has(self.registry) || !has(self.source.ecr)").message("spec.registry does not apply to an ecr source: set source.ecr.registry"))]
+#[x_kube(validation = Rule::new("!has(self.registry) || !has(self.source.acr)").message("spec.registry does not apply to an acr source: set source.acr.registry"))]
 #[x_kube(validation = Rule::new(SOURCE_NAMESPACE_SET).message("a ClusterRegistryCredential's references in source need a namespace"))]
 #[x_kube(validation = Rule::new(VERIFY_NAMESPACE_SET).message("a ClusterRegistryCredential's verify.caBundle needs a namespace"))]
 #[serde(rename_all = "camelCase")]
@@ -121,7 +123,8 @@ pub struct ClusterRegistryCredentialSpec {
     pub registry: Option<String>,
 
     /// Where the credential comes from, as for RegistryCredential; every Secret or
-    /// ServiceAccount reference names its namespace. `ecr.auth.ambient` is always allowed.
+    /// ServiceAccount reference names its namespace. `ecr.auth.ambient`, `gcr.ambient` and
+    /// `acr.ambient` are always allowed.
     pub source: CredentialSource,
 
     /// Which namespaces get the Secret. Omitted: all namespaces.
@@ -272,6 +275,10 @@ pub enum CredentialSource {
     /// AWS Elastic Container Registry: a 12-hour token from GetAuthorizationToken, refreshed
     /// well before it expires.
     Ecr(EcrSource),
+    /// Azure Container Registry: an ACR refresh token (about 3 hours, as its `exp` says),
+    /// exchanged for a Microsoft Entra token of workload identity, a service principal or the
+    /// controller's managed identity, refreshed well before it expires.
+    Acr(AcrSource),
 }
 
 impl CredentialSource {
@@ -282,6 +289,7 @@ impl CredentialSource {
             CredentialSource::Ghcr(_) => "ghcr",
             CredentialSource::Gcr(_) => "gcr",
             CredentialSource::Ecr(_) => "ecr",
+            CredentialSource::Acr(_) => "acr",
         }
     }
 
@@ -299,17 +307,21 @@ impl CredentialSource {
                 EcrAuth::SecretRef(keys) => vec![(keys.namespace.as_deref(), keys.name.as_str())],
                 _ => Vec::new(),
             },
+            CredentialSource::Acr(a) => a.service_principal.iter().map(|sp| of(&sp.client_secret_ref)).collect(),
         }
     }
 
     /// The Kubernetes ServiceAccount whose tokens the source exchanges (ECR's IRSA, Google's
-    /// Workload Identity Federation), as (namespace, name).
+    /// Workload Identity Federation, Azure workload identity), as (namespace, name).
     pub fn token_service_account(&self) -> Option<(Option<&str>, &str)> {
         match self {
             CredentialSource::Ecr(EcrSource { auth: EcrAuth::ServiceAccountRef(sa), .. }) => {
                 Some((sa.namespace.as_deref(), sa.name.as_str()))
             }
             CredentialSource::Gcr(GcrSource { workload_identity: Some(wi), .. }) => {
+                Some((wi.service_account_ref.namespace.as_deref(), wi.service_account_ref.name.as_str()))
+            }
+            CredentialSource::Acr(AcrSource { workload_identity: Some(wi), .. }) => {
                 Some((wi.service_account_ref.namespace.as_deref(), wi.service_account_ref.name.as_str()))
             }
             _ => None,
@@ -320,7 +332,7 @@ impl CredentialSource {
     /// expiry in status, and rotation apply to it.
     pub fn expires(&self) -> bool {
         match self {
-            CredentialSource::Ecr(_) => true,
+            CredentialSource::Ecr(_) | CredentialSource::Acr(_) => true,
             CredentialSource::Gcr(gcr) => gcr.login != Some(KeyLogin::JsonKey),
             CredentialSource::Basic(_) | CredentialSource::Ghcr(_) => false,
         }
@@ -436,6 +448,124 @@ pub struct Impersonate {
     /// (a service account) on it.
     #[schemars(length(min = 3, max = 254), regex(pattern = r"^[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+$"))]
     pub service_account: String,
+}
+
+/// An Azure Container Registry and the Microsoft Entra identity whose token regcred exchanges
+/// at the registry's `/oauth2/exchange` for an ACR refresh token: exactly one of
+/// `workloadIdentity`, `servicePrincipal` or `ambient`. The Secret holds the user
+/// `00000000-0000-0000-0000-000000000000` (which tells ACR the password is a refresh token) and
+/// that token, refreshed well before the `exp` it carries.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("(has(self.workloadIdentity) ? 1 : 0) + (has(self.servicePrincipal) ? 1 : 0) + (has(self.ambient) ? 1 : 0) == 1").message("set exactly one of workloadIdentity, servicePrincipal or ambient"))]
+pub struct AcrSource {
+    /// The registry host, `<name>.azurecr.io` (sovereign clouds: `.azurecr.cn`, `.azurecr.us`).
+    /// The controller sends Azure tokens only to hosts under its `--acr-registry-suffixes`
+    /// (default those three); another host is refused (`RegistryHostNotAllowed`).
+    #[schemars(length(min = 1, max = 253), regex(pattern = ACR_HOST_PATTERN))]
+    pub registry: String,
+    /// Azure workload identity for a Kubernetes ServiceAccount: its token (audience
+    /// `api://AzureADTokenExchange`) is the client assertion of an Entra application or
+    /// user-assigned managed identity whose federated identity credential trusts this
+    /// cluster's issuer and the subject `system:serviceaccount:<namespace>:<name>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload_identity: Option<AcrWorkloadIdentity>,
+    /// A service principal (an Entra application) and its client secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_principal: Option<AzureServicePrincipal>,
+    /// The controller's own managed identity, from the instance metadata service (IMDS).
+    /// Namespaced credentials may use it only when the controller runs with
+    /// `--allow-ambient-azure-identity`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ambient: Option<AzureAmbient>,
+    /// The Entra token's scope: `ContainerRegistry` (default,
+    /// `https://containerregistry.azure.net/.default`, as the kubelet's ACR provider asks) or
+    /// `ResourceManager` (the Azure Resource Manager scope of the authority's cloud, as
+    /// msi-acrpull asks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<AcrTokenScope>,
+    /// The Microsoft Entra authority, e.g. `https://login.microsoftonline.com` (default for
+    /// `.azurecr.io`), `https://login.chinacloudapi.cn` (default for `.azurecr.cn`),
+    /// `https://login.microsoftonline.us` (default for `.azurecr.us`); other authorities (an
+    /// air-gapped cloud) only when the controller runs with `--azure-authority-host` naming
+    /// them. Not used by `ambient`.
+    #[schemars(length(min = 8, max = 253), regex(pattern = AUTHORITY_HOST_PATTERN))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authority_host: Option<String>,
+}
+
+/// A registry host name without scheme, port or path, in lowercase.
+const ACR_HOST_PATTERN: &str = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)+$";
+/// An authority: scheme and host[:port], nothing after but an optional `/`.
+const AUTHORITY_HOST_PATTERN: &str = r"^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?/?$";
+/// An Entra application (client) id.
+const GUID_PATTERN: &str = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$";
+/// An Entra tenant: its id (a GUID) or one of its domains (`contoso.onmicrosoft.com`).
+const TENANT_PATTERN: &str = r"^([0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}|[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+)$";
+
+/// Which Entra scope the token exchanged at ACR is asked for.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+pub enum AcrTokenScope {
+    /// `https://containerregistry.azure.net/.default`.
+    ContainerRegistry,
+    /// Azure Resource Manager: `https://management.azure.com/.default` (the authority's
+    /// cloud's own in the sovereign clouds).
+    ResourceManager,
+}
+
+/// Azure workload identity for a ServiceAccount.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AcrWorkloadIdentity {
+    /// The ServiceAccount whose token is the client assertion: of the credential's own
+    /// namespace, or the given one for a ClusterRegistryCredential.
+    pub service_account_ref: AccountRef,
+    /// The application (client) id; default: the ServiceAccount's
+    /// `azure.workload.identity/client-id` annotation.
+    #[schemars(regex(pattern = GUID_PATTERN))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+    /// The tenant (id or domain); default: the ServiceAccount's
+    /// `azure.workload.identity/tenant-id` annotation.
+    #[schemars(length(max = 253), regex(pattern = TENANT_PATTERN))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant_id: Option<String>,
+}
+
+/// A service principal with a client secret.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AzureServicePrincipal {
+    /// The tenant (id or domain).
+    #[schemars(length(max = 253), regex(pattern = TENANT_PATTERN))]
+    pub tenant_id: String,
+    /// The application (client) id.
+    #[schemars(regex(pattern = GUID_PATTERN))]
+    pub client_id: String,
+    /// Secret key holding the client secret. `key` defaults to `clientSecret`.
+    pub client_secret_ref: SecretKeyRef,
+}
+
+/// The controller's managed identity: the system-assigned one, or the user-assigned one named
+/// by `clientId` or `resourceId` (at most one).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.clientId) || !has(self.resourceId)").message("set at most one of clientId or resourceId"))]
+pub struct AzureAmbient {
+    /// Client id of a user-assigned managed identity.
+    #[schemars(regex(pattern = GUID_PATTERN))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+    /// Resource id of a user-assigned managed identity,
+    /// `/subscriptions/…/resourceGroups/…/providers/Microsoft.ManagedIdentity/userAssignedIdentities/…`.
+    #[schemars(
+        length(max = 512),
+        regex(
+            pattern = r"^/subscriptions/[^/?#&=]+/resource[Gg]roups/[^/?#&=]+/providers/Microsoft\.ManagedIdentity/userAssignedIdentities/[^/?#&=]+$"
+        )
+    )]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource_id: Option<String>,
 }
 
 /// Which ECR registries, and which AWS identity asks for their token.
@@ -637,10 +767,10 @@ pub struct CredentialStatus {
     /// The server keys written into `.dockerconfigjson`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub registries: Vec<String>,
-    /// Kind of the source (`basic`, `ghcr`, `gcr`, `ecr`).
+    /// Kind of the source (`basic`, `ghcr`, `gcr`, `ecr`, `acr`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
-    /// When the token in the Secret expires (ECR, gcr access tokens).
+    /// When the token in the Secret expires (ECR, gcr access tokens, ACR refresh tokens).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<Time>,
     /// When the controller will fetch the next token (ECR, gcr access tokens).

@@ -108,6 +108,38 @@ pub enum Error {
     #[error("ecr sources need AWS; they cannot be rendered offline")]
     EcrUnavailable,
 
+    #[error("{operation} failed: {code}: {message}")]
+    Azure { operation: &'static str, code: String, message: String },
+
+    #[error("{operation} answered unusably: {problem}")]
+    InvalidAzureAnswer { operation: &'static str, problem: String },
+
+    #[error(
+        "registry {host:?} is not under the registry suffixes Azure tokens may be sent to ({allowed}; the controller's --acr-registry-suffixes)"
+    )]
+    RegistryHostNotAllowed { host: String, allowed: String },
+
+    #[error(
+        "the authority {authority:?} is not a Microsoft Entra authority regcred sends tokens to (the public and sovereign clouds', and others only when the controller runs with --azure-authority-host)"
+    )]
+    AuthorityHostNotAllowed { authority: String },
+
+    #[error(
+        "namespaced credentials may not use the controller's Azure managed identity (the controller runs without --allow-ambient-azure-identity)"
+    )]
+    AmbientAzureIdentityNotAllowed,
+
+    #[error(
+        "ServiceAccount {namespace}/{name} names no {what}: set it in source.acr.workloadIdentity or annotate the ServiceAccount with {annotation}"
+    )]
+    AzureIdentityIncomplete { namespace: String, name: String, what: &'static str, annotation: &'static str },
+
+    #[error("ServiceAccount {namespace}/{name}'s annotation {annotation} is not a valid {what}")]
+    InvalidAzureAnnotation { namespace: String, name: String, annotation: &'static str, what: &'static str },
+
+    #[error("acr sources need Azure; they cannot be rendered offline")]
+    AzureUnavailable,
+
     #[error("the object has no {0}")]
     MissingObjectField(&'static str),
 
@@ -141,6 +173,14 @@ impl Error {
             Error::ServiceAccountNotFound { .. } => "ServiceAccountNotFound",
             Error::NoRoleArn { .. } => "NoRoleArn",
             Error::EcrUnavailable => "EcrUnavailable",
+            Error::Azure { .. } => "AzureRequestFailed",
+            Error::InvalidAzureAnswer { .. } => "InvalidAzureAnswer",
+            Error::RegistryHostNotAllowed { .. } => "RegistryHostNotAllowed",
+            Error::AuthorityHostNotAllowed { .. } => "AuthorityHostNotAllowed",
+            Error::AmbientAzureIdentityNotAllowed => "AmbientIdentityNotAllowed",
+            Error::AzureIdentityIncomplete { .. } => "AzureIdentityIncomplete",
+            Error::InvalidAzureAnnotation { .. } => "InvalidAzureAnnotation",
+            Error::AzureUnavailable => "AzureUnavailable",
             Error::CrossNamespaceReference { .. } => "CrossNamespaceReference",
             Error::SourceNamespaceRequired => "SourceNamespaceRequired",
             Error::ServiceAccountContended { .. } | Error::ObjectContended { .. } => "ConcurrentUpdates",

@@ -121,6 +121,31 @@ async fn collect_capped<C: AsRef<[u8]>>(
     Ok(body)
 }
 
+/// A message fit for status and Events: at most 300 characters, and any long token-like run
+/// (a JWT or access token a server might echo: Google, Entra and ACR error answers go through it) cut out.
+pub fn scrub(message: &str) -> String {
+    let mut out = String::new();
+    let mut run = String::new();
+    let flush = |run: &mut String, out: &mut String| {
+        if run.chars().count() >= 40 {
+            out.push('…');
+        } else {
+            out.push_str(run);
+        }
+        run.clear();
+    };
+    for c in message.chars() {
+        if c.is_ascii_alphanumeric() || "._-+=~".contains(c) {
+            run.push(c);
+        } else {
+            flush(&mut run, &mut out);
+            out.push(c);
+        }
+    }
+    flush(&mut run, &mut out);
+    out.chars().take(300).collect()
+}
+
 /// A fake HTTP server on 127.0.0.1 with the answers a hostile endpoint gives, for the unit
 /// tests of everything that reads answers through [`read_capped`].
 #[cfg(test)]

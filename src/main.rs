@@ -154,6 +154,31 @@ struct RunArgs {
     /// post wherever a tenant's key file says.
     #[arg(long, value_delimiter = ',', env = "REGCRED_GCP_TOKEN_URIS")]
     gcp_token_uri: Vec<String>,
+    /// Let namespaced RegistryCredentials use the controller's own Azure managed identity
+    /// (`acr.ambient`; off: a tenant must not borrow it).
+    #[arg(long, env = "REGCRED_ALLOW_AMBIENT_AZURE_IDENTITY")]
+    allow_ambient_azure_identity: bool,
+    /// Refresh an ACR refresh token when this share of its lifetime is left (0.25: ~2 h 15 min
+    /// into 3 h).
+    #[arg(long, default_value_t = 0.25, value_parser = share, env = "REGCRED_AZURE_REFRESH_SHARE")]
+    azure_refresh_share: f64,
+    /// Registry host suffixes Azure tokens may be sent to (comma-separated; `.azurecr.io`
+    /// allows every host under it). An acr source naming another host is refused.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = ".azurecr.io,.azurecr.cn,.azurecr.us",
+        env = "REGCRED_ACR_REGISTRY_SUFFIXES"
+    )]
+    acr_registry_suffixes: Vec<String>,
+    /// A Microsoft Entra authority (`https://host[:port]`) acr sources may name in
+    /// `authorityHost` besides the public and sovereign clouds' (an air-gapped cloud, an
+    /// emulator); repeatable or comma-separated.
+    #[arg(long, value_delimiter = ',', env = "REGCRED_AZURE_AUTHORITY_HOSTS")]
+    azure_authority_host: Vec<String>,
+    /// The Azure instance metadata service, for `acr.ambient`.
+    #[arg(long, default_value = "http://169.254.169.254", env = "REGCRED_AZURE_IMDS_ENDPOINT")]
+    azure_imds_endpoint: String,
 }
 
 fn share(text: &str) -> Result<f64, String> {
@@ -324,6 +349,14 @@ async fn run(args: RunArgs, shutdown: Shutdown) -> anyhow::Result<()> {
             iam_credentials_url: args.gcp_iam_credentials_url,
             metadata_host: args.gcp_metadata_host,
             extra_token_uris: args.gcp_token_uri,
+        },
+        azure: regcred::source::acr::AzureSettings {
+            allow_ambient_for_namespaced: args.allow_ambient_azure_identity,
+            refresh_share_left: args.azure_refresh_share,
+            service_account_tokens: !args.disable_irsa,
+            registry_suffixes: args.acr_registry_suffixes.into_iter().filter(|s| !s.trim().is_empty()).collect(),
+            extra_authorities: args.azure_authority_host,
+            imds_endpoint: args.azure_imds_endpoint,
         },
         selector: args.selector,
         watch_secrets: !args.no_secret_watch,

@@ -389,13 +389,15 @@ mod tests {
     }
 
     /// Errors name the cluster credential; its references need their own namespace and
-    /// resolve against the Secret manifests; ECR fails offline as before.
+    /// resolve against the Secret manifests; ECR and ACR fail offline.
     #[tokio::test]
     async fn cluster_credential_errors_name_it() {
         let mut no_namespace = cluster_credential("c", json!({}));
         no_namespace["spec"]["source"]["basic"]["passwordSecretRef"] = json!({"name": "robot"});
         let mut ecr = cluster_credential("e", json!({}));
         ecr["spec"]["source"] = json!({"ecr": {"region": "eu-west-1", "auth": {"ambient": {}}}});
+        let mut acr = cluster_credential("a", json!({}));
+        acr["spec"]["source"] = json!({"acr": {"registry": "team.azurecr.io", "ambient": {}}});
         let mut reserved = cluster_credential("r", json!({}));
         reserved["spec"]["secret"]["labels"] = json!({"regcred.dev/credential-uid": "x"});
         for (doc, message) in [
@@ -405,6 +407,7 @@ mod tests {
             ),
             (cluster_credential("c", json!({})), "ClusterRegistryCredential c: Secret platform/robot not found"),
             (ecr, "ClusterRegistryCredential e: ecr sources need AWS; they cannot be rendered offline"),
+            (acr, "ClusterRegistryCredential a: acr sources need Azure; they cannot be rendered offline"),
             (
                 reserved,
                 "ClusterRegistryCredential r: spec.secret sets \"regcred.dev/credential-uid\", a key regcred reserves for itself",

@@ -278,6 +278,28 @@ fn least_privilege_variants_render_as_documented() {
             && google.contains("- --gcp-token-uri=https://t.example/token")
     );
 
+    // Azure workload identity: api://AzureADTokenExchange only while it is enabled (the default).
+    assert!(policy_text.contains("a == 'api://AzureADTokenExchange'"), "{policy_text}");
+    let no_azure = render(&["--set", "azure.workloadIdentity.enabled=false"]);
+    assert!(
+        no_azure.contains("kind: ValidatingAdmissionPolicy") && !no_azure.contains("a == 'api://AzureADTokenExchange'")
+    );
+    kubectl_apply(cp, &no_azure, &["--dry-run=server"]);
+    let azure = render(&[
+        "--set",
+        "azure.allowAmbientIdentity=true",
+        "--set-json",
+        r#"azure.authorityHosts=["https://login.example"]"#,
+        "--set-json",
+        r#"azure.registrySuffixes=[".azurecr.example"]"#,
+    ]);
+    assert!(
+        azure.contains("- --allow-ambient-azure-identity")
+            && azure.contains("- --azure-authority-host=https://login.example")
+            && azure.contains("- --acr-registry-suffixes=.azurecr.example"),
+        "{azure}"
+    );
+
     let scoped = documents(&render(&["--set", "watchNamespaces={default,kube-public}"]));
     let cluster_wide = resources(controller_role(&scoped));
     for resource in ["secrets", "serviceaccounts", "serviceaccounts/token"] {

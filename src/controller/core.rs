@@ -144,6 +144,7 @@ async fn sync<K: Credential>(obj: &K, uid: &str, ctx: &Context) -> Result<FanOut
         secrets: &reader,
         ecr: Some(&ctx.ecr),
         gcp: Some(&ctx.gcp),
+        azure: Some(&ctx.azure),
         cluster_scoped: scope.own_namespace.is_none(),
         previous: own.previous_token.as_ref(),
         served: ctx.config.namespaces.as_ref(),

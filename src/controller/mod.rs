@@ -47,6 +47,7 @@ use crate::{
     metrics::{FailureLabels, KindLabels, Metrics, ObjectLabels},
     owned::OwnedSecrets,
     source::{
+        acr::{AzureProvider, AzureSettings},
         ecr::{EcrProvider, EcrSettings},
         gcr::{GcpProvider, GcpSettings},
     },
@@ -74,6 +75,8 @@ pub struct ControllerConfig {
     pub ecr: EcrSettings,
     /// How gcr sources with access tokens behave.
     pub gcp: GcpSettings,
+    /// How acr sources behave.
+    pub azure: AzureSettings,
     /// Only credentials matching this label selector (sharding, canaries); all when `None`.
     pub selector: Option<String>,
     /// Watch Secrets (metadata only) to react to drift, deletion and source changes at once;
@@ -94,6 +97,7 @@ impl Default for ControllerConfig {
             instance: None,
             ecr: EcrSettings::default(),
             gcp: GcpSettings::default(),
+            azure: AzureSettings::default(),
             selector: None,
             watch_secrets: true,
             namespaces: None,
@@ -112,6 +116,8 @@ pub struct Context {
     pub(crate) ecr: EcrProvider,
     /// Google settings, HTTP client and token cache.
     pub(crate) gcp: GcpProvider,
+    /// Azure settings, HTTP client and token cache.
+    pub(crate) azure: AzureProvider,
     /// Per-credential memory, by UID.
     pub(crate) states: States,
     /// Which credentials an event concerns.
@@ -165,6 +171,7 @@ where
         client: client.clone(),
         ecr: EcrProvider::new(client.clone(), config.ecr.clone(), admin.metrics.clone()),
         gcp: GcpProvider::new(client.clone(), config.gcp.clone(), admin.metrics.clone()),
+        azure: AzureProvider::new(client.clone(), config.azure.clone(), admin.metrics.clone()),
         metrics: admin.metrics.clone(),
         states: States::default(),
         index: Index::default(),

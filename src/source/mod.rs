@@ -1,5 +1,6 @@
 //! Credential sources: one file per provider, all behind [`CredentialProvider`].
 
+pub mod acr;
 mod basic;
 pub mod ecr;
 pub mod gcr;
@@ -119,6 +120,8 @@ pub struct SourceContext<'a, R> {
     pub ecr: Option<&'a ecr::EcrProvider>,
     /// Google machinery; `None` offline, where gcr sources with access tokens fail.
     pub gcp: Option<&'a gcr::GcpProvider>,
+    /// Azure machinery; `None` offline, where acr sources fail.
+    pub azure: Option<&'a acr::AzureProvider>,
     /// Whether the credential is cluster-scoped (a platform object, which may use the
     /// controller's own AWS identity).
     pub cluster_scoped: bool,
@@ -193,7 +196,17 @@ pub fn resolve_reference(
 impl<'a, R> SourceContext<'a, R> {
     /// A context for a namespaced credential without ECR (static sources, offline).
     pub fn offline(namespace: &'a str, registry: Option<&'a str>, secrets: &'a R) -> Self {
-        Self { namespace, registry, secrets, ecr: None, gcp: None, cluster_scoped: false, previous: None, served: None }
+        Self {
+            namespace,
+            registry,
+            secrets,
+            ecr: None,
+            gcp: None,
+            azure: None,
+            cluster_scoped: false,
+            previous: None,
+            served: None,
+        }
     }
 }
 
@@ -212,13 +225,14 @@ impl CredentialProvider for CredentialSource {
             CredentialSource::Ghcr(s) => s.fetch(ctx).await,
             CredentialSource::Gcr(s) => s.fetch(ctx).await,
             CredentialSource::Ecr(s) => s.fetch(ctx).await,
+            CredentialSource::Acr(s) => s.fetch(ctx).await,
         }
     }
 }
 
 /// A short-lived token for a tenant's ServiceAccount with the given audience, from the
-/// TokenRequest API: what IRSA and Workload Identity Federation exchange for cloud
-/// credentials. Used once, right away, so it asks for the shortest lifetime the apiserver
+/// TokenRequest API: what IRSA, Workload Identity Federation and Azure workload identity
+/// exchange for cloud credentials. Used once, right away, so it asks for the shortest lifetime the apiserver
 /// grants.
 pub(crate) async fn service_account_token(
     client: &kube::Client,

@@ -1,6 +1,6 @@
 //! One token per identity, shared by every credential that resolves to it, with
 //! single-flight fetching: concurrent reconciles of the same identity wait for one call to the
-//! provider. Providers with expiring tokens (ECR, Google) keep theirs here. When a refresh
+//! provider. Providers with expiring tokens (ECR, Google, Azure) keep theirs here. When a refresh
 //! fails, the token it was to replace is still handed out while it stays valid for at least
 //! [`MIN_VALIDITY`], together with the failure (see [`Cached`]).
 
@@ -168,6 +168,7 @@ pub fn fingerprint(parts: &[&str]) -> String {
 pub enum Cloud {
     Aws,
     Google,
+    Azure,
 }
 
 /// A failed provider call, remembered briefly so that the credentials waiting behind it, and
@@ -191,6 +192,8 @@ impl From<Failure> for Error {
             (Cloud::Aws, None) => Error::InvalidAwsAnswer { operation, problem: message },
             (Cloud::Google, Some(code)) => Error::Gcp { operation, code, message },
             (Cloud::Google, None) => Error::InvalidGcpAnswer { operation, problem: message },
+            (Cloud::Azure, Some(code)) => Error::Azure { operation, code, message },
+            (Cloud::Azure, None) => Error::InvalidAzureAnswer { operation, problem: message },
         }
     }
 }
@@ -411,6 +414,8 @@ mod tests {
         assert_eq!(failure(Cloud::Aws, None).reason(), "InvalidAwsAnswer");
         assert_eq!(failure(Cloud::Google, Some("invalid_grant")).reason(), "GcpRequestFailed");
         assert_eq!(failure(Cloud::Google, None).reason(), "InvalidGcpAnswer");
+        assert_eq!(failure(Cloud::Azure, Some("invalid_client")).reason(), "AzureRequestFailed");
+        assert_eq!(failure(Cloud::Azure, None).reason(), "InvalidAzureAnswer");
         assert_eq!(failure(Cloud::Google, Some("invalid_grant")).to_string(), "x:y failed: invalid_grant: m");
     }
 

@@ -4,6 +4,7 @@
 
 mod support;
 
+mod acr;
 mod admin;
 mod conflict;
 mod core;

@@ -2,7 +2,7 @@
 //! the Secrets regcred writes: each test asserts the kubelet's own pull result in the Pod's
 //! Events (`Pulled`, or `Failed` with the registry's refusal) and that the container ran.
 //! Registries answer under the host names the sources are shaped for (ghcr.io, docker.io,
-//! gcr.io, an ECR host) through containerd's registry hosts config, while the kubelet looks
+//! gcr.io, an ECR host, an ACR host) through containerd's registry hosts config, while the kubelet looks
 //! the credential up under the image's own host. Where the machine cannot run a node these
 //! tests fail, saying why, unless `REGCRED_SKIP_NODE=1`.
 
@@ -13,7 +13,7 @@ use kube::{
     Api, Client,
     api::{ObjectMeta, PostParams},
 };
-use regcred_testenv::{AwsEmulator, GcpEmulator, Node, Registry, eventually};
+use regcred_testenv::{AwsEmulator, AzureEmulator, GcpEmulator, Node, Registry, eventually};
 use serde_json::{Value, json};
 
 use crate::support::*;
@@ -927,4 +927,50 @@ async fn the_chart_runs_two_replicas_on_the_node_that_roll_and_hand_over() {
         .delete(&foreign, &Default::default())
         .await
         .unwrap();
+}
+
+/// ACR: a Pod pulls an `<name>.azurecr.io` image with the refresh token regcred wrote (a service
+/// principal's): the kubelet answers ACR's Bearer challenge at the realm with the Secret's
+/// `00000000-0000-0000-0000-000000000000` login, and the registry lets in only the access token
+/// the realm gave for that refresh token. The node cannot resolve the ACR host, so its
+/// registry's challenge names the same realm at `localhost` (see
+/// `AzureEmulator::add_registry_for_node`).
+#[tokio::test]
+async fn acr_refresh_tokens_pull_on_the_node() {
+    let Some(node) = node() else { return };
+    let client = client().await;
+    let azure = AzureEmulator::start().unwrap();
+    let host = format!("regcrednode{}.azurecr.io", &unique()[..6]);
+    let password = format!("upstream-{}", unique());
+    record_secret(&password);
+    let upstream = Registry::start(&[("acr-upstream", &password)]).unwrap();
+    upstream.push_program_image("team/app", "v1", "acr-upstream", &password, &["hello", "acr"]).unwrap();
+    azure.add_registry_for_node(&host, &upstream, "acr-upstream", &password).unwrap();
+    let ca = azure.ca_pem().unwrap();
+    let _acr = node.map_host(&host, &azure.registry_url(), Some(&ca)).unwrap();
+    let name = format!("node-acr-{}", &unique()[..6]);
+    let _controller = crate::acr::spawn_azure_controller(&azure, &name, &name, &[], &[]);
+    let ns = namespace(&client, "node-acr").await;
+    let (id, identity) = crate::acr::service_principal_on(&client, &azure, &ns, &host).await;
+    let spec = json!({"source": {"acr": {"registry": host, "authorityHost": azure.authority(),
+                                         "servicePrincipal": identity["servicePrincipal"]}}});
+    create_credential_for(&client, &ns, "acr", Some(&name), spec).await;
+    let secret = wait_secret(&client, &ns, "acr", "written", |_| true).await;
+    let login = logins(&secret).remove(0);
+    assert_eq!((login.0.as_str(), login.1.as_str()), (host.as_str(), regcred_testenv::ACR_USER));
+    for token in azure.tokens().unwrap().keys() {
+        record_secret(token);
+    }
+
+    let image = format!("{host}/team/app:v1");
+    create_pod(&client, &ns, "first", &image, &["acr"], None).await;
+    assert_pulls_and_runs(&client, &ns, "first", &image).await;
+    // The kubelet went through the realm with the Secret's refresh token, and the registry
+    // let in the access token it got.
+    assert!(crate::acr::successful_calls(&azure, "acr:token", &id) >= 1, "{:?}", azure.calls().unwrap());
+    assert!(crate::acr::successful_calls(&azure, "registry:v2", &id) >= 1, "{:?}", azure.calls().unwrap());
+    for token in azure.tokens().unwrap().keys() {
+        record_secret(token);
+    }
+    assert_no_leaks(&client).await;
 }

@@ -59,6 +59,15 @@ async fn the_controller_identity_can_mint_only_sts_tokens_the_apiserver_refuses(
     let lookalike = "//iam.googleapis.com.evil.example/projects/1/locations/global/workloadIdentityPools/p/providers/x";
     let (code, _) = refusal(request_token(&controller, &ns, "app", &[lookalike], 600).await, "lookalike");
     assert_eq!(code, 403);
+    // Azure workload identity's audience is admitted (the chart's default
+    // azure.workloadIdentity.enabled); one that only looks like it is not.
+    let token = request_token(&controller, &ns, "app", &["api://AzureADTokenExchange"], 600)
+        .await
+        .expect("an Azure workload identity token is admitted");
+    record_secret(&token);
+    let (code, _) =
+        refusal(request_token(&controller, &ns, "app", &["api://AzureADTokenExchange.evil"], 600).await, "lookalike");
+    assert_eq!(code, 403);
 
     // What IRSA needs is admitted, and the token it gives is no Kubernetes credential.
     let token = request_token(&controller, &ns, "app", &[STS], 600).await.expect("an IRSA token is admitted");
@@ -117,10 +126,14 @@ async fn a_tenant_can_name_nothing_outside_its_namespace() {
         json!({"ecr": {"registry": "123456789012.dkr.ecr.eu-west-1.amazonaws.com", "auth": {"serviceAccountRef": {"name": "default", "namespace": other}}}}),
         json!({"gcr": {"workloadIdentity": {"serviceAccountRef": {"name": "default", "namespace": other},
                "audience": "//iam.googleapis.com/projects/1/locations/global/workloadIdentityPools/pool/providers/kube"}}}),
+        json!({"acr": {"registry": "team.azurecr.io", "workloadIdentity": {"serviceAccountRef": {"name": "default", "namespace": other}}}}),
+        json!({"acr": {"registry": "team.azurecr.io", "servicePrincipal": {"tenantId": "contoso.onmicrosoft.com",
+               "clientId": "11111111-2222-3333-4444-555555555555", "clientSecretRef": {"name": "src", "namespace": other}}}}),
     ];
     for (i, source) in refs.into_iter().enumerate() {
         let spec = json!({"registry": "r.example.com", "source": source});
-        let spec = if (3..=4).contains(&i) { json!({"source": spec["source"]}) } else { spec };
+        // ecr and acr name their registry in the source.
+        let spec = if (3..=4).contains(&i) || i >= 6 { json!({"source": spec["source"]}) } else { spec };
         match create_raw(&tenant, Some(&ns), "RegistryCredential", &format!("cross-{i}"), spec).await {
             Err(kube::Error::Api(status)) if status.code == 422 => {
                 assert!(status.message.contains("reads its own namespace"), "{}", status.message)

@@ -1,6 +1,7 @@
 //! The leak scan at the most verbose level: a controller at `RUST_LOG=trace` (regcred and every
 //! dependency: kube, hyper, rustls, the AWS SDK, reqwest) through every source kind, an ECR
-//! rotation, IRSA, Google access tokens from a key and through Workload Identity Federation, a
+//! rotation, IRSA, Google access tokens from a key and through Workload Identity Federation,
+//! ACR refresh tokens from a service principal and through Azure workload identity, a
 //! registry check and a failure, then its whole log searched for every secret value, its base64 forms
 //! (as a Secret's JSON carries them), any JWT (ServiceAccount tokens, the controller's own
 //! included) and any raw AWS response body.
@@ -8,12 +9,15 @@
 use std::time::Duration;
 
 use base64::{Engine, engine::general_purpose::STANDARD};
-use regcred_testenv::{AttributeCondition, AwsEmulator, GcpEmulator, ISSUER, Registry, WorkloadIdentityProvider};
+use regcred_testenv::{
+    AttributeCondition, AwsEmulator, AzureEmulator, GcpEmulator, ISSUER, Registry, WorkloadIdentityProvider,
+};
 use serde_json::json;
 
 use crate::support::*;
 
 const REGISTRY: &str = "123456789012.dkr.ecr.eu-west-1.amazonaws.com";
+const ACR: &str = "regcredtrace.azurecr.io";
 
 /// Records `value` and the base64 form a Secret's `data` carries it in.
 fn record_with_base64(value: &str) {
@@ -27,8 +31,10 @@ async fn nothing_secret_is_logged_at_trace() {
     // 30-second ECR tokens: one rotation about 22 s in.
     let aws = AwsEmulator::start_with_lifetime(30).expect("AWS emulator");
     let gcp = GcpEmulator::start().expect("Google emulator");
+    let azure = AzureEmulator::start().expect("Azure emulator");
     let name = format!("trace-{}", &unique()[..6]);
     let (sts, token_uri, google) = (gcp.sts_url(), gcp.token_uri(), gcp.url());
+    let (authority, imds) = (azure.authority(), azure.imds_endpoint());
     let _controller = spawn_controller(
         env().cp,
         &name,
@@ -43,8 +49,18 @@ async fn nothing_secret_is_logged_at_trace() {
             &google,
             "--gcp-token-uri",
             &token_uri,
+            "--azure-authority-host",
+            &authority,
+            "--azure-imds-endpoint",
+            &imds,
         ],
-        &[("RUST_LOG", "trace".into())],
+        &[
+            ("RUST_LOG", "trace".into()),
+            // The ACR host through the emulator's proxy, its CA trusted.
+            ("HTTPS_PROXY", azure.proxy_url()),
+            ("NO_PROXY", "127.0.0.1,localhost".into()),
+            ("SSL_CERT_FILE", azure.ca_file().display().to_string()),
+        ],
     );
     let ns = namespace(&client, "trace").await;
 
@@ -80,6 +96,26 @@ async fn nothing_secret_is_logged_at_trace() {
     let principal = provider.principal(&format!("system:serviceaccount:{ns}:puller"));
     gcp.bind(target, "roles/iam.workloadIdentityUser", &principal).unwrap();
 
+    // Azure: a service principal's client secret, and workload identity (a ServiceAccount
+    // token as the client assertion); Entra tokens and ACR refresh tokens are JWTs.
+    let acr_upstream = Registry::start(&[("u", &password)]).expect("registry");
+    azure.add_registry(ACR, &acr_upstream, "u", &password).unwrap();
+    azure.add_issuer(ISSUER, &env().cp.service_account_jwks().unwrap()).unwrap();
+    let (tenant, sp_id, wi_id) = (
+        "7a1e2b3c-0000-4000-8000-00000000a2e1",
+        "5e5e5e5e-0000-4000-8000-000000000001",
+        "5e5e5e5e-0000-4000-8000-000000000002",
+    );
+    let client_secret = format!("cs~{}", secret_value("sp", "trace-client-secret"));
+    record_with_base64(&client_secret);
+    azure.add_app(tenant, sp_id, Some(&client_secret)).unwrap();
+    azure.add_app(tenant, wi_id, None).unwrap();
+    azure.add_federated_credential(tenant, wi_id, ISSUER, &format!("system:serviceaccount:{ns}:puller")).unwrap();
+    for id in [sp_id, wi_id] {
+        azure.assign_role(id, ACR, "AcrPull").unwrap();
+    }
+    create_secret(&client, &ns, "sp", &[("clientSecret", client_secret.as_bytes())]).await;
+
     let credentials = [
         (
             "basic",
@@ -102,6 +138,16 @@ async fn nothing_secret_is_logged_at_trace() {
                 "workloadIdentity": {"serviceAccountRef": {"name": "puller"}, "audience": provider.audience()},
                 "impersonate": {"serviceAccount": target}}}}),
         ),
+        (
+            "acr-sp",
+            json!({"source": {"acr": {"registry": ACR, "authorityHost": authority,
+                "servicePrincipal": {"tenantId": tenant, "clientId": sp_id, "clientSecretRef": {"name": "sp"}}}}}),
+        ),
+        (
+            "acr-wi",
+            json!({"source": {"acr": {"registry": ACR, "authorityHost": authority,
+                "workloadIdentity": {"serviceAccountRef": {"name": "puller"}, "clientId": wi_id, "tenantId": tenant}}}}),
+        ),
     ];
     for (credential, spec) in credentials {
         create_credential_for(&client, &ns, credential, Some(&name), spec).await;
@@ -119,11 +165,17 @@ async fn nothing_secret_is_logged_at_trace() {
     create_credential_for(&client, &ns, "tokened", Some(&name), tokened).await;
     let broken = json!({"registry": "r.example.com", "source": {"basic": {"username": "u", "passwordSecretRef": {"name": "missing"}}}});
     create_credential_for(&client, &ns, "broken", Some(&name), broken).await;
-    for credential in ["basic", "ghcr", "gcr", "keys", "irsa", "gar-key", "gar-wif"] {
+    for credential in ["basic", "ghcr", "gcr", "keys", "irsa", "gar-key", "gar-wif", "acr-sp", "acr-wi"] {
         wait_ready(&client, &ns, credential, "True", Some("Synced")).await;
     }
     // Every token Google issued (access and federated).
     for token in gcp.tokens().expect("Google tokens").keys() {
+        record_secret(token);
+    }
+    // Every token Azure issued (Entra tokens and refresh tokens).
+    let azure_tokens = azure.tokens().expect("Azure tokens");
+    assert!(azure_tokens.values().filter(|t| t["kind"] == "refresh").count() >= 2, "{azure_tokens:?}");
+    for token in azure_tokens.keys() {
         record_secret(token);
     }
     wait_ready(&client, &ns, "broken", "False", Some("SourceSecretNotFound")).await;
@@ -176,6 +228,9 @@ async fn nothing_secret_is_logged_at_trace() {
     }
     for field in ["access_token", "accessToken", "assertion=", "subject_token=", "ya29."] {
         assert!(!log.contains(field), "a Google message body with {field} in the trace log");
+    }
+    for field in ["refresh_token", "client_secret=", "client_assertion=", "access_token="] {
+        assert!(!log.contains(field), "an Entra or ACR message body with {field} in the trace log");
     }
 }
 

@@ -61,6 +61,42 @@ async fn invalid_specs_are_rejected_at_admission() {
                    "audience": "https://iam.googleapis.com/projects/1/locations/global/workloadIdentityPools/pool/providers/kube"}}}}),
             "audience",
         ),
+        // acr: one identity, its registry in the source, GUID client ids.
+        (
+            "acr-none",
+            json!({"source": {"acr": {"registry": "team.azurecr.io"}}}),
+            "exactly one of workloadIdentity, servicePrincipal or ambient",
+        ),
+        (
+            "acr-two",
+            json!({"source": {"acr": {"registry": "team.azurecr.io", "ambient": {},
+                   "workloadIdentity": {"serviceAccountRef": {"name": "sa"}}}}}),
+            "exactly one of workloadIdentity, servicePrincipal or ambient",
+        ),
+        (
+            "acr-spec-registry",
+            json!({"registry": "team.azurecr.io", "source": {"acr": {"registry": "team.azurecr.io", "ambient": {}}}}),
+            "set source.acr.registry",
+        ),
+        (
+            "acr-ambient-both",
+            json!({"source": {"acr": {"registry": "team.azurecr.io", "ambient": {
+                   "clientId": "11111111-2222-3333-4444-555555555555",
+                   "resourceId": "/subscriptions/s/resourceGroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/mi"}}}}),
+            "at most one of clientId or resourceId",
+        ),
+        (
+            "acr-client-id",
+            json!({"source": {"acr": {"registry": "team.azurecr.io",
+                   "workloadIdentity": {"serviceAccountRef": {"name": "sa"}, "clientId": "not-a-guid"}}}}),
+            "clientId",
+        ),
+        (
+            "acr-authority",
+            json!({"source": {"acr": {"registry": "team.azurecr.io", "ambient": {},
+                   "authorityHost": "https://login.example/tenant/path"}}}),
+            "authorityHost",
+        ),
     ];
     for (name, spec, field) in cases {
         match create_raw(&client, Some(&ns), "RegistryCredential", name, spec).await {
@@ -89,7 +125,7 @@ async fn kubectl_refuses_unknown_fields_and_explains_the_api() {
     let out = cp.kubectl(&["explain", "registrycredential.spec.source"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    for word in ["basic", "ghcr", "gcr", "Exactly one"] {
+    for word in ["basic", "ghcr", "gcr", "ecr", "acr", "Exactly one"] {
         assert!(text.contains(word), "kubectl explain lacks {word}: {text}");
     }
 

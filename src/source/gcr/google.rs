@@ -9,7 +9,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
 use crate::{
-    http::{BodyError, MAX_ANSWER_BYTES, read_capped, size},
+    http::{BodyError, MAX_ANSWER_BYTES, read_capped, scrub, size},
     source::token_cache::{Cloud, Failure},
 };
 
@@ -187,31 +187,6 @@ fn error_answer(operation: &'static str, status: reqwest::StatusCode, body: &[u8
         Err(_) => (format!("HTTP {}", status.as_u16()), String::from_utf8_lossy(body).trim().to_string()),
     };
     Failure { cloud: Cloud::Google, operation, code: Some(code), message: scrub(&message) }
-}
-
-/// A message fit for status and Events: at most 300 characters, and any long token-like run
-/// (a JWT or access token a server might echo) cut out.
-pub fn scrub(message: &str) -> String {
-    let mut out = String::new();
-    let mut run = String::new();
-    let flush = |run: &mut String, out: &mut String| {
-        if run.chars().count() >= 40 {
-            out.push('…');
-        } else {
-            out.push_str(run);
-        }
-        run.clear();
-    };
-    for c in message.chars() {
-        if c.is_ascii_alphanumeric() || "._-+=~".contains(c) {
-            run.push(c);
-        } else {
-            flush(&mut run, &mut out);
-            out.push(c);
-        }
-    }
-    flush(&mut run, &mut out);
-    out.chars().take(300).collect()
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@
 //! `tests/testbin/build.sh` (see [`testbin_dir`]). Linux only.
 
 mod aws;
+mod azure;
 mod control_plane;
 mod gcp;
 mod node;
@@ -23,6 +24,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 pub use aws::{ACCOUNT as AWS_ACCOUNT, AwsEmulator, RoleTrust, STS_AUDIENCE};
+pub use azure::{ACR_USER, AzureEmulator};
 pub use control_plane::{ControlPlane, ISSUER, token_request};
 pub use gcp::{AttributeCondition, GcpEmulator, ServiceAccountKey, WorkloadIdentityProvider};
 pub use node::{HostMapping, NODE_NAME, NODE_TAINT, Node, PAUSE_IMAGE, POD_GATEWAY};

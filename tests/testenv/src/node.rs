@@ -153,6 +153,12 @@ impl Node {
     /// credential under `host`. One mapping per host at a time: this waits while another test
     /// maps the same host. The mapping lasts until the guard is dropped.
     pub fn map_registry(&self, host: &str, registry: &Registry) -> Result<HostMapping<'_>> {
+        self.map_host(host, &registry.url(), registry.ca_pem())
+    }
+
+    /// As [`Node::map_registry`], to any registry `url` (`https://127.0.0.1:PORT`), trusting
+    /// `ca_pem` for it when given.
+    pub fn map_host(&self, host: &str, url: &str, ca_pem: Option<&str>) -> Result<HostMapping<'_>> {
         let mut mapped = self.mapped.lock().unwrap_or_else(|e| e.into_inner());
         while mapped.contains(host) {
             mapped = self.unmapped.wait(mapped).unwrap_or_else(|e| e.into_inner());
@@ -163,11 +169,10 @@ impl Node {
         let tmp = dir.join("hosts.toml.tmp");
         // containerd 1.6 insists on a `host` table; the server (the fallback) is the registry
         // too, so that no pull ever goes to the real host.
-        let url = registry.url();
         let mut hosts = format!("server = \"{url}\"\n\n[host.\"{url}\"]\n  capabilities = [\"pull\", \"resolve\"]\n");
         // An HTTPS registry: containerd trusts its CA for this host only, as a node trusts a
         // private registry's CA in production.
-        if let Some(ca) = registry.ca_pem() {
+        if let Some(ca) = ca_pem {
             let path = dir.join("ca.crt");
             std::fs::write(&path, ca)?;
             hosts.push_str(&format!("  ca = \"{}\"\n", path.display()));
