@@ -5,6 +5,7 @@
 mod support;
 
 mod admin;
+mod alerts;
 mod conflict;
 mod core;
 mod doctor;
