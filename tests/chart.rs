@@ -85,6 +85,113 @@ fn cluster() -> &'static ControlPlane {
 fn chart_lints() {
     helm(&["lint", "--strict", "charts/regcred"]);
     helm(&["lint", "--strict", "charts/regcred", "--set", "replicaCount=1,serviceMonitor.enabled=true"]);
+    helm(&["lint", "--strict", "charts/regcred", "--set", MONITORING]);
+}
+
+/// The values that turn on everything for Prometheus and Grafana.
+const MONITORING: &str = "serviceMonitor.enabled=true,prometheusRule.enabled=true,dashboard.enabled=true";
+
+/// The text of a file of the repository.
+fn read(path: &str) -> String {
+    std::fs::read_to_string(root().join(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+/// `helm template` that must fail: its stderr.
+fn render_fails(extra: &[&str]) -> String {
+    let mut cmd = Command::new(testbin("helm").unwrap());
+    cmd.args(["template", "regcred", "charts/regcred", "--namespace", NAMESPACE]).args(extra).current_dir(root());
+    let out = cmd.output().unwrap();
+    assert!(!out.status.success(), "{cmd:?} rendered");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// The alerts of a PrometheusRule: (name, `for`, labels).
+fn alerts(rule: &serde_json::Value) -> Vec<(String, String, serde_json::Value)> {
+    let groups = rule["spec"]["groups"].as_array().cloned().unwrap_or_default();
+    groups
+        .iter()
+        .flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default())
+        .map(|r| {
+            (r["alert"].as_str().unwrap().to_string(), r["for"].as_str().unwrap().to_string(), r["labels"].clone())
+        })
+        .collect()
+}
+
+/// Issue 24 §2, §3: the PrometheusRule and the dashboard ConfigMap ship `files/alerts.yaml` and
+/// `files/dashboard.json` as they are, the very files promtool (scripts/test.sh) and the live
+/// Prometheus (`integration` `alerts::`) test; `prometheusRule`'s values change `for`, add
+/// labels and leave alerts out, and promtool accepts what the chart renders then; a name that
+/// is no alert fails the install; the ConfigMap carries the Grafana sidecar's label and passes
+/// a server-side dry-run (the PrometheusRule's CRD is not installed in the test apiserver).
+#[test]
+fn monitoring_ships_the_tested_rules_and_dashboard() {
+    let defaults = render(&[]);
+    assert!(!defaults.contains("kind: PrometheusRule") && !defaults.contains("grafana_dashboard"));
+
+    let docs = documents(&render(&["--set", MONITORING]));
+    let file: serde_json::Value = serde_saphyr::from_str(&read("charts/regcred/files/alerts.yaml")).unwrap();
+    let rules = of_kind(&docs, "PrometheusRule");
+    assert_eq!(rules.len(), 1);
+    assert_eq!(rules[0]["spec"], file, "the PrometheusRule is not files/alerts.yaml");
+    let names: Vec<_> = alerts(rules[0]).into_iter().map(|(name, ..)| name).collect();
+    assert_eq!(
+        names,
+        [
+            "RegcredCredentialNotReady",
+            "RegcredVerificationFailing",
+            "RegcredTokenExpiringSoon",
+            "RegcredNoLeader",
+            "RegcredReconcileFailures",
+            "RegcredProviderCallsFailing"
+        ]
+    );
+    let monitor = of_kind(&docs, "ServiceMonitor");
+    assert_eq!(monitor[0]["spec"]["endpoints"][0]["honorLabels"], true, "the rules read a credential's own namespace");
+    let dashboards: Vec<_> =
+        of_kind(&docs, "ConfigMap").into_iter().filter(|c| c["metadata"]["name"] == "regcred-dashboard").collect();
+    assert_eq!(dashboards.len(), 1);
+    assert_eq!(dashboards[0]["metadata"]["labels"]["grafana_dashboard"], "1");
+    assert_eq!(dashboards[0]["metadata"]["namespace"], NAMESPACE);
+    let shipped: serde_json::Value =
+        serde_json::from_str(dashboards[0]["data"]["regcred.json"].as_str().unwrap()).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&read("charts/regcred/files/dashboard.json")).unwrap();
+    assert_eq!(shipped, json, "the ConfigMap is not files/dashboard.json");
+    kubectl_apply(
+        cluster(),
+        &render(&["--show-only=templates/dashboard.yaml", "--set", "dashboard.enabled=true"]),
+        &["--dry-run=server"],
+    );
+
+    let tuned = documents(&render(&[
+        "--set",
+        "prometheusRule.enabled=true,prometheusRule.labels.release=kube-prometheus-stack",
+        "--set",
+        "prometheusRule.for.RegcredNoLeader=1m,prometheusRule.additionalRuleLabels.team=platform",
+        "--set-json",
+        r#"prometheusRule.disabled=["RegcredVerificationFailing"]"#,
+    ]));
+    let rule = of_kind(&tuned, "PrometheusRule")[0];
+    assert_eq!(rule["metadata"]["labels"]["release"], "kube-prometheus-stack");
+    let tuned_alerts = alerts(rule);
+    assert_eq!(tuned_alerts.len(), 5, "{tuned_alerts:?}");
+    assert!(tuned_alerts.iter().all(|(name, ..)| name != "RegcredVerificationFailing"));
+    for (name, for_, labels) in &tuned_alerts {
+        assert_eq!(labels["team"], "platform", "{name}");
+        assert!(labels["severity"].is_string(), "{name}: its own labels stay");
+        let shipped_for = alerts(rules[0]).into_iter().find(|(n, ..)| n == name).unwrap().1;
+        assert_eq!(*for_, if name == "RegcredNoLeader" { "1m".to_string() } else { shipped_for }, "{name}");
+    }
+    let rendered = temp_file("rules.json", &rule["spec"].to_string());
+    let mut promtool = Command::new(testbin("promtool").unwrap());
+    promtool.args(["check", "rules"]).arg(&rendered);
+    let out = stdout_of(promtool);
+    assert!(out.contains("SUCCESS: 5 rules found"), "{out}");
+    std::fs::remove_file(rendered).unwrap();
+
+    let error = render_fails(&["--set", "prometheusRule.enabled=true,prometheusRule.for.RegcredNoSuchAlert=5m"]);
+    assert!(error.contains("prometheusRule: no alert RegcredNoSuchAlert"), "{error}");
+    let error = render_fails(&["--set", "prometheusRule.enabled=true,prometheusRule.for.RegcredNoLeader=soon"]);
+    assert!(error.contains("at '/prometheusRule/for/RegcredNoLeader': 'soon' does not match pattern"), "{error}");
 }
 
 #[test]

@@ -644,8 +644,7 @@ impl Context {
         if let Some(state) = self.states.remove(uid)
             && let Some(labels) = state.labels
         {
-            self.metrics.ready_credentials.remove(&labels);
-            self.metrics.token_expiry.remove(&labels);
+            self.metrics.forget_credential(&labels);
         }
     }
 }

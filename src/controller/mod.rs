@@ -52,7 +52,7 @@ use crate::{
         gcr::{GcpProvider, GcpSettings},
     },
     state::States,
-    status::READY,
+    status::{READY, VERIFIED},
     verify::{Verifier, VerifySettings},
 };
 
@@ -550,12 +550,36 @@ impl Context {
         }
     }
 
-    /// Publishes a credential's readiness and token expiry as metrics.
+    /// Publishes a credential's status as metrics: Ready, Verified, each condition's status and
+    /// reason, and its token's expiry and next refresh (series absent where the status has none).
     pub(crate) fn record_status(&self, labels: &ObjectLabels, status: &CredentialStatus) {
+        let metrics = &self.metrics;
         let ready = status.condition(READY).is_some_and(|c| c.status == "True");
-        self.metrics.ready_credentials.get_or_create(labels).set(i64::from(ready));
-        if let Some(expires) = &status.expires_at {
-            self.metrics.token_expiry.get_or_create(labels).set(expires.0.as_millisecond() as f64 / 1000.0);
+        metrics.ready_credentials.get_or_create(labels).set(i64::from(ready));
+        match status.condition(VERIFIED) {
+            Some(verified) => {
+                metrics.verified_credentials.get_or_create(labels).set(i64::from(verified.status == "True"));
+            }
+            None => {
+                metrics.verified_credentials.remove(labels);
+            }
+        }
+        metrics.set_conditions(
+            labels,
+            status.conditions.iter().map(|c| (c.type_.as_str(), c.status.as_str(), c.reason.as_str())),
+        );
+        let timestamp = |t: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time| t.0.as_millisecond() as f64 / 1000.0;
+        for (gauge, at) in
+            [(&metrics.token_expiry, &status.expires_at), (&metrics.token_refresh, &status.next_refresh_at)]
+        {
+            match at {
+                Some(at) => {
+                    gauge.get_or_create(labels).set(timestamp(at));
+                }
+                None => {
+                    gauge.remove(labels);
+                }
+            }
         }
     }
 

@@ -1,5 +1,5 @@
 //! The admin endpoint: health, readiness after the caches synced, and metrics after a sync
-//! and after a failure.
+//! and after a failure, and a deleted credential's series gone with it.
 
 use serde_json::json;
 
@@ -67,4 +67,29 @@ async fn health_readiness_and_metrics_after_sync_and_failure() {
     for value in [&password, &aws_secret, &aws_key] {
         assert!(!metrics.contains(value.as_str()), "a secret in /metrics");
     }
+
+    // Each condition with its reason, the token's next refresh, no Verified series unchecked.
+    let condition = |name: &str, condition: &str, status: &str, reason: &str| {
+        format!(
+            "regcred_credential_condition{{kind=\"RegistryCredential\",namespace=\"{ns}\",name=\"{name}\",\
+             condition=\"{condition}\",status=\"{status}\",reason=\"{reason}\"}} "
+        )
+    };
+    assert_eq!(sample(&metrics, &condition("bad", "Ready", "False", "SourceSecretNotFound")), Some(1.0), "{metrics}");
+    assert_eq!(sample(&metrics, &condition("good", "Ready", "True", "Synced")), Some(1.0), "{metrics}");
+    assert_eq!(sample(&metrics, &condition("ecr", "Degraded", "False", "Refreshed")), Some(1.0), "{metrics}");
+    let refresh =
+        sample(&metrics, &format!("regcred_token_refresh_timestamp_seconds{}", object("ecr"))).expect("refresh gauge");
+    assert!(refresh < expiry, "the refresh {refresh} comes before the expiry {expiry}");
+    assert!(!metrics.contains("regcred_credential_verified{"), "no credential here is checked:\n{metrics}");
+    // A deleted credential's series go with it; the others' stay.
+    let api = kube::Api::<regcred::crd::RegistryCredential>::namespaced(client.clone(), &ns);
+    api.delete("bad", &Default::default()).await.unwrap();
+    let bad = "name=\"bad\"";
+    regcred_testenv::eventually("the deleted credential's series gone", TIMEOUT, || async {
+        let metrics = controller.metrics();
+        (!metrics.is_empty() && !metrics.contains(bad)).then_some(())
+    })
+    .await;
+    assert_eq!(sample(&controller.metrics(), &format!("regcred_credential_ready{}", object("good"))), Some(1.0));
 }

@@ -6,6 +6,7 @@ mod support;
 
 mod acr;
 mod admin;
+mod alerts;
 mod conflict;
 mod core;
 mod doctor;

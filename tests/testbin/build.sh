@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the binaries of the test environment (kube-apiserver, kube-controller-manager,
 # kubectl, kubelet, kube-scheduler, testimage, etcd, registry, crane, helm, keyring-lookup,
-# token-server) from the published
+# token-server, prometheus, promtool) from the published
 # Go modules pinned in the go.mod/go.sum files beside this script, and caches them
 # in ${REGCRED_TESTBIN_CACHE:-$HOME/.cache/regcred/testbin}/<key>/, where <key>
 # hashes those files, this script and the Go version: a version bump rebuilds,
@@ -21,7 +21,7 @@ set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 go=${GO:-$(command -v go || echo /usr/local/go/bin/go)}
-modules=(kubernetes node testimage etcd registry crane helm keyring tokenserver)
+modules=(kubernetes node testimage etcd registry crane helm keyring tokenserver prometheus)
 export CGO_ENABLED=0
 
 # build_<module> DIR builds that module's binaries into the empty directory DIR and checks
@@ -110,6 +110,24 @@ build_helm() {
 build_tokenserver() {
   "$go" -C "$here/tokenserver" build -trimpath -buildvcs=false -ldflags "-s -w" -o "$1/token-server" github.com/docker/distribution/contrib/token-server >&2
   "$1/token-server" -h 2>&1 | grep -q -- '-passwd'
+}
+
+# prometheus and promtool, for the chart's alerting rules and dashboard (promtool check and test
+# rules in scripts/test.sh, a live Prometheus in tests/integration/alerts.rs). Stamped like
+# Prometheus' own release (module v0.316.0 is Prometheus 3.16.0). remove_all_sd leaves out the
+# service discovery plugins (cloud SDKs) the tests do not use: static and file discovery stay.
+# Without the builtinassets tag the web UI is not embedded; the HTTP API is all the tests use.
+build_prometheus() {
+  local out=$1 module version release
+  module=$("$go" -C "$here/prometheus" list -m -f '{{.Version}}' github.com/prometheus/prometheus)
+  version=${module#v0.}
+  release="$((${version%%.*} / 100)).$((${version%%.*} % 100)).${version#*.}"
+  "$go" -C "$here/prometheus" build -trimpath -buildvcs=false -tags remove_all_sd -o "$out/" \
+    -ldflags "-s -w -X github.com/prometheus/common/version.Version=$release -X github.com/prometheus/common/version.Branch=HEAD" \
+    github.com/prometheus/prometheus/cmd/prometheus \
+    github.com/prometheus/prometheus/cmd/promtool >&2
+  "$out/prometheus" --version 2>&1 | grep -q "^prometheus, version $release "
+  "$out/promtool" --version 2>&1 | grep -q "^promtool, version $release "
 }
 
 module_key() {

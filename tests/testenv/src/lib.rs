@@ -11,6 +11,7 @@ mod control_plane;
 mod gcp;
 mod node;
 mod process;
+mod prometheus;
 mod proxy;
 mod registry;
 
@@ -33,6 +34,7 @@ pub use node::{HostMapping, NODE_NAME, NODE_TAINT, Node, PAUSE_IMAGE, POD_GATEWA
 /// [`ControlPlane::controller_kubeconfig_path`]).
 pub const CONTROLLER_USER: &str = "regcred-controller";
 pub use process::Process;
+pub use prometheus::Prometheus;
 pub use proxy::{ConnectProxy, TcpProxy};
 pub use registry::{Registry, RegistryOptions, Request, TokenRealm, docker_config_json};
 
