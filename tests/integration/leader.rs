@@ -103,9 +103,20 @@ async fn a_leader_stopped_with_sigterm_releases_the_lease_and_the_standby_takes_
     let (client, ns, mut replicas, leader) = two_replicas("15s").await;
     let lease_name = replicas_lease(&client, CONTROLLER_NAMESPACE, &ns).await;
     let leader_identity = format!("replica-{}", ["a", "b"][leader]);
-    replicas[leader].terminate();
-    // The Lease is given up (holder cleared), not left to expire…
     let leases = Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(client.clone(), CONTROLLER_NAMESPACE);
+    let spec = |lease: k8s_openapi::api::coordination::v1::Lease| lease.spec.unwrap_or_default();
+    // SIGTERM right after a renewal: the old holder's term then ends `leaseDurationSeconds`
+    // after that renewal, and a standby that waited for it could not take the Lease before.
+    let before = spec(leases.get(&lease_name).await.unwrap()).renew_time;
+    let renewed = eventually("a renewal by the leader", TIMEOUT, || async {
+        let now = spec(leases.get(&lease_name).await.ok()?);
+        (now.renew_time != before).then_some(now)
+    })
+    .await;
+    replicas[leader].terminate();
+    let term_end = renewed.renew_time.expect("renewTime").0
+        + Duration::from_secs(u64::try_from(renewed.lease_duration_seconds.expect("leaseDurationSeconds")).unwrap());
+    // The Lease is given up (holder cleared), not left to expire…
     eventually("the Lease released", TIMEOUT, || async {
         let lease = leases.get(&lease_name).await.ok()?;
         let holder = lease.spec.and_then(|s| s.holder_identity);
@@ -117,8 +128,18 @@ async fn a_leader_stopped_with_sigterm_releases_the_lease_and_the_standby_takes_
     // 5-second renewal margin of a 15-second Lease).
     let takeover = change_and_wait(&client, &ns, "sigterm").await;
     eprintln!("leader takeover after SIGTERM: {takeover:?} (lease duration 15 s)");
-    assert!(takeover < Duration::from_secs(3), "takeover took {takeover:?}");
     assert_eq!(sample(&replicas[1 - leader].metrics(), "regcred_leader "), Some(1.0));
+    let taken = spec(leases.get(&lease_name).await.unwrap());
+    assert_eq!(taken.holder_identity, Some(format!("replica-{}", ["a", "b"][1 - leader])));
+    let acquired = taken.acquire_time.expect("acquireTime").0;
+    eprintln!(
+        "the standby took the Lease {:?} before the old term would have ended",
+        term_end.duration_since(acquired)
+    );
+    assert!(
+        acquired < term_end,
+        "the standby took the Lease at {acquired}, not before the old term ended at {term_end}"
+    );
 }
 
 /// Name of the Lease the test's replicas compete for (the one named after their label).
