@@ -138,6 +138,7 @@ fn monitoring_ships_the_tested_rules_and_dashboard() {
         names,
         [
             "RegcredCredentialNotReady",
+            "RegcredNamespacesNotSynced",
             "RegcredVerificationFailing",
             "RegcredTokenExpiringSoon",
             "RegcredNoLeader",
