@@ -547,13 +547,23 @@ pub(super) async fn release_if_left<K: Credential>(ctx: Arc<Context>, gone: Gone
     let _busy = busy.lock().await;
     for attempt in 1..=RELEASE_ATTEMPTS {
         match released_if_left::<K>(&ctx, &gone).await {
-            Ok(false) => return,
-            Ok(true) => {
+            Ok(Released::Nothing) => return,
+            Ok(Released::LeftSelector) => {
                 info!(
                     kind = K::KIND,
                     namespace = gone.namespace.as_deref(),
                     name = gone.name,
                     "released a credential that left --selector"
+                );
+                return;
+            }
+            Ok(Released::Deleted { accounts }) => {
+                info!(
+                    kind = K::KIND,
+                    namespace = gone.namespace.as_deref(),
+                    name = gone.name,
+                    accounts,
+                    "released the ServiceAccount entries of a credential deleted without its finalizer"
                 );
                 return;
             }
@@ -574,26 +584,36 @@ pub(super) async fn release_if_left<K: Credential>(ctx: Arc<Context>, gone: Gone
     }
 }
 
-/// One attempt of [`release_if_left`]: whether it released anything.
-async fn released_if_left<K: Credential>(ctx: &Context, gone: &Gone) -> Result<bool, Error> {
-    let Some(selector) = ctx.config.selector.as_deref() else {
-        return Ok(false); // without a selector only a deletion hides a credential
-    };
+/// What one attempt of [`release_if_left`] gave back.
+enum Released {
+    Nothing,
+    /// The credential left `--selector`: its entries and its finalizer.
+    LeftSelector,
+    /// The credential is deleted: the entries still recorded for it, in this many accounts.
+    Deleted {
+        accounts: usize,
+    },
+}
+
+/// One attempt of [`release_if_left`].
+async fn released_if_left<K: Credential>(ctx: &Context, gone: &Gone) -> Result<Released, Error> {
     let api = K::api(ctx.client.clone(), gone.namespace.as_deref());
-    let Some(current) = api.get_opt(&gone.name).await? else {
-        return Ok(false); // deleted
+    // Deleted (and perhaps another one made under its name).
+    let current = api.get_opt(&gone.name).await?.filter(|c| c.uid().as_deref() == Some(gone.uid.as_str()));
+    let Some(current) = current else {
+        return released_if_deleted(ctx, &gone.uid).await;
     };
-    if current.uid().as_deref() != Some(gone.uid.as_str()) {
-        return Ok(false); // deleted, and another one made under its name
-    }
+    let Some(selector) = ctx.config.selector.as_deref() else {
+        return Ok(Released::Nothing); // still there: the watch shows it again
+    };
     // Still (or again) selected: the watch will show it; nothing to give back.
     let selected = ListParams::default().fields(&format!("metadata.name={}", gone.name)).labels(selector);
     if api.list_metadata(&selected).await?.items.iter().any(|c| c.uid().as_deref() == Some(gone.uid.as_str())) {
-        return Ok(false);
+        return Ok(Released::Nothing);
     }
     let accounts = ctx.index.accounts_recording(&gone.uid);
     if accounts.is_empty() && !has_finalizer(current.meta()) {
-        return Ok(false);
+        return Ok(Released::Nothing);
     }
     release_everywhere(&gone.uid, ctx).await?;
     set_finalizer(&api, &current, false).await?;
@@ -602,7 +622,21 @@ async fn released_if_left<K: Credential>(ctx: &Context, gone: &Gone) -> Result<b
         accounts.len()
     );
     publish(ctx, &current.object_ref(&()), EventType::Normal, "Released", note).await;
-    Ok(true)
+    Ok(Released::LeftSelector)
+}
+
+/// A deleted credential normally released its entries before its finalizer let it go. Not
+/// when the finalizer went first: in a `--selector` handover the controller it left removes
+/// the finalizer that the one it moved to relies on after that one has added its entries (until
+/// it adds the finalizer again), and anyone may remove it by hand. What is still recorded for
+/// its uid is released here; with nothing recorded, nothing is read.
+async fn released_if_deleted(ctx: &Context, uid: &str) -> Result<Released, Error> {
+    let accounts = ctx.index.accounts_recording(uid).len();
+    if accounts == 0 {
+        return Ok(Released::Nothing);
+    }
+    release_everywhere(uid, ctx).await?;
+    Ok(Released::Deleted { accounts })
 }
 
 /// Whether a write into `namespace` failed because the namespace is gone or being deleted,

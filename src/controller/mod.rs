@@ -423,7 +423,8 @@ where
 ///
 /// With `--selector`, an object the watch stops showing may still exist: relabelled, it left
 /// the selection, which a label-selected watch reports as a deletion. Each such object is
-/// checked, and released if it left (`core::release_if_left`).
+/// checked, and released if it left (`core::release_if_left`); a deleted one whose entries are
+/// still recorded (its finalizer went first) has them released.
 #[derive(Default)]
 struct DeleteHooks {
     /// uid → (namespace, name) of every object seen.
@@ -471,14 +472,13 @@ impl DeleteHooks {
     }
 }
 
-/// Forgets an object the watch no longer shows and, with `--selector`, checks in the
-/// background whether it left the selection rather than the cluster.
+/// Forgets an object the watch no longer shows, and checks in the background whether it left
+/// the selection (`--selector`) rather than the cluster, or left the cluster with entries still
+/// recorded for it.
 fn gone<K: Credential>(ctx: &Arc<Context>, uid: String, namespace: Option<String>, name: String) {
     let busy = ctx.states.with(&uid, |s| s.busy.clone());
     ctx.forget(&uid);
-    if ctx.config.selector.is_some() {
-        tokio::spawn(core::release_if_left::<K>(ctx.clone(), core::Gone { namespace, name, uid }, busy));
-    }
+    tokio::spawn(core::release_if_left::<K>(ctx.clone(), core::Gone { namespace, name, uid }, busy));
 }
 
 /// The pause of a watch after it fails. kube's default (0.8 s doubling to 30 s) stacks up

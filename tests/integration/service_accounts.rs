@@ -297,6 +297,44 @@ async fn a_credential_relabelled_away_from_its_controller_is_released_and_delete
     wait_entries(&client, &ns, "builder", &["theirs"]).await;
 }
 
+/// A credential deleted without its finalizer still has its ServiceAccount entries released.
+/// In a `--selector` handover the old controller removes the finalizer that the new one, which
+/// already added its entries under it, relies on, until the new one adds it again (CI saw an
+/// entry left behind when the credential was deleted in that window); someone may also remove
+/// it by hand. Here the controller is paused while the finalizer is removed and the credential
+/// deleted: when it resumes, the credential is gone, and its entry must go too.
+#[tokio::test]
+async fn a_credential_deleted_without_its_finalizer_still_has_its_entries_released() {
+    env();
+    let client = client().await;
+    let name = format!("sa-nofin-{}", &unique()[..6]);
+    let mut controller = spawn_labelled(&name, &[], &[]);
+    let ns = namespace(&client, "sa-nofin").await;
+    create_secret(&client, &ns, "src", &[("password", secret_value("u", "nofin").as_bytes())]).await;
+    create_account(&client, &ns, "builder", &["theirs"]).await;
+    let spec = json!({"registry": "r.example.com", "serviceAccounts": ["builder"],
+                      "source": {"basic": {"username": "u", "passwordSecretRef": {"name": "src"}}}});
+    create_credential_for(&client, &ns, "cred", Some(&name), spec).await;
+    wait_entries(&client, &ns, "builder", &["theirs", "cred"]).await;
+    let credentials = Api::<RegistryCredential>::namespaced(client.clone(), &ns);
+    eventually("the finalizer added", TIMEOUT, || async {
+        let cred = credentials.get("cred").await.ok()?;
+        cred.metadata.finalizers.iter().flatten().any(|f| f == "regcred.dev/service-accounts").then_some(())
+    })
+    .await;
+
+    controller.pause();
+    let no_finalizer = json!({"metadata": {"finalizers": null}});
+    credentials.patch("cred", &PatchParams::default(), &Patch::Merge(&no_finalizer)).await.unwrap();
+    credentials.delete("cred", &DeleteParams::default()).await.unwrap();
+    eventually("the credential gone", TIMEOUT, || async {
+        credentials.get_opt("cred").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    controller.resume();
+    wait_entries(&client, &ns, "builder", &["theirs"]).await;
+}
+
 /// Issue 20, item 11g: a tenant who deletes the annotation that records regcred's entries
 /// does not strand them. An entry named exactly like the Secret the credential controls, in a
 /// ServiceAccount the credential names, is regcred's: it is recorded again at once, and
