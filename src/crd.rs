@@ -73,6 +73,18 @@ pub struct RegistryCredentialSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub service_accounts: Vec<String>,
 
+    /// How Pods get the Secret: through the `serviceAccounts` above (`ServiceAccounts`), added
+    /// to each Pod as it is created by the controller's admission webhook (`Pods`), or both
+    /// (`Both`). Defaults to the controller's `--attach`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attach: Option<Attach>,
+
+    /// Which Pods the admission webhook gives the Secret to. Omitted: the Pods with an image
+    /// (init, ephemeral or regular container) from one of the credential's registries, matched
+    /// as the kubelet matches pull credentials.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pods: Option<PodSelection>,
+
     /// Prove the credential against its registry (the `Verified` condition); `{}` turns it
     /// on. Off unless set here or the controller runs with `--verify-default`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -141,6 +153,18 @@ pub struct ClusterRegistryCredentialSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub service_accounts: Vec<String>,
 
+    /// How Pods get the Secret: through the `serviceAccounts` above (`ServiceAccounts`), added
+    /// to each Pod as it is created by the controller's admission webhook (`Pods`), or both
+    /// (`Both`). Defaults to the controller's `--attach`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attach: Option<Attach>,
+
+    /// Which Pods the admission webhook gives the Secret to. Omitted: the Pods with an image
+    /// (init, ephemeral or regular container) from one of the credential's registries, matched
+    /// as the kubelet matches pull credentials.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pods: Option<PodSelection>,
+
     /// Prove the credential against its registry, as for RegistryCredential: once per
     /// registry, not per namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -207,6 +231,38 @@ const REPOSITORY_PATTERN: &str = r"^[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*(/[a-z0-9]+
 /// A tag, or a digest.
 const REFERENCE_PATTERN: &str =
     r"^([A-Za-z0-9_][A-Za-z0-9._-]{0,127}|[a-z0-9]+([+._-][a-z0-9]+)*:[a-zA-Z0-9=_-]{32,})$";
+
+/// How a credential's Secret reaches Pods.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum Attach {
+    /// Listed in the `imagePullSecrets` of the credential's `serviceAccounts`.
+    ServiceAccounts,
+    /// Added to each new Pod that needs it by the admission webhook; no ServiceAccount is
+    /// written.
+    Pods,
+    /// Both.
+    Both,
+}
+
+impl Attach {
+    pub fn service_accounts(self) -> bool {
+        matches!(self, Attach::ServiceAccounts | Attach::Both)
+    }
+
+    pub fn pods(self) -> bool {
+        matches!(self, Attach::Pods | Attach::Both)
+    }
+}
+
+/// Which Pods the admission webhook gives a credential's Secret to.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PodSelection {
+    /// Pods whose labels match, whatever their images; `{}` selects every Pod. Omitted: the
+    /// Pods with an image from one of the credential's registries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<LabelSelector>,
+}
 
 /// Which namespaces a ClusterRegistryCredential writes to: those matching `selector` or
 /// listed in `names`, minus `exclude`. Neither `selector` nor `names`: every namespace.

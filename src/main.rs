@@ -29,6 +29,30 @@ enum LogFormat {
     Json,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum CertificatesArg {
+    #[value(name = "self")]
+    SelfManaged,
+    External,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum AttachArg {
+    ServiceAccounts,
+    Pods,
+    Both,
+}
+
+impl From<AttachArg> for regcred::crd::Attach {
+    fn from(arg: AttachArg) -> Self {
+        match arg {
+            AttachArg::ServiceAccounts => Self::ServiceAccounts,
+            AttachArg::Pods => Self::Pods,
+            AttachArg::Both => Self::Both,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the controller (kubeconfig from KUBECONFIG or ~/.kube/config, or in-cluster).
@@ -76,6 +100,40 @@ struct RunArgs {
     /// Name of this replica in Events (set to the pod name by the Helm chart).
     #[arg(long, env = "POD_NAME")]
     instance: Option<String>,
+    /// Serve the Pod admission webhook (HTTPS, path /mutate-pods) on this address, on every
+    /// replica, leader or standby. Off when not given.
+    #[arg(long, env = "REGCRED_WEBHOOK_ADDR")]
+    webhook_addr: Option<std::net::SocketAddr>,
+    /// The MutatingWebhookConfiguration whose caBundle the controller keeps (self-managed
+    /// certificates).
+    #[arg(long, default_value = "regcred", env = "REGCRED_WEBHOOK_CONFIGURATION")]
+    webhook_configuration: String,
+    /// The TLS Secret (in the controller's namespace) with the webhook's serving certificate.
+    #[arg(long, default_value = "regcred-webhook-tls", env = "REGCRED_WEBHOOK_SECRET")]
+    webhook_secret: String,
+    /// Namespace of that Secret, also never mutated (default: the pod's namespace, else
+    /// `default`).
+    #[arg(long, env = "REGCRED_WEBHOOK_NAMESPACE")]
+    webhook_namespace: Option<String>,
+    /// Who issues the serving certificate: `self` (the controller: its own CA, rotated with
+    /// overlap, injected into the configuration) or `external` (cert-manager writes the Secret).
+    #[arg(long, value_enum, default_value_t = CertificatesArg::SelfManaged, env = "REGCRED_WEBHOOK_CERTIFICATES")]
+    webhook_certificates: CertificatesArg,
+    /// Names (or IP addresses) the self-managed serving certificate is for, e.g. the Service's
+    /// `regcred-webhook.regcred-system.svc`.
+    #[arg(long, value_delimiter = ',', env = "REGCRED_WEBHOOK_HOSTS")]
+    webhook_hosts: Vec<String>,
+    /// Lifetime of a self-managed serving certificate; renewed with a third of it left.
+    #[arg(long, default_value = "2160h", env = "REGCRED_WEBHOOK_CERT_VALIDITY")]
+    webhook_cert_validity: kube::core::Duration,
+    /// Lifetime of the self-managed CA; a new one joins the bundle with a third of it left.
+    #[arg(long, default_value = "87600h", env = "REGCRED_WEBHOOK_CA_VALIDITY")]
+    webhook_ca_validity: kube::core::Duration,
+    /// How credentials that do not set `spec.attach` reach Pods: `service-accounts` (their
+    /// `serviceAccounts`), `pods` (the webhook) or `both`. Default: `both` with the webhook,
+    /// `service-accounts` without.
+    #[arg(long, value_enum, env = "REGCRED_ATTACH")]
+    attach: Option<AttachArg>,
     /// Let namespaced RegistryCredentials use the controller's own AWS identity (off: a
     /// tenant must not borrow it).
     #[arg(long, env = "REGCRED_ALLOW_AMBIENT_AWS_IDENTITY")]
@@ -330,7 +388,13 @@ async fn run(args: RunArgs, shutdown: Shutdown) -> anyhow::Result<()> {
         (false, Some(pacing)) => builder.with_layer(&buffered).with_layer(&PaceLayer::new(pacing)).build(),
         (false, None) => lease_client.clone(),
     };
+    let attach = args.attach.map(Into::into).unwrap_or(match args.webhook_addr {
+        Some(_) => regcred::crd::Attach::Both,
+        None => regcred::crd::Attach::ServiceAccounts,
+    });
+    let webhook = webhook_config(&args, attach);
     let config = controller::ControllerConfig {
+        attach,
         resync_interval: args.resync_interval.into(),
         max_backoff: args.max_backoff.into(),
         concurrency: args.concurrency,
@@ -375,6 +439,15 @@ async fn run(args: RunArgs, shutdown: Shutdown) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding the admin endpoint to {}", args.admin_addr))?;
     tokio::spawn(admin::serve(listener, admin.clone()));
+    if let (Some(addr), Some(webhook)) = (args.webhook_addr, webhook) {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the webhook endpoint to {addr}"))?;
+        let addr = listener.local_addr().context("the webhook endpoint's address")?;
+        tracing::info!(%addr, "admission webhook listening");
+        let (client, metrics) = (lease_client.clone(), admin.metrics.clone());
+        tokio::spawn(regcred::webhook::run(client, listener, webhook, metrics, shutdown.clone().requested()));
+    }
     if !args.leader_elect {
         admin.metrics.leader.set(1);
         run_controller(client, config, admin, shutdown.requested()).await;
@@ -435,6 +508,33 @@ async fn run(args: RunArgs, shutdown: Shutdown) -> anyhow::Result<()> {
         anyhow::bail!("lost the leader Lease");
     }
     Ok(())
+}
+
+/// The webhook's settings, when it is on.
+fn webhook_config(args: &RunArgs, attach: regcred::crd::Attach) -> Option<regcred::webhook::WebhookConfig> {
+    use regcred::webhook::certs::{CertMode, CertSettings};
+    args.webhook_addr?;
+    let namespace = args.webhook_namespace.clone().or_else(|| args.leader_election_namespace.clone());
+    let namespace = namespace.unwrap_or_else(|| "default".into());
+    let certs = CertSettings {
+        mode: match args.webhook_certificates {
+            CertificatesArg::SelfManaged => CertMode::SelfManaged,
+            CertificatesArg::External => CertMode::External,
+        },
+        namespace: namespace.clone(),
+        secret: args.webhook_secret.clone(),
+        configuration: args.webhook_configuration.clone(),
+        hosts: args.webhook_hosts.iter().map(|h| h.trim().to_string()).filter(|h| !h.is_empty()).collect(),
+        leaf_validity: args.webhook_cert_validity.into(),
+        ca_validity: args.webhook_ca_validity.into(),
+    };
+    Some(regcred::webhook::WebhookConfig {
+        certs,
+        served: (!args.namespaces.is_empty()).then(|| args.namespaces.iter().cloned().collect()),
+        selector: args.selector.clone(),
+        attach,
+        excluded: vec!["kube-system".into(), namespace],
+    })
 }
 
 /// [`controller::run`] until `stop`, then waits at most [`DRAIN_LIMIT`] for the reconciles in

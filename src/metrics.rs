@@ -67,6 +67,12 @@ pub struct ProviderFailureLabels {
     pub code: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AdmissionLabels {
+    /// `patched` (Secrets added), `unchanged`, or `invalid` (a request that is no Pod CREATE).
+    pub result: String,
+}
+
 /// Every metric the controller exports.
 pub struct Metrics {
     registry: Registry,
@@ -92,6 +98,8 @@ pub struct Metrics {
     pub leader: Gauge,
     /// Registry checks of credentials, by result.
     pub verifications: Family<VerifyLabels, Counter>,
+    /// Pods the admission webhook answered for, by result.
+    pub admissions: Family<AdmissionLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -111,6 +119,7 @@ impl Default for Metrics {
         let provider_failures = Family::<ProviderFailureLabels, Counter>::default();
         let leader = Gauge::default();
         let verifications = Family::<VerifyLabels, Counter>::default();
+        let admissions = Family::<AdmissionLabels, Counter>::default();
         registry.register("reconciles", "Reconciles run", reconciles.clone());
         registry.register("reconcile_failures", "Reconciles that failed, by reason", reconcile_failures.clone());
         registry.register("reconcile_duration_seconds", "Time a reconcile took", reconcile_duration.clone());
@@ -143,6 +152,11 @@ impl Default for Metrics {
             "Checks of credentials against their registries, by result",
             verifications.clone(),
         );
+        registry.register(
+            "webhook_admissions",
+            "Pods the admission webhook answered for, by result (patched, unchanged, invalid)",
+            admissions.clone(),
+        );
         Self {
             registry,
             reconciles,
@@ -158,6 +172,7 @@ impl Default for Metrics {
             provider_failures,
             leader,
             verifications,
+            admissions,
         }
     }
 }

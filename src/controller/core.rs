@@ -71,7 +71,7 @@ pub(crate) async fn reconcile<K: Credential>(obj: Arc<K>, ctx: Arc<Context>) -> 
         return Ok(Action::await_change());
     }
     let started = Instant::now();
-    if !obj.parts().service_accounts.is_empty() {
+    if !obj.wanted_accounts(ctx.config.attach).is_empty() {
         // Before the first entry is added, so none can outlive the credential.
         set_finalizer(&api, obj.as_ref(), true).await?;
     }
@@ -90,7 +90,7 @@ pub(crate) async fn reconcile<K: Credential>(obj: Arc<K>, ctx: Arc<Context>) -> 
     if let Some(error) = partial.or(retry) {
         return Err(error);
     }
-    if obj.parts().service_accounts.is_empty() {
+    if obj.wanted_accounts(ctx.config.attach).is_empty() {
         set_finalizer(&api, obj.as_ref(), false).await?;
     }
     if let Some(error) = done.refresh_failed.take() {
@@ -167,7 +167,7 @@ async fn sync<K: Credential>(obj: &K, uid: &str, ctx: &Context) -> Result<FanOut
         desired_hash: &desired.hash,
         desired_meta_digest: &desired.meta_digest,
     });
-    let wanted = parts.service_accounts;
+    let wanted = obj.wanted_accounts(ctx.config.attach);
     let accounts = match !wanted.is_empty() || has_finalizer(obj.meta()) {
         true => {
             let leaving = plan.removals.iter().map(|r| r.namespace.as_str()).collect();

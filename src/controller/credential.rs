@@ -10,8 +10,8 @@ use serde_json::{Value, json};
 
 use crate::{
     crd::{
-        ClusterCredentialStatus, ClusterRegistryCredential, CredentialSource, NamespaceSelection, RegistryCredential,
-        SecretTemplate, VerifySpec,
+        Attach, ClusterCredentialStatus, ClusterRegistryCredential, CredentialSource, NamespaceSelection, PodSelection,
+        RegistryCredential, SecretTemplate, VerifySpec,
     },
     index::{Key, Trigger},
 };
@@ -32,6 +32,8 @@ pub struct Parts<'a> {
     pub source: &'a CredentialSource,
     pub secret: &'a SecretTemplate,
     pub service_accounts: &'a [String],
+    pub attach: Option<Attach>,
+    pub pods: Option<&'a PodSelection>,
     pub scope: Scope<'a>,
     pub verify: Option<&'a VerifySpec>,
 }
@@ -62,6 +64,16 @@ pub trait Credential:
         scope: &Namespaces,
         config: watcher::Config,
     ) -> BoxStream<'static, Result<watcher::Event<Self>, watcher::Error>>;
+
+    /// The ServiceAccounts to list the Secret in: none when the credential (or, where it says
+    /// nothing, the controller's `default`) attaches it to Pods only.
+    fn wanted_accounts(&self, default: Attach) -> &[String] {
+        let parts = self.parts();
+        match parts.attach.unwrap_or(default).service_accounts() {
+            true => parts.service_accounts,
+            false => &[],
+        }
+    }
 
     /// Name of the Secret this credential writes (in each target namespace).
     fn secret_name(&self) -> String {
@@ -105,6 +117,8 @@ impl Credential for RegistryCredential {
             source: &self.spec.source,
             secret: &self.spec.secret,
             service_accounts: &self.spec.service_accounts,
+            attach: self.spec.attach,
+            pods: self.spec.pods.as_ref(),
             verify: self.spec.verify.as_ref(),
             scope: Scope::Namespace(self.metadata.namespace.as_deref().unwrap_or_default()),
         }
@@ -148,6 +162,8 @@ impl Credential for ClusterRegistryCredential {
             source: &self.spec.source,
             secret: &self.spec.secret,
             service_accounts: &self.spec.service_accounts,
+            attach: self.spec.attach,
+            pods: self.spec.pods.as_ref(),
             verify: self.spec.verify.as_ref(),
             scope: Scope::Selection(&self.spec.namespaces),
         }

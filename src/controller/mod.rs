@@ -42,7 +42,7 @@ pub use scope::Namespaces;
 
 use crate::{
     admin::AdminState,
-    crd::{ClusterRegistryCredential, CredentialStatus, RegistryCredential},
+    crd::{Attach, ClusterRegistryCredential, CredentialStatus, RegistryCredential},
     index::{Index, Trigger},
     metrics::{FailureLabels, KindLabels, Metrics, ObjectLabels},
     owned::OwnedSecrets,
@@ -86,6 +86,8 @@ pub struct ControllerConfig {
     pub namespaces: Namespaces,
     /// Registry checks (`Verified`).
     pub verify: VerifySettings,
+    /// How Secrets reach Pods where a credential does not say (`--attach`).
+    pub attach: Attach,
 }
 
 impl Default for ControllerConfig {
@@ -102,6 +104,7 @@ impl Default for ControllerConfig {
             watch_secrets: true,
             namespaces: None,
             verify: VerifySettings::default(),
+            attach: Attach::ServiceAccounts,
         }
     }
 }
