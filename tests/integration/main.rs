@@ -30,3 +30,4 @@ mod trace;
 mod upgrade;
 mod validation;
 mod verify;
+mod webhook;
