@@ -35,7 +35,13 @@ fn helm(args: &[&str]) -> String {
 
 /// `helm template` of the chart in the deploy namespace, with extra arguments.
 fn render(extra: &[&str]) -> String {
-    let mut args = vec!["template", "regcred", "charts/regcred", "--namespace", NAMESPACE];
+    render_as("regcred", extra)
+}
+
+/// `render` under another release name: other object names (`<release>-regcred`) and another
+/// ServiceAccount, so that its RBAC can be applied beside the default release's.
+fn render_as(release: &str, extra: &[&str]) -> String {
+    let mut args = vec!["template", release, "charts/regcred", "--namespace", NAMESPACE];
     args.extend(extra);
     helm(&args)
 }
@@ -86,7 +92,13 @@ fn chart_lints() {
     helm(&["lint", "--strict", "charts/regcred"]);
     helm(&["lint", "--strict", "charts/regcred", "--set", "replicaCount=1,serviceMonitor.enabled=true"]);
     helm(&["lint", "--strict", "charts/regcred", "--set", MONITORING]);
+    helm(&["lint", "--strict", "charts/regcred", "--set", WEBHOOK]);
+    helm(&["lint", "--strict", "charts/regcred", "--set", CERT_MANAGER]);
 }
+
+/// The Pod admission webhook with self-managed certificates, and with cert-manager's.
+const WEBHOOK: &str = "webhook.enabled=true";
+const CERT_MANAGER: &str = "webhook.enabled=true,webhook.certManager.enabled=true";
 
 /// The values that turn on everything for Prometheus and Grafana.
 const MONITORING: &str = "serviceMonitor.enabled=true,prometheusRule.enabled=true,dashboard.enabled=true";
@@ -267,19 +279,7 @@ fn rbac_is_least_privilege() {
         "--show-only=templates/role.yaml",
     ]);
     kubectl_apply(cp, &rbac, &[]);
-    let can = |args: &[&str]| {
-        let mut all = vec!["auth", "can-i", "--as", SERVICE_ACCOUNT];
-        all.extend(args);
-        let out = cp.kubectl(&all);
-        let answer = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        assert!(
-            answer == "yes" || answer == "no",
-            "kubectl {}: {answer} {}",
-            all.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        answer == "yes"
-    };
+    let can = |args: &[&str]| can(cp, SERVICE_ACCOUNT, args);
     let allowed: &[&[&str]] = &[
         &["list", "secrets", "--all-namespaces"],
         &["watch", "secrets", "--all-namespaces"],
@@ -310,6 +310,21 @@ fn rbac_is_least_privilege() {
     for args in denied {
         assert!(!can(args), "{SERVICE_ACCOUNT} should be denied: {}", args.join(" "));
     }
+}
+
+/// `kubectl auth can-i` as `user`: whether RBAC allows `args`.
+fn can(cp: &ControlPlane, user: &str, args: &[&str]) -> bool {
+    let mut all = vec!["auth", "can-i", "--as", user];
+    all.extend(args);
+    let out = cp.kubectl(&all);
+    let answer = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(
+        answer == "yes" || answer == "no",
+        "kubectl {}: {answer} {}",
+        all.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    answer == "yes"
 }
 
 /// The rendered documents of a `render`, as JSON values.
@@ -440,4 +455,355 @@ fn verify_values_become_flags() {
     for flag in ["- --verify-default", "- --verify-interval=30m", "- --verify-qps=0.5"] {
         assert!(set.contains(flag), "{flag} missing");
     }
+}
+
+/// The Deployment's controller container.
+fn container(docs: &[serde_json::Value]) -> &serde_json::Value {
+    &of_kind(docs, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]
+}
+
+/// The one object of a kind with a name.
+fn named<'a>(docs: &'a [serde_json::Value], kind: &str, name: &str) -> &'a serde_json::Value {
+    let found: Vec<_> = of_kind(docs, kind).into_iter().filter(|d| d["metadata"]["name"] == name).collect();
+    assert_eq!(found.len(), 1, "{kind} {name}: {found:?}");
+    found[0]
+}
+
+/// The cert-manager CRDs of tests/fixtures/cert-manager/ (a subset of cert-manager's schemas),
+/// installed once in the shared control plane.
+fn cert_manager_crds(cp: &ControlPlane) {
+    static READY: OnceLock<()> = OnceLock::new();
+    READY.get_or_init(|| cp.install_crds(&root().join("tests/fixtures/cert-manager")).unwrap());
+}
+
+/// Issue 23: `webhook.enabled` renders a Service in front of every replica and a
+/// MutatingWebhookConfiguration for Pod CREATE with the safe settings (Ignore, 2 s, IfNeeded,
+/// no side effects, v1 reviews, kube-system, the release namespace and opted-out namespaces
+/// and Pods excluded) and no caBundle (the controller injects it), and passes the webhook's
+/// flags; with `webhook.certManager.enabled` a Certificate for the Service's names (and the
+/// CA bootstrap, or the issuer named) and cert-manager's CA injection instead. Each rendering
+/// passes a server-side dry-run, cert-manager's kinds against the fixture CRDs.
+#[test]
+fn webhook_renders_safe_and_passes_dry_run() {
+    let cp = cluster();
+    let defaults = render(&[]);
+    for absent in ["MutatingWebhookConfiguration", "--webhook", "--attach", "cert-manager.io", "regcred-webhook"] {
+        assert!(!defaults.contains(absent), "the default rendering has {absent}");
+    }
+
+    let rendered = render(&["--set", WEBHOOK]);
+    let docs = documents(&rendered);
+    let configurations = of_kind(&docs, "MutatingWebhookConfiguration");
+    assert_eq!(configurations.len(), 1);
+    let configuration = configurations[0];
+    assert_eq!(configuration["metadata"]["name"], "regcred");
+    assert!(configuration["metadata"]["annotations"].is_null(), "{configuration}");
+    let webhooks = configuration["webhooks"].as_array().unwrap();
+    assert_eq!(webhooks.len(), 1);
+    let webhook = &webhooks[0];
+    assert_eq!(webhook["name"], "pods.regcred.dev");
+    assert_eq!(webhook["failurePolicy"], "Ignore");
+    assert_eq!(webhook["timeoutSeconds"], 2);
+    assert_eq!(webhook["reinvocationPolicy"], "IfNeeded");
+    assert_eq!(webhook["sideEffects"], "None");
+    assert_eq!(webhook["admissionReviewVersions"], serde_json::json!(["v1"]));
+    assert_eq!(webhook["matchPolicy"], "Equivalent");
+    assert_eq!(
+        webhook["rules"],
+        serde_json::json!([{
+            "apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["pods"],
+            "scope": "Namespaced"
+        }])
+    );
+    // The whole clientConfig: the Service, and no caBundle for Helm to own.
+    assert_eq!(
+        webhook["clientConfig"],
+        serde_json::json!({"service": {
+            "name": "regcred-webhook", "namespace": NAMESPACE, "path": "/mutate-pods", "port": 443
+        }})
+    );
+    let opted_out = serde_json::json!({"key": "regcred.dev/inject", "operator": "NotIn", "values": ["false"]});
+    assert_eq!(
+        webhook["namespaceSelector"],
+        serde_json::json!({"matchExpressions": [
+            {"key": "kubernetes.io/metadata.name", "operator": "NotIn", "values": ["kube-system", NAMESPACE]},
+            opted_out
+        ]})
+    );
+    assert_eq!(webhook["objectSelector"], serde_json::json!({"matchExpressions": [opted_out]}));
+
+    let service = named(&docs, "Service", "regcred-webhook");
+    assert_eq!(
+        service["spec"]["ports"],
+        serde_json::json!([{"name": "webhook", "port": 443, "targetPort": "webhook", "protocol": "TCP"}])
+    );
+    let deployment = of_kind(&docs, "Deployment")[0];
+    assert_eq!(
+        service["spec"]["selector"], deployment["spec"]["selector"]["matchLabels"],
+        "every replica serves the webhook"
+    );
+    let controller = container(&docs);
+    let args: Vec<_> = controller["args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
+    for flag in [
+        "--webhook-addr=0.0.0.0:9443",
+        "--webhook-configuration=regcred",
+        "--webhook-secret=regcred-webhook-tls",
+        "--webhook-certificates=self",
+        "--webhook-hosts=regcred-webhook.regcred-system.svc,regcred-webhook.regcred-system.svc.cluster.local",
+    ] {
+        assert!(args.contains(&flag), "{flag} missing from {args:?}");
+    }
+    assert!(!args.iter().any(|a| a.starts_with("--attach")), "attach is empty: the controller's default");
+    assert!(
+        controller["ports"]
+            .as_array()
+            .unwrap()
+            .contains(&serde_json::json!({"name": "webhook", "containerPort": 9443, "protocol": "TCP"})),
+        "{}",
+        controller["ports"]
+    );
+    assert_eq!(controller["readinessProbe"]["httpGet"], serde_json::json!({"path": "/readyz", "port": "admin"}));
+    kubectl_apply(cp, &rendered, &["--dry-run=server"]);
+
+    // Extra excluded namespaces, a timeout, another port, the global attach default; with
+    // watchNamespaces the webhook sees only those namespaces.
+    let tuned = documents(&render(&[
+        "--set",
+        "webhook.enabled=true,webhook.timeoutSeconds=5,webhook.port=10443,attach=both",
+        "--set-json",
+        r#"webhook.excludeNamespaces=["monitoring","kube-system"]"#,
+        "--set-json",
+        r#"watchNamespaces=["team-a","monitoring"]"#,
+    ]));
+    let webhook = &of_kind(&tuned, "MutatingWebhookConfiguration")[0]["webhooks"][0];
+    assert_eq!(webhook["timeoutSeconds"], 5);
+    assert_eq!(
+        webhook["namespaceSelector"]["matchExpressions"],
+        serde_json::json!([
+            {"key": "kubernetes.io/metadata.name", "operator": "In", "values": ["team-a", "monitoring"]},
+            {"key": "kubernetes.io/metadata.name", "operator": "NotIn",
+             "values": ["kube-system", NAMESPACE, "monitoring"]},
+            opted_out
+        ])
+    );
+    let args = container(&tuned)["args"].to_string();
+    assert!(args.contains("--webhook-addr=0.0.0.0:10443") && args.contains(r#""--attach=both""#), "{args}");
+    assert_eq!(container(&tuned)["ports"][1]["containerPort"], 10443);
+    let attach = render(&["--set", "webhook.enabled=true,attach=pods"]);
+    assert!(attach.contains("- --attach=pods"));
+    assert!(render(&["--set", "attach=service-accounts"]).contains("- --attach=service-accounts"));
+    let error = render_fails(&["--set", "attach=pods"]);
+    assert!(error.contains("attach: pods attaches Secrets to Pods through the admission webhook"), "{error}");
+    let error = render_fails(&["--set", "attach=all"]);
+    assert!(error.contains("at '/attach': value must be one of"), "{error}");
+    for timeout in ["0", "31"] {
+        let error = render_fails(&["--set", &format!("webhook.enabled=true,webhook.timeoutSeconds={timeout}")]);
+        assert!(error.contains("at '/webhook/timeoutSeconds'"), "{error}");
+    }
+    let error = render_fails(&["--set", "webhook.enabled=true,webhook.port=8080"]);
+    assert!(error.contains("at '/webhook/port'"), "{error}");
+
+    // cert-manager: a Certificate for the Service's names writes the Secret the controller
+    // serves from, and cainjector fills the caBundle from it.
+    cert_manager_crds(cp);
+    let rendered = render(&["--set", CERT_MANAGER]);
+    let docs = documents(&rendered);
+    let configuration = of_kind(&docs, "MutatingWebhookConfiguration")[0];
+    assert_eq!(
+        configuration["metadata"]["annotations"],
+        serde_json::json!({"cert-manager.io/inject-ca-from": "regcred-system/regcred-webhook"})
+    );
+    assert!(configuration["webhooks"][0]["clientConfig"]["caBundle"].is_null());
+    assert_eq!(configuration["webhooks"][0]["failurePolicy"], "Ignore");
+    let certificate = named(&docs, "Certificate", "regcred-webhook");
+    assert_eq!(certificate["metadata"]["namespace"], NAMESPACE);
+    assert_eq!(certificate["spec"]["secretName"], "regcred-webhook-tls");
+    assert_eq!(
+        certificate["spec"]["dnsNames"],
+        serde_json::json!(["regcred-webhook.regcred-system.svc", "regcred-webhook.regcred-system.svc.cluster.local"])
+    );
+    assert_eq!(
+        certificate["spec"]["issuerRef"],
+        serde_json::json!({"name": "regcred-webhook-ca", "kind": "Issuer", "group": "cert-manager.io"})
+    );
+    // The bootstrap: self-signed Issuer → CA Certificate → CA Issuer.
+    let ca = named(&docs, "Certificate", "regcred-webhook-ca");
+    assert_eq!(ca["spec"]["isCA"], true);
+    assert_eq!(ca["spec"]["issuerRef"]["name"], "regcred-webhook-selfsigned");
+    assert_eq!(named(&docs, "Issuer", "regcred-webhook-selfsigned")["spec"], serde_json::json!({"selfSigned": {}}));
+    assert_eq!(
+        named(&docs, "Issuer", "regcred-webhook-ca")["spec"],
+        serde_json::json!({"ca": {"secretName": ca["spec"]["secretName"]}})
+    );
+    let args = container(&docs)["args"].to_string();
+    assert!(
+        args.contains("--webhook-certificates=external") && args.contains("--webhook-secret=regcred-webhook-tls"),
+        "{args}"
+    );
+    kubectl_apply(cp, &rendered, &["--dry-run=server"]);
+
+    // An issuer of the user's: no bootstrap.
+    let rendered = render(&[
+        "--set",
+        CERT_MANAGER,
+        "--set",
+        "webhook.certManager.issuerRef.name=corp-ca,webhook.certManager.issuerRef.kind=ClusterIssuer",
+    ]);
+    let docs = documents(&rendered);
+    assert!(of_kind(&docs, "Issuer").is_empty());
+    assert_eq!(of_kind(&docs, "Certificate").len(), 1);
+    assert_eq!(
+        named(&docs, "Certificate", "regcred-webhook")["spec"]["issuerRef"],
+        serde_json::json!({"name": "corp-ca", "kind": "ClusterIssuer", "group": "cert-manager.io"})
+    );
+    kubectl_apply(cp, &rendered, &["--dry-run=server"]);
+    let error = render_fails(&["--set", CERT_MANAGER, "--set", "webhook.certManager.issuerRef.kind=ClusterIssuer"]);
+    assert!(error.contains("at '/webhook/certManager/issuerRef'"), "{error}");
+
+    // The fixture CRDs are not a blank check: a Certificate without its Secret is refused.
+    let file = temp_file(
+        "certificate.yaml",
+        "apiVersion: cert-manager.io/v1\nkind: Certificate\nmetadata:\n  name: no-secret\n  namespace: regcred-system\n\
+         spec:\n  dnsNames: [a.example]\n  issuerRef:\n    name: x\n",
+    );
+    let out = cp.kubectl(&["apply", "--server-side", "--dry-run=server", "-f", file.to_str().unwrap()]);
+    std::fs::remove_file(file).unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("spec.secretName: Required value"), "{stderr}");
+}
+
+/// The rules of the one Role (or ClusterRole) of that name.
+fn rules(docs: &[serde_json::Value], kind: &str, name: &str) -> serde_json::Value {
+    named(docs, kind, name)["rules"].clone()
+}
+
+/// Issue 23: the webhook's RBAC is limited by name. Self-managed certificates: its TLS Secret
+/// in the release namespace (read, watch, update, patch; create, which RBAC cannot limit) and
+/// its own MutatingWebhookConfiguration (read, watch, patch); cert-manager: reading the Secret
+/// only. Checked as rendered and with `kubectl auth can-i` against applied RBAC of releases
+/// named apart (namespace-scoped, so the cluster-wide Secret rule does not hide the Role's).
+#[test]
+fn webhook_rbac_is_least_privilege() {
+    let docs = documents(&render(&["--set", WEBHOOK]));
+    assert_eq!(
+        rules(&docs, "Role", "regcred-webhook"),
+        serde_json::json!([
+            {"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["regcred-webhook-tls"],
+             "verbs": ["get", "list", "watch", "update", "patch"]},
+            {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]}
+        ])
+    );
+    let configurations: Vec<_> = controller_role(&docs)["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["resources"].to_string().contains("webhookconfigurations"))
+        .cloned()
+        .collect();
+    assert_eq!(
+        configurations,
+        [serde_json::json!({
+            "apiGroups": ["admissionregistration.k8s.io"], "resources": ["mutatingwebhookconfigurations"],
+            "resourceNames": ["regcred"], "verbs": ["get", "list", "watch", "patch"]
+        })]
+    );
+    let binding = named(&docs, "RoleBinding", "regcred-webhook");
+    assert_eq!(binding["roleRef"]["name"], "regcred-webhook");
+    assert_eq!(binding["subjects"][0]["name"], "regcred");
+
+    let docs = documents(&render(&["--set", CERT_MANAGER]));
+    assert_eq!(
+        rules(&docs, "Role", "regcred-webhook"),
+        serde_json::json!([
+            {"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["regcred-webhook-tls"],
+             "verbs": ["get", "list", "watch"]}
+        ])
+    );
+    assert!(!controller_role(&docs).to_string().contains("webhookconfigurations"));
+
+    let cp = cluster();
+    let rbac_of = |release: &str, values: &str| {
+        let rbac = render_as(
+            release,
+            &[
+                "--set",
+                values,
+                "--show-only=templates/serviceaccount.yaml",
+                "--show-only=templates/clusterrole.yaml",
+                "--show-only=templates/clusterrolebinding.yaml",
+                "--show-only=templates/role.yaml",
+            ],
+        );
+        kubectl_apply(cp, &rbac, &[]);
+        format!("system:serviceaccount:{NAMESPACE}:{release}-regcred")
+    };
+    let check = |user: &str, allowed: &[&[&str]], denied: &[&[&str]]| {
+        for args in allowed {
+            assert!(can(cp, user, args), "{user} should be allowed: {}", args.join(" "));
+        }
+        for args in denied {
+            assert!(!can(cp, user, args), "{user} should be denied: {}", args.join(" "));
+        }
+    };
+    let mwc = "mutatingwebhookconfigurations.admissionregistration.k8s.io";
+
+    let user = rbac_of("hook", &format!("{WEBHOOK},watchNamespaces={{team-a}}"));
+    let tls = "secrets/hook-regcred-webhook-tls";
+    let own = format!("{mwc}/hook-regcred");
+    let other = format!("{mwc}/regcred");
+    check(
+        &user,
+        &[
+            &["get", tls, "-n", NAMESPACE],
+            &["list", tls, "-n", NAMESPACE],
+            &["watch", tls, "-n", NAMESPACE],
+            &["update", tls, "-n", NAMESPACE],
+            &["patch", tls, "-n", NAMESPACE],
+            &["create", "secrets", "-n", NAMESPACE],
+            &["get", &own],
+            &["list", &own],
+            &["watch", &own],
+            &["patch", &own],
+        ],
+        &[
+            &["delete", tls, "-n", NAMESPACE],
+            &["get", "secrets/other", "-n", NAMESPACE],
+            &["list", "secrets", "-n", NAMESPACE],
+            &["update", "secrets/other", "-n", NAMESPACE],
+            &["patch", "secrets/other", "-n", NAMESPACE],
+            &["update", tls, "-n", "team-a"],
+            &["create", "secrets", "-n", "team-b"],
+            &["update", &own],
+            &["delete", &own],
+            &["create", mwc],
+            &["list", mwc],
+            &["patch", &other],
+            &["get", &other],
+            &["patch", "validatingwebhookconfigurations.admissionregistration.k8s.io/hook-regcred"],
+        ],
+    );
+
+    // Cluster-wide: the ClusterRole's Secret rule has no update, so the Role's stays the only one.
+    let user = rbac_of("wide", WEBHOOK);
+    let tls = "secrets/wide-regcred-webhook-tls";
+    check(
+        &user,
+        &[&["update", tls, "-n", NAMESPACE], &["patch", &format!("{mwc}/wide-regcred")]],
+        &[&["update", "secrets/other", "-n", NAMESPACE], &["update", tls, "-n", "team-a"]],
+    );
+
+    let user = rbac_of("certs", &format!("{CERT_MANAGER},watchNamespaces={{team-a}}"));
+    let tls = "secrets/certs-regcred-webhook-tls";
+    check(
+        &user,
+        &[&["get", tls, "-n", NAMESPACE], &["list", tls, "-n", NAMESPACE], &["watch", tls, "-n", NAMESPACE]],
+        &[
+            &["update", tls, "-n", NAMESPACE],
+            &["patch", tls, "-n", NAMESPACE],
+            &["create", "secrets", "-n", NAMESPACE],
+            &["get", "secrets/other", "-n", NAMESPACE],
+            &["get", &format!("{mwc}/certs-regcred")],
+            &["patch", &format!("{mwc}/certs-regcred")],
+        ],
+    );
 }

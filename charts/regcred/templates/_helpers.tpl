@@ -57,3 +57,20 @@ ClusterRole, or in each of .Values.watchNamespaces through a Role.
     verbs: [create]
 {{- end }}
 {{- end }}
+
+{{/*
+The Pod admission webhook: its Service, the TLS Secret that holds its serving certificate
+(written by the controller, or by cert-manager), and that certificate's DNS names.
+*/}}
+{{- define "regcred.webhookService" -}}
+{{ include "regcred.fullname" . }}-webhook
+{{- end }}
+
+{{- define "regcred.webhookSecret" -}}
+{{ include "regcred.fullname" . }}-webhook-tls
+{{- end }}
+
+{{- define "regcred.webhookHosts" -}}
+{{- $svc := printf "%s.%s.svc" (include "regcred.webhookService" .) .Release.Namespace -}}
+{{ $svc }},{{ $svc }}.cluster.local
+{{- end }}
