@@ -974,3 +974,81 @@ async fn acr_refresh_tokens_pull_on_the_node() {
     }
     assert_no_leaks(&client).await;
 }
+
+/// Issue 23's race: a namespace is created and at once 50 Pods in it, in a tight loop. With
+/// the webhook every Pod is admitted with the fan-out's Secret (not written yet for the first
+/// ones: the kubelet reads `imagePullSecrets` again at each retry) and runs on the node. The
+/// same loop against a credential that attaches through the namespace's `default`
+/// ServiceAccount only, in the same run, gives the count that path manages (printed; those
+/// Pods are not scheduled).
+#[tokio::test]
+async fn fifty_pods_in_a_new_namespace_all_get_the_secret_and_run() {
+    let Some(node) = node() else { return };
+    let hook = crate::webhook::Hook::start("webhook-race", &[]).await;
+    let client = client().await;
+    let source = namespace(&client, "race-source").await;
+    let password = secret_value("puller", "race");
+    let (registry, image) = registry_with_image("puller", &password, "team/race");
+    let _trusted = node.map_registry(&registry.host(), &registry).unwrap();
+    create_secret(&client, &source, "reg-pass", &[("password", password.as_bytes())]).await;
+    let id = unique()[..8].to_string();
+    for (name, attach, accounts) in [("pods", "Pods", json!([])), ("accounts", "ServiceAccounts", json!(["default"]))] {
+        create_cluster_credential_for(
+            &client,
+            &format!("race-{name}-{id}"),
+            Some(&hook.name),
+            json!({"registry": registry.host(), "attach": attach, "serviceAccounts": accounts,
+                   "secret": {"name": "pull"},
+                   "namespaces": {"selector": {"matchLabels": {"race": format!("{name}-{id}")}}},
+                   "source": {"basic": {"username": "puller", "passwordSecretRef": {"name": "reg-pass", "namespace": source}}}}),
+        )
+        .await;
+    }
+    let on_node = |pod: Pod| {
+        let mut pod = pod;
+        let spec = pod.spec.as_mut().expect("a spec");
+        spec.node_name = Some(regcred_testenv::NODE_NAME.into());
+        spec.host_network = Some(true);
+        spec.restart_policy = Some("Never".into());
+        spec.termination_grace_period_seconds = Some(0);
+        spec.containers[0].image_pull_policy = Some("Always".into());
+        pod
+    };
+    let race = |label: String, node: bool| {
+        let (client, hook, image) = (client.clone(), &hook, image.clone());
+        async move {
+            let ns = labelled_namespace(&client, "race", &[("race", &label)]).await;
+            let pods = Api::<Pod>::namespaced(client.clone(), &ns);
+            let mut created = Vec::new();
+            for i in 0..50 {
+                let pod = hook.pod(&format!("app-{i}"), &[&image], &[], &[]);
+                let pod = if node { on_node(pod) } else { pod };
+                // Admission refuses Pods until the namespace's default ServiceAccount exists.
+                let pod = eventually("creating a Pod", TIMEOUT, || async {
+                    match pods.create(&PostParams::default(), &pod).await {
+                        Ok(pod) => Some(pod),
+                        Err(kube::Error::Api(e)) if e.message.contains("serviceaccount") => None,
+                        Err(e) => panic!("creating a Pod in {ns}: {e}"),
+                    }
+                })
+                .await;
+                created.push(pod);
+            }
+            let with_secret = created.iter().filter(|p| crate::webhook::pull_secrets(p) == ["pull"]).count();
+            (ns, with_secret)
+        }
+    };
+    let (webhook_ns, by_webhook) = race(format!("pods-{id}"), true).await;
+    let (accounts_ns, by_accounts) = race(format!("accounts-{id}"), false).await;
+    println!("Pods admitted with the Secret: webhook {by_webhook}/50, ServiceAccount path {by_accounts}/50");
+    assert_eq!(by_webhook, 50, "every Pod gets the Secret at admission");
+    for i in 0..50 {
+        wait_ran(&client, &webhook_ns, &format!("app-{i}")).await;
+    }
+    for ns in [webhook_ns, accounts_ns] {
+        Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone())
+            .delete(&ns, &Default::default())
+            .await
+            .expect("deleting the namespace");
+    }
+}

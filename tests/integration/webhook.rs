@@ -25,7 +25,6 @@ pub struct Hook {
     pub name: String,
     pub controller: TestController,
     pub user: String,
-
 }
 
 /// The chart rendered as release `name` with the webhook on, as JSON documents.
@@ -166,9 +165,26 @@ async fn pods_get_the_secrets_of_their_images_registries_and_no_other() {
     for (name, registry) in [("a", "a.example:5000"), ("b", "b.example"), ("c", "c.example"), ("hub", "docker.io")] {
         hook.credential(&client, &ns, name, registry, json!({})).await;
     }
-    let two = create(&client, &ns, &hook.pod("two", &["a.example:5000/team/app:1", "b.example/x@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"], &[], &[])).await;
+    let two = create(
+        &client,
+        &ns,
+        &hook.pod(
+            "two",
+            &[
+                "a.example:5000/team/app:1",
+                "b.example/x@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+            ],
+            &[],
+            &[],
+        ),
+    )
+    .await;
     assert_eq!(pull_secrets(&two), ["a", "b"], "both registries' Secrets, and no third");
-    for (i, image) in ["nginx", "docker.io/library/nginx:1.27", "index.docker.io/library/nginx", "registry-1.docker.io/library/nginx"].iter().enumerate() {
+    for (i, image) in
+        ["nginx", "docker.io/library/nginx:1.27", "index.docker.io/library/nginx", "registry-1.docker.io/library/nginx"]
+            .iter()
+            .enumerate()
+    {
         let pod = create(&client, &ns, &hook.pod(&format!("hub-{i}"), &[image], &[], &[])).await;
         assert_eq!(pull_secrets(&pod), ["hub"], "{image}");
     }
@@ -256,7 +272,7 @@ async fn the_controllers_namespace_is_left_alone() {
     .await;
     let pod_name = format!("excluded-{}", &unique()[..6]);
     let here = create(&client, &ns, &hook.pod(&pod_name, &["ex.example/app"], &[], &[])).await;
-    assert_eq!(pull_secrets(&here), [name.clone()]);
+    assert_eq!(pull_secrets(&here), vec![name]);
     let excluded = create(&client, CONTROLLER_NAMESPACE, &hook.pod(&pod_name, &["ex.example/app"], &[], &[])).await;
     assert!(pull_secrets(&excluded).is_empty(), "{:?}", pull_secrets(&excluded));
     Api::<Pod>::namespaced(client.clone(), CONTROLLER_NAMESPACE).delete(&pod_name, &DeleteParams::default()).await.ok();
@@ -283,4 +299,39 @@ async fn pods_are_admitted_unchanged_when_the_webhook_is_down() {
     hook.controller.kill();
     let killed = create(&client, &ns, &hook.pod("killed", &["reg.example/app"], &[], &[])).await;
     assert!(pull_secrets(&killed).is_empty());
+}
+
+/// A credential switched from `Both` to `Pods` releases the ServiceAccount entry it wrote (and
+/// its finalizer); Pods still get the Secret.
+#[tokio::test]
+async fn switching_to_pods_releases_the_service_account_entries() {
+    let hook = Hook::start("webhook-switch", &[]).await;
+    let client = client().await;
+    let ns = namespace(&client, "webhook-switch").await;
+    let accounts = Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(client.clone(), &ns);
+    let entries = |account: &k8s_openapi::api::core::v1::ServiceAccount| -> Vec<String> {
+        account.image_pull_secrets.iter().flatten().map(|r| r.name.clone()).collect()
+    };
+    hook.credential(&client, &ns, "reg", "reg.example", json!({"serviceAccounts": ["default"]})).await;
+    eventually("the ServiceAccount entry", TIMEOUT, || async {
+        let account = accounts.get("default").await.ok()?;
+        (entries(&account) == ["reg"]).then_some(())
+    })
+    .await;
+    let credentials = Api::<regcred::crd::RegistryCredential>::namespaced(client.clone(), &ns);
+    let patch = json!({"spec": {"attach": "Pods"}});
+    credentials.patch("reg", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch)).await.unwrap();
+    eventually("the entry released", TIMEOUT, || async {
+        let account = accounts.get("default").await.ok()?;
+        entries(&account).is_empty().then_some(())
+    })
+    .await;
+    let credential = eventually("the finalizer removed", TIMEOUT, || async {
+        let credential = credentials.get("reg").await.ok()?;
+        credential.metadata.finalizers.as_ref().is_none_or(|f| f.is_empty()).then_some(credential)
+    })
+    .await;
+    assert_eq!(credential.spec.attach, Some(regcred::crd::Attach::Pods));
+    let pod = create(&client, &ns, &hook.pod("app", &["reg.example/app"], &[], &[])).await;
+    assert_eq!(pull_secrets(&pod), ["reg"]);
 }
