@@ -24,6 +24,7 @@ pub mod state;
 pub mod status;
 pub mod telemetry;
 pub mod verify;
+pub mod webhook;
 
 pub use error::Error;
 
