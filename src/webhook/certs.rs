@@ -354,8 +354,11 @@ fn renew_at(issued: SystemTime, not_after: SystemTime) -> SystemTime {
     not_after.checked_sub(life / 3).unwrap_or(not_after)
 }
 
+/// `t` rounded up to a whole second, as certificates hold times: an issue time never earlier
+/// than the write that publishes it, so the overlap is never cut short.
 fn whole_seconds(t: SystemTime) -> SystemTime {
-    UNIX_EPOCH + Duration::from_secs(t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0))
+    let since = t.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO);
+    UNIX_EPOCH + Duration::from_secs(since.as_secs() + u64::from(since.subsec_nanos() > 0))
 }
 
 /// The rotation decision, **pure**: from the state read back from the Secret (`None`: absent or
@@ -695,6 +698,21 @@ mod tests {
         assert_eq!(state.cas[0].der, new_der);
         assert_eq!(state.leaf.as_ref().and_then(|l| l.issuer), Some(0), "still signed by the remaining CA");
         assert!(plan(old_end, Some(&state), &s).is_nothing());
+    }
+
+    #[test]
+    fn issue_times_round_up_so_the_overlap_is_never_cut_short() {
+        let s = settings();
+        let state = fresh(&s);
+        let at = t0() + 240 * DAY + Duration::from_millis(300);
+        let p = plan(at, Some(&state), &s);
+        assert!(p.new_ca);
+        let state = written(at, Some(&state), &p, &s);
+        assert_eq!(state.cas[1].issued, t0() + 240 * DAY + Duration::from_secs(1));
+        // A full overlap after the write, not after the second it was made in.
+        assert!(plan(at + overlap(&s) - Duration::from_millis(1), Some(&state), &s).is_nothing());
+        let p = plan(state.cas[1].issued + overlap(&s), Some(&state), &s);
+        assert_eq!(p.leaf, Some((Signer::Existing(1), LeafReason::Issuer)));
     }
 
     #[test]
