@@ -390,4 +390,482 @@ mod tests {
         assert!(watched.synced);
         assert_eq!(version(&watched), None);
     }
+
+    // A fake apiserver: one Secret and one MutatingWebhookConfiguration, lists, watches (with
+    // the events since the resourceVersion asked for), create, a merge patch guarded by
+    // resourceVersion, the caBundle apply; it counts the writes that succeed.
+
+    use std::convert::Infallible;
+    use std::sync::Mutex;
+
+    use axum::body::{Body, Bytes};
+    use axum::extract::State;
+    use axum::routing::{get, patch};
+    use base64::{Engine, engine::general_purpose::STANDARD};
+    use k8s_openapi::api::admissionregistration::v1::{MutatingWebhook, WebhookClientConfig};
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+    use tokio::sync::broadcast;
+
+    use crate::webhook::certs::{CA_CRT, CertMode, TLS_CRT};
+
+    #[derive(Default)]
+    struct Objects {
+        version: u64,
+        secret: Option<Secret>,
+        configuration: Option<MutatingWebhookConfiguration>,
+        /// (resourceVersion, is the Secret, watch event line)
+        history: Vec<(u64, bool, String)>,
+        secret_writes: usize,
+        configuration_writes: usize,
+    }
+
+    struct Fake {
+        objects: Mutex<Objects>,
+        events: broadcast::Sender<(bool, String)>,
+    }
+
+    type Shared = Arc<Fake>;
+
+    fn status(code: u16, reason: &str) -> http::Response<Body> {
+        let body = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": reason, "code": code, "message": reason});
+        respond(code, body)
+    }
+
+    fn respond(code: u16, body: serde_json::Value) -> http::Response<Body> {
+        http::Response::builder()
+            .status(code)
+            .header("content-type", "application/json")
+            .body(Body::from(body.to_string()))
+            .expect("response")
+    }
+
+    impl Fake {
+        fn new() -> Shared {
+            Arc::new(Fake { objects: Mutex::new(Objects::default()), events: broadcast::channel(1024).0 })
+        }
+
+        fn client(self: &Shared) -> kube::Client {
+            let router = axum::Router::new()
+                .route("/api/v1/namespaces/{ns}/secrets", get(list_secrets).post(create_secret))
+                .route("/api/v1/namespaces/{ns}/secrets/{name}", patch(patch_secret))
+                .route("/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations", get(list_configurations))
+                .route(
+                    "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/{name}",
+                    patch(apply_configuration),
+                )
+                .with_state(self.clone());
+            kube::Client::new(router, "default")
+        }
+
+        /// Stores a new version of an object and tells the watches.
+        fn store(
+            &self,
+            objects: &mut Objects,
+            secret: Option<Secret>,
+            configuration: Option<MutatingWebhookConfiguration>,
+            kind: &str,
+        ) -> serde_json::Value {
+            objects.version += 1;
+            let version = objects.version.to_string();
+            let (is_secret, object) = match (secret, configuration) {
+                (Some(mut secret), _) => {
+                    secret.metadata.resource_version = Some(version);
+                    objects.secret = Some(secret.clone());
+                    (true, serde_json::to_value(&secret).expect("json"))
+                }
+                (None, Some(mut configuration)) => {
+                    configuration.metadata.resource_version = Some(version);
+                    objects.configuration = Some(configuration.clone());
+                    (false, serde_json::to_value(&configuration).expect("json"))
+                }
+                (None, None) => unreachable!("an object"),
+            };
+            let line = format!("{}\n", json!({"type": kind, "object": object}));
+            objects.history.push((objects.version, is_secret, line.clone()));
+            let _ = self.events.send((is_secret, line));
+            object
+        }
+
+        fn put_secret(&self, secret: Secret) {
+            let mut objects = self.objects.lock().expect("lock");
+            let kind = if objects.secret.is_some() { "MODIFIED" } else { "ADDED" };
+            self.store(&mut objects, Some(secret), None, kind);
+        }
+
+        fn put_configuration(&self, configuration: MutatingWebhookConfiguration) {
+            let mut objects = self.objects.lock().expect("lock");
+            let kind = if objects.configuration.is_some() { "MODIFIED" } else { "ADDED" };
+            self.store(&mut objects, None, Some(configuration), kind);
+        }
+
+        fn writes(&self) -> (usize, usize) {
+            let objects = self.objects.lock().expect("lock");
+            (objects.secret_writes, objects.configuration_writes)
+        }
+
+        fn secret_data(&self, key: &str) -> Option<Vec<u8>> {
+            let objects = self.objects.lock().expect("lock");
+            Some(objects.secret.as_ref()?.data.as_ref()?.get(key)?.0.clone())
+        }
+
+        fn bundles(&self) -> Vec<Option<Vec<u8>>> {
+            let objects = self.objects.lock().expect("lock");
+            let webhooks = objects.configuration.as_ref().and_then(|c| c.webhooks.clone()).unwrap_or_default();
+            webhooks.into_iter().map(|w| w.client_config.ca_bundle.map(|b| b.0)).collect()
+        }
+
+        /// Every webhook's caBundle is the Secret's ca.crt.
+        fn injected(&self) -> bool {
+            let bundle = self.secret_data(CA_CRT);
+            bundle.is_some() && self.bundles().iter().all(|b| *b == bundle)
+        }
+
+        /// A watch (events after `since`, then the live ones) or a list.
+        fn list_or_watch(self: &Shared, query: &str, secrets: bool) -> http::Response<Body> {
+            let objects = self.objects.lock().expect("lock");
+            let parameter = |name: &str| {
+                query
+                    .split('&')
+                    .find_map(|p| p.strip_prefix(name).and_then(|v| v.strip_prefix('=')).map(str::to_string))
+            };
+            if parameter("watch").as_deref() == Some("true") {
+                let since: u64 = parameter("resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
+                let replay: Vec<String> = objects
+                    .history
+                    .iter()
+                    .filter(|(version, is_secret, _)| *version > since && *is_secret == secrets)
+                    .map(|(_, _, line)| line.clone())
+                    .collect();
+                let live = self.events.subscribe();
+                drop(objects);
+                let live = futures::stream::unfold(live, move |mut live| async move {
+                    loop {
+                        match live.recv().await {
+                            Ok((is_secret, line)) if is_secret == secrets => return Some((line, live)),
+                            Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                            Err(broadcast::error::RecvError::Closed) => return None,
+                        }
+                    }
+                });
+                let stream = futures::stream::iter(replay).chain(live).map(Ok::<_, Infallible>);
+                return http::Response::builder()
+                    .header("content-type", "application/json")
+                    .body(Body::from_stream(stream))
+                    .expect("response");
+            }
+            let (kind, items) = if secrets {
+                (
+                    "SecretList",
+                    objects.secret.iter().map(|s| serde_json::to_value(s).expect("json")).collect::<Vec<_>>(),
+                )
+            } else {
+                (
+                    "MutatingWebhookConfigurationList",
+                    objects.configuration.iter().map(|c| serde_json::to_value(c).expect("json")).collect(),
+                )
+            };
+            respond(
+                200,
+                json!({"kind": kind, "apiVersion": "v1", "metadata": {"resourceVersion": objects.version.to_string()}, "items": items}),
+            )
+        }
+    }
+
+    async fn list_secrets(State(fake): State<Shared>, uri: http::Uri) -> http::Response<Body> {
+        fake.list_or_watch(uri.query().unwrap_or(""), true)
+    }
+
+    async fn list_configurations(State(fake): State<Shared>, uri: http::Uri) -> http::Response<Body> {
+        fake.list_or_watch(uri.query().unwrap_or(""), false)
+    }
+
+    async fn create_secret(State(fake): State<Shared>, body: Bytes) -> http::Response<Body> {
+        let secret: Secret = serde_json::from_slice(&body).expect("a Secret");
+        let mut objects = fake.objects.lock().expect("lock");
+        if objects.secret.is_some() {
+            return status(409, "AlreadyExists");
+        }
+        objects.secret_writes += 1;
+        respond(201, fake.store(&mut objects, Some(secret), None, "ADDED"))
+    }
+
+    async fn patch_secret(State(fake): State<Shared>, headers: http::HeaderMap, body: Bytes) -> http::Response<Body> {
+        assert_eq!(headers["content-type"], "application/merge-patch+json");
+        let patch: serde_json::Value = serde_json::from_slice(&body).expect("json");
+        let mut objects = fake.objects.lock().expect("lock");
+        let Some(mut secret) = objects.secret.clone() else { return status(404, "NotFound") };
+        if patch["metadata"]["resourceVersion"].as_str() != secret.metadata.resource_version.as_deref() {
+            return status(409, "Conflict");
+        }
+        let data = secret.data.get_or_insert_default();
+        for (key, value) in patch["data"].as_object().expect("data") {
+            data.insert(key.clone(), ByteString(STANDARD.decode(value.as_str().expect("base64")).expect("base64")));
+        }
+        objects.secret_writes += 1;
+        respond(200, fake.store(&mut objects, Some(secret), None, "MODIFIED"))
+    }
+
+    async fn apply_configuration(
+        State(fake): State<Shared>,
+        uri: http::Uri,
+        headers: http::HeaderMap,
+        body: Bytes,
+    ) -> http::Response<Body> {
+        assert_eq!(headers["content-type"], "application/apply-patch+yaml");
+        let query = uri.query().unwrap_or("");
+        assert!(query.contains("fieldManager=regcred-webhook-ca") && query.contains("force=true"), "{query}");
+        let patch: serde_json::Value = serde_json::from_slice(&body).expect("json");
+        let mut objects = fake.objects.lock().expect("lock");
+        let Some(mut configuration) = objects.configuration.clone() else { return status(404, "NotFound") };
+        for applied in patch["webhooks"].as_array().expect("webhooks") {
+            assert_eq!(applied.as_object().map(|o| o.len()), Some(2), "only name and clientConfig: {applied}");
+            let name = applied["name"].as_str().expect("name");
+            let bundle =
+                STANDARD.decode(applied["clientConfig"]["caBundle"].as_str().expect("caBundle")).expect("base64");
+            for webhook in configuration.webhooks.iter_mut().flatten().filter(|w| w.name == name) {
+                webhook.client_config.ca_bundle = Some(ByteString(bundle.clone()));
+            }
+        }
+        objects.configuration_writes += 1;
+        respond(200, fake.store(&mut objects, None, Some(configuration), "MODIFIED"))
+    }
+
+    fn configuration() -> MutatingWebhookConfiguration {
+        let webhook = |name: &str| MutatingWebhook {
+            name: name.into(),
+            admission_review_versions: vec!["v1".into()],
+            side_effects: "None".into(),
+            client_config: WebhookClientConfig {
+                url: Some("https://127.0.0.1:1/".into()),
+                ..WebhookClientConfig::default()
+            },
+            ..MutatingWebhook::default()
+        };
+        MutatingWebhookConfiguration {
+            metadata: ObjectMeta { name: Some("regcred-webhook".into()), ..ObjectMeta::default() },
+            webhooks: Some(vec![webhook("pods.regcred.dev"), webhook("pods-fallback.regcred.dev")]),
+        }
+    }
+
+    fn settings(mode: CertMode) -> CertSettings {
+        CertSettings {
+            mode,
+            namespace: "regcred-system".into(),
+            secret: "regcred-webhook-tls".into(),
+            configuration: "regcred-webhook".into(),
+            hosts: vec!["127.0.0.1".into()],
+            leaf_validity: Duration::from_secs(3600),
+            ca_validity: Duration::from_secs(7200),
+        }
+    }
+
+    struct Running {
+        stop: tokio::sync::oneshot::Sender<()>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl Running {
+        async fn stop(self) {
+            let _ = self.stop.send(());
+            tokio::time::timeout(Duration::from_secs(5), self.task).await.expect("maintain returns").expect("no panic");
+        }
+    }
+
+    fn run(fake: &Shared, settings: CertSettings, resolver: Arc<Resolver>) -> Running {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(maintain(fake.client(), settings, resolver, async move {
+            let _ = stopped.await;
+        }));
+        Running { stop, task }
+    }
+
+    async fn until(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn serving(resolver: &Resolver) -> Option<Vec<u8>> {
+        resolver.certificate().and_then(|chain| chain.first().map(|c| c.to_vec()))
+    }
+
+    fn written_leaf(fake: &Fake) -> Option<Vec<u8>> {
+        fake.secret_data(TLS_CRT).and_then(|pem| CertificateDer::from_pem_slice(&pem).ok()).map(|c| c.to_vec())
+    }
+
+    #[tokio::test]
+    async fn creates_injects_repairs_and_writes_nothing_at_rest_or_after_a_restart() {
+        let fake = Fake::new();
+        fake.put_configuration(configuration());
+        let resolver = Resolver::new();
+        let running = run(&fake, settings(CertMode::SelfManaged), resolver.clone());
+        until("a certificate served and injected", || resolver.has_certificate() && fake.injected()).await;
+        assert_eq!(serving(&resolver), written_leaf(&fake));
+        assert_eq!(fake.writes(), (1, 1));
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(fake.writes(), (1, 1), "no writes at rest");
+        running.stop().await;
+
+        // A restart loads the same certificate and writes nothing.
+        let resolver = Resolver::new();
+        let running = run(&fake, settings(CertMode::SelfManaged), resolver.clone());
+        until("the certificate loaded", || resolver.has_certificate()).await;
+        assert_eq!(serving(&resolver), written_leaf(&fake));
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(fake.writes(), (1, 1), "no writes after a restart");
+
+        // helm upgrade resets the caBundle: repaired at once.
+        fake.put_configuration(configuration());
+        until("the caBundle repaired", || fake.injected()).await;
+        assert_eq!(fake.writes(), (1, 2));
+
+        // Other hosts: a new leaf, the same CA.
+        running.stop().await;
+        let bundle = fake.secret_data(CA_CRT);
+        let resolver = Resolver::new();
+        let moved = CertSettings { hosts: vec!["127.0.0.2".into()], ..settings(CertMode::SelfManaged) };
+        let running = run(&fake, moved, resolver.clone());
+        until("the new leaf served", || fake.writes().0 == 2 && serving(&resolver) == written_leaf(&fake)).await;
+        assert_eq!(fake.secret_data(CA_CRT), bundle);
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(fake.writes(), (2, 2));
+        running.stop().await;
+    }
+
+    #[tokio::test]
+    async fn replicas_starting_together_converge_on_one_write() {
+        let fake = Fake::new();
+        let resolvers = [Resolver::new(), Resolver::new(), Resolver::new()];
+        let running: Vec<Running> =
+            resolvers.iter().map(|r| run(&fake, settings(CertMode::SelfManaged), r.clone())).collect();
+        until("every replica serving the Secret's certificate", || {
+            resolvers.iter().all(|r| r.has_certificate() && serving(r) == written_leaf(&fake))
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(fake.writes(), (1, 0), "one create won; no configuration to inject into");
+        // The configuration appears: one of them injects (maybe more than one, each only once).
+        fake.put_configuration(configuration());
+        until("injected", || fake.injected()).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (secrets, configurations) = fake.writes();
+        assert_eq!(secrets, 1);
+        assert!((1..=3).contains(&configurations), "{configurations}");
+        for running in running {
+            running.stop().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn external_mode_only_loads() {
+        let fake = Fake::new();
+        fake.put_configuration(configuration());
+        let make = || {
+            let s = settings(CertMode::External);
+            let now = SystemTime::now();
+            let files = certs::execute(now, None, &certs::plan(now, None, &s), &s).expect("generated");
+            Secret {
+                metadata: ObjectMeta { name: Some(s.secret.clone()), ..ObjectMeta::default() },
+                data: Some(files.into_data().into_iter().filter(|(k, _)| k != certs::CA_KEY).collect()),
+                ..Secret::default()
+            }
+        };
+        fake.put_secret(make());
+        let resolver = Resolver::new();
+        let running = run(&fake, settings(CertMode::External), resolver.clone());
+        until("the certificate loaded", || serving(&resolver).is_some() && serving(&resolver) == written_leaf(&fake))
+            .await;
+        fake.put_secret(make());
+        until("the renewed certificate loaded", || serving(&resolver) == written_leaf(&fake)).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(fake.writes(), (0, 0));
+        assert_eq!(fake.bundles(), vec![None, None], "nothing injected");
+        running.stop().await;
+    }
+
+    /// One TLS handshake with the webhook as the apiserver makes it: trusting exactly the
+    /// configuration's caBundle, for the IP address. The leaf the server showed.
+    async fn handshake(bundle: &[u8], port: u16) -> Result<Vec<u8>, String> {
+        let mut roots = rustls::RootCertStore::empty();
+        for ca in CertificateDer::pem_slice_iter(bundle) {
+            roots.add(ca.map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+        }
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.map_err(|e| e.to_string())?;
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").map_err(|e| e.to_string())?;
+        let tls =
+            tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await.map_err(|e| e.to_string())?;
+        let leaf = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).ok_or("no certificate")?;
+        Ok(leaf.to_vec())
+    }
+
+    /// A forced rotation: a 12 s CA (overlap 2 s) and a 6 s leaf: the leaf renewed at
+    /// 4 s, a second CA at 8 s (the leaf renewed on the first, up to its end), the leaf on the new
+    /// CA at 10 s, the first CA gone at 12 s; a client trusting the configuration's caBundle of
+    /// 1.5 s before completes every handshake (tried every 50 ms for 15 s).
+    const LAG: Duration = Duration::from_millis(1500);
+
+    #[tokio::test]
+    async fn a_forced_rotation_fails_no_handshake() {
+        let fake = Fake::new();
+        fake.put_configuration(configuration());
+        let forced = CertSettings {
+            leaf_validity: Duration::from_secs(6),
+            ca_validity: Duration::from_secs(12),
+            ..settings(CertMode::SelfManaged)
+        };
+        assert_eq!(certs::overlap(&forced), Duration::from_secs(2));
+        let resolver = Resolver::new();
+        let running = run(&fake, forced, resolver.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("address").port();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let app = axum::Router::new().route("/", get(|| async { "ok" }));
+        let server = tokio::spawn(crate::webhook::tls::serve(listener, resolver.clone(), app, async move {
+            let _ = stopped.await;
+        }));
+        until("injected", || resolver.has_certificate() && fake.injected()).await;
+        let start = tokio::time::Instant::now();
+        let (mut handshakes, mut failed) = (0, Vec::new());
+        let mut leaves = std::collections::BTreeSet::new();
+        let mut bundle_sizes = Vec::new();
+        // The client lags: it trusts the caBundle as it was 1.5 s ago (an apiserver whose
+        // watch of the configuration is slow), which the 2 s overlap covers.
+        let mut seen: Vec<(tokio::time::Instant, Vec<u8>)> = Vec::new();
+        while start.elapsed() < Duration::from_secs(15) {
+            let now = tokio::time::Instant::now();
+            let bundle = fake.bundles()[0].clone().expect("a caBundle");
+            let size = CertificateDer::pem_slice_iter(&bundle).count();
+            if bundle_sizes.last() != Some(&size) {
+                bundle_sizes.push(size);
+            }
+            if seen.last().is_none_or(|(_, last)| *last != bundle) {
+                seen.push((now, bundle));
+            }
+            let lagging = seen.iter().rev().find(|(at, _)| *at + LAG <= now).unwrap_or(&seen[0]);
+            match handshake(&lagging.1, port).await {
+                Ok(leaf) => {
+                    handshakes += 1;
+                    leaves.insert(leaf);
+                }
+                Err(error) => failed.push(format!("at {:?}: {error}", start.elapsed())),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(failed.is_empty(), "{} of {} handshakes failed: {failed:?}", failed.len(), handshakes + failed.len());
+        assert_eq!(bundle_sizes, [1, 2, 1], "a second CA joined, the first one left");
+        assert!(leaves.len() >= 4, "{} leaves served", leaves.len());
+        let (secret_writes, configuration_writes) = fake.writes();
+        assert!((5..=6).contains(&secret_writes), "{secret_writes} Secret writes");
+        assert_eq!(configuration_writes, 3, "the first bundle, with the second CA, without the first");
+        let _ = stop.send(());
+        tokio::time::timeout(Duration::from_secs(10), server).await.expect("serve returns").expect("no panic");
+        running.stop().await;
+    }
 }
