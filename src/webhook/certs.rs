@@ -158,6 +158,13 @@ pub struct CaCert {
     pub not_after: SystemTime,
 }
 
+impl CaCert {
+    /// The certificate, DER.
+    pub fn der(&self) -> &[u8] {
+        &self.der
+    }
+}
+
 impl fmt::Debug for CaCert {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CaCert")
@@ -378,13 +385,13 @@ pub fn plan(now: SystemTime, state: Option<&CertState>, settings: &CertSettings)
         None => true,
         Some(&(_, issued, not_after)) => now >= renew_at(issued, not_after),
     };
+    let created = (Signer::New, whole_seconds(now), whole_seconds(now) + ca_validity(settings));
     if new_ca {
-        let issued = whole_seconds(now);
-        candidates.push((Signer::New, issued, issued + ca_validity(settings)));
+        candidates.push(created);
     }
     // The preferred CA: the newest settled one, unless it expires before the newest candidate
     // settles (after a long pause: there is no overlap to wait for then); else the newest.
-    let Some(&newest) = candidates.last() else { unreachable!("a new CA is planned when there is none") };
+    let newest = candidates.last().copied().unwrap_or(created);
     let settled = candidates.iter().rev().find(|&&(_, issued, _)| issued + overlap <= now);
     let preferred = match settled {
         Some(&ca) if ca.2 > newest.1 + overlap => ca,
