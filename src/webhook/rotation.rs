@@ -29,7 +29,9 @@ use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::json;
 
-use super::certs::{self, CA_CRT, CertMode, CertSettings, CertState, TLS_CRT, TLS_KEY};
+use rustls::pki_types::{CertificateDer, pem::PemObject};
+
+use super::certs::{self, CA_CRT, CertMode, CertSettings, CertState, Signer, TLS_CRT, TLS_KEY};
 use super::tls::Resolver;
 
 /// Field manager of the Secret's writes.
@@ -115,6 +117,8 @@ struct Rotation {
     /// The last Secret found unreadable (resourceVersion), so it is logged once.
     told_unreadable: Option<String>,
     last_write: Option<tokio::time::Instant>,
+    /// A leaf move held for want of injection was logged.
+    told_held: bool,
 }
 
 /// Keeps the serving certificate current until `shutdown`: watches the Secret
@@ -151,6 +155,7 @@ pub async fn maintain(
         told_missing: false,
         told_unreadable: None,
         last_write: None,
+        told_held: false,
     };
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
@@ -169,6 +174,8 @@ pub async fn maintain(
             event = configuration_events.next() => match event {
                 Some(Ok(event)) => {
                     if rotation.configuration.apply(event) {
+                        // A leaf move held for the injection may go ahead now.
+                        rotation.rotate().await;
                         rotation.inject().await;
                     }
                 }
@@ -184,6 +191,39 @@ pub async fn maintain(
                 }
             }
         }
+    }
+}
+
+/// Whether every webhook of `configuration` trusts the CA `der`.
+fn trusted(configuration: &MutatingWebhookConfiguration, der: &[u8]) -> bool {
+    configuration.webhooks.iter().flatten().all(|webhook| {
+        webhook.client_config.ca_bundle.as_ref().is_some_and(|bundle| {
+            CertificateDer::pem_slice_iter(&bundle.0).any(|ca| ca.is_ok_and(|ca| ca.as_ref() == der))
+        })
+    })
+}
+
+/// Whether `plan` moves the leaf off a CA that every webhook trusts, and that stays in the bundle,
+/// onto one some webhook does not trust yet: the overlap passed but the injection did not happen
+/// (the configuration's patch failed, say). Such a move waits, so handshakes that work now keep
+/// working; it goes ahead once the caBundle holds the CA, or when the current CA leaves the
+/// bundle (expired: then the current leaf has too). Without the configuration there is nothing
+/// to hold for.
+fn moves_to_untrusted(
+    state: Option<&CertState>,
+    plan: &certs::CertPlan,
+    configuration: Option<&MutatingWebhookConfiguration>,
+) -> bool {
+    let (Some(state), Some((Signer::Existing(to), _)), Some(configuration)) = (state, plan.leaf, configuration) else {
+        return false;
+    };
+    let Some(from) = state.leaf.as_ref().and_then(|leaf| leaf.issuer) else { return false };
+    let der = |i: usize| state.cas.get(i).map(|ca| ca.der());
+    match (der(from), der(to)) {
+        (Some(from_der), Some(to_der)) if from != to && plan.keep.contains(&from) => {
+            trusted(configuration, from_der) && !trusted(configuration, to_der)
+        }
+        _ => false,
     }
 }
 
@@ -215,6 +255,9 @@ impl Rotation {
 
     /// Plans, and writes what the plan asks for (self-managed mode).
     async fn rotate(&mut self) {
+        if self.settings.mode != CertMode::SelfManaged || !self.secret.synced {
+            return;
+        }
         let now = SystemTime::now();
         let state = match data(self.secret.object.as_ref()).map(CertState::from_data) {
             None => None,
@@ -233,6 +276,18 @@ impl Rotation {
             self.next = plan.next_check;
             return;
         }
+        if moves_to_untrusted(state.as_ref(), &plan, self.configuration.object.as_ref()) {
+            if !self.told_held {
+                tracing::warn!(
+                    configuration = %self.settings.configuration,
+                    "webhook serving certificate not moved to the new CA: the caBundle does not hold it yet"
+                );
+                self.told_held = true;
+            }
+            self.next = now + RETRY;
+            return;
+        }
+        self.told_held = false;
         if let Some(wait) = self.last_write.and_then(|at| MIN_WRITE_INTERVAL.checked_sub(at.elapsed())) {
             self.next = now + wait;
             return;
@@ -403,7 +458,6 @@ mod tests {
     use axum::routing::{get, patch};
     use base64::{Engine, engine::general_purpose::STANDARD};
     use k8s_openapi::api::admissionregistration::v1::{MutatingWebhook, WebhookClientConfig};
-    use rustls::pki_types::{CertificateDer, pem::PemObject};
     use tokio::sync::broadcast;
 
     use crate::webhook::certs::{CA_CRT, CertMode, TLS_CRT};
@@ -417,6 +471,7 @@ mod tests {
         history: Vec<(u64, bool, String)>,
         secret_writes: usize,
         configuration_writes: usize,
+        refuse_configuration_writes: bool,
     }
 
     struct Fake {
@@ -496,6 +551,16 @@ mod tests {
             let mut objects = self.objects.lock().expect("lock");
             let kind = if objects.configuration.is_some() { "MODIFIED" } else { "ADDED" };
             self.store(&mut objects, None, Some(configuration), kind);
+        }
+
+        fn state(&self) -> CertState {
+            let objects = self.objects.lock().expect("lock");
+            let data = objects.secret.as_ref().and_then(|s| s.data.clone()).unwrap_or_default();
+            CertState::from_data(&data).expect("readable")
+        }
+
+        fn refuse_configuration_writes(&self, refuse: bool) {
+            self.objects.lock().expect("lock").refuse_configuration_writes = refuse;
         }
 
         fn writes(&self) -> (usize, usize) {
@@ -625,6 +690,9 @@ mod tests {
             for webhook in configuration.webhooks.iter_mut().flatten().filter(|w| w.name == name) {
                 webhook.client_config.ca_bundle = Some(ByteString(bundle.clone()));
             }
+        }
+        if objects.refuse_configuration_writes {
+            return status(403, "Forbidden");
         }
         objects.configuration_writes += 1;
         respond(200, fake.store(&mut objects, None, Some(configuration), "MODIFIED"))
@@ -805,12 +873,13 @@ mod tests {
         Ok(leaf.to_vec())
     }
 
-    /// A forced rotation: a 12 s CA (overlap 2 s) and a 6 s leaf: the leaf renewed at
-    /// 4 s, a second CA at 8 s (the leaf renewed on the first, up to its end), the leaf on the new
-    /// CA at 10 s, the first CA gone at 12 s; a client trusting the configuration's caBundle of
-    /// 1.5 s before completes every handshake (tried every 50 ms for 15 s).
     const LAG: Duration = Duration::from_millis(1500);
 
+    /// A forced rotation: a 12 s CA (overlap 2 s) and a 6 s leaf: the leaf renewed at about
+    /// 4 s, a second CA at about 8 s (the leaf renewed on the first, up to its end), the leaf on
+    /// the new CA 2 s later, the first CA gone at 12 s (issue times round up to the second, so
+    /// each step may come up to a second later); a client trusting the configuration's caBundle
+    /// of 1.5 s before completes every handshake (tried every 50 ms for 15 s).
     #[tokio::test]
     async fn a_forced_rotation_fails_no_handshake() {
         let fake = Fake::new();
@@ -864,6 +933,53 @@ mod tests {
         let (secret_writes, configuration_writes) = fake.writes();
         assert!((5..=6).contains(&secret_writes), "{secret_writes} Secret writes");
         assert_eq!(configuration_writes, 3, "the first bundle, with the second CA, without the first");
+        let _ = stop.send(());
+        tokio::time::timeout(Duration::from_secs(10), server).await.expect("serve returns").expect("no panic");
+        running.stop().await;
+    }
+
+    /// The overlap passes while the configuration's patch is refused: the leaf stays on the CA
+    /// the caBundle holds (until that CA expires), and moves once the injection succeeds.
+    #[tokio::test]
+    async fn the_leaf_waits_for_the_injection_of_its_new_ca() {
+        let fake = Fake::new();
+        fake.put_configuration(configuration());
+        let forced = CertSettings {
+            leaf_validity: Duration::from_secs(6),
+            ca_validity: Duration::from_secs(12),
+            ..settings(CertMode::SelfManaged)
+        };
+        let resolver = Resolver::new();
+        let running = run(&fake, forced, resolver.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("address").port();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let app = axum::Router::new().route("/", get(|| async { "ok" }));
+        let server = tokio::spawn(crate::webhook::tls::serve(listener, resolver.clone(), app, async move {
+            let _ = stopped.await;
+        }));
+        until("injected", || resolver.has_certificate() && fake.injected()).await;
+        fake.refuse_configuration_writes(true);
+        let injected = fake.bundles()[0].clone().expect("a caBundle");
+        let first = fake.state().cas[0].issued;
+        // The second CA comes about 8 s after the first was issued and settles 2 s later (each
+        // up to a second later: issue times round up); the first expires at 12 s.
+        let mut failed = Vec::new();
+        while SystemTime::now() < first + Duration::from_millis(11_800) {
+            if let Err(error) = handshake(&injected, port).await {
+                failed.push(format!("at {:?}: {error}", SystemTime::now().duration_since(first)));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(failed.is_empty(), "{failed:?}");
+        let written = fake.secret_data(CA_CRT).expect("ca.crt");
+        assert_eq!(CertificateDer::pem_slice_iter(&written).count(), 2, "the second CA was written");
+        assert_eq!(fake.bundles()[0].as_ref(), Some(&injected), "and not injected");
+        fake.refuse_configuration_writes(false);
+        until("injected again", || fake.injected()).await;
+        let bundle = fake.bundles()[0].clone().expect("a caBundle");
+        until("the leaf on a CA of the bundle", || serving(&resolver) == written_leaf(&fake)).await;
+        handshake(&bundle, port).await.expect("a handshake");
         let _ = stop.send(());
         tokio::time::timeout(Duration::from_secs(10), server).await.expect("serve returns").expect("no panic");
         running.stop().await;
