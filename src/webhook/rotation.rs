@@ -15,6 +15,14 @@
 //! addresses entries by index). It is forced: after a `helm upgrade` that resets `caBundle`, Helm
 //! owns the field and the apply takes it back. It is sent only when some `caBundle` differs, and
 //! the configuration is watched by name, so such a reset is repaired as soon as it is seen.
+//! A leaf never moves from a CA every `caBundle` holds to one some `caBundle` lacks
+//! (`moves_to_untrusted`): should the injection fail, the overlap alone would not protect the
+//! handshakes.
+//!
+//! **Permissions** (for the chart): Secrets in `settings.namespace`: `list`, `watch` (by
+//! `fieldSelector=metadata.name=…`, so RBAC `resourceNames` can limit them to the one Secret),
+//! `create`, `patch`; MutatingWebhookConfigurations: `list`, `watch`, `patch` on the one name.
+//! External mode needs only `list` and `watch` of the Secret.
 
 use std::collections::BTreeMap;
 use std::future::Future;
