@@ -273,7 +273,13 @@ async fn the_controllers_namespace_is_left_alone() {
     let pod_name = format!("excluded-{}", &unique()[..6]);
     let here = create(&client, &ns, &hook.pod(&pod_name, &["ex.example/app"], &[], &[])).await;
     assert_eq!(pull_secrets(&here), vec![name]);
-    let excluded = create(&client, CONTROLLER_NAMESPACE, &hook.pod(&pod_name, &["ex.example/app"], &[], &[])).await;
+    // The controller's namespace enforces the restricted Pod Security level.
+    let mut restricted = serde_json::to_value(hook.pod(&pod_name, &["ex.example/app"], &[], &[])).expect("json");
+    restricted["spec"]["securityContext"] = json!({"runAsNonRoot": true, "seccompProfile": {"type": "RuntimeDefault"}});
+    restricted["spec"]["containers"][0]["securityContext"] =
+        json!({"allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]}});
+    let restricted: Pod = serde_json::from_value(restricted).expect("a Pod");
+    let excluded = create(&client, CONTROLLER_NAMESPACE, &restricted).await;
     assert!(pull_secrets(&excluded).is_empty(), "{:?}", pull_secrets(&excluded));
     Api::<Pod>::namespaced(client.clone(), CONTROLLER_NAMESPACE).delete(&pod_name, &DeleteParams::default()).await.ok();
 }
@@ -334,4 +340,56 @@ async fn switching_to_pods_releases_the_service_account_entries() {
     assert_eq!(credential.spec.attach, Some(regcred::crd::Attach::Pods));
     let pod = create(&client, &ns, &hook.pod("app", &["reg.example/app"], &[], &[])).await;
     assert_eq!(pull_secrets(&pod), ["reg"]);
+}
+
+/// The CA and the serving certificate rotated with short lifetimes (CA 30 s, leaf 15 s; the
+/// overlap is a sixth of the CA's, 5 s) while Pods are created every 50 ms, under `failurePolicy: Fail` so that a call the apiserver
+/// cannot make (a certificate it does not trust) refuses the Pod: every Pod is created, and
+/// with the Secret, across a CA rotation (the bundle seen with two CAs, then one again).
+#[tokio::test]
+async fn certificates_rotate_with_no_failed_admission() {
+    let hook = Hook::start("webhook-rotate", &["--webhook-ca-validity", "30s", "--webhook-cert-validity", "15s"]).await;
+    let client = client().await;
+    let configurations = Api::<MutatingWebhookConfiguration>::all(client.clone());
+    let fail = json!({"webhooks": [{"name": "pods.regcred.dev", "failurePolicy": "Fail"}]});
+    configurations
+        .patch(
+            &hook.name,
+            &kube::api::PatchParams::apply("webhook-test").force(),
+            &kube::api::Patch::Apply(&json!({
+            "apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
+            "metadata": {"name": hook.name}, "webhooks": fail["webhooks"]})),
+        )
+        .await
+        .expect("failurePolicy Fail");
+    let ns = namespace(&client, "webhook-rotate").await;
+    hook.credential(&client, &ns, "reg", "reg.example", json!({})).await;
+    let secrets = Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), CONTROLLER_NAMESPACE);
+    let tls = format!("{}-webhook-tls", hook.name);
+    let bundle = |secret: &k8s_openapi::api::core::v1::Secret| -> String {
+        let data = secret.data.as_ref().and_then(|d| d.get("ca.crt")).map(|b| b.0.clone()).unwrap_or_default();
+        String::from_utf8_lossy(&data).into_owned()
+    };
+    let first = bundle(&secrets.get(&tls).await.expect("the webhook Secret"));
+    let (mut bundles, mut pods, mut failures) = (vec![first], 0, Vec::new());
+    let started = std::time::Instant::now();
+    let mut pace = tokio::time::interval(Duration::from_millis(50));
+    while started.elapsed() < Duration::from_secs(36) {
+        pace.tick().await;
+        let pod = hook.pod(&format!("app-{pods}"), &["reg.example/app"], &[], &[]);
+        match Api::<Pod>::namespaced(client.clone(), &ns).create(&PostParams::default(), &pod).await {
+            Ok(pod) if pull_secrets(&pod) == ["reg"] => {}
+            Ok(pod) => failures.push(format!("{:?}: {:?}", started.elapsed(), pull_secrets(&pod))),
+            Err(error) => failures.push(format!("{:?}: {error}", started.elapsed())),
+        }
+        pods += 1;
+        let now = bundle(&secrets.get(&tls).await.expect("the webhook Secret"));
+        if bundles.last() != Some(&now) {
+            bundles.push(now);
+        }
+    }
+    let counts: Vec<usize> = bundles.iter().map(|b| b.matches("BEGIN CERTIFICATE").count()).collect();
+    println!("{pods} Pods; CA bundles seen (certificates in each): {counts:?}");
+    assert!(failures.is_empty(), "{} of {pods} admissions failed: {failures:?}", failures.len());
+    assert!(counts.windows(2).any(|w| w == [2, 1]), "no CA rotation completed: {counts:?}");
 }
