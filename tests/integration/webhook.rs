@@ -393,3 +393,43 @@ async fn certificates_rotate_with_no_failed_admission() {
     assert!(failures.is_empty(), "{} of {pods} admissions failed: {failures:?}", failures.len());
     assert!(counts.windows(2).any(|w| w == [2, 1]), "no CA rotation completed: {counts:?}");
 }
+
+/// A standby (the leader Lease held by another replica) serves the webhook from its own
+/// caches: Pods get the Secret of a credential that no controller has written yet (the
+/// standby writes nothing; the kubelet would find the Secret once the leader writes it).
+#[tokio::test]
+async fn a_standby_serves_the_webhook() {
+    let client = client().await;
+    let lease = format!("webhook-standby-{}", &unique()[..6]);
+    let now = k8s_openapi::jiff::Timestamp::now();
+    let held: k8s_openapi::api::coordination::v1::Lease = serde_json::from_value(json!({
+        "metadata": {"name": lease, "namespace": CONTROLLER_NAMESPACE},
+        "spec": {"holderIdentity": "another-replica", "leaseDurationSeconds": 3600,
+                 "acquireTime": now.to_string(), "renewTime": now.to_string()},
+    }))
+    .expect("a Lease");
+    Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(client.clone(), CONTROLLER_NAMESPACE)
+        .create(&PostParams::default(), &held)
+        .await
+        .expect("creating the Lease");
+    let args =
+        ["--leader-elect", "--leader-election-lease", &lease, "--leader-election-namespace", CONTROLLER_NAMESPACE];
+    let hook = Hook::start("webhook-standby", &args).await;
+    let ns = namespace(&client, "webhook-standby").await;
+    hook.credential(&client, &ns, "reg", "reg.example", json!({})).await;
+    let pod = eventually("the standby's caches to show the credential", TIMEOUT, || async {
+        let pod = Api::<Pod>::namespaced(client.clone(), &ns)
+            .create(
+                &PostParams { dry_run: true, ..Default::default() },
+                &hook.pod("app", &["reg.example/app"], &[], &[]),
+            )
+            .await
+            .ok()?;
+        (pull_secrets(&pod) == ["reg"]).then_some(pod)
+    })
+    .await;
+    assert_eq!(pull_secrets(&pod), ["reg"]);
+    assert_eq!(sample(&hook.controller.metrics(), "regcred_leader "), Some(0.0), "still a standby");
+    let written = Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), &ns).get_opt("reg").await;
+    assert!(written.expect("reading").is_none(), "a standby writes no pull Secret");
+}
