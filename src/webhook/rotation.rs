@@ -755,6 +755,44 @@ mod tests {
         Running { stop, task }
     }
 
+    /// A forced rotation (CA 12 s, leaf 6 s: a 2 s overlap) maintained and served on
+    /// 127.0.0.1, once the first CA is injected.
+    struct Forced {
+        resolver: Arc<Resolver>,
+        port: u16,
+        running: Running,
+        stop: tokio::sync::oneshot::Sender<()>,
+        server: tokio::task::JoinHandle<()>,
+    }
+
+    impl Forced {
+        async fn start(fake: &Shared) -> Forced {
+            let settings = CertSettings {
+                leaf_validity: Duration::from_secs(6),
+                ca_validity: Duration::from_secs(12),
+                ..settings(CertMode::SelfManaged)
+            };
+            assert_eq!(certs::overlap(&settings), Duration::from_secs(2));
+            let resolver = Resolver::new();
+            let running = run(fake, settings, resolver.clone());
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let port = listener.local_addr().expect("address").port();
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let app = axum::Router::new().route("/", get(|| async { "ok" }));
+            let server = tokio::spawn(crate::webhook::tls::serve(listener, resolver.clone(), app, async move {
+                let _ = stopped.await;
+            }));
+            until("injected", || resolver.has_certificate() && fake.injected()).await;
+            Forced { resolver, port, running, stop, server }
+        }
+
+        async fn stop(self) {
+            let _ = self.stop.send(());
+            tokio::time::timeout(Duration::from_secs(10), self.server).await.expect("serve returns").expect("no panic");
+            self.running.stop().await;
+        }
+    }
+
     async fn until(what: &str, mut done: impl FnMut() -> bool) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while !done() {
@@ -892,22 +930,8 @@ mod tests {
     async fn a_forced_rotation_fails_no_handshake() {
         let fake = Fake::new();
         fake.put_configuration(configuration());
-        let forced = CertSettings {
-            leaf_validity: Duration::from_secs(6),
-            ca_validity: Duration::from_secs(12),
-            ..settings(CertMode::SelfManaged)
-        };
-        assert_eq!(certs::overlap(&forced), Duration::from_secs(2));
-        let resolver = Resolver::new();
-        let running = run(&fake, forced, resolver.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let port = listener.local_addr().expect("address").port();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let app = axum::Router::new().route("/", get(|| async { "ok" }));
-        let server = tokio::spawn(crate::webhook::tls::serve(listener, resolver.clone(), app, async move {
-            let _ = stopped.await;
-        }));
-        until("injected", || resolver.has_certificate() && fake.injected()).await;
+        let forced = Forced::start(&fake).await;
+        let port = forced.port;
         let start = tokio::time::Instant::now();
         let (mut handshakes, mut failed) = (0, Vec::new());
         let mut leaves = std::collections::BTreeSet::new();
@@ -941,9 +965,7 @@ mod tests {
         let (secret_writes, configuration_writes) = fake.writes();
         assert!((5..=6).contains(&secret_writes), "{secret_writes} Secret writes");
         assert_eq!(configuration_writes, 3, "the first bundle, with the second CA, without the first");
-        let _ = stop.send(());
-        tokio::time::timeout(Duration::from_secs(10), server).await.expect("serve returns").expect("no panic");
-        running.stop().await;
+        forced.stop().await;
     }
 
     /// The overlap passes while the configuration's patch is refused: the leaf stays on the CA
@@ -952,21 +974,8 @@ mod tests {
     async fn the_leaf_waits_for_the_injection_of_its_new_ca() {
         let fake = Fake::new();
         fake.put_configuration(configuration());
-        let forced = CertSettings {
-            leaf_validity: Duration::from_secs(6),
-            ca_validity: Duration::from_secs(12),
-            ..settings(CertMode::SelfManaged)
-        };
-        let resolver = Resolver::new();
-        let running = run(&fake, forced, resolver.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let port = listener.local_addr().expect("address").port();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let app = axum::Router::new().route("/", get(|| async { "ok" }));
-        let server = tokio::spawn(crate::webhook::tls::serve(listener, resolver.clone(), app, async move {
-            let _ = stopped.await;
-        }));
-        until("injected", || resolver.has_certificate() && fake.injected()).await;
+        let forced = Forced::start(&fake).await;
+        let (resolver, port) = (forced.resolver.clone(), forced.port);
         fake.refuse_configuration_writes(true);
         let injected = fake.bundles()[0].clone().expect("a caBundle");
         let first = fake.state().cas[0].issued;
@@ -988,8 +997,6 @@ mod tests {
         let bundle = fake.bundles()[0].clone().expect("a caBundle");
         until("the leaf on a CA of the bundle", || serving(&resolver) == written_leaf(&fake)).await;
         handshake(&bundle, port).await.expect("a handshake");
-        let _ = stop.send(());
-        tokio::time::timeout(Duration::from_secs(10), server).await.expect("serve returns").expect("no panic");
-        running.stop().await;
+        forced.stop().await;
     }
 }

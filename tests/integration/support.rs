@@ -699,12 +699,9 @@ pub async fn request_token(
     Ok(response.status.map(|s| s.token).unwrap_or_default())
 }
 
-/// The chart rendered as release `name` in the controller's namespace with `--set values`,
-/// installed (its ServiceAccount, RBAC and ValidatingAdmissionPolicy; the Deployment stays
-/// inert without kubelets), for a controller that runs with exactly what the chart grants
-/// in that configuration. Returns its kubeconfig and its user name.
-pub fn chart_identity(name: &str, values: &str) -> (PathBuf, String) {
-    let cp = env().cp;
+/// `helm template` of the chart as release `name` (its fullname too) in the controller's
+/// namespace, with `--set values`.
+pub fn chart_rendering(name: &str, values: &str) -> String {
     let helm = regcred_testenv::testbin("helm").expect("helm");
     let set = format!("fullnameOverride={name},{values}");
     let out = Command::new(helm)
@@ -713,8 +710,17 @@ pub fn chart_identity(name: &str, values: &str) -> (PathBuf, String) {
         .output()
         .expect("running helm");
     assert!(out.status.success(), "helm template: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).expect("utf-8")
+}
+
+/// The chart rendered as release `name` in the controller's namespace with `--set values`,
+/// installed (its ServiceAccount, RBAC and ValidatingAdmissionPolicy; the Deployment stays
+/// inert without kubelets), for a controller that runs with exactly what the chart grants
+/// in that configuration. Returns its kubeconfig and its user name.
+pub fn chart_identity(name: &str, values: &str) -> (PathBuf, String) {
+    let cp = env().cp;
     let path = cp.dir().join(format!("{name}-chart.yaml"));
-    std::fs::write(&path, &out.stdout).expect("writing the rendering");
+    std::fs::write(&path, chart_rendering(name, values)).expect("writing the rendering");
     let kubeconfig = cp.install_controller_identity(&path, CONTROLLER_NAMESPACE, name).expect("installing it");
     (kubeconfig, format!("system:serviceaccount:{CONTROLLER_NAMESPACE}:{name}"))
 }

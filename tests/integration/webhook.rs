@@ -5,7 +5,7 @@
 //! keeps other tests' Pods out). Each test runs its own controller, under the chart's identity
 //! with the webhook on.
 
-use std::{path::PathBuf, process::Command, time::Duration};
+use std::{path::PathBuf, time::Duration};
 
 use k8s_openapi::api::{admissionregistration::v1::MutatingWebhookConfiguration, core::v1::Pod};
 use kube::{
@@ -28,16 +28,8 @@ pub struct Hook {
 }
 
 /// The chart rendered as release `name` with the webhook on, as JSON documents.
-fn rendering(name: &str, values: &str) -> Vec<Value> {
-    let helm = regcred_testenv::testbin("helm").expect("helm");
-    let set = format!("fullnameOverride={name},webhook.enabled=true{values}");
-    let out = Command::new(helm)
-        .args(["template", name, "charts/regcred", "--namespace", CONTROLLER_NAMESPACE, "--set", &set])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .expect("running helm");
-    assert!(out.status.success(), "helm template: {}", String::from_utf8_lossy(&out.stderr));
-    let text = String::from_utf8(out.stdout).expect("utf-8");
+fn rendering(name: &str) -> Vec<Value> {
+    let text = chart_rendering(name, "webhook.enabled=true");
     text.split("\n---")
         .filter_map(|doc| serde_saphyr::from_str::<Value>(doc).ok())
         .filter(|doc| doc.get("kind").is_some())
@@ -50,7 +42,7 @@ impl Hook {
     /// calls it (a dry-run Pod comes back with a probe credential's Secret).
     pub async fn start(name: &str, args: &[&str]) -> Hook {
         let cp = env().cp;
-        let docs = rendering(name, "");
+        let docs = rendering(name);
         let (configuration, rest): (Vec<Value>, Vec<Value>) =
             docs.into_iter().partition(|d| d["kind"] == "MutatingWebhookConfiguration");
         let path = cp.dir().join(format!("{name}-webhook-chart.yaml"));
